@@ -1,0 +1,1 @@
+"""Bitrate-vs-accuracy evaluation: sweeps, tables, plots and the CI regression gate."""
