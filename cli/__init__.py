@@ -1,0 +1,1 @@
+"""The click command line (installed as `cdlcodec.cli`); `main.py` holds the entry point."""

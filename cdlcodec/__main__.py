@@ -1,0 +1,4 @@
+"""`python -m cdlcodec` runs the same command line as `cdlcodec`."""
+from cdlcodec.cli.main import main
+
+main()

@@ -1,0 +1,190 @@
+"""The encode and decode pipelines: records -> quantizer -> backend -> container, and back.
+
+Everything that touches a whole model goes through here; the CLI and the Python API are thin
+layers over `encode_records` / `encode_file` and `decode_records` / `decode_file`.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Protocol
+
+import numpy as np
+
+from . import __version__, backends
+from .backends import EncodeHint, MAX_ABS_LEVEL
+from .dtypes import FLOATS, storage_dtype, to_float32, to_float64
+from .errors import CdlDecodeError, CdlFormatError, CdlInputError
+from .formats.container import ContainerReader, ContainerWriter, Limits, TensorEntry
+from .progress import Progress
+from .quantizers import dequantize
+from .quantizers.uniform import UniformQuantizer
+from .records import TensorRecord
+
+
+class Quantizer(Protocol):
+    def describe(self) -> str: ...
+
+    def quantize(self, values64: np.ndarray, w32: np.ndarray) -> tuple[np.ndarray, dict]: ...
+
+
+@dataclass
+class EncodeOptions:
+    quantizer: Quantizer = field(default_factory=UniformQuantizer)
+    backend: str = "auto"
+    keep: tuple[str, ...] = ()
+    quiet: bool = False
+
+
+@dataclass
+class EncodeSummary:
+    output: str
+    num_tensors: int
+    num_params: int
+    num_quantized_params: int
+    original_bytes: int
+    coded_bytes: int
+    seconds: float
+
+    @property
+    def bits_per_param(self) -> float:
+        return 8.0 * self.coded_bytes / max(self.num_params, 1)
+
+
+def role_of(record: TensorRecord, keep: Iterable[str]) -> str:
+    """'quantized', 'integer' (levels are the exact values) or 'plain' (raw bytes)."""
+    if any(fnmatch.fnmatchcase(record.name, pattern) for pattern in keep):
+        return "plain" if record.is_float else _integer_role(record)
+    if record.is_float:
+        return "quantized" if record.array.ndim >= 2 else "plain"
+    return _integer_role(record)
+
+
+def _integer_role(record: TensorRecord) -> str:
+    a = record.array
+    if a.size == 0 or a.dtype.itemsize < 8:
+        return "integer"
+    return "integer" if int(a.min()) >= -MAX_ABS_LEVEL and int(a.max()) <= MAX_ABS_LEVEL else "plain"
+
+
+def code_levels(levels: np.ndarray, backend: str, hint: EncodeHint | None = None) -> tuple[str, bytes, bytes]:
+    """Entropy-code int64 levels with one backend, or with every available one for 'auto' (smallest wins)."""
+    names = backends.available() if backend == "auto" else [backend]
+    best = None
+    for name in names:
+        payload, params = backends.get(name).encode(levels, hint)
+        if best is None or len(payload) + len(params) < len(best[1]) + len(best[2]):
+            best = (name, payload, params)
+    if best is None:
+        raise CdlInputError("no lossless backend is available")
+    return best
+
+
+def encode_records(records: list[TensorRecord], output: str, options: EncodeOptions = EncodeOptions(),
+                   metadata: dict[str, str] | None = None, sections: Iterable[tuple[str, str, bytes]] = ()) -> EncodeSummary:
+    """Quantize and code `records` into the container `output` (written atomically)."""
+    if options.backend != "auto":
+        backends.get(options.backend)  # fail before any work on an unknown backend
+    start = time.perf_counter()
+    meta = {"cdlcodec.version": __version__, "quantizer": options.quantizer.describe()}
+    meta.update(metadata or {})
+    total = sum(r.numel for r in records) or 1
+    n_quant = 0
+    with ContainerWriter(output, meta) as writer, Progress(total, "encoding", quiet=options.quiet) as bar:
+        for name, kind, data in sections:
+            writer.add_section(name, kind, data)
+        for rec in records:
+            role = role_of(rec, options.keep)
+            entry = TensorEntry(rec.name, rec.shape, rec.dtype, "levels", None, None, b"", rec.numel)
+            if role == "plain":
+                entry.encoding, entry.count = "plain", rec.numel
+                payload = np.ascontiguousarray(rec.array, dtype=storage_dtype(rec.dtype)).tobytes()
+            else:
+                if role == "quantized":
+                    w32 = to_float32(rec.array, rec.dtype)
+                    levels, entry.quant = options.quantizer.quantize(to_float64(rec.array, rec.dtype), w32)
+                    n_quant += rec.numel
+                else:
+                    levels, entry.quant = rec.array.astype(np.int64).ravel(), {"scheme": "integer"}
+                hint = EncodeHint(shape=rec.shape)
+                entry.backend, payload, entry.backend_params = code_levels(levels, options.backend, hint)
+            writer.add_tensor(entry, payload)
+            bar.update(rec.numel)
+    return EncodeSummary(output, len(records), sum(r.numel for r in records), n_quant,
+                         sum(r.array.nbytes for r in records), os.path.getsize(output),
+                         time.perf_counter() - start)
+
+
+def encode_file(source: str, output: str, options: EncodeOptions = EncodeOptions()) -> EncodeSummary:
+    from .io.model_files import read_model
+
+    return encode_records(read_model(source), output, options)
+
+
+def decode_entry(reader: ContainerReader, entry: TensorEntry) -> TensorRecord:
+    """One tensor back in storage form (exact for lossless tensors, level x step for quantized ones)."""
+    payload = reader.read_payload(entry)
+    if entry.encoding == "plain":
+        arr = np.frombuffer(payload, dtype=storage_dtype(entry.dtype)).reshape(entry.shape).copy()
+        return TensorRecord(entry.name, arr, entry.dtype)
+    backend = backends.get_for_decoding(entry.backend)
+    try:
+        levels = backend.decode(payload, entry.backend_params, entry.count, entry.shape)
+    except CdlFormatError:
+        raise
+    except Exception as exc:  # a backend must raise CdlDecodeError; never let a bug look like a crash
+        raise CdlDecodeError(f"tensor {entry.name!r}: {entry.backend} payload could not be decoded ({exc})") from exc
+    if not isinstance(levels, np.ndarray) or levels.size != entry.count:
+        raise CdlDecodeError(f"tensor {entry.name!r}: decoded the wrong number of levels")
+    return TensorRecord(entry.name, dequantize(levels, entry.quant, entry.shape, entry.dtype, entry.name), entry.dtype)
+
+
+def decode_records(path: str, *, quiet: bool = True, limits: Limits = Limits()) -> tuple[list[TensorRecord], dict[str, str]]:
+    """Every tensor of a container, in order, plus the container's metadata."""
+    with ContainerReader(path, limits) as reader:
+        total = sum(e.count for e in reader.tensors) or 1
+        out = []
+        with Progress(total, "decoding", quiet=quiet) as bar:
+            for entry in reader.tensors:
+                out.append(decode_entry(reader, entry))
+                bar.update(entry.count)
+        return out, dict(reader.metadata)
+
+
+def decode_file(source: str, output: str, *, quiet: bool = True, limits: Limits = Limits()) -> list[TensorRecord]:
+    from .io.model_files import kind_of, write_model, WRITE_KINDS
+
+    kind_of(output, WRITE_KINDS, "write")  # fail on a bad output name before decoding anything
+    records, _ = decode_records(source, quiet=quiet, limits=limits)
+    write_model(output, records)
+    return records
+
+
+def container_summary(path: str, limits: Limits = Limits()) -> dict:
+    """What `cdlcodec info --json` prints."""
+    with ContainerReader(path, limits) as reader:
+        tensors = []
+        for e in reader.tensors:
+            nbytes = e.length + len(e.backend_params)
+            quant = e.quant or {}
+            tensors.append({
+                "name": e.name, "shape": list(e.shape), "dtype": e.dtype,
+                "backend": e.backend if e.encoding == "levels" else "plain",
+                "scheme": quant.get("scheme", "plain"),
+                "step": quant.get("step") if quant.get("scheme") == "uniform" else None,
+                "bytes": nbytes, "bits_per_param": 8.0 * nbytes / e.numel if e.numel else 0.0,
+            })
+        num = sum(math.prod(t["shape"]) for t in tensors)
+        nq = sum(math.prod(t["shape"]) for t in tensors if t["scheme"] == "uniform")
+        return {
+            "path": path, "format_version": f"{reader.version[0]}.{reader.version[1]}",
+            "total_bytes": reader.file_size, "num_tensors": len(tensors), "num_params": num,
+            "num_quantized_params": nq, "bits_per_param": 8.0 * reader.file_size / num if num else 0.0,
+            "metadata": dict(reader.metadata),
+            "sections": [{"name": s.name, "kind": s.kind, "bytes": s.length} for s in reader.sections],
+            "tensors": tensors,
+        }
+

@@ -1,0 +1,50 @@
+"""Dispatch on the model file's kind: which reader opens it, which writer produces it."""
+from __future__ import annotations
+
+import os
+
+from ..errors import CdlInputError
+from ..records import TensorRecord
+
+READ_KINDS = {".pt": "torch", ".pth": "torch", ".bin": "torch", ".ckpt": "torch", ".safetensors": "safetensors"}
+WRITE_KINDS = {".pt": "torch", ".pth": "torch", ".safetensors": "safetensors"}
+
+
+def kind_of(path: str, table: dict[str, str], what: str) -> str:
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in table:
+        raise CdlInputError(f"cannot {what} {path!r}: unknown extension {ext or '(none)'!r} "
+                            f"(supported: {', '.join(sorted(table))})")
+    return table[ext]
+
+
+def read_model(path: str) -> list[TensorRecord]:
+    """All tensors of a model file as records, in the file's order."""
+    if not os.path.exists(path):
+        raise CdlInputError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise CdlInputError(f"{path}: is a directory, expected a model file")
+    kind = kind_of(path, READ_KINDS, "read")
+    if kind == "safetensors":
+        from ..formats.safetensors import read_safetensors
+
+        records = [TensorRecord(n, a, d) for n, a, d in read_safetensors(path)]
+    else:
+        from .torch_checkpoint import read_torch_checkpoint
+
+        records = read_torch_checkpoint(path)
+    if not records:
+        raise CdlInputError(f"{path}: contains no tensors")
+    return records
+
+
+def write_model(path: str, records: list[TensorRecord], metadata: dict[str, str] | None = None) -> None:
+    kind = kind_of(path, WRITE_KINDS, "write")
+    if kind == "safetensors":
+        from ..formats.safetensors import write_safetensors
+
+        write_safetensors(path, [(r.name, r.array, r.dtype) for r in records], metadata)
+    else:
+        from .torch_checkpoint import write_torch_state_dict
+
+        write_torch_state_dict(path, records)

@@ -1,0 +1,104 @@
+"""torch checkpoints: state_dicts saved with torch.save, read with weights_only=True only.
+
+Accepted: a flat {name: tensor} state_dict, or a checkpoint that wraps one under "state_dict" or
+"model". Untrusted pickles are never executed: weights_only=True refuses anything but tensors and
+plain containers, and we never fall back to unsafe loading.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import warnings
+import zipfile
+
+import numpy as np
+
+from ..errors import CdlInputError
+from ..records import TensorRecord
+
+_TORCH_TO_NAME = {
+    "torch.float64": "float64", "torch.float32": "float32", "torch.float16": "float16",
+    "torch.bfloat16": "bfloat16", "torch.int64": "int64", "torch.int32": "int32",
+    "torch.int16": "int16", "torch.int8": "int8", "torch.uint8": "uint8", "torch.bool": "bool",
+}
+
+
+def tensor_to_record(name: str, tensor) -> TensorRecord:
+    import torch
+
+    dtype = _TORCH_TO_NAME.get(str(tensor.dtype))
+    if dtype is None:
+        raise CdlInputError(f"tensor {name!r} has unsupported dtype {tensor.dtype}")
+    t = tensor.detach().cpu().contiguous()
+    if dtype == "bfloat16":
+        arr = t.view(torch.int16).numpy().view(np.uint16)
+    else:
+        arr = t.numpy()
+    return TensorRecord(name, np.array(arr, copy=True), dtype)
+
+
+def record_to_tensor(record: TensorRecord):
+    import torch
+
+    if record.dtype == "bfloat16":
+        return torch.from_numpy(record.array.astype(np.uint16).view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(np.array(record.array, copy=True))
+
+
+def unwrap_state_dict(obj, path: str) -> dict:
+    """The {name: tensor} mapping inside a loaded checkpoint."""
+    import torch
+
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model"):
+            inner = obj.get(key)
+            if isinstance(inner, dict) and any(isinstance(v, torch.Tensor) for v in inner.values()):
+                return inner
+        if any(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj
+    if isinstance(obj, torch.nn.Module):  # unreachable with weights_only, kept for the message
+        raise CdlInputError(f"{path}: holds a whole module; save its state_dict() instead")
+    raise CdlInputError(f"{path}: no state_dict found (expected a mapping of names to tensors, "
+                        "or a checkpoint with a 'state_dict' or 'model' entry)")
+
+
+def read_torch_checkpoint(path: str) -> list[TensorRecord]:
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
+        raise CdlInputError(f"{path}: refused to load: the checkpoint holds objects other than tensors "
+                            f"and plain containers ({first[:200]})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, AttributeError, ImportError, KeyError, IndexError) as exc:
+        raise CdlInputError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from None
+    state = unwrap_state_dict(obj, path)
+    records, skipped = [], []
+    for name, value in state.items():
+        if isinstance(value, torch.Tensor):
+            records.append(tensor_to_record(str(name), value))
+        else:
+            skipped.append(str(name))
+    if skipped:
+        warnings.warn(f"{path}: ignored {len(skipped)} non-tensor entries: {', '.join(skipped[:5])}")
+    return records
+
+
+def write_torch_state_dict(path: str, records: list[TensorRecord]) -> None:
+    """torch.save a plain state_dict (loadable with weights_only=True), atomically."""
+    import torch
+
+    state = {r.name: record_to_tensor(r) for r in records}
+    fd, tmp = tempfile.mkstemp(prefix=".pt-", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

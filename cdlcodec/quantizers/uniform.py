@@ -1,0 +1,68 @@
+"""Uniform scalar quantization with one step per tensor: k = round(w / step), ties to even.
+
+The step comes from one of three rules (exactly one is used):
+- rel_step R: step = R x standard deviation of the tensor (computed in float32, as documented);
+- step S: an absolute step;
+- bits B: symmetric, step = max|w| / (2^(B-1) - 1) so that every level fits in B signed bits.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import CdlInputError
+
+DEFAULT_REL_STEP = 0.05
+
+
+@dataclass(frozen=True)
+class UniformQuantizer:
+    rel_step: float | None = DEFAULT_REL_STEP
+    step: float | None = None
+    bits: int | None = None
+
+    def __post_init__(self):
+        if self.step is not None and not (math.isfinite(self.step) and self.step > 0):
+            raise CdlInputError(f"--step must be a finite positive number, got {self.step}")
+        if self.rel_step is not None and not (math.isfinite(self.rel_step) and self.rel_step > 0):
+            raise CdlInputError(f"--rel-step must be a finite positive number, got {self.rel_step}")
+        if self.bits is not None and not 2 <= self.bits <= 31:
+            raise CdlInputError(f"--bits must be between 2 and 31, got {self.bits}")
+
+    def describe(self) -> str:
+        if self.step is not None:
+            return f"uniform step={self.step:g}"
+        if self.bits is not None:
+            return f"uniform bits={self.bits}"
+        return f"uniform rel_step={self.rel_step:g}"
+
+    def step_for(self, w32: np.ndarray) -> float:
+        """The step for one tensor (w32: its values in float32). Never zero or non-finite."""
+        if self.step is not None:
+            step = float(self.step)
+        elif self.bits is not None:
+            peak = float(np.max(np.abs(w32))) if w32.size else 0.0
+            step = peak / (2 ** (self.bits - 1) - 1)
+        else:
+            std = float(np.std(w32, dtype=np.float32)) if w32.size else 0.0
+            step = float(np.float32(self.rel_step) * np.float32(std))
+        if not math.isfinite(step) or step <= 0:
+            step = 1.0  # constant or empty tensor: any step codes it; 1.0 keeps k = round(w)
+        return step
+
+    def quantize(self, values64: np.ndarray, w32: np.ndarray) -> tuple[np.ndarray, dict]:
+        """values64: the tensor in float64 (exact). Returns (int64 levels, quant params)."""
+        if not np.all(np.isfinite(w32)):
+            raise CdlInputError("tensor holds NaN or infinite values; keep it lossless with --keep")
+        step = self.step_for(w32)
+        scaled = np.rint(values64 / step)
+        limit = 2**31 - 1
+        if scaled.size and np.max(np.abs(scaled)) > limit:
+            raise CdlInputError(f"step {step:g} is too small for this tensor: levels exceed ±{limit}")
+        levels = scaled.astype(np.int64)
+        if self.bits is not None:
+            hi = 2 ** (self.bits - 1) - 1
+            np.clip(levels, -hi, hi, out=levels)
+        return levels.ravel(), {"scheme": "uniform", "step": step}

@@ -1,0 +1,36 @@
+"""`cdlcodec encode`: model file -> .cdl container."""
+import click
+
+
+@click.command("encode")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output .cdl file.")
+@click.option("--rel-step", type=float, default=None,
+              help="Step = R x standard deviation of each tensor (default 0.05).")
+@click.option("--step", type=float, default=None, help="One absolute step for every quantized tensor.")
+@click.option("--bits", type=int, default=None, help="Symmetric quantization with levels that fit in B signed bits.")
+@click.option("--backend", default="auto", show_default=True,
+              help="Lossless backend: auto (smallest per tensor), raw, huffman, cabac.")
+@click.option("--keep", multiple=True, metavar="GLOB", help="Store tensors whose name matches GLOB losslessly (repeatable).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
+def command(model, output, rel_step, step, bits, backend, keep, quiet):
+    """Quantize and entropy-code MODEL (.pt/.pth state_dict or checkpoint, .safetensors) into a .cdl file.
+
+    Tensors with two or more dimensions are quantized to integers k = round(w / step); 1-D tensors
+    (biases, norms) and integer tensors are stored losslessly.
+    """
+    from ...codec import EncodeOptions, encode_file
+    from ...errors import CdlInputError
+    from ...quantizers.uniform import DEFAULT_REL_STEP, UniformQuantizer
+
+    chosen = [name for name, value in (("--rel-step", rel_step), ("--step", step), ("--bits", bits)) if value is not None]
+    if len(chosen) > 1:
+        raise CdlInputError(f"choose one of --rel-step, --step, --bits (got {' and '.join(chosen)})")
+    quantizer = UniformQuantizer(rel_step=None if chosen else DEFAULT_REL_STEP, step=step, bits=bits) \
+        if chosen != ["--rel-step"] else UniformQuantizer(rel_step=rel_step)
+    summary = encode_file(model, output, EncodeOptions(quantizer, backend, tuple(keep), quiet))
+    if not quiet:
+        click.echo(f"{model} -> {output}: {summary.original_bytes:,} -> {summary.coded_bytes:,} bytes "
+                   f"({summary.original_bytes / max(summary.coded_bytes, 1):.1f}x), "
+                   f"{summary.bits_per_param:.3f} bits/param, {summary.num_params:,} params "
+                   f"({summary.num_quantized_params:,} quantized) in {summary.seconds:.2f} s")

@@ -1,0 +1,79 @@
+"""The `cdlcodec` command: a thin click layer over the library.
+
+Each sub-command lives in its own module under `cli/commands/` and exposes a click command named
+`command`. Modules are discovered by name and imported only when their command runs (or when help
+lists them), so `cdlcodec info` never pays for importing torch's training stack. Command modules
+therefore import only click at module level.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import pkgutil
+import sys
+
+import click
+
+from .. import __version__
+from ..errors import CdlError
+from . import commands as _commands_pkg
+
+
+def _command_names() -> list[str]:
+    return sorted(m.name.replace("_", "-") for m in pkgutil.iter_modules(_commands_pkg.__path__)
+                  if not m.name.startswith("_"))
+
+
+class _LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return _command_names()
+
+    def get_command(self, ctx, name):
+        if name not in _command_names():
+            return None
+        module = importlib.import_module(f"{_commands_pkg.__name__}.{name.replace('-', '_')}")
+        return module.command
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="cdlcodec")
+def cli() -> None:
+    """Compress trained neural networks into compact .cdl bitstreams and back into runnable models."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: runs the group and turns library errors into one clean line and exit status 2."""
+    try:
+        cli.main(args=argv, prog_name="cdlcodec", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:  # bad usage: click's own message, exit 2
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("cdlcodec: aborted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("cdlcodec: interrupted", err=True)
+        sys.exit(130)
+    except CdlError as exc:
+        click.echo(f"cdlcodec: error: {exc}", err=True)
+        sys.exit(2)
+    except MemoryError:
+        click.echo("cdlcodec: error: out of memory", err=True)
+        sys.exit(2)
+    except OSError as exc:  # unreadable input, full disk, permission denied ...
+        name = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+        click.echo(f"cdlcodec: error: {exc.strerror or exc}{name}", err=True)
+        sys.exit(2)
+    except Exception as exc:  # a bug in cdlcodec: still one line, traceback only on request
+        if os.environ.get("CDLCODEC_DEBUG"):
+            raise
+        click.echo(f"cdlcodec: error: internal error ({type(exc).__name__}: {exc}); "
+                   "set CDLCODEC_DEBUG=1 for a traceback and please report it", err=True)
+        sys.exit(3)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

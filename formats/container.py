@@ -1,0 +1,441 @@
+"""Reader and writer for the .cdl container, version 1 (specification: SPEC.md beside this file).
+
+The container knows offsets, lengths, checksums, metadata and opaque blobs. It knows nothing about
+how a payload was coded: the tensor index carries the backend's name and its parameter bytes, and
+the quantization parameters, verbatim.
+
+Layout, all integers little-endian:
+
+    prefix   16 bytes   magic(8) | major u16 | minor u16 | flags u32
+    payloads            blobs back to back, in index order, no gaps
+    index    N bytes    UTF-8 JSON object (tensors, sections, metadata)
+    footer   32 bytes   index_offset u64 | index_length u64 | crc32 u32 | reserved u32 (0) | end magic(8)
+
+The index sits at the end so that the writer can stream: one tensor in memory at a time, the index
+written once every payload length is known.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+import struct
+import tempfile
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+from ..errors import CdlFormatError, CdlInputError
+
+MAGIC = b"\x89CDL\r\n\x1a\n"
+END_MAGIC = b"CDLEND\x00\x01"
+FORMAT_MAJOR = 1
+FORMAT_MINOR = 0
+PREFIX = struct.Struct("<8sHHI")
+FOOTER = struct.Struct("<QQII8s")
+
+# Everything a tensor's dtype may be, with its element size in bytes.
+DTYPE_SIZES = {
+    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2,
+    "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "bool": 1,
+}
+FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
+ENCODINGS = ("levels", "plain")
+SECTION_KINDS = ("onnx", "torch.export", "json", "bytes")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Sanity limits checked before anything is allocated. Raise them for exceptionally large models."""
+
+    max_index_bytes: int = 64 << 20
+    max_tensors: int = 1_000_000
+    max_ndim: int = 8
+    max_tensor_elements: int = 1 << 32
+    max_total_elements: int = 1 << 36
+    max_params_bytes: int = 16 << 20
+    max_metadata_bytes: int = 1 << 20
+
+
+@dataclass
+class TensorEntry:
+    """One tensor in the index. `quant` and `backend_params` are opaque to the container."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    encoding: str  # "levels": `count` integers coded by `backend`; "plain": raw little-endian bytes
+    quant: dict[str, Any] | None
+    backend: str | None
+    backend_params: bytes
+    count: int
+    offset: int = 0
+    length: int = 0
+    crc32: int = 0
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "shape": list(self.shape), "dtype": self.dtype,
+            "encoding": self.encoding, "quant": self.quant, "backend": self.backend,
+            "backend_params": base64.b64encode(self.backend_params).decode("ascii"),
+            "count": self.count, "offset": self.offset, "length": self.length, "crc32": self.crc32,
+        }
+
+
+@dataclass
+class SectionEntry:
+    """A non-tensor blob, e.g. the model graph with its weights stripped."""
+
+    name: str
+    kind: str
+    offset: int = 0
+    length: int = 0
+    crc32: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "offset": self.offset,
+                "length": self.length, "crc32": self.crc32}
+
+
+def _fail(msg: str) -> CdlFormatError:
+    return CdlFormatError(msg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------
+
+class ContainerWriter:
+    """Streams payloads to a temporary file beside `path` and renames it into place on success.
+
+    Use as a context manager; if the block raises, the temporary file is removed and `path` is
+    left untouched (atomic write).
+    """
+
+    def __init__(self, path: str | os.PathLike, metadata: dict[str, str] | None = None):
+        self.path = os.fspath(path)
+        self.metadata: dict[str, str] = {}
+        for key, value in (metadata or {}).items():
+            self.set_metadata(key, value)
+        self._tensors: list[TensorEntry] = []
+        self._sections: list[SectionEntry] = []
+        self._names: set[str] = set()
+        self._section_names: set[str] = set()
+        self._offset = 0
+        self._fh: BinaryIO | None = None
+        self._tmp: str | None = None
+
+    def set_metadata(self, key: str, value: str) -> None:
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise CdlInputError("container metadata keys and values must be strings")
+        self.metadata[key] = value
+
+    def __enter__(self) -> "ContainerWriter":
+        directory = os.path.dirname(os.path.abspath(self.path))
+        fd, self._tmp = tempfile.mkstemp(prefix=".cdl-", suffix=".tmp", dir=directory)
+        self._fh = os.fdopen(fd, "wb")
+        self._fh.write(PREFIX.pack(MAGIC, FORMAT_MAJOR, FORMAT_MINOR, 0))
+        return self
+
+    def _write_blob(self, data: bytes) -> tuple[int, int, int]:
+        assert self._fh is not None, "use ContainerWriter as a context manager"
+        offset = self._offset
+        self._fh.write(data)
+        self._offset += len(data)
+        return offset, len(data), zlib.crc32(data)
+
+    def add_tensor(self, entry: TensorEntry, payload: bytes) -> TensorEntry:
+        """Append one tensor; fills in the entry's offset, length and crc32."""
+        if entry.name in self._names:
+            raise CdlInputError(f"duplicate tensor name {entry.name!r}")
+        if entry.dtype not in DTYPE_SIZES:
+            raise CdlInputError(f"tensor {entry.name!r}: unsupported dtype {entry.dtype!r}")
+        if entry.encoding not in ENCODINGS:
+            raise CdlInputError(f"tensor {entry.name!r}: unknown encoding {entry.encoding!r}")
+        self._names.add(entry.name)
+        entry.offset, entry.length, entry.crc32 = self._write_blob(bytes(payload))
+        self._tensors.append(entry)
+        return entry
+
+    def add_section(self, name: str, kind: str, data: bytes) -> SectionEntry:
+        if name in self._section_names:
+            raise CdlInputError(f"duplicate section name {name!r}")
+        if kind not in SECTION_KINDS:
+            raise CdlInputError(f"unknown section kind {kind!r}")
+        self._section_names.add(name)
+        entry = SectionEntry(name, kind)
+        entry.offset, entry.length, entry.crc32 = self._write_blob(bytes(data))
+        self._sections.append(entry)
+        return entry
+
+    def _finish(self) -> None:
+        assert self._fh is not None
+        index = {
+            "format": "cdl",
+            "metadata": dict(sorted(self.metadata.items())),
+            "tensors": [t.to_json() for t in self._tensors],
+            "sections": [s.to_json() for s in self._sections],
+        }
+        # allow_nan=False: a NaN step has no place in a file that must decode the same everywhere.
+        try:
+            index_bytes = json.dumps(index, separators=(",", ":"), allow_nan=False).encode("utf-8")
+        except ValueError as exc:
+            raise CdlInputError(f"non-finite number in container index: {exc}") from exc
+        index_offset = PREFIX.size + self._offset
+        self._fh.write(index_bytes)
+        prefix = PREFIX.pack(MAGIC, FORMAT_MAJOR, FORMAT_MINOR, 0)
+        crc = zlib.crc32(prefix + index_bytes + struct.pack("<QQ", index_offset, len(index_bytes)))
+        self._fh.write(FOOTER.pack(index_offset, len(index_bytes), crc, 0, END_MAGIC))
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self._finish()
+                os.replace(self._tmp, self.path)
+                self._tmp = None
+        finally:
+            if self._fh is not None and not self._fh.closed:
+                self._fh.close()
+            if self._tmp is not None and os.path.exists(self._tmp):
+                os.unlink(self._tmp)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _fail(f"index has a duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _reject_constant(name: str) -> float:
+    raise _fail(f"index contains the non-finite number {name}")
+
+
+def _int(obj: dict, key: str, what: str, lo: int = 0, hi: int = (1 << 63) - 1) -> int:
+    value = obj.get(key)
+    if type(value) is not int or not lo <= value <= hi:
+        raise _fail(f"{what}: field {key!r} must be an integer in [{lo}, {hi}], got {value!r}")
+    return value
+
+
+def _str(obj: dict, key: str, what: str, allow_none: bool = False) -> str | None:
+    value = obj.get(key)
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, str):
+        raise _fail(f"{what}: field {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+class ContainerReader:
+    """Validates a whole .cdl file's structure on open; payloads are read (and checksummed) on demand.
+
+    Every length, offset, count and shape is checked against the file size and `limits` before
+    anything proportional to it is allocated.
+    """
+
+    def __init__(self, path: str | os.PathLike, limits: Limits = Limits()):
+        self.path = os.fspath(path)
+        self.limits = limits
+        try:
+            self._fh: BinaryIO = open(self.path, "rb")
+        except IsADirectoryError as exc:
+            raise CdlInputError(f"{self.path} is a directory, not a .cdl file") from exc
+        try:
+            self._parse()
+        except BaseException:
+            self._fh.close()
+            raise
+
+    # -- context manager -----------------------------------------------------------------------
+    def __enter__(self) -> "ContainerReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._fh.close()
+
+    # -- structure -------------------------------------------------------------------------------
+    def _parse(self) -> None:
+        fh = self._fh
+        size = os.fstat(fh.fileno()).st_size
+        self.file_size = size
+        head = fh.read(PREFIX.size)
+        if not MAGIC.startswith(head[:8]) or (len(head) >= 8 and head[:8] != MAGIC):
+            raise _fail("not a .cdl file (bad magic number)")
+        if len(head) < PREFIX.size:
+            raise _fail("file is truncated (shorter than the 16-byte prefix)")
+        _, major, minor, flags = PREFIX.unpack(head)
+        if major != FORMAT_MAJOR:
+            raise _fail(f"unsupported .cdl format version {major}.{minor} (this cdlcodec reads {FORMAT_MAJOR}.x)")
+        if flags != 0:
+            raise _fail(f"unsupported .cdl flags 0x{flags:08x}")
+        self.version = (major, minor)
+        if size < PREFIX.size + FOOTER.size:
+            raise _fail("file is truncated (no room for the footer)")
+        fh.seek(size - FOOTER.size)
+        index_offset, index_length, crc, reserved, end_magic = FOOTER.unpack(fh.read(FOOTER.size))
+        if end_magic != END_MAGIC:
+            raise _fail("file is truncated or damaged (footer end marker missing)")
+        if index_length > self.limits.max_index_bytes:
+            raise _fail(f"index length {index_length} exceeds the limit of {self.limits.max_index_bytes} bytes")
+        if index_offset < PREFIX.size or index_offset + index_length + FOOTER.size != size:
+            raise _fail(f"index offset {index_offset} + length {index_length} does not match the file size {size}")
+        fh.seek(index_offset)
+        index_bytes = fh.read(index_length)
+        if len(index_bytes) != index_length:
+            raise _fail("file is truncated inside the index")
+        expect = zlib.crc32(head + index_bytes + struct.pack("<QQ", index_offset, index_length))
+        if expect != crc or reserved != 0:
+            raise _fail("header/index checksum mismatch: the file is corrupt")
+        try:
+            index = json.loads(index_bytes.decode("utf-8"), object_pairs_hook=_no_duplicate_keys,
+                               parse_constant=_reject_constant)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise _fail(f"index is not valid JSON: {exc}") from exc
+        if not isinstance(index, dict) or index.get("format") != "cdl":
+            raise _fail("index is not a cdl index object")
+        self._payload_area = index_offset - PREFIX.size
+        self.metadata = self._parse_metadata(index.get("metadata", {}))
+        self.tensors = self._parse_tensors(index.get("tensors"))
+        self.sections = self._parse_sections(index.get("sections", []))
+        self._check_coverage()
+
+    def _parse_metadata(self, meta: Any) -> dict[str, str]:
+        if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+            raise _fail("metadata must be an object of string keys and string values")
+        if sum(len(k) + len(v) for k, v in meta.items()) > self.limits.max_metadata_bytes:
+            raise _fail("metadata exceeds its size limit")
+        return meta
+
+    def _parse_tensors(self, raw: Any) -> list[TensorEntry]:
+        lim = self.limits
+        if not isinstance(raw, list):
+            raise _fail("index has no tensor list")
+        if len(raw) > lim.max_tensors:
+            raise _fail(f"{len(raw)} tensors exceed the limit of {lim.max_tensors}")
+        entries, names, total = [], set(), 0
+        for i, t in enumerate(raw):
+            if not isinstance(t, dict):
+                raise _fail(f"tensor #{i} is not an object")
+            name = _str(t, "name", f"tensor #{i}")
+            what = f"tensor {name!r}"
+            if name in names:
+                raise _fail(f"duplicate tensor name {name!r}")
+            names.add(name)
+            shape = t.get("shape")
+            if not isinstance(shape, list) or len(shape) > lim.max_ndim:
+                raise _fail(f"{what}: shape must be a list of at most {lim.max_ndim} dimensions")
+            numel = 1
+            for d in shape:
+                if type(d) is not int or d < 0 or d > lim.max_tensor_elements:
+                    raise _fail(f"{what}: invalid dimension {d!r}")
+                numel *= d  # Python ints cannot overflow; bounded right below
+                if numel > lim.max_tensor_elements:
+                    raise _fail(f"{what}: {numel}+ elements exceed the limit of {lim.max_tensor_elements}")
+            total += numel
+            if total > lim.max_total_elements:
+                raise _fail(f"the model's element count exceeds the limit of {lim.max_total_elements}")
+            dtype = _str(t, "dtype", what)
+            if dtype not in DTYPE_SIZES:
+                raise _fail(f"{what}: unknown dtype {dtype!r}")
+            encoding = _str(t, "encoding", what)
+            if encoding not in ENCODINGS:
+                raise _fail(f"{what}: unknown encoding {encoding!r}")
+            count = _int(t, "count", what, 0, lim.max_tensor_elements)
+            offset = _int(t, "offset", what)
+            length = _int(t, "length", what)
+            crc = _int(t, "crc32", what, 0, 0xFFFFFFFF)
+            quant = t.get("quant")
+            if quant is not None and not isinstance(quant, dict):
+                raise _fail(f"{what}: quant must be an object or null")
+            backend = _str(t, "backend", what, allow_none=True)
+            params_b64 = _str(t, "backend_params", what)
+            if len(params_b64) > lim.max_params_bytes * 4 // 3 + 4:
+                raise _fail(f"{what}: backend parameters exceed their size limit")
+            try:
+                params = base64.b64decode(params_b64, validate=True)
+            except (ValueError, TypeError) as exc:
+                raise _fail(f"{what}: backend parameters are not valid base64") from exc
+            if encoding == "plain":
+                if length != numel * DTYPE_SIZES[dtype] or count != numel:
+                    raise _fail(f"{what}: plain payload of {length} bytes does not hold {numel} {dtype} values")
+            else:
+                if backend is None:
+                    raise _fail(f"{what}: coded tensor names no backend")
+                if count != numel:
+                    raise _fail(f"{what}: {count} coded levels for a tensor of {numel} elements")
+            entries.append(TensorEntry(name, tuple(shape), dtype, encoding, quant, backend, params,
+                                       count, offset, length, crc))
+        return entries
+
+    def _parse_sections(self, raw: Any) -> list[SectionEntry]:
+        if not isinstance(raw, list) or len(raw) > 1024:
+            raise _fail("sections must be a list of at most 1024 entries")
+        out, names = [], set()
+        for i, s in enumerate(raw):
+            if not isinstance(s, dict):
+                raise _fail(f"section #{i} is not an object")
+            name = _str(s, "name", f"section #{i}")
+            if name in names:
+                raise _fail(f"duplicate section name {name!r}")
+            names.add(name)
+            kind = _str(s, "kind", f"section {name!r}")
+            if kind not in SECTION_KINDS:
+                raise _fail(f"section {name!r}: unknown kind {kind!r}")
+            out.append(SectionEntry(name, kind, _int(s, "offset", name), _int(s, "length", name),
+                                    _int(s, "crc32", name, 0, 0xFFFFFFFF)))
+        return out
+
+    def _check_coverage(self) -> None:
+        """Blobs must tile the payload area exactly: contiguous, non-overlapping, nothing trailing."""
+        blobs = sorted(((e.offset, e.length, e.name) for e in [*self.tensors, *self.sections]))
+        position = 0
+        for offset, length, name in blobs:
+            if offset != position:
+                kind = "overlaps another payload" if offset < position else "leaves a gap before it"
+                raise _fail(f"payload of {name!r} at offset {offset} {kind}")
+            position = offset + length
+        if position != self._payload_area:
+            raise _fail(f"payloads end at {position} but the payload area holds {self._payload_area} bytes")
+
+    # -- access ----------------------------------------------------------------------------------
+    def tensor(self, name: str) -> TensorEntry:
+        for entry in self.tensors:
+            if entry.name == name:
+                return entry
+        raise CdlInputError(f"no tensor named {name!r} in {self.path}")
+
+    def section(self, name: str) -> SectionEntry | None:
+        return next((s for s in self.sections if s.name == name), None)
+
+    def _read_blob(self, offset: int, length: int, crc: int, what: str) -> bytes:
+        self._fh.seek(PREFIX.size + offset)
+        data = self._fh.read(length)
+        if len(data) != length:
+            raise _fail(f"file is truncated inside the payload of {what}")
+        if zlib.crc32(data) != crc:
+            raise _fail(f"checksum mismatch in the payload of {what}: the file is corrupt")
+        return data
+
+    def read_payload(self, entry: TensorEntry) -> bytes:
+        return self._read_blob(entry.offset, entry.length, entry.crc32, f"tensor {entry.name!r}")
+
+    def read_section(self, entry: SectionEntry) -> bytes:
+        return self._read_blob(entry.offset, entry.length, entry.crc32, f"section {entry.name!r}")

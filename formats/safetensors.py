@@ -1,0 +1,103 @@
+"""A small, pickle-free reader and writer for the .safetensors format.
+
+Layout (the public safetensors convention): u64 little-endian header length N, N bytes of UTF-8
+JSON mapping tensor name -> {dtype, shape, data_offsets [begin, end)} (plus an optional
+"__metadata__" string map), then the data buffer. We validate the header the way the reference
+implementation does: bounded header size, offsets inside the buffer, contiguous and non-overlapping,
+byte counts that match dtype x shape.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import tempfile
+from typing import Iterator
+
+import numpy as np
+
+from ..errors import CdlInputError
+
+MAX_HEADER = 100_000_000
+_CODES = {  # safetensors dtype code <-> cdlcodec dtype name
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+}
+_NAMES = {v: k for k, v in _CODES.items()}
+_STORAGE = {"float64": "<f8", "float32": "<f4", "float16": "<f2", "bfloat16": "<u2", "int64": "<i8",
+            "int32": "<i4", "int16": "<i2", "int8": "i1", "uint8": "u1", "bool": "?"}
+
+
+def _bad(path: str, msg: str) -> CdlInputError:
+    return CdlInputError(f"{path}: not a valid .safetensors file ({msg})")
+
+
+def read_safetensors(path: str) -> Iterator[tuple[str, np.ndarray, str]]:
+    """Yield (name, storage array, dtype name) in file order, one tensor read at a time."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise _bad(path, "shorter than its 8-byte header length")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER or 8 + n > size:
+            raise _bad(path, f"header length {n} is larger than the file or the limit")
+        try:
+            header = json.loads(fh.read(n).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise _bad(path, f"header is not JSON: {exc}") from None
+        if not isinstance(header, dict):
+            raise _bad(path, "header is not an object")
+        header.pop("__metadata__", None)
+        entries = []
+        for name, info in header.items():
+            if not isinstance(info, dict):
+                raise _bad(path, f"entry {name!r} is not an object")
+            code, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+            if code not in _CODES:
+                raise CdlInputError(f"{path}: tensor {name!r} has unsupported dtype {code!r}")
+            if (not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape)
+                    or not isinstance(offs, list) or len(offs) != 2 or not all(type(o) is int for o in offs)):
+                raise _bad(path, f"entry {name!r} has a malformed shape or offsets")
+            dtype = _CODES[code]
+            nbytes = math.prod(shape) * np.dtype(_STORAGE[dtype]).itemsize
+            if offs[0] < 0 or offs[1] - offs[0] != nbytes or 8 + n + offs[1] > size:
+                raise _bad(path, f"entry {name!r} has offsets that do not fit its shape or the file")
+            entries.append((offs[0], offs[1], name, shape, dtype))
+        entries.sort()
+        position = 0
+        for begin, end, name, _, _ in entries:
+            if begin != position:
+                raise _bad(path, f"data of {name!r} overlaps or leaves a gap")
+            position = end
+        for begin, end, name, shape, dtype in entries:
+            fh.seek(8 + n + begin)
+            data = fh.read(end - begin)
+            yield name, np.frombuffer(data, dtype=_STORAGE[dtype]).reshape(shape), dtype
+
+
+def write_safetensors(path: str, tensors: list[tuple[str, np.ndarray, str]], metadata: dict[str, str] | None = None) -> None:
+    """Write (name, storage array, dtype name) triples atomically (temporary file, then rename)."""
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for name, arr, dtype in tensors:
+        nbytes = arr.size * np.dtype(_STORAGE[dtype]).itemsize
+        header[name] = {"dtype": _NAMES[dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)  # the reference pads the header to 8-byte alignment
+    fd, tmp = tempfile.mkstemp(prefix=".st-", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(struct.pack("<Q", len(blob)))
+            fh.write(blob)
+            for _, arr, dtype in tensors:
+                fh.write(np.ascontiguousarray(arr, dtype=_STORAGE[dtype]).tobytes())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
