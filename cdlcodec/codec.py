@@ -22,7 +22,7 @@ from .formats.container import ContainerReader, ContainerWriter, Limits, TensorE
 from .progress import Progress
 from .quantizers import dequantize
 from .quantizers.uniform import UniformQuantizer
-from .records import TensorRecord
+from .records import ModelFile, TensorRecord
 
 
 class Quantizer(Protocol):
@@ -121,7 +121,8 @@ def encode_records(records: list[TensorRecord], output: str, options: EncodeOpti
 def encode_file(source: str, output: str, options: EncodeOptions = EncodeOptions()) -> EncodeSummary:
     from .io.model_files import read_model
 
-    return encode_records(read_model(source), output, options)
+    model = read_model(source)
+    return encode_records(model.records, output, options, model.metadata, model.sections)
 
 
 def decode_entry(reader: ContainerReader, entry: TensorEntry) -> TensorRecord:
@@ -139,11 +140,12 @@ def decode_entry(reader: ContainerReader, entry: TensorEntry) -> TensorRecord:
         raise CdlDecodeError(f"tensor {entry.name!r}: {entry.backend} payload could not be decoded ({exc})") from exc
     if not isinstance(levels, np.ndarray) or levels.size != entry.count:
         raise CdlDecodeError(f"tensor {entry.name!r}: decoded the wrong number of levels")
-    return TensorRecord(entry.name, dequantize(levels, entry.quant, entry.shape, entry.dtype, entry.name), entry.dtype)
+    values = dequantize(levels, entry.quant, entry.shape, entry.dtype, entry.name)
+    return TensorRecord(entry.name, values, entry.dtype, levels=levels, quant=entry.quant)
 
 
-def decode_records(path: str, *, quiet: bool = True, limits: Limits = Limits()) -> tuple[list[TensorRecord], dict[str, str]]:
-    """Every tensor of a container, in order, plus the container's metadata."""
+def decode_container(path: str, *, quiet: bool = True, limits: Limits = Limits()) -> ModelFile:
+    """Every tensor of a container, in order, plus its sections and metadata."""
     with ContainerReader(path, limits) as reader:
         total = sum(e.count for e in reader.tensors) or 1
         out = []
@@ -151,16 +153,17 @@ def decode_records(path: str, *, quiet: bool = True, limits: Limits = Limits()) 
             for entry in reader.tensors:
                 out.append(decode_entry(reader, entry))
                 bar.update(entry.count)
-        return out, dict(reader.metadata)
+        sections = [(s.name, s.kind, reader.read_section(s)) for s in reader.sections]
+        return ModelFile(out, sections, dict(reader.metadata))
 
 
-def decode_file(source: str, output: str, *, quiet: bool = True, limits: Limits = Limits()) -> list[TensorRecord]:
+def decode_file(source: str, output: str, *, quiet: bool = True, limits: Limits = Limits(), **writer_options) -> ModelFile:
     from .io.model_files import kind_of, write_model, WRITE_KINDS
 
     kind_of(output, WRITE_KINDS, "write")  # fail on a bad output name before decoding anything
-    records, _ = decode_records(source, quiet=quiet, limits=limits)
-    write_model(output, records)
-    return records
+    model = decode_container(source, quiet=quiet, limits=limits)
+    write_model(output, model, **writer_options)
+    return model
 
 
 def container_summary(path: str, limits: Limits = Limits()) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 from ..errors import CdlInputError
-from ..records import TensorRecord
+from ..records import ModelFile, TensorRecord
 
 READ_KINDS = {".pt": "torch", ".pth": "torch", ".bin": "torch", ".ckpt": "torch", ".safetensors": "safetensors"}
 WRITE_KINDS = {".pt": "torch", ".pth": "torch", ".safetensors": "safetensors"}
@@ -18,8 +18,8 @@ def kind_of(path: str, table: dict[str, str], what: str) -> str:
     return table[ext]
 
 
-def read_model(path: str) -> list[TensorRecord]:
-    """All tensors of a model file as records, in the file's order."""
+def read_model(path: str) -> ModelFile:
+    """All tensors of a model file as records, in the file's order, plus its graph if it has one."""
     if not os.path.exists(path):
         raise CdlInputError(f"{path}: no such file")
     if os.path.isdir(path):
@@ -35,15 +35,17 @@ def read_model(path: str) -> list[TensorRecord]:
         records = read_torch_checkpoint(path)
     if not records:
         raise CdlInputError(f"{path}: contains no tensors")
-    return records
+    return ModelFile(records, [], {"source.kind": kind})
 
 
-def write_model(path: str, records: list[TensorRecord], metadata: dict[str, str] | None = None) -> None:
+def write_model(path: str, model: ModelFile, **options) -> None:
+    """Write decoded tensors (and the graph, for kinds that need one) to `path`, atomically."""
     kind = kind_of(path, WRITE_KINDS, "write")
+    records = model.records
     if kind == "safetensors":
         from ..formats.safetensors import write_safetensors
 
-        write_safetensors(path, [(r.name, r.array, r.dtype) for r in records], metadata)
+        write_safetensors(path, [(r.name, r.array, r.dtype) for r in records])
     else:
         from .torch_checkpoint import write_torch_state_dict
 

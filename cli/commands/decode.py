@@ -11,6 +11,7 @@ def command(container, output, quiet):
     """Decode CONTAINER back into a model file with the original names, shapes and dtypes."""
     from ...codec import decode_file
 
-    records = decode_file(container, output, quiet=quiet)
+    model = decode_file(container, output, quiet=quiet)
     if not quiet:
-        click.echo(f"{container} -> {output}: {len(records)} tensors, {sum(r.numel for r in records):,} params")
+        click.echo(f"{container} -> {output}: {len(model.records)} tensors, "
+                   f"{sum(r.numel for r in model.records):,} params")
