@@ -1,0 +1,219 @@
+"""`cabac` backend: context-adaptive binary arithmetic coding of integer levels (DeepCABAC, Sec. III-B).
+
+The coder itself lives in `cabac_coder` (range coder, probability estimators) and
+`cabac_binarization` (bins, contexts, chunk kernels, rate model for RD quantization); this module
+chooses the stream parameters and reads/writes them.
+
+Stream = payload + params. The payload is the concatenation of independently decodable chunks
+(contexts reset at every chunk start), decoded in parallel. The params, all integers:
+
+    u8      format version (1)
+    u8      n_gt            number of greater-than flags (0 .. 32)
+    u8      mode            context design (0 prev, 1 prev2, 2 prev2+row)
+    u8      rate_idx        index into cabac_coder.RATE_PAIRS (estimator shifts)
+    varint  chunk_size      levels per chunk (>= 1)
+    varint  row_len         row length for the previous-row context (0 = none)
+    varint  n_chunks        must equal ceil(count / chunk_size)
+    varint  length of each chunk in bytes; they must add up to len(payload)
+
+Decoding depends on nothing but payload, params and count (a `shape` passed to decode is not
+needed: the row length travels in the params).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import CdlDecodeError, CdlInputError
+from .base import MAX_ABS_LEVEL, EncodeHint
+from .cabac_binarization import (
+    MAX_GT, MODE_PREV, MODE_PREV2, MODE_PREV2_ROW, cost_chunks, decode_chunks_parallel,
+    decode_chunks_serial, encode_chunks,
+)
+from .cabac_coder import COST_FRAC_BITS, ERROR_TEXT, RATE_PAIRS
+
+FORMAT_VERSION = 1
+
+# Defaults chosen by measurement (benchmarks/bench_cabac.py, benchmarks/results/cabac.md).
+DEFAULT_N_GT = 10
+DEFAULT_MODE = MODE_PREV2
+DEFAULT_CHUNK_SIZE = 1 << 18
+RATE_SAMPLE = 1 << 16          # levels used to pick the estimator rates
+FLUSH_BITS_ESTIMATE = 12       # average termination bytes per chunk, for estimate_bits
+
+_MAX_VARINT_BYTES = 10
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+class _Reader:
+    def __init__(self, data: bytes):
+        self.data = data
+        self.pos = 0
+
+    def u8(self, what: str) -> int:
+        if self.pos >= len(self.data):
+            raise CdlDecodeError(f"cabac params end before {what}")
+        self.pos += 1
+        return self.data[self.pos - 1]
+
+    def varint(self, what: str, limit: int) -> int:
+        value = 0
+        for i in range(_MAX_VARINT_BYTES):
+            byte = self.u8(what)
+            value |= (byte & 0x7F) << (7 * i)
+            if not byte & 0x80:
+                if value > limit:
+                    raise CdlDecodeError(f"cabac params: {what} {value} exceeds {limit}")
+                return value
+        raise CdlDecodeError(f"cabac params: {what} is not a valid varint")
+
+
+def _as_levels(levels) -> np.ndarray:
+    arr = np.asarray(levels)
+    if arr.ndim != 1:
+        arr = arr.reshape(-1)
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise CdlInputError(f"cabac backend needs integer levels, got {arr.dtype}")
+    arr = arr.astype(np.int64, copy=False)
+    if arr.size and int(np.abs(arr).max()) > MAX_ABS_LEVEL:
+        raise CdlInputError(f"level magnitude exceeds {MAX_ABS_LEVEL}")
+    return np.ascontiguousarray(arr)
+
+
+def _row_len(shape, count: int) -> int:
+    """Row length of the matrix form (rows = first axis), or 0 when there is no previous row."""
+    if not shape or len(shape) < 2:
+        return 0
+    row = int(np.prod(shape[1:], dtype=np.int64))
+    if row <= 0 or row >= count:
+        return 0
+    return row
+
+
+class CabacBackend:
+    """Context-adaptive binary arithmetic coder (see module docstring for the stream layout).
+
+    n_gt, mode, rate_idx, chunk_size: None = default (rate_idx None = picked per tensor by the
+    estimated cost on its first levels). parallel: decode chunks on every core.
+    """
+
+    name = "cabac"
+
+    def __init__(self, n_gt: int | None = None, mode: int | None = None, rate_idx: int | None = None,
+                 chunk_size: int | None = None, parallel: bool = True):
+        self.n_gt = DEFAULT_N_GT if n_gt is None else int(n_gt)
+        self.mode = DEFAULT_MODE if mode is None else int(mode)
+        self.rate_idx = rate_idx
+        self.chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else int(chunk_size)
+        self.parallel = parallel
+        if not 0 <= self.n_gt <= MAX_GT:
+            raise CdlInputError(f"cabac n_gt must be in 0..{MAX_GT}")
+        if self.mode not in (MODE_PREV, MODE_PREV2, MODE_PREV2_ROW):
+            raise CdlInputError("cabac mode must be 0 (prev), 1 (prev2) or 2 (prev2+row)")
+        if rate_idx is not None and not 0 <= rate_idx < len(RATE_PAIRS):
+            raise CdlInputError(f"cabac rate_idx must be in 0..{len(RATE_PAIRS) - 1}")
+        if not 1 <= self.chunk_size <= MAX_ABS_LEVEL:
+            raise CdlInputError("cabac chunk_size must be a positive int32")
+
+    # --- parameter choice ---------------------------------------------------------------------
+    def _settings(self, levels: np.ndarray, hint: EncodeHint | None):
+        mode = self.mode
+        row_len = 0
+        if mode == MODE_PREV2_ROW:
+            row_len = _row_len(hint.shape if hint is not None else None, levels.size)
+            if row_len == 0 or row_len >= self.chunk_size:
+                mode, row_len = MODE_PREV2, 0
+        rate_idx = self.rate_idx
+        if rate_idx is None:
+            rate_idx = self._pick_rates(levels, mode, row_len)
+        return mode, row_len, rate_idx
+
+    def _pick_rates(self, levels, mode, row_len) -> int:
+        if levels.size == 0:
+            return 0
+        costs = [cost_chunks(levels, self.chunk_size, self.n_gt, mode, row_len, int(f), int(s), RATE_SAMPLE)
+                 for f, s in RATE_PAIRS]
+        return int(np.argmin(costs))
+
+    # --- protocol -----------------------------------------------------------------------------
+    def encode(self, levels, hint: EncodeHint | None = None) -> tuple[bytes, bytes]:
+        levels = _as_levels(levels)
+        n = levels.size
+        mode, row_len, rate_idx = self._settings(levels, hint)
+        fast, slow = (int(v) for v in RATE_PAIRS[rate_idx])
+        n_chunks = -(-n // self.chunk_size)
+        chunk_ends = np.zeros(n_chunks, dtype=np.int64)
+        capacity = 64 + 16 * n_chunks + n + n // 2
+        while True:
+            buf = np.empty(capacity, dtype=np.uint8)
+            total = encode_chunks(levels, self.chunk_size, self.n_gt, mode, row_len, fast, slow, buf, chunk_ends)
+            if total >= 0:
+                break
+            capacity *= 4
+        lengths = np.diff(np.concatenate(([0], chunk_ends)))
+        params = bytearray([FORMAT_VERSION, self.n_gt, mode, rate_idx])
+        params += _varint(self.chunk_size) + _varint(row_len) + _varint(n_chunks)
+        for length in lengths:
+            params += _varint(int(length))
+        return buf[:total].tobytes(), bytes(params)
+
+    def decode(self, payload: bytes, params: bytes, count: int, shape=None) -> np.ndarray:
+        count = int(count)
+        if count < 0:
+            raise CdlDecodeError("negative level count")
+        r = _Reader(bytes(params))
+        version = r.u8("format version")
+        if version != FORMAT_VERSION:
+            raise CdlDecodeError(f"cabac stream version {version} is not supported (expected {FORMAT_VERSION})")
+        n_gt = r.u8("n_gt")
+        mode = r.u8("mode")
+        rate_idx = r.u8("rate index")
+        if n_gt > MAX_GT or mode > MODE_PREV2_ROW or rate_idx >= len(RATE_PAIRS):
+            raise CdlDecodeError("cabac params hold an unknown n_gt, context mode or rate index")
+        chunk_size = r.varint("chunk size", MAX_ABS_LEVEL)
+        row_len = r.varint("row length", MAX_ABS_LEVEL)
+        n_chunks = r.varint("chunk count", len(params))
+        if chunk_size < 1:
+            raise CdlDecodeError("cabac chunk size is 0")
+        if n_chunks != -(-count // chunk_size):
+            raise CdlDecodeError(f"cabac stream has {n_chunks} chunks, {count} levels need {-(-count // chunk_size)}")
+        offsets = np.zeros(n_chunks + 1, dtype=np.int64)
+        for c in range(n_chunks):
+            offsets[c + 1] = offsets[c] + r.varint("chunk length", len(payload))
+        if r.pos != len(params):
+            raise CdlDecodeError("cabac params have trailing bytes")
+        if offsets[-1] != len(payload):
+            raise CdlDecodeError(f"cabac chunks cover {int(offsets[-1])} bytes, payload has {len(payload)}")
+        out = np.empty(count, dtype=np.int64)
+        if count == 0:
+            return out
+        buf = np.frombuffer(payload, dtype=np.uint8)
+        errs = np.zeros(n_chunks, dtype=np.int64)
+        fast, slow = (int(v) for v in RATE_PAIRS[rate_idx])
+        kernel = decode_chunks_parallel if (self.parallel and n_chunks > 1) else decode_chunks_serial
+        kernel(buf, offsets, chunk_size, n_gt, mode, row_len, fast, slow, out, errs)
+        bad = np.flatnonzero(errs)
+        if bad.size:
+            c = int(bad[0])
+            raise CdlDecodeError(f"cabac chunk {c}: {ERROR_TEXT.get(int(errs[c]), 'corrupt stream')}")
+        return out
+
+    def estimate_bits(self, levels, hint: EncodeHint | None = None) -> float:
+        levels = _as_levels(levels)
+        if levels.size == 0:
+            return 0.0
+        mode, row_len, rate_idx = self._settings(levels, hint)
+        fast, slow = (int(v) for v in RATE_PAIRS[rate_idx])
+        cost = cost_chunks(levels, self.chunk_size, self.n_gt, mode, row_len, fast, slow, levels.size)
+        n_chunks = -(-levels.size // self.chunk_size)
+        return cost / float(1 << COST_FRAC_BITS) + FLUSH_BITS_ESTIMATE * n_chunks

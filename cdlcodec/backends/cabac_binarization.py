@@ -1,0 +1,290 @@
+"""Binarization and context selection of the `cabac` backend (DeepCABAC, Section III-B), shared by
+the encoder, the decoder, the bit-cost estimator and the rate model for RD quantization.
+
+Binarization of one level k (scan order = row-major order of the tensor):
+
+    sig      k != 0                       context: neighbourhood (below)
+    sign     k < 0                        context: sign of the previous level (+ one more neighbour)
+    gt_j     |k| > j + 1, j = 0 .. n-1    context: j, sign of k, magnitude class of the neighbourhood
+    prefix   Exp-Golomb-0 unary prefix of x = |k| - n   one context per prefix position
+    suffix   low bits of x                bypass bins
+
+e.g. n = 1: 1 -> sig 1, sign 0, gt_0 0;  -4 -> 1,1,1 then x = 3 -> prefix 1,0, suffix 1.
+(The paper's Fig. 7 example codes the same information.)
+
+Neighbourhood of position i (only levels of the same chunk are used, so chunks decode alone):
+a = level i-1, b = level i-2, u = level i-row_len (the co-located level in the previous row of
+the matrix form of the tensor, when the stream has a row length). Context designs (`mode`):
+
+    0  "prev"       sig and sign by the class of a (zero / negative / positive); gt by j and sign.
+                    This is the DeepCABAC/NNC baseline.
+    1  "prev2"      sig by (class of a, min(|a| + |b|, 7)); sign by (class of a, class of b);
+                    gt additionally by a 4-way magnitude class of |a| + |b|.
+    2  "prev2+row"  as 1 with u added to the magnitude sum and u's class replacing b's for sign.
+
+One routine, `code_level`, walks these bins for every use. Its first argument `op` says what a
+bin does: OP_ENCODE (write it), OP_DECODE (read it; the walk then follows the decoded bits),
+OP_COST (add its cost and adapt the context, as the encoder would) or OP_PEEK (add its cost
+only). Because `code_level` is inlined with a constant `op`, each use compiles to a specialised
+loop, yet the binarization and context choice exist exactly once.
+
+Rate model API for an RD quantizer (DeepCABAC eq. 11, L_ik = rate of level k at weight i), all
+numba functions that can be called from other njit code while scanning a tensor:
+
+    ctx = new_contexts(N_CONTEXTS)                       # fresh state for a tensor / chunk
+    st = np.zeros(STATE_SIZE, np.int64)                  # scratch (cost accumulator)
+    a, b, u = neighbours(levels, i, chunk_start, row_len)
+    bits_q16 = rate_cost(ctx, st, k, a, b, u, mode, n_gt, fast, slow)   # cost of k, 1/65536 bit
+    rate_update(ctx, st, k, a, b, u, mode, n_gt, fast, slow)            # after choosing k
+
+with (fast, slow) = RATE_PAIRS[rate_idx]. rate_cost does not change ctx; rate_update adapts it
+exactly as the encoder will, so a quantizer that calls it for each chosen level sees the rates the
+real encoder will spend (up to the range coder's rounding, a fraction of a percent).
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .base import MAX_ABS_LEVEL
+from .cabac_coder import (
+    COST, COST_FRAC_BITS, COST_TABLE, ERR, ERR_CHECK, ERR_LEVEL, ERR_NONE, ERR_PREFIX, STATE_SIZE,
+    WARM_SHIFT, bin_cost, ctx_prob, ctx_update, dec_bin, dec_bypass, dec_finish, dec_init, enc_bin,
+    enc_bypass, enc_finish, enc_init, new_contexts,
+)
+
+OP_ENCODE, OP_DECODE, OP_COST, OP_PEEK = 0, 1, 2, 3
+
+MODE_PREV, MODE_PREV2, MODE_PREV2_ROW = 0, 1, 2
+MODE_NAMES = {MODE_PREV: "prev", MODE_PREV2: "prev2", MODE_PREV2_ROW: "prev2+row"}
+
+MAX_GT = 32            # most greater-than flags a stream may ask for
+MAX_PREFIX = 31        # Exp-Golomb prefix length that already exceeds MAX_ABS_LEVEL
+N_SIG_MAG = 8
+SIG_BASE = 0
+SIGN_BASE = SIG_BASE + 3 * N_SIG_MAG
+GT_BASE = SIGN_BASE + 9
+N_GT_CLASS = 4
+EG_BASE = GT_BASE + 2 * MAX_GT * N_GT_CLASS
+N_CONTEXTS = EG_BASE + MAX_PREFIX
+
+# 16 bypass bins after the last level of every chunk: a cut or corrupt stream fails this check
+# (chance of a miss about 2**-16).
+CHECK_BITS = 16
+CHECK_VALUE = 0xB5E3
+
+
+@njit(cache=True, inline="always")
+def _bin(op, st, buf, ctx, ci, bit, fast, slow):
+    p = ctx_prob(ctx, ci)
+    if op == OP_ENCODE:
+        enc_bin(st, buf, p, bit)
+    elif op == OP_DECODE:
+        bit = dec_bin(st, buf, p)
+    else:
+        st[COST] += bin_cost(p, bit, COST_TABLE)
+    if op != OP_PEEK:
+        ctx_update(ctx, ci, bit, fast, slow, WARM_SHIFT)
+    return bit
+
+
+@njit(cache=True, inline="always")
+def _bypass(op, st, buf, value, nbits):
+    """nbits (0..31) equiprobable bins, most significant first; returns the (decoded) value."""
+    result = 0
+    while nbits > 0:
+        m = nbits if nbits < 8 else 8
+        nbits -= m
+        part = (value >> nbits) & ((1 << m) - 1)
+        if op == OP_ENCODE:
+            enc_bypass(st, buf, part, m)
+        elif op == OP_DECODE:
+            part = dec_bypass(st, buf, m)
+        else:
+            st[COST] += m << COST_FRAC_BITS
+        result = (result << m) | part
+    return result
+
+
+@njit(cache=True, inline="always")
+def _sign_class(v):
+    if v == 0:
+        return 0
+    return 1 if v < 0 else 2
+
+
+@njit(cache=True, inline="always")
+def code_level(op, k, a, b, u, mode, n_gt, ctx, st, buf, fast, slow):
+    """Walk the bins of level k (see module docstring). Returns k, or the decoded level for
+    OP_DECODE (then k is ignored). Decode errors set st[ERR] and return 0."""
+    sa = _sign_class(a)
+    if mode == MODE_PREV:
+        m = 0
+        g = 0
+        s2 = 0
+    else:
+        s = abs(a) + abs(b)
+        if mode == MODE_PREV2_ROW:
+            s += abs(u)
+            s2 = _sign_class(u)
+        else:
+            s2 = _sign_class(b)
+        m = s if s < N_SIG_MAG - 1 else N_SIG_MAG - 1
+        g = 0 if s == 0 else (1 if s <= 2 else (2 if s <= 5 else 3))
+    mag = abs(k)
+
+    if _bin(op, st, buf, ctx, SIG_BASE + sa * N_SIG_MAG + m, 1 if k != 0 else 0, fast, slow) == 0:
+        return 0
+    neg = _bin(op, st, buf, ctx, SIGN_BASE + sa * 3 + s2, 1 if k < 0 else 0, fast, slow)
+
+    gbase = GT_BASE + neg * (MAX_GT * N_GT_CLASS) + g
+    val = 1
+    for j in range(n_gt):
+        if _bin(op, st, buf, ctx, gbase + j * N_GT_CLASS, 1 if mag > val else 0, fast, slow) == 0:
+            return -val if neg else val
+        val += 1
+
+    # Remainder |k| - n - 1 as Exp-Golomb order 0 of x = |k| - n >= 1.
+    x = mag - n_gt
+    nb = 0
+    while (x >> (nb + 1)) > 0:
+        nb += 1
+    j = 0
+    while True:
+        if j >= MAX_PREFIX:
+            st[ERR] = ERR_PREFIX
+            return 0
+        if _bin(op, st, buf, ctx, EG_BASE + j, 1 if j < nb else 0, fast, slow) == 0:
+            break
+        j += 1
+    x = (1 << j) | _bypass(op, st, buf, x, j)
+    mag = n_gt + x
+    if mag > MAX_ABS_LEVEL:
+        st[ERR] = ERR_LEVEL
+        return 0
+    return -mag if neg else mag
+
+
+@njit(cache=True, inline="always")
+def neighbours(levels, i, start, row_len):
+    """(a, b, u) of position i for a chunk starting at `start` (0 outside the chunk)."""
+    a = levels[i - 1] if i - 1 >= start else 0
+    b = levels[i - 2] if i - 2 >= start else 0
+    u = levels[i - row_len] if row_len > 0 and i - row_len >= start else 0
+    return a, b, u
+
+
+# --- chunk kernels ------------------------------------------------------------------------------
+
+@njit(cache=True)
+def encode_chunks(levels, chunk_size, n_gt, mode, row_len, fast, slow, buf, chunk_ends):
+    """Encode every chunk into buf back to back; chunk_ends[c] = end offset of chunk c.
+    Returns the total length, or -1 when buf is too small."""
+    n = levels.shape[0]
+    st = np.zeros(STATE_SIZE, dtype=np.int64)
+    pos = 0
+    for c in range(chunk_ends.shape[0]):
+        s = c * chunk_size
+        e = min(n, s + chunk_size)
+        enc_init(st, pos, buf.shape[0])
+        ctx = new_contexts(N_CONTEXTS)
+        a = np.int64(0)
+        b = np.int64(0)
+        for i in range(s, e):
+            u = levels[i - row_len] if row_len > 0 and i - row_len >= s else 0
+            k = levels[i]
+            code_level(OP_ENCODE, k, a, b, u, mode, n_gt, ctx, st, buf, fast, slow)
+            b = a
+            a = k
+        _bypass(OP_ENCODE, st, buf, CHECK_VALUE, CHECK_BITS)
+        pos = enc_finish(st, buf, pos)
+        if st[ERR] != ERR_NONE:
+            return -1
+        chunk_ends[c] = pos
+    return pos
+
+
+@njit(cache=True)
+def _decode_chunk(buf, start, end, out, s, e, n_gt, mode, row_len, fast, slow):
+    st = np.zeros(STATE_SIZE, dtype=np.int64)
+    dec_init(st, buf, start, end)
+    if st[ERR] != ERR_NONE:
+        return st[ERR]
+    ctx = new_contexts(N_CONTEXTS)
+    a = np.int64(0)
+    b = np.int64(0)
+    for i in range(s, e):
+        u = out[i - row_len] if row_len > 0 and i - row_len >= s else 0
+        k = code_level(OP_DECODE, 0, a, b, u, mode, n_gt, ctx, st, buf, fast, slow)
+        if st[ERR] != ERR_NONE:
+            return st[ERR]
+        out[i] = k
+        b = a
+        a = k
+    if _bypass(OP_DECODE, st, buf, 0, CHECK_BITS) != CHECK_VALUE and st[ERR] == ERR_NONE:
+        st[ERR] = ERR_CHECK
+    dec_finish(st, start)
+    return st[ERR]
+
+
+@njit(cache=True)
+def decode_chunks_serial(buf, offsets, chunk_size, n_gt, mode, row_len, fast, slow, out, errs):
+    """Decode chunk c from buf[offsets[c]:offsets[c+1]] into out; errs[c] = error code (0 = fine)."""
+    n = out.shape[0]
+    for c in range(offsets.shape[0] - 1):
+        s = c * chunk_size
+        errs[c] = _decode_chunk(buf, offsets[c], offsets[c + 1], out, s, min(n, s + chunk_size),
+                                n_gt, mode, row_len, fast, slow)
+
+
+@njit(cache=True, parallel=True)
+def decode_chunks_parallel(buf, offsets, chunk_size, n_gt, mode, row_len, fast, slow, out, errs):
+    """As decode_chunks_serial, one chunk per task on every core."""
+    n = out.shape[0]
+    for c in prange(offsets.shape[0] - 1):
+        s = c * chunk_size
+        errs[c] = _decode_chunk(buf, offsets[c], offsets[c + 1], out, s, min(n, s + chunk_size),
+                                n_gt, mode, row_len, fast, slow)
+
+
+@njit(cache=True)
+def cost_chunks(levels, chunk_size, n_gt, mode, row_len, fast, slow, limit):
+    """Estimated cost (1/65536 bit) of the first `limit` levels, chunked and adapted as the encoder
+    would, check bins included (termination bytes are not)."""
+    n = min(levels.shape[0], limit)
+    st = np.zeros(STATE_SIZE, dtype=np.int64)
+    total = 0
+    s = 0
+    while s < n:
+        e = min(n, s + chunk_size)
+        st[COST] = 0
+        ctx = new_contexts(N_CONTEXTS)
+        a = np.int64(0)
+        b = np.int64(0)
+        for i in range(s, e):
+            u = levels[i - row_len] if row_len > 0 and i - row_len >= s else 0
+            k = levels[i]
+            code_level(OP_COST, k, a, b, u, mode, n_gt, ctx, st, st, fast, slow)
+            b = a
+            a = k
+        total += st[COST] + (CHECK_BITS << COST_FRAC_BITS)
+        s = e
+    return total
+
+
+# --- rate model for RD quantization -------------------------------------------------------------
+
+@njit(cache=True)
+def rate_cost(ctx, st, k, a, b, u, mode, n_gt, fast, slow):
+    """Cost of coding level k next (1/65536 bit) in state ctx; ctx is not changed."""
+    st[COST] = 0
+    code_level(OP_PEEK, k, a, b, u, mode, n_gt, ctx, st, st, fast, slow)
+    return st[COST]
+
+
+@njit(cache=True)
+def rate_update(ctx, st, k, a, b, u, mode, n_gt, fast, slow):
+    """Adapt ctx as the encoder does after coding level k; returns k's cost (1/65536 bit)."""
+    st[COST] = 0
+    code_level(OP_COST, k, a, b, u, mode, n_gt, ctx, st, st, fast, slow)
+    return st[COST]

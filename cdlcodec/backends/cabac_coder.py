@@ -1,0 +1,290 @@
+"""Integer binary range coder and adaptive probability estimators for the `cabac` backend.
+
+Everything here is integer arithmetic on int64 values, so the coded bytes are identical on every
+platform (container-robustness note 6: no float ever decides a coded bit).
+
+Range coder
+-----------
+A 32-bit binary range coder in the LZMA style: `range` is kept in [2**24, 2**32), `low` has one
+extra bit for the carry, and carries ripple into bytes already produced through the usual
+"cache byte + run of pending 0xFF bytes" scheme. A bin with probability p (of the value 1, 15 bits)
+splits the range at `bound = (range >> 15) * p`; value 1 takes the lower part. Bypass bins split
+the range in equal halves (up to 8 at a time). The first byte such an encoder produces is always
+0 and is not stored.
+
+Termination: the encoder picks, among the values inside the final interval, the one with the
+fewest significant bytes, writes it out and strips trailing zero bytes. The decoder reads zeros
+past the end of its buffer (it never reads outside it) and, at the end, insists that it consumed
+every byte it was given. Because the final value is the shortest one in the interval, cutting any
+byte off the end moves the value out of the interval, which the check bins after the last level
+(see cabac_binarization) turn into an error.
+
+Probability estimation (the dual-rate estimator of the NNC reference, with a counting warm-up)
+----------------------------------------------------------------------------------------------
+Each context holds two 16-bit estimates of P(bin = 1), adapted with shifts `fast` and `slow`
+(p += ((bin << 16) - p) >> shift), and a small use count. The coder uses their mean. While a
+context is young its shift is capped at bitlength(count + 1), so the first updates behave like a
+frequency count (rate 1/2, 1/3, 1/4, ...) and a context learns in a handful of bins instead of ~2**slow;
+this is what keeps the cost of resetting contexts at every chunk small.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+# --- coder state layout: one small int64 array per coder -------------------------------------
+LOW, RANGE, CACHE, CACHE_SIZE, POS, END, SKIP, CODE, ERR, COST = range(10)
+STATE_SIZE = 10
+
+TOP = 1 << 24
+MASK32 = (1 << 32) - 1
+PROB_BITS = 15                      # precision of the probability used to split the range
+STATE_BITS = 16                     # precision of each of the two estimators
+
+# Error codes a decode kernel reports through state[ERR] (0 = fine).
+ERR_NONE, ERR_BAD_START, ERR_BYPASS, ERR_PREFIX, ERR_LEVEL, ERR_CHECK, ERR_TRAILING, ERR_OVERFLOW = range(8)
+ERROR_TEXT = {
+    ERR_BAD_START: "range-coder stream starts with an impossible value",
+    ERR_BYPASS: "bypass bins out of range (corrupt stream)",
+    ERR_PREFIX: "Exp-Golomb prefix longer than any valid level",
+    ERR_LEVEL: "decoded level exceeds the maximum magnitude",
+    ERR_CHECK: "end-of-chunk check bins do not match (stream truncated or corrupt)",
+    ERR_TRAILING: "chunk has bytes the decoder never needed (corrupt lengths)",
+    ERR_OVERFLOW: "encoder output buffer full",
+}
+
+# Context table layout: ctx[i] = (fast estimate, slow estimate, use count).
+CTX_FAST, CTX_SLOW, CTX_COUNT = 0, 1, 2
+MAX_COUNT = 1023
+
+# Rate pairs (fast shift, slow shift) a stream may choose from; the index is stored in the params.
+# Changing this table changes the format: append only.
+RATE_PAIRS = np.array([(4, 7), (5, 8), (5, 9), (6, 10), (7, 10), (4, 9)], dtype=np.int64)
+
+# Shift cap while a context is young: bitlength(count + 1).
+WARM_SHIFT = np.array([int(c + 1).bit_length() for c in range(MAX_COUNT + 1)], dtype=np.int64)
+
+# Cost in 1/65536 bit of coding a bin whose probability (15 bits) is p: COST_TABLE[p] ~ -log2(p/2**15).
+# Only estimates use it, never the coded bytes, so floating point is harmless here.
+COST_FRAC_BITS = 16
+_p = np.arange(1 << PROB_BITS, dtype=np.float64)
+_p[0] = 0.5
+COST_TABLE = np.round(-np.log2(_p / (1 << PROB_BITS)) * (1 << COST_FRAC_BITS)).astype(np.int64)
+del _p
+
+
+# --- probability model ------------------------------------------------------------------------
+
+@njit(cache=True)
+def new_contexts(n: int) -> np.ndarray:
+    """n fresh contexts, every estimate at probability 1/2."""
+    ctx = np.empty((n, 3), dtype=np.int64)
+    for i in range(n):
+        ctx[i, CTX_FAST] = 1 << (STATE_BITS - 1)
+        ctx[i, CTX_SLOW] = 1 << (STATE_BITS - 1)
+        ctx[i, CTX_COUNT] = 0
+    return ctx
+
+
+@njit(cache=True, inline="always")
+def ctx_prob(ctx, ci):
+    """P(bin = 1) of context ci in 15 bits, clamped to [1, 2**15 - 1]."""
+    p = (ctx[ci, CTX_FAST] + ctx[ci, CTX_SLOW]) >> (STATE_BITS + 1 - PROB_BITS)
+    if p < 1:
+        p = 1
+    elif p > (1 << PROB_BITS) - 1:
+        p = (1 << PROB_BITS) - 1
+    return p
+
+
+@njit(cache=True, inline="always")
+def ctx_update(ctx, ci, bit, fast, slow, warm):
+    """Move both estimates of context ci towards `bit` (shift-based exponential decay)."""
+    c = ctx[ci, CTX_COUNT]
+    cap = warm[c]
+    sf = fast if fast < cap else cap
+    ss = slow if slow < cap else cap
+    if c < MAX_COUNT:
+        ctx[ci, CTX_COUNT] = c + 1
+    pf = ctx[ci, CTX_FAST]
+    ps = ctx[ci, CTX_SLOW]
+    if bit:
+        ctx[ci, CTX_FAST] = pf + (((1 << STATE_BITS) - pf) >> sf)
+        ctx[ci, CTX_SLOW] = ps + (((1 << STATE_BITS) - ps) >> ss)
+    else:
+        ctx[ci, CTX_FAST] = pf - (pf >> sf)
+        ctx[ci, CTX_SLOW] = ps - (ps >> ss)
+
+
+@njit(cache=True, inline="always")
+def bin_cost(p, bit, cost_table):
+    """Cost (1/65536 bit) of a bin with P(1) = p coded as `bit`."""
+    if bit:
+        return cost_table[p]
+    return cost_table[(1 << PROB_BITS) - p]
+
+
+# --- encoder ----------------------------------------------------------------------------------
+
+@njit(cache=True)
+def enc_init(st, start, end):
+    """Start an encoder writing into buf[start:end]."""
+    st[LOW] = 0
+    st[RANGE] = MASK32
+    st[CACHE] = 0
+    st[CACHE_SIZE] = 1
+    st[POS] = start
+    st[END] = end
+    st[SKIP] = 1          # the first byte is always 0: not stored
+    st[ERR] = ERR_NONE
+    st[COST] = 0
+
+
+@njit(cache=True, inline="always")
+def _emit(st, buf, byte):
+    if st[SKIP]:
+        st[SKIP] = 0
+        return
+    pos = st[POS]
+    if pos >= st[END]:
+        st[ERR] = ERR_OVERFLOW
+        return
+    buf[pos] = byte
+    st[POS] = pos + 1
+
+
+@njit(cache=True)
+def _shift_low(st, buf):
+    low = st[LOW]
+    if low < 0xFF000000 or low > MASK32:
+        carry = low >> 32
+        temp = st[CACHE]
+        n = st[CACHE_SIZE]
+        while n > 0:
+            _emit(st, buf, (temp + carry) & 0xFF)
+            temp = 0xFF
+            n -= 1
+        st[CACHE_SIZE] = 0
+        st[CACHE] = (low >> 24) & 0xFF
+    st[CACHE_SIZE] += 1
+    st[LOW] = (low & 0x00FFFFFF) << 8
+
+
+@njit(cache=True, inline="always")
+def enc_bin(st, buf, p, bit):
+    """Encode one regular bin with P(1) = p (15 bits)."""
+    rng = st[RANGE]
+    bound = (rng >> PROB_BITS) * p
+    if bit:
+        rng = bound
+    else:
+        st[LOW] += bound
+        rng -= bound
+    while rng < TOP:
+        rng <<= 8
+        _shift_low(st, buf)
+    st[RANGE] = rng
+
+
+@njit(cache=True, inline="always")
+def enc_bypass(st, buf, value, nbits):
+    """Encode the nbits (1..8) low bits of value as equiprobable bins."""
+    rng = st[RANGE] >> nbits
+    st[LOW] += value * rng
+    while rng < TOP:
+        rng <<= 8
+        _shift_low(st, buf)
+    st[RANGE] = rng
+
+
+@njit(cache=True)
+def enc_finish(st, buf, start):
+    """Write the shortest value inside the final interval; returns the end position of the stream."""
+    low = st[LOW]
+    rng = st[RANGE]
+    for nbytes in range(5):
+        gran = 1 << (32 - 8 * nbytes)
+        value = (low + gran - 1) & ~(gran - 1)
+        if value < low + rng:
+            break
+    st[LOW] = value
+    for _ in range(5):
+        _shift_low(st, buf)
+    pos = st[POS]
+    while pos > start and buf[pos - 1] == 0:  # the decoder reads zeros past the end
+        pos -= 1
+    st[POS] = pos
+    return pos
+
+
+# --- decoder ----------------------------------------------------------------------------------
+
+@njit(cache=True, inline="always")
+def _next_byte(st, buf):
+    pos = st[POS]
+    st[POS] = pos + 1
+    if pos < st[END]:
+        return np.int64(buf[pos])
+    return np.int64(0)
+
+
+@njit(cache=True)
+def dec_init(st, buf, start, end):
+    """Start a decoder on buf[start:end] (end must be <= len(buf); checked by the caller)."""
+    st[POS] = start
+    st[END] = end
+    st[RANGE] = MASK32
+    st[ERR] = ERR_NONE
+    st[COST] = 0
+    code = 0
+    for _ in range(4):
+        code = (code << 8) | _next_byte(st, buf)
+    st[CODE] = code
+    if code >= MASK32:
+        st[ERR] = ERR_BAD_START
+
+
+@njit(cache=True, inline="always")
+def dec_bin(st, buf, p):
+    """Decode one regular bin with P(1) = p (15 bits)."""
+    rng = st[RANGE]
+    code = st[CODE]
+    bound = (rng >> PROB_BITS) * p
+    if code < bound:
+        rng = bound
+        bit = 1
+    else:
+        code -= bound
+        rng -= bound
+        bit = 0
+    while rng < TOP:
+        rng <<= 8
+        code = (code << 8) | _next_byte(st, buf)
+    st[RANGE] = rng
+    st[CODE] = code
+    return bit
+
+
+@njit(cache=True, inline="always")
+def dec_bypass(st, buf, nbits):
+    """Decode nbits (1..8) equiprobable bins; flags ERR_BYPASS on an impossible value."""
+    rng = st[RANGE] >> nbits
+    code = st[CODE]
+    value = code // rng
+    if value >= (1 << nbits):
+        st[ERR] = ERR_BYPASS
+        value = 0
+    code -= value * rng
+    while rng < TOP:
+        rng <<= 8
+        code = (code << 8) | _next_byte(st, buf)
+    st[RANGE] = rng
+    st[CODE] = code
+    return value
+
+
+@njit(cache=True)
+def dec_finish(st, start):
+    """After the last bin: every byte of the chunk must have been needed."""
+    if st[ERR] == ERR_NONE and st[END] > st[POS]:
+        st[ERR] = ERR_TRAILING
