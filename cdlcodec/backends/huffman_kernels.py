@@ -1,0 +1,516 @@
+"""numba kernels behind the `huffman` backend: code lengths, canonical codes, bit I/O, table parsing.
+
+Everything here is integer-only and deterministic; it decides coded bytes. Conventions:
+- a code table is a `uint8` array of code lengths over a dense alphabet 0..n-1 (0 = no code);
+- canonical codes are assigned in order of (length, symbol index), the first code of each length
+  being all zeros at the shortest length (as in DEFLATE, RFC 1951 section 3.2.2);
+- code words go into the payload most significant bit first; stream bit j is bit (7 - j mod 8) of
+  byte floor(j / 8); the last byte is padded with zero bits.
+Kernel errors are returned as negative status codes (see ERROR_MESSAGES) and turned into
+CdlDecodeError by the Python layer, so a corrupt stream never raises anything else.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+MAX_CODE_LEN = 24  # format limit: code words are at most 24 bits
+PRIMARY_BITS = 11  # the decoder's first lookup table has 2**11 entries (18 KB, stays in L1)
+
+# param kinds
+KIND_EMPTY = 0
+KIND_SINGLE = 1
+KIND_DENSE = 2
+KIND_SPARSE = 3
+
+ERR_TRUNCATED_PARAMS = -1
+ERR_BAD_VARINT = -2
+ERR_BAD_LENGTH = -3
+ERR_RUN_OVERFLOW = -4
+ERR_RANGE = -5
+ERR_KRAFT = -6
+ERR_TOO_MANY_SYMBOLS = -7
+ERR_TOO_FEW_SYMBOLS = -8
+ERR_TRAILING_PARAMS = -9
+ERR_PAYLOAD_OVERRUN = -10
+ERR_INVALID_CODE = -11
+ERR_PAYLOAD_TRAILING = -12
+ERR_PADDING = -13
+ERR_BAD_KIND = -14
+
+ERROR_MESSAGES = {
+    ERR_TRUNCATED_PARAMS: "code table is truncated",
+    ERR_BAD_VARINT: "malformed varint in the code table",
+    ERR_BAD_LENGTH: f"code length outside 1..{MAX_CODE_LEN}",
+    ERR_RUN_OVERFLOW: "code-length run goes past the end of the alphabet",
+    ERR_RANGE: "symbol outside the supported level range",
+    ERR_KRAFT: "code lengths violate the Kraft inequality (not a prefix code)",
+    ERR_TOO_MANY_SYMBOLS: "code table has more symbols than the tensor has elements",
+    ERR_TOO_FEW_SYMBOLS: "code table has fewer than two symbols",
+    ERR_TRAILING_PARAMS: "trailing bytes after the code table",
+    ERR_PAYLOAD_OVERRUN: "payload ends before all levels were decoded",
+    ERR_INVALID_CODE: "payload contains a bit pattern that is not a code word",
+    ERR_PAYLOAD_TRAILING: "payload has trailing bytes after the last code word",
+    ERR_PADDING: "non-zero padding bits at the end of the payload",
+    ERR_BAD_KIND: "unknown code table kind",
+}
+
+
+# --- code lengths --------------------------------------------------------------------------------
+
+@njit(cache=True, nogil=True)
+def huffman_depths(weights):
+    """Huffman code lengths (unlimited) for positive `weights` sorted ascending; int64 array, same order.
+
+    Two-queue construction (van Leeuwen): leaves are consumed in sorted order and merged nodes are
+    created in non-decreasing weight order, so the two smallest items are always at the queue heads.
+    Ties take the leaf first, which fixes the tree for equal weights. Needs at least two weights.
+    """
+    m = weights.size
+    node_w = np.empty(m - 1, np.int64)        # merged nodes, in creation order
+    node_parent = np.empty(m - 1, np.int64)
+    leaf_parent = np.empty(m, np.int64)
+    li = 0  # next unconsumed leaf
+    ni = 0  # next unconsumed merged node
+    for k in range(m - 1):
+        total = 0
+        for _ in range(2):
+            if li < m and (ni >= k or weights[li] <= node_w[ni]):
+                leaf_parent[li] = k
+                total += weights[li]
+                li += 1
+            else:
+                node_parent[ni] = k
+                total += node_w[ni]
+                ni += 1
+        node_w[k] = total
+    depth = np.empty(m - 1, np.int64)
+    depth[m - 2] = 0
+    for k in range(m - 3, -1, -1):
+        depth[k] = depth[node_parent[k]] + 1
+    out = np.empty(m, np.int64)
+    for i in range(m):
+        out[i] = depth[leaf_parent[i]] + 1
+    return out
+
+
+@njit(cache=True, nogil=True)
+def limit_depths(depths, max_len):
+    """Length-limit Huffman depths (one per leaf, sorted by ascending weight) to `max_len`.
+
+    Returns uint8 lengths in the same order, non-increasing, with Kraft sum <= 1 (equal to 1 when the
+    input code was complete). Deterministic heuristic in the spirit of zlib's gen_bitlen:
+    1. clamp every depth to max_len (this can push the Kraft sum above 1);
+    2. while the sum exceeds 1, lengthen one code of the longest length below max_len (the
+       cheapest move: it belongs to the least frequent symbols among the shorter codes);
+    3. spend any remaining slack by shortening codes, shortest (most frequent) lengths first.
+    Lengths are kept as a histogram per length and handed back to leaves in weight order, so more
+    frequent symbols never get longer codes. Requires len(depths) <= 2**max_len.
+    """
+    m = depths.size
+    bl = np.zeros(max_len + 1, np.int64)
+    for i in range(m):
+        d = depths[i]
+        if d > max_len:
+            d = max_len
+        bl[d] += 1
+    one = np.int64(1) << max_len
+    kraft = 0
+    for length in range(1, max_len + 1):
+        kraft += bl[length] << (max_len - length)
+    while kraft > one:
+        length = max_len - 1
+        while bl[length] == 0:
+            length -= 1
+        bl[length] -= 1
+        bl[length + 1] += 1
+        kraft -= np.int64(1) << (max_len - length - 1)
+    for length in range(2, max_len + 1):
+        gain = np.int64(1) << (max_len - length)
+        while bl[length] > 0 and kraft + gain <= one:
+            bl[length] -= 1
+            bl[length - 1] += 1
+            kraft += gain
+    out = np.empty(m, np.uint8)
+    i = 0
+    for length in range(max_len, 0, -1):  # least frequent leaves first get the longest codes
+        for _ in range(bl[length]):
+            out[i] = length
+            i += 1
+    return out
+
+
+@njit(cache=True, nogil=True)
+def canonical_codes(lengths):
+    """Canonical code word of every symbol (int64; 0 where the length is 0), order (length, index)."""
+    max_len = 0
+    for i in range(lengths.size):
+        if lengths[i] > max_len:
+            max_len = lengths[i]
+    bl = np.zeros(max_len + 2, np.int64)
+    for i in range(lengths.size):
+        bl[lengths[i]] += 1
+    bl[0] = 0
+    next_code = np.zeros(max_len + 2, np.int64)
+    code = 0
+    for length in range(1, max_len + 1):
+        code = (code + bl[length - 1]) << 1
+        next_code[length] = code
+    codes = np.zeros(lengths.size, np.int64)
+    for i in range(lengths.size):
+        length = lengths[i]
+        if length:
+            codes[i] = next_code[length]
+            next_code[length] += 1
+    return codes
+
+
+@njit(cache=True, nogil=True)
+def kraft_units(lengths, max_len):
+    """Kraft sum of `lengths` in units of 2**-max_len, or -1 if a length exceeds max_len."""
+    total = 0
+    for i in range(lengths.size):
+        length = np.int64(lengths[i])
+        if length > max_len:
+            return -1
+        if length:
+            total += np.int64(1) << (max_len - length)
+    return total
+
+
+# --- bit I/O -------------------------------------------------------------------------------------
+
+@njit(cache=True, nogil=True)
+def payload_bits(symbols, base, lengths):
+    """Total code bits for symbols (index = symbol - base); -1 if a symbol has no code or is out of range."""
+    n = lengths.size
+    total = 0
+    for i in range(symbols.size):
+        s = symbols[i] - base
+        if s < 0 or s >= n or lengths[s] == 0:
+            return -1
+        total += lengths[s]
+    return total
+
+
+@njit(cache=True, nogil=True)
+def encode_kernel(symbols, base, codes, lengths, nbytes):
+    """Write the code word of every (symbol - base) MSB-first; caller checked every symbol has a code."""
+    out = np.zeros(nbytes, np.uint8)
+    packed = np.empty(codes.size, np.int64)  # code << 5 | length: one table load per symbol
+    for i in range(codes.size):
+        packed[i] = (codes[i] << 5) | np.int64(lengths[i])
+    acc = 0   # pending bits, right-aligned; fewer than 56 of them
+    nacc = 0
+    pos = 0
+    for i in range(symbols.size):
+        entry = packed[symbols[i] - base]
+        length = entry & 31
+        acc = (acc << length) | (entry >> 5)
+        nacc += length
+        if nacc >= 32:
+            nacc -= 32
+            word = acc >> nacc
+            out[pos] = (word >> 24) & 0xFF
+            out[pos + 1] = (word >> 16) & 0xFF
+            out[pos + 2] = (word >> 8) & 0xFF
+            out[pos + 3] = word & 0xFF
+            pos += 4
+            acc &= (np.int64(1) << nacc) - 1
+    while nacc >= 8:
+        nacc -= 8
+        out[pos] = (acc >> nacc) & 0xFF
+        pos += 1
+    if nacc > 0:
+        out[pos] = (acc << (8 - nacc)) & 0xFF
+    return out
+
+
+@njit(cache=True, nogil=True)
+def build_decode_tables(values, lengths, primary_bits):
+    """Decoder tables for symbols `values` (int64, ascending) with code `lengths` (uint8, all >= 1).
+
+    Returns (prim_val, prim_len, first_code, len_count, len_offset, sorted_vals, max_len):
+    - prim_val/prim_len: 2**primary_bits entries indexed by the next primary_bits stream bits; a
+      length of 0 means "longer code (or invalid pattern), use the canonical fallback";
+    - first_code[l], len_count[l], len_offset[l]: canonical code of the first length-l symbol, how
+      many there are, and where they start in sorted_vals (symbols in (length, value) order).
+    """
+    n = values.size
+    max_len = 0
+    for i in range(n):
+        if lengths[i] > max_len:
+            max_len = lengths[i]
+    len_count = np.zeros(MAX_CODE_LEN + 2, np.int64)
+    for i in range(n):
+        len_count[lengths[i]] += 1
+    first_code = np.zeros(MAX_CODE_LEN + 2, np.int64)
+    len_offset = np.zeros(MAX_CODE_LEN + 2, np.int64)
+    code = 0
+    offset = 0
+    for length in range(1, MAX_CODE_LEN + 1):
+        code = (code + len_count[length - 1]) << 1 if length > 1 else 0
+        first_code[length] = code
+        len_offset[length] = offset
+        offset += len_count[length]
+    sorted_vals = np.empty(n, np.int64)
+    fill = len_offset.copy()
+    for i in range(n):
+        length = lengths[i]
+        sorted_vals[fill[length]] = values[i]
+        fill[length] += 1
+    size = np.int64(1) << primary_bits
+    prim_val = np.zeros(size, np.int64)
+    prim_len = np.zeros(size, np.int64)
+    for length in range(1, min(max_len, primary_bits) + 1):
+        shift = primary_bits - length
+        for j in range(len_count[length]):
+            start = (first_code[length] + j) << shift
+            v = sorted_vals[len_offset[length] + j]
+            for e in range(start, start + (np.int64(1) << shift)):
+                prim_val[e] = v
+                prim_len[e] = length
+    return prim_val, prim_len, first_code, len_count, len_offset, sorted_vals, max_len
+
+
+@njit(cache=True, nogil=True)
+def decode_kernel(data, n_real, count, primary_bits, prim_val, prim_len,
+                  first_code, len_count, len_offset, sorted_vals, max_len, out):
+    """Decode `count` symbols into `out`; returns bits consumed or a negative error code.
+
+    `data` is the payload followed by at least 8 zero bytes. The bit buffer holds `nbits` unread bits
+    right-aligned in an int64 and is refilled 32 bits at a time whenever fewer than 32 remain, so a
+    whole code word (<= 24 bits) is always present. Reading past the real payload is detected at the
+    next refill (the loop is bounded by `count` in any case).
+    """
+    buf = 0
+    nbits = 0
+    pos = 0
+    pmask = (np.int64(1) << primary_bits) - 1
+    limit = n_real + 4
+    for i in range(count):
+        if nbits < 32:
+            if pos >= limit:
+                return ERR_PAYLOAD_OVERRUN
+            word = ((np.int64(data[pos]) << 24) | (np.int64(data[pos + 1]) << 16)
+                    | (np.int64(data[pos + 2]) << 8) | np.int64(data[pos + 3]))
+            buf = ((buf & ((np.int64(1) << nbits) - 1)) << 32) | word
+            nbits += 32
+            pos += 4
+        peek = (buf >> (nbits - primary_bits)) & pmask
+        length = prim_len[peek]
+        if length:
+            out[i] = prim_val[peek]
+            nbits -= length
+        else:
+            found = False
+            for length in range(primary_bits + 1, max_len + 1):
+                code = (buf >> (nbits - length)) & ((np.int64(1) << length) - 1)
+                d = code - first_code[length]
+                if d >= 0 and d < len_count[length]:
+                    out[i] = sorted_vals[len_offset[length] + d]
+                    nbits -= length
+                    found = True
+                    break
+            if not found:
+                return ERR_INVALID_CODE
+    consumed = pos * 8 - nbits
+    if consumed > n_real * 8:
+        return ERR_PAYLOAD_OVERRUN
+    if (consumed + 7) // 8 != n_real:
+        return ERR_PAYLOAD_TRAILING
+    if nbits > 0 and (buf & ((np.int64(1) << nbits) - 1)) != 0:
+        return ERR_PADDING  # padding bits (and the zero bytes behind the payload) must be zero
+    return consumed
+
+
+# --- compact code tables (params) ----------------------------------------------------------------
+
+@njit(cache=True, nogil=True)
+def _put_uvarint(out, pos, value):
+    while value >= 0x80:
+        out[pos] = (value & 0x7F) | 0x80
+        value >>= 7
+        pos += 1
+    out[pos] = value
+    return pos + 1
+
+
+@njit(cache=True, nogil=True)
+def _zigzag(v):
+    return (v << 1) ^ (v >> 63)
+
+
+@njit(cache=True, nogil=True)
+def _put_length_runs(out, pos, lengths):
+    """Run-length tokens uvarint((run - 1) << 5 | length) covering `lengths` (maximal runs)."""
+    i = 0
+    n = lengths.size
+    while i < n:
+        j = i + 1
+        while j < n and lengths[j] == lengths[i]:
+            j += 1
+        pos = _put_uvarint(out, pos, ((j - i - 1) << 5) | np.int64(lengths[i]))
+        i = j
+    return pos
+
+
+@njit(cache=True, nogil=True)
+def write_dense_table(values, lengths):
+    """Params of kind DENSE: kind, svarint(min), uvarint(max - min + 1), runs of lengths over the range
+    (0 for absent values). `values` ascending, `lengths` >= 1. Works without materialising the range."""
+    n = values.size
+    out = np.zeros(21 + 20 * n, np.uint8)
+    out[0] = KIND_DENSE
+    pos = _put_uvarint(out, 1, _zigzag(values[0]))
+    pos = _put_uvarint(out, pos, values[n - 1] - values[0] + 1)
+    i = 0
+    while i < n:
+        j = i + 1
+        while j < n and lengths[j] == lengths[i] and values[j] == values[j - 1] + 1:
+            j += 1
+        pos = _put_uvarint(out, pos, ((j - i - 1) << 5) | np.int64(lengths[i]))
+        if j < n:
+            gap = values[j] - values[j - 1] - 1
+            if gap > 0:
+                pos = _put_uvarint(out, pos, (gap - 1) << 5)
+        i = j
+    return out[:pos]
+
+
+@njit(cache=True, nogil=True)
+def write_sparse_table(values, lengths):
+    """Params of kind SPARSE: kind, uvarint(m), svarint(first value), m-1 uvarint gaps
+    (value[i] - value[i-1] - 1), then runs of the m lengths."""
+    n = values.size
+    out = np.zeros(21 + 20 * n, np.uint8)
+    out[0] = KIND_SPARSE
+    pos = _put_uvarint(out, 1, n)
+    pos = _put_uvarint(out, pos, _zigzag(values[0]))
+    for i in range(1, n):
+        pos = _put_uvarint(out, pos, values[i] - values[i - 1] - 1)
+    pos = _put_length_runs(out, pos, lengths)
+    return out[:pos]
+
+
+@njit(cache=True, nogil=True)
+def _get_uvarint(buf, pos):
+    """(value, next pos); next pos < 0 is an error code. At most 9 bytes, minimal encoding only."""
+    value = 0
+    for i in range(9):
+        if pos + i >= buf.size:
+            return 0, ERR_TRUNCATED_PARAMS
+        byte = np.int64(buf[pos + i])
+        value |= (byte & 0x7F) << (7 * i)
+        if byte < 0x80:
+            if byte == 0 and i > 0:
+                return 0, ERR_BAD_VARINT
+            return value, pos + i + 1
+    return 0, ERR_BAD_VARINT
+
+
+@njit(cache=True, nogil=True)
+def _get_svarint(buf, pos):
+    z, pos = _get_uvarint(buf, pos)
+    return (z >> 1) ^ -(z & 1), pos
+
+
+@njit(cache=True, nogil=True)
+def parse_table(params, max_symbols, max_abs, values_out, lengths_out, fill):
+    """Parse DENSE or SPARSE params; returns the number of symbols with a code, or an error code.
+
+    Called twice: first with fill=False to validate and count (nothing is allocated, so a hostile
+    table cannot ask for a huge allocation), then with arrays of that size and fill=True.
+    At most `max_symbols` coded symbols are accepted (the element count: the encoder only gives
+    codes to values present in the tensor) and every symbol must lie within ±max_abs.
+    """
+    if params.size < 1:
+        return ERR_TRUNCATED_PARAMS
+    kind = params[0]
+    one = np.int64(1) << MAX_CODE_LEN
+    kraft = 0
+    used = 0
+    if kind == KIND_DENSE:
+        base, pos = _get_svarint(params, 1)
+        if pos < 0:
+            return pos
+        n, pos = _get_uvarint(params, pos)
+        if pos < 0:
+            return pos
+        if base < -max_abs or n < 2 or n - 1 > max_abs - base:
+            return ERR_RANGE
+        k = 0  # alphabet position
+        while k < n:
+            t, pos = _get_uvarint(params, pos)
+            if pos < 0:
+                return pos
+            length = t & 31
+            run = (t >> 5) + 1
+            if length > MAX_CODE_LEN:
+                return ERR_BAD_LENGTH
+            if run > n - k:
+                return ERR_RUN_OVERFLOW
+            if length:
+                if run > max_symbols - used:
+                    return ERR_TOO_MANY_SYMBOLS
+                kraft += run << (MAX_CODE_LEN - length)
+                if kraft > one:
+                    return ERR_KRAFT
+                if fill:
+                    for r in range(run):
+                        values_out[used + r] = base + k + r
+                        lengths_out[used + r] = length
+                used += run
+            k += run
+    elif kind == KIND_SPARSE:
+        m, pos = _get_uvarint(params, 1)
+        if pos < 0:
+            return pos
+        if m < 2:
+            return ERR_TOO_FEW_SYMBOLS
+        if m > max_symbols:
+            return ERR_TOO_MANY_SYMBOLS
+        if m > params.size:  # every symbol needs at least one gap byte
+            return ERR_TRUNCATED_PARAMS
+        v, pos = _get_svarint(params, pos)
+        if pos < 0:
+            return pos
+        if v < -max_abs or v > max_abs:
+            return ERR_RANGE
+        if fill:
+            values_out[0] = v
+        for i in range(1, m):
+            gap, pos = _get_uvarint(params, pos)
+            if pos < 0:
+                return pos
+            if gap >= max_abs - v:  # next value v + gap + 1 must stay <= max_abs
+                return ERR_RANGE
+            v += gap + 1
+            if fill:
+                values_out[i] = v
+        k = 0
+        while k < m:
+            t, pos = _get_uvarint(params, pos)
+            if pos < 0:
+                return pos
+            length = t & 31
+            run = (t >> 5) + 1
+            if length == 0 or length > MAX_CODE_LEN:
+                return ERR_BAD_LENGTH
+            if run > m - k:
+                return ERR_RUN_OVERFLOW
+            kraft += run << (MAX_CODE_LEN - length)
+            if kraft > one:
+                return ERR_KRAFT
+            if fill:
+                for r in range(run):
+                    lengths_out[k + r] = length
+            k += run
+        used = m
+    else:
+        return ERR_BAD_KIND
+    if pos != params.size:
+        return ERR_TRAILING_PARAMS
+    if used < 2:
+        return ERR_TOO_FEW_SYMBOLS
+    return used

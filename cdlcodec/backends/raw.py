@@ -1,0 +1,198 @@
+"""`raw` backend: every level as a fixed-width unsigned offset from the tensor minimum, bit-packed.
+
+Byte layout (version 1; a second implementation needs only this docstring)
+--------------------------------------------------------------------------
+params  = width:u8 || svarint(base)
+    width  number of bits per level, 0..32: the bit length of (max - min), i.e. the smallest width
+           that holds the tensor's range (0 for a constant tensor; 0 with base 0 for an empty one).
+    base   the tensor minimum, zigzag + LEB128 coded (see `write_svarint`). No trailing bytes.
+payload = the values u_i = level_i - base (0 <= u_i < 2**width), packed LSB-first:
+    bit b of u_i is stream bit i*width + b, and stream bit j is bit (j mod 8) of byte floor(j/8).
+    The payload is exactly ceil(count*width/8) bytes and unused high bits of the last byte are 0.
+    For width 8, 16 and 32 this is exactly a little-endian uint8/uint16/uint32 array.
+
+Compact integers (also used inside the huffman params):
+    uvarint  LEB128: 7 bits per byte, least significant group first, high bit = "more follows";
+             at most 9 bytes (63 bits) and no redundant trailing zero group.
+    svarint  uvarint of the zigzag map z = 2v for v >= 0, z = -2v - 1 for v < 0.
+
+Decoding checks every field: width <= 32, exact payload length, zero padding bits, and that every
+decoded level lies within ±(2**31 - 1); anything else raises CdlDecodeError.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from ..errors import CdlDecodeError
+from .base import MAX_ABS_LEVEL, EncodeHint
+from .stats import as_levels
+
+MAX_WIDTH = 32
+_MAX_VARINT_BYTES = 9
+
+
+# --- compact integers --------------------------------------------------------------------------
+
+def write_uvarint(value: int) -> bytes:
+    """LEB128 bytes of a non-negative integer below 2**63."""
+    if value < 0 or value >= 1 << 63:
+        raise ValueError(f"uvarint out of range: {value}")
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def read_uvarint(buf: bytes, pos: int) -> tuple[int, int]:
+    """(value, next position) of the LEB128 integer at `pos`; CdlDecodeError if truncated or malformed."""
+    value = 0
+    for i in range(_MAX_VARINT_BYTES):
+        if pos + i >= len(buf):
+            raise CdlDecodeError("truncated varint in backend parameters")
+        byte = buf[pos + i]
+        value |= (byte & 0x7F) << (7 * i)
+        if not byte & 0x80:
+            if byte == 0 and i > 0:
+                raise CdlDecodeError("non-minimal varint in backend parameters")
+            return value, pos + i + 1
+    raise CdlDecodeError("varint longer than 9 bytes in backend parameters")
+
+
+def zigzag(value: int) -> int:
+    return 2 * value if value >= 0 else -2 * value - 1
+
+
+def unzigzag(z: int) -> int:
+    return z >> 1 if not z & 1 else -(z >> 1) - 1
+
+
+def write_svarint(value: int) -> bytes:
+    return write_uvarint(zigzag(value))
+
+
+def read_svarint(buf: bytes, pos: int) -> tuple[int, int]:
+    z, pos = read_uvarint(buf, pos)
+    return unzigzag(z), pos
+
+
+# --- bit packing kernels -----------------------------------------------------------------------
+
+@njit(cache=True, nogil=True)
+def _pack_kernel(levels, base, width, out):
+    """Pack (levels - base) at `width` bits each, LSB-first, into `out` (pre-zeroed, exact size)."""
+    acc = 0  # pending bits, right-aligned; never more than 39 of them
+    nacc = 0
+    pos = 0
+    for i in range(levels.size):
+        acc |= (levels[i] - base) << nacc
+        nacc += width
+        while nacc >= 8:
+            out[pos] = acc & 0xFF
+            pos += 1
+            acc >>= 8
+            nacc -= 8
+    if nacc > 0:
+        out[pos] = acc & 0xFF
+
+
+@njit(cache=True, nogil=True)
+def _unpack_kernel(data, count, width, base, out):
+    """Inverse of _pack_kernel. `data` holds the payload plus 8 zero bytes. Returns the largest offset."""
+    mask = (1 << width) - 1
+    biggest = 0
+    for i in range(count):
+        bit = i * width
+        byte = bit >> 3
+        shift = bit & 7
+        # width + shift <= 39 bits: five bytes always suffice
+        word = (np.int64(data[byte]) | (np.int64(data[byte + 1]) << 8) | (np.int64(data[byte + 2]) << 16)
+                | (np.int64(data[byte + 3]) << 24) | (np.int64(data[byte + 4]) << 32))
+        u = (word >> shift) & mask
+        if u > biggest:
+            biggest = u
+        out[i] = base + u
+    return biggest
+
+
+def _width_for(span: int) -> int:
+    """Bits needed for offsets 0..span."""
+    return int(span).bit_length()
+
+
+class RawBackend:
+    """Fixed-width bit-packed levels (see module docstring for the byte layout)."""
+
+    name = "raw"
+
+    def encode(self, levels, hint: EncodeHint | None = None) -> tuple[bytes, bytes]:
+        arr = as_levels(levels)
+        if arr.size == 0:
+            return b"", bytes([0]) + write_svarint(0)
+        base = int(arr.min())
+        width = _width_for(int(arr.max()) - base)
+        params = bytes([width]) + write_svarint(base)
+        if width == 0:
+            return b"", params
+        if width in (8, 16, 32):  # byte-aligned: a plain little-endian array
+            payload = (arr - base).astype(f"<u{width // 8}").tobytes()
+            return payload, params
+        out = np.zeros((arr.size * width + 7) // 8, dtype=np.uint8)
+        _pack_kernel(arr, np.int64(base), np.int64(width), out)
+        return out.tobytes(), params
+
+    def decode(self, payload: bytes, params: bytes, count: int, shape=None) -> np.ndarray:
+        params = bytes(params)
+        count = int(count)
+        if count < 0:
+            raise CdlDecodeError(f"raw: negative element count {count}")
+        if len(params) < 2:
+            raise CdlDecodeError("raw: backend parameters are truncated")
+        width = params[0]
+        if width > MAX_WIDTH:
+            raise CdlDecodeError(f"raw: width {width} bits exceeds {MAX_WIDTH}")
+        base, end = read_svarint(params, 1)
+        if end != len(params):
+            raise CdlDecodeError("raw: trailing bytes after the backend parameters")
+        if abs(base) > MAX_ABS_LEVEL:
+            raise CdlDecodeError(f"raw: base {base} outside ±{MAX_ABS_LEVEL}")
+        nbits = count * width
+        expected = (nbits + 7) // 8
+        if len(payload) != expected:
+            raise CdlDecodeError(
+                f"raw: payload is {len(payload)} bytes, expected {expected} for {count} levels of {width} bits"
+            )
+        if width == 0:
+            return np.full(count, base, dtype=np.int64)
+        if nbits % 8 and payload[-1] >> (nbits % 8):
+            raise CdlDecodeError("raw: non-zero padding bits at the end of the payload")
+        if width in (8, 16, 32):
+            out = np.frombuffer(payload, dtype=f"<u{width // 8}").astype(np.int64)
+            out += base
+            biggest = int(out.max()) - base if count else 0
+        else:
+            data = np.zeros(len(payload) + 8, dtype=np.uint8)
+            data[: len(payload)] = np.frombuffer(payload, dtype=np.uint8)
+            out = np.empty(count, dtype=np.int64)
+            biggest = int(_unpack_kernel(data, np.int64(count), np.int64(width), np.int64(base), out))
+        if base + biggest > MAX_ABS_LEVEL:
+            raise CdlDecodeError(f"raw: decoded level {base + biggest} exceeds {MAX_ABS_LEVEL}")
+        return out
+
+    def estimate_bits(self, levels, hint: EncodeHint | None = None) -> float:
+        """Exact size of encode's output (payload + params) in bits."""
+        arr = as_levels(levels)
+        if arr.size == 0:
+            return 16.0
+        base = int(arr.min())
+        width = _width_for(int(arr.max()) - base)
+        params_len = 1 + len(write_svarint(base))
+        return float(8 * (params_len + (arr.size * width + 7) // 8))
+
+
+__all__ = ["RawBackend", "write_uvarint", "read_uvarint", "write_svarint", "read_svarint", "zigzag", "unzigzag"]

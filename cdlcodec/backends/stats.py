@@ -1,0 +1,117 @@
+"""Histogram and order-0 entropy helpers for integer levels, shared by backends, quantizers and benchmarks.
+
+The order-0 (memoryless) entropy of a tensor with symbol counts n_s out of N levels is
+
+    H0 = sum_s n_s * log2(N / n_s)   bits in total,
+
+the lower bound for any code that assigns each symbol a fixed code word (Huffman reaches it within
+less than one bit per symbol). Entropy values are floats: they are reported and compared, never used
+to decide coded bytes.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import CdlInputError
+from .base import MAX_ABS_LEVEL
+
+# A value range at most this wide (or at most twice the element count) is histogrammed with a dense
+# bincount; wider, sparse ranges go through a sort instead, so memory stays proportional to the tensor.
+DENSE_RANGE_LIMIT = 1 << 20
+
+
+def as_levels(levels, what: str = "levels") -> np.ndarray:
+    """Validate `levels` and return them as a C-contiguous 1-D int64 array.
+
+    Raises CdlInputError for non-integer dtypes, more than one dimension, or values outside
+    ±MAX_ABS_LEVEL (2**31 - 1).
+    """
+    arr = np.asarray(levels)
+    if arr.ndim != 1:
+        raise CdlInputError(f"{what} must be a 1-D array, got shape {arr.shape}")
+    if arr.dtype.kind not in "iu" and not (arr.dtype.kind == "b"):
+        if arr.size == 0 and arr.dtype.kind == "f":
+            arr = arr.astype(np.int64)
+        else:
+            raise CdlInputError(f"{what} must be integers, got dtype {arr.dtype}")
+    if arr.dtype.kind == "u" and arr.dtype.itemsize == 8 and arr.size and int(arr.max()) > MAX_ABS_LEVEL:
+        raise CdlInputError(f"{what} exceed the supported range ±{MAX_ABS_LEVEL}")
+    arr = np.ascontiguousarray(arr, dtype=np.int64)
+    if arr.size:
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < -MAX_ABS_LEVEL or hi > MAX_ABS_LEVEL:
+            raise CdlInputError(
+                f"{what} range [{lo}, {hi}] exceeds the supported range ±{MAX_ABS_LEVEL}"
+            )
+    return arr
+
+
+def histogram(levels) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct values (ascending, int64) and how often each occurs (int64) in `levels`."""
+    arr = as_levels(levels)
+    if arr.size == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    lo, hi = int(arr.min()), int(arr.max())
+    span = hi - lo + 1
+    if span <= max(DENSE_RANGE_LIMIT, 2 * arr.size):
+        counts = np.bincount(arr - lo, minlength=span)
+        present = np.flatnonzero(counts)
+        return present.astype(np.int64) + lo, counts[present].astype(np.int64)
+    values, counts = np.unique(arr, return_counts=True)
+    return values.astype(np.int64), counts.astype(np.int64)
+
+
+def entropy_bits_from_counts(counts) -> float:
+    """Total order-0 entropy in bits of a source with these symbol counts (zeros are ignored)."""
+    c = np.asarray(counts, dtype=np.float64)
+    c = c[c > 0]
+    if c.size == 0:
+        return 0.0
+    total = c.sum()
+    return float(np.sum(c * (np.log2(total) - np.log2(c))))
+
+
+def order0_entropy_bits(levels) -> float:
+    """Total order-0 entropy of `levels` in bits (H0 above); 0.0 for empty or constant tensors."""
+    _, counts = histogram(levels)
+    return entropy_bits_from_counts(counts)
+
+
+def order0_entropy_bits_per_symbol(levels) -> float:
+    """Order-0 entropy in bits per level (0.0 for an empty tensor)."""
+    arr = as_levels(levels)
+    return order0_entropy_bits(arr) / arr.size if arr.size else 0.0
+
+
+def ideal_bits_under_pmf(levels, pmf_levels, pmf_probs) -> float:
+    """Bits an ideal entropy coder would spend on `levels` with a fixed model P: sum -log2 P(level).
+
+    Levels missing from the model (or with probability 0) cost +inf. Useful to judge a learned PMF
+    against the empirical histogram (cross-entropy >= entropy).
+    """
+    values, counts = histogram(levels)
+    pl = np.asarray(pmf_levels, dtype=np.int64).ravel()
+    pp = np.asarray(pmf_probs, dtype=np.float64).ravel()
+    if pl.shape != pp.shape:
+        raise CdlInputError("pmf levels and probabilities must have the same length")
+    if values.size == 0:
+        return 0.0
+    total_p = pp.sum()
+    order = np.argsort(pl, kind="stable")
+    pl, pp = pl[order], pp[order] / total_p if total_p > 0 else pp[order]
+    pos = np.searchsorted(pl, values)
+    pos_clipped = np.minimum(pos, max(pl.size - 1, 0))
+    found = (pl.size > 0) & (pl[pos_clipped] == values) if pl.size else np.zeros(values.size, bool)
+    p = np.where(found, pp[pos_clipped] if pl.size else 0.0, 0.0)
+    with np.errstate(divide="ignore"):
+        return float(np.sum(counts * -np.log2(p)))
+
+
+__all__ = [
+    "as_levels",
+    "histogram",
+    "entropy_bits_from_counts",
+    "order0_entropy_bits",
+    "order0_entropy_bits_per_symbol",
+    "ideal_bits_under_pmf",
+]
