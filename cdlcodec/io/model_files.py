@@ -6,8 +6,12 @@ import os
 from ..errors import CdlInputError
 from ..records import ModelFile, TensorRecord
 
-READ_KINDS = {".pt": "torch", ".pth": "torch", ".bin": "torch", ".ckpt": "torch", ".safetensors": "safetensors"}
-WRITE_KINDS = {".pt": "torch", ".pth": "torch", ".safetensors": "safetensors"}
+READ_KINDS = {".pt": "torch", ".pth": "torch", ".bin": "torch", ".ckpt": "torch", ".safetensors": "safetensors",
+              ".onnx": "onnx", ".pt2": "torch.export"}
+WRITE_KINDS = {".pt": "torch", ".pth": "torch", ".safetensors": "safetensors", ".onnx": "onnx",
+               ".pt2": "torch.export"}
+# Options each writer accepts (decode_file passes them through); anything else is a usage error.
+WRITER_OPTIONS = {"onnx": ("weights", "int4"), "torch": (), "safetensors": (), "torch.export": ()}
 
 
 def kind_of(path: str, table: dict[str, str], what: str) -> str:
@@ -25,6 +29,14 @@ def read_model(path: str) -> ModelFile:
     if os.path.isdir(path):
         raise CdlInputError(f"{path}: is a directory, expected a model file")
     kind = kind_of(path, READ_KINDS, "read")
+    if kind == "onnx":
+        from .onnx_model import read_onnx
+
+        return read_onnx(path)
+    if kind == "torch.export":
+        from .torch_export import read_exported_program
+
+        return read_exported_program(path)
     if kind == "safetensors":
         from ..formats.safetensors import read_safetensors
 
@@ -41,7 +53,23 @@ def read_model(path: str) -> ModelFile:
 def write_model(path: str, model: ModelFile, **options) -> None:
     """Write decoded tensors (and the graph, for kinds that need one) to `path`, atomically."""
     kind = kind_of(path, WRITE_KINDS, "write")
+    options = {k: v for k, v in options.items() if v is not None}
+    unknown = sorted(set(options) - set(WRITER_OPTIONS[kind]))
+    if unknown == ["weights"] and options["weights"] == "float":
+        unknown = []  # float weights are what every other writer produces anyway
+    if unknown:
+        raise CdlInputError(f"option {', '.join(unknown)} does not apply to {kind} output ({path})")
     records = model.records
+    if kind == "onnx":
+        from .onnx_writer import write_onnx
+
+        write_onnx(path, model, **options)
+        return
+    if kind == "torch.export":
+        from .torch_export import write_exported_program
+
+        write_exported_program(path, model)
+        return
     if kind == "safetensors":
         from ..formats.safetensors import write_safetensors
 

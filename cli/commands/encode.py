@@ -12,8 +12,11 @@ import click
 @click.option("--backend", default="auto", show_default=True,
               help="Lossless backend: auto (smallest per tensor), raw, huffman, cabac.")
 @click.option("--keep", multiple=True, metavar="GLOB", help="Store tensors whose name matches GLOB losslessly (repeatable).")
+@click.option("--arch", default=None, metavar="NAME",
+              help="The state_dict is this registered architecture (e.g. lenet5): checked at encode time, "
+                   "its ONNX graph is stored so that decode -o model.onnx and cdlcodec.load work.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
-def command(model, output, rel_step, step, bits, backend, keep, quiet):
+def command(model, output, rel_step, step, bits, backend, keep, arch, quiet):
     """Quantize and entropy-code MODEL (.pt/.pth state_dict or checkpoint, .safetensors) into a .cdl file.
 
     Tensors with two or more dimensions are quantized to integers k = round(w / step); 1-D tensors
@@ -28,7 +31,20 @@ def command(model, output, rel_step, step, bits, backend, keep, quiet):
         raise CdlInputError(f"choose one of --rel-step, --step, --bits (got {' and '.join(chosen)})")
     quantizer = UniformQuantizer(rel_step=None if chosen else DEFAULT_REL_STEP, step=step, bits=bits) \
         if chosen != ["--rel-step"] else UniformQuantizer(rel_step=rel_step)
-    summary = encode_file(model, output, EncodeOptions(quantizer, backend, tuple(keep), quiet))
+    options = EncodeOptions(quantizer, backend, tuple(keep), quiet)
+    if arch is None:
+        summary = encode_file(model, output, options)
+    else:
+        from ...codec import encode_records
+        from ...io.model_files import read_model
+        from ...io.onnx_model import architecture_graph_section
+
+        source = read_model(model)
+        if source.sections:
+            raise CdlInputError(f"--arch applies to state_dicts; {model} already carries its own graph")
+        section, meta = architecture_graph_section(arch, source.records)
+        summary = encode_records(source.records, output, options, {**source.metadata, **meta},
+                                 [*source.sections, section])
     if not quiet:
         click.echo(f"{model} -> {output}: {summary.original_bytes:,} -> {summary.coded_bytes:,} bytes "
                    f"({summary.original_bytes / max(summary.coded_bytes, 1):.1f}x), "

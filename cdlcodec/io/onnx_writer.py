@@ -1,0 +1,402 @@
+"""Decoded containers out as runnable ONNX models: float weights or integer weights + DequantizeLinear.
+
+Needs numpy and onnx only (never torch), so an edge device can turn a .cdl file into an .onnx file.
+
+- weights="float": every tensor the stripped graph references (`cdl:<name>`, see onnx_model.py and
+  formats/graph-sections.md) gets the decoded values, in the tensor's own ONNX data type.
+- weights="qdq": a tensor that was quantized uniformly (value = level x step, per tensor or per
+  output channel) is stored as its integer levels, followed by DequantizeLinear(levels, scale=step)
+  whose output carries the original tensor name, so the file itself stays small. The integer type
+  is the narrowest that holds the levels: int4 (opset 21, two values per byte, low nibble first),
+  int8, int16 (opset 21) or int32. A model below opset 21 is upgraded with onnx.version_converter
+  when int4 would be used; when that fails it keeps its opset and int8 is used instead.
+  Tensors that cannot be expressed as DequantizeLinear at the model's opset (float64 weights,
+  float16 weights below opset 19, per-channel steps below opset 13) are written as float.
+- CDL activation quantizers (json section "cdl.activations") become QuantizeLinear/DequantizeLinear
+  pairs on the named activations, with a Clip to [0, 2^b - 1] where b < 8.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+
+import numpy as np
+
+from ..dtypes import from_float64, to_float64
+from ..errors import CdlFormatError, CdlInputError
+from ..records import ModelFile, TensorRecord
+from .onnx_model import (DTYPE_TO_ONNX, ONNX_TO_DTYPE, FLOAT_ONNX_TYPES, graph_section, iter_graphs,
+                         reference_of, _onnx)
+
+WEIGHT_MODES = ("float", "qdq")
+ACTIVATIONS_SECTION = "cdl.activations"
+INT4, INT8, INT16, INT32 = 22, 3, 5, 6
+_INT_RANGES = {INT4: (-8, 7), INT8: (-128, 127), INT16: (-32768, 32767), INT32: (-(2**31), 2**31 - 1)}
+_INT_MIN_OPSET = {INT4: 21, INT8: 10, INT16: 21, INT32: 10}
+
+
+# ------------------------------------------------------------------------------------------------
+# Entry point
+# ------------------------------------------------------------------------------------------------
+
+def write_onnx(path: str, model: ModelFile, weights: str = "float", int4: bool = True, check: bool = True) -> None:
+    """Write the decoded `model` (which must carry an ONNX graph section) to `path`, atomically."""
+    proto = build_onnx(model, weights=weights, int4=int4)
+    if check:
+        try:
+            _onnx().checker.check_model(proto)
+        except Exception as exc:
+            raise CdlFormatError(f"the decoded ONNX model does not pass onnx.checker: {str(exc)[:300]}") from None
+    data = proto.SerializeToString()
+    fd, tmp = tempfile.mkstemp(prefix=".onnx-", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def build_onnx(model: ModelFile, weights: str = "float", int4: bool = True):
+    """The decoded ModelProto (weights filled in, QDQ applied when asked)."""
+    if weights not in WEIGHT_MODES:
+        raise CdlInputError(f"--weights must be one of {', '.join(WEIGHT_MODES)}, got {weights!r}")
+    section = graph_section(model)
+    if section is None:
+        raise CdlInputError("this container carries no ONNX graph (it was encoded from a state_dict); "
+                            "decode it to .pt or .safetensors, or re-encode it with --arch NAME")
+    onnx = _onnx()
+    try:
+        proto = onnx.load_from_string(section[2])
+    except Exception as exc:
+        raise CdlFormatError(f"ONNX graph section {section[0]!r} is not a valid ONNX model ({str(exc)[:200]})") from None
+    records = {r.name: r for r in model.records}
+    if weights == "qdq":
+        if int4 and _opset(proto) < 21 and _any_int4_candidate(proto, records):
+            proto = _upgrade_opset(proto, 21)
+        _apply_qdq(proto, records, int4)
+    _fill_float(proto, records)
+    activations = _activation_section(model)
+    if activations:
+        _apply_activation_qdq(proto, activations)
+    return proto
+
+
+# ------------------------------------------------------------------------------------------------
+# Float weights
+# ------------------------------------------------------------------------------------------------
+
+def _record_for(tensor, records: dict[str, TensorRecord]) -> TensorRecord | None:
+    ref = reference_of(tensor)
+    if ref is None:
+        return None
+    rec = records.get(ref)
+    if rec is None:
+        raise CdlFormatError(f"the ONNX graph references tensor {ref!r}, which the container does not hold")
+    if tuple(tensor.dims) != rec.shape:
+        raise CdlFormatError(f"ONNX tensor {tensor.name!r} has dims {tuple(tensor.dims)} but container tensor "
+                             f"{ref!r} has shape {rec.shape}")
+    want = ONNX_TO_DTYPE.get(tensor.data_type)
+    if want is None or (want != rec.dtype and not (tensor.data_type in FLOAT_ONNX_TYPES and rec.is_float)):
+        raise CdlFormatError(f"ONNX tensor {tensor.name!r} of type {tensor.data_type} cannot take the values of "
+                             f"container tensor {ref!r} ({rec.dtype})")
+    return rec
+
+
+def _set_data(tensor, raw: bytes) -> None:
+    del tensor.external_data[:]
+    tensor.data_location = 0
+    tensor.raw_data = raw
+
+
+def _fill_float(proto, records: dict[str, TensorRecord]) -> None:
+    for tensor in _all_tensors(proto):
+        rec = _record_for(tensor, records)
+        if rec is None:
+            continue
+        want = ONNX_TO_DTYPE[tensor.data_type]
+        array = rec.array if want == rec.dtype else from_float64(to_float64(rec.array, rec.dtype), want)
+        _set_data(tensor, np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+
+
+def _all_tensors(proto):
+    for graph, _ in iter_graphs(proto.graph):
+        yield from graph.initializer
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+
+
+# ------------------------------------------------------------------------------------------------
+# Integer weights + DequantizeLinear
+# ------------------------------------------------------------------------------------------------
+
+def _opset(proto) -> int:
+    for o in proto.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            return o.version
+    return 0
+
+
+def _upgrade_opset(proto, target: int):
+    """Convert to opset `target`; on failure keep the model as it is (int4 then falls back to int8)."""
+    onnx = _onnx()
+    try:
+        from onnx import version_converter
+
+        upgraded = version_converter.convert_version(proto, target)
+        if _opset(upgraded) != target:
+            raise ValueError("opset unchanged")
+        if upgraded.ir_version < 10:
+            upgraded.ir_version = 10  # int4 tensors need IR 10
+        onnx.checker.check_model(upgraded)
+        return upgraded
+    except Exception as exc:
+        warnings.warn(f"could not upgrade the ONNX graph to opset {target} for int4 weights ({str(exc)[:120]}); "
+                      "using int8 instead")
+        return proto
+
+
+def _quantized(rec: TensorRecord | None) -> bool:
+    return rec is not None and rec.levels is not None and (rec.quant or {}).get("scheme") == "uniform"
+
+
+def _any_int4_candidate(proto, records) -> bool:
+    for tensor in _all_tensors(proto):
+        rec = records.get(reference_of(tensor) or "")
+        if _quantized(rec) and rec.levels.size and -8 <= rec.levels.min() and rec.levels.max() <= 7:
+            return True
+    return False
+
+
+def _integer_type(levels: np.ndarray, opset: int, int4: bool) -> int | None:
+    lo, hi = (int(levels.min()), int(levels.max())) if levels.size else (0, 0)
+    for kind in (INT4, INT8, INT16, INT32):
+        if kind == INT4 and not int4:
+            continue
+        if _INT_MIN_OPSET[kind] <= opset and _INT_RANGES[kind][0] <= lo and hi <= _INT_RANGES[kind][1]:
+            return kind
+    return None
+
+
+def _pack_int4(levels: np.ndarray) -> bytes:
+    """Two signed 4-bit values per byte, the first in the low nibble (ONNX INT4 layout)."""
+    nibbles = (levels.astype(np.int64) & 0xF).astype(np.uint8)
+    if nibbles.size % 2:
+        nibbles = np.concatenate([nibbles, np.zeros(1, np.uint8)])
+    return (nibbles[0::2] | (nibbles[1::2] << 4)).tobytes()
+
+
+def _integer_bytes(levels: np.ndarray, kind: int) -> bytes:
+    if kind == INT4:
+        return _pack_int4(levels)
+    return levels.astype({INT8: "i1", INT16: "<i2", INT32: "<i4"}[kind]).tobytes()
+
+
+def _scale_tensor(helper, name: str, rec: TensorRecord, scale_type: int):
+    quant = rec.quant
+    steps = np.asarray(quant["steps"] if "steps" in quant else [quant["step"]], dtype=np.float64)
+    values = from_float64(steps, ONNX_TO_DTYPE[scale_type])
+    dims = [len(steps)] if "steps" in quant else []
+    return _raw_tensor(name, scale_type, dims, np.ascontiguousarray(values).tobytes())
+
+
+def _raw_tensor(name: str, data_type: int, dims, raw: bytes):
+    from onnx import TensorProto
+
+    t = TensorProto(name=name, data_type=data_type, dims=list(dims))
+    t.raw_data = raw
+    return t
+
+
+class _Names:
+    """Fresh value names that collide with nothing already in the model."""
+
+    def __init__(self, proto):
+        self.used = set()
+        for graph, _ in iter_graphs(proto.graph):
+            self.used.update(t.name for t in graph.initializer)
+            self.used.update(v.name for v in list(graph.input) + list(graph.output) + list(graph.value_info))
+            for node in graph.node:
+                self.used.update(node.output)
+                self.used.update(node.input)
+                self.used.add(node.name)
+
+    def fresh(self, base: str) -> str:
+        name, n = base, 1
+        while name in self.used:
+            n += 1
+            name = f"{base}_{n}"
+        self.used.add(name)
+        return name
+
+
+def _qdq_plan(tensor, rec: TensorRecord, opset: int, int4: bool):
+    """(integer type, scale type, axis or None) for one tensor, or None to keep it float."""
+    target = tensor.data_type
+    if target == 11:
+        return None  # DequantizeLinear has no float64 output
+    if target in (10, 16) and opset < 19:
+        return None  # float16/bfloat16 scales arrived in opset 19
+    axis = rec.quant.get("axis") if "steps" in rec.quant else None
+    if axis is not None and opset < 13:
+        return None
+    kind = _integer_type(rec.levels, opset, int4)
+    if kind is None:
+        return None
+    return kind, target, axis
+
+
+def _apply_qdq(proto, records: dict[str, TensorRecord], int4: bool) -> None:
+    from onnx import helper
+
+    opset = _opset(proto)
+    names = _Names(proto)
+    for graph, _ in iter_graphs(proto.graph):
+        new_nodes, kept_inits, new_inits = [], [], []
+        graph_inputs = {v.name for v in graph.input}
+        dropped_inputs = set()
+        for init in graph.initializer:
+            rec = _record_for(init, records)
+            plan = _qdq_plan(init, rec, opset, int4) if _quantized(rec) else None
+            if plan is None:
+                kept_inits.append(init)
+                continue
+            ints, scale, node = _dequantize_node(helper, names, init.name, rec, plan)
+            new_inits += [ints, scale]
+            new_nodes.append(node)
+            if init.name in graph_inputs:
+                dropped_inputs.add(init.name)  # IR < 4 style: an initializer listed as an input
+        nodes = []
+        for node in graph.node:
+            t = _constant_tensor(node)
+            rec = _record_for(t, records) if t is not None else None
+            plan = _qdq_plan(t, rec, opset, int4) if _quantized(rec) else None
+            if plan is None:
+                nodes.append(node)
+                continue
+            ints, scale, dq = _dequantize_node(helper, names, node.output[0], rec, plan)
+            new_inits += [ints, scale]
+            nodes.append(dq)  # the Constant's place in topological order
+        if not new_nodes and not new_inits:
+            continue
+        del graph.initializer[:]
+        graph.initializer.extend(kept_inits + new_inits)
+        del graph.node[:]
+        graph.node.extend(new_nodes + nodes)
+        if dropped_inputs:
+            keep = [v for v in graph.input if v.name not in dropped_inputs]
+            del graph.input[:]
+            graph.input.extend(keep)
+
+
+def _constant_tensor(node):
+    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+        return None
+    for attr in node.attribute:
+        if attr.name == "value" and attr.HasField("t"):
+            return attr.t
+    return None
+
+
+def _dequantize_node(helper, names: _Names, output: str, rec: TensorRecord, plan):
+    kind, scale_type, axis = plan
+    ints = _raw_tensor(names.fresh(f"{output}_quantized"), kind, rec.shape, _integer_bytes(rec.levels, kind))
+    scale = _scale_tensor(helper, names.fresh(f"{output}_scale"), rec, scale_type)
+    attrs = {"axis": int(axis)} if axis is not None else {}
+    node = helper.make_node("DequantizeLinear", [ints.name, scale.name], [output],
+                            name=names.fresh(f"{output}_DequantizeLinear"), **attrs)
+    return ints, scale, node
+
+
+# ------------------------------------------------------------------------------------------------
+# CDL activation quantizers
+# ------------------------------------------------------------------------------------------------
+
+def parse_activation_section(data: bytes) -> list[dict]:
+    """Validate the "cdl.activations" json section (formats/graph-sections.md)."""
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CdlFormatError(f"section {ACTIVATIONS_SECTION!r} is not valid UTF-8 JSON: {exc}") from None
+    items = doc.get("activations") if isinstance(doc, dict) else None
+    if not isinstance(items, list) or doc.get("version") != 1:
+        raise CdlFormatError(f"section {ACTIVATIONS_SECTION!r}: expected {{\"version\": 1, \"activations\": [...]}}")
+    out = []
+    for i, item in enumerate(items):
+        what = f"section {ACTIVATIONS_SECTION!r} entry #{i}"
+        if not isinstance(item, dict) or not isinstance(item.get("module"), str):
+            raise CdlFormatError(f"{what}: needs a string 'module'")
+        s, bits = item.get("s"), item.get("bits")
+        if not isinstance(s, (int, float)) or isinstance(s, bool) or not np.isfinite(s) or s <= 0:
+            raise CdlFormatError(f"{what}: 's' must be a finite positive number")
+        if type(bits) is not int or not 1 <= bits <= 8:
+            raise CdlFormatError(f"{what}: 'bits' must be an integer in [1, 8]")
+        if item.get("position", "output") not in ("output", "input"):
+            raise CdlFormatError(f"{what}: 'position' must be 'output' or 'input'")
+        out.append(item)
+    return out
+
+
+def _activation_section(model: ModelFile) -> list[dict]:
+    for name, kind, data in model.sections:
+        if name == ACTIVATIONS_SECTION:
+            return parse_activation_section(data)
+    return []
+
+
+def _module_tensor(graph, module: str, position: str) -> str:
+    """The ONNX value that is the output (or input) of torch module `module`, by exporter node scope."""
+    scope = "/" + module.replace(".", "/") + "/"
+    nodes = [n for n in graph.node if n.name.startswith(scope)]
+    if not nodes:
+        raise CdlFormatError(f"activation quantizer of module {module!r}: no node of that module in the ONNX graph")
+    return nodes[-1].output[0] if position == "output" else nodes[0].input[0]
+
+
+def _apply_activation_qdq(proto, activations: list[dict]) -> None:
+    """y = clip(round(x / s), 0, 2^b - 1) * s as QuantizeLinear -> [Clip] -> DequantizeLinear (uint8)."""
+    from onnx import helper
+
+    graph = proto.graph
+    names = _Names(proto)
+    for item in activations:
+        position = item.get("position", "output")
+        value = item.get("onnx_tensor") or _module_tensor(graph, item["module"], position)
+        base = item["module"].replace(".", "_") + "_act"
+        scale = helper.make_tensor(names.fresh(f"{base}_scale"), 1, [], vals=[float(np.float32(item["s"]))])
+        zero = helper.make_tensor(names.fresh(f"{base}_zero_point"), 2, [], vals=[0])
+        graph.initializer.extend([scale, zero])
+        q = names.fresh(f"{base}_q")
+        chain = [helper.make_node("QuantizeLinear", [value, scale.name, zero.name], [q], name=names.fresh(f"{base}_Quantize"))]
+        if item["bits"] < 8:
+            lo = helper.make_tensor(names.fresh(f"{base}_min"), 2, [], vals=[0])
+            hi = helper.make_tensor(names.fresh(f"{base}_max"), 2, [], vals=[(1 << item["bits"]) - 1])
+            graph.initializer.extend([lo, hi])
+            clipped = names.fresh(f"{base}_clipped")
+            chain.append(helper.make_node("Clip", [q, lo.name, hi.name], [clipped], name=names.fresh(f"{base}_Clip")))
+            q = clipped
+        out = names.fresh(f"{base}_dq")
+        chain.append(helper.make_node("DequantizeLinear", [q, scale.name, zero.name], [out], name=names.fresh(f"{base}_Dequantize")))
+        _splice(graph, value, out, chain)
+
+
+def _splice(graph, value: str, replacement: str, chain: list) -> None:
+    """Insert `chain` right after the producer of `value`; every consumer of `value` reads `replacement`."""
+    nodes = list(graph.node)
+    for node in nodes:
+        for i, name in enumerate(node.input):
+            if name == value:
+                node.input[i] = replacement
+    for out in graph.output:
+        if out.name == value:  # the activation is a graph output: rename through an Identity
+            raise CdlFormatError(f"activation quantizer on graph output {value!r} is not supported")
+    producer = next((i for i, n in enumerate(nodes) if value in n.output), -1)
+    nodes[producer + 1:producer + 1] = chain
+    del graph.node[:]
+    graph.node.extend(nodes)
