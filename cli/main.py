@@ -47,8 +47,11 @@ def main(argv: list[str] | None = None) -> None:
         cli.main(args=argv, prog_name="cdlcodec", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.ClickException as exc:  # bad usage: click's own message, exit 2
-        exc.show()
+    except click.ClickException as exc:  # bad usage: the same one-line form as every other error
+        hint = ""
+        if isinstance(exc, click.UsageError) and exc.ctx is not None:
+            hint = f" (see '{exc.ctx.command_path} --help')"
+        click.echo(f"cdlcodec: error: {exc.format_message()}{hint}", err=True)
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         click.echo("cdlcodec: aborted", err=True)

@@ -63,17 +63,33 @@ def unwrap_state_dict(obj, path: str) -> dict:
                         "or a checkpoint with a 'state_dict' or 'model' entry)")
 
 
+def _looks_like_torch_file(path: str) -> bool:
+    """torch.save writes a zip archive (or, in old versions, a pickle starting with protocol 2)."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+
+
+def _refusal_reason(exc: Exception) -> str:
+    """The useful part of torch's weights_only message (never its advice to load unsafely)."""
+    for line in str(exc).splitlines():
+        if "Unsupported global" in line or "Unsupported operand" in line:
+            return line.strip().lstrip("WeightsUnpickler error: ")[:200]
+    return "unsupported content"
+
+
 def read_torch_checkpoint(path: str) -> list[TensorRecord]:
     import torch
 
+    if not _looks_like_torch_file(path):
+        raise CdlInputError(f"{path}: not a readable torch checkpoint (neither a zip archive nor a pickle)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
-        raise CdlInputError(f"{path}: refused to load: the checkpoint holds objects other than tensors "
-                            f"and plain containers ({first[:200]})") from None
+        raise CdlInputError(f"{path}: refused to load: the checkpoint holds objects other than tensors and "
+                            f"plain containers ({_refusal_reason(exc)}); cdlcodec never unpickles code") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, AttributeError, ImportError, KeyError, IndexError) as exc:
         raise CdlInputError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from None
     state = unwrap_state_dict(obj, path)

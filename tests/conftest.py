@@ -1,0 +1,47 @@
+"""Shared fixtures: small models written the way users write them."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+# Tests run single-threaded torch: CI has 2 cores and several tests spawn processes.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture
+def small_state_dict():
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return {
+        "conv.weight": torch.randn(8, 3, 3, 3, generator=g) * 0.2,
+        "conv.bias": torch.randn(8, generator=g),
+        "fc.weight": (torch.randn(10, 72, generator=g) * 0.05).half(),
+        "fc.bias": torch.zeros(10).half(),
+        "emb.weight": torch.randn(16, 4, generator=g).bfloat16(),
+        "bn.running_mean": torch.randn(8, generator=g),
+        "bn.num_batches_tracked": torch.tensor(123),
+        "mask": torch.tensor([True, False, True]),
+        "idx": torch.arange(-5, 5, dtype=torch.int32),
+        "big": torch.tensor([2**40, -(2**40)], dtype=torch.int64),
+        "scalar": torch.tensor(3.5),
+    }
+
+
+@pytest.fixture
+def state_dict_file(tmp_path, small_state_dict):
+    import torch
+
+    path = tmp_path / "model.pt"
+    torch.save(small_state_dict, path)
+    return path
+
+
+def run_cli(*args, cwd=None, env=None):
+    """Run the real `cdlcodec` entry point in a subprocess; returns CompletedProcess (text)."""
+    return subprocess.run([sys.executable, "-m", "cdlcodec", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, env=env, timeout=300)
