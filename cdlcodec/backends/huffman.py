@@ -42,7 +42,8 @@ from .raw import read_svarint, write_svarint
 from .stats import DENSE_RANGE_LIMIT, as_levels
 
 MAX_CODE_LEN = hk.MAX_CODE_LEN
-PMF_SCALE_BITS = 20  # learned probabilities are integerised as max(1, round(p * 2**20))
+PMF_SCALE_BITS = 20
+PACKAGE_MERGE_MAX_BYTES = 1 << 26  # learned probabilities are integerised as max(1, round(p * 2**20))
 
 _EMPTY_PARAMS = bytes([hk.KIND_EMPTY])
 
@@ -57,11 +58,21 @@ def _check_max_len(max_len: int) -> int:
 
 
 def _lengths_of_positive(weights: np.ndarray, max_len: int) -> np.ndarray:
-    """uint8 code lengths for strictly positive int64 weights (at least two of them)."""
+    """uint8 code lengths for strictly positive int64 weights (at least two of them).
+
+    Huffman lengths when they fit in max_len bits; otherwise the optimal limited lengths from
+    package-merge, or (for alphabets so large that package-merge would need more than
+    PACKAGE_MERGE_MAX_BYTES of work memory) the deterministic Kraft-repair heuristic.
+    """
     order = np.argsort(weights, kind="stable")  # ties: lower symbol index first, fixed
-    depths = hk.huffman_depths(np.ascontiguousarray(weights[order]))
+    sorted_w = np.ascontiguousarray(weights[order])
+    depths = hk.huffman_depths(sorted_w)
+    if int(depths.max()) > max_len and 2 * sorted_w.size * max_len <= PACKAGE_MERGE_MAX_BYTES:
+        limited = hk.package_merge_lengths(sorted_w, np.int64(max_len))
+    else:  # within the limit this only hands the same lengths back in weight order
+        limited = hk.limit_depths(depths, np.int64(max_len))
     lengths = np.empty(weights.size, np.uint8)
-    lengths[order] = hk.limit_depths(depths, np.int64(max_len))
+    lengths[order] = limited
     return lengths
 
 

@@ -141,6 +141,61 @@ def limit_depths(depths, max_len):
 
 
 @njit(cache=True, nogil=True)
+def package_merge_lengths(weights, max_len):
+    """Optimal code lengths of at most `max_len` bits for positive `weights` sorted ascending.
+
+    Package-merge (Larmore & Hirschberg 1990) as a coin collector's problem: the deepest list holds
+    the leaves; each shallower list merges the leaves with packages (sums of adjacent pairs) of the
+    list below, a leaf before a package of equal weight. Taking the 2m - 2 cheapest items of the
+    top list and following the packages down gives each leaf one bit per list it is taken from.
+    Memory: one byte per item and list (about 2 * m * max_len bytes). Needs 2 <= m <= 2**max_len.
+    Returns uint8 lengths in the same order (non-increasing).
+    """
+    m = weights.size
+    width = 2 * m
+    is_package = np.zeros((max_len, width), np.uint8)  # row j: list of depth j + 1
+    list_len = np.zeros(max_len, np.int64)
+    cur = np.empty(width, np.int64)
+    cur[:m] = weights  # deepest list: the leaves
+    cur_len = m
+    list_len[max_len - 1] = m
+    nxt = np.empty(width, np.int64)
+    for j in range(max_len - 2, -1, -1):
+        npk = cur_len // 2
+        li = 0
+        pi = 0
+        k = 0
+        while li < m or pi < npk:
+            if pi >= npk or (li < m and weights[li] <= cur[2 * pi] + cur[2 * pi + 1]):
+                nxt[k] = weights[li]
+                li += 1
+            else:
+                nxt[k] = cur[2 * pi] + cur[2 * pi + 1]
+                is_package[j, k] = 1
+                pi += 1
+            k += 1
+        cur_len = k
+        list_len[j] = k
+        cur, nxt = nxt, cur
+    lengths = np.zeros(m, np.uint8)
+    take = 2 * m - 2
+    for j in range(max_len):
+        if take > list_len[j]:
+            take = list_len[j]  # cannot happen for m <= 2**max_len; keeps indexing safe regardless
+        packages = 0
+        leaves = 0
+        for k in range(take):
+            if is_package[j, k]:
+                packages += 1
+            else:
+                leaves += 1
+        for i in range(leaves):
+            lengths[i] += 1
+        take = 2 * packages
+    return lengths  # leaves are taken cheapest-first, so lengths are non-increasing
+
+
+@njit(cache=True, nogil=True)
 def canonical_codes(lengths):
     """Canonical code word of every symbol (int64; 0 where the length is 0), order (length, index)."""
     max_len = 0
