@@ -74,7 +74,7 @@ def _refusal_reason(exc: Exception) -> str:
     """The useful part of torch's weights_only message (never its advice to load unsafely)."""
     for line in str(exc).splitlines():
         if "Unsupported global" in line or "Unsupported operand" in line:
-            return line.strip().lstrip("WeightsUnpickler error: ")[:200]
+            return line.strip().removeprefix("WeightsUnpickler error: ")[:200]
     return "unsupported content"
 
 
