@@ -15,6 +15,7 @@ CdlInputError naming both versions, and the weights can still be decoded to .pt 
 from __future__ import annotations
 
 import io
+import logging
 import os
 import tempfile
 import warnings
@@ -26,20 +27,42 @@ GRAPH_SECTION_NAME = "model.pt2"
 GRAPH_SECTION_KIND = "torch.export"
 
 
+class _Capture(logging.Handler):
+    """Keeps what torch.export logs while loading (it logs the real cause, then raises a generic error)."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        text = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            text += "\n" + str(record.exc_info[1])
+        self.lines += [line.strip() for line in text.splitlines() if line.strip()]
+
+
 def _load_program(source, what: str, exported_with: str | None = None):
     import torch
 
+    logger = logging.getLogger("torch.export")
+    capture, propagate, handlers = _Capture(), logger.propagate, logger.handlers[:]
+    logger.handlers = [capture]
+    logger.propagate = False  # torch would print a traceback to stderr; we report one line instead
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return torch.export.load(source)
     except Exception as exc:  # torch raises many types here (schema mismatch, bad zip, KeyError ...)
         origin = f" (exported with torch {exported_with})" if exported_with else ""
+        cause = capture.lines[-1] if capture.lines else (str(exc).strip().splitlines() or ["no details"])[0]
         raise CdlInputError(
             f"{what}: cannot be loaded by torch.export in torch {torch.__version__}{origin}: "
-            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else 'no details'}. "
+            f"{type(exc).__name__}: {cause[:240].rstrip('.')}. "
             "A .pt2 program only loads in a compatible torch release; decode the weights to .pt or "
             ".safetensors instead, or re-export the model with this torch") from None
+    finally:
+        logger.handlers = handlers
+        logger.propagate = propagate
 
 
 def read_exported_program(path: str) -> ModelFile:
@@ -106,7 +129,7 @@ def write_exported_program(path: str, model: ModelFile) -> None:
     import torch
 
     program = program_from_model(model)
-    fd, tmp = tempfile.mkstemp(prefix=".pt2-", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt2", dir=os.path.dirname(os.path.abspath(path)))
     os.close(fd)
     try:
         with warnings.catch_warnings():
