@@ -34,7 +34,7 @@ def _bad(path: str, msg: str) -> CdlInputError:
 
 
 def read_safetensors(path: str) -> Iterator[tuple[str, np.ndarray, str]]:
-    """Yield (name, storage array, dtype name) in file order, one tensor read at a time."""
+    """Yield (name, storage array, dtype name) in offset order; arrays are read-only memory-mapped views."""
     size = os.path.getsize(path)
     with open(path, "rb") as fh:
         head = fh.read(8)
@@ -71,10 +71,11 @@ def read_safetensors(path: str) -> Iterator[tuple[str, np.ndarray, str]]:
             if begin != position:
                 raise _bad(path, f"data of {name!r} overlaps or leaves a gap")
             position = end
-        for begin, end, name, shape, dtype in entries:
-            fh.seek(8 + n + begin)
-            data = fh.read(end - begin)
-            yield name, np.frombuffer(data, dtype=_STORAGE[dtype]).reshape(shape), dtype
+    # A read-only memory map: tensors are views, paged in as the encoder reaches them, so a large
+    # model is never held in memory twice.
+    mapped = np.memmap(path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+    for begin, end, name, shape, dtype in entries:
+        yield name, mapped[8 + n + begin: 8 + n + end].view(_STORAGE[dtype]).reshape(shape), dtype
 
 
 def write_safetensors(path: str, tensors: list[tuple[str, np.ndarray, str]], metadata: dict[str, str] | None = None) -> None:

@@ -24,7 +24,8 @@ _TORCH_TO_NAME = {
 }
 
 
-def tensor_to_record(name: str, tensor) -> TensorRecord:
+def tensor_to_record(name: str, tensor, copy: bool = True) -> TensorRecord:
+    """copy=False shares memory with the tensor (fine for a checkpoint just loaded, not for a live model)."""
     import torch
 
     dtype = _TORCH_TO_NAME.get(str(tensor.dtype))
@@ -35,7 +36,7 @@ def tensor_to_record(name: str, tensor) -> TensorRecord:
         arr = t.view(torch.int16).numpy().view(np.uint16)
     else:
         arr = t.numpy()
-    return TensorRecord(name, np.array(arr, copy=True), dtype)
+    return TensorRecord(name, np.array(arr, copy=True) if copy else arr, dtype)
 
 
 def record_to_tensor(record: TensorRecord):
@@ -86,7 +87,12 @@ def read_torch_checkpoint(path: str) -> list[TensorRecord]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            try:  # zip checkpoints can be memory-mapped: tensors are paged in as they are encoded
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CdlInputError(f"{path}: refused to load: the checkpoint holds objects other than tensors and "
                             f"plain containers ({_refusal_reason(exc)}); cdlcodec never unpickles code") from None
@@ -96,7 +102,7 @@ def read_torch_checkpoint(path: str) -> list[TensorRecord]:
     records, skipped = [], []
     for name, value in state.items():
         if isinstance(value, torch.Tensor):
-            records.append(tensor_to_record(str(name), value))
+            records.append(tensor_to_record(str(name), value, copy=False))
         else:
             skipped.append(str(name))
     if skipped:
