@@ -6,7 +6,7 @@
 
 Submodules import torch.distributed lazily enough that `import cdlcodec.distributed` stays cheap.
 """
-from .co3_hook import CO3Counters, CO3State, co3_hook, register
+from .hook import CO3Counters, CO3State, co3_hook, register
 from .tensor_codec import decode_tensor, encode_tensor
 
 __all__ = ["CO3State", "CO3Counters", "co3_hook", "register", "encode_tensor", "decode_tensor"]

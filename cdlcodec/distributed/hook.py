@@ -20,8 +20,8 @@ CdlDecodeError on every worker (all of them decode all frames), so no worker goe
 next collective. A worker that stops taking part makes the others fail after `timeout` seconds
 instead of hanging (and the process group's own timeout from init_process_group applies as well).
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: DDP inspects the hook's return annotation and
+# accepts only the real object torch.futures.Future[torch.Tensor], not its string.
 import collections
 import time
 from dataclasses import dataclass, field
@@ -180,13 +180,13 @@ def _finish_step(state: CO3State, bucket) -> None:
         c._current_step_bytes = 0
 
 
-def _completed(tensor: torch.Tensor) -> torch.futures.Future:
-    fut: torch.futures.Future = torch.futures.Future()
+def _completed(tensor: torch.Tensor) -> torch.futures.Future[torch.Tensor]:
+    fut = torch.futures.Future()
     fut.set_result(tensor)
     return fut
 
 
-def co3_hook(state: CO3State, bucket) -> torch.futures.Future:
+def co3_hook(state: CO3State, bucket) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook: `ddp_model.register_comm_hook(state, co3_hook)`.
 
     Returns a completed Future holding the averaged gradient as one tensor of the bucket's shape
