@@ -26,6 +26,18 @@ from .records import ModelFile, TensorRecord
 
 
 class Quantizer(Protocol):
+    """What `encode_records` needs from a quantizer.
+
+    Optional hooks (duck-typed, see docs/quantization.md), for quantizers that need more context:
+    - prepare(records, backend) -> Quantizer: bind to one model before any tensor is coded (CDL
+      checkpoints read their learned steps here; Fisher weights are looked up by name).
+    - quantize_record(record, values64, w32, backend) -> (levels, quant, EncodeHint | None) or None:
+      used instead of `quantize` when present; None stores that tensor losslessly (plain).
+    - sections() -> [(name, kind, bytes)]: extra container sections (e.g. "cdl.activations").
+    - finish(coded_bits: {name: bits}) -> (metadata {str: str}, report dict): called once every
+      tensor is coded; the metadata goes into the container, the report into EncodeSummary.report.
+    """
+
     def describe(self) -> str: ...
 
     def quantize(self, values64: np.ndarray, w32: np.ndarray) -> tuple[np.ndarray, dict]: ...
@@ -37,6 +49,9 @@ class EncodeOptions:
     backend: str = "auto"
     keep: tuple[str, ...] = ()
     quiet: bool = False
+    # Quantizer for CDL / R-CDL checkpoints (detected by their metadata); None = their learned
+    # quantizers with the most probable level (cdlcodec.quantizers.cpmf.CpmfQuantizer()).
+    cdl_quantizer: Quantizer | None = None
 
 
 @dataclass
@@ -48,6 +63,8 @@ class EncodeSummary:
     original_bytes: int
     coded_bytes: int
     seconds: float
+    report: dict = field(default_factory=dict)   # from the quantizer's finish() hook (CDL: bits vs H(w))
+    coded_bits: dict = field(default_factory=dict)  # tensor name -> payload + params bits
 
     @property
     def bits_per_param(self) -> float:
@@ -89,33 +106,65 @@ def encode_records(records: list[TensorRecord], output: str, options: EncodeOpti
     if options.backend != "auto":
         backends.get(options.backend)  # fail before any work on an unknown backend
     start = time.perf_counter()
-    meta = {"cdlcodec.version": __version__, "quantizer": options.quantizer.describe()}
+    quantizer = _bind_quantizer(records, options)
+    meta = {"cdlcodec.version": __version__, "quantizer": quantizer.describe()}
     meta.update(metadata or {})
     total = sum(r.numel for r in records) or 1
     n_quant = 0
+    coded_bits: dict[str, int] = {}
+    report: dict = {}
+    extra_sections = list(quantizer.sections()) if hasattr(quantizer, "sections") else []
     with ContainerWriter(output, meta) as writer, Progress(total, "encoding", quiet=options.quiet) as bar:
-        for name, kind, data in sections:
+        for name, kind, data in [*sections, *extra_sections]:
             writer.add_section(name, kind, data)
         for rec in records:
             role = role_of(rec, options.keep)
             entry = TensorEntry(rec.name, rec.shape, rec.dtype, "levels", None, None, b"", rec.numel)
+            hint = EncodeHint(shape=rec.shape)
+            if role == "quantized":
+                w32 = to_float32(rec.array, rec.dtype)
+                if hasattr(quantizer, "quantize_record"):
+                    result = quantizer.quantize_record(rec, to_float64(rec.array, rec.dtype), w32, options.backend)
+                    if result is None:
+                        role = "plain"
+                    else:
+                        levels, entry.quant, custom_hint = result
+                        hint = custom_hint or hint
+                else:
+                    levels, entry.quant = quantizer.quantize(to_float64(rec.array, rec.dtype), w32)
+                if role == "quantized":
+                    n_quant += rec.numel
+            elif role == "integer":
+                levels, entry.quant = rec.array.astype(np.int64).ravel(), {"scheme": "integer"}
             if role == "plain":
                 entry.encoding, entry.count = "plain", rec.numel
                 payload = np.ascontiguousarray(rec.array, dtype=storage_dtype(rec.dtype)).tobytes()
             else:
-                if role == "quantized":
-                    w32 = to_float32(rec.array, rec.dtype)
-                    levels, entry.quant = options.quantizer.quantize(to_float64(rec.array, rec.dtype), w32)
-                    n_quant += rec.numel
-                else:
-                    levels, entry.quant = rec.array.astype(np.int64).ravel(), {"scheme": "integer"}
-                hint = EncodeHint(shape=rec.shape)
                 entry.backend, payload, entry.backend_params = code_levels(levels, options.backend, hint)
+            coded_bits[rec.name] = 8 * (len(payload) + len(entry.backend_params or b""))
             writer.add_tensor(entry, payload)
             bar.update(rec.numel)
+        if hasattr(quantizer, "finish"):
+            extra_meta, report = quantizer.finish(coded_bits)
+            for key, value in extra_meta.items():
+                writer.set_metadata(key, value)
     return EncodeSummary(output, len(records), sum(r.numel for r in records), n_quant,
                          sum(r.array.nbytes for r in records), os.path.getsize(output),
-                         time.perf_counter() - start)
+                         time.perf_counter() - start, report, coded_bits)
+
+
+def _bind_quantizer(records: list[TensorRecord], options: EncodeOptions):
+    """The quantizer for this model: CDL checkpoints get their learned quantizers; `prepare` binds."""
+    quantizer = options.quantizer
+    from .quantizers.cpmf import is_cdl_records
+
+    if is_cdl_records(records):
+        from .quantizers.cpmf import CpmfQuantizer
+
+        quantizer = options.cdl_quantizer or CpmfQuantizer()
+    if hasattr(quantizer, "prepare"):
+        quantizer = quantizer.prepare(records, options.backend)
+    return quantizer
 
 
 def encode_file(source: str, output: str, options: EncodeOptions = EncodeOptions()) -> EncodeSummary:
@@ -177,11 +226,11 @@ def container_summary(path: str, limits: Limits = Limits()) -> dict:
                 "name": e.name, "shape": list(e.shape), "dtype": e.dtype,
                 "backend": e.backend if e.encoding == "levels" else "plain",
                 "scheme": quant.get("scheme", "plain"),
-                "step": quant.get("step") if quant.get("scheme") == "uniform" else None,
+                "step": quant.get("step") if quant.get("scheme") in ("uniform", "dependent") else None,
                 "bytes": nbytes, "bits_per_param": 8.0 * nbytes / e.numel if e.numel else 0.0,
             })
         num = sum(math.prod(t["shape"]) for t in tensors)
-        nq = sum(math.prod(t["shape"]) for t in tensors if t["scheme"] == "uniform")
+        nq = sum(math.prod(t["shape"]) for t in tensors if t["scheme"] in ("uniform", "dependent"))
         return {
             "path": path, "format_version": f"{reader.version[0]}.{reader.version[1]}",
             "total_bytes": reader.file_size, "num_tensors": len(tensors), "num_params": num,
