@@ -48,9 +48,9 @@ from numba import njit, prange
 
 from .base import MAX_ABS_LEVEL
 from .cabac_coder import (
-    COST, COST_FRAC_BITS, COST_TABLE, ERR, ERR_CHECK, ERR_LEVEL, ERR_NONE, ERR_PREFIX, STATE_SIZE,
+    CODE, COST_FRAC_BITS, COST_TABLE, ERR, ERR_CHECK, ERR_LEVEL, ERR_NONE, ERR_PREFIX, LOW, RANGE, STATE_SIZE,
     WARM_SHIFT, bin_cost, ctx_prob, ctx_update, dec_bin, dec_bypass, dec_finish, dec_init, enc_bin,
-    enc_bypass, enc_finish, enc_init, new_contexts,
+    enc_bypass, enc_finish, enc_init, new_contexts, reset_contexts,
 )
 
 OP_ENCODE, OP_DECODE, OP_COST, OP_PEEK = 0, 1, 2, 3
@@ -74,36 +74,40 @@ CHECK_BITS = 16
 CHECK_VALUE = 0xB5E3
 
 
+# The coder's hot state travels as two values (x, rng): x is `low` when encoding, `code` when
+# decoding and the cost accumulator when estimating.
+
 @njit(cache=True, inline="always")
-def _bin(op, st, buf, ctx, ci, bit, fast, slow):
+def _bin(op, x, rng, st, buf, ctx, ci, bit, fast, slow):
+    """One context-coded bin; returns (bit, x, rng)."""
     p = ctx_prob(ctx, ci)
     if op == OP_ENCODE:
-        enc_bin(st, buf, p, bit)
+        x, rng = enc_bin(st, buf, x, rng, p, bit)
     elif op == OP_DECODE:
-        bit = dec_bin(st, buf, p)
+        bit, x, rng = dec_bin(st, buf, x, rng, p)
     else:
-        st[COST] += bin_cost(p, bit, COST_TABLE)
+        x += bin_cost(p, bit, COST_TABLE)
     if op != OP_PEEK:
         ctx_update(ctx, ci, bit, fast, slow, WARM_SHIFT)
-    return bit
+    return bit, x, rng
 
 
 @njit(cache=True, inline="always")
-def _bypass(op, st, buf, value, nbits):
-    """nbits (0..31) equiprobable bins, most significant first; returns the (decoded) value."""
+def _bypass(op, x, rng, st, buf, value, nbits):
+    """nbits (0..31) equiprobable bins, most significant first; returns (value, x, rng)."""
     result = 0
     while nbits > 0:
         m = nbits if nbits < 8 else 8
         nbits -= m
         part = (value >> nbits) & ((1 << m) - 1)
         if op == OP_ENCODE:
-            enc_bypass(st, buf, part, m)
+            x, rng = enc_bypass(st, buf, x, rng, part, m)
         elif op == OP_DECODE:
-            part = dec_bypass(st, buf, m)
+            part, x, rng = dec_bypass(st, buf, x, rng, m)
         else:
-            st[COST] += m << COST_FRAC_BITS
+            x += m << COST_FRAC_BITS
         result = (result << m) | part
-    return result
+    return result, x, rng
 
 
 @njit(cache=True, inline="always")
@@ -114,9 +118,9 @@ def _sign_class(v):
 
 
 @njit(cache=True, inline="always")
-def code_level(op, k, a, b, u, mode, n_gt, ctx, st, buf, fast, slow):
-    """Walk the bins of level k (see module docstring). Returns k, or the decoded level for
-    OP_DECODE (then k is ignored). Decode errors set st[ERR] and return 0."""
+def code_level(op, x, rng, k, a, b, u, mode, n_gt, ctx, st, buf, fast, slow):
+    """Walk the bins of level k (see module docstring); returns (level, x, rng) where level is k,
+    or the decoded level for OP_DECODE (then k is ignored). Decode errors set st[ERR], level 0."""
     sa = _sign_class(a)
     if mode == MODE_PREV:
         m = 0
@@ -133,36 +137,39 @@ def code_level(op, k, a, b, u, mode, n_gt, ctx, st, buf, fast, slow):
         g = 0 if s == 0 else (1 if s <= 2 else (2 if s <= 5 else 3))
     mag = abs(k)
 
-    if _bin(op, st, buf, ctx, SIG_BASE + sa * N_SIG_MAG + m, 1 if k != 0 else 0, fast, slow) == 0:
-        return 0
-    neg = _bin(op, st, buf, ctx, SIGN_BASE + sa * 3 + s2, 1 if k < 0 else 0, fast, slow)
+    sig, x, rng = _bin(op, x, rng, st, buf, ctx, SIG_BASE + sa * N_SIG_MAG + m, 1 if k != 0 else 0, fast, slow)
+    if sig == 0:
+        return 0, x, rng
+    neg, x, rng = _bin(op, x, rng, st, buf, ctx, SIGN_BASE + sa * 3 + s2, 1 if k < 0 else 0, fast, slow)
 
     gbase = GT_BASE + neg * (MAX_GT * N_GT_CLASS) + g
     val = 1
     for j in range(n_gt):
-        if _bin(op, st, buf, ctx, gbase + j * N_GT_CLASS, 1 if mag > val else 0, fast, slow) == 0:
-            return -val if neg else val
+        gt, x, rng = _bin(op, x, rng, st, buf, ctx, gbase + j * N_GT_CLASS, 1 if mag > val else 0, fast, slow)
+        if gt == 0:
+            return (-val if neg else val), x, rng
         val += 1
 
-    # Remainder |k| - n - 1 as Exp-Golomb order 0 of x = |k| - n >= 1.
-    x = mag - n_gt
+    # Remainder |k| - n - 1 as Exp-Golomb order 0 of v = |k| - n >= 1.
+    v = mag - n_gt
     nb = 0
-    while (x >> (nb + 1)) > 0:
+    while (v >> (nb + 1)) > 0:
         nb += 1
     j = 0
     while True:
         if j >= MAX_PREFIX:
             st[ERR] = ERR_PREFIX
-            return 0
-        if _bin(op, st, buf, ctx, EG_BASE + j, 1 if j < nb else 0, fast, slow) == 0:
+            return 0, x, rng
+        more, x, rng = _bin(op, x, rng, st, buf, ctx, EG_BASE + j, 1 if j < nb else 0, fast, slow)
+        if more == 0:
             break
         j += 1
-    x = (1 << j) | _bypass(op, st, buf, x, j)
-    mag = n_gt + x
+    low_bits, x, rng = _bypass(op, x, rng, st, buf, v, j)
+    mag = n_gt + ((1 << j) | low_bits)
     if mag > MAX_ABS_LEVEL:
         st[ERR] = ERR_LEVEL
-        return 0
-    return -mag if neg else mag
+        return 0, x, rng
+    return (-mag if neg else mag), x, rng
 
 
 @njit(cache=True, inline="always")
@@ -175,6 +182,30 @@ def neighbours(levels, i, start, row_len):
 
 
 # --- chunk kernels ------------------------------------------------------------------------------
+# The per-chunk loops are compiled without numba's reference counting (_nrt=False): with it, the
+# inlined bin functions cost an atomic incref/decref pair per bin, which halves the speed. They
+# therefore allocate nothing; the wrappers below allocate the coder state and contexts.
+
+@njit(cache=True, _nrt=False)
+def _encode_chunk(levels, s, e, n_gt, mode, row_len, fast, slow, buf, pos, st, ctx):
+    enc_init(st, pos, buf.shape[0])
+    reset_contexts(ctx)
+    x = st[LOW]
+    rng = st[RANGE]
+    a = np.int64(0)
+    b = np.int64(0)
+    for i in range(s, e):
+        u = levels[i - row_len] if row_len > 0 and i - row_len >= s else 0
+        k = levels[i]
+        _, x, rng = code_level(OP_ENCODE, x, rng, k, a, b, u, mode, n_gt, ctx, st, buf, fast, slow)
+        b = a
+        a = k
+    _, x, rng = _bypass(OP_ENCODE, x, rng, st, buf, CHECK_VALUE, CHECK_BITS)
+    end = enc_finish(st, buf, pos, x, rng)
+    if st[ERR] != ERR_NONE:
+        return -1
+    return end
+
 
 @njit(cache=True)
 def encode_chunks(levels, chunk_size, n_gt, mode, row_len, fast, slow, buf, chunk_ends):
@@ -182,46 +213,37 @@ def encode_chunks(levels, chunk_size, n_gt, mode, row_len, fast, slow, buf, chun
     Returns the total length, or -1 when buf is too small."""
     n = levels.shape[0]
     st = np.zeros(STATE_SIZE, dtype=np.int64)
+    ctx = new_contexts(N_CONTEXTS)
     pos = 0
     for c in range(chunk_ends.shape[0]):
         s = c * chunk_size
-        e = min(n, s + chunk_size)
-        enc_init(st, pos, buf.shape[0])
-        ctx = new_contexts(N_CONTEXTS)
-        a = np.int64(0)
-        b = np.int64(0)
-        for i in range(s, e):
-            u = levels[i - row_len] if row_len > 0 and i - row_len >= s else 0
-            k = levels[i]
-            code_level(OP_ENCODE, k, a, b, u, mode, n_gt, ctx, st, buf, fast, slow)
-            b = a
-            a = k
-        _bypass(OP_ENCODE, st, buf, CHECK_VALUE, CHECK_BITS)
-        pos = enc_finish(st, buf, pos)
-        if st[ERR] != ERR_NONE:
+        pos = _encode_chunk(levels, s, min(n, s + chunk_size), n_gt, mode, row_len, fast, slow, buf, pos, st, ctx)
+        if pos < 0:
             return -1
         chunk_ends[c] = pos
     return pos
 
 
-@njit(cache=True)
-def _decode_chunk(buf, start, end, out, s, e, n_gt, mode, row_len, fast, slow):
-    st = np.zeros(STATE_SIZE, dtype=np.int64)
+@njit(cache=True, _nrt=False)
+def _decode_chunk(buf, start, end, out, s, e, n_gt, mode, row_len, fast, slow, st, ctx):
     dec_init(st, buf, start, end)
     if st[ERR] != ERR_NONE:
         return st[ERR]
-    ctx = new_contexts(N_CONTEXTS)
+    reset_contexts(ctx)
+    x = st[CODE]
+    rng = st[RANGE]
     a = np.int64(0)
     b = np.int64(0)
     for i in range(s, e):
         u = out[i - row_len] if row_len > 0 and i - row_len >= s else 0
-        k = code_level(OP_DECODE, 0, a, b, u, mode, n_gt, ctx, st, buf, fast, slow)
+        k, x, rng = code_level(OP_DECODE, x, rng, 0, a, b, u, mode, n_gt, ctx, st, buf, fast, slow)
         if st[ERR] != ERR_NONE:
             return st[ERR]
         out[i] = k
         b = a
         a = k
-    if _bypass(OP_DECODE, st, buf, 0, CHECK_BITS) != CHECK_VALUE and st[ERR] == ERR_NONE:
+    check, x, rng = _bypass(OP_DECODE, x, rng, st, buf, 0, CHECK_BITS)
+    if check != CHECK_VALUE and st[ERR] == ERR_NONE:
         st[ERR] = ERR_CHECK
     dec_finish(st, start)
     return st[ERR]
@@ -231,20 +253,41 @@ def _decode_chunk(buf, start, end, out, s, e, n_gt, mode, row_len, fast, slow):
 def decode_chunks_serial(buf, offsets, chunk_size, n_gt, mode, row_len, fast, slow, out, errs):
     """Decode chunk c from buf[offsets[c]:offsets[c+1]] into out; errs[c] = error code (0 = fine)."""
     n = out.shape[0]
+    st = np.zeros(STATE_SIZE, dtype=np.int64)
+    ctx = new_contexts(N_CONTEXTS)
     for c in range(offsets.shape[0] - 1):
         s = c * chunk_size
         errs[c] = _decode_chunk(buf, offsets[c], offsets[c + 1], out, s, min(n, s + chunk_size),
-                                n_gt, mode, row_len, fast, slow)
+                                n_gt, mode, row_len, fast, slow, st, ctx)
 
 
 @njit(cache=True, parallel=True)
 def decode_chunks_parallel(buf, offsets, chunk_size, n_gt, mode, row_len, fast, slow, out, errs):
     """As decode_chunks_serial, one chunk per task on every core."""
     n = out.shape[0]
-    for c in prange(offsets.shape[0] - 1):
+    n_chunks = offsets.shape[0] - 1
+    states = np.zeros((n_chunks, STATE_SIZE), dtype=np.int64)
+    contexts = np.zeros((n_chunks, N_CONTEXTS, 3), dtype=np.int64)
+    for c in prange(n_chunks):
         s = c * chunk_size
         errs[c] = _decode_chunk(buf, offsets[c], offsets[c + 1], out, s, min(n, s + chunk_size),
-                                n_gt, mode, row_len, fast, slow)
+                                n_gt, mode, row_len, fast, slow, states[c], contexts[c])
+
+
+@njit(cache=True, _nrt=False)
+def _cost_chunk(levels, s, e, n_gt, mode, row_len, fast, slow, st, ctx):
+    reset_contexts(ctx)
+    x = np.int64(CHECK_BITS << COST_FRAC_BITS)
+    rng = np.int64(0)
+    a = np.int64(0)
+    b = np.int64(0)
+    for i in range(s, e):
+        u = levels[i - row_len] if row_len > 0 and i - row_len >= s else 0
+        k = levels[i]
+        _, x, rng = code_level(OP_COST, x, rng, k, a, b, u, mode, n_gt, ctx, st, st, fast, slow)
+        b = a
+        a = k
+    return x
 
 
 @njit(cache=True)
@@ -253,38 +296,27 @@ def cost_chunks(levels, chunk_size, n_gt, mode, row_len, fast, slow, limit):
     would, check bins included (termination bytes are not)."""
     n = min(levels.shape[0], limit)
     st = np.zeros(STATE_SIZE, dtype=np.int64)
+    ctx = new_contexts(N_CONTEXTS)
     total = 0
     s = 0
     while s < n:
         e = min(n, s + chunk_size)
-        st[COST] = 0
-        ctx = new_contexts(N_CONTEXTS)
-        a = np.int64(0)
-        b = np.int64(0)
-        for i in range(s, e):
-            u = levels[i - row_len] if row_len > 0 and i - row_len >= s else 0
-            k = levels[i]
-            code_level(OP_COST, k, a, b, u, mode, n_gt, ctx, st, st, fast, slow)
-            b = a
-            a = k
-        total += st[COST] + (CHECK_BITS << COST_FRAC_BITS)
+        total += _cost_chunk(levels, s, e, n_gt, mode, row_len, fast, slow, st, ctx)
         s = e
     return total
 
 
 # --- rate model for RD quantization -------------------------------------------------------------
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def rate_cost(ctx, st, k, a, b, u, mode, n_gt, fast, slow):
     """Cost of coding level k next (1/65536 bit) in state ctx; ctx is not changed."""
-    st[COST] = 0
-    code_level(OP_PEEK, k, a, b, u, mode, n_gt, ctx, st, st, fast, slow)
-    return st[COST]
+    _, cost, _ = code_level(OP_PEEK, np.int64(0), np.int64(0), k, a, b, u, mode, n_gt, ctx, st, st, fast, slow)
+    return cost
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def rate_update(ctx, st, k, a, b, u, mode, n_gt, fast, slow):
     """Adapt ctx as the encoder does after coding level k; returns k's cost (1/65536 bit)."""
-    st[COST] = 0
-    code_level(OP_COST, k, a, b, u, mode, n_gt, ctx, st, st, fast, slow)
-    return st[COST]
+    _, cost, _ = code_level(OP_COST, np.int64(0), np.int64(0), k, a, b, u, mode, n_gt, ctx, st, st, fast, slow)
+    return cost

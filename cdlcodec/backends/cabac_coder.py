@@ -75,14 +75,20 @@ del _p
 
 # --- probability model ------------------------------------------------------------------------
 
+@njit(cache=True, _nrt=False)
+def reset_contexts(ctx):
+    """Every estimate back to probability 1/2, every use count to 0."""
+    for i in range(ctx.shape[0]):
+        ctx[i, CTX_FAST] = 1 << (STATE_BITS - 1)
+        ctx[i, CTX_SLOW] = 1 << (STATE_BITS - 1)
+        ctx[i, CTX_COUNT] = 0
+
+
 @njit(cache=True)
 def new_contexts(n: int) -> np.ndarray:
     """n fresh contexts, every estimate at probability 1/2."""
     ctx = np.empty((n, 3), dtype=np.int64)
-    for i in range(n):
-        ctx[i, CTX_FAST] = 1 << (STATE_BITS - 1)
-        ctx[i, CTX_SLOW] = 1 << (STATE_BITS - 1)
-        ctx[i, CTX_COUNT] = 0
+    reset_contexts(ctx)
     return ctx
 
 
@@ -99,34 +105,30 @@ def ctx_prob(ctx, ci):
 
 @njit(cache=True, inline="always")
 def ctx_update(ctx, ci, bit, fast, slow, warm):
-    """Move both estimates of context ci towards `bit` (shift-based exponential decay)."""
+    """Move both estimates of context ci towards `bit`: p += ((bit << 16) - p) >> shift.
+    Branch-free (the bin value is unpredictable); the arithmetic shift rounds towards -inf,
+    so an estimate stays in [0, 2**16 - 1] and ctx_prob's clamp keeps the coder's p valid."""
     c = ctx[ci, CTX_COUNT]
     cap = warm[c]
-    sf = fast if fast < cap else cap
-    ss = slow if slow < cap else cap
-    if c < MAX_COUNT:
-        ctx[ci, CTX_COUNT] = c + 1
+    sf = min(fast, cap)
+    ss = min(slow, cap)
+    ctx[ci, CTX_COUNT] = c + (c < MAX_COUNT)
+    target = bit << STATE_BITS
     pf = ctx[ci, CTX_FAST]
     ps = ctx[ci, CTX_SLOW]
-    if bit:
-        ctx[ci, CTX_FAST] = pf + (((1 << STATE_BITS) - pf) >> sf)
-        ctx[ci, CTX_SLOW] = ps + (((1 << STATE_BITS) - ps) >> ss)
-    else:
-        ctx[ci, CTX_FAST] = pf - (pf >> sf)
-        ctx[ci, CTX_SLOW] = ps - (ps >> ss)
+    ctx[ci, CTX_FAST] = pf + ((target - pf) >> sf)
+    ctx[ci, CTX_SLOW] = ps + ((target - ps) >> ss)
 
 
 @njit(cache=True, inline="always")
 def bin_cost(p, bit, cost_table):
     """Cost (1/65536 bit) of a bin with P(1) = p coded as `bit`."""
-    if bit:
-        return cost_table[p]
-    return cost_table[(1 << PROB_BITS) - p]
+    return cost_table[p if bit else (1 << PROB_BITS) - p]
 
 
 # --- encoder ----------------------------------------------------------------------------------
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def enc_init(st, start, end):
     """Start an encoder writing into buf[start:end]."""
     st[LOW] = 0
@@ -153,9 +155,9 @@ def _emit(st, buf, byte):
     st[POS] = pos + 1
 
 
-@njit(cache=True)
-def _shift_low(st, buf):
-    low = st[LOW]
+@njit(cache=True, inline="always")
+def _shift_low(st, buf, low):
+    """Move the top byte of low out (through the carry cache); returns the new low."""
     if low < 0xFF000000 or low > MASK32:
         carry = low >> 32
         temp = st[CACHE]
@@ -167,49 +169,48 @@ def _shift_low(st, buf):
         st[CACHE_SIZE] = 0
         st[CACHE] = (low >> 24) & 0xFF
     st[CACHE_SIZE] += 1
-    st[LOW] = (low & 0x00FFFFFF) << 8
+    return (low & 0x00FFFFFF) << 8
 
+
+# The hot state (low, range) of the encoder and (code, range) of the decoder travels through the
+# bin functions as values, so that numba keeps it in registers; the rest lives in `st`.
 
 @njit(cache=True, inline="always")
-def enc_bin(st, buf, p, bit):
-    """Encode one regular bin with P(1) = p (15 bits)."""
-    rng = st[RANGE]
+def enc_bin(st, buf, low, rng, p, bit):
+    """Encode one regular bin with P(1) = p (15 bits); returns (low, range)."""
     bound = (rng >> PROB_BITS) * p
     if bit:
         rng = bound
     else:
-        st[LOW] += bound
+        low += bound
         rng -= bound
     while rng < TOP:
         rng <<= 8
-        _shift_low(st, buf)
-    st[RANGE] = rng
+        low = _shift_low(st, buf, low)
+    return low, rng
 
 
 @njit(cache=True, inline="always")
-def enc_bypass(st, buf, value, nbits):
-    """Encode the nbits (1..8) low bits of value as equiprobable bins."""
-    rng = st[RANGE] >> nbits
-    st[LOW] += value * rng
+def enc_bypass(st, buf, low, rng, value, nbits):
+    """Encode the nbits (1..8) low bits of value as equiprobable bins; returns (low, range)."""
+    rng >>= nbits
+    low += value * rng
     while rng < TOP:
         rng <<= 8
-        _shift_low(st, buf)
-    st[RANGE] = rng
+        low = _shift_low(st, buf, low)
+    return low, rng
 
 
-@njit(cache=True)
-def enc_finish(st, buf, start):
+@njit(cache=True, _nrt=False)
+def enc_finish(st, buf, start, low, rng):
     """Write the shortest value inside the final interval; returns the end position of the stream."""
-    low = st[LOW]
-    rng = st[RANGE]
     for nbytes in range(5):
         gran = 1 << (32 - 8 * nbytes)
         value = (low + gran - 1) & ~(gran - 1)
         if value < low + rng:
             break
-    st[LOW] = value
     for _ in range(5):
-        _shift_low(st, buf)
+        value = _shift_low(st, buf, value)
     pos = st[POS]
     while pos > start and buf[pos - 1] == 0:  # the decoder reads zeros past the end
         pos -= 1
@@ -228,7 +229,7 @@ def _next_byte(st, buf):
     return np.int64(0)
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def dec_init(st, buf, start, end):
     """Start a decoder on buf[start:end] (end must be <= len(buf); checked by the caller)."""
     st[POS] = start
@@ -245,10 +246,8 @@ def dec_init(st, buf, start, end):
 
 
 @njit(cache=True, inline="always")
-def dec_bin(st, buf, p):
-    """Decode one regular bin with P(1) = p (15 bits)."""
-    rng = st[RANGE]
-    code = st[CODE]
+def dec_bin(st, buf, code, rng, p):
+    """Decode one regular bin with P(1) = p (15 bits); returns (bit, code, range)."""
     bound = (rng >> PROB_BITS) * p
     if code < bound:
         rng = bound
@@ -260,16 +259,14 @@ def dec_bin(st, buf, p):
     while rng < TOP:
         rng <<= 8
         code = (code << 8) | _next_byte(st, buf)
-    st[RANGE] = rng
-    st[CODE] = code
-    return bit
+    return bit, code, rng
 
 
 @njit(cache=True, inline="always")
-def dec_bypass(st, buf, nbits):
-    """Decode nbits (1..8) equiprobable bins; flags ERR_BYPASS on an impossible value."""
-    rng = st[RANGE] >> nbits
-    code = st[CODE]
+def dec_bypass(st, buf, code, rng, nbits):
+    """Decode nbits (1..8) equiprobable bins; flags ERR_BYPASS on an impossible value.
+    Returns (value, code, range)."""
+    rng >>= nbits
     value = code // rng
     if value >= (1 << nbits):
         st[ERR] = ERR_BYPASS
@@ -278,12 +275,10 @@ def dec_bypass(st, buf, nbits):
     while rng < TOP:
         rng <<= 8
         code = (code << 8) | _next_byte(st, buf)
-    st[RANGE] = rng
-    st[CODE] = code
-    return value
+    return value, code, rng
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def dec_finish(st, start):
     """After the last bin: every byte of the chunk must have been needed."""
     if st[ERR] == ERR_NONE and st[END] > st[POS]:
