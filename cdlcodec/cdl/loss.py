@@ -1,0 +1,58 @@
+"""The CDL objective: cross-entropy + γ·H(x) + λ·H(w) (eq. 30 for CDL, eq. 40 for R-CDL)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .convert import activation_quantizers, weight_quantizers
+
+
+@dataclass
+class LossParts:
+    """The terms of one evaluation of the objective; H totals in bits, also per element."""
+
+    total: torch.Tensor
+    cross_entropy: float
+    weight_bits: float | None          # H(w), eq. 27 (None when not computed: λ = 0)
+    weight_bits_per_element: float | None
+    activation_bits: float | None      # H(x) per sample, eq. 29 (None when γ = 0)
+    activation_bits_per_element: float | None
+
+
+def weight_entropy_bits(model: nn.Module) -> tuple[torch.Tensor, int]:
+    """(H(w) = Σ_l |w_l|·H(MPMF_l) in bits, Σ_l |w_l|), eq. 26-27; differentiable."""
+    layers = weight_quantizers(model)
+    if not layers:
+        return torch.zeros(()), 0
+    total = sum(m.weight_entropy_bits() for _, m in layers)
+    return total, sum(m.weight.numel() for _, m in layers)
+
+
+def activation_entropy_bits(model: nn.Module) -> tuple[torch.Tensor, int]:
+    """(H(x) = Σ_l |x_l|·H(MPMF_l) per sample, Σ_l |x_l|), eq. 28-29, from the last training forward
+    (requires `set_entropy_tracking(model, True)`)."""
+    acts = [a for _, a in activation_quantizers(model) if a.last_entropy_bits is not None]
+    if not acts:
+        return torch.zeros(()), 0
+    return sum(a.last_entropy_bits for a in acts), sum(a.numel_per_sample for a in acts)
+
+
+def cdl_loss(model: nn.Module, logits: torch.Tensor, targets: torch.Tensor, *,
+             lam: float = 0.0, gamma: float = 0.0) -> LossParts:
+    """CE + γ·H(x) + λ·H(w) (eq. 30/40). H(w) is total bits of the model, H(x) total bits of one
+    sample's activations, so λ and γ are prices per bit against the mean per-sample cross-entropy."""
+    ce = F.cross_entropy(logits, targets)
+    total = ce
+    hw = hw_per = hx = hx_per = None
+    if lam > 0:
+        bits, count = weight_entropy_bits(model)
+        total = total + lam * bits
+        hw, hw_per = float(bits), float(bits) / max(count, 1)
+    if gamma > 0:
+        bits, count = activation_entropy_bits(model)
+        total = total + gamma * bits
+        hx, hx_per = float(bits), float(bits) / max(count, 1)
+    return LossParts(total, float(ce), hw, hw_per, hx, hx_per)

@@ -1,0 +1,38 @@
+"""Optimizer parameter groups with the layer-wise learning rates of eq. 39.
+
+    η_q_l = η_q / sqrt(|w_l|·2^(b-1))   (39a)      η_s_l = η_s / sqrt(|x_l|·2^b)   (39b)
+    η_α_l = η_α / sqrt(|w_l|)           (39c)      η_β_l = η_β / sqrt(|x_l|)       (39d)
+
+|x_l| is the number of activations per sample, recorded by `calibrate`. Every other parameter
+(weights, biases) gets η_w.
+"""
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from .convert import activation_quantizers, weight_quantizers
+
+
+def cdl_param_groups(model: nn.Module, *, lr_w: float, lr_q: float, lr_s: float, lr_alpha: float,
+                     lr_beta: float) -> list[dict]:
+    """Parameter groups for any torch optimizer (each group has its own "lr")."""
+    groups: list[dict] = []
+    special: set[int] = set()
+    for _, m in weight_quantizers(model):
+        n, b = m.weight.numel(), int(m.bits)
+        groups.append({"params": [m.q], "lr": lr_q / math.sqrt(n * 2 ** (b - 1))})
+        groups.append({"params": [m.alpha], "lr": lr_alpha / math.sqrt(n)})
+        special.update((id(m.q), id(m.alpha)))
+    for _, a in activation_quantizers(model):
+        if a.numel_per_sample is None:
+            raise ValueError("activation quantizers need `calibrate(model, batch)` before eq. 39 groups")
+        n, b = a.numel_per_sample, int(a.bits)
+        groups.append({"params": [a.s], "lr": lr_s / math.sqrt(n * 2 ** b)})
+        groups.append({"params": [a.beta], "lr": lr_beta / math.sqrt(n)})
+        special.update((id(a.s), id(a.beta)))
+    rest = [p for p in model.parameters() if id(p) not in special]
+    if rest:
+        groups.insert(0, {"params": rest, "lr": lr_w})
+    return groups
