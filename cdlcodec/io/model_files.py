@@ -50,6 +50,15 @@ def read_model(path: str) -> ModelFile:
     return ModelFile(records, [], {"source.kind": kind})
 
 
+def _need_torch(what: str) -> None:
+    """A clean error instead of an ImportError where torch is absent (edge devices decode to ONNX)."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise CdlInputError(f"{what} needs torch, which is not installed here; "
+                            "decode to .onnx or .safetensors instead") from None
+
+
 def write_model(path: str, model: ModelFile, **options) -> None:
     """Write decoded tensors (and the graph, for kinds that need one) to `path`, atomically."""
     kind = kind_of(path, WRITE_KINDS, "write")
@@ -65,6 +74,8 @@ def write_model(path: str, model: ModelFile, **options) -> None:
 
         write_onnx(path, model, **options)
         return
+    if kind in ("torch", "torch.export"):
+        _need_torch(f"writing {path}")
     if kind == "torch.export":
         from .torch_export import write_exported_program
 
