@@ -419,3 +419,14 @@ def test_golden_streams(name):
     params_len, start = read_uvarint(stored, 0)
     params, payload = stored[start:start + params_len], stored[start + params_len:]
     np.testing.assert_array_equal(BACKEND.decode(payload, params, GOLDEN_INPUTS[name].size), GOLDEN_INPUTS[name])
+
+
+def test_too_many_distinct_levels_is_a_clean_error(monkeypatch):
+    # the real limit is 2**24 distinct levels; a 4-bit limit shows the same path on 17 levels
+    import cdlcodec.backends.huffman as huffman_module
+    monkeypatch.setattr(huffman_module, "MAX_CODE_LEN", 4)
+    levels = np.arange(17, dtype=np.int64)
+    assert BACKEND.estimate_bits(levels) == float("inf")
+    with pytest.raises(CdlInputError, match="raw backend"):
+        BACKEND.encode(levels)
+    assert BACKEND.estimate_bits(levels[:16]) < float("inf")

@@ -233,10 +233,9 @@ class _Plan:
             self.index = np.ascontiguousarray(inverse.ravel(), dtype=np.int64)
             self.dense_base = None
         if values.size > (1 << MAX_CODE_LEN):
-            raise CdlInputError(
-                f"huffman: {values.size} distinct levels exceed the {1 << MAX_CODE_LEN} codes of at most "
-                f"{MAX_CODE_LEN} bits; use the raw backend"
-            )
+            self.kind, self.params = None, None  # not codable: encode raises, estimate_bits says inf
+            self.values = values
+            return
         lengths = _lengths_of_positive(counts, MAX_CODE_LEN)
         params = self._table(values, lengths)
         bits = coded_bits(counts, lengths)
@@ -255,10 +254,17 @@ class _Plan:
         sparse = hk.write_sparse_table(values, lengths)
         return (sparse if sparse.size < dense.size else dense).tobytes()
 
-    def total_bits(self) -> int:
-        return 8 * len(self.params) + 8 * ((self.payload_bits + 7) // 8)
+    def total_bits(self) -> float:
+        if self.params is None:
+            return float("inf")
+        return float(8 * len(self.params) + 8 * ((self.payload_bits + 7) // 8))
 
     def payload(self) -> bytes:
+        if self.params is None:
+            raise CdlInputError(
+                f"huffman: {self.values.size} distinct levels exceed the {1 << MAX_CODE_LEN} codes of at most "
+                f"{MAX_CODE_LEN} bits; use the raw backend"
+            )
         if self.kind in (hk.KIND_EMPTY, hk.KIND_SINGLE):
             return b""
         nbytes = np.int64((self.payload_bits + 7) // 8)
@@ -284,8 +290,9 @@ class HuffmanBackend:
         return plan.payload(), plan.params
 
     def estimate_bits(self, levels, hint: EncodeHint | None = None) -> float:
-        """Exact size in bits of what `encode` returns (payload rounded to bytes + params)."""
-        return float(_Plan(levels, hint).total_bits())
+        """Exact size in bits of what `encode` returns (payload rounded to bytes + params); inf for a
+        tensor with more than 2**24 distinct levels, which this backend cannot code."""
+        return _Plan(levels, hint).total_bits()
 
     def decode(self, payload: bytes, params: bytes, count: int, shape=None) -> np.ndarray:
         params = bytes(params)
