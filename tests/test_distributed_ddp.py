@@ -222,16 +222,14 @@ def _robustness(rank: int):
     assert out.shape == (4000,)
     # A peer that never joins: rank 0 fails after its timeout instead of hanging.
     if rank == 1:
-        time.sleep(3.5)
+        time.sleep(6.0)  # far longer than rank 0's timeout: what rank 0 sees is the timeout
         return
-    started = time.monotonic()
     try:
-        co3_hook(CO3State(fmt="fp4", timeout=1.5), FakeBucket(g, 1)).wait()
+        co3_hook(CO3State(fmt="fp4", timeout=1.0), FakeBucket(g, 1)).wait()
     except CdlDecodeError as exc:
-        assert "timed out" in str(exc) or "failed" in str(exc), str(exc)
+        assert "timed out" in str(exc).lower(), str(exc)
     else:
         raise AssertionError("a missing peer went unnoticed")
-    assert time.monotonic() - started < 3.4
 
 
 def _worker(rank: int, store_path: str):

@@ -21,7 +21,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import numpy as np
+from numba import njit
 
 from ..errors import CdlInputError
 
@@ -162,23 +165,53 @@ def candidate_biases(absmax: float, fmt: FpFormat, span: float) -> np.ndarray:
     return top - BIAS_STEP * np.arange(n)
 
 
+@njit(cache=True, nogil=True)
+def _l2_error_kernel(x_abs, weights, units, mant, max_mag):
+    """Sum of weighted squared errors of nearest-value fp quantization, one sum per unit.
+
+    Float arithmetic is fine here: this only *chooses* the bias (encoder side); the codes
+    themselves come from `quantize`. Ties cost the same error either way, so rounding half up
+    gives the same sums as the encoder's round-half-even.
+    """
+    out = np.zeros(units.size)
+    top = float(max_mag)
+    first_wide = 2.0 ** (mant + 1)  # from here on the spacing doubles every binade
+    for j in range(units.size):
+        u = units[j]
+        inv_u = 1.0 / u
+        total = 0.0
+        for i in range(x_abs.size):
+            a = x_abs[i] * inv_u
+            if a >= top:
+                q = top
+            else:
+                spacing = 1.0
+                limit = first_wide
+                while a >= limit:
+                    spacing *= 2.0
+                    limit *= 2.0
+                q = math.floor(a / spacing + 0.5) * spacing
+                if q > top:
+                    q = top
+            d = (a - q) * u
+            total += weights[i] * d * d
+        out[j] = total
+    return out
+
+
 def l2_errors(x: np.ndarray, fmt: FpFormat, biases: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     """Sum of (weighted) squared quantization errors of x for each bias (eq. 12's objective)."""
-    x = np.asarray(x, dtype=np.float64)
-    out = np.empty(len(biases))
-    for i, b in enumerate(biases):
-        unit = float(unit_for_bias(float(b), fmt))
-        q = _quantize_magnitudes(np.abs(x) / unit, fmt) * unit
-        err = (np.abs(x) - q) ** 2
-        out[i] = float(np.sum(err if weights is None else err * weights))
-    return out
+    x_abs = np.ascontiguousarray(np.abs(np.asarray(x, dtype=np.float64)).ravel())
+    w = np.ones_like(x_abs) if weights is None else np.ascontiguousarray(weights, dtype=np.float64).ravel()
+    units = np.array([float(unit_for_bias(float(b), fmt)) for b in biases], dtype=np.float64)
+    return _l2_error_kernel(x_abs, w, units, fmt.mant, fmt.max_magnitude)
 
 
 def search_bias(x: np.ndarray, fmt: FpFormat, span: float | None = None) -> float:
     """Exponent bias minimising the L2 error over this bucket by direct search (eq. 12).
 
-    Returns the bias of the first (largest) grid point with the least error; a bucket of zeros
-    (or an empty one) gets bias 0.
+    The grid runs in steps of 1/8 binade from the no-clipping bias down `span` binades, searched
+    coarse to fine; a bucket of zeros (or an empty one) gets bias 0.
     """
     sample = _search_sample(np.asarray(x, dtype=np.float64).ravel())
     absmax = float(np.max(np.abs(sample))) if sample.size else 0.0
@@ -186,9 +219,21 @@ def search_bias(x: np.ndarray, fmt: FpFormat, span: float | None = None) -> floa
         return 0.0
     if span is None:
         span = 4.0 if fmt.exp == 1 else 6.0
-    biases = candidate_biases(absmax, fmt, span)
-    errors = l2_errors(sample, fmt, biases)
-    return float(biases[int(np.argmin(errors))])
+    return float(_coarse_to_fine(sample, fmt, candidate_biases(absmax, fmt, span)))
+
+
+def _coarse_to_fine(x: np.ndarray, fmt: FpFormat, grid: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """Best bias of a descending grid: every 4th point first, then the 1/8 steps around the winner.
+
+    The error is smooth in the bias at the scale of half a binade, so this finds the grid optimum
+    (checked against the exhaustive search in the tests) at about a third of the cost.
+    """
+    coarse_idx = np.arange(0, grid.size, 4)
+    errors = l2_errors(x, fmt, grid[coarse_idx], weights)
+    best = int(coarse_idx[int(np.argmin(errors))])
+    fine_idx = np.arange(max(best - 3, 0), min(best + 4, grid.size))
+    errors = l2_errors(x, fmt, grid[fine_idx], weights)
+    return float(grid[int(fine_idx[int(np.argmin(errors))])])
 
 
 def clamp_unit(unit: np.float32, fmt: FpFormat) -> np.float32:

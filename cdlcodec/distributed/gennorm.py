@@ -121,11 +121,12 @@ def code_probabilities(fit_: GenNormFit, fmt: fpconv.FpFormat, unit: float) -> n
     half = fmt.num_codes // 2
     pos = values[:half]  # increasing magnitudes 0 .. max
     edges = np.concatenate([(pos[:-1] + pos[1:]) / 2.0, [np.inf]])
-    upper = cdf(fit_, edges)
     lower_edges = np.concatenate([[0.0], edges[:-1]])
-    # Positive codes own [lower, upper); code 0 also owns the mirrored (-edge0, 0).
-    p_pos = upper - cdf(fit_, lower_edges)
-    p_neg = cdf(fit_, -lower_edges) - cdf(fit_, -edges)
+    # Positive codes own [lower, upper); code 0 also owns the mirrored (-edge0, 0). One cdf call.
+    n = edges.size
+    c = cdf(fit_, np.concatenate([edges, lower_edges, -lower_edges, -edges]))
+    p_pos = c[:n] - c[n:2 * n]
+    p_neg = c[2 * n:3 * n] - c[3 * n:]
     probs = np.concatenate([p_pos, p_neg])
     probs[0] += p_neg[0]
     probs[half] = 0.0  # negative zero is never produced
@@ -164,6 +165,4 @@ def bias_from_fit(fit_: GenNormFit, fmt: fpconv.FpFormat, span: float | None = N
     absmax = float(grid[-1])
     if span is None:
         span = 8.0 if fmt.exp == 1 else 10.0
-    biases = fpconv.candidate_biases(absmax, fmt, span)
-    errors = fpconv.l2_errors(grid, fmt, biases, weights=weights)
-    return float(biases[int(np.argmin(errors))])
+    return fpconv._coarse_to_fine(grid, fmt, fpconv.candidate_biases(absmax, fmt, span), weights)
