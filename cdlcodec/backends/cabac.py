@@ -35,8 +35,8 @@ FORMAT_VERSION = 1
 
 # Defaults chosen by measurement (benchmarks/bench_cabac.py, benchmarks/results/cabac.md).
 DEFAULT_N_GT = 10
-DEFAULT_MODE = MODE_PREV2
-DEFAULT_CHUNK_SIZE = 1 << 18
+DEFAULT_MODE = None            # auto: prev, or prev2+row when the sample says it is smaller
+DEFAULT_CHUNK_SIZE = 1 << 16
 RATE_SAMPLE = 1 << 16          # levels used to pick the estimator rates
 FLUSH_BITS_ESTIMATE = 12       # average termination bytes per chunk, for estimate_bits
 
@@ -112,13 +112,13 @@ class CabacBackend:
     def __init__(self, n_gt: int | None = None, mode: int | None = None, rate_idx: int | None = None,
                  chunk_size: int | None = None, parallel: bool = True):
         self.n_gt = DEFAULT_N_GT if n_gt is None else int(n_gt)
-        self.mode = DEFAULT_MODE if mode is None else int(mode)
+        self.mode = DEFAULT_MODE if mode is None else int(mode)  # None = chosen per tensor
         self.rate_idx = rate_idx
         self.chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else int(chunk_size)
         self.parallel = parallel
         if not 0 <= self.n_gt <= MAX_GT:
             raise CdlInputError(f"cabac n_gt must be in 0..{MAX_GT}")
-        if self.mode not in (MODE_PREV, MODE_PREV2, MODE_PREV2_ROW):
+        if self.mode not in (None, MODE_PREV, MODE_PREV2, MODE_PREV2_ROW):
             raise CdlInputError("cabac mode must be 0 (prev), 1 (prev2) or 2 (prev2+row)")
         if rate_idx is not None and not 0 <= rate_idx < len(RATE_PAIRS):
             raise CdlInputError(f"cabac rate_idx must be in 0..{len(RATE_PAIRS) - 1}")
@@ -127,23 +127,45 @@ class CabacBackend:
 
     # --- parameter choice ---------------------------------------------------------------------
     def _settings(self, levels: np.ndarray, hint: EncodeHint | None):
+        """(mode, row_len, rate_idx) the encoder uses for these levels.
+
+        Unset choices are made by the estimated cost (cost_chunks) of the first RATE_SAMPLE levels:
+        first the estimator rates under the baseline context design, then the design itself
+        (baseline, or two previous levels + previous row when the tensor has rows)."""
+        row_len = _row_len(hint.shape if hint is not None else None, levels.size)
+        if row_len >= self.chunk_size:
+            row_len = 0
         mode = self.mode
-        row_len = 0
-        if mode == MODE_PREV2_ROW:
-            row_len = _row_len(hint.shape if hint is not None else None, levels.size)
-            if row_len == 0 or row_len >= self.chunk_size:
-                mode, row_len = MODE_PREV2, 0
+        if mode == MODE_PREV2_ROW and row_len == 0:
+            mode = MODE_PREV2
+        probe_mode = MODE_PREV if mode is None else mode
+        probe_row = row_len if probe_mode == MODE_PREV2_ROW else 0
         rate_idx = self.rate_idx
         if rate_idx is None:
-            rate_idx = self._pick_rates(levels, mode, row_len)
+            rate_idx = 0
+            if levels.size:
+                costs = [self._cost(levels, probe_mode, probe_row, r, RATE_SAMPLE) for r in range(len(RATE_PAIRS))]
+                rate_idx = int(np.argmin(costs))
+        if mode is None:
+            mode = MODE_PREV
+            if row_len and levels.size:
+                base = self._cost(levels, MODE_PREV, 0, rate_idx, RATE_SAMPLE)
+                if self._cost(levels, MODE_PREV2_ROW, row_len, rate_idx, RATE_SAMPLE) < base:
+                    mode = MODE_PREV2_ROW
+        if mode != MODE_PREV2_ROW:
+            row_len = 0
         return mode, row_len, rate_idx
 
-    def _pick_rates(self, levels, mode, row_len) -> int:
-        if levels.size == 0:
-            return 0
-        costs = [cost_chunks(levels, self.chunk_size, self.n_gt, mode, row_len, int(f), int(s), RATE_SAMPLE)
-                 for f, s in RATE_PAIRS]
-        return int(np.argmin(costs))
+    def settings(self, levels, hint: EncodeHint | None = None) -> dict:
+        """The stream settings encode() would choose: chunk_size, n_gt, mode, row_len, fast, slow."""
+        mode, row_len, rate_idx = self._settings(_as_levels(levels), hint)
+        fast, slow = (int(v) for v in RATE_PAIRS[rate_idx])
+        return {"chunk_size": self.chunk_size, "n_gt": self.n_gt, "mode": mode, "row_len": row_len,
+                "rate_idx": rate_idx, "fast": fast, "slow": slow}
+
+    def _cost(self, levels, mode, row_len, rate_idx, limit) -> int:
+        fast, slow = (int(v) for v in RATE_PAIRS[rate_idx])
+        return int(cost_chunks(levels, self.chunk_size, self.n_gt, mode, row_len, fast, slow, limit))
 
     # --- protocol -----------------------------------------------------------------------------
     def encode(self, levels, hint: EncodeHint | None = None) -> tuple[bytes, bytes]:

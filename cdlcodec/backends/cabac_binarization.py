@@ -133,8 +133,8 @@ def code_level(op, x, rng, k, a, b, u, mode, n_gt, ctx, st, buf, fast, slow):
             s2 = _sign_class(u)
         else:
             s2 = _sign_class(b)
-        m = s if s < N_SIG_MAG - 1 else N_SIG_MAG - 1
-        g = 0 if s == 0 else (1 if s <= 2 else (2 if s <= 5 else 3))
+        m = s if s < 2 else 2
+        g = 0 if s == 0 else (1 if s <= 2 else 2)
     mag = abs(k)
 
     sig, x, rng = _bin(op, x, rng, st, buf, ctx, SIG_BASE + sa * N_SIG_MAG + m, 1 if k != 0 else 0, fast, slow)
