@@ -186,3 +186,40 @@ def test_pt2_without_float_weights_is_refused(tmp_path):
     torch.export.save(torch.export.export(Index(), (torch.tensor([1, 2]),)), tmp_path / "idx.pt2")
     with pytest.raises(CdlInputError, match="no float parameters"):
         encode_file(str(tmp_path / "idx.pt2"), str(tmp_path / "idx.cdl"), EncodeOptions(quiet=True))
+
+
+# ------------------------------------------------------------------------------- CDL activation quantizers
+
+def test_activation_section_becomes_qdq_with_clip(lenet, tmp_path):
+    """A "cdl.activations" section (formats/graph-sections.md) -> QuantizeLinear/Clip/DequantizeLinear
+    on the named ReLU outputs; ONNX matches y = clip(round(relu(x)/s), 0, 2^b-1) * s in torch."""
+    root, _, x, _ = lenet
+    acts = [{"module": "relu1", "s": 0.25, "bits": 4}, {"module": "relu3", "s": 0.125, "bits": 8}]
+    source = read_model(str(root / "lenet.pt"))
+    from cdlcodec.io.onnx_model import architecture_graph_section
+
+    section, meta = architecture_graph_section("lenet5", source.records)
+    doc = json.dumps({"version": 1, "activations": acts}).encode()
+    encode_records(source.records, str(tmp_path / "a.cdl"), EncodeOptions(backend="huffman", quiet=True),
+                   {**source.metadata, **meta}, [section, ("cdl.activations", "json", doc)])
+    decode_file(str(tmp_path / "a.cdl"), str(tmp_path / "a.onnx"))
+    decode_file(str(tmp_path / "a.cdl"), str(tmp_path / "a.pt"))
+    graph = onnx.load(str(tmp_path / "a.onnx"))
+    onnx.checker.check_model(graph, full_check=True)
+    ops = [n.op_type for n in graph.graph.node]
+    assert ops.count("QuantizeLinear") == 2 and ops.count("Clip") == 1   # Clip only where b < 8
+
+    class Quant(nn.Module):
+        def __init__(self, s, bits):
+            super().__init__()
+            self.s, self.hi = s, (1 << bits) - 1
+
+        def forward(self, v):
+            return torch.clamp(torch.round(torch.relu(v) / self.s), 0, self.hi) * self.s
+
+    module = decoded_lenet(tmp_path / "a.pt")
+    module.relu1, module.relu3 = Quant(0.25, 4), Quant(0.125, 8)
+    ref = torch_logits(module, x[:200])
+    out = ort_run(tmp_path / "a.onnx", x[:200])
+    assert np.abs(out - ref).max() < 1e-4
+    assert np.array_equal(out.argmax(1), ref.argmax(1))

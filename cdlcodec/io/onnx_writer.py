@@ -9,7 +9,7 @@ Needs numpy and onnx only (never torch), so an edge device can turn a .cdl file 
   whose output carries the original tensor name, so the file itself stays small. The integer type
   is the narrowest that holds the levels: int4 (opset 21, two values per byte, low nibble first),
   int8, int16 (opset 21) or int32. A model below opset 21 is upgraded with onnx.version_converter
-  when int4 would be used; when that fails it keeps its opset and int8 is used instead.
+  when int4 or int16 would be used; when that fails it keeps its opset (int8 / int32 instead).
   Tensors that cannot be expressed as DequantizeLinear at the model's opset (float64 weights,
   float16 weights below opset 19, per-channel steps below opset 13) are written as float.
 - CDL activation quantizers (json section "cdl.activations") become QuantizeLinear/DequantizeLinear
@@ -76,7 +76,7 @@ def build_onnx(model: ModelFile, weights: str = "float", int4: bool = True):
         raise CdlFormatError(f"ONNX graph section {section[0]!r} is not a valid ONNX model ({str(exc)[:200]})") from None
     records = {r.name: r for r in model.records}
     if weights == "qdq":
-        if int4 and _opset(proto) < 21 and _any_int4_candidate(proto, records):
+        if _opset(proto) < 21 and _wants_opset21(proto, records, int4):
             proto = _upgrade_opset(proto, 21)
         _apply_qdq(proto, records, int4)
     _fill_float(proto, records)
@@ -156,7 +156,7 @@ def _upgrade_opset(proto, target: int):
         return upgraded  # checked as a whole by write_onnx once the weights are in
     except Exception as exc:
         warnings.warn(f"could not upgrade the ONNX graph to opset {target} for int4 weights ({str(exc)[:120]}); "
-                      "using int8 instead")
+                      "keeping int8/int32")
         return proto
 
 
@@ -164,11 +164,14 @@ def _quantized(rec: TensorRecord | None) -> bool:
     return rec is not None and rec.levels is not None and (rec.quant or {}).get("scheme") == "uniform"
 
 
-def _any_int4_candidate(proto, records) -> bool:
+def _wants_opset21(proto, records, int4: bool) -> bool:
+    """True when some quantized tensor would be narrower at opset 21: int4 levels, or int16 instead of int32."""
     for tensor in _all_tensors(proto):
         rec = records.get(reference_of(tensor) or "")
-        if _quantized(rec) and rec.levels.size and -8 <= rec.levels.min() and rec.levels.max() <= 7:
-            return True
+        if _quantized(rec) and rec.levels.size:
+            kind = _integer_type(rec.levels, 21, int4)
+            if kind in (INT4, INT16):
+                return True
     return False
 
 
