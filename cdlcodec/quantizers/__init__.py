@@ -8,6 +8,8 @@ Schemes (the `quant` object of a tensor in the container index):
 - {"scheme": "uniform", "step": s}                value = level * s
 - {"scheme": "uniform", "axis": a, "steps": [..]} value = level * steps[i] along axis a
 - {"scheme": "integer"}                            value = level (integer tensors kept exactly)
+- {"scheme": "dependent", "step": s, "states": n} (or "axis"/"steps") dependent (trellis-coded)
+  quantization: value = (2k - sgn(k)·Q(state)) * s with the n-state machine of trellis.py
 Extra fields (e.g. "bits", "source") are informational and ignored by `dequantize`.
 """
 from __future__ import annotations
@@ -35,10 +37,17 @@ def dequantize(levels: np.ndarray, quant: dict | None, shape: tuple[int, ...], d
         if info is not None and levels.size and (levels.min() < info.min or levels.max() > info.max):
             raise CdlFormatError(f"{what}: integer levels outside the range of {dtype}")
         return levels.astype(storage_dtype(dtype)).reshape(shape)
-    if scheme != "uniform":
+    if scheme == "dependent":
+        states = quant.get("states")
+        if type(states) is not int:
+            raise CdlFormatError(f"{what}: dependent quantization needs an integer 'states'")
+        from .trellis import dequantize_dependent
+
+        levels = dequantize_dependent(levels, states)  # integer multiples of the step(s)
+    elif scheme != "uniform":
         raise CdlFormatError(f"{what}: unknown quantization scheme {scheme!r}")
     if dtype not in ("float64", "float32", "float16", "bfloat16"):
-        raise CdlFormatError(f"{what}: uniform quantization of a {dtype} tensor")
+        raise CdlFormatError(f"{what}: {scheme} quantization of a {dtype} tensor")
     if "steps" in quant:
         axis, steps = quant.get("axis"), quant.get("steps")
         if type(axis) is not int or not 0 <= axis < len(shape) or not isinstance(steps, list) or len(steps) != shape[axis]:

@@ -15,12 +15,23 @@ import click
 @click.option("--arch", default=None, metavar="NAME",
               help="The state_dict is this registered architecture (e.g. lenet5): checked at encode time, "
                    "its ONNX graph is stored so that decode -o model.onnx and cdlcodec.load work.")
+@click.option("--lambda", "lam", type=float, default=None,
+              help="Rate-distortion quantization (DeepCABAC eq. 11): per weight the level minimising "
+                   "(w - k*step)^2/step^2 + LAMBDA * bits(k), bits from the backend's rate model. 0 = nearest.")
+@click.option("--granularity", type=click.Choice(["tensor", "channel"]), default="tensor", show_default=True,
+              help="One step per tensor or one per output channel (axis 0).")
+@click.option("--trellis", is_flag=True, help="Dependent (trellis-coded) quantization, 8 states, with --lambda.")
+@click.option("--cpmf", type=click.Choice(["argmax", "sample"]), default=None,
+              help="CDL checkpoints: most probable level (default) or a draw from the learned CPMF.")
+@click.option("--seed", type=int, default=None, help="Seed for --cpmf sample (default 0).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
-def command(model, output, rel_step, step, bits, backend, keep, arch, quiet):
+def command(model, output, rel_step, step, bits, backend, keep, arch, lam, granularity, trellis, cpmf, seed, quiet):
     """Quantize and entropy-code MODEL (.pt/.pth state_dict or checkpoint, .safetensors) into a .cdl file.
 
     Tensors with two or more dimensions are quantized to integers k = round(w / step); 1-D tensors
-    (biases, norms) and integer tensors are stored losslessly.
+    (biases, norms) and integer tensors are stored losslessly. --lambda, --granularity channel and
+    --trellis choose the levels by rate-distortion (docs/quantization.md). CDL / R-CDL checkpoints
+    (from `cdlcodec train`) are recognised and quantized with their learned steps (--cpmf).
     """
     from ...codec import EncodeOptions, encode_file
     from ...errors import CdlInputError
@@ -31,7 +42,23 @@ def command(model, output, rel_step, step, bits, backend, keep, arch, quiet):
         raise CdlInputError(f"choose one of --rel-step, --step, --bits (got {' and '.join(chosen)})")
     quantizer = UniformQuantizer(rel_step=None if chosen else DEFAULT_REL_STEP, step=step, bits=bits) \
         if chosen != ["--rel-step"] else UniformQuantizer(rel_step=rel_step)
-    options = EncodeOptions(quantizer, backend, tuple(keep), quiet)
+    step_rule = {"rel_step": quantizer.rel_step, "step": quantizer.step, "bits": quantizer.bits}
+    if trellis:
+        from ...quantizers.trellis import TrellisQuantizer
+
+        quantizer = TrellisQuantizer(lam=lam or 0.0, granularity=granularity, **step_rule)
+    elif lam is not None or granularity != "tensor":
+        from ...quantizers.rd import RDQuantizer
+
+        quantizer = RDQuantizer(lam=lam or 0.0, granularity=granularity, **step_rule)
+    if seed is not None and cpmf != "sample":
+        raise CdlInputError("--seed applies to --cpmf sample only")
+    cdl_quantizer = None
+    if cpmf is not None:
+        from ...quantizers.cpmf import CpmfQuantizer
+
+        cdl_quantizer = CpmfQuantizer(cpmf, seed or 0)
+    options = EncodeOptions(quantizer, backend, tuple(keep), quiet, cdl_quantizer)
     if arch is None:
         summary = encode_file(model, output, options)
     else:
@@ -45,6 +72,12 @@ def command(model, output, rel_step, step, bits, backend, keep, arch, quiet):
         section, meta = architecture_graph_section(arch, source.records)
         summary = encode_records(source.records, output, options, {**source.metadata, **meta},
                                  [*source.sections, section])
+    if not quiet and summary.report:
+        from ...quantizers.cpmf import format_report
+
+        click.echo(f"CDL checkpoint ({summary.report['mode']}, cpmf={summary.report['cpmf']}): coded bits "
+                   "per layer next to the training entropy H(w_l) (eq. 26)")
+        click.echo(format_report(summary.report))
     if not quiet:
         click.echo(f"{model} -> {output}: {summary.original_bytes:,} -> {summary.coded_bytes:,} bytes "
                    f"({summary.original_bytes / max(summary.coded_bytes, 1):.1f}x), "
