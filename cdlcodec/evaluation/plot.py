@@ -1,0 +1,102 @@
+"""The rate-accuracy plot: accuracy against bits per weight and against bits per activation.
+
+One curve per method (points sorted by rate), the Pareto front of all points of a task marked
+(no other point is both smaller and at least as accurate). Rendered with matplotlib's Agg backend,
+so it works without a display.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+from ..errors import CdlInputError
+
+_MARKERS = "osD^v<>pPXh*"
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points (rate, accuracy) not dominated by another one (lower rate and
+    accuracy at least as high, or equal rate and higher accuracy); sorted by rate."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best = [], float("-inf")
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def _curves(rows: list[dict], rate_field: str) -> dict[str, list[tuple[float, float]]]:
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for row in rows:
+        if "error" in row or row.get(rate_field) is None:
+            continue
+        curves.setdefault(row["method"], []).append((float(row[rate_field]), float(row["accuracy"])))
+    return {m: sorted(p) for m, p in curves.items()}
+
+
+def _panel(ax, rows: list[dict], rate_field: str, xlabel: str, colors: dict) -> None:
+    curves = _curves(rows, rate_field)
+    everything = [p for pts in curves.values() for p in pts]
+    for n, (method, pts) in enumerate(curves.items()):
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, marker=_MARKERS[n % len(_MARKERS)], ms=4, lw=1.2, label=method, color=colors[method])
+    if everything:
+        front = [everything[i] for i in pareto_front(everything)]
+        xs, ys = zip(*front)
+        ax.plot(xs, ys, ls="none", marker="o", ms=10, mfc="none", mec="black", mew=1.0, label="Pareto front")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def plot(results: dict, path: str, *, task: str | None = None, min_accuracy: float | None = None,
+         dpi: int = 80) -> str:
+    """Write a PNG for one task (the first one unless `task` is named); returns the path.
+
+    min_accuracy: lower limit of the y axis (points far below it are clipped out of view), so
+    that a collapsed low-rate point does not flatten the interesting part of the curves.
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        raise CdlInputError("plots need matplotlib: pip install 'cdlcodec[plot]'") from None
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    sweeps = [s for s in results["sweeps"] if task is None or s["task"] == task]
+    if not sweeps:
+        raise CdlInputError(f"no results for task {task!r}")
+    sweep = sweeps[0]
+    rows = [r for r in sweep["rows"] if "error" not in r]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    cmap = plt.get_cmap("tab10")
+    colors = {m: cmap(i % 10) for i, m in enumerate(methods)}
+    with_activations = any(r.get("bits_per_activation", 32.0) < 32.0 for r in rows)
+    fig, axes = plt.subplots(1, 2 if with_activations else 1, figsize=(10 if with_activations else 6, 4),
+                             squeeze=False)
+    _panel(axes[0][0], rows, "bits_per_weight", "bits per weight (eq. 41a, log scale)", colors)
+    if with_activations:
+        _panel(axes[0][1], rows, "bits_per_activation", "bits per activation (eq. 41b, log scale)", colors)
+    for ax in axes[0]:
+        if min_accuracy is not None:
+            top = max([r["accuracy"] for r in rows] + [min_accuracy + 1])
+            ax.set_ylim(min_accuracy, top + 0.5)
+    axes[0][0].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"{sweep['task']}: accuracy vs rate (float32: {sweep['reference_accuracy']:.2f} %)", fontsize=10)
+    fig.tight_layout()
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=directory)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    finally:
+        plt.close(fig)
+    return path
