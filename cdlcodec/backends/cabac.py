@@ -38,6 +38,7 @@ DEFAULT_N_GT = 10
 DEFAULT_MODE = None            # auto: prev, or prev2+row when the sample says it is smaller
 DEFAULT_CHUNK_SIZE = 1 << 16
 RATE_SAMPLE = 1 << 16          # levels used to pick the estimator rates
+PARALLEL_MIN_LEVELS = 1 << 17   # below this, starting threads costs more than it saves
 FLUSH_BITS_ESTIMATE = 12       # average termination bytes per chunk, for estimate_bits
 
 _MAX_VARINT_BYTES = 10
@@ -222,7 +223,8 @@ class CabacBackend:
         buf = np.frombuffer(payload, dtype=np.uint8)
         errs = np.zeros(n_chunks, dtype=np.int64)
         fast, slow = (int(v) for v in RATE_PAIRS[rate_idx])
-        kernel = decode_chunks_parallel if (self.parallel and n_chunks > 1) else decode_chunks_serial
+        parallel = self.parallel and n_chunks > 1 and count >= PARALLEL_MIN_LEVELS
+        kernel = decode_chunks_parallel if parallel else decode_chunks_serial
         kernel(buf, offsets, chunk_size, n_gt, mode, row_len, fast, slow, out, errs)
         bad = np.flatnonzero(errs)
         if bad.size:
