@@ -50,9 +50,11 @@ def cdl_loss(model: nn.Module, logits: torch.Tensor, targets: torch.Tensor, *,
     if lam > 0:
         bits, count = weight_entropy_bits(model)
         total = total + lam * bits
-        hw, hw_per = float(bits), float(bits) / max(count, 1)
+        hw = float(bits.detach())
+        hw_per = hw / max(count, 1)
     if gamma > 0:
         bits, count = activation_entropy_bits(model)
         total = total + gamma * bits
-        hx, hx_per = float(bits), float(bits) / max(count, 1)
-    return LossParts(total, float(ce), hw, hw_per, hx, hx_per)
+        hx = float(bits.detach())
+        hx_per = hx / max(count, 1)
+    return LossParts(total, float(ce.detach()), hw, hw_per, hx, hx_per)

@@ -37,11 +37,12 @@ class TrainConfig:
     epochs: int = 5
     batch_size: int = 64
     lr: float = 2e-3           # η_w, Adam
-    # Base rates of eq. 39 (before the per-layer 1/sqrt(...) factors).
-    lr_q: float = 0.2
-    lr_s: float = 0.2
-    lr_alpha: float = 2000.0
-    lr_beta: float = 2000.0
+    # Base rates of eq. 39 (before the per-layer 1/sqrt(...) factors). With Adam a parameter moves
+    # about its learning rate per step, so α/β (≈500) get base rates on their own scale.
+    lr_q: float = 0.01
+    lr_s: float = 0.01
+    lr_alpha: float = 100.0
+    lr_beta: float = 100.0
     alpha0: float = 500.0
     beta0: float = 500.0
     seed: int = 0
@@ -59,6 +60,8 @@ class TrainConfig:
             raise CdlInputError("--lambda and --gamma must be finite and >= 0")
         if self.epochs < 1:
             raise CdlInputError(f"--epochs must be at least 1, not {self.epochs}")
+        if not self.lr > 0:
+            raise CdlInputError(f"--lr must be positive, not {self.lr}")
         if self.batch_size < 1:
             raise CdlInputError(f"--batch-size must be at least 1, not {self.batch_size}")
 

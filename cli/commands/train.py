@@ -1,0 +1,47 @@
+"""`cdlcodec train`: train a built-in task in full precision, with CDL or with R-CDL."""
+from __future__ import annotations
+
+import click
+
+
+@click.command("train")
+@click.argument("task", metavar="TASK")
+@click.option("--mode", default="rcdl", show_default=True, type=click.Choice(["fp", "cdl", "rcdl"]),
+              help="fp: ordinary training; cdl: sampled quantizers (Qp); rcdl: soft quantizers (Qd).")
+@click.option("--bits", "-b", default=4, show_default=True, type=int,
+              help="Bit width b of weights and activations (first and last layer: --first-last-bits).")
+@click.option("--first-last-bits", default=8, show_default=True, type=int,
+              help="Bit width of the first and last weight layer (Section VI-B-2).")
+@click.option("--lambda", "lam", default=0.0, show_default=True, type=float,
+              help="λ: weight of H(w), the model's weight entropy in bits (eq. 30).")
+@click.option("--gamma", default=0.0, show_default=True, type=float,
+              help="γ: weight of H(x), one sample's activation entropy in bits (eq. 30).")
+@click.option("--epochs", default=5, show_default=True, type=int)
+@click.option("--batch-size", default=64, show_default=True, type=int)
+@click.option("--lr", default=2e-3, show_default=True, type=float, help="Adam learning rate of the weights.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, writable=True),
+              help="Checkpoint to write (a state_dict; see formats/cdl-checkpoint.md).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def command(task, mode, bits, first_last_bits, lam, gamma, epochs, batch_size, lr, seed, output, quiet):
+    """Train TASK (lenet5-mnist) and print one JSON line with accuracy and rates.
+
+    The JSON holds test_accuracy, bits_per_weight and bits_per_activation (Huffman-coded averages,
+    eq. 41, of the hard-quantized weights and of a batch of training activations) and
+    entropy_bits_per_weight (H(w)/|w| from the learned MPMFs, eq. 26).
+    """
+    import json
+    import os
+
+    from cdlcodec.cdl.train import TASKS, TrainConfig, run_task
+    from cdlcodec.errors import CdlInputError
+
+    if task not in TASKS:
+        raise CdlInputError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
+    directory = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(directory):
+        raise CdlInputError(f"output directory does not exist: {directory}")
+    config = TrainConfig(mode=mode, bits=bits, first_last_bits=first_last_bits, lam=lam, gamma=gamma,
+                         epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, quiet=quiet)
+    report = run_task(task, config, output)
+    click.echo(json.dumps(report, sort_keys=False))

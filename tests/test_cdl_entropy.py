@@ -1,0 +1,71 @@
+"""MPMF and entropy terms (eq. 25-29)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cdlcodec.cdl.entropy import entropy_bits, mpmf, reference_mpmf
+from cdlcodec.cdl.metrics import empirical_entropy_bits, huffman_code_bits
+from cdlcodec.cdl.quantizer import alphabet_bounds, hard_levels
+
+
+@pytest.mark.parametrize("bits,signed,window", [(4, True, None), (2, True, None), (3, False, 5)])
+def test_mpmf_matches_reference_and_gradcheck(bits, signed, window):
+    lo, hi = alphabet_bounds(bits, signed)
+    g = torch.Generator().manual_seed(0)
+    theta = (torch.randn(16, generator=g, dtype=torch.float64) * 0.4).requires_grad_()
+    step = torch.tensor(0.15, dtype=torch.float64, requires_grad=True)
+    sharp = torch.tensor(40.0, dtype=torch.float64, requires_grad=True)
+    fast = mpmf(theta, step, sharp, lo, hi, window)
+    ref = reference_mpmf(theta, step, sharp, lo, hi, window)
+    torch.testing.assert_close(fast, ref, rtol=1e-12, atol=1e-13)
+    assert abs(float(fast.detach().sum()) - 1) < 1e-12
+    assert torch.autograd.gradcheck(lambda t, s, a: entropy_bits(mpmf(t, s, a, lo, hi, window)),
+                                    (theta, step, sharp))
+    g_fast = torch.autograd.grad(entropy_bits(fast), (theta, step, sharp))
+    g_ref = torch.autograd.grad(entropy_bits(ref), (theta, step, sharp))
+    for a, b in zip(g_fast, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("bits,signed,window", [(4, True, None), (6, True, None), (4, False, 5)])
+def test_mpmf_entropy_equals_histogram_entropy_for_large_alpha(bits, signed, window):
+    lo, hi = alphabet_bounds(bits, signed)
+    q = 0.05
+    rng = np.random.default_rng(0)
+    theta = rng.laplace(0.0, 0.08, 20000) + (0.15 if not signed else 0.0)
+    # Move values that sit near a midpoint (ties of the argmax) a little inward.
+    frac = theta / q - np.round(theta / q)
+    theta = np.where(np.abs(frac) > 0.45, np.round(theta / q) * q, theta)
+    t = torch.tensor(theta)
+    alpha = torch.tensor(1e6, dtype=torch.float64)
+    h_mpmf = float(entropy_bits(mpmf(t, torch.tensor(q, dtype=torch.float64), alpha, lo, hi, window)))
+    levels = hard_levels(t.float(), torch.tensor(q), lo, hi).numpy()
+    assert abs(h_mpmf - empirical_entropy_bits(levels)) < 1e-6
+
+
+def test_mpmf_entropy_is_larger_for_smaller_alpha():
+    lo, hi = alphabet_bounds(4, True)
+    t = torch.randn(5000, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 0.1
+    q = torch.tensor(0.05, dtype=torch.float64)
+    hs = [float(entropy_bits(mpmf(t, q, torch.tensor(a, dtype=torch.float64), lo, hi)))
+          for a in (10.0, 100.0, 1e3, 1e5)]
+    assert hs == sorted(hs, reverse=True)
+
+
+def test_entropy_bits_of_known_pmfs():
+    assert float(entropy_bits(torch.tensor([0.5, 0.5]))) == pytest.approx(1.0)
+    assert float(entropy_bits(torch.tensor([1.0, 0.0, 0.0]))) == pytest.approx(0.0)
+    assert float(entropy_bits(torch.full((8,), 1 / 8))) == pytest.approx(3.0)
+
+
+def test_local_huffman_code_length():
+    # counts 5,2,1,1 -> code lengths 1,2,3,3 -> 5+4+3+3 = 15 bits
+    levels = np.array([0] * 5 + [1] * 2 + [2] + [3])
+    assert huffman_code_bits(levels) == 15
+    assert huffman_code_bits(np.zeros(7, dtype=np.int64)) == 7
+    levels = np.random.default_rng(0).integers(-8, 8, 4096)
+    h = empirical_entropy_bits(levels) * levels.size
+    assert h <= huffman_code_bits(levels) < h + levels.size
+    assert math.isclose(empirical_entropy_bits(np.arange(16)), 4.0)
