@@ -265,3 +265,19 @@ def test_tensor_codec_bad_input_and_corrupt_payloads():
             decode_tensor(payload[:cut])
     with pytest.raises(CdlDecodeError, match="limit"):
         decode_tensor(payload, max_numel=10)
+
+
+def test_tensor_codec_reads_real_cdl_layers():
+    from cdlcodec.cdl.layers import ActivationQuantizer as CdlActivation, CDLLinear
+    from cdlcodec.cdl.quantizer import hard_quantize
+
+    torch.manual_seed(0)
+    layer = CDLLinear(30, 20, bits=4).eval()
+    out = decode_tensor(encode_tensor(layer.weight, layer))
+    lo, hi = layer.bounds
+    assert torch.equal(out, hard_quantize(layer.weight, layer.q, lo, hi)), "the layer's eval-mode weight"
+    act = CdlActivation(bits=3, s0=0.2)
+    x = torch.randn(5, 7).abs()
+    out = decode_tensor(encode_tensor(x, act))
+    lo, hi = act.bounds
+    assert (lo, hi) == (0, 7) and torch.equal(out, hard_quantize(x, act.s, lo, hi))

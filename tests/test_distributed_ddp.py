@@ -5,19 +5,17 @@ failing rank's exception here. Scenarios share one spawn per test to keep proces
 """
 from __future__ import annotations
 
-import os
 import time
 from datetime import timedelta
 
 import numpy as np
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
 from cdlcodec.distributed import CO3State, co3_codec, co3_hook, fpconv
-from cdlcodec.distributed import hook as hook_module
+from cdlcodec.distributed import exchange
 from cdlcodec.errors import CdlDecodeError
 
 WORLD = 2
@@ -65,7 +63,7 @@ def _exactness(rank: int):
             g = local_gradient(rank, 3001)
             # 1. What a peer decodes equals, bit for bit, what the sender quantized.
             frame, ghat = co3_codec.encode_bucket(g, f, source)
-            frames, _ = hook_module.all_gather_bytes(frame)
+            frames, _ = exchange.all_gather_bytes(frame)
             sent = [torch.zeros(g.size) for _ in range(WORLD)]
             dist.all_gather(sent, torch.from_numpy(ghat))
             for peer in range(WORLD):

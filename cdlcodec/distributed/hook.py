@@ -31,8 +31,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..errors import CdlDecodeError, CdlError, CdlInputError
+from ..errors import CdlInputError
 from . import co3_codec, fpconv, wire
+from .exchange import all_gather_bytes
 
 
 @dataclass
@@ -116,50 +117,10 @@ class CO3State:
         return mem
 
 
-def _wait(work, timeout: timedelta | None, what: str) -> None:
-    try:
-        if timeout is None:
-            work.wait()
-        else:
-            work.wait(timeout)
-    except CdlError:
-        raise
-    except Exception as exc:  # gloo reports timeouts and dead peers as RuntimeError
-        raise CdlDecodeError(f"{what} failed (peer gone, stalled or timed out): {exc}") from exc
-
-
 def max_frame_size(fmt: fpconv.FpFormat, numel: int) -> int:
     """Largest frame a well-behaved worker can send for a bucket of numel elements."""
     lengths = (fmt.num_codes * wire.LENGTH_BITS + 7) // 8
     return wire.GRAD_HEADER_SIZE + lengths + (numel * wire.MAX_CODE_LENGTH + 7) // 8
-
-
-def all_gather_bytes(data: bytes, group=None, timeout: timedelta | None = None,
-                     max_size: int | None = None) -> tuple[list[bytes], int]:
-    """Every worker's byte string, in rank order, plus the bytes this worker put on the wire.
-
-    Two collectives: the sizes (int64, one each), then the buffers padded to the largest size.
-    When every buffer is empty the second collective is skipped (gloo fails on empty tensors);
-    all workers see the same sizes, so they all make the same decision. Sizes above max_size are
-    rejected by every worker before anything is allocated.
-    """
-    world = dist.get_world_size(group)
-    size = torch.tensor([len(data)], dtype=torch.int64)
-    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
-    _wait(dist.all_gather(sizes, size, group=group, async_op=True), timeout, "exchanging frame sizes")
-    sizes_i = [int(s.item()) for s in sizes]
-    for rank, s in enumerate(sizes_i):
-        if s < 0 or (max_size is not None and s > max_size):
-            raise CdlDecodeError(f"worker {rank} announces a frame of {s} bytes (allowed 0..{max_size})")
-    longest = max(sizes_i)
-    if longest == 0:
-        return [b"" for _ in range(world)], 8
-    buf = torch.zeros(longest, dtype=torch.uint8)
-    if data:
-        buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    outs = [torch.empty(longest, dtype=torch.uint8) for _ in range(world)]
-    _wait(dist.all_gather(outs, buf, group=group, async_op=True), timeout, "exchanging frames")
-    return [outs[r][: sizes_i[r]].numpy().tobytes() for r in range(world)], 8 + longest
 
 
 def average_frames(frames: list[bytes], numel: int) -> np.ndarray:

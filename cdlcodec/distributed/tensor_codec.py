@@ -1,6 +1,8 @@
 """CDL-coded tensors for any point-to-point or collective exchange (model and data parallelism).
 
-    payload = encode_tensor(weight, layer.weight_quantizer)       # or step=0.01, bits=8
+    payload = encode_tensor(layer.weight, layer)                   # a cdlcodec.cdl CDLLinear/CDLConv2d
+    payload = encode_tensor(activations, act_quantizer)            # a cdlcodec.cdl ActivationQuantizer
+    payload = encode_tensor(t, step=0.01, bits=8)                  # or a plain step
     t_hat = decode_tensor(payload)                                 # on the other side
 
 The tensor is quantized with the hard CDL quantizer (the nearest level of the uniform alphabet,
@@ -11,7 +13,8 @@ framed with its shape, dtype, step and level range (wire.TensorFrame, CRC32-chec
 Quantizer objects are duck-typed; these attributes are read (tensor or number, current values):
   step:  `step`, else `q` (weight quantizers), else `s` (activation quantizers)
   bits:  `bits`, else `b`   (optional: without it levels are only limited to +-(2^31 - 1))
-  alphabet: `lo` and `hi` if both present; else signed {-2^(b-1) .. 2^(b-1) - 1} (eq. 10a) unless
+  alphabet: `bounds` (a (lo, hi) pair or a method returning one: cdlcodec.cdl layers and
+         activation quantizers have it), else `lo` and `hi` if both present; else signed {-2^(b-1) .. 2^(b-1) - 1} (eq. 10a) unless
          the object has `signed = False` or is an activation quantizer (has `s` but no `q`), which
          use {0 .. 2^b - 1} (eq. 10b).
 The sharpness (alpha / beta) only shapes the soft quantizer used in training; hard quantization
@@ -52,6 +55,15 @@ def quantizer_params(quantizer) -> tuple[float, int | None, int | None]:
             break
     if step is None:
         raise CdlInputError(f"{type(quantizer).__name__} exposes no step (`step`, `q` or `s`)")
+    bounds = getattr(quantizer, "bounds", None)
+    if callable(bounds):
+        bounds = bounds()
+    if bounds is not None:
+        try:
+            lo, hi = (int(_scalar(v, "quantizer.bounds")) for v in bounds)
+        except (TypeError, ValueError):
+            raise CdlInputError("quantizer.bounds must be a pair of integers (lo, hi)") from None
+        return step, lo, hi
     if getattr(quantizer, "lo", None) is not None and getattr(quantizer, "hi", None) is not None:
         return step, int(_scalar(quantizer.lo, "lo")), int(_scalar(quantizer.hi, "hi"))
     bits = None
