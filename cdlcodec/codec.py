@@ -90,13 +90,19 @@ def _integer_role(record: TensorRecord) -> str:
 def code_levels(levels: np.ndarray, backend: str, hint: EncodeHint | None = None) -> tuple[str, bytes, bytes]:
     """Entropy-code int64 levels with one backend, or with every available one for 'auto' (smallest wins)."""
     names = backends.available() if backend == "auto" else [backend]
-    best = None
+    best, refusals = None, []
     for name in names:
-        payload, params = backends.get(name).encode(levels, hint)
+        try:
+            payload, params = backends.get(name).encode(levels, hint)
+        except CdlInputError as exc:
+            if backend != "auto":
+                raise
+            refusals.append(f"{name}: {exc}")  # e.g. an alphabet too large for 24-bit Huffman codes
+            continue
         if best is None or len(payload) + len(params) < len(best[1]) + len(best[2]):
             best = (name, payload, params)
     if best is None:
-        raise CdlInputError("no lossless backend is available")
+        raise CdlInputError("no lossless backend could code this tensor" + (f" ({'; '.join(refusals)})" if refusals else ""))
     return best
 
 
