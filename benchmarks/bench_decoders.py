@@ -186,21 +186,25 @@ def bench_minilm(models: str, work: str) -> None:
     py = sys.executable
     cli = [py, "-m", "cdlcodec"]
     subprocess.run([*cli, "encode", fp32, "-o", os.path.join(work, "m.cdl"), "-q"], check=True)
+    subprocess.run([*cli, "encode", fp32, "-o", os.path.join(work, "m8.cdl"), "--bits", "8", "-q"], check=True)
     subprocess.run([*cli, "encode", fp32, "-o", os.path.join(work, "m4.cdl"), "--bits", "4", "-q"], check=True)
     rows = []
     base = peak_run("import onnx\nonnx.load(sys.argv[1])", fp32)
     rows.append(("baseline: onnx.load of the fp32 .onnx", fp32, *base))
-    for name, cdl, args in (("decode -> fp32 .onnx", "m.cdl", []),
-                            ("decode -> QDQ int8 .onnx", "m.cdl", ["--weights", "qdq"]),
-                            ("decode -> fp32 .onnx (4-bit levels)", "m4.cdl", []),
-                            ("decode -> QDQ int4 .onnx", "m4.cdl", ["--weights", "qdq"])):
-        out = os.path.join(work, name.split()[-2].replace(".", "") + ("_4" if "4" in cdl else "") + ".onnx")
+    for i, (name, cdl, args) in enumerate((
+            ("rel-step 0.05 -> fp32 .onnx", "m.cdl", []),
+            ("rel-step 0.05 -> QDQ .onnx (int16 levels)", "m.cdl", ["--weights", "qdq"]),
+            ("--bits 8 -> fp32 .onnx", "m8.cdl", []),
+            ("--bits 8 -> QDQ int8 .onnx", "m8.cdl", ["--weights", "qdq"]),
+            ("--bits 4 -> fp32 .onnx", "m4.cdl", []),
+            ("--bits 4 -> QDQ int4 .onnx", "m4.cdl", ["--weights", "qdq"]))):
+        out = os.path.join(work, f"decoded_{i}.onnx")
         secs, peak = peak_run(CLI, "decode", os.path.join(work, cdl), "-o", out, "-q", *args)
         rows.append((name, out, secs, peak))
     print("\n## all-MiniLM-L6-v2 as ONNX (22.7 M params): sizes, decode wall time and peak RSS (fresh process)")
     print(f"{'file':44s} {'bytes':>12s} {'wall s':>7s} {'peak MiB':>9s}")
     for label, path in (("original fp32 .onnx", fp32), (".cdl (default rel-step 0.05)", os.path.join(work, "m.cdl")),
-                        (".cdl (--bits 4)", os.path.join(work, "m4.cdl"))):
+                        (".cdl (--bits 8)", os.path.join(work, "m8.cdl")), (".cdl (--bits 4)", os.path.join(work, "m4.cdl"))):
         print(f"{label:44s} {os.path.getsize(path):12,d}")
     for label, path, secs, peak in rows:
         print(f"{label:44s} {os.path.getsize(path):12,d} {secs:7.2f} {peak:9.0f}")
