@@ -142,7 +142,7 @@ def enc_init(st, start, end):
     st[COST] = 0
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, _nrt=False)
 def _emit(st, buf, byte):
     if st[SKIP]:
         st[SKIP] = 0
@@ -155,7 +155,7 @@ def _emit(st, buf, byte):
     st[POS] = pos + 1
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, _nrt=False)
 def _shift_low(st, buf, low):
     """Move the top byte of low out (through the carry cache); returns the new low."""
     if low < 0xFF000000 or low > MASK32:
