@@ -58,7 +58,7 @@ def test_checkpoint_round_trip_weights_only(tmp_path, mode):
         ("relu1", 0, "conv1"), ("relu2", 1, "conv2"), ("relu3", 2, "fc1"), ("relu4", 3, "fc2")]
     for w in meta.weights:
         layer = model.get_submodule(w.module)
-        assert w.q == float(layer.q) and w.alpha == float(layer.alpha)
+        assert w.q == float(layer.q.detach()) and w.alpha == float(layer.alpha.detach())
         # hard_levels / dequantize reproduce the eval-mode weight bit for bit.
         levels = hard_levels(arrays[w.weight], w.q, w.bits)
         lo, hi = w.level_range
@@ -67,7 +67,7 @@ def test_checkpoint_round_trip_weights_only(tmp_path, mode):
         assert np.array_equal(dequantize(levels, w.q).view(np.uint32), eval_weight.view(np.uint32))
     for a in meta.activations:
         module = model.get_submodule(a.module)
-        assert a.s == float(module.s) and a.beta == float(module.beta) and a.bits == 4
+        assert a.s == float(module.s.detach()) and a.beta == float(module.beta.detach()) and a.bits == 4
 
     # The rebuilt model predicts exactly what the checkpoint's eval mode predicts.
     rebuilt = build_model_from_checkpoint(arrays)

@@ -48,6 +48,7 @@ class TrainConfig:
     seed: int = 0
     quiet: bool = False
     activation_batch: int = 256   # training images whose activations give bits_per_activation
+    train_samples: int | None = None  # use only the first N training images (quick trials)
 
     def check(self) -> None:
         if self.mode not in TRAIN_MODES:
@@ -62,6 +63,8 @@ class TrainConfig:
             raise CdlInputError(f"--epochs must be at least 1, not {self.epochs}")
         if not self.lr > 0:
             raise CdlInputError(f"--lr must be positive, not {self.lr}")
+        if self.train_samples is not None and self.train_samples < 1:
+            raise CdlInputError(f"--train-samples must be at least 1, not {self.train_samples}")
         if self.batch_size < 1:
             raise CdlInputError(f"--batch-size must be at least 1, not {self.batch_size}")
 
@@ -143,6 +146,8 @@ def run_task(task: str, config: TrainConfig, output: str | None) -> dict:
         raise CdlInputError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
     config.check()
     (x_train, y_train), (x_test, y_test) = load_mnist_5k()
+    if config.train_samples is not None:
+        x_train, y_train = x_train[:config.train_samples], y_train[:config.train_samples]
     architecture = TASKS[task]
     torch.manual_seed(config.seed)          # same initial weights for every mode
     model = build(architecture)

@@ -19,11 +19,14 @@ import click
 @click.option("--epochs", default=5, show_default=True, type=int)
 @click.option("--batch-size", default=64, show_default=True, type=int)
 @click.option("--lr", default=2e-3, show_default=True, type=float, help="Adam learning rate of the weights.")
+@click.option("--train-samples", default=None, type=int,
+              help="Train on the first N of the 4,000 training images only (quick trials).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, writable=True),
               help="Checkpoint to write (a state_dict; see formats/cdl-checkpoint.md).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def command(task, mode, bits, first_last_bits, lam, gamma, epochs, batch_size, lr, seed, output, quiet):
+def command(task, mode, bits, first_last_bits, lam, gamma, epochs, batch_size, lr, train_samples, seed, output,
+            quiet):
     """Train TASK (lenet5-mnist) and print one JSON line with accuracy and rates.
 
     The JSON holds test_accuracy, bits_per_weight and bits_per_activation (Huffman-coded averages,
@@ -42,6 +45,7 @@ def command(task, mode, bits, first_last_bits, lam, gamma, epochs, batch_size, l
     if not os.path.isdir(directory):
         raise CdlInputError(f"output directory does not exist: {directory}")
     config = TrainConfig(mode=mode, bits=bits, first_last_bits=first_last_bits, lam=lam, gamma=gamma,
-                         epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, quiet=quiet)
+                         epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, quiet=quiet,
+                         train_samples=train_samples)
     report = run_task(task, config, output)
     click.echo(json.dumps(report, sort_keys=False))
