@@ -44,7 +44,7 @@ real encoder will spend (up to the range coder's rounding, a fraction of a perce
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from ..jit import njit, prange
 
 from .base import MAX_ABS_LEVEL
 from .cabac_coder import (

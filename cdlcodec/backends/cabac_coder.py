@@ -30,7 +30,7 @@ this is what keeps the cost of resetting contexts at every chunk small.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from ..jit import njit
 
 # --- coder state layout: one small int64 array per coder -------------------------------------
 LOW, RANGE, CACHE, CACHE_SIZE, POS, END, SKIP, CODE, ERR, COST = range(10)

@@ -12,7 +12,7 @@ CdlDecodeError by the Python layer, so a corrupt stream never raises anything el
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from ..jit import njit
 
 MAX_CODE_LEN = 24  # format limit: code words are at most 24 bits
 PRIMARY_BITS = 11  # the decoder's first lookup table has 2**11 entries (18 KB, stays in L1)

@@ -22,7 +22,7 @@ decoded level lies within ±(2**31 - 1); anything else raises CdlDecodeError.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from ..jit import njit
 
 from ..errors import CdlDecodeError
 from .base import MAX_ABS_LEVEL, EncodeHint

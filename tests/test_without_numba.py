@@ -1,0 +1,77 @@
+"""Without numba the kernels run as plain Python: the same code, so the same bytes (only slower)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cdlcodec import backends
+from cdlcodec.backends import EncodeHint
+
+# Runs in a child process where `import numba` fails, as on a device without numba.
+_CHILD = r"""
+import sys
+sys.modules["numba"] = None
+import json, numpy as np
+from cdlcodec import backends
+from cdlcodec.backends import EncodeHint
+from cdlcodec.jit import HAVE_NUMBA
+assert not HAVE_NUMBA
+cases = json.loads(sys.stdin.read())
+out = {}
+for key, (name, levels, shape) in cases.items():
+    lv = np.array(levels, dtype=np.int64)
+    payload, params = backends.get(name).encode(lv, EncodeHint(shape=tuple(shape) if shape else None))
+    back = backends.get(name).decode(payload, params, lv.size, tuple(shape) if shape else None)
+    out[key] = [payload.hex(), params.hex(), back.tolist()]
+print(json.dumps(out))
+"""
+
+
+def _cases():
+    rng = np.random.default_rng(7)
+    arrays = {
+        "laplace": (np.rint(rng.laplace(0, 2, 1200)).astype(np.int64), [40, 30]),
+        "sparse": (((rng.random(900) < 0.1) * rng.integers(-40, 40, 900)).astype(np.int64), None),
+        "extremes": (np.array([2**31 - 1, -(2**31 - 1), 0, 5, 5, 5], dtype=np.int64), None),
+        "empty": (np.zeros(0, np.int64), None),
+        "constant": (np.full(300, -3, np.int64), None),
+    }
+    return {f"{b}/{k}": (b, v[0].tolist(), v[1]) for b in ("raw", "huffman", "cabac") for k, v in arrays.items()}
+
+
+def test_pure_python_kernels_give_identical_bytes():
+    cases = _cases()
+    child = subprocess.run([sys.executable, "-c", _CHILD], input=json.dumps(cases), capture_output=True,
+                           text=True, timeout=600)
+    assert child.returncode == 0, child.stderr[-2000:]
+    result = json.loads(child.stdout)
+    for key, (name, levels, shape) in cases.items():
+        lv = np.array(levels, dtype=np.int64)
+        payload, params = backends.get(name).encode(lv, EncodeHint(shape=tuple(shape) if shape else None))
+        assert result[key][0] == payload.hex() and result[key][1] == params.hex(), key
+        assert result[key][2] == levels, key
+
+
+def test_container_decodes_without_numba(tmp_path, state_dict_file):
+    from cdlcodec.codec import EncodeOptions, decode_container, encode_file
+
+    cdl = tmp_path / "m.cdl"
+    encode_file(str(state_dict_file), str(cdl), EncodeOptions(quiet=True))
+    expected = {r.name: r.array for r in decode_container(str(cdl)).records}
+    code = ("import sys; sys.modules['numba'] = None\n"
+            "from cdlcodec.codec import decode_container\n"
+            "from cdlcodec.formats.safetensors import write_safetensors\n"
+            f"m = decode_container({str(cdl)!r})\n"
+            f"write_safetensors({str(tmp_path / 'out.safetensors')!r}, [(r.name, r.array, r.dtype) for r in m.records])\n")
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert child.returncode == 0, child.stderr[-2000:]
+    from cdlcodec.formats.safetensors import read_safetensors
+
+    got = {n: a for n, a, _ in read_safetensors(str(tmp_path / "out.safetensors"))}
+    assert set(got) == set(expected)
+    for name in expected:
+        assert np.array_equal(got[name], expected[name]), name
