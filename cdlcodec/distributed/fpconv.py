@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import math
 
 import numpy as np
-from numba import njit
+from ..jit import njit
 
 from ..errors import CdlInputError
 
