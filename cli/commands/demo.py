@@ -5,7 +5,7 @@ import click
 @click.command("demo")
 @click.option("--epochs", default=6, show_default=True, type=click.IntRange(1, 100), help="Training epochs.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for initialisation and batching.")
-@click.option("--rel-step", type=float, default=None, help="Quantization step relative to each tensor's std (default 0.05).")
+@click.option("--rel-step", type=float, default=None, help="Quantization step relative to each tensor's std (default 0.1).")
 @click.option("--backend", default="auto", show_default=True, help="Lossless backend.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Also keep the .cdl file here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON line.")

@@ -6,7 +6,7 @@ import click
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output .cdl file.")
 @click.option("--rel-step", type=float, default=None,
-              help="Step = R x standard deviation of each tensor (default 0.05).")
+              help="Step = R x standard deviation of each tensor (default 0.1).")
 @click.option("--step", type=float, default=None, help="One absolute step for every quantized tensor.")
 @click.option("--bits", type=int, default=None, help="Symmetric quantization with levels that fit in B signed bits.")
 @click.option("--backend", default="auto", show_default=True,
