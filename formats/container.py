@@ -21,11 +21,12 @@ import json
 import math
 import os
 import struct
-import tempfile
+import contextlib
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
+from ..atomic import atomic_open
 from ..errors import CdlFormatError, CdlInputError
 
 MAGIC = b"\x89CDL\r\n\x1a\n"
@@ -128,7 +129,7 @@ class ContainerWriter:
         self._section_names: set[str] = set()
         self._offset = 0
         self._fh: BinaryIO | None = None
-        self._tmp: str | None = None
+        self._stack = contextlib.ExitStack()
 
     def set_metadata(self, key: str, value: str) -> None:
         if not isinstance(key, str) or not isinstance(value, str):
@@ -136,9 +137,7 @@ class ContainerWriter:
         self.metadata[key] = value
 
     def __enter__(self) -> "ContainerWriter":
-        directory = os.path.dirname(os.path.abspath(self.path))
-        fd, self._tmp = tempfile.mkstemp(prefix=".cdl-", suffix=".tmp", dir=directory)
-        self._fh = os.fdopen(fd, "wb")
+        self._fh = self._stack.enter_context(atomic_open(self.path))
         self._fh.write(PREFIX.pack(MAGIC, FORMAT_MAJOR, FORMAT_MINOR, 0))
         return self
 
@@ -191,21 +190,13 @@ class ContainerWriter:
         prefix = PREFIX.pack(MAGIC, FORMAT_MAJOR, FORMAT_MINOR, 0)
         crc = zlib.crc32(prefix + index_bytes + struct.pack("<QQ", index_offset, len(index_bytes)))
         self._fh.write(FOOTER.pack(index_offset, len(index_bytes), crc, 0, END_MAGIC))
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            if exc_type is None:
-                self._finish()
-                os.replace(self._tmp, self.path)
-                self._tmp = None
-        finally:
-            if self._fh is not None and not self._fh.closed:
-                self._fh.close()
-            if self._tmp is not None and os.path.exists(self._tmp):
-                os.unlink(self._tmp)
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:  # hand the failure to atomic_open: it deletes the temporary file
+            return self._stack.__exit__(exc_type, exc, tb)
+        with self._stack:  # renames into place only if the index and footer were written
+            self._finish()
+        return False
 
 
 # ----------------------------------------------------------------------------------------------

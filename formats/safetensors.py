@@ -12,11 +12,11 @@ import json
 import math
 import os
 import struct
-import tempfile
 from typing import Iterator
 
 import numpy as np
 
+from ..atomic import atomic_open
 from ..errors import CdlInputError
 
 MAX_HEADER = 100_000_000
@@ -90,15 +90,8 @@ def write_safetensors(path: str, tensors: list[tuple[str, np.ndarray, str]], met
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
     blob += b" " * (-len(blob) % 8)  # the reference pads the header to 8-byte alignment
-    fd, tmp = tempfile.mkstemp(prefix=".st-", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(struct.pack("<Q", len(blob)))
-            fh.write(blob)
-            for _, arr, dtype in tensors:
-                fh.write(np.ascontiguousarray(arr, dtype=_STORAGE[dtype]).tobytes())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path) as fh:
+        fh.write(struct.pack("<Q", len(blob)))
+        fh.write(blob)
+        for _, arr, dtype in tensors:
+            fh.write(np.ascontiguousarray(arr, dtype=_STORAGE[dtype]).tobytes())

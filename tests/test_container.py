@@ -199,3 +199,15 @@ def test_limits_are_enforced_before_allocation(tmp_path):
     p.write_bytes(bytes(data))
     with pytest.raises(CdlFormatError, match="index length"):
         ContainerReader(p)
+
+
+def test_output_gets_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        _write_plain(tmp_path / "x.cdl", [("a", np.zeros(2, np.float32))])
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "x.cdl").st_mode) == 0o644

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 
 import numpy as np
 
+from ..atomic import write_bytes_atomic
 from ..dtypes import from_float64, to_float64
 from ..errors import CdlFormatError, CdlInputError
 from ..records import ModelFile, TensorRecord
@@ -50,15 +50,7 @@ def write_onnx(path: str, model: ModelFile, weights: str = "float", int4: bool =
         except Exception as exc:
             raise CdlFormatError(f"the decoded ONNX model does not pass onnx.checker: {str(exc)[:300]}") from None
     data = proto.SerializeToString()
-    fd, tmp = tempfile.mkstemp(prefix=".onnx-", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_bytes_atomic(path, data)
 
 
 def build_onnx(model: ModelFile, weights: str = "float", int4: bool = True):

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 import warnings
 import zipfile
 
 import numpy as np
 
+from ..atomic import atomic_path
 from ..errors import CdlInputError
 from ..records import TensorRecord
 
@@ -115,12 +115,5 @@ def write_torch_state_dict(path: str, records: list[TensorRecord]) -> None:
     import torch
 
     state = {r.name: record_to_tensor(r) for r in records}
-    fd, tmp = tempfile.mkstemp(prefix=".pt-", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".pt") as tmp:
         torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -17,9 +17,9 @@ from __future__ import annotations
 import io
 import logging
 import os
-import tempfile
 import warnings
 
+from ..atomic import atomic_path
 from ..errors import CdlFormatError, CdlInputError
 from ..records import ModelFile, TensorRecord
 
@@ -129,14 +129,6 @@ def write_exported_program(path: str, model: ModelFile) -> None:
     import torch
 
     program = program_from_model(model)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt2", dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.export.save(program, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path, suffix=".pt2") as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.export.save(program, tmp)
