@@ -92,6 +92,9 @@ def plot(results: dict, path: str, *, task: str | None = None, min_accuracy: flo
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=dpi)
+        from .report import _public_mode
+
+        _public_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

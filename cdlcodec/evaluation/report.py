@@ -80,6 +80,13 @@ def json_text(results: dict) -> str:
     return json.dumps(results, indent=1, sort_keys=False) + "\n"
 
 
+def _public_mode(path: str) -> None:
+    """mkstemp creates 0600 files; give results the ordinary permissions (0666 minus the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def write_text(path: str, text: str) -> None:
     """Atomic write (temporary file in the same directory, then rename)."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -88,6 +95,7 @@ def write_text(path: str, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
+        _public_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
