@@ -44,7 +44,10 @@ def cli() -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the group and turns library errors into one clean line and exit status 2."""
     try:
-        cli.main(args=argv, prog_name="cdlcodec", standalone_mode=False)
+        # Without standalone mode click returns ctx.exit()'s code instead of exiting with it.
+        status = cli.main(args=argv, prog_name="cdlcodec", standalone_mode=False)
+        if isinstance(status, int) and not isinstance(status, bool) and status != 0:
+            sys.exit(status)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.ClickException as exc:  # bad usage: the same one-line form as every other error

@@ -197,3 +197,24 @@ def test_real_entry_point_and_module_agree(tmp_path, state_dict_file):
     assert r.returncode == 0 and "encode" in r.stdout and "decode" in r.stdout and "info" in r.stdout
     r = run_cli("decode", tmp_path / "missing.cdl", "-o", tmp_path / "x.pt")
     assert r.returncode == 2 and r.stderr.startswith("cdlcodec: error:") and "Traceback" not in r.stderr
+
+
+def test_exit_status_of_a_command_that_calls_ctx_exit(capsys, tmp_path):
+    """A command that ends with ctx.exit(1) must make the process exit 1, not 0."""
+    import click
+
+    from cdlcodec.cli import main as main_module
+
+    @click.command("failing")
+    @click.pass_context
+    def failing(ctx):
+        ctx.exit(1)
+
+    original = main_module._LazyGroup.get_command
+    main_module._LazyGroup.get_command = lambda self, ctx, name: failing if name == "failing" else original(self, ctx, name)
+    try:
+        with pytest.raises(SystemExit) as exc:
+            main(["failing"])
+    finally:
+        main_module._LazyGroup.get_command = original
+    assert exc.value.code == 1
