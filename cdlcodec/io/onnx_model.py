@@ -198,12 +198,15 @@ EXPORT_OPSET = 17
 
 
 def architecture_graph_section(arch: str, records: list[TensorRecord], input_shape: tuple[int, ...] | None = None,
-                               module=None) -> tuple[tuple[str, str, bytes], dict[str, str]]:
+                               module=None, extra_records: bool = False) -> tuple[tuple[str, str, bytes], dict[str, str]]:
     """Export registered architecture `arch` loaded with `records` to ONNX, weights stripped.
 
     Each ONNX initializer is matched to the state_dict entry holding bit-identical values of the
     same shape and dtype (verified by value, not trusted by name); an initializer that matches none
     or several entries stays in the graph verbatim. Returns (section, extra metadata).
+    With `extra_records`, records the module has no state_dict entry for are ignored rather than
+    refused (CDL checkpoints: their steps and sharpnesses sit next to the float architecture's
+    tensors); every entry of the module must still be present.
     """
     import io
 
@@ -214,6 +217,9 @@ def architecture_graph_section(arch: str, records: list[TensorRecord], input_sha
 
     if module is None:
         module = models.build(arch)
+    if extra_records:
+        wanted = set(module.state_dict())
+        records = [r for r in records if r.name in wanted]
     state = {r.name: record_to_tensor(r) for r in records}
     try:
         module.load_state_dict(state, strict=True)

@@ -14,6 +14,11 @@ and bit width b; for every activation quantizer the step s_l, sharpness β_l and
   CDL checkpoint that `cdlcodec.cdl.checkpoint.build_model_from_checkpoint` rebuilds.
 - Activation quantizers (s_l, β_l, b) are also written as the json section "cdl.activations"
   (formats/graph-sections.md) so that graph decoders (ONNX) rebuild the activation quantization.
+- The float architecture the checkpoint names (cdlcodec.models) is exported to ONNX with its
+  weights stripped and stored as the graph section "model.onnx", exactly as `encode --arch` does
+  (cdlcodec.io.onnx_model.architecture_graph_section); decoding to .onnx then fills in the
+  dequantized weights and inserts the activation quantizers after the ReLUs they replace. Without
+  torch/onnx, or for an architecture that does not export, the container is written without it.
 - Entropy models: the learned MPMF (eq. 25) of each layer goes to the backend as EncodeHint.pmf
   (the Huffman backend builds a table from it when that is smaller; CABAC adapts on its own). The
   coded bits per layer are reported next to H(w_l) = |w_l| H(MPMF) (eq. 26) and in total (eq. 27).
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -121,15 +127,17 @@ class CpmfQuantizer:
     def prepare(self, records, backend: str) -> "BoundCpmfQuantizer":
         from ..cdl.checkpoint import read_cdl_metadata
 
-        return BoundCpmfQuantizer(self, read_cdl_metadata(_tensors(records)))
+        return BoundCpmfQuantizer(self, read_cdl_metadata(_tensors(records)), records)
 
 
 class BoundCpmfQuantizer:
     """CpmfQuantizer bound to one checkpoint's metadata (see the module docstring)."""
 
-    def __init__(self, options: CpmfQuantizer, meta):
+    def __init__(self, options: CpmfQuantizer, meta, records=()):
         self.options = options
         self.meta = meta
+        self.records = list(records)
+        self.graph_metadata: dict[str, str] = {}
         self.by_weight = {w.weight: (i, w) for i, w in enumerate(meta.weights)}
         self.layers: dict[str, dict] = {}
 
@@ -166,7 +174,26 @@ class BoundCpmfQuantizer:
                   "position": "output", "s": float(np.float32(a.s)), "beta": float(a.beta), "bits": a.bits}
                  for a in self.meta.activations]
         doc = {"version": 1, "activations": items}
-        return [(ACTIVATIONS_SECTION, "json", json.dumps(doc, sort_keys=True, separators=(",", ":")).encode())]
+        sections = [(ACTIVATIONS_SECTION, "json", json.dumps(doc, sort_keys=True, separators=(",", ":")).encode())]
+        graph = self._graph_section()
+        return sections if graph is None else [graph, *sections]
+
+    def _graph_section(self):
+        """The float architecture as a weight-stripped ONNX graph, or None (with a warning) when it cannot be made."""
+        if not self.records:
+            return None
+        try:
+            from .. import models
+            from ..io.onnx_model import architecture_graph_section
+
+            module = models.build(self.meta.architecture, **self.meta.architecture_kwargs)
+            section, self.graph_metadata = architecture_graph_section(
+                self.meta.architecture, self.records, module=module, extra_records=True)
+        except Exception as exc:  # the container stays valid without a graph; say why it has none
+            warnings.warn(f"CDL checkpoint: no ONNX graph stored ({type(exc).__name__}: {str(exc)[:200]}); "
+                          "the container decodes to .pt / cdlcodec.load but not to .onnx")
+            return None
+        return section
 
     def finish(self, coded_bits: dict):
         layers, total_coded, total_entropy, total_count = [], 0, 0.0, 0
@@ -181,7 +208,7 @@ class BoundCpmfQuantizer:
         report = {"mode": self.meta.mode, "cpmf": self.options.mode, "layers": layers,
                   "total": {"count": total_count, "coded_bits": total_coded, "entropy_bits": total_entropy,
                             "ratio": total_coded / total_entropy if total_entropy > 0 else math.inf}}
-        meta = {"cdl.mode": self.meta.mode, "architecture": self.meta.architecture,
+        meta = {**self.graph_metadata, "cdl.mode": self.meta.mode, "architecture": self.meta.architecture,
                 REPORT_KEY: json.dumps(_jsonable(report), sort_keys=True, separators=(",", ":"))}
         return meta, report
 
