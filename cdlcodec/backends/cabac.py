@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import CdlDecodeError, CdlInputError
 from .base import MAX_ABS_LEVEL, EncodeHint
+from .raw import write_uvarint  # the same LEB128 integers as the raw and huffman params
 from .cabac_binarization import (
     MAX_GT, MODE_PREV, MODE_PREV2, MODE_PREV2_ROW, cost_chunks, decode_chunks_parallel,
     decode_chunks_serial, encode_chunks,
@@ -42,18 +43,6 @@ PARALLEL_MIN_LEVELS = 1 << 17   # below this, starting threads costs more than i
 FLUSH_BITS_ESTIMATE = 12       # average termination bytes per chunk, for estimate_bits
 
 _MAX_VARINT_BYTES = 10
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
 
 
 class _Reader:
@@ -185,9 +174,9 @@ class CabacBackend:
             capacity *= 4
         lengths = np.diff(np.concatenate(([0], chunk_ends)))
         params = bytearray([FORMAT_VERSION, self.n_gt, mode, rate_idx])
-        params += _varint(self.chunk_size) + _varint(row_len) + _varint(n_chunks)
+        params += write_uvarint(self.chunk_size) + write_uvarint(row_len) + write_uvarint(n_chunks)
         for length in lengths:
-            params += _varint(int(length))
+            params += write_uvarint(int(length))
         return buf[:total].tobytes(), bytes(params)
 
     def decode(self, payload: bytes, params: bytes, count: int, shape=None) -> np.ndarray:

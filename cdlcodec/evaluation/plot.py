@@ -7,8 +7,8 @@ so it works without a display.
 from __future__ import annotations
 
 import os
-import tempfile
 
+from ..atomic import atomic_path
 from ..errors import CdlInputError
 
 _MARKERS = "osD^v<>pPXh*"
@@ -88,18 +88,9 @@ def plot(results: dict, path: str, *, task: str | None = None, min_accuracy: flo
     fig.tight_layout()
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=directory)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=dpi)
-        from .report import _public_mode
-
-        _public_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=dpi)
     finally:
         plt.close(fig)
     return path

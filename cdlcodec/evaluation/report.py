@@ -5,8 +5,8 @@ import csv
 import io
 import json
 import os
-import tempfile
 
+from ..atomic import write_bytes_atomic
 from .sweep import all_rows
 
 COLUMNS = [  # (field, header, format)
@@ -80,24 +80,7 @@ def json_text(results: dict) -> str:
     return json.dumps(results, indent=1, sort_keys=False) + "\n"
 
 
-def _public_mode(path: str) -> None:
-    """mkstemp creates 0600 files; give results the ordinary permissions (0666 minus the umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
 def write_text(path: str, text: str) -> None:
     """Atomic write (temporary file in the same directory, then rename)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        _public_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_bytes_atomic(path, text.encode("utf-8"))
