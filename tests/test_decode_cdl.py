@@ -133,6 +133,8 @@ def test_cdl_graph_has_activation_quantizers_where_the_relus_were(checkpoints, m
     kinds = {t.name.split("_quantized")[0]: t.data_type for t in proto.graph.initializer if "_quantized" in t.name}
     expect = {w.weight: onnx.TensorProto.INT4 if w.bits == 4 else onnx.TensorProto.INT8 for w in meta.weights}
     assert kinds == expect
+    # --arch is for plain state_dicts: a CDL checkpoint is refused with a clean error, not a traceback
+    assert cli("encode", root / f"{mode}.pt", "-o", root / "again.cdl", "--arch", "lenet5", "-q") == 2
 
 
 def test_activation_chain_rounds_like_the_cdl_activation_quantizer():
