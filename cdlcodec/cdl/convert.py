@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .layers import (ActivationQuantizer, CDLConv2d, CDLLinear, MIN_POSITIVE, WEIGHT_LAYERS,
-                     _check_mode, initial_step)
+                     _check_mode, initial_step, mse_step, scaled_sharpness)
 
 
 def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -52,18 +52,29 @@ def activation_quantizers(model: nn.Module) -> list[tuple[str, ActivationQuantiz
     return [(n, m) for n, m in model.named_modules() if isinstance(m, ActivationQuantizer)]
 
 
-@torch.no_grad()
-def calibrate(model: nn.Module, first_batch: torch.Tensor) -> None:
-    """s0 = 2·mean|x|/sqrt(2^(b-1)) from the activations of the first batch (Section VI-B-3).
+STEP_INITS = ("paper", "mse")
 
-    Runs the batch with activation quantizers passing values through (weights hard-quantized) and
-    records |x_l| per sample for the learning-rate scaling of eq. 39.
+
+@torch.no_grad()
+def calibrate(model: nn.Module, first_batch: torch.Tensor, *, step_init: str = "paper") -> None:
+    """s0 from the activations of the first batch; records |x_l| per sample for eq. 39.
+
+    step_init "paper": s0 = 2·mean|x|/sqrt(2^(b-1)) (Section VI-B-3). "mse": the step minimising
+    the squared error of hard quantization of those activations (`mse_step`), and the weight steps
+    q0 likewise re-chosen from each layer's weights. Runs the batch with activation quantizers
+    passing values through (weights hard-quantized).
     """
+    if step_init not in STEP_INITS:
+        raise ValueError(f"step_init must be one of {STEP_INITS}, not {step_init!r}")
+    if step_init == "mse":
+        for _, m in weight_quantizers(model):
+            m.q.fill_(mse_step(m.weight, int(m.bits), True, m.q.item()))
     acts = activation_quantizers(model)
     was_training = model.training
     model.eval()
     for _, a in acts:
         a._calibrating = True
+        a._keep_values = step_init == "mse"
     try:
         model(first_batch)
     finally:
@@ -71,7 +82,21 @@ def calibrate(model: nn.Module, first_batch: torch.Tensor) -> None:
             a._calibrating = False
         model.train(was_training)
     for _, a in acts:
-        a.s.fill_(initial_step(a._mean_abs, int(a.bits)))
+        s0 = initial_step(a._mean_abs, int(a.bits))
+        if step_init == "mse" and a._values is not None:
+            s0 = mse_step(a._values, int(a.bits), False, s0)
+        a.s.fill_(s0)
+        a._values, a._keep_values = None, False
+
+
+@torch.no_grad()
+def rescale_sharpness(model: nn.Module, constant: float) -> None:
+    """α = c/q² and β = c/s² for every quantizer (call after `calibrate`): see `scaled_sharpness`."""
+    for m in model.modules():
+        if isinstance(m, WEIGHT_LAYERS):
+            m.alpha.fill_(scaled_sharpness(m.q.item(), constant))
+        elif isinstance(m, ActivationQuantizer):
+            m.beta.fill_(scaled_sharpness(m.s.item(), constant))
 
 
 def set_mode(model: nn.Module, mode: str) -> None:

@@ -36,6 +36,32 @@ def initial_step(mean_abs: float, bits: int) -> float:
     return max(2.0 * float(mean_abs) / math.sqrt(2 ** (bits - 1)), 1e-6)
 
 
+def mse_step(values: torch.Tensor, bits: int, signed: bool, start: float) -> float:
+    """The step s minimising mean (v - clip(round(v/s))·s)² over a log grid around `start`.
+
+    A deviation from Section VI-B-3 (cdlcodec option step_init="mse"): the paper's
+    2·mean|v|/sqrt(2^(b-1)) clips ReLU activations hard at b = 2 (4 levels); this search picks the
+    step whose hard quantization of the calibration values has the least squared error.
+    """
+    v = values.detach().reshape(-1).float()
+    if v.numel() > 262144:   # a fixed strided subsample keeps the search cheap and deterministic
+        v = v[:: v.numel() // 262144 + 1]
+    lo, hi = alphabet_bounds(bits, signed)
+    best, best_err = float(start), math.inf
+    for factor in torch.logspace(-3, 3, 49, base=2.0).tolist():
+        s = max(float(start) * factor, 1e-6)
+        err = float(((torch.round(v / s).clamp(lo, hi) * s - v) ** 2).mean())
+        if err < best_err:
+            best, best_err = s, err
+    return best
+
+
+def scaled_sharpness(step: float, constant: float) -> float:
+    """α0 = c / q0² (or β0 = c / s0²): the CPMF has the same shape relative to the step whatever
+    the weight scale. A deviation from the paper's α0 = β0 = 500 (sharpness_init="scaled")."""
+    return float(constant) / max(float(step), 1e-6) ** 2
+
+
 class _WeightQuantized:
     """Shared part of CDLLinear / CDLConv2d: parameters q, alpha and buffer bits for `self.weight`."""
 
@@ -136,6 +162,8 @@ class ActivationQuantizer(nn.Module):
         self.last_entropy_bits: torch.Tensor | None = None
         self.numel_per_sample: int | None = None   # |x_l|, learnt at calibration (eq. 39b/d)
         self._calibrating = False
+        self._keep_values = False
+        self._values: torch.Tensor | None = None
         self._mean_abs = 0.0
 
     @property
@@ -148,6 +176,7 @@ class ActivationQuantizer(nn.Module):
             self.numel_per_sample = int(x[0].numel()) if x.dim() > 1 else 1
         if self._calibrating:
             self._mean_abs = float(x.detach().abs().mean())
+            self._values = x.detach().clone() if self._keep_values else None
             return x
         lo, hi = self.bounds
         if not self.training:

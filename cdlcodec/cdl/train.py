@@ -18,12 +18,14 @@ from ..errors import CdlInputError
 from ..progress import Progress
 from ..training import batches, evaluate, seed_everything
 from .checkpoint import atomic_torch_save, save_checkpoint
-from .convert import calibrate, convert, project_parameters, set_entropy_tracking, set_generator
+from .convert import (STEP_INITS, calibrate, convert, project_parameters, rescale_sharpness,
+                      set_entropy_tracking, set_generator)
 from .loss import cdl_loss
 from .metrics import activation_levels, average_bits, entropy_bits_per_weight, weight_levels
 from .optim import cdl_param_groups
 
 TRAIN_MODES = ("fp", "cdl", "rcdl")
+SHARPNESS_INITS = ("paper", "scaled")
 TASKS = {"lenet5-mnist": "lenet5"}
 
 
@@ -43,8 +45,13 @@ class TrainConfig:
     lr_s: float = 0.01
     lr_alpha: float = 100.0
     lr_beta: float = 100.0
-    alpha0: float = 500.0
+    alpha0: float = 500.0      # used when sharpness_init == "paper" (Section VI-B-3)
     beta0: float = 500.0
+    # "scaled": α0 = c/q0², β0 = c/s0² with c = sharpness_constant (scale-aware; see layers.py).
+    sharpness_init: str = "paper"
+    sharpness_constant: float = 8.0
+    step_init: str = "paper"   # "paper" (Section VI-B-3) or "mse" (see convert.calibrate)
+    fp_epochs: int = 0         # warm start: this many epochs of ordinary training before converting
     seed: int = 0
     quiet: bool = False
     activation_batch: int = 256   # training images whose activations give bits_per_activation
@@ -65,6 +72,15 @@ class TrainConfig:
             raise CdlInputError(f"--lr must be positive, not {self.lr}")
         if self.train_samples is not None and self.train_samples < 1:
             raise CdlInputError(f"--train-samples must be at least 1, not {self.train_samples}")
+        if self.sharpness_init not in SHARPNESS_INITS:
+            raise CdlInputError(f"sharpness init must be one of {', '.join(SHARPNESS_INITS)}, "
+                                f"not {self.sharpness_init!r}")
+        if not (np.isfinite(self.sharpness_constant) and self.sharpness_constant > 0):
+            raise CdlInputError("the sharpness constant must be finite and > 0")
+        if self.step_init not in STEP_INITS:
+            raise CdlInputError(f"step init must be one of {', '.join(STEP_INITS)}, not {self.step_init!r}")
+        if self.fp_epochs < 0 or (self.mode == "fp" and self.fp_epochs):
+            raise CdlInputError("--fp-epochs must be >= 0, and 0 with --mode fp")
         if self.batch_size < 1:
             raise CdlInputError(f"--batch-size must be at least 1, not {self.batch_size}")
 
@@ -76,54 +92,75 @@ class TrainResult:
     steps: int
     train_seconds: float
     history: list = field(default_factory=list)
+    # fp_epochs > 0: {"accuracy", "seconds", "state"} of the full-precision model before conversion
+    warm_start: dict | None = None
 
     @property
     def seconds_per_step(self) -> float:
         return self.train_seconds / max(self.steps, 1)
 
 
-def train_model(model: nn.Module, x_train, y_train, x_test, y_test, config: TrainConfig) -> TrainResult:
-    """Convert (unless fp) and train `model`; returns it in eval mode with its test accuracy."""
-    config.check()
-    gen = seed_everything(config.seed)
-    x = torch.as_tensor(x_train)
-    y = torch.as_tensor(y_train)
-    if config.mode != "fp":
-        convert(model, bits=config.bits, first_last_bits=config.first_last_bits, mode=config.mode,
-                alpha0=config.alpha0, beta0=config.beta0)
-        # s0 from the first batch the loop will see (Section VI-B-3).
-        first_idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(config.seed))
-        calibrate(model, x[first_idx[:config.batch_size]])
-        set_generator(model, torch.Generator().manual_seed(config.seed + 1))
-        set_entropy_tracking(model, config.gamma > 0)
+def _fit(model: nn.Module, x, y, config: TrainConfig, epochs: int, gen, label: str, history: list) -> tuple[int, float]:
+    """`epochs` passes of Algorithm 1 (Adam, eq. 39 groups, eq. 30/40 loss); (steps, seconds)."""
     groups = cdl_param_groups(model, lr_w=config.lr, lr_q=config.lr_q, lr_s=config.lr_s,
-                              lr_alpha=config.lr_alpha, lr_beta=config.lr_beta)
+                              lr_alpha=config.lr_alpha, lr_beta=config.lr_beta,
+                              sharpness_reference=config.alpha0 if config.sharpness_init == "scaled" else None)
     opt = torch.optim.Adam(groups)
     steps_per_epoch = (len(y) + config.batch_size - 1) // config.batch_size
-    total_steps = config.epochs * steps_per_epoch
-    history = []
+    total_steps = epochs * steps_per_epoch
     model.train()
     start = time.perf_counter()
-    with Progress(total_steps, f"training {config.mode}", quiet=config.quiet) as bar:
-        for epoch in range(config.epochs):
+    with Progress(total_steps, f"training {label}", quiet=config.quiet) as bar:
+        for epoch in range(epochs):
             for xb, yb in batches(x, y, config.batch_size, gen):
                 parts = cdl_loss(model, model(xb), yb, lam=config.lam, gamma=config.gamma)
                 opt.zero_grad(set_to_none=True)
                 parts.total.backward()
                 opt.step()
                 project_parameters(model)
-                note = f"epoch {epoch + 1}/{config.epochs} ce {parts.cross_entropy:.3f}"
+                note = f"epoch {epoch + 1}/{epochs} ce {parts.cross_entropy:.3f}"
                 if parts.weight_bits_per_element is not None:
                     note += f" H(w) {parts.weight_bits_per_element:.2f} b/w"
                 bar.update(1, note=note)
-            history.append({"epoch": epoch + 1, "cross_entropy": parts.cross_entropy,
+            history.append({"phase": label, "epoch": epoch + 1, "cross_entropy": parts.cross_entropy,
                             "weight_bits_per_element": parts.weight_bits_per_element,
                             "activation_bits_per_element": parts.activation_bits_per_element})
-    seconds = time.perf_counter() - start
+    return total_steps, time.perf_counter() - start
+
+
+def train_model(model: nn.Module, x_train, y_train, x_test, y_test, config: TrainConfig) -> TrainResult:
+    """Convert (unless fp) and train `model`; returns it in eval mode with its test accuracy.
+
+    With `config.fp_epochs` > 0 the model is first trained in full precision for that many epochs
+    (the pretrained setting of Section VI), then converted, initialised from the trained weights and
+    fine-tuned for `config.epochs` epochs. `TrainResult.steps` / `train_seconds` count the CDL phase.
+    """
+    config.check()
+    gen = seed_everything(config.seed)
+    x = torch.as_tensor(x_train)
+    y = torch.as_tensor(y_train)
+    history: list = []
+    warm = None
+    if config.fp_epochs:
+        _, warm_seconds = _fit(model, x, y, config, config.fp_epochs, gen, "fp warm start", history)
+        model.eval()
+        warm = {"accuracy": evaluate(model, x_test, y_test), "seconds": warm_seconds,
+                "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+    if config.mode != "fp":
+        convert(model, bits=config.bits, first_last_bits=config.first_last_bits, mode=config.mode,
+                alpha0=config.alpha0, beta0=config.beta0)
+        # s0 from the first batch the loop will see (Section VI-B-3).
+        first_idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(config.seed))
+        calibrate(model, x[first_idx[:config.batch_size]], step_init=config.step_init)
+        if config.sharpness_init == "scaled":
+            rescale_sharpness(model, config.sharpness_constant)
+        set_generator(model, torch.Generator().manual_seed(config.seed + 1))
+        set_entropy_tracking(model, config.gamma > 0)
+    total_steps, seconds = _fit(model, x, y, config, config.epochs, gen, config.mode, history)
     set_entropy_tracking(model, False)
     model.eval()
     acc = evaluate(model, x_test, y_test)
-    return TrainResult(model, acc, total_steps, seconds, history)
+    return TrainResult(model, acc, total_steps, seconds, history, warm)
 
 
 def rate_report(model: nn.Module, x_train, config: TrainConfig) -> dict:
@@ -156,6 +193,9 @@ def run_task(task: str, config: TrainConfig, output: str | None) -> dict:
               "lambda": config.lam, "gamma": config.gamma, "epochs": config.epochs, "seed": config.seed,
               "test_accuracy": result.test_accuracy}
     report.update(rate_report(result.model, x_train, config))
+    if result.warm_start is not None:
+        report["warm_start_accuracy"] = result.warm_start["accuracy"]
+        report["warm_start_seconds"] = round(result.warm_start["seconds"], 3)
     report.update({"steps": result.steps, "train_seconds": round(result.train_seconds, 3),
                    "seconds_per_step": round(result.seconds_per_step, 5)})
     if output:

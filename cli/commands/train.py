@@ -19,14 +19,23 @@ import click
 @click.option("--epochs", default=5, show_default=True, type=int)
 @click.option("--batch-size", default=64, show_default=True, type=int)
 @click.option("--lr", default=2e-3, show_default=True, type=float, help="Adam learning rate of the weights.")
+@click.option("--fp-epochs", default=0, show_default=True, type=int,
+              help="Warm start: train in full precision for N epochs, then convert and train "
+                   "--epochs more with CDL/R-CDL (the paper's pretrained setting).")
+@click.option("--sharpness-init", default="paper", show_default=True, type=click.Choice(["paper", "scaled"]),
+              help="paper: α0 = β0 = 500 (Section VI-B-3); scaled: α0 = C/q0², β0 = C/s0².")
+@click.option("--sharpness-constant", default=8.0, show_default=True, type=float,
+              help="C of --sharpness-init scaled.")
+@click.option("--step-init", default="paper", show_default=True, type=click.Choice(["paper", "mse"]),
+              help="paper: q0, s0 = 2·mean|v|/sqrt(2^(b-1)); mse: the steps with least rounding error.")
 @click.option("--train-samples", default=None, type=int,
               help="Train on the first N of the 4,000 training images only (quick trials).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, writable=True),
               help="Checkpoint to write (a state_dict; see formats/cdl-checkpoint.md).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def command(task, mode, bits, first_last_bits, lam, gamma, epochs, batch_size, lr, train_samples, seed, output,
-            quiet):
+def command(task, mode, bits, first_last_bits, lam, gamma, epochs, batch_size, lr, fp_epochs, sharpness_init,
+            sharpness_constant, step_init, train_samples, seed, output, quiet):
     """Train TASK (lenet5-mnist) and print one JSON line with accuracy and rates.
 
     The JSON holds test_accuracy, bits_per_weight and bits_per_activation (Huffman-coded averages,
@@ -46,6 +55,7 @@ def command(task, mode, bits, first_last_bits, lam, gamma, epochs, batch_size, l
         raise CdlInputError(f"output directory does not exist: {directory}")
     config = TrainConfig(mode=mode, bits=bits, first_last_bits=first_last_bits, lam=lam, gamma=gamma,
                          epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, quiet=quiet,
-                         train_samples=train_samples)
+                         train_samples=train_samples, fp_epochs=fp_epochs, sharpness_init=sharpness_init,
+                         sharpness_constant=sharpness_constant, step_init=step_init)
     report = run_task(task, config, output)
     click.echo(json.dumps(report, sort_keys=False))

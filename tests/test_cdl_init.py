@@ -1,0 +1,112 @@
+"""CDL initialisation options: least-squared-error steps, scale-aware sharpness, relative α/β rates,
+and the full-precision warm start."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cdlcodec.cdl.convert import activation_quantizers, calibrate, convert, rescale_sharpness, weight_quantizers
+from cdlcodec.cdl.layers import initial_step, mse_step
+from cdlcodec.cdl.optim import cdl_param_groups
+from cdlcodec.cdl.train import TrainConfig, train_model
+from cdlcodec.errors import CdlInputError
+from cdlcodec.models import build
+
+
+def _rounding_error(v, s, bits, signed):
+    lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    return float(((torch.round(v / s).clamp(lo, hi) * s - v) ** 2).mean())
+
+
+@pytest.mark.parametrize("bits,signed", [(2, False), (4, False), (2, True), (4, True)])
+def test_mse_step_is_a_local_minimum_no_worse_than_the_paper_step(bits, signed):
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(20000, generator=g)
+    v = v.abs() if not signed else v
+    start = initial_step(float(v.abs().mean()), bits)
+    s = mse_step(v, bits, signed, start)
+    err = _rounding_error(v, s, bits, signed)
+    assert err <= _rounding_error(v, start, bits, signed)
+    assert err <= _rounding_error(v, s * 1.1, bits, signed)
+    assert err <= _rounding_error(v, s / 1.1, bits, signed)
+
+
+def test_mse_step_of_uniform_values_on_the_alphabet_is_its_spacing():
+    # values exactly on the levels 0, 0.5, 1.0, 1.5 of a 2-bit unsigned quantizer: zero error at s = 0.5
+    v = torch.tensor([0.0, 0.5, 1.0, 1.5] * 50)
+    assert mse_step(v, 2, False, 0.5 * 2 ** 0.25) == pytest.approx(0.5, rel=1e-6)
+
+
+def _converted(step_init="paper"):
+    torch.manual_seed(0)
+    model = convert(build("lenet5"), bits=2, first_last_bits=8, mode="rcdl")
+    x = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    calibrate(model, x, step_init=step_init)
+    return model
+
+
+def test_calibrate_mse_changes_steps_and_paper_keeps_section_vi_b3():
+    paper, mse = _converted("paper"), _converted("mse")
+    for (_, p), (_, m) in zip(weight_quantizers(paper), weight_quantizers(mse)):
+        assert p.q.item() == pytest.approx(initial_step(float(p.weight.detach().abs().mean()), int(p.bits)))
+        err_p = _rounding_error(m.weight.detach(), float(p.q), int(m.bits), True)
+        err_m = _rounding_error(m.weight.detach(), float(m.q), int(m.bits), True)
+        assert err_m <= err_p
+    assert any(float(p.s) != float(m.s) for (_, p), (_, m) in
+               zip(activation_quantizers(paper), activation_quantizers(mse)))
+    with pytest.raises(ValueError, match="step_init"):
+        calibrate(paper, torch.zeros(2, 1, 28, 28), step_init="nope")
+
+
+def test_rescale_sharpness_fixes_alpha_q_squared_and_relative_rates():
+    model = _converted()
+    rescale_sharpness(model, 8.0)
+    for _, m in weight_quantizers(model):
+        assert float(m.alpha) * float(m.q) ** 2 == pytest.approx(8.0, rel=1e-5)
+    for _, a in activation_quantizers(model):
+        assert float(a.beta) * float(a.s) ** 2 == pytest.approx(8.0, rel=1e-5)
+    groups = cdl_param_groups(model, lr_w=1e-3, lr_q=1.0, lr_s=1.0, lr_alpha=3.0, lr_beta=4.0,
+                              sharpness_reference=500.0)
+    by_param = {id(p): g["lr"] for g in groups for p in g["params"]}
+    fc1, relu1 = model.fc1, model.relu1
+    assert by_param[id(fc1.alpha)] == pytest.approx(3.0 * float(fc1.alpha) / 500.0 / math.sqrt(48000))
+    assert by_param[id(relu1.beta)] == pytest.approx(4.0 * float(relu1.beta) / 500.0 / math.sqrt(4704))
+    # at α = β = 500 the relative rates are exactly eq. 39c/d
+    plain = _converted()
+    groups = cdl_param_groups(plain, lr_w=1e-3, lr_q=1.0, lr_s=1.0, lr_alpha=3.0, lr_beta=4.0,
+                              sharpness_reference=500.0)
+    by_param = {id(p): g["lr"] for g in groups for p in g["params"]}
+    assert by_param[id(plain.fc1.alpha)] == pytest.approx(3.0 / math.sqrt(48000))
+
+
+def test_fp_warm_start_then_rcdl():
+    from cdlcodec.data.mnist import load_mnist_5k
+    from cdlcodec.training import evaluate
+
+    (x, y), (xt, yt) = load_mnist_5k()
+    torch.manual_seed(0)
+    cfg = TrainConfig(mode="rcdl", bits=4, epochs=1, fp_epochs=1, quiet=True, sharpness_init="scaled",
+                      step_init="mse")
+    res = train_model(build("lenet5"), x[:192], y[:192], xt[:200], yt[:200], cfg)
+    assert res.warm_start is not None
+    fp = build("lenet5")
+    fp.load_state_dict(res.warm_start["state"])
+    assert evaluate(fp.eval(), xt[:200], yt[:200]) == res.warm_start["accuracy"]
+    assert res.steps == 3 and len(res.history) == 2
+    assert [h["phase"] for h in res.history] == ["fp warm start", "rcdl"]
+    assert set(res.warm_start["state"]) == set(build("lenet5").state_dict())
+    assert len(weight_quantizers(res.model)) == 5 and not res.model.training
+    assert res.test_accuracy == evaluate(res.model, xt[:200], yt[:200])
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"mode": "fp", "fp_epochs": 1}, "fp-epochs"),
+    ({"fp_epochs": -1}, "fp-epochs"),
+    ({"sharpness_init": "x"}, "sharpness init"),
+    ({"sharpness_constant": 0.0}, "sharpness constant"),
+    ({"step_init": "x"}, "step init"),
+])
+def test_bad_init_options(kwargs, needle):
+    with pytest.raises(CdlInputError, match=needle):
+        TrainConfig(**kwargs).check()
