@@ -13,7 +13,7 @@ quantized post-training with nearest rounding (UniformQuantizer, rel_step bisect
 bits per weight, backend "auto") and evaluated after decoding: "PTQ acc" in the second table.
 
     python benchmarks/bench_cdl.py [--epochs 3] [--fp-epochs 3] [--recipe recommended|paper]
-                                   [--lambdas 1e-6,1e-5,5e-5] [--no-ptq]
+                                   [--lambdas 3e-6,1e-5,3e-5] [--lambda-bits 4] [--no-ptq]
 """
 from __future__ import annotations
 
@@ -90,7 +90,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="CDL / R-CDL epochs (after the warm start)")
     parser.add_argument("--fp-epochs", type=int, default=3, help="full-precision warm-start epochs (0: from scratch)")
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="recommended")
-    parser.add_argument("--lambdas", default="1e-6,1e-5,5e-5")
+    parser.add_argument("--lambdas", default="3e-6,1e-5,3e-5")
+    parser.add_argument("--lambda-bits", type=int, default=4, help="b of the R-CDL λ sweep")
     parser.add_argument("--runs", default="cdl:4,rcdl:4,cdl:2,rcdl:2", help="mode:bits runs at λ=γ=0")
     parser.add_argument("--no-ptq", action="store_true", help="skip the container / post-training comparison")
     parser.add_argument("--threads", type=int, default=2)
@@ -127,7 +128,7 @@ def main() -> None:
 
     runs = [("fp", 4, 0.0)]
     runs += [(r.split(":")[0], int(r.split(":")[1]), 0.0) for r in args.runs.split(",") if r]
-    runs += [("rcdl", 4, float(lam)) for lam in args.lambdas.split(",") if lam]
+    runs += [("rcdl", args.lambda_bits, float(lam)) for lam in args.lambdas.split(",") if lam]
     results = []
     fp_state = None
     for mode, bits, lam in runs:

@@ -22,11 +22,11 @@ import click
 @click.option("--fp-epochs", default=0, show_default=True, type=int,
               help="Warm start: train in full precision for N epochs, then convert and train "
                    "--epochs more with CDL/R-CDL (the paper's pretrained setting).")
-@click.option("--sharpness-init", default="paper", show_default=True, type=click.Choice(["paper", "scaled"]),
+@click.option("--sharpness-init", default="scaled", show_default=True, type=click.Choice(["paper", "scaled"]),
               help="paper: α0 = β0 = 500 (Section VI-B-3); scaled: α0 = C/q0², β0 = C/s0².")
 @click.option("--sharpness-constant", default=8.0, show_default=True, type=float,
               help="C of --sharpness-init scaled.")
-@click.option("--step-init", default="paper", show_default=True, type=click.Choice(["paper", "mse"]),
+@click.option("--step-init", default="mse", show_default=True, type=click.Choice(["paper", "mse"]),
               help="paper: q0, s0 = 2·mean|v|/sqrt(2^(b-1)); mse: the steps with least rounding error.")
 @click.option("--train-samples", default=None, type=int,
               help="Train on the first N of the 4,000 training images only (quick trials).")
