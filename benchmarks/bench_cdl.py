@@ -12,7 +12,7 @@ With --ptq (default on) each CDL / R-CDL model is also encoded with `cdlcodec.co
 quantized post-training with nearest rounding (UniformQuantizer, rel_step bisected to the same
 bits per weight, backend "auto") and evaluated after decoding: "PTQ acc" in the second table.
 
-    python benchmarks/bench_cdl.py [--epochs 3] [--fp-epochs 3] [--recipe recommended|paper]
+    python benchmarks/bench_cdl.py [--epochs 2] [--fp-epochs 3] [--recipe recommended|paper]
                                    [--lambdas 3e-6,1e-5,3e-5] [--lambda-bits 4] [--no-ptq]
 """
 from __future__ import annotations
@@ -87,7 +87,7 @@ def _nearest_ptq(fp_state, target_bpw, x_test, y_test):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=3, help="CDL / R-CDL epochs (after the warm start)")
+    parser.add_argument("--epochs", type=int, default=2, help="CDL / R-CDL epochs (after the warm start)")
     parser.add_argument("--fp-epochs", type=int, default=3, help="full-precision warm-start epochs (0: from scratch)")
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="recommended")
     parser.add_argument("--lambdas", default="3e-6,1e-5,3e-5")

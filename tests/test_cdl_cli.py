@@ -57,6 +57,9 @@ def test_train_fp_writes_plain_state_dict(tmp_path, capsys):
     (["train", "lenet5-mnist", "--epochs", "0", "-o", "x.pt"], "--epochs"),
     (["train", "lenet5-mnist", "--train-samples", "0", "-o", "x.pt"], "--train-samples"),
     (["train", "lenet5-mnist", "-o", "/nonexistent-dir/x.pt"], "directory"),
+    (["train", "lenet5-mnist", "--fp-epochs", "-1", "-o", "x.pt"], "--fp-epochs"),
+    (["train", "lenet5-mnist", "--mode", "fp", "--fp-epochs", "2", "-o", "x.pt"], "--fp-epochs"),
+    (["train", "lenet5-mnist", "--sharpness-constant", "0", "-o", "x.pt"], "sharpness constant"),
 ])
 def test_train_bad_options_are_clean_errors(argv, needle, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
