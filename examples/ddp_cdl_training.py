@@ -1,6 +1,6 @@
 """Train a CDL LeNet-5 with DistributedDataParallel; parameters travel between workers coded.
 
-    python examples/ddp_cdl_training.py [--epochs 6] [--lam 3e-6] [--grad-hook co3-fp8]
+    python examples/ddp_cdl_training.py [--epochs 4] [--fp-epochs 2] [--lam 3e-5] [--grad-hook co3-fp8]
 
 Two gloo workers on one machine each train on half of the bundled MNIST digits (R-CDL, 4-bit
 weights, 8-bit first/last layer, Adam with the CDL parameter groups). The weight-entropy term
@@ -60,7 +60,8 @@ def _unpack(data: bytes) -> list[bytes]:
 
 
 def _worker(rank: int, store_path: str, args) -> None:
-    from cdlcodec.cdl.convert import calibrate, convert, project_parameters, set_generator, weight_quantizers
+    from cdlcodec.cdl.convert import (calibrate, convert, project_parameters, rescale_sharpness, set_generator,
+                                      weight_quantizers)
     from cdlcodec.cdl.loss import cdl_loss
     from cdlcodec.cdl.optim import cdl_param_groups
     from cdlcodec.cdl.quantizer import hard_quantize
@@ -68,22 +69,27 @@ def _worker(rank: int, store_path: str, args) -> None:
     from cdlcodec.distributed import CO3State, co3_hook, decode_tensor
     from cdlcodec.distributed.exchange import broadcast_bytes
     from cdlcodec.models import build
-    from cdlcodec.training import evaluate
+    from cdlcodec.training import evaluate, train_classifier
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", store=dist.FileStore(store_path, WORLD), rank=rank, world_size=WORLD,
                             timeout=timedelta(seconds=120))
     (xtr, ytr), (xte, yte) = load_mnist_5k()
     torch.manual_seed(0)
-    model = convert(build("lenet5"), bits=4, first_last_bits=8, mode="rcdl")
-    calibrate(model, torch.from_numpy(xtr[:64]))  # the same batch on both workers
+    # Warm start (docs/cdl.md recipe): identical full-precision training on both workers, then
+    # convert, least-squared-error steps and scale-aware sharpness.
+    model = train_classifier(build("lenet5"), xtr, ytr, epochs=args.fp_epochs, seed=0, quiet=True)
+    model = convert(model, bits=4, first_last_bits=8, mode="rcdl")
+    calibrate(model, torch.from_numpy(xtr[:64]), step_init="mse")  # the same batch on both workers
+    rescale_sharpness(model, 8.0)
     set_generator(model, torch.Generator().manual_seed(1 + rank))
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     grad_state = None
     if args.grad_hook != "none":
         grad_state = CO3State(fmt=args.grad_hook.split("-")[1], gamma=0.7)
         ddp.register_comm_hook(grad_state, co3_hook)
-    opt = torch.optim.Adam(cdl_param_groups(model, lr_w=2e-3, lr_q=0.2, lr_s=0.2, lr_alpha=2000.0, lr_beta=2000.0))
+    opt = torch.optim.Adam(cdl_param_groups(model, lr_w=2e-3, lr_q=0.01, lr_s=0.01, lr_alpha=100.0, lr_beta=100.0,
+                                            sharpness_reference=500.0))
     xs, ys = torch.from_numpy(xtr[rank::WORLD]), torch.from_numpy(ytr[rank::WORLD])
     gen = torch.Generator().manual_seed(0)
     fp32_bytes = 4 * sum(p.numel() for p in model.parameters())
@@ -121,8 +127,9 @@ def _worker(rank: int, store_path: str, args) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="DDP training of a CDL LeNet-5 with coded parameter broadcasts")
-    ap.add_argument("--epochs", type=int, default=6)
-    ap.add_argument("--lam", type=float, default=3e-6, help="price of one bit of H(w) (CDL eq. 30)")
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--fp-epochs", type=int, default=2, help="full-precision warm-start epochs before converting")
+    ap.add_argument("--lam", type=float, default=3e-5, help="price of one bit of H(w) (CDL eq. 30)")
     ap.add_argument("--grad-hook", choices=["none", "co3-fp8", "co3-fp4"], default="none")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
