@@ -8,6 +8,8 @@ from torch import nn
 
 
 class DigitsMLP(nn.Module):
+    example_input_shape = (1, 64)  # lets the encoder export its ONNX graph (cdlcodec.io.onnx_model)
+
     def __init__(self, hidden: tuple[int, int] = (64, 32), num_classes: int = 10):
         super().__init__()
         self.fc1 = nn.Linear(64, hidden[0])
