@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import heapq
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
+from golden_streams import check_golden_stream
 from hypothesis import given, settings, strategies as st
 
 from cdlcodec.backends import get
@@ -20,12 +19,11 @@ from cdlcodec.backends.huffman import (
     decode_symbols,
     encode_symbols,
 )
-from cdlcodec.backends.raw import read_uvarint, write_svarint, write_uvarint
+from cdlcodec.backends.raw import write_svarint, write_uvarint
 from cdlcodec.backends.stats import histogram, order0_entropy_bits
 from cdlcodec.errors import CdlDecodeError, CdlInputError
 
 M = 2**31 - 1
-GOLDEN = Path(__file__).parent / "golden"
 BACKEND = HuffmanBackend()
 
 
@@ -402,23 +400,9 @@ GOLDEN_INPUTS = {
 }
 
 
-def golden_bytes(levels) -> bytes:
-    """Golden file layout: uvarint(len(params)) || params || payload."""
-    payload, params = BACKEND.encode(levels)
-    return write_uvarint(len(params)) + params + payload
-
-
 @pytest.mark.parametrize("name", list(GOLDEN_INPUTS))
 def test_golden_streams(name):
-    path = GOLDEN / name
-    if os.environ.get("CDL_REGENERATE_GOLDEN") == "1":  # a reviewed, deliberate format change only
-        path.parent.mkdir(exist_ok=True)
-        path.write_bytes(golden_bytes(GOLDEN_INPUTS[name]))
-    stored = path.read_bytes()
-    assert golden_bytes(GOLDEN_INPUTS[name]) == stored
-    params_len, start = read_uvarint(stored, 0)
-    params, payload = stored[start:start + params_len], stored[start + params_len:]
-    np.testing.assert_array_equal(BACKEND.decode(payload, params, GOLDEN_INPUTS[name].size), GOLDEN_INPUTS[name])
+    check_golden_stream(BACKEND, name, GOLDEN_INPUTS[name])
 
 
 def test_too_many_distinct_levels_is_a_clean_error(monkeypatch):
