@@ -50,8 +50,8 @@ def test_calibrate_mse_changes_steps_and_paper_keeps_section_vi_b3():
     paper, mse = _converted("paper"), _converted("mse")
     for (_, p), (_, m) in zip(weight_quantizers(paper), weight_quantizers(mse)):
         assert p.q.item() == pytest.approx(initial_step(float(p.weight.detach().abs().mean()), int(p.bits)))
-        err_p = _rounding_error(m.weight.detach(), float(p.q), int(m.bits), True)
-        err_m = _rounding_error(m.weight.detach(), float(m.q), int(m.bits), True)
+        err_p = _rounding_error(m.weight.detach(), p.q.item(), int(m.bits), True)
+        err_m = _rounding_error(m.weight.detach(), m.q.item(), int(m.bits), True)
         assert err_m <= err_p
     assert any(float(p.s) != float(m.s) for (_, p), (_, m) in
                zip(activation_quantizers(paper), activation_quantizers(mse)))
