@@ -63,15 +63,15 @@ def test_rescale_sharpness_fixes_alpha_q_squared_and_relative_rates():
     model = _converted()
     rescale_sharpness(model, 8.0)
     for _, m in weight_quantizers(model):
-        assert float(m.alpha) * float(m.q) ** 2 == pytest.approx(8.0, rel=1e-5)
+        assert m.alpha.item() * m.q.item() ** 2 == pytest.approx(8.0, rel=1e-5)
     for _, a in activation_quantizers(model):
-        assert float(a.beta) * float(a.s) ** 2 == pytest.approx(8.0, rel=1e-5)
+        assert a.beta.item() * a.s.item() ** 2 == pytest.approx(8.0, rel=1e-5)
     groups = cdl_param_groups(model, lr_w=1e-3, lr_q=1.0, lr_s=1.0, lr_alpha=3.0, lr_beta=4.0,
                               sharpness_reference=500.0)
     by_param = {id(p): g["lr"] for g in groups for p in g["params"]}
     fc1, relu1 = model.fc1, model.relu1
-    assert by_param[id(fc1.alpha)] == pytest.approx(3.0 * float(fc1.alpha) / 500.0 / math.sqrt(48000))
-    assert by_param[id(relu1.beta)] == pytest.approx(4.0 * float(relu1.beta) / 500.0 / math.sqrt(4704))
+    assert by_param[id(fc1.alpha)] == pytest.approx(3.0 * fc1.alpha.item() / 500.0 / math.sqrt(48000))
+    assert by_param[id(relu1.beta)] == pytest.approx(4.0 * relu1.beta.item() / 500.0 / math.sqrt(4704))
     # at α = β = 500 the relative rates are exactly eq. 39c/d
     plain = _converted()
     groups = cdl_param_groups(plain, lr_w=1e-3, lr_q=1.0, lr_s=1.0, lr_alpha=3.0, lr_beta=4.0,
