@@ -12,13 +12,12 @@ tensors as values. `save_checkpoint`, `cdl_state_dict`, `load_checkpoint` and
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
 
+from ..atomic import atomic_open
 from ..errors import CdlInputError
 
 METADATA_KEY = "cdl.metadata"
@@ -227,21 +226,11 @@ def cdl_state_dict(model, *, architecture: str, bits: int, first_last_bits: int 
 
 
 def atomic_torch_save(obj, path: str) -> None:
-    """torch.save to a temporary file in the target directory, then os.replace (atomic)."""
+    """torch.save through cdlcodec.atomic: a temporary file in the target directory, then a rename."""
     import torch
 
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, suffix=".pt") as fh:
+        torch.save(obj, fh)
 
 
 def save_checkpoint(model, path: str, *, architecture: str, bits: int, first_last_bits: int | None,
