@@ -5,7 +5,7 @@ import heapq
 
 import numpy as np
 import pytest
-from golden_streams import check_golden_stream
+from backend_checks import check_every_truncation_fails, check_golden_stream
 from hypothesis import given, settings, strategies as st
 
 from cdlcodec.backends import get
@@ -310,17 +310,7 @@ def decode_or_error(payload, params, count):
 
 
 def test_every_truncation_fails_cleanly():
-    payload, params = BACKEND.encode(SMALL)
-    for cut in range(len(payload)):
-        with pytest.raises(CdlDecodeError):
-            BACKEND.decode(payload[:cut], params, SMALL.size)
-    for cut in range(len(params)):
-        with pytest.raises(CdlDecodeError):
-            BACKEND.decode(payload, params[:cut], SMALL.size)
-    with pytest.raises(CdlDecodeError):
-        BACKEND.decode(payload + b"\x00", params, SMALL.size)
-    with pytest.raises(CdlDecodeError):
-        BACKEND.decode(payload, params + b"\x00", SMALL.size)
+    check_every_truncation_fails(BACKEND, SMALL)
 
 
 def test_wrong_counts_fail_cleanly():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from golden_streams import check_golden_stream
+from backend_checks import check_every_truncation_fails, check_golden_stream
 from hypothesis import given, settings, strategies as st
 
 from cdlcodec.backends import get
@@ -116,17 +116,7 @@ SMALL = np.array([3, -2, 0, 7, 7, 1, -2, 5, 0], np.int64)
 
 
 def test_every_truncation_fails_cleanly():
-    payload, params = BACKEND.encode(SMALL)
-    for cut in range(len(payload)):
-        with pytest.raises(CdlDecodeError):
-            BACKEND.decode(payload[:cut], params, SMALL.size)
-    for cut in range(len(params)):
-        with pytest.raises(CdlDecodeError):
-            BACKEND.decode(payload, params[:cut], SMALL.size)
-    with pytest.raises(CdlDecodeError):
-        BACKEND.decode(payload + b"\x00", params, SMALL.size)
-    with pytest.raises(CdlDecodeError):
-        BACKEND.decode(payload, params + b"\x00", SMALL.size)
+    check_every_truncation_fails(BACKEND, SMALL)
 
 
 @pytest.mark.parametrize("params,payload,count", [
