@@ -10,6 +10,22 @@ import pytest
 
 # Tests run single-threaded torch: CI has 2 cores and several tests spawn processes.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+_TORCH_THREADS = int(os.environ["OMP_NUM_THREADS"].split(",")[0])  # "4,2" sets nested levels
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Every test, and every fixture it sets up, starts with torch at its configured thread count.
+
+    numba's OpenMP threading layer shares the OpenMP runtime with torch, and each parallel numba
+    kernel (CDL quantizers, two-thread cabac decode) sets that runtime's thread count to numba's,
+    torch's included. Float results would then depend on which tests ran before: LeNet-5 on two
+    threads lands some activations on the other side of a rounding boundary. A hook, not a fixture,
+    so that it runs before module-scoped fixtures (which train models) too.
+    """
+    torch = sys.modules.get("torch")  # tests that never import torch do not pay for it here
+    if torch is not None:
+        torch.set_num_threads(_TORCH_THREADS)
 
 
 @pytest.fixture
@@ -41,7 +57,12 @@ def state_dict_file(tmp_path, small_state_dict):
     return path
 
 
-def run_cli(*args, cwd=None, env=None):
-    """Run the real `cdlcodec` entry point in a subprocess; returns CompletedProcess (text)."""
+def _run_cdlcodec(*args, cwd=None, env=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cdlcodec", *map(str, args)], capture_output=True,
                           text=True, cwd=cwd, env=env, timeout=300)
+
+
+@pytest.fixture
+def run_cli():
+    """run_cli(*args, cwd=None, env=None): the real `cdlcodec` entry point in a subprocess -> CompletedProcess (text)."""
+    return _run_cdlcodec

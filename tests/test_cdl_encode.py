@@ -100,8 +100,7 @@ def test_cdl_sample_mode_is_reproducible_and_in_alphabet(cdl_checkpoint, tmp_pat
         assert torch.equal(model(x), build_model_from_checkpoint(sampled_state)(x))
 
 
-def test_cli_reports_cdl_rates(cdl_checkpoint, tmp_path):
-    from tests.conftest import run_cli
+def test_cli_reports_cdl_rates(cdl_checkpoint, tmp_path, run_cli):
 
     path, _, _ = cdl_checkpoint
     res = run_cli("encode", path, "-o", tmp_path / "c.cdl", "--cpmf", "argmax")

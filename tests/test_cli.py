@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from cdlcodec.cli.main import main
-from conftest import run_cli
 
 
 def call(capsys, *args):
@@ -192,7 +191,7 @@ def test_bad_input_gives_one_clean_error_line(tmp_path, capsys, state_dict_file)
     assert leftovers == []
 
 
-def test_real_entry_point_and_module_agree(tmp_path, state_dict_file):
+def test_real_entry_point_and_module_agree(tmp_path, state_dict_file, run_cli):
     r = run_cli("--help")
     assert r.returncode == 0 and "encode" in r.stdout and "decode" in r.stdout and "info" in r.stdout
     r = run_cli("decode", tmp_path / "missing.cdl", "-o", tmp_path / "x.pt")

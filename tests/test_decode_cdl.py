@@ -104,7 +104,7 @@ def test_torch_onnx_float_and_qdq_reproduce_eval_mode(checkpoints, mode):
 
 
 @pytest.mark.parametrize("mode", ("cdl", "rcdl"))
-def test_cdl_graph_has_activation_quantizers_where_the_relus_were(checkpoints, mode):
+def test_cdl_graph_has_activation_quantizers_where_the_relus_were(checkpoints, mode, tmp_path):
     from cdlcodec.cdl.checkpoint import read_cdl_metadata
 
     root, states, _, _ = checkpoints
@@ -118,7 +118,9 @@ def test_cdl_graph_has_activation_quantizers_where_the_relus_were(checkpoints, m
     refs = {t.external_data[0].value for t in graph.graph.initializer if t.data_location == 1}
     assert refs == {f"cdl:{k}" for k in build("lenet5").state_dict()}
 
-    proto = onnx.load(str(root / f"{mode}_qdq.onnx"))
+    # its own QDQ decode: this test must not depend on the one above having run first
+    assert cli("decode", root / f"{mode}.cdl", "-o", tmp_path / "qdq.onnx", "--weights", "qdq", "-q") == 0
+    proto = onnx.load(str(tmp_path / "qdq.onnx"))
     producer = {out: node for node in proto.graph.node for out in node.output}
     inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
     quantize = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]

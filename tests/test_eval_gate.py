@@ -11,7 +11,6 @@ from cdlcodec.errors import CdlInputError
 from cdlcodec.evaluation import gate
 from cdlcodec.evaluation.sweep import RESULTS_FORMAT, expand, load_recipe
 
-from conftest import run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,7 +77,7 @@ def test_accuracy_drop_file_overhead_missing_and_failed_points_fail(results):
         gate.make_baseline(failed)
 
 
-def test_gate_command_exit_status(tmp_path, results):
+def test_gate_command_exit_status(tmp_path, results, run_cli):
     baseline = tmp_path / "baseline.json"
     baseline.write_text(json.dumps(gate.make_baseline(results)))
     good = tmp_path / "good.json"

@@ -9,7 +9,6 @@ from cdlcodec.evaluation import report
 from cdlcodec.evaluation.plot import plot
 from cdlcodec.evaluation.sweep import RESULTS_FORMAT
 
-from conftest import run_cli
 
 RESULTS = {"format": RESULTS_FORMAT, "version": 1, "sweeps": [{
     "task": "t", "description": "toy", "reference_accuracy": 97.0, "rows": [
@@ -41,7 +40,7 @@ def test_plot_writes_a_small_png(tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and 5_000 < len(data) < 100_000
 
 
-def test_eval_results_mode_replots_without_sweeping(tmp_path):
+def test_eval_results_mode_replots_without_sweeping(tmp_path, run_cli):
     src = tmp_path / "results.json"
     src.write_text(json.dumps(RESULTS))
     png, md = tmp_path / "out.png", tmp_path / "table.md"

@@ -124,10 +124,9 @@ def test_trellis_beats_uniform_at_equal_rate(tmp_path, states):
     assert np.array_equal(out.array, (m.reshape(w.shape) * out.quant["step"]).astype(np.float32))
 
 
-def test_rd_encode_decode_and_cli_errors(tmp_path):
+def test_rd_encode_decode_and_cli_errors(tmp_path, run_cli):
     import torch
 
-    from tests.conftest import run_cli
 
     w = _laplace((40, 30), seed=5)
     src = tmp_path / "m.pt"
