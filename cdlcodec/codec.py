@@ -6,6 +6,7 @@ layers over `encode_records` / `encode_file` and `decode_records` / `decode_file
 from __future__ import annotations
 
 import fnmatch
+import glob
 import math
 import os
 import time
@@ -15,6 +16,7 @@ from typing import Iterable, Protocol
 import numpy as np
 
 from . import __version__, backends
+from .atomic import refuse_to_overwrite
 from .backends import EncodeHint, MAX_ABS_LEVEL
 from .dtypes import FLOATS, storage_dtype, to_float32, to_float64
 from .errors import CdlDecodeError, CdlFormatError, CdlInputError
@@ -127,26 +129,26 @@ def encode_records(records: list[TensorRecord], output: str, options: EncodeOpti
             role = role_of(rec, options.keep)
             entry = TensorEntry(rec.name, rec.shape, rec.dtype, "levels", None, None, b"", rec.numel)
             hint = EncodeHint(shape=rec.shape)
-            if role == "quantized":
-                w32 = to_float32(rec.array, rec.dtype)
-                if hasattr(quantizer, "quantize_record"):
-                    result = quantizer.quantize_record(rec, to_float64(rec.array, rec.dtype), w32, options.backend)
+            try:
+                if role == "quantized":
+                    result = _quantize(quantizer, rec, options.backend)
                     if result is None:
                         role = "plain"
                     else:
                         levels, entry.quant, custom_hint = result
                         hint = custom_hint or hint
+                        n_quant += rec.numel
+                elif role == "integer":
+                    levels, entry.quant = rec.array.astype(np.int64).ravel(), {"scheme": "integer"}
+                if role == "plain":
+                    entry.encoding, entry.count = "plain", rec.numel
+                    payload = np.ascontiguousarray(rec.array, dtype=storage_dtype(rec.dtype)).tobytes()
                 else:
-                    levels, entry.quant = quantizer.quantize(to_float64(rec.array, rec.dtype), w32)
-                if role == "quantized":
-                    n_quant += rec.numel
-            elif role == "integer":
-                levels, entry.quant = rec.array.astype(np.int64).ravel(), {"scheme": "integer"}
-            if role == "plain":
-                entry.encoding, entry.count = "plain", rec.numel
-                payload = np.ascontiguousarray(rec.array, dtype=storage_dtype(rec.dtype)).tobytes()
-            else:
-                entry.backend, payload, entry.backend_params = code_levels(levels, options.backend, hint)
+                    entry.backend, payload, entry.backend_params = code_levels(levels, options.backend, hint)
+            except CdlInputError as exc:  # "step too small", no backend fits ...: say which tensor
+                if rec.name in str(exc):
+                    raise
+                raise CdlInputError(f"tensor {rec.name!r}: {exc}") from None
             coded_bits[rec.name] = 8 * (len(payload) + len(entry.backend_params or b""))
             writer.add_tensor(entry, payload)
             bar.update(rec.numel)
@@ -157,6 +159,34 @@ def encode_records(records: list[TensorRecord], output: str, options: EncodeOpti
     return EncodeSummary(output, len(records), sum(r.numel for r in records), n_quant,
                          sum(r.array.nbytes for r in records), os.path.getsize(output),
                          time.perf_counter() - start, report, coded_bits)
+
+
+def _quantize(quantizer, rec: TensorRecord, backend: str) -> tuple[np.ndarray, dict, EncodeHint | None] | None:
+    """(levels, quant, hint) for one float tensor, or None where the quantizer keeps it exact.
+
+    NaN and infinities have no level: such a tensor is refused by name, unless the quantizer keeps
+    it exact anyway (CDL checkpoints keep the float tensors they do not quantize).
+    """
+    values64, w32 = to_float64(rec.array, rec.dtype), to_float32(rec.array, rec.dtype)
+    finite = bool(np.all(np.isfinite(w32)))
+    try:
+        if hasattr(quantizer, "quantize_record"):
+            result = quantizer.quantize_record(rec, values64, w32, backend)
+        else:
+            levels, quant = quantizer.quantize(values64, w32)
+            result = levels, quant, None
+    except CdlInputError:
+        if not finite:  # the quantizer's own refusal of NaN, which cannot name the tensor
+            raise _not_finite(rec.name) from None
+        raise
+    if result is not None and not finite:
+        raise _not_finite(rec.name)
+    return result
+
+
+def _not_finite(name: str) -> CdlInputError:
+    keep = "'" + glob.escape(name).replace("'", "'\"'\"'") + "'"  # a shell word matching only this name
+    return CdlInputError(f"tensor {name!r} holds NaN or infinite values; keep it lossless with --keep {keep}")
 
 
 def _bind_quantizer(records: list[TensorRecord], options: EncodeOptions):
@@ -176,6 +206,7 @@ def _bind_quantizer(records: list[TensorRecord], options: EncodeOptions):
 def encode_file(source: str, output: str, options: EncodeOptions = EncodeOptions()) -> EncodeSummary:
     from .io.model_files import read_model
 
+    refuse_to_overwrite(output, source)
     model = read_model(source)
     return encode_records(model.records, output, options, model.metadata, model.sections)
 
@@ -216,6 +247,7 @@ def decode_file(source: str, output: str, *, quiet: bool = True, limits: Limits 
     from .io.model_files import kind_of, write_model, WRITE_KINDS
 
     kind_of(output, WRITE_KINDS, "write")  # fail on a bad output name before decoding anything
+    refuse_to_overwrite(output, source)
     model = decode_container(source, quiet=quiet, limits=limits)
     write_model(output, model, **writer_options)
     return model

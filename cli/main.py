@@ -7,10 +7,13 @@ therefore import only click at module level.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import pkgutil
+import signal
 import sys
+import threading
 
 import click
 
@@ -41,11 +44,36 @@ def cli() -> None:
     """Compress trained neural networks into compact .cdl bitstreams and back into runnable models."""
 
 
+class _Terminated(BaseException):
+    """Raised by the SIGTERM handler. A BaseException, like KeyboardInterrupt, so that no
+    `except Exception` on the way up swallows it, while every `finally` and atomic writer's cleanup
+    still runs (no temporary file is left behind)."""
+
+
+def _raise_terminated(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
+    raise _Terminated
+
+
+@contextlib.contextmanager
+def _terminate_like_interrupt():
+    """SIGTERM (kill, timeout, a job scheduler) unwinds like Ctrl-C instead of killing outright."""
+    if threading.current_thread() is not threading.main_thread():  # handlers live in the main thread
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the group and turns library errors into one clean line and exit status 2."""
     try:
-        # Without standalone mode click returns ctx.exit()'s code instead of exiting with it.
-        status = cli.main(args=argv, prog_name="cdlcodec", standalone_mode=False)
+        with _terminate_like_interrupt():
+            # Without standalone mode click returns ctx.exit()'s code instead of exiting with it.
+            status = cli.main(args=argv, prog_name="cdlcodec", standalone_mode=False)
         if isinstance(status, int) and not isinstance(status, bool) and status != 0:
             sys.exit(status)
     except click.exceptions.Exit as exc:
@@ -62,6 +90,9 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("cdlcodec: interrupted", err=True)
         sys.exit(130)
+    except _Terminated:
+        click.echo("cdlcodec: terminated", err=True)
+        sys.exit(128 + signal.SIGTERM)
     except CdlError as exc:
         click.echo(f"cdlcodec: error: {exc}", err=True)
         sys.exit(2)

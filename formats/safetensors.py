@@ -20,6 +20,7 @@ from ..atomic import atomic_open
 from ..errors import CdlInputError
 
 MAX_HEADER = 100_000_000
+MAX_NDIM = 64  # numpy's limit on dimensions
 _CODES = {  # safetensors dtype code <-> cdlcodec dtype name
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
     "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
@@ -31,6 +32,11 @@ _STORAGE = {"float64": "<f8", "float32": "<f4", "float16": "<f2", "bfloat16": "<
 
 def _bad(path: str, msg: str) -> CdlInputError:
     return CdlInputError(f"{path}: not a valid .safetensors file ({msg})")
+
+
+def _brief(shape: list[int]) -> str:
+    text = str(shape)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def read_safetensors(path: str) -> Iterator[tuple[str, np.ndarray, str]]:
@@ -45,8 +51,12 @@ def read_safetensors(path: str) -> Iterator[tuple[str, np.ndarray, str]]:
             raise _bad(path, f"header length {n} is larger than the file or the limit")
         try:
             header = json.loads(fh.read(n).decode("utf-8"))
+        except RecursionError:
+            raise _bad(path, "header nests arrays or objects too deeply") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise _bad(path, f"header is not JSON: {exc}") from None
+        except ValueError:  # Python refuses to convert integers of more than 4,300 digits
+            raise _bad(path, "header holds a number with too many digits") from None
         if not isinstance(header, dict):
             raise _bad(path, "header is not an object")
         header.pop("__metadata__", None)
@@ -61,7 +71,12 @@ def read_safetensors(path: str) -> Iterator[tuple[str, np.ndarray, str]]:
                     or not isinstance(offs, list) or len(offs) != 2 or not all(type(o) is int for o in offs)):
                 raise _bad(path, f"entry {name!r} has a malformed shape or offsets")
             dtype = _CODES[code]
-            nbytes = math.prod(shape) * np.dtype(_STORAGE[dtype]).itemsize
+            itemsize = np.dtype(_STORAGE[dtype]).itemsize
+            # numpy refuses even an empty array whose other dimensions overflow its index type,
+            # such as [0, 2**70]: bound the product of the non-zero dimensions too
+            if len(shape) > MAX_NDIM or math.prod(max(d, 1) for d in shape) * itemsize > np.iinfo(np.intp).max:
+                raise _bad(path, f"entry {name!r} has a shape no array can have: {_brief(shape)}")
+            nbytes = math.prod(shape) * itemsize
             if offs[0] < 0 or offs[1] - offs[0] != nbytes or 8 + n + offs[1] > size:
                 raise _bad(path, f"entry {name!r} has offsets that do not fit its shape or the file")
             entries.append((offs[0], offs[1], name, shape, dtype))

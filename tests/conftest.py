@@ -63,6 +63,20 @@ def _run_cdlcodec(*args, cwd=None, env=None) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture
+def cli(capsys):
+    """cli(*args) -> (exit status, stdout, stderr): the `cdlcodec` entry point run in this process."""
+    from cdlcodec.cli.main import main
+
+    def run(*args):
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return exit_info.value.code, out, err
+
+    return run
+
+
+@pytest.fixture
 def run_cli():
     """run_cli(*args, cwd=None, env=None): the real `cdlcodec` entry point in a subprocess -> CompletedProcess (text)."""
     return _run_cdlcodec

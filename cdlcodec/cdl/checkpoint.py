@@ -93,8 +93,8 @@ def _metadata_json(tensors: Mapping[str, Any]) -> dict | None:
         raise CdlInputError(f"{METADATA_KEY!r} must be a 1-D uint8 tensor of UTF-8 JSON")
     try:
         meta = json.loads(raw.tobytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CdlInputError(f"{METADATA_KEY!r} is not valid UTF-8 JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, 4,300+ digit numbers, deep nesting
+        raise CdlInputError(f"{METADATA_KEY!r} is not valid UTF-8 JSON: {str(exc)[:120]}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise CdlInputError(f"{METADATA_KEY!r} does not describe a {FORMAT_NAME}")
     return meta

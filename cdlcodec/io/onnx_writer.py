@@ -315,8 +315,8 @@ def parse_activation_section(data: bytes) -> list[dict]:
     """Validate the "cdl.activations" json section (formats/graph-sections.md)."""
     try:
         doc = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CdlFormatError(f"section {ACTIVATIONS_SECTION!r} is not valid UTF-8 JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, 4,300+ digit numbers, deep nesting
+        raise CdlFormatError(f"section {ACTIVATIONS_SECTION!r} is not valid UTF-8 JSON: {str(exc)[:120]}") from None
     items = doc.get("activations") if isinstance(doc, dict) else None
     if not isinstance(items, list) or doc.get("version") != 1:
         raise CdlFormatError(f"section {ACTIVATIONS_SECTION!r}: expected {{\"version\": 1, \"activations\": [...]}}")

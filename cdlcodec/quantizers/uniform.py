@@ -1,7 +1,8 @@
 """Uniform scalar quantization with one step per tensor: k = round(w / step), ties to even.
 
 The step comes from one of three rules (exactly one is used):
-- rel_step R: step = R x standard deviation of the tensor (computed in float32, as documented);
+- rel_step R: step = R x standard deviation of the tensor (computed in float32, as documented;
+  only where float32 overflows, for finite weights near the float32 maximum, in float64 instead);
 - step S: an absolute step;
 - bits B: symmetric, step = max|w| / (2^(B-1) - 1) so that every level fits in B signed bits.
 """
@@ -46,11 +47,21 @@ class UniformQuantizer:
             peak = float(np.max(np.abs(w32))) if w32.size else 0.0
             step = peak / (2 ** (self.bits - 1) - 1)
         else:
-            std = float(np.std(w32, dtype=np.float32)) if w32.size else 0.0
-            step = float(np.float32(self.rel_step) * np.float32(std))
+            step = self._relative_step(w32)
         if not math.isfinite(step) or step <= 0:
             step = 1.0  # constant or empty tensor: any step codes it; 1.0 keeps k = round(w)
         return step
+
+    def _relative_step(self, w32: np.ndarray) -> float:
+        """R x std in float32 (these bytes are pinned by golden files). Finite weights near the float32
+        maximum overflow that arithmetic; only then are std and product formed in float64."""
+        if not w32.size:
+            return 0.0
+        with np.errstate(over="ignore", invalid="ignore"):
+            step = np.float32(self.rel_step) * np.std(w32, dtype=np.float32)
+        if not np.isfinite(step):
+            step = self.rel_step * np.std(w32, dtype=np.float64)
+        return float(step)
 
     def quantize(self, values64: np.ndarray, w32: np.ndarray) -> tuple[np.ndarray, dict]:
         """values64: the tensor in float64 (exact). Returns (int64 levels, quant params)."""

@@ -62,10 +62,12 @@ def command(model, output, rel_step, step, bits, backend, keep, arch, lam, granu
     if arch is None:
         summary = encode_file(model, output, options)
     else:
+        from ...atomic import refuse_to_overwrite
         from ...codec import encode_records
         from ...io.model_files import read_model
         from ...io.onnx_model import architecture_graph_section
 
+        refuse_to_overwrite(output, model)
         source = read_model(model)
         if source.sections:
             raise CdlInputError(f"--arch applies to state_dicts; {model} already carries its own graph")
