@@ -11,17 +11,23 @@ replaced by the decoded tensors (names, shapes and dtypes verified), and it is s
 returned as a module. The serialized program is tied to torch's export schema: a container made
 with one torch release may not load in a much older or newer one; that case is reported as a
 CdlInputError naming both versions, and the weights can still be decoded to .pt / .safetensors.
+
+torch.export.load runs pickles and code found in an archive, so every archive, a .pt2 file given
+on the command line or a section of a .cdl file, is read once into memory, checked by
+pt2_archive.check_pt2_archive, and only those bytes are loaded. Output is serialized in memory and
+written atomically: a full disk is an OSError of our own write, and the bytes do not depend on the
+output's file name.
 """
 from __future__ import annotations
 
 import io
 import logging
-import os
 import warnings
 
-from ..atomic import atomic_path
+from ..atomic import write_bytes_atomic
 from ..errors import CdlFormatError, CdlInputError
 from ..records import ModelFile, TensorRecord
+from .pt2_archive import check_pt2_archive
 
 GRAPH_SECTION_NAME = "model.pt2"
 GRAPH_SECTION_KIND = "torch.export"
@@ -41,9 +47,11 @@ class _Capture(logging.Handler):
         self.lines += [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def _load_program(source, what: str, exported_with: str | None = None):
+def _load_program(data: bytes, what: str, exported_with: str | None = None, refuse_as=CdlInputError):
+    """torch.export.load of archive bytes that passed check_pt2_archive (refusals raise `refuse_as`)."""
     import torch
 
+    check_pt2_archive(data, what, refuse_as)
     logger = logging.getLogger("torch.export")
     capture, propagate, handlers = _Capture(), logger.propagate, logger.handlers[:]
     logger.handlers = [capture]
@@ -51,7 +59,7 @@ def _load_program(source, what: str, exported_with: str | None = None):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return torch.export.load(source)
+            return torch.export.load(io.BytesIO(data))
     except Exception as exc:  # torch raises many types here (schema mismatch, bad zip, KeyError ...)
         origin = f" (exported with torch {exported_with})" if exported_with else ""
         cause = capture.lines[-1] if capture.lines else (str(exc).strip().splitlines() or ["no details"])[0]
@@ -70,7 +78,9 @@ def read_exported_program(path: str) -> ModelFile:
 
     from .torch_checkpoint import tensor_to_record
 
-    program = _load_program(path, path)
+    with open(path, "rb") as fh:
+        data = fh.read()  # once: what is checked is what is loaded
+    program = _load_program(data, path)
     records: list[TensorRecord] = []
     for name, value in list(program.state_dict.items()):
         if not isinstance(value, torch.Tensor):
@@ -108,7 +118,8 @@ def program_from_model(model: ModelFile):
     section = program_section(model)
     if section is None:
         raise CdlInputError("this container carries no torch.export program (it was not encoded from a .pt2 file)")
-    program = _load_program(io.BytesIO(section[2]), f"section {section[0]!r}", model.metadata.get("torch.version"))
+    program = _load_program(section[2], f"section {section[0]!r}", model.metadata.get("torch.version"),
+                            refuse_as=CdlFormatError)
     records = {r.name: r for r in model.records}
     for name, stub in list(program.state_dict.items()):
         rec = records.get(name)
@@ -129,6 +140,8 @@ def write_exported_program(path: str, model: ModelFile) -> None:
     import torch
 
     program = program_from_model(model)
-    with atomic_path(path, suffix=".pt2") as tmp, warnings.catch_warnings():
+    buf = io.BytesIO()  # in memory first: torch's own file writer aborts the process on a full disk
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.export.save(program, tmp)
+        torch.export.save(program, buf)
+    write_bytes_atomic(path, buf.getbuffer())
