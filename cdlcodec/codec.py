@@ -18,9 +18,10 @@ import numpy as np
 from . import __version__, backends
 from .atomic import refuse_to_overwrite
 from .backends import EncodeHint, MAX_ABS_LEVEL
+from .backends.base import check_count
 from .dtypes import FLOATS, storage_dtype, to_float32, to_float64
 from .errors import CdlDecodeError, CdlFormatError, CdlInputError
-from .formats.container import ContainerReader, ContainerWriter, Limits, TensorEntry
+from .formats.container import ContainerReader, ContainerWriter, Limits, TensorEntry, decoded_size
 from .progress import Progress
 from .quantizers import dequantize
 from .quantizers.uniform import UniformQuantizer
@@ -211,8 +212,27 @@ def encode_file(source: str, output: str, options: EncodeOptions = EncodeOptions
     return encode_records(model.records, output, options, model.metadata, model.sections)
 
 
+def check_decodable(entry: TensorEntry, limits: Limits) -> None:
+    """What decoding `entry` would allocate is bounded before anything is read or allocated: its
+    decoded size by Limits.max_decoded_bytes, and a coded tensor's count by what its payload can
+    honestly hold (Backend.max_count), so a few bytes cannot ask for gigabytes."""
+    decoded = decoded_size(entry)
+    if decoded > limits.max_decoded_bytes:
+        raise CdlFormatError(f"tensor {entry.name!r}: decoding it holds {decoded:,} bytes, over the limit of "
+                             f"{limits.max_decoded_bytes:,} (Limits.max_decoded_bytes)")
+    if entry.encoding == "levels":
+        try:
+            backend = backends.get_for_decoding(entry.backend)
+            bound = getattr(backend, "max_count", None)  # a plug-in backend may not bound its payloads
+            if bound is not None:
+                check_count(entry.backend, entry.length, entry.count, bound(entry.length, entry.backend_params))
+        except CdlFormatError as exc:
+            raise type(exc)(f"tensor {entry.name!r}: {exc}") from exc
+
+
 def decode_entry(reader: ContainerReader, entry: TensorEntry) -> TensorRecord:
     """One tensor back in storage form (exact for lossless tensors, level x step for quantized ones)."""
+    check_decodable(entry, reader.limits)
     payload = reader.read_payload(entry)
     if entry.encoding == "plain":
         arr = np.frombuffer(payload, dtype=storage_dtype(entry.dtype)).reshape(entry.shape).copy()
@@ -220,8 +240,8 @@ def decode_entry(reader: ContainerReader, entry: TensorEntry) -> TensorRecord:
     backend = backends.get_for_decoding(entry.backend)
     try:
         levels = backend.decode(payload, entry.backend_params, entry.count, entry.shape)
-    except CdlFormatError:
-        raise
+    except CdlFormatError as exc:
+        raise type(exc)(f"tensor {entry.name!r}: {exc}") from exc
     except Exception as exc:  # a backend must raise CdlDecodeError; never let a bug look like a crash
         raise CdlDecodeError(f"tensor {entry.name!r}: {entry.backend} payload could not be decoded ({exc})") from exc
     if not isinstance(levels, np.ndarray) or levels.size != entry.count:
@@ -233,6 +253,10 @@ def decode_entry(reader: ContainerReader, entry: TensorEntry) -> TensorRecord:
 def decode_container(path: str, *, quiet: bool = True, limits: Limits = Limits()) -> ModelFile:
     """Every tensor of a container, in order, plus its sections and metadata."""
     with ContainerReader(path, limits) as reader:
+        # refuse a file that cannot be decoded within the limits before decoding any of it
+        reader.check_decoded_size()
+        for entry in reader.tensors:
+            check_decodable(entry, limits)
         total = sum(e.count for e in reader.tensors) or 1
         out = []
         with Progress(total, "decoding", quiet=quiet) as bar:
@@ -253,18 +277,22 @@ def decode_file(source: str, output: str, *, quiet: bool = True, limits: Limits 
     return model
 
 
-def container_summary(path: str, limits: Limits = Limits()) -> dict:
-    """What `cdlcodec info --json` prints."""
+def container_summary(path: str, limits: Limits = Limits(), *, check_checksums: bool = True) -> dict:
+    """What `cdlcodec info --json` prints. Every payload and section checksum is compared too (one
+    read of the file), so a file reported here is not silently corrupt; `checksums` says so."""
     with ContainerReader(path, limits) as reader:
+        if check_checksums:
+            reader.check_checksums()
         tensors = []
         for e in reader.tensors:
             nbytes = e.length + len(e.backend_params)
             quant = e.quant or {}
+            step = quant.get("step")
             tensors.append({
                 "name": e.name, "shape": list(e.shape), "dtype": e.dtype,
                 "backend": e.backend if e.encoding == "levels" else "plain",
                 "scheme": quant.get("scheme", "plain"),
-                "step": quant.get("step") if quant.get("scheme") in ("uniform", "dependent") else None,
+                "step": step if quant.get("scheme") in ("uniform", "dependent") and _is_number(step) else None,
                 "bytes": nbytes, "bits_per_param": 8.0 * nbytes / e.numel if e.numel else 0.0,
             })
         num = sum(math.prod(t["shape"]) for t in tensors)
@@ -273,8 +301,12 @@ def container_summary(path: str, limits: Limits = Limits()) -> dict:
             "path": path, "format_version": f"{reader.version[0]}.{reader.version[1]}",
             "total_bytes": reader.file_size, "num_tensors": len(tensors), "num_params": num,
             "num_quantized_params": nq, "bits_per_param": 8.0 * reader.file_size / num if num else 0.0,
+            "checksums": "verified" if check_checksums else "not checked",
             "metadata": dict(reader.metadata),
             "sections": [{"name": s.name, "kind": s.kind, "bytes": s.length} for s in reader.sections],
             "tensors": tensors,
         }
 
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -17,13 +17,14 @@ written once every payload length is known.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import math
+import operator
 import os
 import struct
-import contextlib
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from ..atomic import atomic_open
@@ -48,7 +49,14 @@ SECTION_KINDS = ("onnx", "torch.export", "json", "bytes")
 
 @dataclass(frozen=True)
 class Limits:
-    """Sanity limits checked before anything is allocated. Raise them for exceptionally large models."""
+    """Limits the reader checks before it allocates anything and the writer checks before it writes
+    (SPEC.md section 4), so that every file the writer accepts is one the reader accepts.
+
+    `max_decoded_bytes` bounds what a decoder holds, summed over the file (`decoded_size`): each
+    tensor's values and, for a coded tensor, its int64 levels. Decoders check it before allocating
+    anything: a constant tensor honestly codes 2**32 elements in a few bytes. Raise the limits for
+    exceptionally large models.
+    """
 
     max_index_bytes: int = 64 << 20
     max_tensors: int = 1_000_000
@@ -57,6 +65,8 @@ class Limits:
     max_total_elements: int = 1 << 36
     max_params_bytes: int = 16 << 20
     max_metadata_bytes: int = 1 << 20
+    max_sections: int = 1024
+    max_decoded_bytes: int = 1 << 34
 
 
 @dataclass
@@ -108,6 +118,55 @@ def _fail(msg: str) -> CdlFormatError:
 
 
 # ----------------------------------------------------------------------------------------------
+# Rules shared by the writer and the reader (the writer raises CdlInputError, the reader
+# CdlFormatError, with the same text)
+# ----------------------------------------------------------------------------------------------
+
+def check_shape(shape: Any, limits: Limits, what: str, error: type = CdlFormatError) -> int:
+    """The element count of a valid shape; `error` for a malformed shape or one over the limits.
+
+    Besides the element count, the product of the non-zero dimensions is bounded too: numpy and
+    torch refuse an empty array such as [0, 2**32, 2**32, 2**32] whose other dimensions overflow
+    their index type. Products are Python integers, bounded after every factor.
+    """
+    if not isinstance(shape, (list, tuple)) or len(shape) > limits.max_ndim:
+        got = f", got {len(shape)}" if isinstance(shape, (list, tuple)) else ""
+        raise error(f"{what}: shape must be a list of at most {limits.max_ndim} dimensions (Limits.max_ndim){got}")
+    numel, extent = 1, 1
+    for d in shape:
+        if type(d) is not int or d < 0:
+            raise error(f"{what}: invalid dimension {d!r}")
+        numel *= d
+        extent *= max(d, 1)
+        if extent > limits.max_tensor_elements:
+            raise error(f"{what}: the dimensions of shape {list(shape)} exceed the limit of "
+                        f"{limits.max_tensor_elements:,} elements per tensor (Limits.max_tensor_elements)")
+    return numel
+
+
+LEVEL_BYTES = 8  # a decoder holds a coded tensor's levels as int64 beside its values
+
+
+def decoded_size(entry: TensorEntry) -> int:
+    """Bytes a decoder holds for `entry` (what Limits.max_decoded_bytes bounds): count x the dtype's
+    element size, plus LEVEL_BYTES per element of a coded tensor."""
+    return entry.count * (DTYPE_SIZES[entry.dtype] + (LEVEL_BYTES if entry.encoding == "levels" else 0))
+
+
+def metadata_size(metadata: dict[str, str]) -> int:
+    """Bytes of metadata keys and values in UTF-8, the measure Limits.max_metadata_bytes bounds."""
+    return sum(_utf8_len(k) + _utf8_len(v) for k, v in metadata.items())
+
+
+def _utf8_len(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))  # JSON may carry lone surrogates (\ud800)
+
+
+def _over(what: str, total: int, limit: int, field_name: str, unit: str) -> str:
+    return f"{what} brings the {unit} to {total:,}, over the limit of {limit:,} (Limits.{field_name})"
+
+
+# ----------------------------------------------------------------------------------------------
 # Writing
 # ----------------------------------------------------------------------------------------------
 
@@ -115,18 +174,25 @@ class ContainerWriter:
     """Streams payloads to a temporary file beside `path` and renames it into place on success.
 
     Use as a context manager; if the block raises, the temporary file is removed and `path` is
-    left untouched (atomic write).
+    left untouched (atomic write). Every limit the reader enforces (`limits`) is checked before the
+    tensor, section or index concerned is written, so the writer never produces a file the reader
+    refuses: a CdlInputError names the tensor and the limit instead.
     """
 
-    def __init__(self, path: str | os.PathLike, metadata: dict[str, str] | None = None):
+    def __init__(self, path: str | os.PathLike, metadata: dict[str, str] | None = None,
+                 limits: Limits = Limits()):
         self.path = os.fspath(path)
+        self.limits = limits
         self.metadata: dict[str, str] = {}
+        self._metadata_bytes = 0
         for key, value in (metadata or {}).items():
             self.set_metadata(key, value)
         self._tensors: list[TensorEntry] = []
         self._sections: list[SectionEntry] = []
         self._names: set[str] = set()
         self._section_names: set[str] = set()
+        self._total_elements = 0
+        self._decoded_bytes = 0
         self._offset = 0
         self._fh: BinaryIO | None = None
         self._stack = contextlib.ExitStack()
@@ -134,7 +200,15 @@ class ContainerWriter:
     def set_metadata(self, key: str, value: str) -> None:
         if not isinstance(key, str) or not isinstance(value, str):
             raise CdlInputError("container metadata keys and values must be strings")
+        size = self._metadata_bytes + _utf8_len(key) + _utf8_len(value)
+        if key in self.metadata:
+            size -= _utf8_len(key) + _utf8_len(self.metadata[key])
+        if size > self.limits.max_metadata_bytes:
+            raise CdlInputError(
+                _over(f"metadata key {key!r} ({_utf8_len(value):,}-byte value)", size,
+                      self.limits.max_metadata_bytes, "max_metadata_bytes", "container metadata bytes"))
         self.metadata[key] = value
+        self._metadata_bytes = size
 
     def __enter__(self) -> "ContainerWriter":
         self._fh = self._stack.enter_context(atomic_open(self.path))
@@ -148,24 +222,66 @@ class ContainerWriter:
         self._offset += len(data)
         return offset, len(data), zlib.crc32(data)
 
-    def add_tensor(self, entry: TensorEntry, payload: bytes) -> TensorEntry:
-        """Append one tensor; fills in the entry's offset, length and crc32."""
+    def _check_tensor(self, entry: TensorEntry, payload_len: int) -> None:
+        """Refuse, before anything is written, a tensor the reader would refuse."""
+        lim = self.limits
+        if not isinstance(entry.name, str):
+            raise CdlInputError(f"tensor names must be strings, got {type(entry.name).__name__}")
+        what = f"tensor {entry.name!r}"
         if entry.name in self._names:
             raise CdlInputError(f"duplicate tensor name {entry.name!r}")
+        if len(self._tensors) >= lim.max_tensors:
+            raise CdlInputError(f"{what}: more than {lim.max_tensors:,} tensors (Limits.max_tensors)")
         if entry.dtype not in DTYPE_SIZES:
-            raise CdlInputError(f"tensor {entry.name!r}: unsupported dtype {entry.dtype!r}")
+            raise CdlInputError(f"{what}: unsupported dtype {entry.dtype!r}")
         if entry.encoding not in ENCODINGS:
-            raise CdlInputError(f"tensor {entry.name!r}: unknown encoding {entry.encoding!r}")
+            raise CdlInputError(f"{what}: unknown encoding {entry.encoding!r}")
+        try:
+            entry.shape = tuple(operator.index(d) for d in entry.shape)
+            entry.count = operator.index(entry.count)
+        except TypeError:
+            raise CdlInputError(f"{what}: shape and count must be integers, got {entry.shape!r} and {entry.count!r}") from None
+        numel = check_shape(entry.shape, lim, what, CdlInputError)
+        if entry.count != numel:
+            raise CdlInputError(f"{what}: {entry.count} coded elements for a shape of {numel} elements")
+        entry.backend_params = bytes(entry.backend_params or b"")
+        if entry.encoding == "plain":
+            if payload_len != numel * DTYPE_SIZES[entry.dtype]:
+                raise CdlInputError(f"{what}: plain payload of {payload_len} bytes does not hold {numel} {entry.dtype} values")
+        else:
+            if not isinstance(entry.backend, str):
+                raise CdlInputError(f"{what}: coded tensor names no backend")
+            if len(entry.backend_params) > lim.max_params_bytes:
+                raise CdlInputError(f"{what}: {len(entry.backend_params):,} bytes of backend parameters exceed the "
+                                    f"limit of {lim.max_params_bytes:,} (Limits.max_params_bytes)")
+        if entry.quant is not None and not isinstance(entry.quant, dict):
+            raise CdlInputError(f"{what}: quant must be a dict or None")
+        total = self._total_elements + numel
+        if total > lim.max_total_elements:
+            raise CdlInputError(_over(what, total, lim.max_total_elements, "max_total_elements", "model's element count"))
+        decoded = self._decoded_bytes + decoded_size(entry)
+        if decoded > lim.max_decoded_bytes:
+            raise CdlInputError(_over(what, decoded, lim.max_decoded_bytes, "max_decoded_bytes", "bytes a decoder holds"))
+        self._total_elements, self._decoded_bytes = total, decoded
+
+    def add_tensor(self, entry: TensorEntry, payload: bytes) -> TensorEntry:
+        """Append one tensor; fills in the entry's offset, length and crc32."""
+        payload = bytes(payload)
+        self._check_tensor(entry, len(payload))
         self._names.add(entry.name)
-        entry.offset, entry.length, entry.crc32 = self._write_blob(bytes(payload))
+        entry.offset, entry.length, entry.crc32 = self._write_blob(payload)
         self._tensors.append(entry)
         return entry
 
     def add_section(self, name: str, kind: str, data: bytes) -> SectionEntry:
+        if not isinstance(name, str):
+            raise CdlInputError(f"section names must be strings, got {type(name).__name__}")
         if name in self._section_names:
             raise CdlInputError(f"duplicate section name {name!r}")
         if kind not in SECTION_KINDS:
             raise CdlInputError(f"unknown section kind {kind!r}")
+        if len(self._sections) >= self.limits.max_sections:
+            raise CdlInputError(f"section {name!r}: more than {self.limits.max_sections:,} sections (Limits.max_sections)")
         self._section_names.add(name)
         entry = SectionEntry(name, kind)
         entry.offset, entry.length, entry.crc32 = self._write_blob(bytes(data))
@@ -183,8 +299,15 @@ class ContainerWriter:
         # allow_nan=False: a NaN step has no place in a file that must decode the same everywhere.
         try:
             index_bytes = json.dumps(index, separators=(",", ":"), allow_nan=False).encode("utf-8")
-        except ValueError as exc:
-            raise CdlInputError(f"non-finite number in container index: {exc}") from exc
+        except (TypeError, ValueError) as exc:
+            raise CdlInputError(f"the container index cannot be written: {exc}") from exc
+        if len(index_bytes) > self.limits.max_index_bytes:
+            raise CdlInputError(f"the container index would be {len(index_bytes):,} bytes, over the limit of "
+                                f"{self.limits.max_index_bytes:,} (Limits.max_index_bytes)")
+        try:  # the last word: the reader's own checks on exactly these bytes
+            parse_index(index_bytes, self.limits, self._offset)
+        except CdlFormatError as exc:
+            raise CdlInputError(f"refusing to write a container the reader would refuse: {exc}") from exc
         index_offset = PREFIX.size + self._offset
         self._fh.write(index_bytes)
         prefix = PREFIX.pack(MAGIC, FORMAT_MAJOR, FORMAT_MINOR, 0)
@@ -203,6 +326,11 @@ class ContainerWriter:
 # Reading
 # ----------------------------------------------------------------------------------------------
 
+# Every integer field fits in 64 bits; a longer literal is refused before Python parses it
+# (int() of a 5,000-digit string raises ValueError, and a huge one costs quadratic time).
+MAX_INT_DIGITS = 40
+
+
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
@@ -214,6 +342,19 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _reject_constant(name: str) -> float:
     raise _fail(f"index contains the non-finite number {name}")
+
+
+def _parse_int(text: str) -> int:
+    if len(text) > MAX_INT_DIGITS:
+        raise _fail(f"index holds an integer of {len(text):,} digits (at most {MAX_INT_DIGITS})")
+    return int(text)
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 parses to inf
+        raise _fail(f"index holds the number {text[:40]}, which is not finite in binary64")
+    return value
 
 
 def _int(obj: dict, key: str, what: str, lo: int = 0, hi: int = (1 << 63) - 1) -> int:
@@ -229,7 +370,138 @@ def _str(obj: dict, key: str, what: str, allow_none: bool = False) -> str | None
         return None
     if not isinstance(value, str):
         raise _fail(f"{what}: field {key!r} must be a string, got {type(value).__name__}")
+    _check_unicode(value, f"{what}: field {key!r}")
     return value
+
+
+def _check_unicode(text: str, what: str) -> None:
+    """JSON can escape a lone surrogate (\\ud800), which no UTF-8 output (a terminal, a safetensors
+    header, a file name) can carry: such a string is refused here rather than crashing a writer later."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _fail(f"{what} holds an unpaired surrogate {text.encode('utf-8', 'backslashreplace')[:60]!r}") from None
+
+
+def parse_index(index_bytes: bytes, limits: Limits, payload_area: int
+                ) -> tuple[dict[str, str], list[TensorEntry], list[SectionEntry]]:
+    """Validate the index JSON of a file whose payload area holds `payload_area` bytes.
+
+    Returns (metadata, tensors, sections); CdlFormatError for anything SPEC.md refuses. Used by the
+    reader and, on the bytes it is about to write, by the writer.
+    """
+    try:
+        index = json.loads(index_bytes.decode("utf-8"), object_pairs_hook=_no_duplicate_keys,
+                           parse_constant=_reject_constant, parse_int=_parse_int, parse_float=_parse_float)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise _fail(f"index is not valid JSON: {exc}") from exc
+    if not isinstance(index, dict) or index.get("format") != "cdl":
+        raise _fail("index is not a cdl index object")
+    metadata = _parse_metadata(index.get("metadata", {}), limits)
+    tensors = _parse_tensors(index.get("tensors"), limits)
+    sections = _parse_sections(index.get("sections", []), limits)
+    _check_coverage(tensors, sections, payload_area)
+    return metadata, tensors, sections
+
+
+def _parse_metadata(meta: Any, limits: Limits) -> dict[str, str]:
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise _fail("metadata must be an object of string keys and string values")
+    for key, value in meta.items():
+        _check_unicode(key, "metadata key")
+        _check_unicode(value, f"metadata {key!r}")
+    size = metadata_size(meta)
+    if size > limits.max_metadata_bytes:
+        raise _fail(f"metadata of {size:,} bytes exceeds its limit of {limits.max_metadata_bytes:,} (Limits.max_metadata_bytes)")
+    return meta
+
+
+def _parse_tensors(raw: Any, lim: Limits) -> list[TensorEntry]:
+    if not isinstance(raw, list):
+        raise _fail("index has no tensor list")
+    if len(raw) > lim.max_tensors:
+        raise _fail(f"{len(raw):,} tensors exceed the limit of {lim.max_tensors:,} (Limits.max_tensors)")
+    entries, names, total = [], set(), 0
+    for i, t in enumerate(raw):
+        if not isinstance(t, dict):
+            raise _fail(f"tensor #{i} is not an object")
+        name = _str(t, "name", f"tensor #{i}")
+        what = f"tensor {name!r}"
+        if name in names:
+            raise _fail(f"duplicate tensor name {name!r}")
+        names.add(name)
+        shape = t.get("shape")
+        numel = check_shape(shape, lim, what)
+        total += numel
+        if total > lim.max_total_elements:
+            raise _fail(_over(what, total, lim.max_total_elements, "max_total_elements", "model's element count"))
+        dtype = _str(t, "dtype", what)
+        if dtype not in DTYPE_SIZES:
+            raise _fail(f"{what}: unknown dtype {dtype!r}")
+        encoding = _str(t, "encoding", what)
+        if encoding not in ENCODINGS:
+            raise _fail(f"{what}: unknown encoding {encoding!r}")
+        count = _int(t, "count", what, 0, lim.max_tensor_elements)
+        offset = _int(t, "offset", what)
+        length = _int(t, "length", what)
+        crc = _int(t, "crc32", what, 0, 0xFFFFFFFF)
+        quant = t.get("quant")
+        if quant is not None and not isinstance(quant, dict):
+            raise _fail(f"{what}: quant must be an object or null")
+        backend = _str(t, "backend", what, allow_none=True)
+        params_b64 = _str(t, "backend_params", what)
+        too_long = f"{what}: backend parameters exceed the limit of {lim.max_params_bytes:,} bytes (Limits.max_params_bytes)"
+        if len(params_b64) > lim.max_params_bytes * 4 // 3 + 4:
+            raise _fail(too_long)
+        try:
+            params = base64.b64decode(params_b64, validate=True)
+        except (ValueError, TypeError) as exc:
+            raise _fail(f"{what}: backend parameters are not valid base64") from exc
+        if len(params) > lim.max_params_bytes:
+            raise _fail(too_long)
+        if encoding == "plain":
+            if length != numel * DTYPE_SIZES[dtype] or count != numel:
+                raise _fail(f"{what}: plain payload of {length} bytes does not hold {numel} {dtype} values")
+        else:
+            if backend is None:
+                raise _fail(f"{what}: coded tensor names no backend")
+            if count != numel:
+                raise _fail(f"{what}: {count} coded levels for a tensor of {numel} elements")
+        entries.append(TensorEntry(name, tuple(shape), dtype, encoding, quant, backend, params,
+                                   count, offset, length, crc))
+    return entries
+
+
+def _parse_sections(raw: Any, limits: Limits) -> list[SectionEntry]:
+    if not isinstance(raw, list) or len(raw) > limits.max_sections:
+        raise _fail(f"sections must be a list of at most {limits.max_sections:,} entries (Limits.max_sections)")
+    out, names = [], set()
+    for i, s in enumerate(raw):
+        if not isinstance(s, dict):
+            raise _fail(f"section #{i} is not an object")
+        name = _str(s, "name", f"section #{i}")
+        if name in names:
+            raise _fail(f"duplicate section name {name!r}")
+        names.add(name)
+        kind = _str(s, "kind", f"section {name!r}")
+        if kind not in SECTION_KINDS:
+            raise _fail(f"section {name!r}: unknown kind {kind!r}")
+        out.append(SectionEntry(name, kind, _int(s, "offset", name), _int(s, "length", name),
+                                _int(s, "crc32", name, 0, 0xFFFFFFFF)))
+    return out
+
+
+def _check_coverage(tensors: list[TensorEntry], sections: list[SectionEntry], payload_area: int) -> None:
+    """Blobs must tile the payload area exactly: contiguous, non-overlapping, nothing trailing."""
+    blobs = sorted(((e.offset, e.length, e.name) for e in [*tensors, *sections]))
+    position = 0
+    for offset, length, name in blobs:
+        if offset != position:
+            kind = "overlaps another payload" if offset < position else "leaves a gap before it"
+            raise _fail(f"payload of {name!r} at offset {offset} {kind}")
+        position = offset + length
+    if position != payload_area:
+        raise _fail(f"payloads end at {position} but the payload area holds {payload_area} bytes")
 
 
 class ContainerReader:
@@ -285,7 +557,8 @@ class ContainerReader:
         if end_magic != END_MAGIC:
             raise _fail("file is truncated or damaged (footer end marker missing)")
         if index_length > self.limits.max_index_bytes:
-            raise _fail(f"index length {index_length} exceeds the limit of {self.limits.max_index_bytes} bytes")
+            raise _fail(f"index length {index_length:,} exceeds the limit of {self.limits.max_index_bytes:,} bytes "
+                        "(Limits.max_index_bytes)")
         if index_offset < PREFIX.size or index_offset + index_length + FOOTER.size != size:
             raise _fail(f"index offset {index_offset} + length {index_length} does not match the file size {size}")
         fh.seek(index_offset)
@@ -295,116 +568,19 @@ class ContainerReader:
         expect = zlib.crc32(head + index_bytes + struct.pack("<QQ", index_offset, index_length))
         if expect != crc or reserved != 0:
             raise _fail("header/index checksum mismatch: the file is corrupt")
-        try:
-            index = json.loads(index_bytes.decode("utf-8"), object_pairs_hook=_no_duplicate_keys,
-                               parse_constant=_reject_constant)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-            raise _fail(f"index is not valid JSON: {exc}") from exc
-        if not isinstance(index, dict) or index.get("format") != "cdl":
-            raise _fail("index is not a cdl index object")
         self._payload_area = index_offset - PREFIX.size
-        self.metadata = self._parse_metadata(index.get("metadata", {}))
-        self.tensors = self._parse_tensors(index.get("tensors"))
-        self.sections = self._parse_sections(index.get("sections", []))
-        self._check_coverage()
+        self.metadata, self.tensors, self.sections = parse_index(index_bytes, self.limits, self._payload_area)
 
-    def _parse_metadata(self, meta: Any) -> dict[str, str]:
-        if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
-            raise _fail("metadata must be an object of string keys and string values")
-        if sum(len(k) + len(v) for k, v in meta.items()) > self.limits.max_metadata_bytes:
-            raise _fail("metadata exceeds its size limit")
-        return meta
-
-    def _parse_tensors(self, raw: Any) -> list[TensorEntry]:
-        lim = self.limits
-        if not isinstance(raw, list):
-            raise _fail("index has no tensor list")
-        if len(raw) > lim.max_tensors:
-            raise _fail(f"{len(raw)} tensors exceed the limit of {lim.max_tensors}")
-        entries, names, total = [], set(), 0
-        for i, t in enumerate(raw):
-            if not isinstance(t, dict):
-                raise _fail(f"tensor #{i} is not an object")
-            name = _str(t, "name", f"tensor #{i}")
-            what = f"tensor {name!r}"
-            if name in names:
-                raise _fail(f"duplicate tensor name {name!r}")
-            names.add(name)
-            shape = t.get("shape")
-            if not isinstance(shape, list) or len(shape) > lim.max_ndim:
-                raise _fail(f"{what}: shape must be a list of at most {lim.max_ndim} dimensions")
-            numel = 1
-            for d in shape:
-                if type(d) is not int or d < 0 or d > lim.max_tensor_elements:
-                    raise _fail(f"{what}: invalid dimension {d!r}")
-                numel *= d  # Python ints cannot overflow; bounded right below
-                if numel > lim.max_tensor_elements:
-                    raise _fail(f"{what}: {numel}+ elements exceed the limit of {lim.max_tensor_elements}")
-            total += numel
-            if total > lim.max_total_elements:
-                raise _fail(f"the model's element count exceeds the limit of {lim.max_total_elements}")
-            dtype = _str(t, "dtype", what)
-            if dtype not in DTYPE_SIZES:
-                raise _fail(f"{what}: unknown dtype {dtype!r}")
-            encoding = _str(t, "encoding", what)
-            if encoding not in ENCODINGS:
-                raise _fail(f"{what}: unknown encoding {encoding!r}")
-            count = _int(t, "count", what, 0, lim.max_tensor_elements)
-            offset = _int(t, "offset", what)
-            length = _int(t, "length", what)
-            crc = _int(t, "crc32", what, 0, 0xFFFFFFFF)
-            quant = t.get("quant")
-            if quant is not None and not isinstance(quant, dict):
-                raise _fail(f"{what}: quant must be an object or null")
-            backend = _str(t, "backend", what, allow_none=True)
-            params_b64 = _str(t, "backend_params", what)
-            if len(params_b64) > lim.max_params_bytes * 4 // 3 + 4:
-                raise _fail(f"{what}: backend parameters exceed their size limit")
-            try:
-                params = base64.b64decode(params_b64, validate=True)
-            except (ValueError, TypeError) as exc:
-                raise _fail(f"{what}: backend parameters are not valid base64") from exc
-            if encoding == "plain":
-                if length != numel * DTYPE_SIZES[dtype] or count != numel:
-                    raise _fail(f"{what}: plain payload of {length} bytes does not hold {numel} {dtype} values")
-            else:
-                if backend is None:
-                    raise _fail(f"{what}: coded tensor names no backend")
-                if count != numel:
-                    raise _fail(f"{what}: {count} coded levels for a tensor of {numel} elements")
-            entries.append(TensorEntry(name, tuple(shape), dtype, encoding, quant, backend, params,
-                                       count, offset, length, crc))
-        return entries
-
-    def _parse_sections(self, raw: Any) -> list[SectionEntry]:
-        if not isinstance(raw, list) or len(raw) > 1024:
-            raise _fail("sections must be a list of at most 1024 entries")
-        out, names = [], set()
-        for i, s in enumerate(raw):
-            if not isinstance(s, dict):
-                raise _fail(f"section #{i} is not an object")
-            name = _str(s, "name", f"section #{i}")
-            if name in names:
-                raise _fail(f"duplicate section name {name!r}")
-            names.add(name)
-            kind = _str(s, "kind", f"section {name!r}")
-            if kind not in SECTION_KINDS:
-                raise _fail(f"section {name!r}: unknown kind {kind!r}")
-            out.append(SectionEntry(name, kind, _int(s, "offset", name), _int(s, "length", name),
-                                    _int(s, "crc32", name, 0, 0xFFFFFFFF)))
-        return out
-
-    def _check_coverage(self) -> None:
-        """Blobs must tile the payload area exactly: contiguous, non-overlapping, nothing trailing."""
-        blobs = sorted(((e.offset, e.length, e.name) for e in [*self.tensors, *self.sections]))
-        position = 0
-        for offset, length, name in blobs:
-            if offset != position:
-                kind = "overlaps another payload" if offset < position else "leaves a gap before it"
-                raise _fail(f"payload of {name!r} at offset {offset} {kind}")
-            position = offset + length
-        if position != self._payload_area:
-            raise _fail(f"payloads end at {position} but the payload area holds {self._payload_area} bytes")
+    def check_decoded_size(self) -> int:
+        """The bytes a decoder of the whole file holds (`decoded_size`); CdlFormatError naming the tensor
+        that crosses Limits.max_decoded_bytes. Decoders call it before allocating anything."""
+        total = 0
+        for entry in self.tensors:
+            total += decoded_size(entry)
+            if total > self.limits.max_decoded_bytes:
+                raise _fail(_over(f"tensor {entry.name!r} ({entry.count:,} x {entry.dtype})", total,
+                                  self.limits.max_decoded_bytes, "max_decoded_bytes", "bytes a decoder holds"))
+        return total
 
     # -- access ----------------------------------------------------------------------------------
     def tensor(self, name: str) -> TensorEntry:
@@ -430,3 +606,19 @@ class ContainerReader:
 
     def read_section(self, entry: SectionEntry) -> bytes:
         return self._read_blob(entry.offset, entry.length, entry.crc32, f"section {entry.name!r}")
+
+    def check_checksums(self, block: int = 1 << 20) -> None:
+        """Compare the CRC-32 of every payload and section with the index, reading the file once in
+        `block`-sized pieces (nothing proportional to a payload is held)."""
+        entries = [(e, f"tensor {e.name!r}") for e in self.tensors] + [(s, f"section {s.name!r}") for s in self.sections]
+        self._fh.seek(PREFIX.size)
+        for entry, what in sorted(entries, key=lambda pair: pair[0].offset):  # they tile the area: one pass
+            crc, left = 0, entry.length
+            while left:
+                data = self._fh.read(min(block, left))
+                if not data:
+                    raise _fail(f"file is truncated inside the payload of {what}")
+                crc = zlib.crc32(data, crc)
+                left -= len(data)
+            if crc != entry.crc32:
+                raise _fail(f"checksum mismatch in the payload of {what}: the file is corrupt")

@@ -21,16 +21,18 @@ needed: the row length travels in the params).
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from ..errors import CdlDecodeError, CdlInputError
-from .base import MAX_ABS_LEVEL, EncodeHint
+from .base import MAX_ABS_LEVEL, EncodeHint, check_count
 from .raw import write_uvarint  # the same LEB128 integers as the raw and huffman params
 from .cabac_binarization import (
     MAX_GT, MODE_PREV, MODE_PREV2, MODE_PREV2_ROW, cost_chunks, decode_chunks_parallel,
     decode_chunks_serial, encode_chunks,
 )
-from .cabac_coder import COST_FRAC_BITS, ERROR_TEXT, RATE_PAIRS
+from .cabac_coder import COST_FRAC_BITS, ERROR_TEXT, MAX_BINS_PER_BIT, RATE_PAIRS
 
 FORMAT_VERSION = 1
 
@@ -41,6 +43,11 @@ DEFAULT_CHUNK_SIZE = 1 << 16
 RATE_SAMPLE = 1 << 16          # levels used to pick the estimator rates
 PARALLEL_MIN_LEVELS = 1 << 17   # below this, starting threads costs more than it saves
 FLUSH_BITS_ESTIMATE = 12       # average termination bytes per chunk, for estimate_bits
+PARALLEL_BATCH = 256           # chunks per parallel kernel call: its per-chunk state stays small
+# A chunk of L bytes codes at most 8 * (L + TERMINATION_SLACK) bits of bins: the encoder strips the
+# zero bytes that end its final value (at most 4, more only when the last bytes of the stream were
+# zero by chance) and the decoder reads zeros past the end (max_chunk_levels).
+TERMINATION_SLACK = 8
 
 _MAX_VARINT_BYTES = 10
 
@@ -78,6 +85,58 @@ def _as_levels(levels) -> np.ndarray:
     if arr.size and int(np.abs(arr).max()) > MAX_ABS_LEVEL:
         raise CdlInputError(f"level magnitude exceeds {MAX_ABS_LEVEL}")
     return np.ascontiguousarray(arr)
+
+
+def max_chunk_levels(length):
+    """The most levels a chunk of `length` bytes (an int or an int64 array) can hold: every level codes at least one bin, and a
+    bin costs at least 1 / MAX_BINS_PER_BIT bits (cabac_coder). A constant tensor of 2**27 zeros
+    honestly takes 742 bytes in one chunk, so this is loose only by the termination slack."""
+    return MAX_BINS_PER_BIT * 8 * (length + TERMINATION_SLACK)
+
+
+class _Stream(NamedTuple):
+    n_gt: int
+    mode: int
+    rate_idx: int
+    chunk_size: int
+    row_len: int
+    offsets: np.ndarray  # n_chunks + 1 byte offsets into the payload
+
+
+def _parse_params(params: bytes, payload_len: int) -> _Stream:
+    """The stream parameters (see the module docstring); CdlDecodeError for malformed ones."""
+    r = _Reader(bytes(params))
+    version = r.u8("format version")
+    if version != FORMAT_VERSION:
+        raise CdlDecodeError(f"cabac stream version {version} is not supported (expected {FORMAT_VERSION})")
+    n_gt = r.u8("n_gt")
+    mode = r.u8("mode")
+    rate_idx = r.u8("rate index")
+    if n_gt > MAX_GT or mode > MODE_PREV2_ROW or rate_idx >= len(RATE_PAIRS):
+        raise CdlDecodeError("cabac params hold an unknown n_gt, context mode or rate index")
+    chunk_size = r.varint("chunk size", MAX_ABS_LEVEL)
+    row_len = r.varint("row length", MAX_ABS_LEVEL)
+    n_chunks = r.varint("chunk count", len(params))
+    if chunk_size < 1:
+        raise CdlDecodeError("cabac chunk size is 0")
+    offsets = np.zeros(n_chunks + 1, dtype=np.int64)
+    end = 0
+    for c in range(n_chunks):
+        end += r.varint("chunk length", payload_len)
+        if end > payload_len:
+            raise CdlDecodeError(f"cabac chunks cover more than the {payload_len} payload bytes")
+        offsets[c + 1] = end
+    if r.pos != len(params):
+        raise CdlDecodeError("cabac params have trailing bytes")
+    if end != payload_len:
+        raise CdlDecodeError(f"cabac chunks cover {end} bytes, payload has {payload_len}")
+    return _Stream(n_gt, mode, rate_idx, chunk_size, row_len, offsets)
+
+
+def _max_levels(stream: _Stream) -> int:
+    """Backend.max_count: the chunk count times the chunk size, and no more than the chunks' bytes hold."""
+    lengths = np.diff(stream.offsets)
+    return min(lengths.size * stream.chunk_size, int(max_chunk_levels(lengths).sum()))
 
 
 def _row_len(shape, count: int) -> int:
@@ -179,42 +238,33 @@ class CabacBackend:
             params += write_uvarint(int(length))
         return buf[:total].tobytes(), bytes(params)
 
+    def max_count(self, payload_len: int, params: bytes) -> int:
+        return _max_levels(_parse_params(params, payload_len))
+
     def decode(self, payload: bytes, params: bytes, count: int, shape=None) -> np.ndarray:
         count = int(count)
         if count < 0:
             raise CdlDecodeError("negative level count")
-        r = _Reader(bytes(params))
-        version = r.u8("format version")
-        if version != FORMAT_VERSION:
-            raise CdlDecodeError(f"cabac stream version {version} is not supported (expected {FORMAT_VERSION})")
-        n_gt = r.u8("n_gt")
-        mode = r.u8("mode")
-        rate_idx = r.u8("rate index")
-        if n_gt > MAX_GT or mode > MODE_PREV2_ROW or rate_idx >= len(RATE_PAIRS):
-            raise CdlDecodeError("cabac params hold an unknown n_gt, context mode or rate index")
-        chunk_size = r.varint("chunk size", MAX_ABS_LEVEL)
-        row_len = r.varint("row length", MAX_ABS_LEVEL)
-        n_chunks = r.varint("chunk count", len(params))
-        if chunk_size < 1:
-            raise CdlDecodeError("cabac chunk size is 0")
+        stream = _parse_params(params, len(payload))
+        n_chunks, chunk_size = stream.offsets.size - 1, stream.chunk_size
         if n_chunks != -(-count // chunk_size):
             raise CdlDecodeError(f"cabac stream has {n_chunks} chunks, {count} levels need {-(-count // chunk_size)}")
-        offsets = np.zeros(n_chunks + 1, dtype=np.int64)
-        for c in range(n_chunks):
-            offsets[c + 1] = offsets[c] + r.varint("chunk length", len(payload))
-        if r.pos != len(params):
-            raise CdlDecodeError("cabac params have trailing bytes")
-        if offsets[-1] != len(payload):
-            raise CdlDecodeError(f"cabac chunks cover {int(offsets[-1])} bytes, payload has {len(payload)}")
+        check_count(self.name, len(payload), count, _max_levels(stream))
         out = np.empty(count, dtype=np.int64)
         if count == 0:
             return out
         buf = np.frombuffer(payload, dtype=np.uint8)
         errs = np.zeros(n_chunks, dtype=np.int64)
-        fast, slow = (int(v) for v in RATE_PAIRS[rate_idx])
-        parallel = self.parallel and n_chunks > 1 and count >= PARALLEL_MIN_LEVELS
-        kernel = decode_chunks_parallel if parallel else decode_chunks_serial
-        kernel(buf, offsets, chunk_size, n_gt, mode, row_len, fast, slow, out, errs)
+        fast, slow = (int(v) for v in RATE_PAIRS[stream.rate_idx])
+        args = (chunk_size, stream.n_gt, stream.mode, stream.row_len, fast, slow)
+        if self.parallel and n_chunks > 1 and count >= PARALLEL_MIN_LEVELS:
+            # in batches: the kernel holds coder state and contexts (7.7 kB) for every chunk it gets
+            for first in range(0, n_chunks, PARALLEL_BATCH):
+                last = min(first + PARALLEL_BATCH, n_chunks)
+                decode_chunks_parallel(buf, stream.offsets[first:last + 1], *args, out[first * chunk_size:],
+                                       errs[first:last])
+        else:
+            decode_chunks_serial(buf, stream.offsets, *args, out, errs)
         bad = np.flatnonzero(errs)
         if bad.size:
             c = int(bad[0])

@@ -57,6 +57,13 @@ ERROR_TEXT = {
 CTX_FAST, CTX_SLOW, CTX_COUNT = 0, 1, 2
 MAX_COUNT = 1023
 
+# The most bins one bit of stream can hold. A bin costs at least -log2(r) bits, r being the largest
+# share of the range a bin can keep: the probability is clamped to [1, 2**15 - 1] / 2**15, so the
+# more probable value keeps at most range - floor(range / 2**15) of a range >= TOP = 2**24, i.e.
+# r <= 1 - 2**-15 + 2**-24 * (1 - 2**-15), and 1 / -log2(r) = 22757.15... Every level codes at least
+# one bin (its significance flag), so this also bounds levels per bit (cabac.max_chunk_levels).
+MAX_BINS_PER_BIT = 22758
+
 # Rate pairs (fast shift, slow shift) a stream may choose from; the index is stored in the params.
 # Changing this table changes the format: append only.
 RATE_PAIRS = np.array([(4, 7), (5, 8), (5, 9), (6, 10), (7, 10), (4, 9)], dtype=np.int64)

@@ -37,7 +37,7 @@ import numpy as np
 
 from ..errors import CdlDecodeError, CdlInputError
 from . import huffman_kernels as hk
-from .base import MAX_ABS_LEVEL, EncodeHint
+from .base import MAX_ABS_LEVEL, EncodeHint, check_count
 from .raw import read_svarint, write_svarint
 from .stats import DENSE_RANGE_LIMIT, as_levels
 
@@ -294,6 +294,16 @@ class HuffmanBackend:
         tensor with more than 2**24 distinct levels, which this backend cannot code."""
         return _Plan(levels, hint).total_bits()
 
+    def max_count(self, payload_len: int, params: bytes) -> int | None:
+        """At least one bit per level; a single-symbol table is a constant tensor (no payload, no bound)."""
+        if not params:
+            raise CdlDecodeError("huffman: empty backend parameters")
+        if params[0] == hk.KIND_EMPTY:
+            return 0
+        if params[0] == hk.KIND_SINGLE:
+            return None if payload_len == 0 else 0
+        return 8 * payload_len
+
     def decode(self, payload: bytes, params: bytes, count: int, shape=None) -> np.ndarray:
         params = bytes(params)
         payload = bytes(payload)
@@ -303,6 +313,9 @@ class HuffmanBackend:
         if not params:
             raise CdlDecodeError("huffman: empty backend parameters")
         kind = params[0]
+        if kind not in (hk.KIND_EMPTY, hk.KIND_SINGLE):
+            # before the tables, which may hold `count` symbols
+            check_count(self.name, len(payload), count, self.max_count(len(payload), params))
         if kind == hk.KIND_EMPTY:
             if len(params) != 1:
                 raise CdlDecodeError("huffman: trailing bytes after the code table")

@@ -146,11 +146,9 @@ class RawBackend:
         _pack_kernel(arr, np.int64(base), np.int64(width), out)
         return out.tobytes(), params
 
-    def decode(self, payload: bytes, params: bytes, count: int, shape=None) -> np.ndarray:
-        params = bytes(params)
-        count = int(count)
-        if count < 0:
-            raise CdlDecodeError(f"raw: negative element count {count}")
+    @staticmethod
+    def _read_params(params: bytes) -> tuple[int, int]:
+        """(width, base) of valid params; CdlDecodeError otherwise."""
         if len(params) < 2:
             raise CdlDecodeError("raw: backend parameters are truncated")
         width = params[0]
@@ -161,6 +159,21 @@ class RawBackend:
             raise CdlDecodeError("raw: trailing bytes after the backend parameters")
         if abs(base) > MAX_ABS_LEVEL:
             raise CdlDecodeError(f"raw: base {base} outside ±{MAX_ABS_LEVEL}")
+        return width, base
+
+    def max_count(self, payload_len: int, params: bytes) -> int | None:
+        """`width` bits per level; width 0 is a constant tensor with an empty payload (no bound)."""
+        width, _ = self._read_params(bytes(params))
+        if width == 0:
+            return None if payload_len == 0 else 0
+        return 8 * payload_len // width
+
+    def decode(self, payload: bytes, params: bytes, count: int, shape=None) -> np.ndarray:
+        params = bytes(params)
+        count = int(count)
+        if count < 0:
+            raise CdlDecodeError(f"raw: negative element count {count}")
+        width, base = self._read_params(params)  # the exact payload length below bounds count
         nbits = count * width
         expected = (nbits + 7) // 8
         if len(payload) != expected:
