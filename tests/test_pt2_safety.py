@@ -174,7 +174,8 @@ HOSTILE = {
     "opaque object": (_object_constant("opaque_obj"), "pickled objects (data/constants/opaque_obj_0)"),
     "torchbind object": (_object_constant("custom_obj"), "pickled objects (data/constants/custom_obj_0)"),
     "legacy weights": (_legacy_weights, "pickled data (legacy file data/weights/model.pt)"),
-    "sample inputs": (_sample_inputs, "sample inputs (data/sample_inputs/model.pt) do not load with torch.load(weights_only=True)"),
+    "sample inputs": (_sample_inputs, "the sample inputs (data/sample_inputs/model.pt) hold objects other than tensors "
+                                      "and plain containers (it names posix.system); cdlcodec never unpickles"),
     "compiled code": (lambda d, m: rewrite(d, add=[("data/aotinductor/model/model.so", b"\x7fELF")]),
                       "compiled code (data/aotinductor/model/model.so)"),
     "expression": (_expression, "is not a symbolic shape"),

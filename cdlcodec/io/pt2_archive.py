@@ -30,6 +30,7 @@ import ast
 import io
 import json
 import keyword
+import pickle
 import re
 import zipfile
 
@@ -91,7 +92,9 @@ def _check(data: bytes) -> None:
         archive = zipfile.ZipFile(io.BytesIO(data))
         infos = archive.infolist()
     except Exception as exc:  # zipfile raises several types for damaged directories
-        raise Pt2Refusal(f"not a zip archive ({type(exc).__name__}: {_first_words(str(exc))})") from None
+        from .torch_checkpoint import short_text
+
+        raise Pt2Refusal(f"not a zip archive ({type(exc).__name__}: {short_text(str(exc))})") from None
     if not infos:
         raise Pt2Refusal("the zip archive is empty")
     if len(infos) > MAX_MEMBERS:
@@ -224,21 +227,18 @@ def _check_sample_inputs(data: bytes) -> None:
         return
     import torch
 
+    from .torch_checkpoint import short_text, unpickling_refusal
+
     try:
         torch.load(io.BytesIO(data), weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise Pt2Refusal(f"the sample inputs ({SAMPLE_INPUTS}) hold objects other than tensors and plain "
+                         f"containers ({unpickling_refusal(exc)}); {_NEVER_UNPICKLES}") from None
     except Exception as exc:  # any failure would make torch retry with weights_only=False
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        first = first.removeprefix("Weights only load failed. ").removeprefix("WeightsUnpickler error: ")
+        first = (str(exc).strip().splitlines() or [""])[0]
         raise Pt2Refusal(f"the sample inputs ({SAMPLE_INPUTS}) do not load with torch.load(weights_only=True) "
-                       f"({_first_words(first)}); {_NEVER_UNPICKLES}") from None
-
-
-def _first_words(text: str, limit: int = 160) -> str:
-    """At most `limit` characters of `text`, cut at a word boundary."""
-    text = " ".join(text.split())
-    if len(text) <= limit:
-        return text
-    return text[:limit].rsplit(" ", 1)[0] + " ..."
+                         f"({type(exc).__name__}: {short_text(first)}), and torch.export.load would then "
+                         f"unpickle them; {_NEVER_UNPICKLES}") from None
 
 
 # ---------------------------------------------------------------------------- the program document

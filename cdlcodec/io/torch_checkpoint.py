@@ -6,14 +6,15 @@ plain containers, and we never fall back to unsafe loading.
 """
 from __future__ import annotations
 
-import os
+import io
 import pickle
+import re
 import warnings
 import zipfile
 
 import numpy as np
 
-from ..atomic import atomic_path
+from ..atomic import write_bytes_atomic
 from ..errors import CdlInputError
 from ..records import TensorRecord
 
@@ -28,6 +29,15 @@ def tensor_to_record(name: str, tensor, copy: bool = True) -> TensorRecord:
     """copy=False shares memory with the tensor (fine for a checkpoint just loaded, not for a live model)."""
     import torch
 
+    layout = str(tensor.layout).removeprefix("torch.")
+    if tensor.is_nested:
+        raise CdlInputError(f"tensor {name!r} is a nested tensor; save its components as separate dense tensors")
+    if layout.startswith("sparse"):
+        raise CdlInputError(f"tensor {name!r} is sparse ({layout}); save it dense (tensor.to_dense())")
+    if tensor.layout != torch.strided:
+        raise CdlInputError(f"tensor {name!r} has layout {layout}; save it as a dense tensor")
+    if tensor.is_meta:
+        raise CdlInputError(f"tensor {name!r} is on the meta device and holds no values")
     dtype = _TORCH_TO_NAME.get(str(tensor.dtype))
     if dtype is None:
         raise CdlInputError(f"tensor {name!r} has unsupported dtype {tensor.dtype}")
@@ -71,12 +81,22 @@ def _looks_like_torch_file(path: str) -> bool:
     return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
-def _refusal_reason(exc: Exception) -> str:
-    """The useful part of torch's weights_only message (never its advice to load unsafely)."""
-    for line in str(exc).splitlines():
-        if "Unsupported global" in line or "Unsupported operand" in line:
-            return line.strip().removeprefix("WeightsUnpickler error: ")[:200]
-    return "unsupported content"
+def short_text(text: str, limit: int = 120) -> str:
+    """`text` on one line, at most about `limit` characters, cut at a word boundary."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
+
+
+def unpickling_refusal(exc: Exception) -> str:
+    """What torch's weights_only loader refused, in a few whole words (never its advice to load
+    unsafely): "it names <module.Class>" for a pickled object, else the first sentence of its reason."""
+    text = str(exc)
+    found = re.search(r"\bGLOBAL ([\w.]+)", text)
+    if found:
+        return f"it names {found.group(1)}"
+    reasons = [line.strip().removeprefix("WeightsUnpickler error: ") for line in text.splitlines()
+               if "Unsupported" in line]
+    return short_text(reasons[0].split(". ")[0]) if reasons else "unsupported content"
 
 
 def read_torch_checkpoint(path: str) -> list[TensorRecord]:
@@ -94,8 +114,9 @@ def read_torch_checkpoint(path: str) -> list[TensorRecord]:
                     raise
                 obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise CdlInputError(f"{path}: refused to load: the checkpoint holds objects other than tensors and "
-                            f"plain containers ({_refusal_reason(exc)}); cdlcodec never unpickles code") from None
+        raise CdlInputError(f"{path}: refused to load: it holds a whole module or other Python objects, not only "
+                            f"tensors ({unpickling_refusal(exc)}); save the model's state_dict() instead "
+                            "(torch.save(model.state_dict(), path)); cdlcodec never unpickles code") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, AttributeError, ImportError, KeyError, IndexError) as exc:
         raise CdlInputError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from None
     state = unwrap_state_dict(obj, path)
@@ -111,9 +132,14 @@ def read_torch_checkpoint(path: str) -> list[TensorRecord]:
 
 
 def write_torch_state_dict(path: str, records: list[TensorRecord]) -> None:
-    """torch.save a plain state_dict (loadable with weights_only=True), atomically."""
+    """torch.save a plain state_dict (loadable with weights_only=True), atomically.
+
+    Serialized in memory first: torch's file writer names the archive's folder after the (random)
+    temporary file and fails on a full disk with an internal error; in memory the folder is always
+    "archive", and a full disk is an OSError of the atomic write, reported and cleaned up."""
     import torch
 
     state = {r.name: record_to_tensor(r) for r in records}
-    with atomic_path(path, suffix=".pt") as tmp:
-        torch.save(state, tmp)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    write_bytes_atomic(path, buf.getbuffer())

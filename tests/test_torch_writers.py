@@ -1,0 +1,105 @@
+"""torch outputs (.pt, .pt2): the same container always decodes to the same bytes, a full disk is one
+clean error with nothing left behind; torch inputs the reader cannot use are named (issue #11)."""
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from cdlcodec.codec import EncodeOptions, encode_file
+
+
+@pytest.fixture(scope="module")
+def containers(tmp_path_factory):
+    """A state_dict container and a torch.export container, each decoding to more than 64 KiB."""
+    root = tmp_path_factory.mktemp("writers")
+    net = nn.Sequential(nn.Linear(200, 200), nn.ReLU(), nn.Linear(200, 10))
+    torch.save(net.state_dict(), root / "net.pt")
+    torch.export.save(torch.export.export(net, (torch.randn(2, 200),)), root / "net.pt2")
+    options = EncodeOptions(backend="raw", quiet=True)
+    encode_file(str(root / "net.pt"), str(root / "pt.cdl"), options)
+    encode_file(str(root / "net.pt2"), str(root / "pt2.cdl"), options)
+    return {".pt": root / "pt.cdl", ".pt2": root / "pt2.cdl"}
+
+
+@pytest.mark.parametrize("ext", [".pt", ".pt2"])
+def test_decoding_twice_gives_identical_bytes(tmp_path, cli, run_cli, containers, ext):
+    outputs = [tmp_path / f"a{ext}", tmp_path / f"b{ext}"]
+    for out in outputs:  # torch used to name the archive's folder after a random temporary file
+        assert cli("decode", containers[ext], "-o", out, "-q")[0] == 0
+    outputs.append(tmp_path / f"c{ext}")
+    assert run_cli("decode", containers[ext], "-o", outputs[-1], "-q").returncode == 0  # another process
+    first = outputs[0].read_bytes()
+    assert all(out.read_bytes() == first for out in outputs[1:])
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 64 KiB tmpfs (needs permission to mount; skipped without it)."""
+    mount_point = tmp_path / "full"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)],
+                             capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+@pytest.mark.parametrize("ext", [".pt", ".pt2"])
+def test_full_disk_is_one_clean_error(full_disk, run_cli, containers, ext):
+    # a subprocess: torch's own file writer used to abort the whole process (SIGABRT) on .pt2
+    result = run_cli("decode", containers[ext], "-o", full_disk / f"out{ext}", "-q")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("cdlcodec: error:") and result.stderr.count("\n") == 1, result.stderr
+    assert "No space left on device" in result.stderr
+    assert os.listdir(full_disk) == []
+
+
+@pytest.mark.parametrize("ext", [".pt", ".pt2"])
+def test_failed_write_is_reported_and_cleaned_up(tmp_path, cli, containers, monkeypatch, ext):
+    """The same without a tmpfs: the atomic write's flush to disk fails as on a full disk."""
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    monkeypatch.setattr(os, "fsync", no_space)
+    code, _, err = cli("decode", containers[ext], "-o", out_dir / f"out{ext}", "-q")
+    assert code == 2 and err.startswith("cdlcodec: error:") and err.count("\n") == 1, err
+    assert "No space left on device" in err
+    assert os.listdir(out_dir) == []
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("sparse_coo", "tensor 'w' is sparse (sparse_coo); save it dense"),
+    ("sparse_csr", "tensor 'w' is sparse (sparse_csr); save it dense"),
+    ("meta", "tensor 'w' is on the meta device"),
+])
+def test_tensors_without_dense_values_are_named(tmp_path, cli, kind, message):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sparse CSR support is "beta"
+        tensor = {"sparse_coo": lambda: torch.randn(4, 4).to_sparse(),
+                  "sparse_csr": lambda: torch.randn(4, 4).to_sparse_csr(),
+                  "meta": lambda: torch.empty(4, 4, device="meta")}[kind]()
+    torch.save({"w": tensor, "b": torch.zeros(4)}, tmp_path / "m.pt")
+    code, _, err = cli("encode", tmp_path / "m.pt", "-o", tmp_path / "m.cdl", "-q")
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "m.cdl").exists()
+
+
+def test_a_whole_module_is_refused_with_advice(tmp_path, cli):
+    torch.save(nn.Linear(3, 2), tmp_path / "module.pt")
+    code, _, err = cli("encode", tmp_path / "module.pt", "-o", tmp_path / "m.cdl", "-q")
+    assert code == 2 and err.count("\n") == 1, err
+    assert ("refused to load: it holds a whole module or other Python objects, not only tensors (it names "
+            "torch.nn.modules.linear.Linear); save the model's state_dict() instead") in err
+    assert err.rstrip().endswith("cdlcodec never unpickles code")
+    assert "add_safe_globals" not in err  # never torch's advice on how to unpickle it anyway
