@@ -44,6 +44,16 @@ def float_weights(model):
             for t in model.graph.initializer if t.data_type in FLOAT_TYPES}
 
 
+def structural_tensors(model):
+    """Float initializers that are not weights but sizes (Resize/Upsample scales and roi):
+    any change, even 1e-7, changes output shapes, so every method keeps them exact."""
+    names = set()
+    for node in model.graph.node:
+        if node.op_type in ("Resize", "Upsample"):
+            names.update(node.input[1:])
+    return names
+
+
 def cosine(ref_outputs, outputs):
     """Per sample, each output flattened; mean over outputs and samples."""
     per_output = []

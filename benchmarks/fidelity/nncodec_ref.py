@@ -11,7 +11,8 @@ script runs in two processes:
 
 For each model: the largest qp (coarsest step, smallest bitstream) whose decoded weights keep
 the mean output cosine on the eval inputs >= 0.99. Every float initializer is coded (1-D ones at
-NNCodec's default nonweight_qp=-75, i.e. near lossless); bits/param = bitstream bytes * 8 /
+NNCodec's default nonweight_qp=-75, i.e. near lossless) except Resize scales, which must stay
+exact and are counted as float32 beside the bitstream; bits/param = bitstream bytes * 8 /
 ALL float params, the denominator baselines.py uses. Writes BENCH/results/nncodec.json.
 """
 import argparse
@@ -75,18 +76,23 @@ class Worker:
 
 
 def run_model(bench, name, nnc_python):
-    from baselines import Evaluator, load_bench
+    from baselines import Evaluator, load_bench, structural_tensors
     t0 = time.time()
     model, feeds = load_bench(bench, name)
     ev = Evaluator(name, model, feeds)
-    worker_proc = Worker(nnc_python, ev.weights)
+    exact = {k: w for k, w in ev.weights.items() if k in structural_tensors(model)}
+    exact_bytes = sum(w.nbytes for w in exact.values())  # stored as float32 beside the bitstream
+    worker_proc = Worker(nnc_python, {k: w for k, w in ev.weights.items() if k not in exact})
     sweep = {}
 
     def try_qp(qp):
         if qp not in sweep:
             reply, decoded = worker_proc.code(qp)
+            decoded.update(exact)
             missing = set(ev.weights) - set(decoded)
             assert not missing, f"NNCodec dropped {sorted(missing)[:3]}"
+            decoded = {k: decoded[k].reshape(w.shape) for k, w in ev.weights.items()}
+            reply["bytes"] += exact_bytes
             c, outs = ev.cosine(decoded)
             sweep[qp] = {"bytes": reply["bytes"], "cosine": c, "task": ev.task(outs),
                          "code_seconds": reply["seconds"]}
