@@ -153,6 +153,28 @@ def _guard(data, marker):
     return rewrite(data, json_edit("models/model.json", change))
 
 
+def _signature_edit(change):
+    def build(data, marker):
+        return rewrite(data, json_edit("models/model.json",
+                                       lambda doc: change(doc["graph_module"]["module_call_graph"][0]["signature"], marker)))
+    return build
+
+
+def _argument_name(signature, marker):
+    # ExportedProgram.module() writes these into `def forward(self, <names>)` and exec()s it
+    signature["forward_arg_names"] = [f"x=__import__('os').system('touch {marker}')"]
+
+
+def _keyword_key(signature, marker):
+    # keyword names from the input spec are written quoted into the generated forward()
+    spec = json.loads(signature["in_spec"])
+    kwargs = spec[1]["children_spec"][1]
+    kwargs["context"] = json.dumps([f"y': __import__('os').system('touch {marker}'), '"])
+    kwargs["children_spec"] = [{"type": None, "context": None, "children_spec": []}]
+    signature["in_spec"] = json.dumps(spec)
+    signature["forward_arg_names"] = ["x", "y"]
+
+
 def _no_verifier(data, marker):
     return rewrite(data, json_edit("models/model.json", lambda doc: doc.update(verifiers=[])))
 
@@ -181,6 +203,8 @@ HOSTILE = {
     "expression": (_expression, "is not a symbolic shape"),
     "input name": (_input_name, "is not an identifier"),
     "guard": (_guard, "which is not a shape function"),
+    "argument name": (_signature_edit(_argument_name), "forward_arg_names[0] \"x=__import__('os')"),
+    "keyword key": (_signature_edit(_keyword_key), "contains quotes, backslashes or control characters"),
     "no verifier": (_no_verifier, "names verifiers []"),
     "unbacked index": (_unbacked_index, "'u999999999' is not a symbol name"),
     "empty payload": (_empty_payload, "'fc.weight' (data/weights/weight_0) needs 48 bytes but 0 are stored"),
