@@ -1,0 +1,87 @@
+"""Output fidelity of a decoded model against the original, and the target an encode must meet.
+
+All measures compare two lists of output arrays per sample (the original model's and the decoded
+model's on the same inputs):
+- cosine: per sample, each output flattened; the mean over outputs and samples (1 = identical);
+- agreement: the fraction of samples whose top-1 class (argmax of the first output) is unchanged;
+- rel_mse: sum of squared output differences over the sum of squared original outputs.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import CdlInputError
+
+MEASURES = ("cosine", "agreement", "rel_mse")
+
+
+def _flat(a) -> np.ndarray:
+    return np.asarray(a, dtype=np.float64).ravel()
+
+
+def cosine(reference: list[list[np.ndarray]], decoded: list[list[np.ndarray]]) -> float:
+    """Mean cosine similarity over samples and outputs (two all-zero outputs count as identical)."""
+    values = []
+    for ref_outs, dec_outs in zip(reference, decoded):
+        for r, d in zip(ref_outs, dec_outs):
+            r, d = _flat(r), _flat(d)
+            nr, nd = float(np.linalg.norm(r)), float(np.linalg.norm(d))
+            if nr == 0.0 and nd == 0.0:
+                values.append(1.0)
+            elif nr == 0.0 or nd == 0.0 or not (math.isfinite(nr) and math.isfinite(nd)):
+                values.append(0.0)
+            else:
+                values.append(float(np.dot(r, d)) / (nr * nd))
+    return float(np.mean(values)) if values else 1.0
+
+
+def agreement(reference: list[list[np.ndarray]], decoded: list[list[np.ndarray]]) -> float:
+    """Fraction of samples with the same argmax in the first output."""
+    same = [int(np.argmax(_flat(r[0]))) == int(np.argmax(_flat(d[0]))) for r, d in zip(reference, decoded)]
+    return float(np.mean(same)) if same else 1.0
+
+
+def rel_mse(reference: list[list[np.ndarray]], decoded: list[list[np.ndarray]]) -> float:
+    num = den = 0.0
+    for ref_outs, dec_outs in zip(reference, decoded):
+        for r, d in zip(ref_outs, dec_outs):
+            r, d = _flat(r), _flat(d)
+            diff = d - r
+            num += float(np.dot(diff, diff)) if np.all(np.isfinite(diff)) else math.inf
+            den += float(np.dot(r, r))
+    if den == 0.0:
+        return 0.0 if num == 0.0 else math.inf
+    return num / den
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the decoded model must achieve: measure >= value (cosine, agreement) or <= value (rel_mse)."""
+
+    measure: str
+    value: float
+
+    def __post_init__(self):
+        if self.measure not in MEASURES:
+            raise CdlInputError(f"unknown fidelity measure {self.measure!r} (known: {', '.join(MEASURES)})")
+        if not math.isfinite(self.value):
+            raise CdlInputError(f"the {self.measure} target must be a finite number")
+        if self.measure in ("cosine", "agreement") and not 0.0 < self.value <= 1.0:
+            raise CdlInputError(f"the {self.measure} target must lie in (0, 1], got {self.value}")
+        if self.measure == "rel_mse" and not self.value > 0.0:
+            raise CdlInputError(f"the relative output-MSE target must be positive, got {self.value}")
+
+    def score(self, reference, decoded) -> float:
+        return {"cosine": cosine, "agreement": agreement, "rel_mse": rel_mse}[self.measure](reference, decoded)
+
+    def met(self, achieved: float) -> bool:
+        if self.measure == "rel_mse":
+            return achieved <= self.value
+        return achieved >= self.value
+
+    def describe(self) -> str:
+        sign = "<=" if self.measure == "rel_mse" else ">="
+        return f"{self.measure} {sign} {self.value:g}"

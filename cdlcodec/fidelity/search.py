@@ -1,0 +1,374 @@
+"""Encode to a fidelity target: find the smallest container whose decoded model meets it, and prove it.
+
+1. Read the graph: roles (what to quantize), output-channel axes, MatMul/Gemm activations.
+2. Run the original model on the inputs (calibration data or generated), capturing H = XᵀX for
+   every MatMul/Gemm weight.
+3. Measure each tensor's sensitivity: the relative output MSE with only that tensor quantized.
+4. Search the distortion budget B: for each B the allocator picks per-tensor steps by equal slope;
+   the tensors are rounded (GPTQ where an H is known, nearest elsewhere) and dequantized exactly
+   as the decoder will; the model runs on them and the target measure is scored. The largest B
+   that meets the target wins (geometric bisection).
+5. Write the container with those levels and check it: decode the written file, run the decoded
+   model with onnxruntime's default session and score it again; a miss deletes the file.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..dtypes import to_float64
+from ..errors import CdlInputError
+from ..quantizers import dequantize
+from ..records import ModelFile, TensorRecord
+from .allocate import REF_REL, Candidate, Plan, TensorCurve, plan_for_budget, steps_for, tensor_curve
+from .gptq import gptq_levels, inverse_cholesky
+from .inputs import Inputs, generate_inputs, load_calibration
+from .measures import Target, rel_mse
+from .roles import gemm_layout, graph_roles, output_axes
+
+MIN_ELEMENTS = 16          # smaller tensors are stored exactly: their bits do not matter
+SEARCH_RUNS = 8            # model runs at most for the budget search
+SENSITIVITY_SAMPLES = 16   # samples used to measure each tensor's sensitivity
+MIN_SPLIT = 8              # fewer calibration samples: GPTQ and the search share them
+MAX_CALIBRATION = 64       # samples used from a calibration file (the first ones)
+DEFAULT_TARGET = Target("cosine", 0.999)
+
+
+@dataclass
+class FidelityOptions:
+    target: Target = DEFAULT_TARGET
+    calibration: str | None = None
+    max_samples: int = MAX_CALIBRATION
+    gptq: bool = True
+    quiet: bool = False
+    keep: tuple[str, ...] = ()      # name patterns stored exactly (as encode --keep)
+
+
+@dataclass
+class FidelityReport:
+    target: Target
+    achieved: float
+    checked: float | None
+    inputs: str
+    quantized: int
+    kept: int
+    runs: int
+    seconds: float
+    steps: dict[str, str] = field(default_factory=dict)
+
+    def summary_line(self) -> str:
+        checked = self.checked if self.checked is not None else self.achieved
+        return (f"fidelity: {self.target.measure} {checked:.6g} (target {self.target.describe()}) on {self.inputs}, "
+                f"checked by decoding the written file; {self.quantized} tensors quantized, {self.kept} stored exactly")
+
+    def metadata(self) -> dict[str, str]:
+        return {"fidelity.target": self.target.describe(), "fidelity.achieved": f"{self.achieved:.6g}",
+                "fidelity.inputs": self.inputs}
+
+
+class _Log:
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.start = time.perf_counter()
+
+    def __call__(self, msg: str) -> None:
+        if not self.quiet:
+            print(f"[{time.perf_counter() - self.start:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+class _Rounder:
+    """Levels and decoded values of a tensor for a candidate, cached (the search revisits candidates)."""
+
+    def __init__(self, records: dict[str, TensorRecord], hessians: dict[str, tuple[np.ndarray, int]], use_gptq: bool):
+        self.records = records
+        self.hessians = hessians
+        self.use_gptq = use_gptq
+        self._w64: dict[str, np.ndarray] = {}
+        self._u: dict[str, np.ndarray] = {}
+        self._cache: dict[tuple, tuple[np.ndarray, dict, np.ndarray]] = {}
+
+    def weights(self, name: str) -> np.ndarray:
+        if name not in self._w64:
+            r = self.records[name]
+            self._w64[name] = to_float64(np.asarray(r.array), r.dtype)
+        return self._w64[name]
+
+    def get(self, name: str, cand: Candidate, compensate: bool = True):
+        """(levels, quant, decoded values); GPTQ rounding where an H is known and `compensate`."""
+        key = (name, cand, compensate)
+        if key not in self._cache:
+            self._cache[key] = self._round(name, cand, compensate)
+        return self._cache[key]
+
+    def _round(self, name: str, cand: Candidate, compensate: bool):
+        rec = self.records[name]
+        w = self.weights(name)
+        steps = steps_for(w, cand)
+        info = self.hessians.get(name) if self.use_gptq and compensate else None
+        if info is not None:
+            h, in_axis = info
+            if name not in self._u:
+                self._u[name] = inverse_cholesky(h)
+            w2 = w if in_axis == 0 else w.T
+            s2 = steps if in_axis == 0 else np.transpose(steps)
+            flat_steps = np.asarray(s2, dtype=np.float64).reshape(-1)
+            levels = gptq_levels(w2, self._u[name], flat_steps if flat_steps.size > 1 else float(flat_steps[0]))
+            levels = levels if in_axis == 0 else levels.T
+        else:
+            levels = np.rint(w / steps)
+        if levels.size and np.max(np.abs(levels)) > 2**31 - 1:
+            raise CdlInputError(f"tensor {name!r}: step too small")
+        levels = np.ascontiguousarray(levels, dtype=np.int64).ravel()
+        if cand.channel_axis is None:
+            quant = {"scheme": "uniform", "step": float(steps)}
+        else:
+            quant = {"scheme": "uniform", "axis": cand.channel_axis,
+                     "steps": [float(s) for s in np.asarray(steps).ravel()]}
+        values = dequantize(levels, quant, rec.shape, rec.dtype, name)
+        return levels, quant, values
+
+
+def _inputs_for(proto, options: FidelityOptions, log) -> Inputs:
+    if options.calibration:
+        inputs = load_calibration(options.calibration, proto, options.max_samples)
+    else:
+        inputs = generate_inputs(proto)
+        log("no calibration data: checking on generated inputs of the declared shapes; this verifies far less "
+            "than real data (give --calibration DATA.npz)")
+    return inputs
+
+
+def fidelity_plan(model: ModelFile, options: FidelityOptions):
+    """Search the plan; returns (quantizer replaying the chosen levels, report)."""
+    import onnx
+
+    from ..io.onnx_model import graph_section
+    from .runner import OnnxRunner
+
+    log = _Log(options.quiet)
+    start = time.perf_counter()
+    section = graph_section(model)
+    if section is None:
+        raise CdlInputError("a fidelity target needs the model's graph: encode an ONNX model (or a torch module "
+                            "through the Python API with an example input)")
+    stripped = onnx.load_from_string(section[2])
+    roles = graph_roles(stripped)
+    axes = output_axes(stripped)
+    layout = gemm_layout(stripped) if options.gptq else {}
+    records = {r.name: r for r in model.records}
+    init_to_record = {}
+    from ..io.onnx_model import reference_of
+    for init in stripped.graph.initializer:
+        ref = reference_of(init)
+        if ref is not None:
+            init_to_record[init.name] = ref
+    from ..codec import role_of
+
+    names = [r.name for r in model.records
+             if roles.get(r.name) in ("weight", "embedding") and role_of(r, options.keep) == "quantized" and r.is_float and r.array.ndim >= 2
+             and r.numel >= MIN_ELEMENTS and np.all(np.isfinite(np.asarray(r.array, dtype=np.float64)))]
+    if not names:
+        raise CdlInputError("the graph has no weights to quantize (no Conv/Gemm/MatMul/LSTM/Gather weights)")
+    inputs = _inputs_for(stripped, options, log)
+    capture = {init: act for init, (_, act, _) in layout.items() if init in init_to_record}
+    hessian_names = [init_to_record[i] for i in capture]
+    runner = OnnxRunner(model, stripped, inputs, capture=list(capture.values()))
+    sums: dict[str, list] = {}
+
+    def accumulate(act_name, value):
+        x = np.asarray(value, dtype=np.float64)
+        x = x.reshape(-1, x.shape[-1]) if x.ndim >= 1 else x.reshape(1, 1)
+        entry = sums.setdefault(act_name, [0.0, 0])
+        entry[0] = entry[0] + x.T @ x
+        entry[1] += x.shape[0]
+
+    # GPTQ fits its compensation to the activations it sees; with a few thousand activation rows per
+    # layer it overfits them, so the search scores its plans on samples GPTQ did not see.
+    n = len(inputs.samples)
+    fit, check = (slice(0, n // 2), slice(n // 2, n)) if n >= MIN_SPLIT and hessian_names else (slice(None),) * 2
+    log(f"running the original model on {inputs.describe()}")
+    reference = runner.run({})
+    if capture:
+        runner.run({}, on_capture=accumulate, part=fit)
+    runs = 1
+    hessians = {}
+    for init, act in capture.items():
+        rec = init_to_record[init]
+        if act in sums and rec in names and layout[init][2] in (0, 1) and records[rec].array.ndim == 2:
+            h = np.asarray(sums[act][0])
+            if h.ndim == 2 and h.shape[0] == records[rec].shape[layout[init][2]]:
+                hessians[rec] = (h, layout[init][2])
+    rounder = _Rounder(records, hessians, options.gptq)
+
+    n_sens = min(n, SENSITIVITY_SAMPLES)
+    log(f"measuring the output sensitivity of {len(names)} tensors on {n_sens} samples")
+    sens_reference = reference[:n_sens]
+    check_reference = reference[check]
+    curves: list[TensorCurve] = []
+    for name in names:
+        w = rounder.weights(name)
+        curve = tensor_curve(name, w, axes.get(name) if roles[name] == "weight" else None)
+        values = rounder.get(name, Candidate(REF_REL, None), compensate=False)[2]
+        d = rel_mse(sens_reference, runner.run({name: values}, part=slice(0, n_sens)))
+        runs += 1
+        err = to_float64(values, records[name].dtype) - w
+        curve.ref_mse = float(np.mean(err * err)) or 1e-30
+        curve.sensitivity = max(d, 0.0) / curve.ref_mse if math.isfinite(d) else 1e30
+        curves.append(curve)
+
+    target = options.target
+    total = _total(model)
+
+    scored: dict[tuple, float] = {}
+
+    def evaluate(budget: float):
+        plan = plan_for_budget(curves, budget)
+        key = tuple(sorted(plan.choice.items(), key=lambda kv: kv[0]))
+        if key in scored:  # a budget step too small to change any tensor's step
+            return plan, scored[key], False
+        overrides = {name: rounder.get(name, cand)[2] for name, cand in plan.choice.items()}
+        score = target.score(check_reference, runner.run(overrides, part=check))
+        log(f"budget {budget:.3g}: {plan.bits / total:.3f} bits/param predicted, {target.measure} {score:.6g}")
+        scored[key] = score
+        return plan, score, True
+
+    # Secant search on log(deficit) against log(budget): the deficit (1 - cosine, 1 - agreement, or
+    # the relative MSE) grows roughly like a power of the predicted distortion budget.
+    goal = _deficit(target, target.value)
+    tried: list[tuple[float, float]] = []
+    best: tuple[float, Plan, float] | None = None
+    budget = _initial_budget(target)
+    score = float("nan")
+    evaluations = 0
+    for _ in range(4 * SEARCH_RUNS):
+        plan, score, ran = evaluate(budget)
+        runs += ran
+        evaluations += ran
+        tried.append((budget, _deficit(target, score)))
+        if target.met(score) and (best is None or plan.bits < best[1].bits):
+            best = (budget, plan, score)
+        if best is not None and 0.9 * goal <= _deficit(target, best[2]) <= goal:
+            break  # close enough below the target: more runs would gain little
+        budget = _next_budget(tried, goal)
+        if budget is None or evaluations >= SEARCH_RUNS:
+            break
+    if best is None:
+        raise CdlInputError(f"cannot meet the target {target.describe()} on {inputs.describe()}: the best "
+                            f"reached is {target.measure} {score:.6g}; loosen the target or keep sensitive "
+                            "tensors exact with --keep")
+    _, plan, score = best
+    if check != slice(None):  # the figure stored in the file covers every calibration sample
+        overrides = {name: rounder.get(name, cand)[2] for name, cand in plan.choice.items()}
+        score = target.score(reference, runner.run(overrides))
+        runs += 1
+    report = FidelityReport(options.target, score, None, inputs.describe(), len(plan.choice),
+                            len(model.records) - len(plan.choice), runs, time.perf_counter() - start)
+    for name, cand in plan.choice.items():
+        report.steps[name] = f"{cand.rel:.3g}×std" + (f" per channel (axis {cand.channel_axis})"
+                                                    if cand.channel_axis is not None else "")
+    chosen = {name: rounder.get(name, cand)[:2] for name, cand in plan.choice.items()}
+    return PlannedQuantizer(chosen, options.target.describe()), report, inputs
+
+
+def _total(model: ModelFile) -> int:
+    return max(1, sum(r.numel for r in model.records))
+
+
+def _deficit(target: Target, score: float) -> float:
+    """How far from perfect a score is: 1 - score for cosine and agreement, the score for rel_mse."""
+    if not math.isfinite(score):
+        return math.inf
+    return max(score if target.measure == "rel_mse" else 1.0 - score, 1e-15)
+
+
+def _next_budget(tried: list[tuple[float, float]], goal: float) -> float | None:
+    """The next budget to try, aiming just inside the goal deficit; None when the bracket is closed."""
+    aim = 0.95 * goal
+    below = [(b, d) for b, d in tried if d <= goal]
+    above = [(b, d) for b, d in tried if d > goal]
+    lo = max(below, default=None)          # largest passing budget
+    hi = min(above, default=None)          # smallest failing budget
+    if lo is not None and hi is not None:
+        if hi[0] / lo[0] < 1.05:
+            return None
+        (b0, d0), (b1, d1) = lo, hi
+    elif len(tried) >= 2:
+        (b0, d0), (b1, d1) = sorted(tried)[-2:] if lo is not None else sorted(tried)[:2]
+    else:
+        b, d = tried[0]
+        return b * (aim / d) if d > 0 and math.isfinite(d) else b / 16
+    if not (math.isfinite(d0) and math.isfinite(d1)) or d0 <= 0 or d1 <= 0 or d0 == d1 or b0 == b1:
+        return math.sqrt(b0 * b1) if lo is not None and hi is not None else (b0 * 4 if lo else b0 / 16)
+    slope = (math.log(d1) - math.log(d0)) / (math.log(b1) - math.log(b0))
+    if slope <= 0.05:
+        slope = 1.0
+    guess = math.exp(math.log(b0) + (math.log(aim) - math.log(d0)) / slope)
+    if lo is not None and hi is not None:  # stay strictly inside the bracket
+        guess = min(max(guess, lo[0] * 1.02), hi[0] / 1.02)
+    return min(max(guess, tried[-1][0] / 64), tried[-1][0] * 64)
+
+
+def _initial_budget(target: Target) -> float:
+    # For a small error in a random direction 1 - cos ≈ relMSE / 2; other measures start generously.
+    if target.measure == "cosine":
+        return max(2.0 * (1.0 - target.value), 1e-9)
+    if target.measure == "rel_mse":
+        return target.value
+    return 0.01
+
+
+class PlannedQuantizer:
+    """Replays the levels the search chose; every other tensor is stored exactly."""
+
+    def __init__(self, chosen: dict[str, tuple[np.ndarray, dict]], target: str):
+        self.chosen = chosen
+        self.target = target
+
+    def describe(self) -> str:
+        return f"fidelity target {self.target} (per-tensor steps by output sensitivity, GPTQ rounding)"
+
+    def quantize(self, values64, w32):  # pragma: no cover - encode_records calls quantize_record
+        raise CdlInputError("the planned quantizer codes only the tensors it planned")
+
+    def quantize_record(self, record, values64, w32, backend):
+        if record.name not in self.chosen:
+            return None
+        levels, quant = self.chosen[record.name]
+        return levels, quant, None
+
+
+def check_container(path: str, model: ModelFile, inputs: Inputs, target: Target) -> float:
+    """Decode the written container, run it with onnxruntime's default session, score it."""
+    from ..codec import decode_container
+    from ..io.onnx_writer import build_onnx
+    from .runner import run_proto
+
+    reference = run_proto(build_onnx(model, weights="float"), inputs)
+    decoded = run_proto(build_onnx(decode_container(path), weights="float"), inputs)
+    return target.score(reference, decoded)
+
+
+def encode_to_target(model: ModelFile, output: str, options: FidelityOptions, encode_options=None):
+    """Plan, write and check a container; returns (EncodeSummary, FidelityReport)."""
+    from dataclasses import replace
+
+    from ..codec import EncodeOptions, encode_records
+
+    start = time.perf_counter()
+    quantizer, report, inputs = fidelity_plan(model, options)
+    encode_options = replace(encode_options or EncodeOptions(), quantizer=quantizer)
+    summary = encode_records(model.records, output, encode_options, {**model.metadata, **report.metadata()},
+                             model.sections)
+    checked = check_container(output, model, inputs, options.target)
+    report.checked = checked
+    summary.seconds = report.seconds = time.perf_counter() - start
+    if not options.target.met(checked):
+        os.unlink(output)
+        raise CdlInputError(f"the written container misses the target when decoded ({options.target.measure} "
+                            f"{checked:.6g}, wanted {options.target.describe()}); nothing was written")
+    return summary, report

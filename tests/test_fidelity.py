@@ -1,0 +1,140 @@
+"""Encoding to a fidelity target: graph roles, inputs, GPTQ rounding, the verified search."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from cdlcodec.errors import CdlInputError  # noqa: E402
+from cdlcodec.fidelity.gptq import gptq_levels, inverse_cholesky  # noqa: E402
+from cdlcodec.fidelity.inputs import generate_inputs, load_calibration  # noqa: E402
+from cdlcodec.fidelity.measures import Target, agreement, cosine, rel_mse  # noqa: E402
+from cdlcodec.fidelity.roles import graph_roles, output_axes  # noqa: E402
+from cdlcodec.fidelity.search import FidelityOptions, encode_to_target  # noqa: E402
+from cdlcodec.formats.container import ContainerReader  # noqa: E402
+from cdlcodec.io.model_files import read_model  # noqa: E402
+
+
+def _mlp(path, seed=0, n_in=32, hidden=64, n_out=10, outlier=False):
+    """x -> MatMul(W1) + b1 -> Relu -> Gemm(W2ᵀ, b2, transB) -> LayerNorm-like Mul(scale) -> logits."""
+    rng = np.random.default_rng(seed)
+    w1 = (rng.standard_normal((n_in, hidden)) / np.sqrt(n_in)).astype(np.float32)
+    if outlier:
+        w1[0, 0] = 40.0 * float(w1.std())
+    b1 = (rng.standard_normal(hidden) * 0.1).astype(np.float32)
+    w2 = (rng.standard_normal((n_out, hidden)) / np.sqrt(hidden)).astype(np.float32)
+    b2 = (rng.standard_normal(n_out) * 0.1).astype(np.float32)
+    scale = (1 + 0.1 * rng.standard_normal(n_out)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h0"]),
+        helper.make_node("Add", ["h0", "b1"], ["h1"]),
+        helper.make_node("Relu", ["h1"], ["h2"]),
+        helper.make_node("Gemm", ["h2", "w2", "b2"], ["y0"], transB=1),
+        helper.make_node("Mul", ["y0", "scale"], ["logits"]),
+    ]
+    inits = [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"), (scale, "scale"))]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", n_in])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", n_out])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+@pytest.fixture
+def mlp(tmp_path):
+    path = _mlp(str(tmp_path / "mlp.onnx"))
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((48, 32)).astype(np.float32))
+    return path, str(tmp_path / "calib.npz")
+
+
+def test_roles_come_from_the_consuming_op(mlp):
+    stripped = onnx.load_from_string(read_model(mlp[0]).sections[0][2])
+    roles = graph_roles(stripped)
+    assert roles == {"w1": "weight", "b1": "precision", "w2": "weight", "b2": "precision", "scale": "precision"}
+    assert output_axes(stripped) == {"w1": 1, "w2": 0}
+
+
+def test_lstm_bias_and_gather_table_roles():
+    w = numpy_helper.from_array(np.zeros((1, 16, 3), np.float32), "W")
+    r = numpy_helper.from_array(np.zeros((1, 16, 4), np.float32), "R")
+    b = numpy_helper.from_array(np.zeros((1, 32), np.float32), "B")
+    emb = numpy_helper.from_array(np.zeros((50, 3), np.float32), "emb")
+    nodes = [helper.make_node("Gather", ["emb", "ids"], ["e"]),
+             helper.make_node("LSTM", ["e", "W", "R", "B"], ["y"], hidden_size=4)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [5, 1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w, r, b, emb])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    from cdlcodec.io.onnx_model import strip_tensor
+
+    for t in proto.graph.initializer:
+        strip_tensor(t, t.name)
+    assert graph_roles(proto) == {"emb": "embedding", "W": "weight", "R": "weight", "B": "precision"}
+    # generated inputs index the table they feed, within its rows
+    ids = generate_inputs(proto).samples[0]["ids"]
+    assert ids.dtype == np.int64 and ids.min() >= 0 and ids.max() < 50
+
+
+def test_measures():
+    a = [[np.array([1.0, 0.0, 0.0])], [np.array([0.0, 2.0, 0.0])]]
+    b = [[np.array([1.0, 0.0, 0.0])], [np.array([0.0, 0.0, 2.0])]]
+    assert cosine(a, a) == pytest.approx(1.0)
+    assert cosine(a, b) == pytest.approx(0.5)
+    assert agreement(a, b) == 0.5
+    assert rel_mse(a, b) == pytest.approx(8.0 / 5.0)
+    assert Target("rel_mse", 0.1).met(0.05) and not Target("cosine", 0.99).met(0.98)
+    with pytest.raises(CdlInputError):
+        Target("cosine", 1.5)
+
+
+def test_gptq_lowers_output_error_at_the_same_step():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((512, 48)) @ (np.eye(48) + 0.5 * rng.standard_normal((48, 48)))
+    w = rng.standard_normal((48, 24)) * 0.1
+    step = 0.05
+    levels = gptq_levels(w, inverse_cholesky(x.T @ x), step)
+    nearest = np.rint(w / step)
+    err_gptq = np.linalg.norm(x @ w - x @ (levels * step))
+    err_near = np.linalg.norm(x @ w - x @ (nearest * step))
+    assert err_gptq < 0.85 * err_near
+    assert np.max(np.abs(levels - nearest)) <= 3  # compensation moves levels, it does not scramble them
+
+
+def test_encode_to_target_meets_it_and_records_it(mlp, tmp_path):
+    path, calib = mlp
+    out = str(tmp_path / "m.cdl")
+    model = read_model(path)
+    summary, report = encode_to_target(model, out, FidelityOptions(Target("cosine", 0.995), calib, quiet=True))
+    assert report.achieved >= 0.995 and report.checked >= 0.995
+    with ContainerReader(out) as reader:
+        assert reader.metadata["fidelity.target"] == "cosine >= 0.995"
+        assert float(reader.metadata["fidelity.achieved"]) >= 0.995
+        coded = {e.name: e.encoding for e in reader.tensors}
+    # biases and the output scale are stored exactly; the two weights are quantized
+    assert coded == {"w1": "levels", "w2": "levels", "b1": "plain", "b2": "plain", "scale": "plain"}
+    # a looser target gives a smaller file
+    loose = str(tmp_path / "loose.cdl")
+    summary2, _ = encode_to_target(model, loose, FidelityOptions(Target("cosine", 0.95), calib, quiet=True))
+    assert summary2.coded_bytes < summary.coded_bytes
+
+
+def test_unreachable_target_is_an_error_and_writes_nothing(mlp, tmp_path):
+    path, calib = mlp
+    out = tmp_path / "never.cdl"
+    with pytest.raises(CdlInputError, match="cannot meet the target"):
+        encode_to_target(read_model(path), str(out), FidelityOptions(Target("rel_mse", 1e-30), calib, quiet=True))
+    assert not out.exists()
+
+
+def test_calibration_names_must_match_the_graph(mlp, tmp_path):
+    path, _ = mlp
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, y=np.zeros((4, 32), np.float32))
+    with pytest.raises(CdlInputError, match="missing: x; unknown: y"):
+        load_calibration(str(bad), onnx.load(path))
