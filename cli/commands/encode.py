@@ -24,14 +24,32 @@ import click
 @click.option("--cpmf", type=click.Choice(["argmax", "sample"]), default=None,
               help="CDL checkpoints: most probable level (default) or a draw from the learned CPMF.")
 @click.option("--seed", type=int, default=None, help="Seed for --cpmf sample (default 0).")
+@click.option("--target-cosine", type=float, default=None, metavar="C",
+              help="Smallest file whose decoded model keeps mean output cosine >= C on the calibration "
+                   "inputs, checked by running it (models with a graph). Default for ONNX input: 0.999.")
+@click.option("--target-agreement", type=float, default=None, metavar="A",
+              help="Like --target-cosine, for classifiers: top-1 agreement with the original >= A.")
+@click.option("--target-rel-mse", type=float, default=None, metavar="M",
+              help="Like --target-cosine: relative output MSE (sum |dy|^2 / sum |y|^2) <= M.")
+@click.option("--calibration", type=click.Path(dir_okay=False), default=None, metavar="DATA.npz",
+              help="Inputs for the fidelity check: one array per graph input, named after it, samples "
+                   "first. Without it inputs are generated from the graph's declared shapes (weaker).")
+@click.option("--no-gptq", is_flag=True, help="With a fidelity target: round to nearest instead of "
+                                              "error-compensating (GPTQ) rounding of MatMul/Gemm weights.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
-def command(model, output, rel_step, step, bits, backend, keep, arch, lam, granularity, trellis, cpmf, seed, quiet):
+def command(model, output, rel_step, step, bits, backend, keep, arch, lam, granularity, trellis, cpmf, seed,
+            target_cosine, target_agreement, target_rel_mse, calibration, no_gptq, quiet):
     """Quantize and entropy-code MODEL (.pt/.pth state_dict or checkpoint, .safetensors) into a .cdl file.
 
     Tensors with two or more dimensions are quantized to integers k = round(w / step); 1-D tensors
     (biases, norms) and integer tensors are stored losslessly. --lambda, --granularity channel and
     --trellis choose the levels by rate-distortion (docs/quantization.md). CDL / R-CDL checkpoints
     (from `cdlcodec train`) are recognised and quantized with their learned steps (--cpmf).
+
+    Models with a graph (ONNX) are by default encoded to a fidelity target: per-tensor steps chosen
+    by output sensitivity so that the decoded model, run with onnxruntime, keeps mean output cosine
+    >= 0.999 (docs/fidelity.md). A bare state_dict has nothing to run: it gets the data-free step
+    rule and the result is reported as unverified.
     """
     from ...codec import EncodeOptions, encode_file
     from ...errors import CdlInputError
@@ -59,7 +77,30 @@ def command(model, output, rel_step, step, bits, backend, keep, arch, lam, granu
 
         cdl_quantizer = CpmfQuantizer(cpmf, seed or 0)
     options = EncodeOptions(quantizer, backend, tuple(keep), quiet, cdl_quantizer)
-    if arch is None:
+    targets = [(flag, measure, value) for flag, measure, value in (
+        ("--target-cosine", "cosine", target_cosine), ("--target-agreement", "agreement", target_agreement),
+        ("--target-rel-mse", "rel_mse", target_rel_mse)) if value is not None]
+    step_options = chosen + (["--lambda"] if lam is not None else []) + (["--trellis"] if trellis else []) + \
+        (["--granularity"] if granularity != "tensor" else [])
+    if len(targets) > 1:
+        raise CdlInputError(f"choose one fidelity target (got {' and '.join(t[0] for t in targets)})")
+    if targets and step_options:
+        raise CdlInputError(f"{targets[0][0]} chooses the steps itself; drop {', '.join(step_options)}")
+    if (calibration or no_gptq) and not targets and step_options:
+        raise CdlInputError("--calibration and --no-gptq apply to fidelity targets, not to "
+                            f"{', '.join(step_options)}")
+    if targets or (arch is None and not step_options and cpmf is None):
+        from ...fidelity.encode import encode_path
+
+        summary, report = encode_path(model, output, options, targets[0][1:] if targets else None, calibration,
+                                      gptq=not no_gptq, explicit=bool(targets or calibration))
+        if not quiet and report is not None:
+            click.echo(report.summary_line())
+        elif not quiet and not summary.report:
+            click.echo("cdlcodec: note: no graph to run the model with (a state_dict or .pt2 file): the data-free "
+                       "default step was used and the decoded model is unverified; encode the ONNX model for a "
+                       "verified fidelity", err=True)
+    elif arch is None:
         summary = encode_file(model, output, options)
     else:
         from ...atomic import refuse_to_overwrite
