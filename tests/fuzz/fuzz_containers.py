@@ -180,9 +180,9 @@ def build_seeds() -> list[bytes]:
 # Mutations
 # ---------------------------------------------------------------------------------------------
 
-def _bytes_mutation(r: random.Random, data: bytes) -> bytes:
+def _bytes_mutation(r: random.Random, data: bytes, same_length: bool = False) -> bytes:
     b = bytearray(data)
-    op = r.randrange(7)
+    op = r.choice([0, 1, 6]) if same_length else r.randrange(7)
     if op == 0 and b:
         for _ in range(r.randint(1, 8)):
             b[r.randrange(len(b))] ^= 1 << r.randrange(8)
@@ -245,10 +245,50 @@ def _cabac_params(r: random.Random, params: bytes, payload_len: int) -> bytes:
     return bytes(head) + b"".join(_uvarint(v) for v in [*fields[:2], len(lengths), *lengths])
 
 
+def _deep_payload(r: random.Random, t: dict, blobs: list[bytes], i: int) -> None:
+    """A payload the decoder gets to read: lengths kept consistent with the params and the count,
+    so that the coded stream itself (not a length check) is what is hostile."""
+    import numpy as np
+
+    from cdlcodec.backends import huffman_kernels as hk
+    from cdlcodec.backends.huffman import code_lengths
+    from cdlcodec.backends.raw import write_svarint
+
+    count = t.get("count") if isinstance(t.get("count"), int) and 0 < t.get("count", 0) <= 4096 else r.randint(1, 300)
+    t["count"], t["shape"] = count, [count]
+    t["encoding"], t["dtype"] = "levels", r.choice(["float32", "float16", "bfloat16", "int8", "bool", "int64"])
+    t["quant"] = {"scheme": "integer"} if t["dtype"] in ("int8", "bool", "int64") else {"scheme": "uniform", "step": 0.5}
+    kind = r.randrange(3)
+    if kind == 0:  # raw: any width and base, random bits of exactly the right length
+        width = r.randint(1, 32)
+        t["backend"] = "raw"
+        params = bytes([width]) + write_svarint(r.choice([0, -1, 1, -(2**31) + 1, 2**31 - 1, -5]))
+        payload = bytes(r.randrange(256) for _ in range((count * width + 7) // 8))
+    elif kind == 1:  # huffman: a valid code table over random symbols, random payload bits
+        n = r.randint(2, min(count, 40)) if count >= 2 else 2
+        values = np.array(sorted(r.sample(range(-300, 300), n)), np.int64)
+        lengths = code_lengths(np.array([r.randint(1, 1000) for _ in range(n)]), r.randint(max(1, (n - 1).bit_length()), 24))
+        table = hk.write_dense_table(values, lengths) if r.random() < 0.5 else hk.write_sparse_table(values, lengths)
+        t["backend"], params = "huffman", table.tobytes()
+        payload = bytes(r.randrange(256) for _ in range(r.randint(max(1, count // 8), count * 3)))
+    else:  # cabac: random bytes, one chunk or several, any n_gt, mode and rates
+        chunk = r.choice([count, max(1, count // 3), 1, 7])
+        n_chunks = -(-count // chunk)
+        lengths = [r.randint(0, 12) for _ in range(n_chunks)]
+        t["backend"] = "cabac"
+        params = bytes([1, r.randint(0, 32), r.randint(0, 2), r.randint(0, 5)]) + b"".join(
+            _uvarint(v) for v in [chunk, r.choice([0, 1, 3, count // 2]), n_chunks, *lengths])
+        payload = bytes(r.randrange(256) for _ in range(sum(lengths)))
+    t["backend_params"] = base64.b64encode(params).decode("ascii")
+    blobs[i] = payload
+
+
 def _mutate_tensor(r: random.Random, t: dict, blobs: list[bytes], i: int) -> None:
-    op = r.randrange(12)
-    if op == 0:
-        blobs[i] = _bytes_mutation(r, blobs[i])
+    op = r.randrange(13)
+    if op == 0:  # mostly in place, so that length checks let the stream through
+        blobs[i] = _bytes_mutation(r, blobs[i], same_length=r.random() < 0.7)
+    elif op == 12:
+        _deep_payload(r, t, blobs, i)
     elif op == 1:
         try:
             params = base64.b64decode(t.get("backend_params"), validate=True)
