@@ -250,6 +250,8 @@ def largest_passing(evaluate, lo_start=0.01, hi_limit=4.0, steps=7):
     """Largest r with evaluate(r) >= TARGET: geometric walk up, then bisection."""
     lo, lo_val = None, None
     r = lo_start
+    while r > 1e-4 and evaluate(r) < TARGET:  # a very sensitive model: walk down first
+        r /= 4
     while r <= hi_limit:
         val = evaluate(r)
         if val < TARGET:
