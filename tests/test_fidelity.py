@@ -88,6 +88,11 @@ def test_measures():
     assert cosine(a, b) == pytest.approx(0.5)
     assert agreement(a, b) == 0.5
     assert rel_mse(a, b) == pytest.approx(8.0 / 5.0)
+    # one number per sample: compared across samples, not as a per-sample sign
+    p = [[np.array([0.9])], [np.array([0.2])]]
+    q = [[np.array([0.2])], [np.array([0.9])]]
+    assert cosine(p, q) == pytest.approx(2 * 0.18 / 0.85)
+    assert rel_mse([[np.ones(2)], [np.ones(2)]] , [[np.ones(2)], [np.ones(2)]]) == 0.0
     assert Target("rel_mse", 0.1).met(0.05) and not Target("cosine", 0.99).met(0.98)
     with pytest.raises(CdlInputError):
         Target("cosine", 1.5)

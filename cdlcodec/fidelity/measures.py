@@ -3,8 +3,10 @@
 All measures compare two lists of output arrays per sample (the original model's and the decoded
 model's on the same inputs):
 - cosine: per sample, each output flattened; the mean over outputs and samples (1 = identical);
+  outputs holding one number per sample are compared as one vector across samples;
 - agreement: the fraction of samples whose top-1 class (argmax of the first output) is unchanged;
-- rel_mse: sum of squared output differences over the sum of squared original outputs.
+- rel_mse: per output, the sum of squared differences over the sum of squared original values;
+  the mean over outputs.
 """
 from __future__ import annotations
 
@@ -22,20 +24,32 @@ def _flat(a) -> np.ndarray:
     return np.asarray(a, dtype=np.float64).ravel()
 
 
+def _cos(r: np.ndarray, d: np.ndarray) -> float:
+    nr, nd = float(np.linalg.norm(r)), float(np.linalg.norm(d))
+    if nr == 0.0 and nd == 0.0:
+        return 1.0
+    if nr == 0.0 or nd == 0.0 or not (math.isfinite(nr) and math.isfinite(nd)):
+        return 0.0
+    return float(np.dot(r, d)) / (nr * nd)
+
+
 def cosine(reference: list[list[np.ndarray]], decoded: list[list[np.ndarray]]) -> float:
-    """Mean cosine similarity over samples and outputs (two all-zero outputs count as identical)."""
-    values = []
-    for ref_outs, dec_outs in zip(reference, decoded):
-        for r, d in zip(ref_outs, dec_outs):
-            r, d = _flat(r), _flat(d)
-            nr, nd = float(np.linalg.norm(r)), float(np.linalg.norm(d))
-            if nr == 0.0 and nd == 0.0:
-                values.append(1.0)
-            elif nr == 0.0 or nd == 0.0 or not (math.isfinite(nr) and math.isfinite(nd)):
-                values.append(0.0)
-            else:
-                values.append(float(np.dot(r, d)) / (nr * nd))
-    return float(np.mean(values)) if values else 1.0
+    """Mean cosine similarity over outputs and samples (two all-zero outputs count as identical).
+
+    An output with a single value per sample (a probability, a score) has a per-sample cosine of
+    ±1 whatever its error, so it is compared as one vector across the samples instead.
+    """
+    if not reference:
+        return 1.0
+    per_output = []
+    for j in range(len(reference[0])):
+        refs = [_flat(s[j]) for s in reference]
+        decs = [_flat(s[j]) for s in decoded]
+        if all(r.size == 1 for r in refs):
+            per_output.append(_cos(np.concatenate(refs), np.concatenate(decs)))
+        else:
+            per_output.append(float(np.mean([_cos(r, d) for r, d in zip(refs, decs)])))
+    return float(np.mean(per_output))
 
 
 def agreement(reference: list[list[np.ndarray]], decoded: list[list[np.ndarray]]) -> float:
@@ -45,16 +59,20 @@ def agreement(reference: list[list[np.ndarray]], decoded: list[list[np.ndarray]]
 
 
 def rel_mse(reference: list[list[np.ndarray]], decoded: list[list[np.ndarray]]) -> float:
-    num = den = 0.0
-    for ref_outs, dec_outs in zip(reference, decoded):
-        for r, d in zip(ref_outs, dec_outs):
-            r, d = _flat(r), _flat(d)
+    """Relative squared error of each output (sum over samples), averaged over outputs, so a small
+    output (a probability next to a recurrent state) weighs as much as a large one."""
+    if not reference:
+        return 0.0
+    values = []
+    for j in range(len(reference[0])):
+        num = den = 0.0
+        for r_s, d_s in zip(reference, decoded):
+            r, d = _flat(r_s[j]), _flat(d_s[j])
             diff = d - r
             num += float(np.dot(diff, diff)) if np.all(np.isfinite(diff)) else math.inf
             den += float(np.dot(r, r))
-    if den == 0.0:
-        return 0.0 if num == 0.0 else math.inf
-    return num / den
+        values.append((0.0 if num == 0.0 else math.inf) if den == 0.0 else num / den)
+    return float(np.mean(values))
 
 
 @dataclass(frozen=True)
