@@ -55,8 +55,8 @@ class OnnxRunner:
     overrides: record name -> array in the record's storage form (what the decoder produces).
     """
 
-    def __init__(self, model: ModelFile, stripped_proto, inputs: Inputs, capture: list[str] = ()):
-        import onnx
+    def __init__(self, model: ModelFile, stripped_proto, inputs: Inputs, capture: list[str] = (),
+                 probes: list[str] = ()):
         from onnx import helper
 
         from ..io.onnx_writer import build_onnx
@@ -72,11 +72,15 @@ class OnnxRunner:
                 t = types[init_name]
                 proto.graph.input.append(helper.make_tensor_value_info(init_name, t.data_type, list(t.dims)))
         self._dtypes = {rec: _NUMPY_OF_ONNX[types[init].data_type] for rec, init in self.names.items()}
+        # Returned per sample: the graph outputs, then the probes (inner values such as the logits
+        # under a softmax); captured values only reach `on_capture`.
+        have = {o.name for o in proto.graph.output}
+        self.probes = [p for p in dict.fromkeys(probes) if p not in have]
+        _add_outputs(proto, self.probes)
         self.n_outputs = len(proto.graph.output)
         have = {o.name for o in proto.graph.output}
         self.capture = [c for c in dict.fromkeys(capture) if c not in have]
-        for name in self.capture:
-            proto.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+        _add_outputs(proto, self.capture)
         self.session = make_session(proto)
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._batched = self._can_batch(inputs)
@@ -104,6 +108,7 @@ class OnnxRunner:
         records = [TensorRecord(r.name, overrides[r.name], r.dtype) if r.name in overrides else r
                    for r in self.model.records]
         proto = build_onnx(ModelFile(records, self.model.sections, self.model.metadata), weights="float")
+        _add_outputs(proto, self.probes)
         return self._run_all(make_session(proto), {}, len(proto.graph.output), None, samples)
 
     def _run_all(self, session, weights, n_outputs, on_capture, samples):
@@ -130,6 +135,13 @@ class OnnxRunner:
                 results.append(list(outs[:n_outputs]))
             i += len(chunk)
         return results
+
+
+def _add_outputs(proto, names) -> None:
+    from onnx import TensorProto, helper
+
+    for name in names:
+        proto.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
 
 
 def _run(session, feed, source: str):
