@@ -121,7 +121,7 @@ def bert_forward(w, ids, layers=6, heads=12):
 def part_b():
     import torch
 
-    from cdlcodec.formats.safetensors import read_safetensors
+    from cdlcodec.io.safetensors_file import read_safetensors_tensors
     from cdlcodec.io.torch_checkpoint import record_to_tensor
     from cdlcodec.quantizers.channel import ChannelQuantizer
     from cdlcodec.quantizers.rd import RDQuantizer
@@ -133,7 +133,7 @@ def part_b():
     if not os.path.exists(src):
         log("\n## B. MiniLM: model file not found, skipped")
         return None
-    records = [TensorRecord(n, a, d) for n, a, d in read_safetensors(src)]
+    records = [TensorRecord(n, a, d) for n, a, d in read_safetensors_tensors(src)]
     nparams = sum(r.numel for r in records)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, 30000, (8, 64), generator=gen)

@@ -17,9 +17,9 @@ import threading
 
 import click
 
-from .. import __version__
-from ..errors import CdlError
-from . import commands as _commands_pkg
+from cdlcodec import __version__
+from cdlcodec.errors import CdlError
+from cdlcodec.cli import commands as _commands_pkg
 
 
 def _command_names() -> list[str]:

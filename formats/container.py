@@ -13,22 +13,26 @@ Layout, all integers little-endian:
 
 The index sits at the end so that the writer can stream: one tensor in memory at a time, the index
 written once every payload length is known.
+
+This module is standalone (the standard library only), so that it can be read, tested and copied
+on its own: it defines the errors it raises (`ContainerError`, `FormatError`, `FormatInputError`,
+which cdlcodec.errors uses as its own `CdlError`, `CdlFormatError`, `CdlInputError`) and writes
+through its own atomic-output helper (`atomic_path`, `atomic_open`).
 """
 from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import json
 import math
 import operator
 import os
 import struct
+import tempfile
 import zlib
 from dataclasses import dataclass
-from typing import Any, BinaryIO
-
-from ..atomic import atomic_open
-from ..errors import CdlFormatError, CdlInputError
+from typing import Any, BinaryIO, Iterator
 
 MAGIC = b"\x89CDL\r\n\x1a\n"
 END_MAGIC = b"CDLEND\x00\x01"
@@ -37,14 +41,84 @@ FORMAT_MINOR = 0
 PREFIX = struct.Struct("<8sHHI")
 FOOTER = struct.Struct("<QQII8s")
 
-# Everything a tensor's dtype may be, with its element size in bytes.
+# SPEC.md section 2, `dtype`: everything a tensor's dtype may be, with its element size in bytes.
 DTYPE_SIZES = {
     "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2,
     "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "bool": 1,
 }
-FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
 ENCODINGS = ("levels", "plain")
 SECTION_KINDS = ("onnx", "torch.export", "json", "bytes")
+
+
+class ContainerError(Exception):
+    """Base class of every error reported to a user, never a bug in the code that raises it.
+    (cdlcodec.errors names it CdlError and raises it, and its subclasses, everywhere.)"""
+
+
+class FormatError(ContainerError):
+    """A .cdl container (or a payload inside it) is malformed, truncated, corrupt or unsupported
+    (cdlcodec.errors.CdlFormatError)."""
+
+
+class FormatInputError(ContainerError):
+    """An input, option or argument cannot be used, e.g. a tensor the writer cannot store within the
+    limits, or an output path that cannot be written (cdlcodec.errors.CdlInputError)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic output: a temporary file beside the target, renamed into place only on success
+# ----------------------------------------------------------------------------------------------
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _cannot_write(path: str | os.PathLike, exc: OSError) -> FormatInputError:
+    reasons = {errno.ENOENT: f"no such directory {os.path.dirname(os.path.abspath(path))}",
+               errno.ENOTDIR: "a part of its directory path is not a directory",
+               errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+               errno.EROFS: "read-only file system", errno.EISDIR: "it is a directory"}
+    return FormatInputError(f"cannot write {os.fspath(path)}: {reasons.get(exc.errno, exc.strerror or str(exc))}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[str]:
+    """Yield a temporary path in the target's directory; on success it becomes `path`.
+
+    A failed or interrupted write therefore never leaves a half-written file, and an existing file
+    is replaced only by a complete one. The result gets the permissions a plain open() would give
+    (0666 minus the umask), not mkstemp's private 0600. `suffix` lets a writer that looks at the
+    extension see the right one.
+    """
+    target = os.path.abspath(os.fspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".cdlcodec-", suffix=suffix, dir=os.path.dirname(target))
+    except OSError as exc:  # its message would name the temporary file, which the user never chose
+        raise _cannot_write(path, exc) from None
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
+        try:
+            os.replace(tmp, target)
+        except OSError as exc:  # e.g. the output is an existing directory
+            raise _cannot_write(path, exc) from None
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, suffix: str = ".tmp"):
+    """Yield a binary file handle; on success the data is flushed to disk and renamed to `path`."""
+    with atomic_path(path, suffix) as tmp:
+        with open(tmp, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
 
 
 @dataclass(frozen=True)
@@ -113,16 +187,16 @@ class SectionEntry:
                 "length": self.length, "crc32": self.crc32}
 
 
-def _fail(msg: str) -> CdlFormatError:
-    return CdlFormatError(msg)
+def _fail(msg: str) -> FormatError:
+    return FormatError(msg)
 
 
 # ----------------------------------------------------------------------------------------------
-# Rules shared by the writer and the reader (the writer raises CdlInputError, the reader
-# CdlFormatError, with the same text)
+# Rules shared by the writer and the reader (the writer raises FormatInputError, the reader
+# FormatError, with the same text)
 # ----------------------------------------------------------------------------------------------
 
-def check_shape(shape: Any, limits: Limits, what: str, error: type = CdlFormatError) -> int:
+def check_shape(shape: Any, limits: Limits, what: str, error: type = FormatError) -> int:
     """The element count of a valid shape; `error` for a malformed shape or one over the limits.
 
     Besides the element count, the product of the non-zero dimensions is bounded too: numpy and
@@ -176,7 +250,7 @@ class ContainerWriter:
     Use as a context manager; if the block raises, the temporary file is removed and `path` is
     left untouched (atomic write). Every limit the reader enforces (`limits`) is checked before the
     tensor, section or index concerned is written, so the writer never produces a file the reader
-    refuses: a CdlInputError names the tensor and the limit instead.
+    refuses: a FormatInputError names the tensor and the limit instead.
     """
 
     def __init__(self, path: str | os.PathLike, metadata: dict[str, str] | None = None,
@@ -199,12 +273,12 @@ class ContainerWriter:
 
     def set_metadata(self, key: str, value: str) -> None:
         if not isinstance(key, str) or not isinstance(value, str):
-            raise CdlInputError("container metadata keys and values must be strings")
+            raise FormatInputError("container metadata keys and values must be strings")
         size = self._metadata_bytes + _utf8_len(key) + _utf8_len(value)
         if key in self.metadata:
             size -= _utf8_len(key) + _utf8_len(self.metadata[key])
         if size > self.limits.max_metadata_bytes:
-            raise CdlInputError(
+            raise FormatInputError(
                 _over(f"metadata key {key!r} ({_utf8_len(value):,}-byte value)", size,
                       self.limits.max_metadata_bytes, "max_metadata_bytes", "container metadata bytes"))
         self.metadata[key] = value
@@ -226,42 +300,42 @@ class ContainerWriter:
         """Refuse, before anything is written, a tensor the reader would refuse."""
         lim = self.limits
         if not isinstance(entry.name, str):
-            raise CdlInputError(f"tensor names must be strings, got {type(entry.name).__name__}")
+            raise FormatInputError(f"tensor names must be strings, got {type(entry.name).__name__}")
         what = f"tensor {entry.name!r}"
         if entry.name in self._names:
-            raise CdlInputError(f"duplicate tensor name {entry.name!r}")
+            raise FormatInputError(f"duplicate tensor name {entry.name!r}")
         if len(self._tensors) >= lim.max_tensors:
-            raise CdlInputError(f"{what}: more than {lim.max_tensors:,} tensors (Limits.max_tensors)")
+            raise FormatInputError(f"{what}: more than {lim.max_tensors:,} tensors (Limits.max_tensors)")
         if entry.dtype not in DTYPE_SIZES:
-            raise CdlInputError(f"{what}: unsupported dtype {entry.dtype!r}")
+            raise FormatInputError(f"{what}: unsupported dtype {entry.dtype!r}")
         if entry.encoding not in ENCODINGS:
-            raise CdlInputError(f"{what}: unknown encoding {entry.encoding!r}")
+            raise FormatInputError(f"{what}: unknown encoding {entry.encoding!r}")
         try:
             entry.shape = tuple(operator.index(d) for d in entry.shape)
             entry.count = operator.index(entry.count)
         except TypeError:
-            raise CdlInputError(f"{what}: shape and count must be integers, got {entry.shape!r} and {entry.count!r}") from None
-        numel = check_shape(entry.shape, lim, what, CdlInputError)
+            raise FormatInputError(f"{what}: shape and count must be integers, got {entry.shape!r} and {entry.count!r}") from None
+        numel = check_shape(entry.shape, lim, what, FormatInputError)
         if entry.count != numel:
-            raise CdlInputError(f"{what}: {entry.count} coded elements for a shape of {numel} elements")
+            raise FormatInputError(f"{what}: {entry.count} coded elements for a shape of {numel} elements")
         entry.backend_params = bytes(entry.backend_params or b"")
         if entry.encoding == "plain":
             if payload_len != numel * DTYPE_SIZES[entry.dtype]:
-                raise CdlInputError(f"{what}: plain payload of {payload_len} bytes does not hold {numel} {entry.dtype} values")
+                raise FormatInputError(f"{what}: plain payload of {payload_len} bytes does not hold {numel} {entry.dtype} values")
         else:
             if not isinstance(entry.backend, str):
-                raise CdlInputError(f"{what}: coded tensor names no backend")
+                raise FormatInputError(f"{what}: coded tensor names no backend")
             if len(entry.backend_params) > lim.max_params_bytes:
-                raise CdlInputError(f"{what}: {len(entry.backend_params):,} bytes of backend parameters exceed the "
+                raise FormatInputError(f"{what}: {len(entry.backend_params):,} bytes of backend parameters exceed the "
                                     f"limit of {lim.max_params_bytes:,} (Limits.max_params_bytes)")
         if entry.quant is not None and not isinstance(entry.quant, dict):
-            raise CdlInputError(f"{what}: quant must be a dict or None")
+            raise FormatInputError(f"{what}: quant must be a dict or None")
         total = self._total_elements + numel
         if total > lim.max_total_elements:
-            raise CdlInputError(_over(what, total, lim.max_total_elements, "max_total_elements", "model's element count"))
+            raise FormatInputError(_over(what, total, lim.max_total_elements, "max_total_elements", "model's element count"))
         decoded = self._decoded_bytes + decoded_size(entry)
         if decoded > lim.max_decoded_bytes:
-            raise CdlInputError(_over(what, decoded, lim.max_decoded_bytes, "max_decoded_bytes", "bytes a decoder holds"))
+            raise FormatInputError(_over(what, decoded, lim.max_decoded_bytes, "max_decoded_bytes", "bytes a decoder holds"))
         self._total_elements, self._decoded_bytes = total, decoded
 
     def add_tensor(self, entry: TensorEntry, payload: bytes) -> TensorEntry:
@@ -275,13 +349,13 @@ class ContainerWriter:
 
     def add_section(self, name: str, kind: str, data: bytes) -> SectionEntry:
         if not isinstance(name, str):
-            raise CdlInputError(f"section names must be strings, got {type(name).__name__}")
+            raise FormatInputError(f"section names must be strings, got {type(name).__name__}")
         if name in self._section_names:
-            raise CdlInputError(f"duplicate section name {name!r}")
+            raise FormatInputError(f"duplicate section name {name!r}")
         if kind not in SECTION_KINDS:
-            raise CdlInputError(f"unknown section kind {kind!r}")
+            raise FormatInputError(f"unknown section kind {kind!r}")
         if len(self._sections) >= self.limits.max_sections:
-            raise CdlInputError(f"section {name!r}: more than {self.limits.max_sections:,} sections (Limits.max_sections)")
+            raise FormatInputError(f"section {name!r}: more than {self.limits.max_sections:,} sections (Limits.max_sections)")
         self._section_names.add(name)
         entry = SectionEntry(name, kind)
         entry.offset, entry.length, entry.crc32 = self._write_blob(bytes(data))
@@ -300,14 +374,14 @@ class ContainerWriter:
         try:
             index_bytes = json.dumps(index, separators=(",", ":"), allow_nan=False).encode("utf-8")
         except (TypeError, ValueError) as exc:
-            raise CdlInputError(f"the container index cannot be written: {exc}") from exc
+            raise FormatInputError(f"the container index cannot be written: {exc}") from exc
         if len(index_bytes) > self.limits.max_index_bytes:
-            raise CdlInputError(f"the container index would be {len(index_bytes):,} bytes, over the limit of "
+            raise FormatInputError(f"the container index would be {len(index_bytes):,} bytes, over the limit of "
                                 f"{self.limits.max_index_bytes:,} (Limits.max_index_bytes)")
         try:  # the last word: the reader's own checks on exactly these bytes
             parse_index(index_bytes, self.limits, self._offset)
-        except CdlFormatError as exc:
-            raise CdlInputError(f"refusing to write a container the reader would refuse: {exc}") from exc
+        except FormatError as exc:
+            raise FormatInputError(f"refusing to write a container the reader would refuse: {exc}") from exc
         index_offset = PREFIX.size + self._offset
         self._fh.write(index_bytes)
         prefix = PREFIX.pack(MAGIC, FORMAT_MAJOR, FORMAT_MINOR, 0)
@@ -387,7 +461,7 @@ def parse_index(index_bytes: bytes, limits: Limits, payload_area: int
                 ) -> tuple[dict[str, str], list[TensorEntry], list[SectionEntry]]:
     """Validate the index JSON of a file whose payload area holds `payload_area` bytes.
 
-    Returns (metadata, tensors, sections); CdlFormatError for anything SPEC.md refuses. Used by the
+    Returns (metadata, tensors, sections); FormatError for anything SPEC.md refuses. Used by the
     reader and, on the bytes it is about to write, by the writer.
     """
     try:
@@ -517,7 +591,7 @@ class ContainerReader:
         try:
             self._fh: BinaryIO = open(self.path, "rb")
         except IsADirectoryError as exc:
-            raise CdlInputError(f"{self.path} is a directory, not a .cdl file") from exc
+            raise FormatInputError(f"{self.path} is a directory, not a .cdl file") from exc
         try:
             self._parse()
         except BaseException:
@@ -572,7 +646,7 @@ class ContainerReader:
         self.metadata, self.tensors, self.sections = parse_index(index_bytes, self.limits, self._payload_area)
 
     def check_decoded_size(self) -> int:
-        """The bytes a decoder of the whole file holds (`decoded_size`); CdlFormatError naming the tensor
+        """The bytes a decoder of the whole file holds (`decoded_size`); FormatError naming the tensor
         that crosses Limits.max_decoded_bytes. Decoders call it before allocating anything."""
         total = 0
         for entry in self.tensors:
@@ -587,7 +661,7 @@ class ContainerReader:
         for entry in self.tensors:
             if entry.name == name:
                 return entry
-        raise CdlInputError(f"no tensor named {name!r} in {self.path}")
+        raise FormatInputError(f"no tensor named {name!r} in {self.path}")
 
     def section(self, name: str) -> SectionEntry | None:
         return next((s for s in self.sections if s.name == name), None)

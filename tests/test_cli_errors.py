@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from cdlcodec.formats.safetensors import read_safetensors
+from cdlcodec.io.safetensors_file import read_safetensors_tensors
 
 
 def write_safetensors_raw(path, header: bytes, data: bytes = b"") -> None:
@@ -71,7 +71,7 @@ def test_hostile_safetensors_header_is_a_clean_error(tmp_path, cli, case):
 def test_empty_tensor_with_representable_shape_still_reads(tmp_path):
     path = tmp_path / "empty.safetensors"
     write_safetensors_raw(path, json.dumps(_entry([0, 2**40], [0, 0])).encode())
-    ((name, array, dtype),) = read_safetensors(str(path))
+    ((name, array, dtype),) = read_safetensors_tensors(str(path))
     assert (name, array.shape, dtype) == ("a", (0, 2**40), "float32")
 
 

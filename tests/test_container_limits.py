@@ -130,10 +130,10 @@ def test_writer_refuses_what_json_cannot_carry_back(tmp_path):
 
 
 def test_encode_cli_refuses_a_nine_dimension_tensor_and_writes_nothing(tmp_path, capsys):
-    from cdlcodec.formats.safetensors import write_safetensors
+    from cdlcodec.io.safetensors_file import write_safetensors_tensors
 
     src = tmp_path / "nine.safetensors"
-    write_safetensors(str(src), [("t", np.ones((2,) + (1,) * 8, np.float32), "float32")])
+    write_safetensors_tensors(str(src), [("t", np.ones((2,) + (1,) * 8, np.float32), "float32")])
     code, _, err = call(capsys, "encode", src, "-o", tmp_path / "x.cdl", "-q")
     assert code == 2 and "tensor 't'" in err and "Limits.max_ndim" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nine.safetensors"]

@@ -1,17 +1,39 @@
-"""Dispatch on the model file's kind: which reader opens it, which writer produces it."""
+"""Dispatch on the model file's kind: which adapter reads it, which writes it.
+
+Every adapter follows one naming scheme: module `cdlcodec.io.<module>` defines `read_<kind>(path) ->
+ModelFile` and/or `write_<kind>(path, model, **options) -> None`. `ADAPTERS` maps each kind to them
+(imported on first use, so reading a .safetensors file never imports torch or onnx); adding a kind of
+model file is one adapter module plus one line here.
+"""
 from __future__ import annotations
 
+import importlib
 import os
+from dataclasses import dataclass
 
 from ..errors import CdlInputError
-from ..records import ModelFile, TensorRecord
+from ..records import ModelFile
+from .cdl_checkpoint import with_cdl_sections
 
+
+@dataclass(frozen=True)
+class Adapter:
+    reader: str | None         # "module:function" reading a path into a ModelFile
+    writer: str | None         # "module:function" writing a ModelFile to a path
+    options: tuple[str, ...] = ()  # keyword options the writer accepts (decode passes them through)
+    needs_torch: bool = False  # the writer imports torch: a clean error where it is absent
+
+
+ADAPTERS = {
+    "torch": Adapter("torch_checkpoint:read_torch", "torch_checkpoint:write_torch", needs_torch=True),
+    "safetensors": Adapter("safetensors_file:read_safetensors", "safetensors_file:write_safetensors"),
+    "onnx": Adapter("onnx_model:read_onnx", "onnx_writer:write_onnx", options=("weights", "int4")),
+    "torch.export": Adapter("torch_export:read_torch_export", "torch_export:write_torch_export", needs_torch=True),
+}
 READ_KINDS = {".pt": "torch", ".pth": "torch", ".bin": "torch", ".ckpt": "torch", ".safetensors": "safetensors",
               ".onnx": "onnx", ".pt2": "torch.export"}
 WRITE_KINDS = {".pt": "torch", ".pth": "torch", ".safetensors": "safetensors", ".onnx": "onnx",
                ".pt2": "torch.export"}
-# Options each writer accepts (decode_file passes them through); anything else is a usage error.
-WRITER_OPTIONS = {"onnx": ("weights", "int4"), "torch": (), "safetensors": (), "torch.export": ()}
 
 
 def kind_of(path: str, table: dict[str, str], what: str) -> str:
@@ -22,32 +44,19 @@ def kind_of(path: str, table: dict[str, str], what: str) -> str:
     return table[ext]
 
 
+def _function(target: str):
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(f"{__package__}.{module}"), name)
+
+
 def read_model(path: str) -> ModelFile:
     """All tensors of a model file as records, in the file's order, plus its graph if it has one."""
     if not os.path.exists(path):
         raise CdlInputError(f"{path}: no such file")
     if os.path.isdir(path):
         raise CdlInputError(f"{path}: is a directory, expected a model file")
-    kind = kind_of(path, READ_KINDS, "read")
-    if kind == "onnx":
-        from .onnx_model import read_onnx
-
-        return read_onnx(path)
-    if kind == "torch.export":
-        from .torch_export import read_exported_program
-
-        return read_exported_program(path)
-    if kind == "safetensors":
-        from ..formats.safetensors import read_safetensors
-
-        records = [TensorRecord(n, a, d) for n, a, d in read_safetensors(path)]
-    else:
-        from .torch_checkpoint import read_torch_checkpoint
-
-        records = read_torch_checkpoint(path)
-    if not records:
-        raise CdlInputError(f"{path}: contains no tensors")
-    return ModelFile(records, [], {"source.kind": kind})
+    model = _function(ADAPTERS[kind_of(path, READ_KINDS, "read")].reader)(path)
+    return with_cdl_sections(model)  # a CDL checkpoint: its graph, activation sections and cdl.* metadata
 
 
 def _need_torch(what: str) -> None:
@@ -59,33 +68,22 @@ def _need_torch(what: str) -> None:
                             "decode to .onnx or .safetensors instead") from None
 
 
+def check_writable_kind(path: str) -> str:
+    """The kind `path` would be written as; CdlInputError for an unknown extension (checked before
+    any decoding work)."""
+    return kind_of(path, WRITE_KINDS, "write")
+
+
 def write_model(path: str, model: ModelFile, **options) -> None:
     """Write decoded tensors (and the graph, for kinds that need one) to `path`, atomically."""
-    kind = kind_of(path, WRITE_KINDS, "write")
+    kind = check_writable_kind(path)
+    adapter = ADAPTERS[kind]
     options = {k: v for k, v in options.items() if v is not None}
-    unknown = sorted(set(options) - set(WRITER_OPTIONS[kind]))
+    unknown = sorted(set(options) - set(adapter.options))
     if unknown == ["weights"] and options["weights"] == "float":
-        unknown = []  # float weights are what every other writer produces anyway
+        unknown, options = [], {}  # float weights are what every other writer produces anyway
     if unknown:
         raise CdlInputError(f"option {', '.join(unknown)} does not apply to {kind} output ({path})")
-    records = model.records
-    if kind == "onnx":
-        from .onnx_writer import write_onnx
-
-        write_onnx(path, model, **options)
-        return
-    if kind in ("torch", "torch.export"):
+    if adapter.needs_torch:
         _need_torch(f"writing {path}")
-    if kind == "torch.export":
-        from .torch_export import write_exported_program
-
-        write_exported_program(path, model)
-        return
-    if kind == "safetensors":
-        from ..formats.safetensors import write_safetensors
-
-        write_safetensors(path, [(r.name, r.array, r.dtype) for r in records])
-    else:
-        from .torch_checkpoint import write_torch_state_dict
-
-        write_torch_state_dict(path, records)
+    _function(adapter.writer)(path, model, **options)

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..atomic import write_bytes_atomic
 from ..errors import CdlInputError
-from ..records import TensorRecord
+from ..records import ModelFile, TensorRecord
 
 _TORCH_TO_NAME = {
     "torch.float64": "float64", "torch.float32": "float32", "torch.float16": "float16",
@@ -99,6 +99,14 @@ def unpickling_refusal(exc: Exception) -> str:
     return short_text(reasons[0].split(". ")[0]) if reasons else "unsupported content"
 
 
+def read_torch(path: str) -> ModelFile:
+    """Every tensor of a torch checkpoint (a state_dict, or a wrapper holding one) as records."""
+    records = read_torch_checkpoint(path)
+    if not records:
+        raise CdlInputError(f"{path}: contains no tensors")
+    return ModelFile(records, [], {"source.kind": "torch"})
+
+
 def read_torch_checkpoint(path: str) -> list[TensorRecord]:
     import torch
 
@@ -129,6 +137,11 @@ def read_torch_checkpoint(path: str) -> list[TensorRecord]:
     if skipped:
         warnings.warn(f"{path}: ignored {len(skipped)} non-tensor entries: {', '.join(skipped[:5])}")
     return records
+
+
+def write_torch(path: str, model: ModelFile) -> None:
+    """The decoded tensors as a plain torch state_dict file (sections have no place in it)."""
+    write_torch_state_dict(path, model.records)
 
 
 def write_torch_state_dict(path: str, records: list[TensorRecord]) -> None:

@@ -73,7 +73,7 @@ def _load_program(data: bytes, what: str, exported_with: str | None = None, refu
         logger.propagate = propagate
 
 
-def read_exported_program(path: str) -> ModelFile:
+def read_torch_export(path: str) -> ModelFile:
     import torch
 
     from .torch_checkpoint import tensor_to_record
@@ -136,7 +136,7 @@ def program_from_model(model: ModelFile):
     return program
 
 
-def write_exported_program(path: str, model: ModelFile) -> None:
+def write_torch_export(path: str, model: ModelFile) -> None:
     import torch
 
     program = program_from_model(model)

@@ -17,7 +17,7 @@ def command(epochs, seed, rel_step, backend, output, as_json, quiet):
     """
     import json
 
-    from ...demo import run_demo
+    from cdlcodec.demo import run_demo
 
     r = run_demo(epochs=epochs, seed=seed, rel_step=rel_step, backend=backend, quiet=quiet or as_json, output=output)
     if as_json:

@@ -20,7 +20,7 @@ def command(results_path, baseline_path, bits_tolerance, accuracy_tolerance, ver
     """
     import sys
 
-    from ...evaluation import gate
+    from cdlcodec.evaluation import gate
 
     tolerances = {}
     if bits_tolerance is not None:

@@ -9,7 +9,7 @@ def command(container, as_json):
     """Show the format version, sizes and per-tensor coding of CONTAINER (validates its structure)."""
     import json
 
-    from ...codec import container_summary
+    from cdlcodec.codec import container_summary
 
     info = container_summary(container)
     if as_json:

@@ -12,8 +12,8 @@ def command(ctx, containers, quick):
     """Check each CONTAINER: every checksum, every limit, the payload sizes against the level counts,
     the quantization parameters, the sections (ONNX, JSON, torch.export) and, unless --quick, that
     every payload decodes. Prints 'FILE: OK (...)' per good file; exit status 2 if any file fails."""
-    from ...errors import CdlError
-    from ...verify import verify_container
+    from cdlcodec.errors import CdlError
+    from cdlcodec.verify import verify_container
 
     failed = 0
     for path in containers:

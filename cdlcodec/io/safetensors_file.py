@@ -1,4 +1,8 @@
-"""A small, pickle-free reader and writer for the .safetensors format.
+"""The .safetensors adapter: a small, pickle-free reader and writer for the format.
+
+`read_safetensors` / `write_safetensors` are the model-file adapter (ModelFile in and out, as every
+adapter in cdlcodec.io); `read_safetensors_tensors` / `write_safetensors_tensors` work on plain
+(name, storage array, dtype name) triples.
 
 Layout (the public safetensors convention): u64 little-endian header length N, N bytes of UTF-8
 JSON mapping tensor name -> {dtype, shape, data_offsets [begin, end)} (plus an optional
@@ -16,8 +20,9 @@ from typing import Iterator
 
 import numpy as np
 
-from ..atomic import atomic_open
-from ..errors import CdlInputError
+from cdlcodec.atomic import atomic_open
+from cdlcodec.errors import CdlInputError
+from cdlcodec.records import ModelFile, TensorRecord
 
 MAX_HEADER = 100_000_000
 MAX_NDIM = 64  # numpy's limit on dimensions
@@ -39,7 +44,7 @@ def _brief(shape: list[int]) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def read_safetensors(path: str) -> Iterator[tuple[str, np.ndarray, str]]:
+def read_safetensors_tensors(path: str) -> Iterator[tuple[str, np.ndarray, str]]:
     """Yield (name, storage array, dtype name) in offset order; arrays are read-only memory-mapped views."""
     size = os.path.getsize(path)
     with open(path, "rb") as fh:
@@ -93,7 +98,7 @@ def read_safetensors(path: str) -> Iterator[tuple[str, np.ndarray, str]]:
         yield name, mapped[8 + n + begin: 8 + n + end].view(_STORAGE[dtype]).reshape(shape), dtype
 
 
-def write_safetensors(path: str, tensors: list[tuple[str, np.ndarray, str]], metadata: dict[str, str] | None = None) -> None:
+def write_safetensors_tensors(path: str, tensors: list[tuple[str, np.ndarray, str]], metadata: dict[str, str] | None = None) -> None:
     """Write (name, storage array, dtype name) triples atomically (temporary file, then rename)."""
     header: dict = {}
     if metadata:
@@ -110,3 +115,16 @@ def write_safetensors(path: str, tensors: list[tuple[str, np.ndarray, str]], met
         fh.write(blob)
         for _, arr, dtype in tensors:
             fh.write(np.ascontiguousarray(arr, dtype=_STORAGE[dtype]).tobytes())
+
+
+def read_safetensors(path: str) -> ModelFile:
+    """Every tensor of a .safetensors file as records, in offset order."""
+    records = [TensorRecord(n, a, d) for n, a, d in read_safetensors_tensors(path)]
+    if not records:
+        raise CdlInputError(f"{path}: contains no tensors")
+    return ModelFile(records, [], {"source.kind": "safetensors"})
+
+
+def write_safetensors(path: str, model: ModelFile) -> None:
+    """The decoded tensors as a .safetensors file, atomically (sections have no place in it)."""
+    write_safetensors_tensors(path, [(r.name, r.array, r.dtype) for r in model.records])
