@@ -23,6 +23,7 @@ from typing import Callable
 
 from .codec import EncodeOptions, decode_container, encode_records
 from .errors import CdlInputError
+from .quantizers.base import make
 from .records import TensorRecord
 
 METHODS = ("nearest", "rd", "channel", "rd-channel", "trellis")
@@ -51,20 +52,14 @@ class SearchResult:
 
 
 def make_quantizer(method: str, rel_step: float, lam: float = 0.0, fisher: dict | None = None):
-    """The quantizer for one search point."""
+    """The quantizer for one search point (from the quantizer registry)."""
     if method == "nearest":
-        from .quantizers.uniform import UniformQuantizer
-
-        return UniformQuantizer(rel_step=rel_step)
+        return make("uniform", rel_step=rel_step)
     if method in ("rd", "channel", "rd-channel"):
-        from .quantizers.rd import RDQuantizer
-
-        return RDQuantizer(lam=lam if method != "channel" else 0.0, rel_step=rel_step, fisher=fisher,
-                           granularity="channel" if method in ("channel", "rd-channel") else "tensor")
+        return make("rd", lam=lam if method != "channel" else 0.0, rel_step=rel_step, fisher=fisher,
+                    granularity="channel" if method in ("channel", "rd-channel") else "tensor")
     if method == "trellis":
-        from .quantizers.trellis import TrellisQuantizer
-
-        return TrellisQuantizer(lam=lam, rel_step=rel_step, fisher=fisher)
+        return make("trellis", lam=lam, rel_step=rel_step, fisher=fisher)
     raise CdlInputError(f"unknown search method {method!r} (known: {', '.join(METHODS)})")
 
 

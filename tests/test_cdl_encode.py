@@ -10,7 +10,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from cdlcodec.codec import EncodeOptions, decode_container, encode_file, encode_records  # noqa: E402
-from cdlcodec.quantizers.cpmf import ACTIVATIONS_SECTION, REPORT_KEY, CpmfQuantizer  # noqa: E402
+from cdlcodec.io.cdl_checkpoint import ACTIVATIONS_SECTION  # noqa: E402
+from cdlcodec.quantizers.cpmf import REPORT_KEY, CpmfQuantizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -109,6 +109,11 @@ def is_cdl_checkpoint(tensors: Mapping[str, Any]) -> bool:
     return meta is not None and meta.get("mode") in CDL_MODES
 
 
+def is_cdl_records(records) -> bool:
+    """is_cdl_checkpoint for TensorRecords (cheap: looks for the metadata entry by name first)."""
+    return any(r.name == METADATA_KEY for r in records) and is_cdl_checkpoint({r.name: r.array for r in records})
+
+
 def _scalar(tensors: Mapping[str, Any], key: str, kind: type):
     if key not in tensors:
         raise CdlInputError(f"CDL checkpoint lacks tensor {key!r} named in its metadata")

@@ -32,6 +32,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import CdlInputError
+from ..quantizers.base import make
 from .rates import container_rates
 from .tasks import Task
 
@@ -103,6 +104,15 @@ def _state_records(state: dict):
     return [tensor_to_record(k, v) for k, v in state.items()]
 
 
+def _state_model(state: dict):
+    """A state_dict as the model file its reader would give (a CDL checkpoint with its sections)."""
+    from ..io.cdl_checkpoint import cdl_model_file
+    from ..records import ModelFile
+
+    records = _state_records(state)
+    return cdl_model_file(records) or ModelFile(records)
+
+
 def _state_of(model) -> dict:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
@@ -113,15 +123,16 @@ def _load_plain(task: Task, state: dict):
     return model.eval()
 
 
-def _encode_decode(task: Task, records, quantizer, backend: str, workdir: str, stem: str,
-                   rebuild: Callable[[str, dict], object], metadata: dict | None = None) -> Compressed:
-    """encode_records -> file -> decode_container -> runnable model; times and container sizes."""
+def _encode_decode(task: Task, model, quantizer, backend: str, workdir: str, stem: str,
+                   rebuild: Callable[[str, dict], object]) -> Compressed:
+    """encode_records -> file -> decode_container -> runnable model; times and container sizes.
+    `model`: a records.ModelFile (sections and metadata travel into the container)."""
     from ..codec import EncodeOptions, decode_container, encode_records
     from ..io.torch_checkpoint import record_to_tensor
 
     path = os.path.join(workdir, f"{stem}.cdl")
     start = time.perf_counter()
-    encode_records(records, path, EncodeOptions(quantizer, backend, (), True), metadata=metadata or {})
+    encode_records(model.records, path, EncodeOptions(quantizer, backend, (), True), model.metadata, model.sections)
     encode_s = time.perf_counter() - start
     start = time.perf_counter()
     decoded = decode_container(path)
@@ -134,9 +145,9 @@ def _encode_decode(task: Task, records, quantizer, backend: str, workdir: str, s
 
 
 def _step_rule(settings: dict) -> dict:
-    """rel_step or bits (exactly one), as quantizer keyword arguments."""
+    """rel_step or bits (bits wins where both are set), as quantizer keyword arguments."""
     if settings.get("bits") is not None:
-        return {"rel_step": None, "bits": int(settings["bits"])}
+        return {"bits": int(settings["bits"])}
     return {"rel_step": float(settings["rel_step"])}
 
 
@@ -151,50 +162,34 @@ def _run_fp32(task: Task, settings: dict, workdir: str) -> Compressed:
     return Compressed(model, 4 * n, n, nw, 32.0 * nw, 0.0, 0.0)
 
 
+NEAREST_QUANTIZERS = {"tensor": "uniform", "channel": "channel"}  # granularity -> registered quantizer
+
+
 def _run_nearest(task: Task, settings: dict, workdir: str) -> Compressed:
-    from ..quantizers.uniform import UniformQuantizer
-
-    rule = _step_rule(settings)
-    if settings["granularity"] == "channel":
-        from ..quantizers.channel import ChannelQuantizer
-
-        quantizer = ChannelQuantizer(**rule)
-    elif settings["granularity"] == "tensor":
-        quantizer = UniformQuantizer(**rule)
-    else:
+    if settings["granularity"] not in NEAREST_QUANTIZERS:
         raise CdlInputError(f"granularity must be tensor or channel, not {settings['granularity']!r}")
-    records = _state_records(_state_of(task.reference_model()))
-    return _encode_decode(task, records, quantizer, settings["backend"], workdir, "nearest",
+    quantizer = make(NEAREST_QUANTIZERS[settings["granularity"]], **_step_rule(settings))
+    model = _state_model(_state_of(task.reference_model()))
+    return _encode_decode(task, model, quantizer, settings["backend"], workdir, "nearest",
                           lambda path, state: _load_plain(task, state))
 
 
 def _run_rd(task: Task, settings: dict, workdir: str) -> Compressed:
-    from ..quantizers.rd import RDQuantizer
-
-    quantizer = RDQuantizer(lam=float(settings["lam"]), granularity=settings["granularity"], **_step_rule(settings))
-    records = _state_records(_state_of(task.reference_model()))
-    return _encode_decode(task, records, quantizer, settings["backend"], workdir, "rd",
+    quantizer = make("rd", lam=float(settings["lam"]), granularity=settings["granularity"], **_step_rule(settings))
+    model = _state_model(_state_of(task.reference_model()))
+    return _encode_decode(task, model, quantizer, settings["backend"], workdir, "rd",
                           lambda path, state: _load_plain(task, state))
 
 
 def _run_trellis(task: Task, settings: dict, workdir: str) -> Compressed:
-    from ..quantizers.trellis import TrellisQuantizer
-
-    quantizer = TrellisQuantizer(lam=float(settings["lam"]), granularity=settings["granularity"],
-                                 states=int(settings["states"]), **_step_rule(settings))
-    records = _state_records(_state_of(task.reference_model()))
-    return _encode_decode(task, records, quantizer, settings["backend"], workdir, "trellis",
+    quantizer = make("trellis", lam=float(settings["lam"]), granularity=settings["granularity"],
+                     states=int(settings["states"]), **_step_rule(settings))
+    model = _state_model(_state_of(task.reference_model()))
+    return _encode_decode(task, model, quantizer, settings["backend"], workdir, "trellis",
                           lambda path, state: _load_plain(task, state))
 
 
 # ------------------------------------------------------------------ CDL / R-CDL
-
-def _cdl_quantizer():
-    """The encoder's quantizer for CDL checkpoints (learned steps, argmax of the CPMF)."""
-    from ..quantizers.cpmf import CpmfQuantizer
-
-    return CpmfQuantizer()
-
 
 def _rebuild_cdl(path: str, state: dict):
     from ..api import load
@@ -206,8 +201,8 @@ def _rebuild_cdl(path: str, state: dict):
 
 
 def _encode_cdl_state(task: Task, state: dict, settings: dict, workdir: str, stem: str) -> Compressed:
-    return _encode_decode(task, _state_records(state), _cdl_quantizer(), settings["backend"], workdir, stem,
-                          _rebuild_cdl)
+    model = _state_model(state)  # read as a CDL checkpoint: its learned quantizers (cpmf argmax) apply
+    return _encode_decode(task, model, None, settings["backend"], workdir, stem, _rebuild_cdl)
 
 
 def train_cdl(task: Task, settings: dict, mode: str):

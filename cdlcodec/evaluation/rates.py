@@ -14,8 +14,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..quantizers.params import EXACT_SCHEMES
+
 FLOAT_ACTIVATION_BITS = 32.0
-_EXACT_SCHEMES = ("plain", "integer")
 
 
 @dataclass
@@ -41,7 +42,7 @@ def container_rates(path: str) -> ContainerRates:
     summary = container_summary(path)
     num_weights, weight_bits = 0, 0
     for t in summary["tensors"]:
-        if t["backend"] == "plain" or t.get("scheme") in _EXACT_SCHEMES:
+        if t["backend"] == "plain" or t.get("scheme") in EXACT_SCHEMES:
             continue
         num_weights += math.prod(t["shape"])
         weight_bits += 8 * t["bytes"]

@@ -26,12 +26,13 @@ import numpy as np
 from ..atomic import write_bytes_atomic
 from ..dtypes import from_float64, to_float64
 from ..errors import CdlFormatError, CdlInputError
+from ..quantizers.params import ChannelParams, UniformParams, from_json, steps_of
 from ..records import ModelFile, TensorRecord
+from .cdl_checkpoint import ACTIVATIONS_SECTION
 from .onnx_model import (DTYPE_TO_ONNX, ONNX_TO_DTYPE, FLOAT_ONNX_TYPES, graph_section, iter_graphs,
                          reference_of, _onnx)
 
 WEIGHT_MODES = ("float", "qdq")
-ACTIVATIONS_SECTION = "cdl.activations"
 INT4, INT8, INT16, INT32 = 22, 3, 5, 6
 _INT_RANGES = {INT4: (-8, 7), INT8: (-128, 127), INT16: (-32768, 32767), INT32: (-(2**31), 2**31 - 1)}
 _INT_MIN_OPSET = {INT4: 21, INT8: 10, INT16: 21, INT32: 10}
@@ -152,8 +153,14 @@ def _upgrade_opset(proto, target: int):
         return proto
 
 
+def _quant_params(rec: TensorRecord):
+    """The decoded tensor's typed quantization parameters (validated when it was dequantized)."""
+    return from_json(rec.quant, rec.shape, rec.dtype, rec.name)
+
+
 def _quantized(rec: TensorRecord | None) -> bool:
-    return rec is not None and rec.levels is not None and (rec.quant or {}).get("scheme") == "uniform"
+    """Value = level x step (per tensor or per channel): expressible as DequantizeLinear."""
+    return rec is not None and rec.levels is not None and isinstance(_quant_params(rec), (UniformParams, ChannelParams))
 
 
 def _wants_opset21(proto, records, int4: bool) -> bool:
@@ -192,10 +199,10 @@ def _integer_bytes(levels: np.ndarray, kind: int) -> bytes:
 
 
 def _scale_tensor(helper, name: str, rec: TensorRecord, scale_type: int):
-    quant = rec.quant
-    steps = np.asarray(quant["steps"] if "steps" in quant else [quant["step"]], dtype=np.float64)
+    params = _quant_params(rec)
+    steps = np.asarray(steps_of(params), dtype=np.float64)
     values = from_float64(steps, ONNX_TO_DTYPE[scale_type])
-    dims = [len(steps)] if "steps" in quant else []
+    dims = [len(steps)] if isinstance(params, ChannelParams) else []
     return _raw_tensor(name, scale_type, dims, np.ascontiguousarray(values).tobytes())
 
 
@@ -236,7 +243,7 @@ def _qdq_plan(tensor, rec: TensorRecord, opset: int, int4: bool):
         return None  # DequantizeLinear has no float64 output
     if target in (10, 16) and opset < 19:
         return None  # float16/bfloat16 scales arrived in opset 19
-    axis = rec.quant.get("axis") if "steps" in rec.quant else None
+    axis = _quant_params(rec).axis
     if axis is not None and opset < 13:
         return None
     kind = _integer_type(rec.levels, opset, int4)

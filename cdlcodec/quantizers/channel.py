@@ -12,7 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import CdlInputError
-from .uniform import DEFAULT_REL_STEP, UniformQuantizer
+from .base import DEFAULT_REL_STEP, Quantizer
+from .params import ChannelParams
+from .uniform import UniformQuantizer
 
 MAX_LEVEL = 2**31 - 1
 
@@ -47,8 +49,10 @@ def nearest_levels(values64: np.ndarray, step, limit: int) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class ChannelQuantizer:
+class ChannelQuantizer(Quantizer):
     """Nearest rounding with one step per output channel (axis 0)."""
+
+    uses_step_rule = True
 
     rel_step: float | None = DEFAULT_REL_STEP
     step: float | None = None
@@ -70,4 +74,4 @@ class ChannelQuantizer:
             return self.rule.quantize(values64, w32)
         steps = channel_steps(self.rule, w32, self.axis)
         levels = nearest_levels(values64, broadcast_steps(steps, w32.shape, self.axis), level_limit(self.rule))
-        return levels.ravel(), {"scheme": "uniform", "axis": self.axis, "steps": [float(s) for s in steps]}
+        return levels.ravel(), ChannelParams(self.axis, tuple(float(s) for s in steps)).to_json()

@@ -1,7 +1,8 @@
 """Quantize a CDL / R-CDL checkpoint with what it learned (CDL paper, eq. 12, 25-27).
 
-A checkpoint written by `cdlcodec train` (formats/cdl-checkpoint.md) is recognised by its metadata
-entry. For every quantized layer l it holds the float weight w_l, the learned step q_l, sharpness α_l
+A checkpoint written by `cdlcodec train` (formats/cdl-checkpoint.md) is recognised when it is read
+(cdlcodec.io.cdl_checkpoint sets the metadata "cdl.mode"); the encoder then binds this quantizer
+(codec.encode_records). For every quantized layer l it holds the float weight w_l, the learned step q_l, sharpness α_l
 and bit width b; for every activation quantizer the step s_l, sharpness β_l and bit width b.
 
 - Weights: `argmax` (default) takes the most probable level of the CPMF of eq. 12, which for this
@@ -12,13 +13,8 @@ and bit width b; for every activation quantizer the step s_l, sharpness β_l and
 - Every other tensor of the checkpoint (biases, q/α/s/β scalars, bit widths, the metadata entry, any
   float tensor that is not a CDL weight) is stored losslessly, so the decoded state_dict is again a
   CDL checkpoint that `cdlcodec.cdl.checkpoint.build_model_from_checkpoint` rebuilds.
-- Activation quantizers (s_l, β_l, b) are also written as the json section "cdl.activations"
-  (formats/graph-sections.md) so that graph decoders (ONNX) rebuild the activation quantization.
-- The float architecture the checkpoint names (cdlcodec.models) is exported to ONNX with its
-  weights stripped and stored as the graph section "model.onnx", exactly as `encode --arch` does
-  (cdlcodec.io.onnx_model.architecture_graph_section); decoding to .onnx then fills in the
-  dequantized weights and inserts the activation quantizers after the ReLUs they replace. Without
-  torch/onnx, or for an architecture that does not export, the container is written without it.
+- The activation quantizers (json section "cdl.activations") and the float architecture's ONNX
+  graph come with the model file from the reader (cdlcodec.io.cdl_checkpoint), not from here.
 - Entropy models: the learned MPMF (eq. 25) of each layer goes to the backend as EncodeHint.pmf
   (the Huffman backend builds a table from it when that is smaller; CABAC adapts on its own). The
   coded bits per layer are reported next to H(w_l) = |w_l| H(MPMF) (eq. 26) and in total (eq. 27).
@@ -27,41 +23,22 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..backends import EncodeHint
 from ..errors import CdlInputError
+from .base import Quantizer, parameter_error
+from .params import UniformParams
 
 CPMF_MODES = ("argmax", "sample")
-ACTIVATIONS_SECTION = "cdl.activations"
 REPORT_KEY = "cdl.rate_report"
 _CHUNK_BYTES = 1 << 25
 
 
-def _metadata_key() -> str:
-    from ..cdl.checkpoint import METADATA_KEY
-
-    return METADATA_KEY
-
-
 def _tensors(records) -> dict:
     return {r.name: r.array for r in records}
-
-
-def is_cdl_records(records) -> bool:
-    """True when the records are a CDL / R-CDL checkpoint (cheap: looks for the metadata entry first)."""
-    try:
-        key = _metadata_key()
-    except ImportError:  # CDL support not in this build
-        return False
-    if not any(r.name == key for r in records):
-        return False
-    from ..cdl.checkpoint import is_cdl_checkpoint
-
-    return is_cdl_checkpoint(_tensors(records))
 
 
 def cpmf_probabilities(w32: np.ndarray, q: float, alpha: float, lo: int, hi: int) -> np.ndarray:
@@ -108,7 +85,7 @@ def sample_levels(w32: np.ndarray, q: float, alpha: float, lo: int, hi: int,
 
 
 @dataclass(frozen=True)
-class CpmfQuantizer:
+class CpmfQuantizer(Quantizer):
     """Options for CDL checkpoints: mode "argmax" (default) or "sample" with `seed`."""
 
     mode: str = "argmax"
@@ -116,7 +93,7 @@ class CpmfQuantizer:
 
     def __post_init__(self):
         if self.mode not in CPMF_MODES:
-            raise CdlInputError(f"--cpmf must be one of {', '.join(CPMF_MODES)}, got {self.mode!r}")
+            raise parameter_error(f"mode must be one of {', '.join(CPMF_MODES)}, got {self.mode!r}", "mode")
 
     def describe(self) -> str:
         return f"cdl cpmf={self.mode}" + (f" seed={self.seed}" if self.mode == "sample" else "")
@@ -124,20 +101,18 @@ class CpmfQuantizer:
     def quantize(self, values64, w32):
         raise CdlInputError("the CPMF quantizer applies to CDL checkpoints only (their learned steps are needed)")
 
-    def prepare(self, records, backend: str) -> "BoundCpmfQuantizer":
+    def prepare(self, model, backend: str) -> "BoundCpmfQuantizer":
         from ..cdl.checkpoint import read_cdl_metadata
 
-        return BoundCpmfQuantizer(self, read_cdl_metadata(_tensors(records)), records)
+        return BoundCpmfQuantizer(self, read_cdl_metadata(_tensors(model.records)))
 
 
-class BoundCpmfQuantizer:
+class BoundCpmfQuantizer(Quantizer):
     """CpmfQuantizer bound to one checkpoint's metadata (see the module docstring)."""
 
-    def __init__(self, options: CpmfQuantizer, meta, records=()):
+    def __init__(self, options: CpmfQuantizer, meta):
         self.options = options
         self.meta = meta
-        self.records = list(records)
-        self.graph_metadata: dict[str, str] = {}
         self.by_weight = {w.weight: (i, w) for i, w in enumerate(meta.weights)}
         self.layers: dict[str, dict] = {}
 
@@ -164,36 +139,10 @@ class BoundCpmfQuantizer:
             "entropy_bits": levels.size * entropy_bits(pmf),           # H(w_l), eq. 26
             "hard_entropy_bits": _histogram_entropy(levels),
         }
-        quant = {"scheme": "uniform", "step": float(np.float32(info.q)), "bits": info.bits,
-                 "alpha": float(info.alpha), "source": "cdl"}
+        quant = UniformParams(float(np.float32(info.q)), (("bits", info.bits), ("alpha", float(info.alpha)),
+                                                          ("source", "cdl"))).to_json()
         hint = EncodeHint(pmf=(np.arange(lo, hi + 1, dtype=np.int64), pmf), shape=tuple(record.shape))
         return levels, quant, hint
-
-    def sections(self):
-        items = [{"module": a.module, "index": a.index, "after": a.after, "function": "relu",
-                  "position": "output", "s": float(np.float32(a.s)), "beta": float(a.beta), "bits": a.bits}
-                 for a in self.meta.activations]
-        doc = {"version": 1, "activations": items}
-        sections = [(ACTIVATIONS_SECTION, "json", json.dumps(doc, sort_keys=True, separators=(",", ":")).encode())]
-        graph = self._graph_section()
-        return sections if graph is None else [graph, *sections]
-
-    def _graph_section(self):
-        """The float architecture as a weight-stripped ONNX graph, or None (with a warning) when it cannot be made."""
-        if not self.records:
-            return None
-        try:
-            from .. import models
-            from ..io.onnx_model import architecture_graph_section
-
-            module = models.build(self.meta.architecture, **self.meta.architecture_kwargs)
-            section, self.graph_metadata = architecture_graph_section(
-                self.meta.architecture, self.records, module=module, extra_records=True)
-        except Exception as exc:  # the container stays valid without a graph; say why it has none
-            warnings.warn(f"CDL checkpoint: no ONNX graph stored ({type(exc).__name__}: {str(exc)[:200]}); "
-                          "the container decodes to .pt / cdlcodec.load but not to .onnx")
-            return None
-        return section
 
     def finish(self, coded_bits: dict):
         layers, total_coded, total_entropy, total_count = [], 0, 0.0, 0
@@ -208,8 +157,7 @@ class BoundCpmfQuantizer:
         report = {"mode": self.meta.mode, "cpmf": self.options.mode, "layers": layers,
                   "total": {"count": total_count, "coded_bits": total_coded, "entropy_bits": total_entropy,
                             "ratio": total_coded / total_entropy if total_entropy > 0 else math.inf}}
-        meta = {**self.graph_metadata, "cdl.mode": self.meta.mode, "architecture": self.meta.architecture,
-                REPORT_KEY: json.dumps(_jsonable(report), sort_keys=True, separators=(",", ":"))}
+        meta = {REPORT_KEY: json.dumps(_jsonable(report), sort_keys=True, separators=(",", ":"))}
         return meta, report
 
 

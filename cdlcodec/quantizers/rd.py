@@ -21,14 +21,16 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from numba import njit
 
 from ..backends import EncodeHint
 from ..backends.cabac_binarization import N_CONTEXTS, neighbours, rate_cost, rate_update
 from ..backends.cabac_coder import COST_FRAC_BITS, STATE_SIZE, new_contexts
 from ..errors import CdlInputError
+from ..jit import njit
+from .base import DEFAULT_REL_STEP, Quantizer, parameter_error
 from .channel import broadcast_steps, channel_steps, level_limit, nearest_levels
-from .uniform import DEFAULT_REL_STEP, UniformQuantizer
+from .params import ChannelParams, UniformParams
+from .uniform import UniformQuantizer
 
 GRANULARITIES = ("tensor", "channel")
 RATE_MODELS = ("auto", "cabac", "huffman", "raw")
@@ -38,10 +40,18 @@ def step_plan(rule: UniformQuantizer, granularity: str, w32: np.ndarray):
     """(step as float64 array broadcastable to w, quant dict) for one tensor."""
     if granularity == "channel" and w32.ndim >= 1 and w32.shape[0] > 0:
         steps = channel_steps(rule, w32, 0)
-        return broadcast_steps(steps, w32.shape, 0), {"scheme": "uniform", "axis": 0,
-                                                       "steps": [float(s) for s in steps]}
+        return broadcast_steps(steps, w32.shape, 0), ChannelParams(0, tuple(float(s) for s in steps)).to_json()
     step = rule.step_for(w32)
-    return np.float64(step), {"scheme": "uniform", "step": step}
+    return np.float64(step), UniformParams(step).to_json()
+
+
+def check_lam_granularity(lam, granularity: str) -> None:
+    """The checks RD and trellis quantizers share (parameter errors, see base.parameter_error)."""
+    if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
+        raise parameter_error(f"lam must be a finite number >= 0, got {lam}", "lam")
+    if granularity not in GRANULARITIES:
+        raise parameter_error(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}",
+                              "granularity")
 
 
 def normalised_weights(fisher: np.ndarray | None, size: int) -> np.ndarray:
@@ -134,14 +144,12 @@ def rd_cabac_scan(r, weight, lam, limit, chunk_size, n_gt, mode, row_len, fast, 
 
 
 def cabac_settings(levels: np.ndarray, shape: tuple[int, ...]):
-    """(chunk_size, n_gt, mode, row_len, fast, slow) the cabac encoder would use for these levels."""
+    """(chunk_size, n_gt, mode, row_len, fast, slow) the cabac encoder would use for these levels
+    (the backend's public rate model, `CabacBackend.settings`)."""
     from ..backends import get
-    from ..backends.cabac_coder import RATE_PAIRS
 
-    backend = get("cabac")
-    mode, row_len, rate_idx = backend._settings(levels, EncodeHint(shape=tuple(shape)))
-    fast, slow = (int(v) for v in RATE_PAIRS[rate_idx])
-    return int(backend.chunk_size), int(backend.n_gt), int(mode), int(row_len), fast, slow
+    s = get("cabac").settings(levels, EncodeHint(shape=tuple(shape)))
+    return tuple(int(s[key]) for key in ("chunk_size", "n_gt", "mode", "row_len", "fast", "slow"))
 
 
 def rd_cabac(r: np.ndarray, weight: np.ndarray, lam: float, limit: int, shape: tuple[int, ...],
@@ -179,7 +187,7 @@ def rd_levels(r: np.ndarray, weight: np.ndarray, lam: float, limit: int, model: 
 
 
 @dataclass(frozen=True)
-class RDQuantizer:
+class RDQuantizer(Quantizer):
     """DeepCABAC-style RD quantizer (eq. 11). Step rule as UniformQuantizer; `lam` = λ (per Δ²).
 
     fisher: optional {tensor name: array of F_i} (see fisher.py); rate: "auto" (the backend being
@@ -195,13 +203,12 @@ class RDQuantizer:
     iterations: int = 3
     fisher: dict | None = field(default=None, compare=False, hash=False)
 
+    uses_step_rule = True
+
     def __post_init__(self):
-        if not (isinstance(self.lam, (int, float)) and math.isfinite(self.lam) and self.lam >= 0):
-            raise CdlInputError(f"--lambda must be a finite number >= 0, got {self.lam}")
-        if self.granularity not in GRANULARITIES:
-            raise CdlInputError(f"--granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
+        check_lam_granularity(self.lam, self.granularity)
         if self.rate not in RATE_MODELS:
-            raise CdlInputError(f"rate model must be one of {', '.join(RATE_MODELS)}, got {self.rate!r}")
+            raise parameter_error(f"rate must be one of {', '.join(RATE_MODELS)}, got {self.rate!r}", "rate")
         self.rule  # validates the step options
 
     @property

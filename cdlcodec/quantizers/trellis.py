@@ -24,15 +24,15 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from numba import njit
 
 from ..backends import EncodeHint
 from ..backends.cabac_binarization import N_CONTEXTS, rate_cost, rate_update
 from ..backends.cabac_coder import COST_FRAC_BITS, STATE_SIZE, new_contexts
 from ..errors import CdlFormatError, CdlInputError
-from .channel import broadcast_steps, level_limit
-from .rd import GRANULARITIES, cabac_settings, normalised_weights, step_plan
-from .uniform import DEFAULT_REL_STEP, UniformQuantizer
+from ..jit import njit
+from .base import DEFAULT_REL_STEP, Quantizer, parameter_error
+from .channel import level_limit
+from .uniform import UniformQuantizer
 
 # states -> (NEXT[state][parity], Q[state])
 STATE_MACHINES = {
@@ -168,7 +168,7 @@ def viterbi_scan(r, weight, lam, limit, next_state, qid, chunk_size, n_gt, mode,
 
 
 @dataclass(frozen=True)
-class TrellisQuantizer:
+class TrellisQuantizer(Quantizer):
     """Dependent quantization with `states` (4 or 8) states; `lam` = λ per Δ² as in RDQuantizer.
 
     The step rule is UniformQuantizer's; Δ is the spacing of the union of both quantizers.
@@ -182,13 +182,14 @@ class TrellisQuantizer:
     states: int = DEFAULT_STATES
     fisher: dict | None = field(default=None, compare=False, hash=False)
 
+    uses_step_rule = True
+
     def __post_init__(self):
-        if not (isinstance(self.lam, (int, float)) and math.isfinite(self.lam) and self.lam >= 0):
-            raise CdlInputError(f"--lambda must be a finite number >= 0, got {self.lam}")
+        from .rd import check_lam_granularity
+
+        check_lam_granularity(self.lam, self.granularity)
         if self.states not in STATE_MACHINES:
-            raise CdlInputError("trellis states must be 4 or 8")
-        if self.granularity not in GRANULARITIES:
-            raise CdlInputError(f"--granularity must be one of {', '.join(GRANULARITIES)}")
+            raise parameter_error("states must be 4 or 8 (trellis)", "states")
         self.rule
 
     @property
@@ -211,9 +212,11 @@ class TrellisQuantizer:
     def quantize_tensor(self, values64, w32, fisher):
         if not np.all(np.isfinite(w32)):
             raise CdlInputError("tensor holds NaN or infinite values; keep it lossless with --keep")
+        from .rd import cabac_settings, normalised_weights, step_plan
+
         rule = self.rule
         step, quant = step_plan(rule, self.granularity, w32)
-        quant = dict(quant, scheme="dependent", states=self.states)
+        quant = dict(quant, scheme="dependent", states=self.states)  # DependentParams.to_json's order
         # With B bits the reconstruction |2k - 1| <= 2^(B-1) - 1 must hold: |k| <= 2^(B-2).
         limit = level_limit(rule) if rule.bits is None else max(1, 2 ** (rule.bits - 2))
         r = np.ascontiguousarray((values64 / step).ravel(), dtype=np.float64)

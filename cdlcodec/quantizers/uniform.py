@@ -14,23 +14,25 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import CdlInputError
-
-DEFAULT_REL_STEP = 0.1  # demo accuracy within 0.1 point of float over 3 seeds (BENCHMARKS.md)
+from .base import DEFAULT_REL_STEP, Quantizer, parameter_error
+from .params import UniformParams
 
 
 @dataclass(frozen=True)
-class UniformQuantizer:
+class UniformQuantizer(Quantizer):
+    uses_step_rule = True
+
     rel_step: float | None = DEFAULT_REL_STEP
     step: float | None = None
     bits: int | None = None
 
     def __post_init__(self):
         if self.step is not None and not (math.isfinite(self.step) and self.step > 0):
-            raise CdlInputError(f"--step must be a finite positive number, got {self.step}")
+            raise parameter_error(f"step must be a finite positive number, got {self.step}", "step")
         if self.rel_step is not None and not (math.isfinite(self.rel_step) and self.rel_step > 0):
-            raise CdlInputError(f"--rel-step must be a finite positive number, got {self.rel_step}")
+            raise parameter_error(f"rel_step must be a finite positive number, got {self.rel_step}", "rel_step")
         if self.bits is not None and not 2 <= self.bits <= 31:
-            raise CdlInputError(f"--bits must be between 2 and 31, got {self.bits}")
+            raise parameter_error(f"bits must be between 2 and 31, got {self.bits}", "bits")
 
     def describe(self) -> str:
         if self.step is not None:
@@ -76,4 +78,4 @@ class UniformQuantizer:
         if self.bits is not None:
             hi = 2 ** (self.bits - 1) - 1
             np.clip(levels, -hi, hi, out=levels)
-        return levels.ravel(), {"scheme": "uniform", "step": step}
+        return levels.ravel(), UniformParams(step).to_json()

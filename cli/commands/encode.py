@@ -1,5 +1,27 @@
 """`cdlcodec encode`: model file -> .cdl container."""
+import contextlib
+import re
+
 import click
+
+# Library parameters (quantizers.base.parameter_error) as this command's flags, for error messages.
+FLAGS = {"rel_step": "--rel-step", "step": "--step", "bits": "--bits", "lam": "--lambda",
+         "granularity": "--granularity", "mode": "--cpmf", "cdl_quantizer": "--cpmf", "seed": "--seed"}
+
+
+@contextlib.contextmanager
+def parameters_as_flags(flags: dict):
+    """Re-raise a library error about parameters with each parameter named as its flag."""
+    from ...errors import CdlInputError
+
+    try:
+        yield
+    except CdlInputError as exc:
+        params = [p for p in getattr(exc, "params", ()) if p in flags]
+        if not params:
+            raise
+        pattern = re.compile(r"\b(" + "|".join(map(re.escape, sorted(params, key=len, reverse=True))) + r")\b")
+        raise CdlInputError(pattern.sub(lambda m: flags[m.group(1)], str(exc))) from None
 
 
 @click.command("encode")
@@ -11,7 +33,9 @@ import click
 @click.option("--bits", type=int, default=None, help="Symmetric quantization with levels that fit in B signed bits.")
 @click.option("--backend", default="auto", show_default=True,
               help="Lossless backend: auto (smallest per tensor), raw, huffman, cabac.")
-@click.option("--keep", multiple=True, metavar="GLOB", help="Store tensors whose name matches GLOB losslessly (repeatable).")
+@click.option("--keep", multiple=True, metavar="GLOB",
+              help="Store tensors whose name matches GLOB losslessly (repeatable; a GLOB that matches no "
+                   "tensor is named in a warning).")
 @click.option("--arch", default=None, metavar="NAME",
               help="The state_dict is this registered architecture (e.g. lenet5): checked at encode time, "
                    "its ONNX graph is stored so that decode -o model.onnx and cdlcodec.load work.")
@@ -20,9 +44,12 @@ import click
                    "(w - k*step)^2/step^2 + LAMBDA * bits(k), bits from the backend's rate model. 0 = nearest.")
 @click.option("--granularity", type=click.Choice(["tensor", "channel"]), default="tensor", show_default=True,
               help="One step per tensor or one per output channel (axis 0).")
-@click.option("--trellis", is_flag=True, help="Dependent (trellis-coded) quantization, 8 states, with --lambda.")
+@click.option("--trellis", is_flag=True,
+              help="Dependent (trellis-coded) quantization, 8 states; its rate term is --lambda (default 0: "
+                   "the trellis levels nearest to the weights).")
 @click.option("--cpmf", type=click.Choice(["argmax", "sample"]), default=None,
-              help="CDL checkpoints: most probable level (default) or a draw from the learned CPMF.")
+              help="CDL checkpoints: most probable level (default) or a draw from the learned CPMF. "
+                   "Refused for other models; the step options are refused for CDL checkpoints.")
 @click.option("--seed", type=int, default=None, help="Seed for --cpmf sample (default 0).")
 @click.option("--target-cosine", type=float, default=None, metavar="C",
               help="Smallest file whose decoded model keeps mean output cosine >= C on the calibration "
@@ -51,37 +78,33 @@ def command(model, output, rel_step, step, bits, backend, keep, arch, lam, granu
     >= 0.999 (docs/fidelity.md). A bare state_dict has nothing to run: it gets the data-free step
     rule and the result is reported as unverified.
     """
-    from ...codec import EncodeOptions, encode_file
+    import os
+
+    from ...codec import EncodeOptions
     from ...errors import CdlInputError
-    from ...quantizers.uniform import DEFAULT_REL_STEP, UniformQuantizer
+    from ...quantizers import make
 
-    chosen = [name for name, value in (("--rel-step", rel_step), ("--step", step), ("--bits", bits)) if value is not None]
-    if len(chosen) > 1:
-        raise CdlInputError(f"choose one of --rel-step, --step, --bits (got {' and '.join(chosen)})")
-    quantizer = UniformQuantizer(rel_step=None if chosen else DEFAULT_REL_STEP, step=step, bits=bits) \
-        if chosen != ["--rel-step"] else UniformQuantizer(rel_step=rel_step)
-    step_rule = {"rel_step": quantizer.rel_step, "step": quantizer.step, "bits": quantizer.bits}
-    if trellis:
-        from ...quantizers.trellis import TrellisQuantizer
-
-        quantizer = TrellisQuantizer(lam=lam or 0.0, granularity=granularity, **step_rule)
-    elif lam is not None or granularity != "tensor":
-        from ...quantizers.rd import RDQuantizer
-
-        quantizer = RDQuantizer(lam=lam or 0.0, granularity=granularity, **step_rule)
+    step_rule = {"rel_step": rel_step, "step": step, "bits": bits}
+    step_options = [FLAGS[k] for k, v in step_rule.items() if v is not None] + \
+        (["--lambda"] if lam is not None else []) + (["--trellis"] if trellis else []) + \
+        (["--granularity"] if granularity != "tensor" else [])
+    # "quantizer" in a library error is whichever of these the user gave (a CDL checkpoint refuses them)
+    flags = {**FLAGS, "quantizer": " and ".join(step_options)}
     if seed is not None and cpmf != "sample":
         raise CdlInputError("--seed applies to --cpmf sample only")
-    cdl_quantizer = None
-    if cpmf is not None:
-        from ...quantizers.cpmf import CpmfQuantizer
-
-        cdl_quantizer = CpmfQuantizer(cpmf, seed or 0)
+    with parameters_as_flags(flags):
+        quantizer = None  # no step option: the model's default (uniform, or a CDL checkpoint's own)
+        if trellis:
+            quantizer = make("trellis", lam=lam or 0.0, granularity=granularity, **step_rule)
+        elif lam is not None or granularity != "tensor":
+            quantizer = make("rd", lam=lam or 0.0, granularity=granularity, **step_rule)
+        elif step_options:
+            quantizer = make("uniform", **step_rule)
+        cdl_quantizer = None if cpmf is None else make("cpmf", mode=cpmf, seed=seed or 0)
     options = EncodeOptions(quantizer, backend, tuple(keep), quiet, cdl_quantizer)
     targets = [(flag, measure, value) for flag, measure, value in (
         ("--target-cosine", "cosine", target_cosine), ("--target-agreement", "agreement", target_agreement),
         ("--target-rel-mse", "rel_mse", target_rel_mse)) if value is not None]
-    step_options = chosen + (["--lambda"] if lam is not None else []) + (["--trellis"] if trellis else []) + \
-        (["--granularity"] if granularity != "tensor" else [])
     if len(targets) > 1:
         raise CdlInputError(f"choose one fidelity target (got {' and '.join(t[0] for t in targets)})")
     if targets and step_options:
@@ -89,7 +112,31 @@ def command(model, output, rel_step, step, bits, backend, keep, arch, lam, granu
     if (calibration or no_gptq) and not targets and step_options:
         raise CdlInputError("--calibration and --no-gptq apply to fidelity targets, not to "
                             f"{', '.join(step_options)}")
-    if targets or (arch is None and not step_options and cpmf is None):
+    with parameters_as_flags(flags):
+        summary = _encode(model, output, options, arch, targets, calibration, no_gptq, quiet,
+                          fidelity=bool(targets) or (arch is None and not step_options and cpmf is None))
+    for pattern in summary.unmatched_keep:
+        click.echo(f"cdlcodec: warning: --keep {pattern!r} matches no tensor of {model}", err=True)
+    if not quiet and summary.report:
+        from ...quantizers.cpmf import format_report
+
+        click.echo(f"CDL checkpoint ({summary.report['mode']}, cpmf={summary.report['cpmf']}): coded bits "
+                   "per layer next to the training entropy H(w_l) (eq. 26)")
+        click.echo(format_report(summary.report))
+    if not quiet:  # sizes as docs/measures.md defines them: the input file, the container, all parameters
+        original = os.path.getsize(model)
+        click.echo(f"{model} -> {output}: {original:,} -> {summary.coded_bytes:,} bytes "
+                   f"({original / max(summary.coded_bytes, 1):.1f}x), "
+                   f"{summary.bits_per_param:.3f} bits/param, {summary.num_params:,} params "
+                   f"({summary.num_quantized_params:,} quantized) in {summary.seconds:.2f} s")
+
+
+def _encode(model, output, options, arch, targets, calibration, no_gptq, quiet, fidelity: bool):
+    """Encode to a fidelity target (or the default one), with --arch's graph, or as the options say."""
+    from ...codec import encode_file
+    from ...errors import CdlInputError
+
+    if fidelity:
         from ...fidelity.encode import encode_path
 
         summary, report = encode_path(model, output, options, targets[0][1:] if targets else None, calibration,
@@ -100,29 +147,21 @@ def command(model, output, rel_step, step, bits, backend, keep, arch, lam, granu
             click.echo("cdlcodec: note: no graph to run the model with (a state_dict or .pt2 file): the data-free "
                        "default step was used and the decoded model is unverified; encode the ONNX model for a "
                        "verified fidelity", err=True)
-    elif arch is None:
-        summary = encode_file(model, output, options)
-    else:
-        from ...atomic import refuse_to_overwrite
-        from ...codec import encode_records
-        from ...io.model_files import read_model
-        from ...io.onnx_model import architecture_graph_section
+        return summary
+    if arch is None:
+        return encode_file(model, output, options)
+    from ...atomic import refuse_to_overwrite
+    from ...codec import encode_records
+    from ...io.model_files import read_model
+    from ...io.onnx_model import architecture_graph_section
 
-        refuse_to_overwrite(output, model)
-        source = read_model(model)
-        if source.sections:
-            raise CdlInputError(f"--arch applies to state_dicts; {model} already carries its own graph")
-        section, meta = architecture_graph_section(arch, source.records)
-        summary = encode_records(source.records, output, options, {**source.metadata, **meta},
-                                 [*source.sections, section])
-    if not quiet and summary.report:
-        from ...quantizers.cpmf import format_report
-
-        click.echo(f"CDL checkpoint ({summary.report['mode']}, cpmf={summary.report['cpmf']}): coded bits "
-                   "per layer next to the training entropy H(w_l) (eq. 26)")
-        click.echo(format_report(summary.report))
-    if not quiet:
-        click.echo(f"{model} -> {output}: {summary.original_bytes:,} -> {summary.coded_bytes:,} bytes "
-                   f"({summary.original_bytes / max(summary.coded_bytes, 1):.1f}x), "
-                   f"{summary.bits_per_param:.3f} bits/param, {summary.num_params:,} params "
-                   f"({summary.num_quantized_params:,} quantized) in {summary.seconds:.2f} s")
+    refuse_to_overwrite(output, model)
+    source = read_model(model)
+    if "cdl.mode" in source.metadata:
+        raise CdlInputError("this is a CDL checkpoint: it names its own architecture and its ONNX graph is "
+                            "stored without --arch")
+    if source.sections:
+        raise CdlInputError(f"--arch applies to state_dicts; {model} already carries its own graph")
+    section, meta = architecture_graph_section(arch, source.records)
+    return encode_records(source.records, output, options, {**source.metadata, **meta},
+                          [*source.sections, section])
