@@ -112,13 +112,6 @@ def make(name: str, **params) -> Quantizer:
     build = factory(name)
     if getattr(build, "uses_step_rule", False):
         params.update(step_rule(*(params.pop(key, None) for key in STEP_RULES)))
-    else:
-        given = [key for key in STEP_RULES if params.get(key) is not None]
-        if given:
-            raise parameter_error(f"the {name} quantizer chooses its own steps; {', '.join(given)} does not apply",
-                                  *given)
-        for key in STEP_RULES:
-            params.pop(key, None)
     try:
         inspect.signature(build).bind(**params)
     except TypeError as exc:  # an unknown or missing parameter, said before anything is built

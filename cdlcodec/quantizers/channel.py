@@ -59,6 +59,9 @@ class ChannelQuantizer(Quantizer):
     bits: int | None = None
     axis: int = 0
 
+    def __post_init__(self):
+        self.rule  # validates the step options
+
     @property
     def rule(self) -> UniformQuantizer:
         return UniformQuantizer(rel_step=self.rel_step if self.step is None and self.bits is None else None,
