@@ -145,8 +145,8 @@ def test_encode_cli_refuses_a_huge_onnx_producer_name(tmp_path, capsys):
 
     w = numpy_helper.from_array(np.ones((4, 4), np.float32), "W")
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w])
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], [w])
     onnx.save(helper.make_model(graph, producer_name="p" * (2 << 20)), tmp_path / "m.onnx")
     code, _, err = call(capsys, "encode", tmp_path / "m.onnx", "-o", tmp_path / "x.cdl", "-q")
     assert code == 2 and "'onnx.producer'" in err and "Limits.max_metadata_bytes" in err
@@ -429,6 +429,12 @@ def test_verify_parses_sections(tmp_path, kind, data, message):
     with pytest.raises(CdlFormatError, match=rf"section 's' \({kind}\) is {message}"):
         verify_container(str(path))
     decode_container(str(path))  # decoding itself does not read sections it is not asked for
+
+
+def test_verify_checks_a_torch_export_section_with_the_archive_checker(tmp_path):
+    path = forge(tmp_path / "x.cdl", [], sections=[("model.pt2", "torch.export", b"PK\x05\x06 not a program")])
+    with pytest.raises(CdlFormatError, match=r"section 'model.pt2' \(torch.export\).*refused: not a zip archive"):
+        verify_container(str(path), quick=True)
 
 
 def test_verify_accepts_valid_sections_and_reports_them(tmp_path, capsys):

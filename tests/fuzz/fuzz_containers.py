@@ -1,13 +1,14 @@
 #!/usr/bin/env python
 """CRC-valid hostile .cdl containers against every reader of the format.
 
-A checksum catches accidents, not attackers (docs: container-robustness.md, "Past the checksums").
+A checksum catches accidents, not attackers: anyone can recompute it.
 Each case takes a seed container (the golden files and small containers built here with every
 backend, dtype, quantization scheme and section kind), applies one to four mutations (payload bytes,
 backend parameters, counts, shapes, dtypes, encodings, quantization fields, index fields, section
 bytes, raw JSON number literals) and then recomputes the payload layout and every checksum, so that
 only semantic validation stands in the way. Each case goes through decode_container,
-verify_container(quick=True) and container_summary (what `info` prints) under FUZZ_LIMITS.
+decode_file to a .safetensors file, verify_container(quick=True) and the `info` command (text and
+JSON) under FUZZ_LIMITS.
 
 Cases run in worker processes with an address-space rlimit; the parent gives each case a timeout.
 Outcomes:
@@ -33,6 +34,7 @@ import os
 import random
 import resource
 import select
+import shutil
 import struct
 import subprocess
 import sys
@@ -42,6 +44,8 @@ import traceback
 import warnings
 import zlib
 from pathlib import Path
+
+from cdlcodec.formats.container import Limits
 
 REPO = Path(__file__).resolve().parents[2]
 GOLDEN = REPO / "tests" / "golden"
@@ -413,19 +417,44 @@ def make_case(seeds: list[bytes], seed: int, case: int) -> bytes:
 # Running one case
 # ---------------------------------------------------------------------------------------------
 
-FUZZ_LIMITS = None  # set in the worker: Limits(max_decoded_bytes=8 MiB) keeps every case small
+# 8 MiB of decoded tensors (and their levels) per file keeps every case small and fast; the limits
+# themselves are what is being tested: a bomb must be refused before it allocates.
+FUZZ_LIMITS = Limits(max_decoded_bytes=8 << 20)
+
+
+def _info_text(path: str) -> None:
+    """What `cdlcodec info` prints (text and --json), rendered into a buffer."""
+    import contextlib
+    import io
+
+    from cdlcodec.cli.commands.info import command
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        command.callback(path, False)
+        command.callback(path, True)
+
+
+def _decode_to_file(path: str, output: str) -> None:
+    """What `cdlcodec decode -o x.safetensors` does."""
+    try:
+        from cdlcodec.api import decode
+    except ImportError:  # before the Python API had it
+        from cdlcodec.codec import decode_file as decode
+    decode(path, output, limits=FUZZ_LIMITS)
 
 
 def run_case(path: str) -> tuple[str, str]:
-    """(outcome, detail) of decoding, verifying and summarising the container at `path`."""
-    from cdlcodec.codec import container_summary, decode_container
+    """(outcome, detail) of decoding (also to a .safetensors file), verifying and showing `path`."""
+    from cdlcodec.codec import decode_container
     from cdlcodec.errors import CdlError
     from cdlcodec.verify import verify_container
 
     outcome = "decoded"
+    output = os.path.join(os.path.dirname(path), "out.safetensors")
     for step in (lambda: decode_container(path, limits=FUZZ_LIMITS),
+                 lambda: _decode_to_file(path, output),
                  lambda: verify_container(path, FUZZ_LIMITS, quick=True),
-                 lambda: json.dumps(container_summary(path, FUZZ_LIMITS), allow_nan=False)):
+                 lambda: _info_text(path)):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error")  # a warning reaches the user's terminal: a bug too
@@ -442,12 +471,10 @@ def run_case(path: str) -> tuple[str, str]:
     return outcome, ""
 
 
-def worker(seed: int) -> None:
-    """Read case numbers from stdin, answer one JSON line per case on stdout."""
-    global FUZZ_LIMITS
-    from cdlcodec.formats.container import Limits
-
-    FUZZ_LIMITS = Limits(max_decoded_bytes=8 << 20)
+def worker(seed: int, tmp: str) -> None:
+    """Read case numbers from stdin, answer one JSON line per case on stdout; files go to `tmp`."""
+    global _TMP
+    _TMP = tmp
     seeds = build_seeds()
     for data in seeds:  # load every kernel and library before the first timed case
         run_case(_write(data))
@@ -460,13 +487,15 @@ def worker(seed: int) -> None:
         print(json.dumps({"case": case, "outcome": outcome, "detail": detail[-2000:]}), file=out, flush=True)
 
 
-_TMP = None
+_TMP = None  # the folder a worker writes its case (and the decoded output) to
+
+
+def _scratch() -> str:
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None  # a RAM disk: the output's fsync is free
+    return tempfile.mkdtemp(prefix="cdl-fuzz-", dir=shm)
 
 
 def _write(data: bytes) -> str:
-    global _TMP
-    if _TMP is None:
-        _TMP = tempfile.mkdtemp(prefix="cdl-fuzz-")
     path = os.path.join(_TMP, "case.cdl")
     with open(path, "wb") as fh:
         fh.write(data)
@@ -484,7 +513,8 @@ class _Worker:
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
         env = dict(os.environ, NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
-        self.proc = subprocess.Popen([sys.executable, __file__, "--worker", "--seed", str(seed)],
+        self.tmp = _scratch()
+        self.proc = subprocess.Popen([sys.executable, __file__, "--worker", "--seed", str(seed), "--tmp", self.tmp],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, preexec_fn=limit,
                                      text=True, bufsize=1)
         self.case: int | None = None
@@ -509,6 +539,7 @@ class _Worker:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def campaign(cases: int, seed: int, jobs: int = 1, timeout: float = 20.0, mem_mb: int = 2048, start: int = 0,
@@ -549,6 +580,7 @@ def campaign(cases: int, seed: int, jobs: int = 1, timeout: float = 20.0, mem_mb
                         record(msg["case"], msg["outcome"], msg["detail"])
                     else:  # the worker died on this case
                         status = w.proc.wait()
+                        w.kill()
                         record(w.case, "crash", f"worker exit status {status}")
                         w = workers[i] = _Worker(seed, mem_mb)
                 elif time.monotonic() >= w.deadline:
@@ -583,20 +615,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--write", type=int, metavar="CASE", help="write one case's container to -o")
     ap.add_argument("-o", "--output", default="case.cdl")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--tmp", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        worker(args.seed)
+        worker(args.seed, args.tmp)
         return 0
     if args.write is not None or args.replay is not None:
         data = make_case(build_seeds(), args.seed, args.write if args.write is not None else args.replay)
         if args.write is not None:
             Path(args.output).write_bytes(data)
             return 0
-        global FUZZ_LIMITS
-        from cdlcodec.formats.container import Limits
-
-        FUZZ_LIMITS = Limits(max_decoded_bytes=8 << 20)
-        outcome, detail = run_case(_write(data))
+        global _TMP
+        _TMP = _scratch()
+        try:
+            outcome, detail = run_case(_write(data))
+        finally:
+            shutil.rmtree(_TMP, ignore_errors=True)
         print(outcome, detail, sep="\n")
         return 0 if outcome in ("decoded", "refused") else 1
     result = campaign(args.cases, args.seed, args.jobs, args.timeout, args.mem_mb, args.start, progress=True)
