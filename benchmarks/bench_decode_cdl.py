@@ -21,7 +21,7 @@ import cdlcodec  # noqa: E402
 
 from cdlcodec.cdl.checkpoint import build_model_from_checkpoint, cdl_state_dict  # noqa: E402
 from cdlcodec.cdl.train import TrainConfig, train_model  # noqa: E402
-from cdlcodec.codec import EncodeOptions, decode_file, encode_file  # noqa: E402
+from cdlcodec.api import decode, encode  # noqa: E402
 from cdlcodec.data.mnist import load_mnist_5k  # noqa: E402
 from cdlcodec.models import build  # noqa: E402
 from cdlcodec.training import train_classifier  # noqa: E402
@@ -44,7 +44,7 @@ def main() -> None:
         torch.save(state, ckpt)
         with torch.no_grad():
             ref = build_model_from_checkpoint(state)(torch.from_numpy(xs)).numpy()
-        encode_file(ckpt, ckpt + ".cdl", EncodeOptions(quiet=True))
+        encode(ckpt, ckpt + ".cdl")
         with torch.no_grad():
             out = cdlcodec.load(ckpt + ".cdl")(torch.from_numpy(xs)).numpy()
         same = int((out.argmax(1) == ref.argmax(1)).sum())
@@ -52,7 +52,7 @@ def main() -> None:
               f"{(out.argmax(1) == ys).mean():>9.3f}")
         for weights in ("float", "qdq"):
             path = f"{ckpt}.{weights}.onnx"
-            decode_file(ckpt + ".cdl", path, quiet=True, weights=weights)
+            decode(ckpt + ".cdl", path, quiet=True, weights=weights)
             for label, config in (("exact", {"session.disable_quant_qdq": "1"}), ("default", {})):
                 so = ort.SessionOptions()
                 for key, value in config.items():

@@ -58,7 +58,7 @@ def silero_probs(path: str, audio: np.ndarray) -> np.ndarray:
 
 
 def bench_silero(models: str, work: str) -> None:
-    from cdlcodec.codec import EncodeOptions, decode_file, encode_file
+    from cdlcodec.api import decode, encode
     from cdlcodec.quantizers.uniform import UniformQuantizer
 
     audio = speech_like(2.0)
@@ -68,8 +68,8 @@ def bench_silero(models: str, work: str) -> None:
         ref = silero_probs(path, audio)
         for rel in (1e-3, 1e-4):
             cdl, out = os.path.join(work, "s.cdl"), os.path.join(work, "s.onnx")
-            summary = encode_file(path, cdl, EncodeOptions(UniformQuantizer(rel_step=rel), quiet=True))
-            decode_file(cdl, out)
+            summary = encode(path, cdl, quantizer=UniformQuantizer(rel_step=rel))
+            decode(cdl, out)
             got = silero_probs(out, audio)
             same = int(np.sum((got > 0.5) == (ref > 0.5)))
             print(f"{os.path.basename(path):32s} {rel:7.0e} {os.path.getsize(path):11,d} {summary.coded_bytes:10,d} "

@@ -1,10 +1,13 @@
-"""Python API for getting a model back: `load(path)` and `load_into(module, path)`.
+"""The Python API: `encode` a model into a .cdl container, `decode` it to a model file, or `load` it.
 
     import cdlcodec
+    summary = cdlcodec.encode("model.onnx", "model.cdl")     # to cosine >= 0.999, checked by running it
+    cdlcodec.decode("model.cdl", "model_decoded.onnx")
     model = cdlcodec.load("lenet.cdl")          # nn.Module (eval mode) when the container has a graph
     cdlcodec.load_into(my_module, "model.cdl")  # any container: weights into your own module
 
-What `load` returns depends on what the container carries (docs/decoders.md):
+`encode` takes a model file, a state_dict or an nn.Module (README, "Python API"). What `load` returns
+depends on what the container carries (docs/decoders.md):
 1. a torch.export program (encoded from a .pt2 file): its module, `ExportedProgram.module()`;
 2. a CDL checkpoint (metadata "cdl.mode"): the CDL model rebuilt by cdlcodec.cdl, eval mode;
 3. a registered architecture (metadata "architecture", e.g. from `encode --arch lenet5`): that
@@ -14,11 +17,202 @@ What `load` returns depends on what the container carries (docs/decoders.md):
 """
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
+from collections.abc import Mapping
 
 from .errors import CdlInputError
 from .formats.container import Limits
-from .records import ModelFile
+from .records import ModelFile, TensorRecord
+
+
+def encode(source, output, *, quantizer=None, backend: str = "auto", keep=(), target=None, calibration=None,
+           example_input=None, arch: str | None = None, quiet: bool = True):
+    """Quantize and entropy-code a model into the container `output` (written atomically).
+
+    source: a model file path (.pt/.pth/.bin/.ckpt, .safetensors, .onnx, .pt2), a state_dict
+        (name -> torch tensor or numpy array), or a torch nn.Module.
+    quantizer: a `cdlcodec.quantizers.base.Quantizer`, or the name of a registered one
+        (`cdlcodec.quantizers.base.names()`, built with its defaults). None: a model with a graph is
+        encoded to a fidelity target, any other with the data-free default (step 0.1 x std).
+    backend: "auto" (the smallest per tensor), "raw", "huffman" or "cabac".
+    keep: name patterns (fnmatch) of tensors stored exactly.
+    target: a fidelity target for a model with a graph, as ("cosine", 0.999), ("agreement", 0.99),
+        ("rel_mse", 1e-3) or a `cdlcodec.fidelity.measures.Target`; None with no quantizer = cosine
+        >= 0.999. The written file is decoded and run to check it; a miss writes nothing.
+    calibration: inputs for the fidelity check: an .npz path (one array per graph input, samples
+        first) or an iterable of example batches (a tensor or array each, or a tuple of them for a
+        model with several inputs). None: inputs generated from the graph's declared shapes.
+    example_input: with an nn.Module, an example input (or a tuple of them): the module is exported
+        to ONNX with it (torch.onnx.export, dynamo=False; batch axis dynamic) and encoded with its
+        graph, so `target` and `calibration` apply. Without it a module encodes its state_dict
+        (data-free, unverified).
+    arch: a registered architecture (cdlcodec.models, e.g. "lenet5") that a state_dict is the
+        weights of: checked now, and its ONNX graph stored so that decode to .onnx and `load` work.
+    quiet: no progress bar and no log lines.
+
+    Returns a `cdlcodec.codec.EncodeSummary` (sizes, bits per parameter, time; `fidelity` holds the
+    FidelityReport of a fidelity-target encode).
+    """
+    from .codec import EncodeOptions
+    from .fidelity.encode import encode_model
+
+    output = os.fspath(output)
+    options = EncodeOptions(backend=backend, keep=tuple(keep), quiet=quiet)
+    if quantizer is not None:
+        if target is not None or calibration is not None:
+            raise CdlInputError("a fidelity target chooses the steps itself: give target/calibration or a quantizer, "
+                                "not both")
+        options.quantizer = _quantizer(quantizer)
+    model = _model_of(source, output, example_input)
+    if arch is not None:
+        if quantizer is None and (target is not None or calibration is not None):
+            raise CdlInputError("arch stores a graph for decoding; a fidelity target needs an ONNX model or a module "
+                                "with example_input")
+        model = _with_architecture(model, arch, source)
+    explicit = target is not None or calibration is not None
+    if quantizer is not None or arch is not None:
+        from .codec import encode_records
+
+        return encode_records(model.records, output, options, model.metadata, model.sections)
+    summary, report = encode_model(model, output, options, target, calibration, explicit=explicit,
+                                   what=_describe(source))
+    summary.fidelity = report
+    return summary
+
+
+def decode(path, output, *, quiet: bool = True, limits: Limits = Limits(), **writer_options) -> ModelFile:
+    """Decode the container at `path` into the model file `output` (written atomically); returns what
+    was decoded (records, sections, metadata).
+
+    The output kind follows the extension: .pt/.pth (a state_dict), .safetensors, .onnx (needs a
+    graph in the container) or .pt2 (needs a torch.export program). Writer options: for .onnx,
+    weights="float" (default) or "qdq" (integer initializers + DequantizeLinear), and int4=False to
+    keep the model's opset.
+    """
+    from .atomic import refuse_to_overwrite
+    from .codec import decode_container
+    from .io.model_files import check_writable_kind, write_model
+
+    path, output = os.fspath(path), os.fspath(output)
+    check_writable_kind(output)  # fail on a bad output name before decoding anything
+    refuse_to_overwrite(output, path)
+    model = decode_container(path, quiet=quiet, limits=limits)
+    write_model(output, model, **writer_options)
+    return model
+
+
+def _quantizer(quantizer):
+    if isinstance(quantizer, str):
+        from .quantizers.base import make
+
+        return make(quantizer)
+    if not callable(getattr(quantizer, "describe", None)):
+        raise CdlInputError(f"quantizer must be a Quantizer or a registered name, got {type(quantizer).__name__}")
+    return quantizer
+
+
+def _describe(source) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
+    return f"the given {type(source).__name__}"
+
+
+def _model_of(source, output: str, example_input) -> ModelFile:
+    """The ModelFile to encode from a path, a state_dict or a module."""
+    if isinstance(source, (str, os.PathLike)):
+        from .atomic import refuse_to_overwrite
+        from .io.model_files import read_model
+
+        if example_input is not None:
+            raise CdlInputError("example_input applies to an nn.Module; a model file is read as it is")
+        refuse_to_overwrite(output, source)
+        return read_model(os.fspath(source))
+    if isinstance(source, Mapping):
+        if example_input is not None:
+            raise CdlInputError("example_input applies to an nn.Module; a state_dict has no forward() to export")
+        return ModelFile(_records_of(source), [], {"source.kind": "state_dict"})
+    state_dict = getattr(source, "state_dict", None)
+    if not callable(state_dict):
+        raise CdlInputError(f"cannot encode a {type(source).__name__}: give a model file path, a state_dict "
+                            "or a torch nn.Module")
+    if example_input is None:
+        return ModelFile(_records_of(state_dict()), [], {"source.kind": "state_dict"})
+    return _export_module(source, example_input)
+
+
+def _records_of(state_dict: Mapping) -> list[TensorRecord]:
+    from .dtypes import dtype_name_of_numpy
+
+    records = []
+    for name, value in state_dict.items():
+        if not isinstance(name, str):
+            raise CdlInputError(f"state_dict keys must be strings, got {name!r}")
+        if hasattr(value, "detach"):  # a torch tensor
+            from .io.torch_checkpoint import tensor_to_record
+
+            records.append(tensor_to_record(name, value))
+        elif hasattr(value, "dtype") and hasattr(value, "shape"):
+            import numpy as np
+
+            array = np.array(value, copy=True)
+            try:
+                records.append(TensorRecord(name, array, dtype_name_of_numpy(array)))
+            except CdlInputError as exc:
+                raise CdlInputError(f"tensor {name!r}: {exc}") from None
+        else:
+            raise CdlInputError(f"state_dict entry {name!r} is a {type(value).__name__}, not a tensor or array")
+    if not records:
+        raise CdlInputError("the state_dict holds no tensors")
+    return records
+
+
+def _export_module(module, example_input) -> ModelFile:
+    """The module's ONNX graph (exported in memory with `example_input`) read like an .onnx file."""
+    import io
+    import warnings
+
+    import torch
+
+    from .io.onnx_model import EXPORT_OPSET, read_onnx_bytes
+
+    args = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
+    inputs = ["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))]
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            result = module(*args)
+        results = result if isinstance(result, (tuple, list)) else (result,)
+        outputs = ["output"] if len(results) == 1 else [f"output_{i}" for i in range(len(results))]
+        dynamic = {name: {0: "batch"} for name in inputs}
+        if all(isinstance(r, torch.Tensor) and r.ndim for r in results):
+            dynamic.update({name: {0: "batch"} for name in outputs})
+        buf = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, args, buf, dynamo=False, opset_version=EXPORT_OPSET, input_names=inputs,
+                              output_names=outputs, dynamic_axes=dynamic)
+    except CdlInputError:
+        raise
+    except Exception as exc:  # the module's forward or the exporter refused: say so in one line
+        raise CdlInputError(f"cannot export {type(module).__name__} to ONNX with the example input: "
+                            f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from None
+    finally:
+        module.train(was_training)
+    model = read_onnx_bytes(buf.getvalue(), f"the ONNX export of {type(module).__name__}")
+    model.metadata["onnx.exported_by"] = f"torch {torch.__version__}"
+    return model
+
+
+def _with_architecture(model: ModelFile, arch: str, source) -> ModelFile:
+    """`model` with the ONNX graph of registered architecture `arch`, checked against its tensors."""
+    from .io.onnx_model import architecture_graph_section
+
+    if model.sections:
+        raise CdlInputError(f"arch applies to state_dicts; {_describe(source)} already carries its own graph")
+    section, meta = architecture_graph_section(arch, model.records)
+    return ModelFile(model.records, [*model.sections, section], {**model.metadata, **meta})
 
 
 def _state_dict(model: ModelFile) -> "OrderedDict":

@@ -1,7 +1,8 @@
 """The encode and decode pipelines: records -> quantizer -> backend -> container, and back.
 
-Everything that touches a whole model goes through here; the CLI and the Python API are thin
-layers over `encode_records` / `encode_file` and `decode_records` / `decode_file`.
+Records in, container out (`encode_records`) and container in, records out (`decode_container`).
+Model files, state_dicts and modules are the business of `cdlcodec.api` (`encode`, `decode`), which
+the CLI and the Python API share.
 """
 from __future__ import annotations
 
@@ -68,6 +69,7 @@ class EncodeSummary:
     seconds: float
     report: dict = field(default_factory=dict)   # from the quantizer's finish() hook (CDL: bits vs H(w))
     coded_bits: dict = field(default_factory=dict)  # tensor name -> payload + params bits
+    fidelity: object = None  # the fidelity.search.FidelityReport of an encode to a fidelity target (api.encode)
 
     @property
     def bits_per_param(self) -> float:
@@ -205,6 +207,7 @@ def _bind_quantizer(records: list[TensorRecord], options: EncodeOptions):
 
 
 def encode_file(source: str, output: str, options: EncodeOptions = EncodeOptions()) -> EncodeSummary:
+    """Deprecated: use cdlcodec.api.encode. Kept only until cli/commands/encode.py switches to it."""
     from .io.model_files import read_model
 
     refuse_to_overwrite(output, source)
@@ -265,16 +268,6 @@ def decode_container(path: str, *, quiet: bool = True, limits: Limits = Limits()
                 bar.update(entry.count)
         sections = [(s.name, s.kind, reader.read_section(s)) for s in reader.sections]
         return ModelFile(out, sections, dict(reader.metadata))
-
-
-def decode_file(source: str, output: str, *, quiet: bool = True, limits: Limits = Limits(), **writer_options) -> ModelFile:
-    from .io.model_files import kind_of, write_model, WRITE_KINDS
-
-    kind_of(output, WRITE_KINDS, "write")  # fail on a bad output name before decoding anything
-    refuse_to_overwrite(output, source)
-    model = decode_container(source, quiet=quiet, limits=limits)
-    write_model(output, model, **writer_options)
-    return model
 
 
 def container_summary(path: str, limits: Limits = Limits(), *, check_checksums: bool = True) -> dict:

@@ -14,7 +14,8 @@ from torch import nn
 
 import cdlcodec
 from cdlcodec.cli.main import main as cli_main
-from cdlcodec.codec import EncodeOptions, decode_file, encode_file, encode_records
+from cdlcodec.api import decode, encode
+from cdlcodec.codec import EncodeOptions, encode_records
 from cdlcodec.data.mnist import load_mnist_5k
 from cdlcodec.errors import CdlInputError
 from cdlcodec.io.model_files import read_model
@@ -169,9 +170,9 @@ def test_pt2_from_an_incompatible_torch_is_a_clean_error(lenet, exported, tmp_pa
     encode_records(source.records, str(tmp_path / "g.cdl"), EncodeOptions(backend="huffman", quiet=True),
                    {"torch.version": "99.0"}, [("model.pt2", "torch.export", buf.getvalue())])
     with pytest.raises(CdlInputError, match=r"exported with torch 99\.0"):
-        decode_file(str(tmp_path / "g.cdl"), str(tmp_path / "g.pt2"))
+        decode(str(tmp_path / "g.cdl"), str(tmp_path / "g.pt2"))
     assert not (tmp_path / "g.pt2").exists()
-    decode_file(str(tmp_path / "g.cdl"), str(tmp_path / "g.pt"))
+    decode(str(tmp_path / "g.cdl"), str(tmp_path / "g.pt"))
     decoded_lenet(tmp_path / "g.pt")
 
 
@@ -186,7 +187,7 @@ def test_pt2_without_float_weights_is_refused(tmp_path):
 
     torch.export.save(torch.export.export(Index(), (torch.tensor([1, 2]),)), tmp_path / "idx.pt2")
     with pytest.raises(CdlInputError, match="no float parameters"):
-        encode_file(str(tmp_path / "idx.pt2"), str(tmp_path / "idx.cdl"), EncodeOptions(quiet=True))
+        encode(str(tmp_path / "idx.pt2"), str(tmp_path / "idx.cdl"))
 
 
 # ------------------------------------------------------------------------------- CDL activation quantizers
@@ -203,8 +204,8 @@ def test_activation_section_becomes_qdq_with_clip(lenet, tmp_path):
     doc = json.dumps({"version": 1, "activations": acts}).encode()
     encode_records(source.records, str(tmp_path / "a.cdl"), EncodeOptions(backend="huffman", quiet=True),
                    {**source.metadata, **meta}, [section, ("cdl.activations", "json", doc)])
-    decode_file(str(tmp_path / "a.cdl"), str(tmp_path / "a.onnx"))
-    decode_file(str(tmp_path / "a.cdl"), str(tmp_path / "a.pt"))
+    decode(str(tmp_path / "a.cdl"), str(tmp_path / "a.onnx"))
+    decode(str(tmp_path / "a.cdl"), str(tmp_path / "a.pt"))
     graph = onnx.load(str(tmp_path / "a.onnx"))
     onnx.checker.check_model(graph, full_check=True)
     ops = [n.op_type for n in graph.graph.node]

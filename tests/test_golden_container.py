@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cdlcodec.codec import EncodeOptions, decode_container, encode_file
+from cdlcodec.api import encode
+from cdlcodec.codec import decode_container
 from cdlcodec.dtypes import from_float64, to_float64
-from cdlcodec.formats.safetensors import read_safetensors, write_safetensors
+from cdlcodec.io.safetensors_file import read_safetensors_tensors, write_safetensors_tensors
 from cdlcodec.quantizers.uniform import UniformQuantizer
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -29,7 +30,7 @@ def _make_input() -> None:
         ("emb.weight", from_float64(f32(8, 4).astype(np.float64), "bfloat16"), "bfloat16"),
         ("steps", np.array([7], dtype=np.int64), "int64"),
     ]
-    write_safetensors(str(INPUT), tensors)
+    write_safetensors_tensors(str(INPUT), tensors)
 
 
 CASES = {"raw": "raw", "huffman": "huffman", "cabac": "cabac", "auto": "auto"}
@@ -41,7 +42,7 @@ def test_encoder_output_is_pinned(tmp_path, backend):
         _make_input()
     golden = GOLDEN / f"container_{backend}.cdl"
     out = tmp_path / "out.cdl"
-    encode_file(str(INPUT), str(out), EncodeOptions(UniformQuantizer(rel_step=0.25), backend, (), True))
+    encode(str(INPUT), str(out), quantizer=UniformQuantizer(rel_step=0.25), backend=backend)
     if REGENERATE:
         golden.write_bytes(out.read_bytes())
     assert out.read_bytes() == golden.read_bytes(), f"encoder output for {backend} changed: a format event"
@@ -50,7 +51,7 @@ def test_encoder_output_is_pinned(tmp_path, backend):
 @pytest.mark.parametrize("backend", sorted(CASES))
 def test_golden_files_decode_to_the_documented_values(backend):
     model = decode_container(str(GOLDEN / f"container_{backend}.cdl"))
-    original = {n: (a, d) for n, a, d in read_safetensors(str(INPUT))}
+    original = {n: (a, d) for n, a, d in read_safetensors_tensors(str(INPUT))}
     assert [r.name for r in model.records] == list(original)
     for rec in model.records:
         arr, dtype = original[rec.name]

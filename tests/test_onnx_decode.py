@@ -7,7 +7,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from cdlcodec.codec import EncodeOptions, decode_container, decode_file, encode_file, encode_records
+from cdlcodec.api import decode, encode
+from cdlcodec.codec import EncodeOptions, decode_container, encode_records
 from cdlcodec.errors import CdlFormatError, CdlInputError
 from cdlcodec.io.onnx_writer import build_onnx
 from cdlcodec.quantizers.uniform import UniformQuantizer
@@ -81,12 +82,12 @@ X = RNG.standard_normal((5, 8)).astype(np.float32)
 
 
 def _encode(src, out, rel_step=0.01, backend="huffman", keep=()):
-    return encode_file(src, out, EncodeOptions(UniformQuantizer(rel_step=rel_step), backend, tuple(keep), True))
+    return encode(src, out, quantizer=UniformQuantizer(rel_step=rel_step), backend=backend, keep=keep)
 
 
 def test_lossless_settings_reproduce_the_model_exactly(tiny, tmp_path):
     _encode(tiny, str(tmp_path / "t.cdl"), keep=("*",))
-    decode_file(str(tmp_path / "t.cdl"), str(tmp_path / "back.onnx"))
+    decode(str(tmp_path / "t.cdl"), str(tmp_path / "back.onnx"))
     back = onnx.load(str(tmp_path / "back.onnx"))
     onnx.checker.check_model(back, full_check=True)
     np.testing.assert_array_equal(_run(str(tmp_path / "back.onnx"), X), _run(tiny, X))
@@ -112,7 +113,7 @@ def test_graph_section_and_record_names(tiny, tmp_path):
 
 def test_float_decode_equals_dequantized_weights(tiny, tmp_path):
     _encode(tiny, str(tmp_path / "t.cdl"), rel_step=0.05)
-    decode_file(str(tmp_path / "t.cdl"), str(tmp_path / "f.onnx"), weights="float")
+    decode(str(tmp_path / "t.cdl"), str(tmp_path / "f.onnx"), weights="float")
     back = onnx.load(str(tmp_path / "f.onnx"))
     onnx.checker.check_model(back, full_check=True)
     records = {r.name: r for r in decode_container(str(tmp_path / "t.cdl")).records}
@@ -127,9 +128,9 @@ def test_float_decode_equals_dequantized_weights(tiny, tmp_path):
 @pytest.mark.parametrize("bits,expect_type,expect_opset", [(4, TensorProto.INT4, 21), (8, TensorProto.INT8, 17)])
 def test_qdq_weights_are_integers_and_run_like_float(tiny, tmp_path, bits, expect_type, expect_opset):
     cdl = str(tmp_path / "t.cdl")
-    encode_file(tiny, cdl, EncodeOptions(UniformQuantizer(rel_step=None, bits=bits), "huffman", (), True))
-    decode_file(cdl, str(tmp_path / "f.onnx"))
-    decode_file(cdl, str(tmp_path / "q.onnx"), weights="qdq")
+    encode(tiny, cdl, quantizer=UniformQuantizer(rel_step=None, bits=bits), backend="huffman")
+    decode(cdl, str(tmp_path / "f.onnx"))
+    decode(cdl, str(tmp_path / "q.onnx"), weights="qdq")
     q = onnx.load(str(tmp_path / "q.onnx"))
     onnx.checker.check_model(q, full_check=True)
     assert next(o.version for o in q.opset_import if o.domain == "") == expect_opset
@@ -143,8 +144,8 @@ def test_qdq_weights_are_integers_and_run_like_float(tiny, tmp_path, bits, expec
 
 def test_qdq_int4_can_be_refused(tiny, tmp_path):
     cdl = str(tmp_path / "t.cdl")
-    encode_file(tiny, cdl, EncodeOptions(UniformQuantizer(rel_step=None, bits=4), "huffman", (), True))
-    decode_file(cdl, str(tmp_path / "q.onnx"), weights="qdq", int4=False)
+    encode(tiny, cdl, quantizer=UniformQuantizer(rel_step=None, bits=4), backend="huffman")
+    decode(cdl, str(tmp_path / "q.onnx"), weights="qdq", int4=False)
     q = onnx.load(str(tmp_path / "q.onnx"))
     assert {t.data_type for t in q.graph.initializer if t.name.endswith("_quantized")} == {TensorProto.INT8}
 
@@ -177,9 +178,9 @@ def test_float16_model_round_trip(tmp_path):
     path = str(tmp_path / "half.onnx")
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]), path)
     cdl = str(tmp_path / "h.cdl")
-    encode_file(path, cdl, EncodeOptions(UniformQuantizer(rel_step=None, bits=8), "huffman", (), True))
+    encode(path, cdl, quantizer=UniformQuantizer(rel_step=None, bits=8), backend="huffman")
     for mode in ("float", "qdq"):
-        decode_file(cdl, str(tmp_path / f"{mode}.onnx"), weights=mode)
+        decode(cdl, str(tmp_path / f"{mode}.onnx"), weights=mode)
         onnx.checker.check_model(onnx.load(str(tmp_path / f"{mode}.onnx")), full_check=True)
     xh = X.astype(np.float16)
     sess = lambda p: ort.InferenceSession(p, providers=["CPUExecutionProvider"]).run(None, {"x": xh})[0]
@@ -221,16 +222,16 @@ def test_onnx_output_needs_a_graph(tmp_path):
     cdl = str(tmp_path / "plain.cdl")
     encode_records([TensorRecord("w", W1, "float32")], cdl, EncodeOptions(backend="huffman", quiet=True))
     with pytest.raises(CdlInputError, match="no ONNX graph"):
-        decode_file(cdl, str(tmp_path / "x.onnx"))
+        decode(cdl, str(tmp_path / "x.onnx"))
     assert not (tmp_path / "x.onnx").exists()
 
 
 def test_weights_option_is_for_onnx_only(tiny, tmp_path):
     _encode(tiny, str(tmp_path / "t.cdl"))
     with pytest.raises(CdlInputError, match="does not apply"):
-        decode_file(str(tmp_path / "t.cdl"), str(tmp_path / "x.safetensors"), weights="qdq")
+        decode(str(tmp_path / "t.cdl"), str(tmp_path / "x.safetensors"), weights="qdq")
     with pytest.raises(CdlInputError, match="--weights"):
-        decode_file(str(tmp_path / "t.cdl"), str(tmp_path / "x.onnx"), weights="int3")
+        decode(str(tmp_path / "t.cdl"), str(tmp_path / "x.onnx"), weights="int3")
 
 
 def test_graph_that_disagrees_with_the_tensors_is_a_format_error(tiny, tmp_path):

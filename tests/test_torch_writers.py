@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from cdlcodec.codec import EncodeOptions, encode_file
+from cdlcodec.api import encode
 
 
 @pytest.fixture(scope="module")
@@ -21,9 +21,8 @@ def containers(tmp_path_factory):
     net = nn.Sequential(nn.Linear(200, 200), nn.ReLU(), nn.Linear(200, 10))
     torch.save(net.state_dict(), root / "net.pt")
     torch.export.save(torch.export.export(net, (torch.randn(2, 200),)), root / "net.pt2")
-    options = EncodeOptions(backend="raw", quiet=True)
-    encode_file(str(root / "net.pt"), str(root / "pt.cdl"), options)
-    encode_file(str(root / "net.pt2"), str(root / "pt2.cdl"), options)
+    encode(str(root / "net.pt"), str(root / "pt.cdl"), backend="raw")
+    encode(str(root / "net.pt2"), str(root / "pt2.cdl"), backend="raw")
     return {".pt": root / "pt.cdl", ".pt2": root / "pt2.cdl"}
 
 

@@ -57,21 +57,22 @@ def test_pure_python_kernels_give_identical_bytes():
 
 
 def test_container_decodes_without_numba(tmp_path, state_dict_file):
-    from cdlcodec.codec import EncodeOptions, decode_container, encode_file
+    from cdlcodec.api import encode
+    from cdlcodec.codec import decode_container
 
     cdl = tmp_path / "m.cdl"
-    encode_file(str(state_dict_file), str(cdl), EncodeOptions(quiet=True))
+    encode(str(state_dict_file), str(cdl))
     expected = {r.name: r.array for r in decode_container(str(cdl)).records}
     code = ("import sys; sys.modules['numba'] = None\n"
             "from cdlcodec.codec import decode_container\n"
-            "from cdlcodec.formats.safetensors import write_safetensors\n"
+            "from cdlcodec.io.safetensors_file import write_safetensors_tensors\n"
             f"m = decode_container({str(cdl)!r})\n"
-            f"write_safetensors({str(tmp_path / 'out.safetensors')!r}, [(r.name, r.array, r.dtype) for r in m.records])\n")
+            f"write_safetensors_tensors({str(tmp_path / 'out.safetensors')!r}, [(r.name, r.array, r.dtype) for r in m.records])\n")
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert child.returncode == 0, child.stderr[-2000:]
-    from cdlcodec.formats.safetensors import read_safetensors
+    from cdlcodec.io.safetensors_file import read_safetensors_tensors
 
-    got = {n: a for n, a, _ in read_safetensors(str(tmp_path / "out.safetensors"))}
+    got = {n: a for n, a, _ in read_safetensors_tensors(str(tmp_path / "out.safetensors"))}
     assert set(got) == set(expected)
     for name in expected:
         assert np.array_equal(got[name], expected[name]), name

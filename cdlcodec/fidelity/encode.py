@@ -2,11 +2,14 @@
 a graph to run, or with the data-free default when it does not (what `cdlcodec encode` does)."""
 from __future__ import annotations
 
+import os
+
 from ..atomic import refuse_to_overwrite
 from ..codec import EncodeOptions, EncodeSummary, encode_records
 from ..errors import CdlInputError
+from .inputs import Inputs
 from .measures import Target
-from .search import DEFAULT_TARGET, FidelityOptions, FidelityReport, encode_to_target
+from .search import DEFAULT_TARGET, MAX_CALIBRATION, FidelityOptions, FidelityReport, encode_to_target
 
 
 def has_onnx_graph(model) -> bool:
@@ -26,19 +29,46 @@ def onnxruntime_available() -> bool:
 def encode_path(source: str, output: str, options: EncodeOptions, target: tuple[str, float] | None,
                 calibration: str | None, *, gptq: bool = True,
                 explicit: bool = False) -> tuple[EncodeSummary, FidelityReport | None]:
-    """Encode `source` to `output`: to `target` (or the default cosine >= 0.999) when it has an ONNX
-    graph; otherwise with `options` as they are. `explicit`: the user asked for a target or gave
-    calibration data, so a model without a graph is an error rather than a fallback."""
+    """Encode the model file `source` to `output` (see `encode_model`)."""
     from ..io.model_files import read_model
 
     refuse_to_overwrite(output, source)
-    model = read_model(source)
+    return encode_model(read_model(source), output, options, target, calibration, gptq=gptq, explicit=explicit,
+                        what=source)
+
+
+def encode_model(model, output: str, options: EncodeOptions, target: tuple[str, float] | Target | None,
+                 calibration=None, *, gptq: bool = True, explicit: bool = False,
+                 what: str = "the model") -> tuple[EncodeSummary, FidelityReport | None]:
+    """Encode `model` (a records.ModelFile) to `output`: to `target` (or the default cosine >= 0.999)
+    when it has an ONNX graph; otherwise with `options` as they are. `calibration`: an .npz path, or
+    an iterable of example batches (`Inputs.from_batches`). `explicit`: the user asked for a target
+    or gave calibration data, so a model without a graph is an error rather than a fallback."""
+    from ..io.cdl_checkpoint import is_cdl_model
+
+    if is_cdl_model(model):  # its learned quantizers decide the steps: there is nothing to search
+        if explicit:
+            raise CdlInputError(f"a fidelity target does not apply to {what}: a CDL / R-CDL checkpoint is "
+                                "quantized with its learned quantizers")
+        return encode_records(model.records, output, options, model.metadata, model.sections), None
     if not has_onnx_graph(model) or not onnxruntime_available():
         if explicit:
             why = ("it has no graph to run (give an ONNX model, or use the Python API with your torch module)"
                    if not has_onnx_graph(model) else "onnxruntime is not installed (pip install 'cdlcodec[onnx]')")
-            raise CdlInputError(f"cannot check a fidelity target for {source}: {why}")
+            raise CdlInputError(f"cannot check a fidelity target for {what}: {why}")
         return encode_records(model.records, output, options, model.metadata, model.sections), None
-    fidelity = FidelityOptions(Target(*target) if target else DEFAULT_TARGET, calibration, gptq=gptq,
-                               quiet=options.quiet, keep=options.keep)
+    if calibration is not None and not isinstance(calibration, (str, os.PathLike)):
+        calibration = Inputs.from_batches(_graph_proto(model), calibration, MAX_CALIBRATION)
+    if isinstance(target, tuple):
+        target = Target(*target)
+    fidelity = FidelityOptions(target or DEFAULT_TARGET, calibration, gptq=gptq, quiet=options.quiet,
+                               keep=options.keep)
     return encode_to_target(model, output, fidelity, options)
+
+
+def _graph_proto(model):
+    import onnx
+
+    from ..io.onnx_model import graph_section
+
+    return onnx.load_from_string(graph_section(model)[2])

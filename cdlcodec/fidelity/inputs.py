@@ -46,7 +46,35 @@ class Inputs:
     def describe(self) -> str:
         if self.source == "generated":
             return f"{len(self.samples)} generated inputs (no calibration data: right form, not real data)"
-        return f"{len(self.samples)} calibration samples from {os.path.basename(self.path or '')}"
+        if self.path is None:
+            return f"{len(self.samples)} calibration samples (given in memory)"
+        return f"{len(self.samples)} calibration samples from {os.path.basename(self.path)}"
+
+    @classmethod
+    def from_batches(cls, proto, batches, max_samples: int | None = None) -> "Inputs":
+        """Per-sample feeds from example batches held in memory (the Python API's `calibration`).
+
+        Each batch is one array (a torch tensor or anything numpy converts) for a graph with one
+        input, or a tuple/list of them in the order of the graph's inputs. Batches are joined along
+        their first axis and read like the arrays of a calibration .npz (module docstring)."""
+        names = [v.name for v in graph_inputs(proto)]
+        parts: list[list[np.ndarray]] = [[] for _ in names]
+        for number, batch in enumerate(batches):
+            arrays = list(batch) if isinstance(batch, (tuple, list)) else [batch]
+            if len(arrays) != len(names):
+                raise CdlInputError(f"calibration batch #{number} holds {len(arrays)} arrays; the graph has "
+                                    f"{len(names)} inputs ({', '.join(names)})")
+            for part, array in zip(parts, arrays):
+                part.append(_as_array(array))
+        if not parts or not parts[0]:
+            raise CdlInputError("calibration: no batches given")
+        arrays = {}
+        for name, part in zip(names, parts):
+            try:
+                arrays[name] = np.concatenate(part) if all(a.ndim for a in part) else np.stack(part)
+            except ValueError as exc:
+                raise CdlInputError(f"calibration batches for input {name!r} do not fit together: {exc}") from None
+        return samples_from_arrays(arrays, proto, "calibration batches", max_samples, None)
 
 
 def graph_inputs(proto) -> list:
@@ -70,16 +98,29 @@ def load_calibration(path: str, proto, max_samples: int | None = None) -> Inputs
         arrays = {k: data[k] for k in data.files}
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
         raise CdlInputError(f"calibration data {path}: not a readable .npz file without pickles ({exc})") from None
+    return samples_from_arrays(arrays, proto, f"calibration data {path}", max_samples, path)
+
+
+def _as_array(value) -> np.ndarray:
+    """A torch tensor (detached, on the CPU) or anything numpy converts, as an ndarray."""
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def samples_from_arrays(arrays: dict[str, np.ndarray], proto, what: str, max_samples: int | None,
+                        path: str | None) -> Inputs:
+    """Per-sample feeds from one array per graph input, named after it, samples first."""
     wanted = {v.name: v for v in graph_inputs(proto)}
     missing = sorted(set(wanted) - set(arrays))
     extra = sorted(set(arrays) - set(wanted))
     if missing or extra:
-        raise CdlInputError(f"calibration data {path}: arrays must be named after the graph inputs "
+        raise CdlInputError(f"{what}: arrays must be named after the graph inputs "
                             f"({', '.join(wanted)}); missing: {', '.join(missing) or '-'}; "
                             f"unknown: {', '.join(extra) or '-'}")
     counts = {k: (a.shape[0] if a.ndim else None) for k, a in arrays.items()}
     if None in counts.values() or len(set(counts.values())) != 1 or not next(iter(counts.values())):
-        raise CdlInputError(f"calibration data {path}: every array needs the same, non-zero number of samples "
+        raise CdlInputError(f"{what}: every array needs the same, non-zero number of samples "
                             f"on its first axis (got {counts})")
     n = next(iter(counts.values()))
     if max_samples:
@@ -95,7 +136,7 @@ def load_calibration(path: str, proto, max_samples: int | None = None) -> Inputs
             elif arr.ndim == rank + 1:
                 value = arr[i]
             else:
-                raise CdlInputError(f"calibration data {path}: array {name!r} has shape {arr.shape}; the graph "
+                raise CdlInputError(f"{what}: array {name!r} has shape {arr.shape}; the graph "
                                     f"input has rank {rank}, so expected rank {rank} or {rank + 1} (samples first)")
             want = _ONNX_NUMPY.get(elem)
             if want is not None and value.dtype != want:

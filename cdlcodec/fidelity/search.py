@@ -42,7 +42,7 @@ DEFAULT_TARGET = Target("cosine", 0.999)
 @dataclass
 class FidelityOptions:
     target: Target = DEFAULT_TARGET
-    calibration: str | None = None
+    calibration: str | Inputs | None = None  # an .npz path, or inputs already in memory (Python API)
     max_samples: int = MAX_CALIBRATION
     gptq: bool = True
     quiet: bool = False
@@ -134,7 +134,9 @@ class _Rounder:
 
 
 def _inputs_for(proto, options: FidelityOptions, log) -> Inputs:
-    if options.calibration:
+    if isinstance(options.calibration, Inputs):
+        inputs = options.calibration
+    elif options.calibration:
         inputs = load_calibration(options.calibration, proto, options.max_samples)
     else:
         inputs = generate_inputs(proto)

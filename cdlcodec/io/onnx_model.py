@@ -14,7 +14,6 @@ kept losslessly rather than refused. Only numpy and onnx are needed here; torch 
 """
 from __future__ import annotations
 
-import os
 import warnings
 from typing import Iterator
 
@@ -125,12 +124,13 @@ def reference_of(tensor) -> str | None:
 # Reading an .onnx file
 # ------------------------------------------------------------------------------------------------
 
-def load_onnx_proto(path: str):
+def load_onnx_proto(path: str, data: bytes | None = None):
+    """The ModelProto of the file at `path`, or of `data` (serialized in memory; `path` then only names it)."""
     onnx = _onnx()
     from google.protobuf.message import DecodeError
 
     try:
-        model = onnx.load(path, load_external_data=False)
+        model = onnx.load(path, load_external_data=False) if data is None else onnx.load_from_string(data)
     except (DecodeError, ValueError, RuntimeError, UnicodeDecodeError) as exc:
         raise CdlInputError(f"{path}: not a valid ONNX model ({type(exc).__name__}: {str(exc)[:200]})") from None
     if not model.HasField("graph"):
@@ -143,9 +143,14 @@ def load_onnx_proto(path: str):
     return model
 
 
-def read_onnx(path: str) -> ModelFile:
+def read_onnx_bytes(data: bytes, what: str) -> ModelFile:
+    """`read_onnx` of a model serialized in memory (e.g. just exported by torch); `what` names it in errors."""
+    return read_onnx(what, data)
+
+
+def read_onnx(path: str, data: bytes | None = None) -> ModelFile:
     """Records for every extractable weight of an ONNX file plus the stripped graph as section "onnx"."""
-    model = load_onnx_proto(path)
+    model = load_onnx_proto(path, data)
     records: list[TensorRecord] = []
     used: set[str] = set()
     kept = 0
@@ -276,6 +281,3 @@ def graph_section(model: ModelFile):
             return section
     return None
 
-
-def is_onnx_path(path: str) -> bool:
-    return os.path.splitext(path)[1].lower() == ".onnx"

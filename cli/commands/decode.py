@@ -14,12 +14,12 @@ import click
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 def command(container, output, weights, no_int4, quiet):
     """Decode CONTAINER back into a model file with the original names, shapes and dtypes."""
-    from ...codec import decode_file
+    from cdlcodec.api import decode
 
     options = {"weights": weights}
     if no_int4:
         options["int4"] = False
-    model = decode_file(container, output, quiet=quiet, **options)
+    model = decode(container, output, quiet=quiet, **options)
     if not quiet:
         click.echo(f"{container} -> {output}: {len(model.records)} tensors, "
                    f"{sum(r.numel for r in model.records):,} params")
