@@ -12,7 +12,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Protocol
+from typing import Iterable
 
 import numpy as np
 
@@ -25,36 +25,21 @@ from .errors import CdlDecodeError, CdlFormatError, CdlInputError
 from .formats.container import ContainerReader, ContainerWriter, Limits, TensorEntry, decoded_size
 from .progress import Progress
 from .quantizers import dequantize
-from .quantizers.uniform import UniformQuantizer
+from .quantizers.params import QUANTIZED_SCHEMES, from_json
+from .quantizers.base import Quantizer, make, parameter_error
 from .records import ModelFile, TensorRecord
-
-
-class Quantizer(Protocol):
-    """What `encode_records` needs from a quantizer.
-
-    Optional hooks (duck-typed, see docs/quantization.md), for quantizers that need more context:
-    - prepare(records, backend) -> Quantizer: bind to one model before any tensor is coded (CDL
-      checkpoints read their learned steps here; Fisher weights are looked up by name).
-    - quantize_record(record, values64, w32, backend) -> (levels, quant, EncodeHint | None) or None:
-      used instead of `quantize` when present; None stores that tensor losslessly (plain).
-    - sections() -> [(name, kind, bytes)]: extra container sections (e.g. "cdl.activations").
-    - finish(coded_bits: {name: bits}) -> (metadata {str: str}, report dict): called once every
-      tensor is coded; the metadata goes into the container, the report into EncodeSummary.report.
-    """
-
-    def describe(self) -> str: ...
-
-    def quantize(self, values64: np.ndarray, w32: np.ndarray) -> tuple[np.ndarray, dict]: ...
 
 
 @dataclass
 class EncodeOptions:
-    quantizer: Quantizer = field(default_factory=UniformQuantizer)
+    # None: the model's default, the uniform quantizer (rel_step 0.1), or for a CDL / R-CDL checkpoint
+    # (metadata "cdl.mode", cdlcodec.io.cdl_checkpoint) its learned quantizers (`cdl_quantizer`).
+    quantizer: Quantizer | None = None
     backend: str = "auto"
     keep: tuple[str, ...] = ()
     quiet: bool = False
-    # Quantizer for CDL / R-CDL checkpoints (detected by their metadata); None = their learned
-    # quantizers with the most probable level (cdlcodec.quantizers.cpmf.CpmfQuantizer()).
+    # Quantizer for CDL / R-CDL checkpoints; None = their learned quantizers with the most probable
+    # level (quantizers.make("cpmf")). Refused for any other model: it would be ignored.
     cdl_quantizer: Quantizer | None = None
 
 
@@ -69,6 +54,7 @@ class EncodeSummary:
     seconds: float
     report: dict = field(default_factory=dict)   # from the quantizer's finish() hook (CDL: bits vs H(w))
     coded_bits: dict = field(default_factory=dict)  # tensor name -> payload + params bits
+    unmatched_keep: tuple[str, ...] = ()           # keep patterns that matched no tensor (likely a typo)
     fidelity: object = None  # the fidelity.search.FidelityReport of an encode to a fidelity target (api.encode)
 
     @property
@@ -117,14 +103,15 @@ def encode_records(records: list[TensorRecord], output: str, options: EncodeOpti
     if options.backend != "auto":
         backends.get(options.backend)  # fail before any work on an unknown backend
     start = time.perf_counter()
-    quantizer = _bind_quantizer(records, options)
+    sections = list(sections)
+    quantizer = _bind_quantizer(ModelFile(records, sections, dict(metadata or {})), options)
     meta = {"cdlcodec.version": __version__, "quantizer": quantizer.describe()}
     meta.update(metadata or {})
     total = sum(r.numel for r in records) or 1
     n_quant = 0
     coded_bits: dict[str, int] = {}
     report: dict = {}
-    extra_sections = list(quantizer.sections()) if hasattr(quantizer, "sections") else []
+    extra_sections = list(quantizer.sections())
     with ContainerWriter(output, meta) as writer, Progress(total, "encoding", quiet=options.quiet) as bar:
         for name, kind, data in [*sections, *extra_sections]:
             writer.add_section(name, kind, data)
@@ -155,13 +142,13 @@ def encode_records(records: list[TensorRecord], output: str, options: EncodeOpti
             coded_bits[rec.name] = 8 * (len(payload) + len(entry.backend_params or b""))
             writer.add_tensor(entry, payload)
             bar.update(rec.numel)
-        if hasattr(quantizer, "finish"):
-            extra_meta, report = quantizer.finish(coded_bits)
-            for key, value in extra_meta.items():
-                writer.set_metadata(key, value)
+        extra_meta, report = quantizer.finish(coded_bits)
+        for key, value in extra_meta.items():
+            writer.set_metadata(key, value)
+    unmatched = tuple(p for p in options.keep if not any(fnmatch.fnmatchcase(r.name, p) for r in records))
     return EncodeSummary(output, len(records), sum(r.numel for r in records), n_quant,
                          sum(r.array.nbytes for r in records), os.path.getsize(output),
-                         time.perf_counter() - start, report, coded_bits)
+                         time.perf_counter() - start, report, coded_bits, unmatched)
 
 
 def _quantize(quantizer, rec: TensorRecord, backend: str) -> tuple[np.ndarray, dict, EncodeHint | None] | None:
@@ -173,11 +160,7 @@ def _quantize(quantizer, rec: TensorRecord, backend: str) -> tuple[np.ndarray, d
     values64, w32 = to_float64(rec.array, rec.dtype), to_float32(rec.array, rec.dtype)
     finite = bool(np.all(np.isfinite(w32)))
     try:
-        if hasattr(quantizer, "quantize_record"):
-            result = quantizer.quantize_record(rec, values64, w32, backend)
-        else:
-            levels, quant = quantizer.quantize(values64, w32)
-            result = levels, quant, None
+        result = quantizer.quantize_record(rec, values64, w32, backend)
     except CdlInputError:
         if not finite:  # the quantizer's own refusal of NaN, which cannot name the tensor
             raise _not_finite(rec.name) from None
@@ -192,18 +175,30 @@ def _not_finite(name: str) -> CdlInputError:
     return CdlInputError(f"tensor {name!r} holds NaN or infinite values; keep it lossless with --keep {keep}")
 
 
-def _bind_quantizer(records: list[TensorRecord], options: EncodeOptions):
-    """The quantizer for this model: CDL checkpoints get their learned quantizers; `prepare` binds."""
+def _bind_quantizer(model: ModelFile, options: EncodeOptions) -> Quantizer:
+    """The quantizer for this model, bound to it (`prepare`). A CDL / R-CDL checkpoint (metadata
+    "cdl.mode", set by its reader) is quantized with what it learned; an option that would be
+    silently ignored is refused instead: another quantizer for a CDL checkpoint, a CDL quantizer
+    for any other model."""
+    from .io.cdl_checkpoint import is_cdl_model
+
     quantizer = options.quantizer
-    from .quantizers.cpmf import is_cdl_records
+    if is_cdl_model(model):
+        if quantizer is not None and not _is_cpmf(quantizer):
+            raise parameter_error(f"quantizer ({quantizer.describe()}) cannot be used on a CDL / R-CDL checkpoint: "
+                                  "its learned quantizers decide the steps; cdl_quantizer chooses how they are used",
+                                  "quantizer", "cdl_quantizer")
+        quantizer = options.cdl_quantizer or quantizer or make("cpmf")
+    elif options.cdl_quantizer is not None:
+        raise parameter_error(f"cdl_quantizer ({options.cdl_quantizer.describe()}) applies to CDL / R-CDL "
+                              "checkpoints only, and this model is not one", "cdl_quantizer")
+    return (quantizer or make("uniform")).prepare(model, options.backend)
 
-    if is_cdl_records(records):
-        from .quantizers.cpmf import CpmfQuantizer
 
-        quantizer = options.cdl_quantizer or CpmfQuantizer()
-    if hasattr(quantizer, "prepare"):
-        quantizer = quantizer.prepare(records, options.backend)
-    return quantizer
+def _is_cpmf(quantizer) -> bool:
+    from .quantizers.cpmf import CpmfQuantizer
+
+    return isinstance(quantizer, CpmfQuantizer)
 
 
 def encode_file(source: str, output: str, options: EncodeOptions = EncodeOptions()) -> EncodeSummary:
@@ -279,17 +274,13 @@ def container_summary(path: str, limits: Limits = Limits(), *, check_checksums: 
         tensors = []
         for e in reader.tensors:
             nbytes = e.length + len(e.backend_params)
-            quant = e.quant or {}
-            step = quant.get("step")
             tensors.append({
                 "name": e.name, "shape": list(e.shape), "dtype": e.dtype,
                 "backend": e.backend if e.encoding == "levels" else "plain",
-                "scheme": quant.get("scheme", "plain"),
-                "step": step if quant.get("scheme") in ("uniform", "dependent") and _is_number(step) else None,
-                "bytes": nbytes, "bits_per_param": 8.0 * nbytes / e.numel if e.numel else 0.0,
+                **_step_summary(e), "bytes": nbytes, "bits_per_param": 8.0 * nbytes / e.numel if e.numel else 0.0,
             })
         num = sum(math.prod(t["shape"]) for t in tensors)
-        nq = sum(math.prod(t["shape"]) for t in tensors if t["scheme"] in ("uniform", "dependent"))
+        nq = sum(math.prod(t["shape"]) for t in tensors if t["scheme"] in QUANTIZED_SCHEMES)
         return {
             "path": path, "format_version": f"{reader.version[0]}.{reader.version[1]}",
             "total_bytes": reader.file_size, "num_tensors": len(tensors), "num_params": num,
@@ -301,5 +292,17 @@ def container_summary(path: str, limits: Limits = Limits(), *, check_checksums: 
         }
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _step_summary(entry: TensorEntry) -> dict:
+    """scheme, step (one per tensor, else None) and steps (per-channel: axis, count, min, max, else None).
+    A quant object the decoder would refuse is shown as stored, without steps: `info` describes a
+    file, `verify` and `decode` judge it."""
+    quant = entry.quant if entry.encoding == "levels" else None
+    scheme = quant.get("scheme", "plain") if isinstance(quant, dict) else "plain"
+    try:
+        params = from_json(quant, entry.shape, entry.dtype, entry.name) if quant is not None else None
+    except CdlFormatError:
+        params = None
+    step = quant["step"] if getattr(params, "step", None) is not None else None  # as stored (1 stays 1)
+    steps = getattr(params, "steps", None)
+    channels = None if not steps else {"axis": params.axis, "count": len(steps), "min": min(steps), "max": max(steps)}
+    return {"scheme": scheme, "step": step, "steps": channels}

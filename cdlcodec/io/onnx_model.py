@@ -221,7 +221,7 @@ def architecture_graph_section(arch: str, records: list[TensorRecord], input_sha
     from .torch_checkpoint import record_to_tensor
 
     if not extra_records:
-        from ..quantizers.cpmf import is_cdl_records
+        from ..cdl.checkpoint import is_cdl_records
 
         if is_cdl_records(records):
             raise CdlInputError("this is a CDL checkpoint: it names its own architecture and its ONNX graph is "

@@ -23,9 +23,18 @@ def command(container, as_json):
     for s in info["sections"]:
         click.echo(f"  section {s['name']} ({s['kind']}): {s['bytes']:,} bytes")
     rows = [(t["name"], "x".join(map(str, t["shape"])) or "scalar", t["dtype"], t["backend"],
-             "-" if t["step"] is None else f"{t['step']:.4g}", f"{t['bytes']:,}", f"{t['bits_per_param']:.3f}")
-            for t in info["tensors"]]
+             _step_text(t), f"{t['bytes']:,}", f"{t['bits_per_param']:.3f}") for t in info["tensors"]]
     head = ("tensor", "shape", "dtype", "backend", "step", "bytes", "bits/param")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     for row in [head, *rows]:
         click.echo("  " + "  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+
+
+def _step_text(tensor: dict) -> str:
+    """One step, "per-channel (N) min-max", or "-" for tensors stored exactly."""
+    if tensor["step"] is not None:
+        return f"{tensor['step']:.4g}"
+    steps = tensor.get("steps")
+    if steps:
+        return f"per-channel ({steps['count']}) {steps['min']:.4g}-{steps['max']:.4g}"
+    return "-"
