@@ -24,6 +24,7 @@ import numpy as np
 from ..dtypes import to_float64
 from ..errors import CdlInputError
 from ..quantizers import dequantize
+from ..quantizers.base import Quantizer, make
 from ..records import ModelFile, TensorRecord
 from .allocate import REF_REL, Candidate, Plan, TensorCurve, plan_for_budget, steps_for, tensor_curve
 from .gptq import gptq_levels, inverse_cholesky
@@ -274,7 +275,7 @@ def fidelity_plan(model: ModelFile, options: FidelityOptions):
         report.steps[name] = f"{cand.rel:.3g}×std" + (f" per channel (axis {cand.channel_axis})"
                                                     if cand.channel_axis is not None else "")
     chosen = {name: rounder.get(name, cand)[:2] for name, cand in plan.choice.items()}
-    return PlannedQuantizer(chosen, options.target.describe()), report, inputs
+    return make("fidelity", chosen=chosen, target=options.target.describe()), report, inputs
 
 
 def _total(model: ModelFile) -> int:
@@ -324,8 +325,9 @@ def _initial_budget(target: Target) -> float:
     return 0.01
 
 
-class PlannedQuantizer:
-    """Replays the levels the search chose; every other tensor is stored exactly."""
+class PlannedQuantizer(Quantizer):
+    """Replays the levels the search chose; every other tensor is stored exactly (registered as
+    quantizers.make("fidelity", chosen=..., target=...))."""
 
     def __init__(self, chosen: dict[str, tuple[np.ndarray, dict]], target: str):
         self.chosen = chosen
