@@ -76,3 +76,34 @@ def test_container_decodes_without_numba(tmp_path, state_dict_file):
     assert set(got) == set(expected)
     for name in expected:
         assert np.array_equal(got[name], expected[name]), name
+
+
+def test_dependent_container_decodes_without_numba(tmp_path):
+    """A trellis ("dependent") container decodes where numba is missing: the state machine's kernel
+    comes through cdlcodec.jit like every other kernel (it used to import numba directly)."""
+    from cdlcodec.codec import EncodeOptions, decode_container, encode_records
+    from cdlcodec.quantizers import make
+    from cdlcodec.records import TensorRecord
+
+    rng = np.random.default_rng(3)
+    records = [TensorRecord("w", (rng.standard_normal((12, 20)) * 0.1).astype(np.float32), "float32"),
+               TensorRecord("v", (rng.standard_normal((6, 9)) * 0.1).astype(np.float32), "float32")]
+    for granularity in ("tensor", "channel"):
+        cdl = tmp_path / f"{granularity}.cdl"
+        encode_records(records, str(cdl), EncodeOptions(make("trellis", lam=0.1, granularity=granularity),
+                                                        "cabac", (), True))
+        expected = decode_container(str(cdl)).records
+        assert all(r.quant["scheme"] == "dependent" for r in expected)
+        out = tmp_path / f"{granularity}.npz"
+        code = ("import sys; sys.modules['numba'] = None\n"
+                "import numpy as np\n"
+                "from cdlcodec.jit import HAVE_NUMBA\n"
+                "assert not HAVE_NUMBA\n"
+                "from cdlcodec.codec import decode_container\n"
+                f"m = decode_container({str(cdl)!r})\n"
+                f"np.savez({str(out)!r}, **{{r.name: r.array for r in m.records}})\n")
+        child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+        assert child.returncode == 0, child.stderr[-2000:]
+        with np.load(out, allow_pickle=False) as got:
+            for rec in expected:
+                assert np.array_equal(got[rec.name], rec.array), (granularity, rec.name)
