@@ -39,6 +39,7 @@ def _container_eval(model, config, x_test, y_test):
     import cdlcodec
     from cdlcodec.cdl.checkpoint import cdl_state_dict
     from cdlcodec.codec import EncodeOptions, encode_records
+    from cdlcodec.io.cdl_checkpoint import cdl_model_file
     from cdlcodec.io.torch_checkpoint import tensor_to_record
     from cdlcodec.training import evaluate
 
@@ -46,7 +47,9 @@ def _container_eval(model, config, x_test, y_test):
     records = [tensor_to_record(k, v) for k, v in state.items()]
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "cdl.cdl")
-        summary = encode_records(records, out, EncodeOptions(backend="auto", quiet=True))
+        model = cdl_model_file(records)  # read as a CDL checkpoint: sections, cdl.mode, learned quantizers
+        summary = encode_records(model.records, out, EncodeOptions(backend="auto", quiet=True), model.metadata,
+                                 model.sections)
         acc = evaluate(cdlcodec.load(out), x_test, y_test)
     total = summary.report["total"]
     return total["coded_bits"] / total["count"], acc
