@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cdlcodec.backends.raw import read_uvarint, write_uvarint
+from cdlcodec.backends.varint import read_uvarint, write_uvarint
 from cdlcodec.errors import CdlDecodeError
 
 GOLDEN = Path(__file__).parent / "golden"

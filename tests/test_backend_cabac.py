@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from cdlcodec.backends import get
 from cdlcodec.backends.base import MAX_ABS_LEVEL, EncodeHint
 from cdlcodec.backends.cabac import CabacBackend
-from cdlcodec.backends.raw import write_uvarint as _varint
+from cdlcodec.backends.varint import write_uvarint as _varint
 from cdlcodec.backends.cabac_binarization import (
     MAX_GT, N_CONTEXTS, cost_chunks, neighbours, rate_cost, rate_update,
 )

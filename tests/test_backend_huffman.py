@@ -19,7 +19,7 @@ from cdlcodec.backends.huffman import (
     decode_symbols,
     encode_symbols,
 )
-from cdlcodec.backends.raw import write_svarint, write_uvarint
+from cdlcodec.backends.varint import write_svarint, write_uvarint
 from cdlcodec.backends.stats import histogram, order0_entropy_bits
 from cdlcodec.errors import CdlDecodeError, CdlInputError
 

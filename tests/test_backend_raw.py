@@ -8,15 +8,8 @@ from backend_checks import check_every_truncation_fails, check_golden_stream
 from hypothesis import given, settings, strategies as st
 
 from cdlcodec.backends import get
-from cdlcodec.backends.raw import (
-    RawBackend,
-    read_svarint,
-    read_uvarint,
-    unzigzag,
-    write_svarint,
-    write_uvarint,
-    zigzag,
-)
+from cdlcodec.backends.raw import RawBackend
+from cdlcodec.backends.varint import read_svarint, read_uvarint, unzigzag, write_svarint, write_uvarint, zigzag
 from cdlcodec.errors import CdlDecodeError, CdlInputError
 
 M = 2**31 - 1

@@ -14,7 +14,7 @@ import pytest
 from cdlcodec.backends import get as get_backend
 from cdlcodec.backends.cabac import TERMINATION_SLACK, CabacBackend, max_chunk_levels
 from cdlcodec.backends.cabac_coder import MAX_BINS_PER_BIT, PROB_BITS, TOP
-from cdlcodec.backends.raw import write_svarint
+from cdlcodec.backends.varint import write_svarint
 from cdlcodec.cli.main import main
 from cdlcodec.codec import container_summary, decode_container
 from cdlcodec.errors import CdlDecodeError, CdlFormatError, CdlInputError

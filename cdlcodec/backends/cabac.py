@@ -27,7 +27,8 @@ import numpy as np
 
 from ..errors import CdlDecodeError, CdlInputError
 from .base import MAX_ABS_LEVEL, EncodeHint, check_count
-from .raw import write_uvarint  # the same LEB128 integers as the raw and huffman params
+from .stats import as_levels
+from .varint import read_uvarint, write_uvarint  # the same LEB128 integers as the raw and huffman params
 from .cabac_binarization import (
     MAX_GT, MODE_PREV, MODE_PREV2, MODE_PREV2_ROW, cost_chunks, decode_chunks_parallel,
     decode_chunks_serial, encode_chunks,
@@ -49,8 +50,6 @@ PARALLEL_BATCH = 256           # chunks per parallel kernel call: its per-chunk 
 # zero by chance) and the decoder reads zeros past the end (max_chunk_levels).
 TERMINATION_SLACK = 8
 
-_MAX_VARINT_BYTES = 10
-
 
 class _Reader:
     def __init__(self, data: bytes):
@@ -64,27 +63,13 @@ class _Reader:
         return self.data[self.pos - 1]
 
     def varint(self, what: str, limit: int) -> int:
-        value = 0
-        for i in range(_MAX_VARINT_BYTES):
-            byte = self.u8(what)
-            value |= (byte & 0x7F) << (7 * i)
-            if not byte & 0x80:
-                if value > limit:
-                    raise CdlDecodeError(f"cabac params: {what} {value} exceeds {limit}")
-                return value
-        raise CdlDecodeError(f"cabac params: {what} is not a valid varint")
-
-
-def _as_levels(levels) -> np.ndarray:
-    arr = np.asarray(levels)
-    if arr.ndim != 1:
-        arr = arr.reshape(-1)
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        raise CdlInputError(f"cabac backend needs integer levels, got {arr.dtype}")
-    arr = arr.astype(np.int64, copy=False)
-    if arr.size and int(np.abs(arr).max()) > MAX_ABS_LEVEL:
-        raise CdlInputError(f"level magnitude exceeds {MAX_ABS_LEVEL}")
-    return np.ascontiguousarray(arr)
+        try:
+            value, self.pos = read_uvarint(self.data, self.pos)
+        except CdlDecodeError as exc:
+            raise CdlDecodeError(f"cabac params: {what}: {exc}") from None
+        if value > limit:
+            raise CdlDecodeError(f"cabac params: {what} {value} exceeds {limit}")
+        return value
 
 
 def max_chunk_levels(length):
@@ -207,7 +192,7 @@ class CabacBackend:
 
     def settings(self, levels, hint: EncodeHint | None = None) -> dict:
         """The stream settings encode() would choose: chunk_size, n_gt, mode, row_len, fast, slow."""
-        mode, row_len, rate_idx = self._settings(_as_levels(levels), hint)
+        mode, row_len, rate_idx = self._settings(as_levels(levels), hint)
         fast, slow = (int(v) for v in RATE_PAIRS[rate_idx])
         return {"chunk_size": self.chunk_size, "n_gt": self.n_gt, "mode": mode, "row_len": row_len,
                 "rate_idx": rate_idx, "fast": fast, "slow": slow}
@@ -218,7 +203,7 @@ class CabacBackend:
 
     # --- protocol -----------------------------------------------------------------------------
     def encode(self, levels, hint: EncodeHint | None = None) -> tuple[bytes, bytes]:
-        levels = _as_levels(levels)
+        levels = as_levels(levels)
         n = levels.size
         mode, row_len, rate_idx = self._settings(levels, hint)
         fast, slow = (int(v) for v in RATE_PAIRS[rate_idx])
@@ -272,7 +257,7 @@ class CabacBackend:
         return out
 
     def estimate_bits(self, levels, hint: EncodeHint | None = None) -> float:
-        levels = _as_levels(levels)
+        levels = as_levels(levels)
         if levels.size == 0:
             return 0.0
         mode, row_len, rate_idx = self._settings(levels, hint)

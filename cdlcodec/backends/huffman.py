@@ -1,7 +1,7 @@
 """`huffman` backend: a static canonical Huffman code per tensor, length-limited to 24 bits.
 
-Byte layout (version 1; a second implementation needs only this docstring and the raw module's
-definition of uvarint/svarint)
+Byte layout (version 1; a second implementation needs only this docstring and the definition of
+uvarint/svarint in `cdlcodec.backends.varint`)
 --------------------------------------------------------------------------------------------------
 params start with one kind byte:
   0 EMPTY   params = 00.                         count must be 0, payload empty.
@@ -38,8 +38,8 @@ import numpy as np
 from ..errors import CdlDecodeError, CdlInputError
 from . import huffman_kernels as hk
 from .base import MAX_ABS_LEVEL, EncodeHint, check_count
-from .raw import read_svarint, write_svarint
 from .stats import DENSE_RANGE_LIMIT, as_levels
+from .varint import read_svarint, write_svarint
 
 MAX_CODE_LEN = hk.MAX_CODE_LEN
 PMF_SCALE_BITS = 20

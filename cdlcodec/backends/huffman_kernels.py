@@ -12,7 +12,9 @@ CdlDecodeError by the Python layer, so a corrupt stream never raises anything el
 from __future__ import annotations
 
 import numpy as np
+
 from ..jit import njit
+from .varint import ERR_MALFORMED, ERR_TRUNCATED, get_svarint, get_uvarint, put_uvarint, zigzag
 
 MAX_CODE_LEN = 24  # format limit: code words are at most 24 bits
 PRIMARY_BITS = 11  # the decoder's first lookup table has 2**11 entries (18 KB, stays in L1)
@@ -23,8 +25,8 @@ KIND_SINGLE = 1
 KIND_DENSE = 2
 KIND_SPARSE = 3
 
-ERR_TRUNCATED_PARAMS = -1
-ERR_BAD_VARINT = -2
+ERR_TRUNCATED_PARAMS = ERR_TRUNCATED  # the varint kernels' own codes
+ERR_BAD_VARINT = ERR_MALFORMED
 ERR_BAD_LENGTH = -3
 ERR_RUN_OVERFLOW = -4
 ERR_RANGE = -5
@@ -382,21 +384,6 @@ def decode_kernel(data, n_real, count, primary_bits, prim_val, prim_len,
 # --- compact code tables (params) ----------------------------------------------------------------
 
 @njit(cache=True, nogil=True)
-def _put_uvarint(out, pos, value):
-    while value >= 0x80:
-        out[pos] = (value & 0x7F) | 0x80
-        value >>= 7
-        pos += 1
-    out[pos] = value
-    return pos + 1
-
-
-@njit(cache=True, nogil=True)
-def _zigzag(v):
-    return (v << 1) ^ (v >> 63)
-
-
-@njit(cache=True, nogil=True)
 def _put_length_runs(out, pos, lengths):
     """Run-length tokens uvarint((run - 1) << 5 | length) covering `lengths` (maximal runs)."""
     i = 0
@@ -405,7 +392,7 @@ def _put_length_runs(out, pos, lengths):
         j = i + 1
         while j < n and lengths[j] == lengths[i]:
             j += 1
-        pos = _put_uvarint(out, pos, ((j - i - 1) << 5) | np.int64(lengths[i]))
+        pos = put_uvarint(out, pos, ((j - i - 1) << 5) | np.int64(lengths[i]))
         i = j
     return pos
 
@@ -417,18 +404,18 @@ def write_dense_table(values, lengths):
     n = values.size
     out = np.zeros(21 + 20 * n, np.uint8)
     out[0] = KIND_DENSE
-    pos = _put_uvarint(out, 1, _zigzag(values[0]))
-    pos = _put_uvarint(out, pos, values[n - 1] - values[0] + 1)
+    pos = put_uvarint(out, 1, zigzag(values[0]))
+    pos = put_uvarint(out, pos, values[n - 1] - values[0] + 1)
     i = 0
     while i < n:
         j = i + 1
         while j < n and lengths[j] == lengths[i] and values[j] == values[j - 1] + 1:
             j += 1
-        pos = _put_uvarint(out, pos, ((j - i - 1) << 5) | np.int64(lengths[i]))
+        pos = put_uvarint(out, pos, ((j - i - 1) << 5) | np.int64(lengths[i]))
         if j < n:
             gap = values[j] - values[j - 1] - 1
             if gap > 0:
-                pos = _put_uvarint(out, pos, (gap - 1) << 5)
+                pos = put_uvarint(out, pos, (gap - 1) << 5)
         i = j
     return out[:pos]
 
@@ -440,34 +427,12 @@ def write_sparse_table(values, lengths):
     n = values.size
     out = np.zeros(21 + 20 * n, np.uint8)
     out[0] = KIND_SPARSE
-    pos = _put_uvarint(out, 1, n)
-    pos = _put_uvarint(out, pos, _zigzag(values[0]))
+    pos = put_uvarint(out, 1, n)
+    pos = put_uvarint(out, pos, zigzag(values[0]))
     for i in range(1, n):
-        pos = _put_uvarint(out, pos, values[i] - values[i - 1] - 1)
+        pos = put_uvarint(out, pos, values[i] - values[i - 1] - 1)
     pos = _put_length_runs(out, pos, lengths)
     return out[:pos]
-
-
-@njit(cache=True, nogil=True)
-def _get_uvarint(buf, pos):
-    """(value, next pos); next pos < 0 is an error code. At most 9 bytes, minimal encoding only."""
-    value = 0
-    for i in range(9):
-        if pos + i >= buf.size:
-            return 0, ERR_TRUNCATED_PARAMS
-        byte = np.int64(buf[pos + i])
-        value |= (byte & 0x7F) << (7 * i)
-        if byte < 0x80:
-            if byte == 0 and i > 0:
-                return 0, ERR_BAD_VARINT
-            return value, pos + i + 1
-    return 0, ERR_BAD_VARINT
-
-
-@njit(cache=True, nogil=True)
-def _get_svarint(buf, pos):
-    z, pos = _get_uvarint(buf, pos)
-    return (z >> 1) ^ -(z & 1), pos
 
 
 @njit(cache=True, nogil=True)
@@ -486,17 +451,17 @@ def parse_table(params, max_symbols, max_abs, values_out, lengths_out, fill):
     kraft = 0
     used = 0
     if kind == KIND_DENSE:
-        base, pos = _get_svarint(params, 1)
+        base, pos = get_svarint(params, 1)
         if pos < 0:
             return pos
-        n, pos = _get_uvarint(params, pos)
+        n, pos = get_uvarint(params, pos)
         if pos < 0:
             return pos
         if base < -max_abs or n < 2 or n - 1 > max_abs - base:
             return ERR_RANGE
         k = 0  # alphabet position
         while k < n:
-            t, pos = _get_uvarint(params, pos)
+            t, pos = get_uvarint(params, pos)
             if pos < 0:
                 return pos
             length = t & 31
@@ -518,7 +483,7 @@ def parse_table(params, max_symbols, max_abs, values_out, lengths_out, fill):
                 used += run
             k += run
     elif kind == KIND_SPARSE:
-        m, pos = _get_uvarint(params, 1)
+        m, pos = get_uvarint(params, 1)
         if pos < 0:
             return pos
         if m < 2:
@@ -527,7 +492,7 @@ def parse_table(params, max_symbols, max_abs, values_out, lengths_out, fill):
             return ERR_TOO_MANY_SYMBOLS
         if m > params.size:  # every symbol needs at least one gap byte
             return ERR_TRUNCATED_PARAMS
-        v, pos = _get_svarint(params, pos)
+        v, pos = get_svarint(params, pos)
         if pos < 0:
             return pos
         if v < -max_abs or v > max_abs:
@@ -535,7 +500,7 @@ def parse_table(params, max_symbols, max_abs, values_out, lengths_out, fill):
         if fill:
             values_out[0] = v
         for i in range(1, m):
-            gap, pos = _get_uvarint(params, pos)
+            gap, pos = get_uvarint(params, pos)
             if pos < 0:
                 return pos
             if gap >= max_abs - v:  # next value v + gap + 1 must stay <= max_abs
@@ -545,7 +510,7 @@ def parse_table(params, max_symbols, max_abs, values_out, lengths_out, fill):
                 values_out[i] = v
         k = 0
         while k < m:
-            t, pos = _get_uvarint(params, pos)
+            t, pos = get_uvarint(params, pos)
             if pos < 0:
                 return pos
             length = t & 31

@@ -5,16 +5,13 @@ Byte layout (version 1; a second implementation needs only this docstring)
 params  = width:u8 || svarint(base)
     width  number of bits per level, 0..32: the bit length of (max - min), i.e. the smallest width
            that holds the tensor's range (0 for a constant tensor; 0 with base 0 for an empty one).
-    base   the tensor minimum, zigzag + LEB128 coded (see `write_svarint`). No trailing bytes.
+    base   the tensor minimum as an svarint (zigzag + LEB128, defined in `varint`). No trailing bytes.
 payload = the values u_i = level_i - base (0 <= u_i < 2**width), packed LSB-first:
     bit b of u_i is stream bit i*width + b, and stream bit j is bit (j mod 8) of byte floor(j/8).
     The payload is exactly ceil(count*width/8) bytes and unused high bits of the last byte are 0.
     For width 8, 16 and 32 this is exactly a little-endian uint8/uint16/uint32 array.
 
-Compact integers (also used inside the huffman params):
-    uvarint  LEB128: 7 bits per byte, least significant group first, high bit = "more follows";
-             at most 9 bytes (63 bits) and no redundant trailing zero group.
-    svarint  uvarint of the zigzag map z = 2v for v >= 0, z = -2v - 1 for v < 0.
+Compact integers (uvarint, svarint) are defined once for every backend in `cdlcodec.backends.varint`.
 
 Decoding checks every field: width <= 32, exact payload length, zero padding bits, and that every
 decoded level lies within ±(2**31 - 1); anything else raises CdlDecodeError.
@@ -22,63 +19,14 @@ decoded level lies within ±(2**31 - 1); anything else raises CdlDecodeError.
 from __future__ import annotations
 
 import numpy as np
-from ..jit import njit
 
 from ..errors import CdlDecodeError
+from ..jit import njit
 from .base import MAX_ABS_LEVEL, EncodeHint
 from .stats import as_levels
+from .varint import read_svarint, write_svarint
 
 MAX_WIDTH = 32
-_MAX_VARINT_BYTES = 9
-
-
-# --- compact integers --------------------------------------------------------------------------
-
-def write_uvarint(value: int) -> bytes:
-    """LEB128 bytes of a non-negative integer below 2**63."""
-    if value < 0 or value >= 1 << 63:
-        raise ValueError(f"uvarint out of range: {value}")
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def read_uvarint(buf: bytes, pos: int) -> tuple[int, int]:
-    """(value, next position) of the LEB128 integer at `pos`; CdlDecodeError if truncated or malformed."""
-    value = 0
-    for i in range(_MAX_VARINT_BYTES):
-        if pos + i >= len(buf):
-            raise CdlDecodeError("truncated varint in backend parameters")
-        byte = buf[pos + i]
-        value |= (byte & 0x7F) << (7 * i)
-        if not byte & 0x80:
-            if byte == 0 and i > 0:
-                raise CdlDecodeError("non-minimal varint in backend parameters")
-            return value, pos + i + 1
-    raise CdlDecodeError("varint longer than 9 bytes in backend parameters")
-
-
-def zigzag(value: int) -> int:
-    return 2 * value if value >= 0 else -2 * value - 1
-
-
-def unzigzag(z: int) -> int:
-    return z >> 1 if not z & 1 else -(z >> 1) - 1
-
-
-def write_svarint(value: int) -> bytes:
-    return write_uvarint(zigzag(value))
-
-
-def read_svarint(buf: bytes, pos: int) -> tuple[int, int]:
-    z, pos = read_uvarint(buf, pos)
-    return unzigzag(z), pos
 
 
 # --- bit packing kernels -----------------------------------------------------------------------
@@ -208,4 +156,4 @@ class RawBackend:
         return float(8 * (params_len + (arr.size * width + 7) // 8))
 
 
-__all__ = ["RawBackend", "write_uvarint", "read_uvarint", "write_svarint", "read_svarint", "zigzag", "unzigzag"]
+__all__ = ["RawBackend"]

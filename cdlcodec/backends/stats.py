@@ -21,7 +21,8 @@ DENSE_RANGE_LIMIT = 1 << 20
 
 
 def as_levels(levels, what: str = "levels") -> np.ndarray:
-    """Validate `levels` and return them as a C-contiguous 1-D int64 array.
+    """Validate `levels` and return them as a C-contiguous 1-D int64 array: the one level validator
+    of every backend (raw, huffman, cabac), so that all refuse the same inputs.
 
     Raises CdlInputError for non-integer dtypes, more than one dimension, or values outside
     ±MAX_ABS_LEVEL (2**31 - 1).
@@ -77,41 +78,9 @@ def order0_entropy_bits(levels) -> float:
     return entropy_bits_from_counts(counts)
 
 
-def order0_entropy_bits_per_symbol(levels) -> float:
-    """Order-0 entropy in bits per level (0.0 for an empty tensor)."""
-    arr = as_levels(levels)
-    return order0_entropy_bits(arr) / arr.size if arr.size else 0.0
-
-
-def ideal_bits_under_pmf(levels, pmf_levels, pmf_probs) -> float:
-    """Bits an ideal entropy coder would spend on `levels` with a fixed model P: sum -log2 P(level).
-
-    Levels missing from the model (or with probability 0) cost +inf. Useful to judge a learned PMF
-    against the empirical histogram (cross-entropy >= entropy).
-    """
-    values, counts = histogram(levels)
-    pl = np.asarray(pmf_levels, dtype=np.int64).ravel()
-    pp = np.asarray(pmf_probs, dtype=np.float64).ravel()
-    if pl.shape != pp.shape:
-        raise CdlInputError("pmf levels and probabilities must have the same length")
-    if values.size == 0:
-        return 0.0
-    total_p = pp.sum()
-    order = np.argsort(pl, kind="stable")
-    pl, pp = pl[order], pp[order] / total_p if total_p > 0 else pp[order]
-    pos = np.searchsorted(pl, values)
-    pos_clipped = np.minimum(pos, max(pl.size - 1, 0))
-    found = (pl.size > 0) & (pl[pos_clipped] == values) if pl.size else np.zeros(values.size, bool)
-    p = np.where(found, pp[pos_clipped] if pl.size else 0.0, 0.0)
-    with np.errstate(divide="ignore"):
-        return float(np.sum(counts * -np.log2(p)))
-
-
 __all__ = [
     "as_levels",
     "histogram",
     "entropy_bits_from_counts",
     "order0_entropy_bits",
-    "order0_entropy_bits_per_symbol",
-    "ideal_bits_under_pmf",
 ]

@@ -256,7 +256,7 @@ def _deep_payload(r: random.Random, t: dict, blobs: list[bytes], i: int) -> None
 
     from cdlcodec.backends import huffman_kernels as hk
     from cdlcodec.backends.huffman import code_lengths
-    from cdlcodec.backends.raw import write_svarint
+    from cdlcodec.backends.varint import write_svarint
 
     count = t.get("count") if isinstance(t.get("count"), int) and 0 < t.get("count", 0) <= 4096 else r.randint(1, 300)
     t["count"], t["shape"] = count, [count]
