@@ -129,12 +129,13 @@ def test_encode_to_target_meets_it_and_records_it(mlp, tmp_path):
     assert summary2.coded_bytes < summary.coded_bytes
 
 
-def test_unreachable_target_is_an_error_and_writes_nothing(mlp, tmp_path):
+def test_a_target_only_exact_storage_meets_keeps_tensors_exact(mlp, tmp_path):
     path, calib = mlp
-    out = tmp_path / "never.cdl"
-    with pytest.raises(CdlInputError, match="cannot meet the target"):
-        encode_to_target(read_model(path), str(out), FidelityOptions(Target("rel_mse", 1e-30), calib, quiet=True))
-    assert not out.exists()
+    out = str(tmp_path / "exact.cdl")
+    _, report = encode_to_target(read_model(path), out, FidelityOptions(Target("rel_mse", 1e-30), calib, quiet=True))
+    assert report.checked == 0.0 and report.quantized == 0
+    with ContainerReader(out) as reader:
+        assert {e.encoding for e in reader.tensors} == {"plain"}
 
 
 def test_calibration_names_must_match_the_graph(mlp, tmp_path):

@@ -26,8 +26,15 @@ REF_REL = 0.25         # relative step at which sensitivities are measured
 
 @dataclass(frozen=True)
 class Candidate:
-    rel: float
+    rel: float                # 0: the tensor is stored exactly (the finest plan always meets a target)
     channel_axis: int | None  # None: one step for the tensor
+
+    @property
+    def exact(self) -> bool:
+        return self.rel == 0.0
+
+
+EXACT = Candidate(0.0, None)
 
 
 @dataclass
@@ -82,9 +89,9 @@ def entropy_bits(levels: np.ndarray) -> float:
     return float(-(counts * np.log2(p)).sum())
 
 
-def tensor_curve(name: str, w: np.ndarray, channel_axis: int | None) -> TensorCurve:
+def tensor_curve(name: str, w: np.ndarray, channel_axis: int | None, bits_per_value: int = 32) -> TensorCurve:
     """Rate and MSE of every candidate (per tensor, and per channel along `channel_axis` if given),
-    measured on a sample of rows for big tensors."""
+    measured on a sample of rows for big tensors, plus storing the tensor exactly."""
     axes: list[int | None] = [None]
     if channel_axis is not None and w.ndim >= 2 and 1 < w.shape[channel_axis] <= w.size // 8:
         axes.append(channel_axis)
@@ -104,6 +111,9 @@ def tensor_curve(name: str, w: np.ndarray, channel_axis: int | None) -> TensorCu
             cands.append(Candidate(rel, axis))
             mse.append(float(np.mean(err * err)) if err.size else 0.0)
             bits.append(entropy_bits(levels.astype(np.int64)) * scale + extra)
+    cands.append(EXACT)
+    bits.append(float(bits_per_value) * w.size)
+    mse.append(0.0)
     return TensorCurve(name, int(w.size), cands, np.array(bits), np.array(mse))
 
 

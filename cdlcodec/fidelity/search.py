@@ -108,6 +108,8 @@ class _Rounder:
 
     def _round(self, name: str, cand: Candidate, compensate: bool):
         rec = self.records[name]
+        if cand.exact:
+            return None, None, rec.array
         w = self.weights(name)
         steps = steps_for(w, cand)
         info = self.hessians.get(name) if self.use_gptq and compensate else None
@@ -180,7 +182,18 @@ def fidelity_plan(model: ModelFile, options: FidelityOptions):
     inputs = _inputs_for(stripped, options, log)
     capture = {init: act for init, (_, act, _) in layout.items() if init in init_to_record}
     hessian_names = [init_to_record[i] for i in capture]
-    runner = OnnxRunner(model, stripped, inputs, capture=list(capture.values()))
+    n_real = len(stripped.graph.output)
+    logits = squashed_outputs(stripped)
+    runner = OnnxRunner(model, stripped, inputs, capture=list(capture.values()), probes=list(logits.values()))
+    # Distortion is measured where the model is still linear-ish: a softmax or sigmoid output is
+    # replaced by its input (saturated probabilities hide how much a tensor's rounding moved the logits).
+    view = [n_real + runner.probes.index(logits[j]) if logits.get(j) in runner.probes else j for j in range(n_real)]
+
+    def distortion_view(outs):
+        return [[s[k] for k in view] for s in outs]
+
+    def real(outs):
+        return [s[:n_real] for s in outs]
     sums: dict[str, list] = {}
 
     def accumulate(act_name, value):
@@ -210,14 +223,15 @@ def fidelity_plan(model: ModelFile, options: FidelityOptions):
 
     n_sens = min(n, SENSITIVITY_SAMPLES)
     log(f"measuring the output sensitivity of {len(names)} tensors on {n_sens} samples")
-    sens_reference = reference[:n_sens]
-    check_reference = reference[check]
+    sens_reference = distortion_view(reference[:n_sens])
+    check_reference = real(reference[check])
     curves: list[TensorCurve] = []
     for name in names:
         w = rounder.weights(name)
-        curve = tensor_curve(name, w, axes.get(name) if roles[name] == "weight" else None)
+        curve = tensor_curve(name, w, axes.get(name) if roles[name] == "weight" else None,
+                             8 * records[name].array.dtype.itemsize)
         values = rounder.get(name, Candidate(REF_REL, None), compensate=False)[2]
-        d = rel_mse(sens_reference, runner.run({name: values}, part=slice(0, n_sens)))
+        d = rel_mse(sens_reference, distortion_view(runner.run({name: values}, part=slice(0, n_sens))))
         runs += 1
         err = to_float64(values, records[name].dtype) - w
         curve.ref_mse = float(np.mean(err * err)) or 1e-30
@@ -234,8 +248,8 @@ def fidelity_plan(model: ModelFile, options: FidelityOptions):
         key = tuple(sorted(plan.choice.items(), key=lambda kv: kv[0]))
         if key in scored:  # a budget step too small to change any tensor's step
             return plan, scored[key], False
-        overrides = {name: rounder.get(name, cand)[2] for name, cand in plan.choice.items()}
-        score = target.score(check_reference, runner.run(overrides, part=check))
+        overrides = {name: rounder.get(name, cand)[2] for name, cand in plan.choice.items() if not cand.exact}
+        score = target.score(check_reference, real(runner.run(overrides, part=check)))
         log(f"budget {budget:.3g}: {plan.bits / total:.3f} bits/param predicted, {target.measure} {score:.6g}")
         scored[key] = score
         return plan, score, True
@@ -258,24 +272,55 @@ def fidelity_plan(model: ModelFile, options: FidelityOptions):
         if best is not None and 0.9 * goal <= _deficit(target, best[2]) <= goal:
             break  # close enough below the target: more runs would gain little
         budget = _next_budget(tried, goal)
-        if budget is None or evaluations >= SEARCH_RUNS:
+        if budget is None or evaluations >= (SEARCH_RUNS if best is not None else 2 * SEARCH_RUNS):
             break
     if best is None:
         raise CdlInputError(f"cannot meet the target {target.describe()} on {inputs.describe()}: the best "
                             f"reached is {target.measure} {score:.6g}; loosen the target or keep sensitive "
                             "tensors exact with --keep")
-    _, plan, score = best
-    if check != slice(None):  # the figure stored in the file covers every calibration sample
-        overrides = {name: rounder.get(name, cand)[2] for name, cand in plan.choice.items()}
-        score = target.score(reference, runner.run(overrides))
-        runs += 1
-    report = FidelityReport(options.target, score, None, inputs.describe(), len(plan.choice),
-                            len(model.records) - len(plan.choice), runs, time.perf_counter() - start)
+    budget, plan, score = best
+    if check != slice(None):
+        # The figure stored in the file covers every calibration sample: when the samples GPTQ was
+        # fitted on disagree with the held-back half (a flipped class, say), tighten the budget.
+        for _ in range(6):
+            overrides = {name: rounder.get(name, cand)[2] for name, cand in plan.choice.items() if not cand.exact}
+            score = target.score(real(reference), real(runner.run(overrides)))
+            runs += 1
+            if target.met(score):
+                break
+            budget /= 1.6
+            plan = plan_for_budget(curves, budget)
+        else:
+            raise CdlInputError(f"cannot meet the target {target.describe()} on all of {inputs.describe()}: "
+                                f"reached {target.measure} {score:.6g}")
+    n_coded = sum(not cand.exact for cand in plan.choice.values())
+    report = FidelityReport(options.target, score, None, inputs.describe(), n_coded,
+                            len(model.records) - n_coded, runs, time.perf_counter() - start)
     for name, cand in plan.choice.items():
-        report.steps[name] = f"{cand.rel:.3g}×std" + (f" per channel (axis {cand.channel_axis})"
+        report.steps[name] = "exact" if cand.exact else f"{cand.rel:.3g}×std" + (f" per channel (axis {cand.channel_axis})"
                                                     if cand.channel_axis is not None else "")
-    chosen = {name: rounder.get(name, cand)[:2] for name, cand in plan.choice.items()}
+    chosen = {name: rounder.get(name, cand)[:2] for name, cand in plan.choice.items() if not cand.exact}
     return make("fidelity", chosen=chosen, target=options.target.describe()), report, inputs
+
+
+def squashed_outputs(stripped_proto) -> dict[int, str]:
+    """Graph output index -> the input of the Softmax / LogSoftmax / Sigmoid that produces it
+    (through layout-only ops such as Identity, Reshape or Transpose)."""
+    producers = {out: node for node in stripped_proto.graph.node for out in node.output}
+    found = {}
+    for j, output in enumerate(stripped_proto.graph.output):
+        value = output.name
+        for _ in range(8):
+            node = producers.get(value)
+            if node is None or node.domain not in ("", "ai.onnx"):
+                break
+            if node.op_type in ("Softmax", "LogSoftmax", "Sigmoid"):
+                found[j] = node.input[0]
+                break
+            if node.op_type not in ("Identity", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze"):
+                break
+            value = node.input[0]
+    return found
 
 
 def _total(model: ModelFile) -> int:
@@ -290,30 +335,26 @@ def _deficit(target: Target, score: float) -> float:
 
 
 def _next_budget(tried: list[tuple[float, float]], goal: float) -> float | None:
-    """The next budget to try, aiming just inside the goal deficit; None when the bracket is closed."""
-    aim = 0.95 * goal
-    below = [(b, d) for b, d in tried if d <= goal]
-    above = [(b, d) for b, d in tried if d > goal]
-    lo = max(below, default=None)          # largest passing budget
-    hi = min(above, default=None)          # smallest failing budget
-    if lo is not None and hi is not None:
-        if hi[0] / lo[0] < 1.05:
-            return None
-        (b0, d0), (b1, d1) = lo, hi
-    elif len(tried) >= 2:
-        (b0, d0), (b1, d1) = sorted(tried)[-2:] if lo is not None else sorted(tried)[:2]
-    else:
-        b, d = tried[0]
-        return b * (aim / d) if d > 0 and math.isfinite(d) else b / 16
-    if not (math.isfinite(d0) and math.isfinite(d1)) or d0 <= 0 or d1 <= 0 or d0 == d1 or b0 == b1:
-        return math.sqrt(b0 * b1) if lo is not None and hi is not None else (b0 * 4 if lo else b0 / 16)
-    slope = (math.log(d1) - math.log(d0)) / (math.log(b1) - math.log(b0))
-    if slope <= 0.05:
-        slope = 1.0
-    guess = math.exp(math.log(b0) + (math.log(aim) - math.log(d0)) / slope)
-    if lo is not None and hi is not None:  # stay strictly inside the bracket
-        guess = min(max(guess, lo[0] * 1.02), hi[0] / 1.02)
-    return min(max(guess, tried[-1][0] / 64), tried[-1][0] * 64)
+    """The next budget to try: bracket the goal deficit by factors of 4 to 8 first, then interpolate
+    log(deficit) against log(budget) inside the bracket; None once the bracket is narrow."""
+    passing = [(b, d) for b, d in tried if d <= goal]
+    failing = [(b, d) for b, d in tried if d > goal]
+    if not passing:
+        b, d = min(failing)
+        return b / (3.0 if d < 4 * goal else 8.0)
+    lo = max(passing)
+    if not failing:
+        return lo[0] * (4.0 if lo[1] < goal / 4 else 1.6)
+    hi = min(failing)
+    if hi[0] <= lo[0]:  # not monotone (noise): nothing sensible left to try
+        return None
+    if hi[0] / lo[0] < 1.05:
+        return None
+    a, b = math.log(lo[0]), math.log(hi[0])
+    t = 0.5
+    if 0 < lo[1] < hi[1] and math.isfinite(hi[1]):
+        t = (math.log(0.97 * goal) - math.log(lo[1])) / (math.log(hi[1]) - math.log(lo[1]))
+    return math.exp(a + min(max(t, 0.15), 0.85) * (b - a))
 
 
 def _initial_budget(target: Target) -> float:
