@@ -7,7 +7,7 @@ backend, dtype, quantization scheme and section kind), applies one to four mutat
 backend parameters, counts, shapes, dtypes, encodings, quantization fields, index fields, section
 bytes, raw JSON number literals) and then recomputes the payload layout and every checksum, so that
 only semantic validation stands in the way. Each case goes through decode_container,
-decode_file to a .safetensors file, verify_container(quick=True) and the `info` command (text and
+cdlcodec.decode to a .safetensors file, verify_container(quick=True) and the `info` command (text and
 JSON) under FUZZ_LIMITS.
 
 Cases run in worker processes with an address-space rlimit; the parent gives each case a timeout.
@@ -436,10 +436,8 @@ def _info_text(path: str) -> None:
 
 def _decode_to_file(path: str, output: str) -> None:
     """What `cdlcodec decode -o x.safetensors` does."""
-    try:
-        from cdlcodec.api import decode
-    except ImportError:  # before the Python API had it
-        from cdlcodec.codec import decode_file as decode
+    from cdlcodec.api import decode
+
     decode(path, output, limits=FUZZ_LIMITS)
 
 
