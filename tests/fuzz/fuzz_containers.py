@@ -217,16 +217,30 @@ def _uvarint(value: int) -> bytes:
             return bytes(out)
 
 
+def _read_uvarint(buf: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[pos]  # IndexError at the end: the caller falls back to byte mutations
+        value |= (byte & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if not byte & 0x80 or shift > 63:
+            return value, pos
+
+
 def _cabac_params(r: random.Random, params: bytes, payload_len: int) -> bytes:
     """Rewrite one field of cabac params structurally (kept parseable so the decoder is reached)."""
-    from cdlcodec.backends.cabac import _Reader
-
     try:
-        rd = _Reader(params)
-        head = [rd.u8("") for _ in range(4)]
-        fields = [rd.varint("", 1 << 62) for _ in range(3)]
-        lengths = [rd.varint("", 1 << 62) for _ in range(fields[2])]
-    except Exception:
+        head, pos, fields = list(params[:4]), 4, []
+        for _ in range(3):
+            value, pos = _read_uvarint(params, pos)
+            fields.append(value)
+        lengths = []
+        for _ in range(min(fields[2], len(params))):
+            value, pos = _read_uvarint(params, pos)
+            lengths.append(value)
+        if len(head) < 4:
+            raise IndexError
+    except IndexError:
         return _bytes_mutation(r, params)
     which = r.randrange(6)
     if which == 0:
