@@ -34,7 +34,8 @@ def encode(source, output, *, quantizer=None, backend: str = "auto", keep=(), ta
         (name -> torch tensor or numpy array), or a torch nn.Module.
     quantizer: a `cdlcodec.quantizers.base.Quantizer`, or the name of a registered one
         (`cdlcodec.quantizers.base.names()`, built with its defaults). None: a model with a graph is
-        encoded to a fidelity target, any other with the data-free default (step 0.1 x std).
+        encoded to a fidelity target, any other with the data-free default (per output channel,
+        step 0.02 x the channel's std; unverified).
     backend: "auto" (the smallest per tensor), "raw", "huffman" or "cabac".
     keep: name patterns (fnmatch) of tensors stored exactly.
     target: a fidelity target for a model with a graph, as ("cosine", 0.999), ("agreement", 0.99),

@@ -148,12 +148,12 @@ def test_missing_output_directory_names_the_output(tmp_path, cli, state_dict_fil
 
 def test_unwritable_output_directory_names_the_output(tmp_path, cli, state_dict_file, monkeypatch):
     """We may run as root, whom no permission stops: the refusal comes from a stand-in for mkstemp."""
-    import cdlcodec.atomic
+    import cdlcodec.formats.container  # where the atomic writer that every output goes through lives
 
     def refuse(prefix, suffix, dir):
         raise PermissionError(errno.EACCES, "Permission denied", os.path.join(dir, f"{prefix}x7q2{suffix}"))
 
-    monkeypatch.setattr(cdlcodec.atomic.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(cdlcodec.formats.container.tempfile, "mkstemp", refuse)
     out = tmp_path / "out.cdl"
     code, _, err = cli("encode", state_dict_file, "-o", out, "-q")
     assert_one_error_line(code, err, f"cannot write {out}: permission denied")

@@ -75,8 +75,8 @@ def command(model, output, rel_step, step, bits, backend, keep, arch, lam, granu
 
     Models with a graph (ONNX) are by default encoded to a fidelity target: per-tensor steps chosen
     by output sensitivity so that the decoded model, run with onnxruntime, keeps mean output cosine
-    >= 0.999 (docs/fidelity.md). A bare state_dict has nothing to run: it gets the data-free step
-    rule and the result is reported as unverified.
+    >= 0.999 (docs/fidelity.md). A bare state_dict has nothing to run: it gets the conservative
+    data-free default (per output channel, step 0.02 x std) and the result is reported as unverified.
     """
     import os
 
@@ -145,8 +145,8 @@ def _encode(model, output, options, arch, targets, calibration, no_gptq, quiet, 
             click.echo(report.summary_line())
         elif not quiet and not summary.report:
             click.echo("cdlcodec: note: no graph to run the model with (a state_dict or .pt2 file): the data-free "
-                       "default step was used and the decoded model is unverified; encode the ONNX model for a "
-                       "verified fidelity", err=True)
+                       "default was used (per output channel, step 0.02 x the channel's std) and the decoded model "
+                       "is unverified; encode the ONNX model for a verified fidelity", err=True)
         return summary
     if arch is None:
         return encode_file(model, output, options)
