@@ -65,21 +65,30 @@ def encode(source, output, *, quantizer=None, backend: str = "auto", keep=(), ta
             raise CdlInputError("a fidelity target chooses the steps itself: give target/calibration or a quantizer, "
                                 "not both")
         options.quantizer = _quantizer(quantizer)
-    model = _model_of(source, output, example_input)
-    if arch is not None:
-        if quantizer is None and (target is not None or calibration is not None):
-            raise CdlInputError("arch stores a graph for decoding; a fidelity target needs an ONNX model or a module "
-                                "with example_input")
-        model = _with_architecture(model, arch, source)
     explicit = target is not None or calibration is not None
+    if arch is not None and quantizer is None and explicit:
+        raise CdlInputError("arch stores a graph for decoding; a fidelity target needs an ONNX model or a module "
+                            "with example_input")
     if quantizer is not None or arch is not None:
-        from .codec import encode_records
-
-        return encode_records(model.records, output, options, model.metadata, model.sections)
+        return encode_with_options(source, output, options, arch=arch, example_input=example_input)
+    model = _model_of(source, output, example_input)
     summary, report = encode_model(model, output, options, target, calibration, explicit=explicit,
                                    what=_describe(source))
     summary.fidelity = report
     return summary
+
+
+def encode_with_options(source, output, options, *, arch: str | None = None,
+                        example_input=None) -> "EncodeSummary":
+    """Encode `source` (as in `encode`) exactly as the `cdlcodec.codec.EncodeOptions` say, with no
+    fidelity search, and with the ONNX graph of registered architecture `arch` when given. `encode`
+    and the encode command share it for explicit quantizers and --arch."""
+    from .codec import encode_records
+
+    model = _model_of(source, os.fspath(output), example_input)
+    if arch is not None:
+        model = _with_architecture(model, arch, source)
+    return encode_records(model.records, os.fspath(output), options, model.metadata, model.sections)
 
 
 def decode(path, output, *, quiet: bool = True, limits: Limits = Limits(), **writer_options) -> ModelFile:
@@ -208,10 +217,16 @@ def _export_module(module, example_input) -> ModelFile:
 
 def _with_architecture(model: ModelFile, arch: str, source) -> ModelFile:
     """`model` with the ONNX graph of registered architecture `arch`, checked against its tensors."""
+    from .io.cdl_checkpoint import is_cdl_model
     from .io.onnx_model import architecture_graph_section
+    from .quantizers.base import parameter_error  # errors naming `arch`, which the CLI calls --arch
 
+    if is_cdl_model(model):
+        raise parameter_error("this is a CDL checkpoint: it names its own architecture and its ONNX graph is "
+                              "stored without arch", "arch")
     if model.sections:
-        raise CdlInputError(f"arch applies to state_dicts; {_describe(source)} already carries its own graph")
+        raise parameter_error(f"arch applies to state_dicts; {_describe(source)} already carries its own graph",
+                              "arch")
     section, meta = architecture_graph_section(arch, model.records)
     return ModelFile(model.records, [*model.sections, section], {**model.metadata, **meta})
 

@@ -17,7 +17,6 @@ from typing import Iterable
 import numpy as np
 
 from . import __version__, backends
-from .atomic import refuse_to_overwrite
 from .backends import EncodeHint, MAX_ABS_LEVEL
 from .backends.base import check_count
 from .dtypes import FLOATS, storage_dtype, to_float32, to_float64
@@ -199,15 +198,6 @@ def _is_cpmf(quantizer) -> bool:
     from .quantizers.cpmf import CpmfQuantizer
 
     return isinstance(quantizer, CpmfQuantizer)
-
-
-def encode_file(source: str, output: str, options: EncodeOptions = EncodeOptions()) -> EncodeSummary:
-    """Deprecated: use cdlcodec.api.encode. Kept only until cli/commands/encode.py switches to it."""
-    from .io.model_files import read_model
-
-    refuse_to_overwrite(output, source)
-    model = read_model(source)
-    return encode_records(model.records, output, options, model.metadata, model.sections)
 
 
 def check_decodable(entry: TensorEntry, limits: Limits) -> None:

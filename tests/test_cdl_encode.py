@@ -9,7 +9,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from cdlcodec.codec import EncodeOptions, decode_container, encode_file, encode_records  # noqa: E402
+from cdlcodec.api import encode  # noqa: E402
+from cdlcodec.codec import decode_container  # noqa: E402
 from cdlcodec.io.cdl_checkpoint import ACTIVATIONS_SECTION  # noqa: E402
 from cdlcodec.quantizers.cpmf import REPORT_KEY, CpmfQuantizer  # noqa: E402
 
@@ -45,7 +46,7 @@ def test_cdl_encode_decode_reproduces_eval_outputs(cdl_checkpoint, tmp_path):
 
     path, state, x = cdl_checkpoint
     out = tmp_path / "m.cdl"
-    summary = encode_file(str(path), str(out), EncodeOptions(quiet=True))
+    summary = encode(path, out)
     decoded = decode_container(str(out))
     meta = read_cdl_metadata(state)
     by_name = {r.name: r for r in decoded.records}
@@ -78,8 +79,7 @@ def test_cdl_sample_mode_is_reproducible_and_in_alphabet(cdl_checkpoint, tmp_pat
     outs = []
     for name, seed in (("a", 7), ("b", 7), ("c", 8)):
         out = tmp_path / f"{name}.cdl"
-        encode_file(str(path), str(out), EncodeOptions(quiet=True, cdl_quantizer=CpmfQuantizer("sample", seed),
-                                                       backend="huffman"))
+        encode(path, out, quantizer=CpmfQuantizer("sample", seed), backend="huffman")
         outs.append(decode_container(str(out)))
     meta = read_cdl_metadata(state)
     first = {r.name: r for r in outs[0].records}
@@ -134,3 +134,16 @@ def test_fisher_and_search_pick_fewest_bits_within_tolerance(tmp_path):
     assert best is not None and best.score >= result.baseline - 0.01
     assert all(not t.ok or t.bits_per_param >= best.bits_per_param for t in result.trials)
     assert any(not t.ok for t in result.trials)  # the search did probe past the tolerance
+
+
+def test_arch_on_a_cdl_checkpoint_is_refused_by_the_api_and_the_cli(cdl_checkpoint, tmp_path, cli):
+    """The API and the CLI share one --arch path: both say why a CDL checkpoint takes no arch."""
+    from cdlcodec.errors import CdlInputError
+
+    path, _, _ = cdl_checkpoint
+    with pytest.raises(CdlInputError, match="^this is a CDL checkpoint: .* stored without arch$"):
+        encode(path, tmp_path / "a.cdl", arch="lenet5")
+    code, _, err = cli("encode", path, "-o", tmp_path / "b.cdl", "--arch", "lenet5", "-q")
+    assert code == 2 and err == ("cdlcodec: error: this is a CDL checkpoint: it names its own architecture and its "
+                                 "ONNX graph is stored without --arch\n")
+    assert not (tmp_path / "a.cdl").exists() and not (tmp_path / "b.cdl").exists()

@@ -6,13 +6,14 @@ import click
 
 # Library parameters (quantizers.base.parameter_error) as this command's flags, for error messages.
 FLAGS = {"rel_step": "--rel-step", "step": "--step", "bits": "--bits", "lam": "--lambda",
-         "granularity": "--granularity", "mode": "--cpmf", "cdl_quantizer": "--cpmf", "seed": "--seed"}
+         "granularity": "--granularity", "mode": "--cpmf", "cdl_quantizer": "--cpmf", "seed": "--seed",
+         "arch": "--arch"}
 
 
 @contextlib.contextmanager
 def parameters_as_flags(flags: dict):
     """Re-raise a library error about parameters with each parameter named as its flag."""
-    from ...errors import CdlInputError
+    from cdlcodec.errors import CdlInputError
 
     try:
         yield
@@ -80,9 +81,9 @@ def command(model, output, rel_step, step, bits, backend, keep, arch, lam, granu
     """
     import os
 
-    from ...codec import EncodeOptions
-    from ...errors import CdlInputError
-    from ...quantizers import make
+    from cdlcodec.codec import EncodeOptions
+    from cdlcodec.errors import CdlInputError
+    from cdlcodec.quantizers import make
 
     step_rule = {"rel_step": rel_step, "step": step, "bits": bits}
     step_options = [FLAGS[k] for k, v in step_rule.items() if v is not None] + \
@@ -118,7 +119,7 @@ def command(model, output, rel_step, step, bits, backend, keep, arch, lam, granu
     for pattern in summary.unmatched_keep:
         click.echo(f"cdlcodec: warning: --keep {pattern!r} matches no tensor of {model}", err=True)
     if not quiet and summary.report:
-        from ...quantizers.cpmf import format_report
+        from cdlcodec.quantizers.cpmf import format_report
 
         click.echo(f"CDL checkpoint ({summary.report['mode']}, cpmf={summary.report['cpmf']}): coded bits "
                    "per layer next to the training entropy H(w_l) (eq. 26)")
@@ -133,11 +134,8 @@ def command(model, output, rel_step, step, bits, backend, keep, arch, lam, granu
 
 def _encode(model, output, options, arch, targets, calibration, no_gptq, quiet, fidelity: bool):
     """Encode to a fidelity target (or the default one), with --arch's graph, or as the options say."""
-    from ...codec import encode_file
-    from ...errors import CdlInputError
-
     if fidelity:
-        from ...fidelity.encode import encode_path
+        from cdlcodec.fidelity.encode import encode_path
 
         summary, report = encode_path(model, output, options, targets[0][1:] if targets else None, calibration,
                                       gptq=not no_gptq, explicit=bool(targets or calibration))
@@ -148,20 +146,6 @@ def _encode(model, output, options, arch, targets, calibration, no_gptq, quiet, 
                        "default was used (per output channel, step 0.02 x the channel's std) and the decoded model "
                        "is unverified; encode the ONNX model for a verified fidelity", err=True)
         return summary
-    if arch is None:
-        return encode_file(model, output, options)
-    from ...atomic import refuse_to_overwrite
-    from ...codec import encode_records
-    from ...io.model_files import read_model
-    from ...io.onnx_model import architecture_graph_section
+    from cdlcodec.api import encode_with_options
 
-    refuse_to_overwrite(output, model)
-    source = read_model(model)
-    if "cdl.mode" in source.metadata:
-        raise CdlInputError("this is a CDL checkpoint: it names its own architecture and its ONNX graph is "
-                            "stored without --arch")
-    if source.sections:
-        raise CdlInputError(f"--arch applies to state_dicts; {model} already carries its own graph")
-    section, meta = architecture_graph_section(arch, source.records)
-    return encode_records(source.records, output, options, {**source.metadata, **meta},
-                          [*source.sections, section])
+    return encode_with_options(model, output, options, arch=arch)
