@@ -45,7 +45,7 @@ def build_points(methods, rel_steps, bits, lambdas, granularities, backends, cdl
     for path in checkpoints:
         points.append({"method": "checkpoint", "path": path})
     if compare:
-        from ...evaluation.methods import COMPARE_METHODS
+        from cdlcodec.evaluation.methods import COMPARE_METHODS
 
         points.extend({"method": m} for m in COMPARE_METHODS if m not in methods)
     return points
@@ -109,9 +109,9 @@ def command(task, recipe_path, methods, rel_steps, bits, lambdas, granularities,
     import os
     import sys
 
-    from ...errors import CdlInputError
-    from ...evaluation import gate, report
-    from ...evaluation.sweep import load_recipe, run_recipe
+    from cdlcodec.errors import CdlInputError
+    from cdlcodec.evaluation import gate, report
+    from cdlcodec.evaluation.sweep import load_recipe, run_recipe
 
     if results_path:
         if recipe_path or task:
@@ -141,7 +141,7 @@ def command(task, recipe_path, methods, rel_steps, bits, lambdas, granularities,
     if not quiet:
         click.echo(report.table(results), nl=False)
     if not no_plot:
-        from ...evaluation.plot import plot
+        from cdlcodec.evaluation.plot import plot
 
         pngs = [png_path] if png_path else []
         if not results_path:

@@ -22,9 +22,9 @@ def command(model, task, method, tolerance, backend, iterations, output, quiet):
     """
     import json
 
-    from ...codec import EncodeOptions, encode_records
-    from ...errors import CdlInputError
-    from ...search import lenet_task, make_quantizer, search
+    from cdlcodec.codec import EncodeOptions, encode_records
+    from cdlcodec.errors import CdlInputError
+    from cdlcodec.search import lenet_task, make_quantizer, search
 
     if not 0 <= tolerance <= 100:
         raise CdlInputError("--tolerance is in percentage points, between 0 and 100")
