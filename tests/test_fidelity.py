@@ -144,3 +144,43 @@ def test_calibration_names_must_match_the_graph(mlp, tmp_path):
     np.savez(bad, y=np.zeros((4, 32), np.float32))
     with pytest.raises(CdlInputError, match="missing: x; unknown: y"):
         load_calibration(str(bad), onnx.load(path))
+
+
+def test_decisions_of_softmax_and_sigmoid_outputs():
+    from cdlcodec.fidelity.decisions import changed_samples
+
+    kinds = {0: ("argmax", -1), 1: ("threshold", 0)}
+    ref = [[np.array([[0.1, 0.9]]), np.array([0.7])], [np.array([[0.6, 0.4]]), np.array([0.2])]]
+    same = [[np.array([[0.2, 0.8]]), np.array([0.6])], [np.array([[0.55, 0.45]]), np.array([0.3])]]
+    flipped = [[np.array([[0.2, 0.8]]), np.array([0.4])], [np.array([[0.45, 0.55]]), np.array([0.3])]]
+    assert changed_samples(ref, same, kinds) == 0
+    assert changed_samples(ref, flipped, kinds) == 2
+
+
+def test_default_target_keeps_every_calibration_decision(tmp_path):
+    """The default (no target given) also promises that no calibration sample changes class."""
+    from cdlcodec.codec import EncodeOptions
+    from cdlcodec.fidelity.decisions import changed_samples, decision_kinds
+    from cdlcodec.fidelity.encode import encode_model
+    from cdlcodec.fidelity.runner import run_proto
+    from cdlcodec.codec import decode_container
+    from cdlcodec.io.onnx_writer import build_onnx
+
+    path = _mlp(str(tmp_path / "m.onnx"))
+    proto = onnx.load(path)
+    proto.graph.node.append(helper.make_node("Softmax", ["logits"], ["probs"], axis=-1))
+    proto.graph.output[0].name = "probs"
+    onnx.save(proto, path)
+    rng = np.random.default_rng(3)
+    np.savez(tmp_path / "c.npz", x=rng.standard_normal((64, 32)).astype(np.float32))
+    out = str(tmp_path / "m.cdl")
+    model = read_model(path)
+    summary, report = encode_model(model, out, EncodeOptions(quiet=True), None, str(tmp_path / "c.npz"))
+    assert report.same_decisions and report.checked >= 0.999
+    stripped = onnx.load_from_string(model.sections[0][2])
+    inputs = load_calibration(str(tmp_path / "c.npz"), stripped)
+    ref = run_proto(build_onnx(model), inputs)
+    dec = run_proto(build_onnx(decode_container(out)), inputs)
+    assert changed_samples(ref, dec, decision_kinds(stripped)) == 0
+    with ContainerReader(out) as reader:
+        assert reader.metadata["fidelity.target"] == "cosine >= 0.999, same decisions"

@@ -41,18 +41,18 @@ def onnxruntime_available() -> bool:
 
 
 def encode_path(source: str, output: str, options: EncodeOptions, target: tuple[str, float] | None,
-                calibration: str | None, *, gptq: bool = True,
-                explicit: bool = False) -> tuple[EncodeSummary, FidelityReport | None]:
+                calibration: str | None, *, gptq: bool = True, explicit: bool = False,
+                same_decisions: bool = False) -> tuple[EncodeSummary, FidelityReport | None]:
     """Encode the model file `source` to `output` (see `encode_model`)."""
     from ..io.model_files import read_model
 
     refuse_to_overwrite(output, source)
     return encode_model(read_model(source), output, options, target, calibration, gptq=gptq, explicit=explicit,
-                        what=source)
+                        same_decisions=same_decisions, what=source)
 
 
 def encode_model(model, output: str, options: EncodeOptions, target: tuple[str, float] | Target | None,
-                 calibration=None, *, gptq: bool = True, explicit: bool = False,
+                 calibration=None, *, gptq: bool = True, explicit: bool = False, same_decisions: bool = False,
                  what: str = "the model") -> tuple[EncodeSummary, FidelityReport | None]:
     """Encode `model` (a records.ModelFile) to `output`: to `target` (or the default cosine >= 0.999)
     when it has an ONNX graph; otherwise with `options` as they are. `calibration`: an .npz path, or
@@ -77,8 +77,10 @@ def encode_model(model, output: str, options: EncodeOptions, target: tuple[str, 
         calibration = Inputs.from_batches(_graph_proto(model), calibration, MAX_CALIBRATION)
     if isinstance(target, tuple):
         target = Target(*target)
+    # The default promises more than a cosine: no calibration sample's decision (a class, a
+    # character, a speech/no-speech call) changes. An explicit target adds that check on request.
     fidelity = FidelityOptions(target or DEFAULT_TARGET, calibration, gptq=gptq, quiet=options.quiet,
-                               keep=options.keep)
+                               keep=options.keep, same_decisions=same_decisions or target is None)
     return encode_to_target(model, output, fidelity, options)
 
 

@@ -27,6 +27,7 @@ from ..quantizers import dequantize
 from ..quantizers.base import Quantizer, make
 from ..records import ModelFile, TensorRecord
 from .allocate import REF_REL, Candidate, Plan, TensorCurve, plan_for_budget, steps_for, tensor_curve
+from .decisions import changed_samples, decision_kinds, squashing_nodes
 from .gptq import gptq_levels, inverse_cholesky
 from .inputs import Inputs, generate_inputs, load_calibration
 from .measures import Target, rel_mse
@@ -48,6 +49,10 @@ class FidelityOptions:
     gptq: bool = True
     quiet: bool = False
     keep: tuple[str, ...] = ()      # name patterns stored exactly (as encode --keep)
+    same_decisions: bool = False    # also: no calibration sample's decision (argmax / sigmoid side) changes
+
+    def describe(self) -> str:
+        return self.target.describe() + (", same decisions" if self.same_decisions else "")
 
 
 @dataclass
@@ -61,14 +66,18 @@ class FidelityReport:
     runs: int
     seconds: float
     steps: dict[str, str] = field(default_factory=dict)
+    same_decisions: bool = False
+
+    def describe_target(self) -> str:
+        return self.target.describe() + (", same decisions" if self.same_decisions else "")
 
     def summary_line(self) -> str:
         checked = self.checked if self.checked is not None else self.achieved
-        return (f"fidelity: {self.target.measure} {checked:.6g} (target {self.target.describe()}) on {self.inputs}, "
+        return (f"fidelity: {self.target.measure} {checked:.6g} (target {self.describe_target()}) on {self.inputs}, "
                 f"checked by decoding the written file; {self.quantized} tensors quantized, {self.kept} stored exactly")
 
     def metadata(self) -> dict[str, str]:
-        return {"fidelity.target": self.target.describe(), "fidelity.achieved": f"{self.achieved:.6g}",
+        return {"fidelity.target": self.describe_target(), "fidelity.achieved": f"{self.achieved:.6g}",
                 "fidelity.inputs": self.inputs}
 
 
@@ -239,6 +248,10 @@ def fidelity_plan(model: ModelFile, options: FidelityOptions):
         curves.append(curve)
 
     target = options.target
+    kinds = decision_kinds(stripped) if options.same_decisions else {}
+
+    def score_of(ref, dec) -> float:
+        return _score(target, kinds, ref, dec)
     total = _total(model)
 
     scored: dict[tuple, float] = {}
@@ -249,7 +262,7 @@ def fidelity_plan(model: ModelFile, options: FidelityOptions):
         if key in scored:  # a budget step too small to change any tensor's step
             return plan, scored[key], False
         overrides = {name: rounder.get(name, cand)[2] for name, cand in plan.choice.items() if not cand.exact}
-        score = target.score(check_reference, real(runner.run(overrides, part=check)))
+        score = score_of(check_reference, real(runner.run(overrides, part=check)))
         log(f"budget {budget:.3g}: {plan.bits / total:.3f} bits/param predicted, {target.measure} {score:.6g}")
         scored[key] = score
         return plan, score, True
@@ -284,7 +297,7 @@ def fidelity_plan(model: ModelFile, options: FidelityOptions):
         # fitted on disagree with the held-back half (a flipped class, say), tighten the budget.
         for _ in range(6):
             overrides = {name: rounder.get(name, cand)[2] for name, cand in plan.choice.items() if not cand.exact}
-            score = target.score(real(reference), real(runner.run(overrides)))
+            score = score_of(real(reference), real(runner.run(overrides)))
             runs += 1
             if target.met(score):
                 break
@@ -295,32 +308,26 @@ def fidelity_plan(model: ModelFile, options: FidelityOptions):
                                 f"reached {target.measure} {score:.6g}")
     n_coded = sum(not cand.exact for cand in plan.choice.values())
     report = FidelityReport(options.target, score, None, inputs.describe(), n_coded,
-                            len(model.records) - n_coded, runs, time.perf_counter() - start)
+                            len(model.records) - n_coded, runs, time.perf_counter() - start,
+                            same_decisions=options.same_decisions)
     for name, cand in plan.choice.items():
         report.steps[name] = "exact" if cand.exact else f"{cand.rel:.3g}×std" + (f" per channel (axis {cand.channel_axis})"
                                                     if cand.channel_axis is not None else "")
     chosen = {name: rounder.get(name, cand)[:2] for name, cand in plan.choice.items() if not cand.exact}
-    return make("fidelity", chosen=chosen, target=options.target.describe()), report, inputs
+    return make("fidelity", chosen=chosen, target=options.describe()), report, inputs
 
 
 def squashed_outputs(stripped_proto) -> dict[int, str]:
-    """Graph output index -> the input of the Softmax / LogSoftmax / Sigmoid that produces it
-    (through layout-only ops such as Identity, Reshape or Transpose)."""
-    producers = {out: node for node in stripped_proto.graph.node for out in node.output}
-    found = {}
-    for j, output in enumerate(stripped_proto.graph.output):
-        value = output.name
-        for _ in range(8):
-            node = producers.get(value)
-            if node is None or node.domain not in ("", "ai.onnx"):
-                break
-            if node.op_type in ("Softmax", "LogSoftmax", "Sigmoid"):
-                found[j] = node.input[0]
-                break
-            if node.op_type not in ("Identity", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze"):
-                break
-            value = node.input[0]
-    return found
+    """Graph output index -> the input of the Softmax / LogSoftmax / Sigmoid that produces it."""
+    return {j: name for j, (_, name, _) in squashing_nodes(stripped_proto).items()}
+
+
+def _stripped(model: ModelFile):
+    import onnx
+
+    from ..io.onnx_model import graph_section
+
+    return onnx.load_from_string(graph_section(model)[2])
 
 
 def _total(model: ModelFile) -> int:
@@ -387,7 +394,16 @@ class PlannedQuantizer(Quantizer):
         return levels, quant, None
 
 
-def check_container(path: str, model: ModelFile, inputs: Inputs, target: Target) -> float:
+def _score(target: Target, kinds, reference, decoded) -> float:
+    """The target's measure; a changed decision (when they are checked) makes it a miss."""
+    value = target.score(reference, decoded)
+    if kinds and changed_samples(reference, decoded, kinds):
+        miss = target.value * 1.0001 if target.measure == "rel_mse" else target.value - 1e-9
+        value = max(value, miss) if target.measure == "rel_mse" else min(value, miss)
+    return value
+
+
+def check_container(path: str, model: ModelFile, inputs: Inputs, target: Target, kinds=None) -> float:
     """Decode the written container, run it with onnxruntime's default session, score it."""
     from ..codec import decode_container
     from ..io.onnx_writer import build_onnx
@@ -395,7 +411,7 @@ def check_container(path: str, model: ModelFile, inputs: Inputs, target: Target)
 
     reference = run_proto(build_onnx(model, weights="float"), inputs)
     decoded = run_proto(build_onnx(decode_container(path), weights="float"), inputs)
-    return target.score(reference, decoded)
+    return _score(target, kinds or {}, reference, decoded)
 
 
 def encode_to_target(model: ModelFile, output: str, options: FidelityOptions, encode_options=None):
@@ -409,11 +425,12 @@ def encode_to_target(model: ModelFile, output: str, options: FidelityOptions, en
     encode_options = replace(encode_options or EncodeOptions(), quantizer=quantizer)
     summary = encode_records(model.records, output, encode_options, {**model.metadata, **report.metadata()},
                              model.sections)
-    checked = check_container(output, model, inputs, options.target)
+    kinds = decision_kinds(_stripped(model)) if options.same_decisions else {}
+    checked = check_container(output, model, inputs, options.target, kinds)
     report.checked = checked
     summary.seconds = report.seconds = time.perf_counter() - start
     if not options.target.met(checked):
         os.unlink(output)
         raise CdlInputError(f"the written container misses the target when decoded ({options.target.measure} "
-                            f"{checked:.6g}, wanted {options.target.describe()}); nothing was written")
+                            f"{checked:.6g}, wanted {options.describe()}); nothing was written")
     return summary, report

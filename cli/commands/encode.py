@@ -64,9 +64,12 @@ def parameters_as_flags(flags: dict):
                    "first. Without it inputs are generated from the graph's declared shapes (weaker).")
 @click.option("--no-gptq", is_flag=True, help="With a fidelity target: round to nearest instead of "
                                               "error-compensating (GPTQ) rounding of MatMul/Gemm weights.")
+@click.option("--same-decisions", is_flag=True,
+              help="With a fidelity target: also no calibration sample's decision may change (argmax of a "
+                   "softmax output, side of 0.5 of a sigmoid output). Part of the default target.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 def command(model, output, rel_step, step, bits, backend, keep, arch, lam, granularity, trellis, cpmf, seed,
-            target_cosine, target_agreement, target_rel_mse, calibration, no_gptq, quiet):
+            target_cosine, target_agreement, target_rel_mse, calibration, no_gptq, same_decisions, quiet):
     """Quantize and entropy-code MODEL (.pt/.pth state_dict or checkpoint, .safetensors) into a .cdl file.
 
     Tensors with two or more dimensions are quantized to integers k = round(w / step); 1-D tensors
@@ -110,11 +113,11 @@ def command(model, output, rel_step, step, bits, backend, keep, arch, lam, granu
         raise CdlInputError(f"choose one fidelity target (got {' and '.join(t[0] for t in targets)})")
     if targets and step_options:
         raise CdlInputError(f"{targets[0][0]} chooses the steps itself; drop {', '.join(step_options)}")
-    if (calibration or no_gptq) and not targets and step_options:
-        raise CdlInputError("--calibration and --no-gptq apply to fidelity targets, not to "
+    if (calibration or no_gptq or same_decisions) and not targets and step_options:
+        raise CdlInputError("--calibration, --no-gptq and --same-decisions apply to fidelity targets, not to "
                             f"{', '.join(step_options)}")
     with parameters_as_flags(flags):
-        summary = _encode(model, output, options, arch, targets, calibration, no_gptq, quiet,
+        summary = _encode(model, output, options, arch, targets, calibration, no_gptq, same_decisions, quiet,
                           fidelity=bool(targets) or (arch is None and not step_options and cpmf is None))
     for pattern in summary.unmatched_keep:
         click.echo(f"cdlcodec: warning: --keep {pattern!r} matches no tensor of {model}", err=True)
@@ -132,13 +135,14 @@ def command(model, output, rel_step, step, bits, backend, keep, arch, lam, granu
                    f"({summary.num_quantized_params:,} quantized) in {summary.seconds:.2f} s")
 
 
-def _encode(model, output, options, arch, targets, calibration, no_gptq, quiet, fidelity: bool):
+def _encode(model, output, options, arch, targets, calibration, no_gptq, same_decisions, quiet, fidelity: bool):
     """Encode to a fidelity target (or the default one), with --arch's graph, or as the options say."""
     if fidelity:
         from cdlcodec.fidelity.encode import encode_path
 
         summary, report = encode_path(model, output, options, targets[0][1:] if targets else None, calibration,
-                                      gptq=not no_gptq, explicit=bool(targets or calibration))
+                                      gptq=not no_gptq, explicit=bool(targets or calibration),
+                                      same_decisions=same_decisions)
         if not quiet and report is not None:
             click.echo(report.summary_line())
         elif not quiet and not summary.report:
