@@ -6,7 +6,8 @@ For every model: `encode_to_target` tuned on BENCH/data/NAME_calib.npz (the enco
 evaluation inputs), then the written container is decoded with the ordinary decoder and run on the
 held-apart BENCH/data/NAME_eval.npz: output cosine and the model's task check, next to nearest
 rounding, int8 + zstd-19 (baselines.json) and NNCodec (nncodec.json) from the same inputs.
-Also the default encode (no options: cosine >= 0.999 on the calibration data) and its task checks.
+Also the default encode (no options: cosine >= 0.999 and the same decisions on the calibration data)
+and its task checks.
 bits/param divides the container's whole size by all float params of the ONNX model (1-D included);
 "weights" bits/param counts only the tensor payloads and backend parameters (no graph, no index),
 the part comparable with a weights-only bitstream such as NNCodec's.
@@ -47,17 +48,19 @@ def payload_bytes(path: str) -> int:
         return sum(e.length + len(e.backend_params) for e in reader.tensors)
 
 
-def run(bench: Path, name: str, target: float, gptq: bool, tmp: Path) -> dict:
+def run(bench: Path, name: str, target: float, gptq: bool, tmp: Path, only: str | None = None) -> dict:
     model_path = bench / "models" / f"{name}.onnx"
     calib = bench / "data" / f"{name}_calib.npz"
     ev = Evaluator(name, *load_bench(bench, name))
     source = read_model(str(model_path))
     out = {}
-    for label, tgt in (("target", target), ("default", 0.999)):
+    runs = [("target", target, False), ("default", 0.999, True)]  # the CLI default also keeps decisions
+    for label, tgt, decisions in runs if not only else [r for r in runs if r[0] == only]:
         path = tmp / f"{name}_{label}.cdl"
         start = time.perf_counter()
         summary, report = encode_to_target(source, str(path), FidelityOptions(Target("cosine", tgt), str(calib),
-                                                                                gptq=gptq, quiet=True))
+                                                                                gptq=gptq, quiet=True,
+                                                                                same_decisions=decisions))
         seconds = time.perf_counter() - start
         cos, task = evaluate_container(ev, str(path))
         payload = payload_bytes(str(path))
@@ -77,6 +80,7 @@ def main():
     ap.add_argument("--models", nargs="*")
     ap.add_argument("--target", type=float, default=0.99)
     ap.add_argument("--no-gptq", action="store_true")
+    ap.add_argument("--only", choices=["target", "default"], help="run one of the two encodes")
     ap.add_argument("--out", default=None, help="JSON results (default BENCH/results/cdlcodec.json)")
     args = ap.parse_args()
     bench = Path(args.bench)
@@ -84,7 +88,7 @@ def main():
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            results[name] = run(bench, name, args.target, not args.no_gptq, Path(tmp))
+            results[name] = run(bench, name, args.target, not args.no_gptq, Path(tmp), args.only)
     out = Path(args.out) if args.out else bench / "results" / "cdlcodec.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
@@ -99,6 +103,8 @@ def _table(bench: Path, results: dict) -> None:
     print("\nweights bits/param at mean output cosine >= target on held-apart inputs (cdlcodec: '-' = missed)")
     print(f"{'model':12s} {'nearest':>8s} {'int8+zstd':>9s} {'NNCodec':>8s} {'cdlcodec':>8s} {'vs NNCodec':>10s}")
     for name, r in results.items():
+        if "target" not in r:
+            continue
         b = base.get(name, {})
         near = b.get("nearest", {}).get("bits_per_param")
         int8 = b.get("int8_zstd", {}).get("bits_per_param")
