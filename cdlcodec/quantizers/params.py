@@ -26,6 +26,20 @@ from ..errors import CdlFormatError
 QUANTIZED_SCHEMES = ("uniform", "dependent")   # level x step: lossy
 EXACT_SCHEMES = ("plain", "integer")           # the stored values are the tensor's values
 _FIELDS = {"scheme", "step", "axis", "steps", "states"}
+# The dependent scheme's state machines (next state by level parity, quantizer id per state): part of
+# what a "dependent" quant object means, so they live here, where from_json validates "states".
+# states -> (NEXT[state][parity], Q[state])
+STATE_MACHINES = {
+    4: (np.array([[0, 2], [2, 0], [1, 3], [3, 1]], dtype=np.int64), np.array([0, 0, 1, 1], dtype=np.int64)),
+    8: (np.array([[0, 4], [4, 0], [1, 5], [5, 1], [2, 6], [6, 2], [3, 7], [7, 3]], dtype=np.int64),
+        np.array([0, 0, 0, 0, 1, 1, 1, 1], dtype=np.int64)),
+}
+
+
+def state_machine(states: int):
+    if states not in STATE_MACHINES:
+        raise CdlFormatError(f"dependent quantization with {states!r} states is not defined (4 or 8)")
+    return STATE_MACHINES[states]
 
 
 def _finite_positive(value, what: str) -> float:
@@ -140,8 +154,6 @@ def from_json(quant: dict | None, shape: tuple[int, ...], dtype: str, name: str 
         states = quant.get("states")
         if type(states) is not int:
             raise CdlFormatError(f"{what}: dependent quantization needs an integer 'states'")
-        from .trellis import state_machine
-
         state_machine(states)  # 4 or 8, else CdlFormatError
     extra = _extra(quant)
     if "steps" in quant:

@@ -28,27 +28,16 @@ import numpy as np
 from ..backends import EncodeHint
 from ..backends.cabac_binarization import N_CONTEXTS, rate_cost, rate_update
 from ..backends.cabac_coder import COST_FRAC_BITS, STATE_SIZE, new_contexts
-from ..errors import CdlFormatError, CdlInputError
+from ..errors import CdlInputError
 from ..jit import njit
 from .base import DEFAULT_REL_STEP, Quantizer, parameter_error
 from .channel import level_limit
+from .params import STATE_MACHINES, state_machine
 from .uniform import UniformQuantizer
 
-# states -> (NEXT[state][parity], Q[state])
-STATE_MACHINES = {
-    4: (np.array([[0, 2], [2, 0], [1, 3], [3, 1]], dtype=np.int64), np.array([0, 0, 1, 1], dtype=np.int64)),
-    8: (np.array([[0, 4], [4, 0], [1, 5], [5, 1], [2, 6], [6, 2], [3, 7], [7, 3]], dtype=np.int64),
-        np.array([0, 0, 0, 0, 1, 1, 1, 1], dtype=np.int64)),
-}
 DEFAULT_STATES = 8
 BLOCK = 1024          # scan positions per Viterbi block (contexts adapt between blocks)
 _INF = 1e300
-
-
-def state_machine(states: int):
-    if states not in STATE_MACHINES:
-        raise CdlFormatError(f"dependent quantization with {states!r} states is not defined (4 or 8)")
-    return STATE_MACHINES[states]
 
 
 @njit(cache=True)
