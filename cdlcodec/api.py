@@ -217,11 +217,11 @@ def _export_module(module, example_input) -> ModelFile:
 
 def _with_architecture(model: ModelFile, arch: str, source) -> ModelFile:
     """`model` with the ONNX graph of registered architecture `arch`, checked against its tensors."""
-    from .io.cdl_checkpoint import is_cdl_model
+    from .io.cdl_checkpoint import is_cdl_model, is_cdl_records
     from .io.onnx_model import architecture_graph_section
     from .quantizers.base import parameter_error  # errors naming `arch`, which the CLI calls --arch
 
-    if is_cdl_model(model):
+    if is_cdl_model(model) or is_cdl_records(model.records):  # a file read as one, or a state_dict in memory
         raise parameter_error("this is a CDL checkpoint: it names its own architecture and its ONNX graph is "
                               "stored without arch", "arch")
     if model.sections:

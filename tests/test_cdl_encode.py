@@ -140,9 +140,10 @@ def test_arch_on_a_cdl_checkpoint_is_refused_by_the_api_and_the_cli(cdl_checkpoi
     """The API and the CLI share one --arch path: both say why a CDL checkpoint takes no arch."""
     from cdlcodec.errors import CdlInputError
 
-    path, _, _ = cdl_checkpoint
-    with pytest.raises(CdlInputError, match="^this is a CDL checkpoint: .* stored without arch$"):
-        encode(path, tmp_path / "a.cdl", arch="lenet5")
+    path, state, _ = cdl_checkpoint
+    for source in (path, state):  # a file (read with "cdl.mode") and a state_dict in memory (recognised by its tensors)
+        with pytest.raises(CdlInputError, match="^this is a CDL checkpoint: .* stored without arch$"):
+            encode(source, tmp_path / "a.cdl", arch="lenet5")
     code, _, err = cli("encode", path, "-o", tmp_path / "b.cdl", "--arch", "lenet5", "-q")
     assert code == 2 and err == ("cdlcodec: error: this is a CDL checkpoint: it names its own architecture and its "
                                  "ONNX graph is stored without --arch\n")

@@ -220,12 +220,6 @@ def architecture_graph_section(arch: str, records: list[TensorRecord], input_sha
     from .. import models
     from .torch_checkpoint import record_to_tensor
 
-    if not extra_records:
-        from ..cdl.checkpoint import is_cdl_records
-
-        if is_cdl_records(records):
-            raise CdlInputError("this is a CDL checkpoint: it names its own architecture and its ONNX graph is "
-                                "stored without --arch")
     if module is None:
         module = models.build(arch)
     if extra_records:
