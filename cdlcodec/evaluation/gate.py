@@ -26,6 +26,7 @@ GATED_RATES = (("bits_per_weight", "bits/weight"), ("bits_per_param", "bits/para
 def make_baseline(results: dict, tolerances: dict | None = None) -> dict:
     """The baseline document for `results` (every successful row becomes a reference point)."""
     check_results(results)
+    check_gateable(results)
     failed = [r["key"] for r in all_rows(results) if "error" in r]
     if failed:
         raise CdlInputError(f"refusing to write a baseline from a sweep with failed points: {', '.join(failed)}")
@@ -42,6 +43,14 @@ def make_baseline(results: dict, tolerances: dict | None = None) -> dict:
 def check_results(results) -> None:
     if not isinstance(results, dict) or results.get("format") != RESULTS_FORMAT:
         raise CdlInputError(f"not a results file of `cdlcodec eval` (expected format {RESULTS_FORMAT!r})")
+
+
+def check_gateable(results: dict) -> None:
+    """The gate compares accuracy: sweeps that measure output fidelity (ONNX model tasks) have none."""
+    measured = [s.get("task") for s in results.get("sweeps", []) if s.get("measure") is not None]
+    if measured:
+        raise CdlInputError(f"the gate compares accuracy; task {measured[0]!r} measures output fidelity "
+                            "(cdlcodec eval --onnx) and cannot be gated")
 
 
 def check_baseline(baseline) -> None:
@@ -101,6 +110,7 @@ def _pct(new: float, old: float) -> float:
 def compare(results: dict, baseline: dict, tolerances: dict | None = None) -> GateReport:
     """Every baseline point against the results; tolerances default to the baseline's own."""
     check_results(results)
+    check_gateable(results)
     check_baseline(baseline)
     tol = dict(DEFAULT_TOLERANCES)
     tol.update(baseline.get("tolerances") or {})

@@ -6,6 +6,9 @@ that produce a .cdl write it under `workdir`, decode it with the ordinary decode
 container (rates.py), so what is evaluated is exactly what a user gets back. Register your own with
 `register(Method(...))`.
 
+nearest, rd and trellis apply to torch tasks and to ONNX model tasks (`onnx_task.py`); fidelity
+only to ONNX model tasks; the others only to torch tasks (`Method.kinds`).
+
 Built-in methods:
 - fp32               the uncompressed reference (32 bits per weight).
 - nearest            post-training uniform quantization, nearest rounding (rel_step or bits,
@@ -17,6 +20,8 @@ Built-in methods:
                      λ = `lam` and γ = `gamma` (default: γ = λ), then encode the checkpoint with
                      its learned steps.
 - checkpoint         encode a CDL / R-CDL checkpoint file given by `path`.
+- fidelity           (ONNX model tasks) the fidelity encoder: the smallest container whose decoded
+                     model meets `target` in the task's measure on its calibration inputs.
 - fp16, int8-zlib, int8-lzma   general-purpose baselines (`cdlcodec eval --compare`).
 """
 from __future__ import annotations
@@ -41,7 +46,8 @@ from .tasks import Task
 class Compressed:
     """One compressed-then-decoded model and what it cost."""
 
-    model: object                 # runnable torch module, eval mode, with the decoded weights
+    model: object                 # what task.evaluate takes: a torch module in eval mode with the decoded
+                                  # weights, or for an ONNX model task the decoded ModelFile
     file_bytes: int
     num_params: int
     num_weights: int              # elements of the quantized weight tensors
@@ -58,6 +64,7 @@ class Method:
     run: Callable[[Task, dict, str], Compressed]
     description: str = ""
     needs: str | None = None      # module that must import for the method to be available
+    kinds: tuple[str, ...] = ("torch",)  # Task.kind values the method applies to
 
     def available(self) -> bool:
         if self.needs is None:
@@ -123,25 +130,50 @@ def _load_plain(task: Task, state: dict):
     return model.eval()
 
 
-def _encode_decode(task: Task, model, quantizer, backend: str, workdir: str, stem: str,
-                   rebuild: Callable[[str, dict], object]) -> Compressed:
-    """encode_records -> file -> decode_container -> runnable model; times and container sizes.
-    `model`: a records.ModelFile (sections and metadata travel into the container)."""
-    from ..codec import EncodeOptions, decode_container, encode_records
+def _torch_state(decoded) -> dict:
     from ..io.torch_checkpoint import record_to_tensor
+
+    return {r.name: record_to_tensor(r) for r in decoded.records}
+
+
+def _encode_decode(task: Task, model, quantizer, backend: str, workdir: str, stem: str,
+                   rebuild: Callable[[str, object], object]) -> Compressed:
+    """encode_records -> file -> decode_container -> what the task evaluates; times and container sizes.
+    `model`: a records.ModelFile (sections and metadata travel into the container);
+    `rebuild(path, decoded ModelFile)`: the model `task.evaluate` takes."""
+    from ..codec import EncodeOptions, encode_records
 
     path = os.path.join(workdir, f"{stem}.cdl")
     start = time.perf_counter()
     encode_records(model.records, path, EncodeOptions(quantizer, backend, (), True), model.metadata, model.sections)
-    encode_s = time.perf_counter() - start
+    return _decoded(path, time.perf_counter() - start, rebuild)
+
+
+def _decoded(path: str, encode_s: float, rebuild: Callable[[str, object], object]) -> Compressed:
+    """Decode the written container (timed), rebuild what the task evaluates, read the container's sizes."""
+    from ..codec import decode_container
+
     start = time.perf_counter()
     decoded = decode_container(path)
     decode_s = time.perf_counter() - start
-    state = {r.name: record_to_tensor(r) for r in decoded.records}
-    model = rebuild(path, state)
     rates = container_rates(path)
-    return Compressed(model, rates.file_bytes, rates.num_params, rates.num_weights, rates.weight_bits,
-                      encode_s, decode_s, {"path": path})
+    return Compressed(rebuild(path, decoded), rates.file_bytes, rates.num_params, rates.num_weights,
+                      rates.weight_bits, encode_s, decode_s, {"path": path})
+
+
+def _decoded_model_file(path: str, decoded):
+    return decoded  # an ONNX model task scores the decoded ModelFile itself
+
+
+def _post_training(task: Task, quantizer, settings: dict, workdir: str, stem: str) -> Compressed:
+    """Encode the task's model with `quantizer` and decode it: an ONNX model task's own model file
+    (graph included), else the torch reference's state_dict."""
+    if task.kind == "onnx":
+        return _encode_decode(task, task.model_file(), quantizer, settings["backend"], workdir, stem,
+                              _decoded_model_file)
+    model = _state_model(_state_of(task.reference_model()))
+    return _encode_decode(task, model, quantizer, settings["backend"], workdir, stem,
+                          lambda path, decoded: _load_plain(task, _torch_state(decoded)))
 
 
 def _step_rule(settings: dict) -> dict:
@@ -169,29 +201,41 @@ def _run_nearest(task: Task, settings: dict, workdir: str) -> Compressed:
     if settings["granularity"] not in NEAREST_QUANTIZERS:
         raise CdlInputError(f"granularity must be tensor or channel, not {settings['granularity']!r}")
     quantizer = make(NEAREST_QUANTIZERS[settings["granularity"]], **_step_rule(settings))
-    model = _state_model(_state_of(task.reference_model()))
-    return _encode_decode(task, model, quantizer, settings["backend"], workdir, "nearest",
-                          lambda path, state: _load_plain(task, state))
+    return _post_training(task, quantizer, settings, workdir, "nearest")
 
 
 def _run_rd(task: Task, settings: dict, workdir: str) -> Compressed:
     quantizer = make("rd", lam=float(settings["lam"]), granularity=settings["granularity"], **_step_rule(settings))
-    model = _state_model(_state_of(task.reference_model()))
-    return _encode_decode(task, model, quantizer, settings["backend"], workdir, "rd",
-                          lambda path, state: _load_plain(task, state))
+    return _post_training(task, quantizer, settings, workdir, "rd")
 
 
 def _run_trellis(task: Task, settings: dict, workdir: str) -> Compressed:
     quantizer = make("trellis", lam=float(settings["lam"]), granularity=settings["granularity"],
                      states=int(settings["states"]), **_step_rule(settings))
-    model = _state_model(_state_of(task.reference_model()))
-    return _encode_decode(task, model, quantizer, settings["backend"], workdir, "trellis",
-                          lambda path, state: _load_plain(task, state))
+    return _post_training(task, quantizer, settings, workdir, "trellis")
+
+
+def _run_fidelity(task: Task, settings: dict, workdir: str) -> Compressed:
+    """The fidelity encoder (cdlcodec.fidelity) at `target` in the task's measure; it checks the
+    container it writes itself, and the sweep scores it again on all of the task's inputs."""
+    from ..codec import EncodeOptions
+    from ..fidelity.measures import Target
+    from ..fidelity.search import FidelityOptions, encode_to_target
+
+    target = Target(task.measure, float(settings["target"]))
+    path = os.path.join(workdir, "fidelity.cdl")
+    start = time.perf_counter()
+    _, report = encode_to_target(task.model_file(), path,
+                                 FidelityOptions(target, task.calibration, gptq=bool(settings["gptq"]), quiet=True),
+                                 EncodeOptions(backend=settings["backend"], quiet=True))
+    out = _decoded(path, time.perf_counter() - start, _decoded_model_file)
+    out.extra.update({"target": target.describe(), "checked_by_encoder": report.checked, "model_runs": report.runs})
+    return out
 
 
 # ------------------------------------------------------------------ CDL / R-CDL
 
-def _rebuild_cdl(path: str, state: dict):
+def _rebuild_cdl(path: str, decoded):
     from ..api import load
 
     model = load(path)
@@ -316,11 +360,16 @@ CDL_DEFAULTS = {"bits": 4, "lam": 0.0, "gamma": None, "epochs": 2, "init": "fp",
                 "backend": BACKEND_DEFAULT}
 
 register(Method("fp32", {}, _run_fp32, "uncompressed float32 reference"))
-register(Method("nearest", dict(STEP_DEFAULTS), _run_nearest, "post-training, nearest rounding"))
+BOTH_KINDS = ("torch", "onnx")
+register(Method("nearest", dict(STEP_DEFAULTS), _run_nearest, "post-training, nearest rounding", kinds=BOTH_KINDS))
 register(Method("rd", dict(STEP_DEFAULTS, lam=0.1), _run_rd, "post-training, rate-distortion (DeepCABAC eq. 11)",
-                needs="cdlcodec.quantizers.rd"))
+                needs="cdlcodec.quantizers.rd", kinds=BOTH_KINDS))
 register(Method("trellis", dict(STEP_DEFAULTS, lam=0.1, states=8), _run_trellis,
-                "post-training, dependent (trellis) quantization", needs="cdlcodec.quantizers.trellis"))
+                "post-training, dependent (trellis) quantization", needs="cdlcodec.quantizers.trellis",
+                kinds=BOTH_KINDS))
+register(Method("fidelity", {"target": 0.999, "gptq": True, "backend": BACKEND_DEFAULT}, _run_fidelity,
+                "the fidelity encoder: smallest verified container meeting a target", needs="onnxruntime",
+                kinds=("onnx",)))
 register(Method("cdl", dict(CDL_DEFAULTS), _cdl_runner("cdl"), "trained with CDL (sampled quantizer)",
                 needs="cdlcodec.quantizers.cpmf"))
 register(Method("rcdl", dict(CDL_DEFAULTS), _cdl_runner("rcdl"), "trained with R-CDL (soft quantizer)",

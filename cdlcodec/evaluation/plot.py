@@ -26,28 +26,31 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
-def _curves(rows: list[dict], rate_field: str) -> dict[str, list[tuple[float, float]]]:
+def _curves(rows: list[dict], rate_field: str, value_field: str = "accuracy") -> dict[str, list[tuple[float, float]]]:
     curves: dict[str, list[tuple[float, float]]] = {}
     for row in rows:
         if "error" in row or row.get(rate_field) is None:
             continue
-        curves.setdefault(row["method"], []).append((float(row[rate_field]), float(row["accuracy"])))
+        curves.setdefault(row["method"], []).append((float(row[rate_field]), float(row[value_field])))
     return {m: sorted(p) for m, p in curves.items()}
 
 
-def _panel(ax, rows: list[dict], rate_field: str, xlabel: str, colors: dict) -> None:
-    curves = _curves(rows, rate_field)
+def _panel(ax, rows: list[dict], rate_field: str, xlabel: str, colors: dict, measure: str | None = None) -> None:
+    curves = _curves(rows, rate_field, "accuracy" if measure is None else "fidelity")
+    lower_is_better = measure == "rel_mse"
     everything = [p for pts in curves.values() for p in pts]
     for n, (method, pts) in enumerate(curves.items()):
         xs, ys = zip(*pts)
         ax.plot(xs, ys, marker=_MARKERS[n % len(_MARKERS)], ms=4, lw=1.2, label=method, color=colors[method])
     if everything:
-        front = [everything[i] for i in pareto_front(everything)]
-        xs, ys = zip(*front)
+        front = pareto_front([(x, -y) if lower_is_better else (x, y) for x, y in everything])
+        xs, ys = zip(*[everything[i] for i in front])
         ax.plot(xs, ys, ls="none", marker="o", ms=10, mfc="none", mec="black", mew=1.0, label="Pareto front")
     ax.set_xscale("log", base=2)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("test accuracy (%)")
+    if lower_is_better:
+        ax.set_yscale("log")
+    ax.set_ylabel("test accuracy (%)" if measure is None else f"{measure} vs the original model's outputs")
     ax.grid(True, which="both", alpha=0.3)
 
 
@@ -74,17 +77,21 @@ def plot(results: dict, path: str, *, task: str | None = None, min_accuracy: flo
     cmap = plt.get_cmap("tab10")
     colors = {m: cmap(i % 10) for i, m in enumerate(methods)}
     with_activations = any(r.get("bits_per_activation", 32.0) < 32.0 for r in rows)
+    measure = sweep.get("measure")
     fig, axes = plt.subplots(1, 2 if with_activations else 1, figsize=(10 if with_activations else 6, 4),
                              squeeze=False)
-    _panel(axes[0][0], rows, "bits_per_weight", "bits per weight (eq. 41a, log scale)", colors)
+    _panel(axes[0][0], rows, "bits_per_weight", "bits per weight (eq. 41a, log scale)", colors, measure)
     if with_activations:
         _panel(axes[0][1], rows, "bits_per_activation", "bits per activation (eq. 41b, log scale)", colors)
     for ax in axes[0]:
-        if min_accuracy is not None:
+        if min_accuracy is not None and measure is None:
             top = max([r["accuracy"] for r in rows] + [min_accuracy + 1])
             ax.set_ylim(min_accuracy, top + 0.5)
     axes[0][0].legend(fontsize=7, loc="lower right")
-    fig.suptitle(f"{sweep['task']}: accuracy vs rate (float32: {sweep['reference_accuracy']:.2f} %)", fontsize=10)
+    if measure is None:
+        fig.suptitle(f"{sweep['task']}: accuracy vs rate (float32: {sweep['reference_accuracy']:.2f} %)", fontsize=10)
+    else:
+        fig.suptitle(f"{sweep['task']}: {measure} vs rate", fontsize=10)
     fig.tight_layout()
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)

@@ -24,22 +24,38 @@ COLUMNS = [  # (field, header, format)
 CSV_FIELDS = ["key", "task", "method", "label", "bits_per_weight", "bits_per_activation", "bits_per_param",
               "file_bytes", "num_params", "num_weights", "accuracy", "accuracy_drop", "encode_ms", "decode_ms",
               "error"]
+MEASURE_FIELDS = ["measure", "fidelity"]  # rows of ONNX model tasks (onnx_task.py): the measure, not accuracy
 
 
-def _cells(row: dict) -> list[str]:
+def columns(sweep: dict) -> list[tuple[str, str, str]]:
+    """The table's columns: accuracy for built-in tasks; the measure (no bits/act) for ONNX model tasks."""
+    if sweep.get("measure") is None:
+        return COLUMNS
+    measure = ("fidelity", sweep["measure"], "{:.6g}")
+    sizes = [c for c in COLUMNS[:-2] if c[0] not in ("bits_per_activation", "accuracy", "accuracy_drop")]
+    return sizes + [measure] + COLUMNS[-2:]  # the timings stay last
+
+
+def heading(sweep: dict) -> str:
+    if sweep.get("measure") is None:
+        return f"float32 reference accuracy {sweep['reference_accuracy']:.2f} %"
+    return f"{sweep['measure']} of the decoded model's outputs against the original's"
+
+
+def _cells(row: dict, cols: list = COLUMNS) -> list[str]:
     if "error" in row:
-        return [row["method"], row["label"], f"error: {row['error']}"] + [""] * (len(COLUMNS) - 3)
-    return [fmt.format(row[f]) if row.get(f) is not None else "-" for f, _, fmt in COLUMNS]
+        return [row["method"], row["label"], f"error: {row['error']}"] + [""] * (len(cols) - 3)
+    return [fmt.format(row[f]) if row.get(f) is not None else "-" for f, _, fmt in cols]
 
 
 def table(results: dict) -> str:
     """A plain-text table per task, aligned for a terminal."""
     out = []
     for sweep in results["sweeps"]:
-        out.append(f"{sweep['task']}: {sweep.get('description', '')} "
-                   f"(float32 reference accuracy {sweep['reference_accuracy']:.2f} %)")
-        rows = [[h for _, h, _ in COLUMNS]] + [_cells(r) for r in sweep["rows"]]
-        widths = [max(len(r[i]) for r in rows if not r[2].startswith("error")) for i in range(len(COLUMNS))]
+        cols = columns(sweep)
+        out.append(f"{sweep['task']}: {sweep.get('description', '')} ({heading(sweep)})")
+        rows = [[h for _, h, _ in cols]] + [_cells(r, cols) for r in sweep["rows"]]
+        widths = [max(len(r[i]) for r in rows if not r[2].startswith("error")) for i in range(len(cols))]
         for n, cells in enumerate(rows):
             if cells[2].startswith("error"):
                 out.append(f"  {cells[0]:<{widths[0]}}  {cells[1]:<{widths[1]}}  {cells[2]}")
@@ -56,12 +72,12 @@ def markdown(results: dict) -> str:
     """The README / docs table (one section per task)."""
     out = []
     for sweep in results["sweeps"]:
-        out.append(f"**{sweep['task']}**: {sweep.get('description', '')}; float32 reference accuracy "
-                   f"{sweep['reference_accuracy']:.2f} %.\n")
-        out.append("| " + " | ".join(h for _, h, _ in COLUMNS) + " |")
-        out.append("|" + "|".join("---" if i < 2 else "---:" for i in range(len(COLUMNS))) + "|")
+        cols = columns(sweep)
+        out.append(f"**{sweep['task']}**: {sweep.get('description', '')}; {heading(sweep)}.\n")
+        out.append("| " + " | ".join(h for _, h, _ in cols) + " |")
+        out.append("|" + "|".join("---" if i < 2 else "---:" for i in range(len(cols))) + "|")
         for row in sweep["rows"]:
-            cells = _cells(row)
+            cells = _cells(row, cols)
             out.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
         out.append("")
     return "\n".join(out)
@@ -69,7 +85,9 @@ def markdown(results: dict) -> str:
 
 def csv_text(results: dict) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+    with_measure = any(s.get("measure") is not None for s in results.get("sweeps", []))
+    fields = CSV_FIELDS[:-1] + MEASURE_FIELDS + CSV_FIELDS[-1:] if with_measure else CSV_FIELDS
+    writer = csv.DictWriter(buf, fields, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in all_rows(results):
         writer.writerow(row)

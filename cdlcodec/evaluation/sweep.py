@@ -25,7 +25,7 @@ from typing import Callable
 
 from ..errors import CdlError, CdlInputError
 from ..progress import Progress
-from .methods import get_method
+from .methods import METHODS, Method, get_method
 from .rates import activation_bits_per_element
 from .tasks import Task, get_task
 
@@ -80,11 +80,22 @@ def _warm_up() -> None:
         decode_container(path)
 
 
+def method_for(task: Task, name: str) -> Method:
+    """The method `name`, refused before any work when it does not apply to the task's kind."""
+    method = get_method(name)
+    if task.kind not in method.kinds:
+        usable = [m.name for m in METHODS.values() if task.kind in m.kinds]
+        what = "an ONNX model" if task.kind == "onnx" else "a torch model"
+        raise CdlInputError(f"method {name!r} does not apply to task {task.name!r} ({what}); "
+                            f"methods that do: {', '.join(usable)}")
+    return method
+
+
 def evaluate_point(task: Task, spec: PointSpec, workdir: str, reference_accuracy: float) -> dict:
     """Run one point; a CdlError becomes an `error` field (the other points still run)."""
     row = {"key": spec.key(task.name), "task": task.name, "method": spec.method, "label": spec.label}
     try:
-        method = get_method(spec.method)
+        method = method_for(task, spec.method)
         settings = method.settings(dict(spec.given))
         row["settings"] = settings
         point_dir = tempfile.mkdtemp(prefix="point-", dir=workdir)
@@ -99,10 +110,12 @@ def evaluate_point(task: Task, spec: PointSpec, workdir: str, reference_accuracy
         "bits_per_activation": activation_bits_per_element(out.model, inputs),
         "bits_per_param": 8.0 * out.file_bytes / out.num_params if out.num_params else 0.0,
         "file_bytes": int(out.file_bytes), "num_params": int(out.num_params), "num_weights": int(out.num_weights),
-        "accuracy": 100.0 * accuracy,
-        "accuracy_drop": 100.0 * (reference_accuracy - accuracy),
-        "encode_ms": round(1000 * out.encode_seconds, 2), "decode_ms": round(1000 * out.decode_seconds, 2),
     })
+    if task.measure is None:
+        row.update({"accuracy": 100.0 * accuracy, "accuracy_drop": 100.0 * (reference_accuracy - accuracy)})
+    else:  # the measure itself (cosine, agreement, rel_mse), not a percentage
+        row.update({"measure": task.measure, "fidelity": accuracy})
+    row.update({"encode_ms": round(1000 * out.encode_seconds, 2), "decode_ms": round(1000 * out.decode_seconds, 2)})
     extra = {k: v for k, v in out.extra.items() if k != "path"}
     if "trained_accuracy" in extra:
         extra["trained_accuracy"] = 100.0 * extra["trained_accuracy"]
@@ -121,15 +134,18 @@ def run_sweep(task: Task, points: list[PointSpec] | list[dict], *, quiet: bool =
     for p in points:
         specs.extend(expand(p) if isinstance(p, dict) else [p])
     for spec in specs:                      # reject a typo before spending minutes on training
-        method = get_method(spec.method)
+        method = method_for(task, spec.method)
         method.settings(dict(spec.given))
     keys = [s.key(task.name) for s in specs]
     if len(set(keys)) != len(keys):
         raise CdlInputError(f"the sweep lists a point twice: {sorted(k for k in keys if keys.count(k) > 1)[0]}")
     rows = []
     with Progress(len(specs) + 1, f"eval {task.name}", quiet=quiet) as bar:
-        bar.update(0, note="training the reference model")
-        reference_accuracy = float(task.evaluate(task.reference_model()))
+        if task.measure is None:
+            bar.update(0, note="training the reference model")
+            reference_accuracy = float(task.evaluate(task.reference_model()))
+        else:  # measured against the original model's outputs: nothing to evaluate on the reference
+            reference_accuracy = None
         _warm_up()
         bar.update(1)
         with tempfile.TemporaryDirectory(prefix="cdlcodec-eval-") as workdir:
@@ -140,6 +156,8 @@ def run_sweep(task: Task, points: list[PointSpec] | list[dict], *, quiet: bool =
                 if on_row is not None:
                     on_row(row)
                 bar.update(1)
+    if task.measure is not None:
+        return {"task": task.name, "description": task.description, "measure": task.measure, "rows": rows}
     return {"task": task.name, "description": task.description, "reference_accuracy": 100.0 * reference_accuracy,
             "rows": rows}
 

@@ -46,6 +46,10 @@ class Task:
     activation_inputs: a mini-batch of training inputs; the activations of models that quantize
         them are Huffman-coded on it for bits per activation (eq. 41b). None: not measured.
     architecture: a cdlcodec.models name; with `data` it enables the CDL / R-CDL methods.
+    kind: "torch" (a torch module) or "onnx" (an ONNX model file, `onnx_task.OnnxTask`); a method
+        applies only to the kinds it lists.
+    measure: None when `evaluate` gives an accuracy; else the fidelity measure it gives instead
+        (cosine, agreement, rel_mse against the original model's outputs).
     """
 
     name: str
@@ -56,6 +60,8 @@ class Task:
     data: Callable[[], TaskData] | None = None
     description: str = ""
     fp_epochs: int = FP_EPOCHS
+    kind: str = "torch"
+    measure: str | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     @classmethod

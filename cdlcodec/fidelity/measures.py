@@ -75,6 +75,18 @@ def rel_mse(reference: list[list[np.ndarray]], decoded: list[list[np.ndarray]]) 
     return float(np.mean(values))
 
 
+def score(measure: str, reference, decoded) -> float:
+    """The named measure of `decoded` against `reference` (see the module docstring)."""
+    functions = {"cosine": cosine, "agreement": agreement, "rel_mse": rel_mse}
+    if measure not in functions:
+        raise CdlInputError(f"unknown fidelity measure {measure!r} (known: {', '.join(MEASURES)})")
+    return functions[measure](reference, decoded)
+
+
+def higher_is_better(measure: str) -> bool:
+    return measure != "rel_mse"
+
+
 @dataclass(frozen=True)
 class Target:
     """What the decoded model must achieve: measure >= value (cosine, agreement) or <= value (rel_mse)."""
@@ -93,12 +105,10 @@ class Target:
             raise CdlInputError(f"the relative output-MSE target must be positive, got {self.value}")
 
     def score(self, reference, decoded) -> float:
-        return {"cosine": cosine, "agreement": agreement, "rel_mse": rel_mse}[self.measure](reference, decoded)
+        return score(self.measure, reference, decoded)
 
     def met(self, achieved: float) -> bool:
-        if self.measure == "rel_mse":
-            return achieved <= self.value
-        return achieved >= self.value
+        return achieved >= self.value if higher_is_better(self.measure) else achieved <= self.value
 
     def describe(self) -> str:
         sign = "<=" if self.measure == "rel_mse" else ">="
