@@ -20,11 +20,12 @@ SOURCES = {"cdlcodec": ROOT / "cdlcodec", "cdlcodec.formats": ROOT / "formats", 
 FACADE = "cdlcodec"
 
 # Low to high; a module may import its own layer and the ones below it. Issue 12's order, plus the
-# modules it does not name: models and data (leaves: torch modules, the bundled digits) with the basic
-# modules, verify (a codec client) with the tools, __main__ with the command line.
+# modules it does not name: models and data (leaves: torch modules, the bundled digits) and cdl_format
+# (the CDL checkpoint format, numpy only) with the basic modules, verify (a codec client) with the
+# tools, __main__ with the command line.
 LAYERS = [
     ["formats"],
-    ["errors", "dtypes", "records", "atomic", "jit", "progress", "models", "data"],
+    ["errors", "dtypes", "records", "atomic", "jit", "progress", "models", "data", "cdl_format"],
     ["backends"],
     ["quantizers"],
     ["io"],

@@ -217,7 +217,8 @@ def _export_module(module, example_input) -> ModelFile:
 
 def _with_architecture(model: ModelFile, arch: str, source) -> ModelFile:
     """`model` with the ONNX graph of registered architecture `arch`, checked against its tensors."""
-    from .io.cdl_checkpoint import is_cdl_model, is_cdl_records
+    from .cdl_format import is_cdl_records
+    from .io.cdl_checkpoint import is_cdl_model
     from .io.onnx_model import architecture_graph_section
     from .quantizers.base import parameter_error  # errors naming `arch`, which the CLI calls --arch
 
@@ -245,8 +246,10 @@ def load(path: str, *, limits: Limits = Limits()):
     model = decode_container(path, limits=limits)
     if program_section(model) is not None:
         return program_from_model(model).module()
+    from .cdl_format import is_cdl_checkpoint
+
     state = _state_dict(model)
-    if _is_cdl(state):
+    if is_cdl_checkpoint(state):
         from .cdl.checkpoint import build_model_from_checkpoint
 
         return build_model_from_checkpoint(state).eval()
@@ -278,11 +281,3 @@ def _strict_load(module, state, path: str) -> None:
     except RuntimeError as exc:
         raise CdlInputError(f"{path}: the decoded tensors do not fit the module: "
                             f"{' '.join(str(exc).split())[:400]}") from None
-
-
-def _is_cdl(state) -> bool:
-    try:
-        from .cdl.checkpoint import is_cdl_checkpoint
-    except ImportError:  # CDL support not installed in this build
-        return False
-    return is_cdl_checkpoint(state)

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from cdlcodec.cdl.checkpoint import (METADATA_KEY, build_model_from_checkpoint, dequantize, hard_levels,
-                                     is_cdl_checkpoint, load_checkpoint, read_cdl_metadata, save_checkpoint)
+from cdlcodec.cdl.checkpoint import build_model_from_checkpoint, load_checkpoint, save_checkpoint
 from cdlcodec.cdl.convert import activation_quantizers, calibrate, convert, weight_quantizers
 from cdlcodec.cdl.optim import cdl_param_groups
+from cdlcodec.cdl_format import METADATA_KEY, dequantize, hard_levels, is_cdl_checkpoint, read_cdl_metadata
 from cdlcodec.errors import CdlInputError
 from cdlcodec.models import build
 
@@ -115,6 +115,26 @@ def test_not_cdl_and_malformed_metadata():
     with pytest.raises(CdlInputError, match="positive"):
         read_cdl_metadata(negative)
 
+
+
+def test_format_reading_needs_no_torch(tmp_path):
+    """The format half (cdl_format) and its low-layer users read a checkpoint without importing torch."""
+    import subprocess
+    import sys
+
+    model, _ = _model()
+    from cdlcodec.cdl.checkpoint import cdl_state_dict
+    state = cdl_state_dict(model, architecture="lenet5", bits=4, first_last_bits=8)
+    np.savez(tmp_path / "state.npz", **{k: v.numpy() for k, v in state.items()})
+    script = (
+        "import sys, numpy as np\n"
+        "import cdlcodec.io.cdl_checkpoint, cdlcodec.quantizers.cpmf\n"
+        "from cdlcodec.cdl_format import is_cdl_checkpoint, read_cdl_metadata\n"
+        f"tensors = dict(np.load({str(tmp_path / 'state.npz')!r}))\n"
+        "assert is_cdl_checkpoint(tensors) and read_cdl_metadata(tensors).bits == 4\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 def test_eq39_learning_rate_groups():
     model, _ = _model()

@@ -15,7 +15,8 @@ def _run(argv, capsys):
 
 
 def test_train_cdl_smoke(tmp_path, capsys):
-    from cdlcodec.cdl.checkpoint import build_model_from_checkpoint, read_cdl_metadata
+    from cdlcodec.cdl.checkpoint import build_model_from_checkpoint
+    from cdlcodec.cdl_format import read_cdl_metadata
     from cdlcodec.data.mnist import load_mnist_5k
     from cdlcodec.training import evaluate
 

@@ -42,7 +42,7 @@ def _reference_outputs(state, x):
 
 def test_cdl_encode_decode_reproduces_eval_outputs(cdl_checkpoint, tmp_path):
     import cdlcodec
-    from cdlcodec.cdl.checkpoint import hard_levels, read_cdl_metadata
+    from cdlcodec.cdl_format import hard_levels, read_cdl_metadata
 
     path, state, x = cdl_checkpoint
     out = tmp_path / "m.cdl"
@@ -73,7 +73,8 @@ def test_cdl_encode_decode_reproduces_eval_outputs(cdl_checkpoint, tmp_path):
 
 def test_cdl_sample_mode_is_reproducible_and_in_alphabet(cdl_checkpoint, tmp_path):
     import cdlcodec
-    from cdlcodec.cdl.checkpoint import build_model_from_checkpoint, read_cdl_metadata
+    from cdlcodec.cdl.checkpoint import build_model_from_checkpoint
+    from cdlcodec.cdl_format import read_cdl_metadata
 
     path, state, x = cdl_checkpoint
     outs = []

@@ -105,7 +105,7 @@ def test_torch_onnx_float_and_qdq_reproduce_eval_mode(checkpoints, mode):
 
 @pytest.mark.parametrize("mode", ("cdl", "rcdl"))
 def test_cdl_graph_has_activation_quantizers_where_the_relus_were(checkpoints, mode, tmp_path):
-    from cdlcodec.cdl.checkpoint import read_cdl_metadata
+    from cdlcodec.cdl_format import read_cdl_metadata
 
     root, states, _, _ = checkpoints
     meta = read_cdl_metadata(states[mode])

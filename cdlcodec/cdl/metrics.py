@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import hard_levels
+from ..cdl_format import hard_levels
 from .convert import activation_quantizers, weight_quantizers
 from .entropy import entropy_bits
 

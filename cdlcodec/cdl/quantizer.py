@@ -124,7 +124,7 @@ def sample_quantize(theta, step, sharpness, lo, hi, window=None, generator=None)
 def hard_levels(theta: torch.Tensor, step: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     """argmax_k P(k | θ): the nearest alphabet point, clip(round_half_even(θ / q), lo, hi), int64.
 
-    Computed in float32 exactly like `cdlcodec.cdl.checkpoint.hard_levels` (numpy), so encoder and
+    Computed in float32 exactly like `cdlcodec.cdl_format.hard_levels` (numpy), so encoder and
     eval mode agree level for level. (Exact midpoints are ties of the argmax; both break them to even.)
     """
     ratio = theta.detach().float() / step.detach().float()

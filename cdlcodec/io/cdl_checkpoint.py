@@ -1,7 +1,7 @@
 """CDL / R-CDL checkpoints (formats/cdl-checkpoint.md) read as model files.
 
 A checkpoint written by `cdlcodec train` is an ordinary state_dict plus a metadata entry
-(cdlcodec.cdl.checkpoint.METADATA_KEY). Reading one gives a ModelFile whose
+(cdlcodec.cdl_format.METADATA_KEY). Reading one gives a ModelFile whose
 
 - sections are what graph decoders need beside the tensors: the float architecture the checkpoint
   names, exported to ONNX with its weights stripped ("model.onnx", exactly as `encode --arch`
@@ -21,23 +21,11 @@ import warnings
 
 import numpy as np
 
+from ..cdl_format import is_cdl_records, read_cdl_metadata, records_as_tensors
 from ..records import ModelFile, TensorRecord
 
 ACTIVATIONS_SECTION = "cdl.activations"
 MODE_KEY = "cdl.mode"
-
-
-def _tensors(records) -> dict:
-    return {r.name: r.array for r in records}
-
-
-def is_cdl_records(records: list[TensorRecord]) -> bool:
-    """True when the records are a CDL / R-CDL checkpoint."""
-    try:
-        from ..cdl.checkpoint import is_cdl_records as check
-    except ImportError:  # CDL support not in this build
-        return False
-    return check(records)
 
 
 def is_cdl_model(model: ModelFile) -> bool:
@@ -73,9 +61,7 @@ def cdl_model_file(records: list[TensorRecord], metadata: dict[str, str] | None 
     """The checkpoint's records with its sections and cdl.* metadata; None when they are not a CDL checkpoint."""
     if not is_cdl_records(records):
         return None
-    from ..cdl.checkpoint import read_cdl_metadata
-
-    meta = read_cdl_metadata(_tensors(records))
+    meta = read_cdl_metadata(records_as_tensors(records))
     graph, graph_metadata = graph_section(meta, records)
     sections = [activations_section(meta)] if graph is None else [graph, activations_section(meta)]
     return ModelFile(list(records), sections, {**(metadata or {}), **graph_metadata, MODE_KEY: meta.mode,

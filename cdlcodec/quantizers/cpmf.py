@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..backends import EncodeHint
+from ..cdl_format import hard_levels, read_cdl_metadata, records_as_tensors
 from ..errors import CdlInputError
 from .base import Quantizer, parameter_error
 from .params import UniformParams
@@ -35,10 +36,6 @@ from .params import UniformParams
 CPMF_MODES = ("argmax", "sample")
 REPORT_KEY = "cdl.rate_report"
 _CHUNK_BYTES = 1 << 25
-
-
-def _tensors(records) -> dict:
-    return {r.name: r.array for r in records}
 
 
 def cpmf_probabilities(w32: np.ndarray, q: float, alpha: float, lo: int, hi: int) -> np.ndarray:
@@ -102,9 +99,7 @@ class CpmfQuantizer(Quantizer):
         raise CdlInputError("the CPMF quantizer applies to CDL checkpoints only (their learned steps are needed)")
 
     def prepare(self, model, backend: str) -> "BoundCpmfQuantizer":
-        from ..cdl.checkpoint import read_cdl_metadata
-
-        return BoundCpmfQuantizer(self, read_cdl_metadata(_tensors(model.records)))
+        return BoundCpmfQuantizer(self, read_cdl_metadata(records_as_tensors(model.records)))
 
 
 class BoundCpmfQuantizer(Quantizer):
@@ -126,8 +121,6 @@ class BoundCpmfQuantizer(Quantizer):
         index, info = found
         lo, hi = info.level_range
         if self.options.mode == "argmax":
-            from ..cdl.checkpoint import hard_levels
-
             levels = hard_levels(w32, info.q, info.bits).ravel()
         else:
             rng = np.random.Generator(np.random.PCG64([int(self.options.seed), index]))
