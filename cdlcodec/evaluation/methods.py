@@ -236,12 +236,14 @@ def _run_fidelity(task: Task, settings: dict, workdir: str) -> Compressed:
 # ------------------------------------------------------------------ CDL / R-CDL
 
 def _rebuild_cdl(path: str, decoded):
-    from ..api import load
+    from ..cdl.checkpoint import build_model_from_checkpoint
+    from ..cdl_format import is_cdl_checkpoint
+    from ..io.torch_checkpoint import record_to_tensor
 
-    model = load(path)
-    if not hasattr(model, "forward"):
+    state = {r.name: record_to_tensor(r) for r in decoded.records}
+    if not is_cdl_checkpoint(state):
         raise CdlInputError(f"{path}: the decoder did not rebuild a CDL model from the container")
-    return model.eval()
+    return build_model_from_checkpoint(state).eval()
 
 
 def _encode_cdl_state(task: Task, state: dict, settings: dict, workdir: str, stem: str) -> Compressed:
@@ -291,7 +293,8 @@ def _cdl_runner(mode: str):
 
 
 def _run_checkpoint(task: Task, settings: dict, workdir: str) -> Compressed:
-    from ..cdl.checkpoint import is_cdl_checkpoint, load_checkpoint
+    from ..cdl.checkpoint import load_checkpoint
+    from ..cdl_format import is_cdl_checkpoint
 
     if not settings["path"]:
         raise CdlInputError("method 'checkpoint' needs path=<CDL checkpoint file>")
