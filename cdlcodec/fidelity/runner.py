@@ -122,7 +122,13 @@ class OnnxRunner:
                 feed.update({k: np.concatenate([s[k] for s in chunk]) for k in chunk[0]})
             else:
                 feed.update(chunk[0])
-            outs = _run(session, feed, self.inputs.source)
+            try:
+                outs = _run(session, feed, self.inputs.source)
+            except CdlInputError:
+                if step == 1:
+                    raise
+                self._batched, step = False, 1  # a graph with a fixed batch of 1: sample by sample
+                continue
             if step > 1 and any(o.ndim == 0 or o.shape[0] != len(chunk) for o in outs[:n_outputs]):
                 self._batched, step = False, 1  # outputs without a batch axis: run sample by sample
                 continue
