@@ -200,6 +200,7 @@ TASKS = {
     "silero_vad": task_silero,
     "ocr_rec": task_ocr_rec,
     "ocr_cls": task_ocr_cls,
+    "lenet5": task_ocr_cls,  # top-1 agreement of the digit classifier (make_lenet5.py)
     "ocr_det": task_ocr_det,
     "ddddocr_det": task_ddddocr_det,
 }
