@@ -54,6 +54,7 @@ class EncodeSummary:
     report: dict = field(default_factory=dict)   # from the quantizer's finish() hook (CDL: bits vs H(w))
     coded_bits: dict = field(default_factory=dict)  # tensor name -> payload + params bits
     unmatched_keep: tuple[str, ...] = ()           # keep patterns that matched no tensor (likely a typo)
+    notes: tuple[str, ...] = ()                    # what the quantizer decided that the user should know
     fidelity: object = None  # the fidelity.search.FidelityReport of an encode to a fidelity target (api.encode)
 
     @property
@@ -145,9 +146,10 @@ def encode_records(records: list[TensorRecord], output: str, options: EncodeOpti
         for key, value in extra_meta.items():
             writer.set_metadata(key, value)
     unmatched = tuple(p for p in options.keep if not any(fnmatch.fnmatchcase(r.name, p) for r in records))
+    notes = tuple(report.pop("notes", ()))
     return EncodeSummary(output, len(records), sum(r.numel for r in records), n_quant,
                          sum(r.array.nbytes for r in records), os.path.getsize(output),
-                         time.perf_counter() - start, report, coded_bits, unmatched)
+                         time.perf_counter() - start, report, coded_bits, unmatched, notes=notes)
 
 
 def _quantize(quantizer, rec: TensorRecord, backend: str) -> tuple[np.ndarray, dict, EncodeHint | None] | None:

@@ -121,6 +121,8 @@ def command(model, output, rel_step, step, bits, backend, keep, arch, lam, granu
                           fidelity=bool(targets) or (arch is None and not step_options and cpmf is None))
     for pattern in summary.unmatched_keep:
         click.echo(f"cdlcodec: warning: --keep {pattern!r} matches no tensor of {model}", err=True)
+    for note in summary.notes:
+        click.echo(f"cdlcodec: note: {note}", err=True)
     if not quiet and summary.report:
         from cdlcodec.quantizers.cpmf import format_report
 
