@@ -101,8 +101,8 @@ def test_fp_warm_start_then_rcdl():
 
 
 @pytest.mark.parametrize("kwargs,needle", [
-    ({"mode": "fp", "fp_epochs": 1}, "fp-epochs"),
-    ({"fp_epochs": -1}, "fp-epochs"),
+    ({"mode": "fp", "fp_epochs": 1}, "fp_epochs"),  # the library names parameters; the CLI maps them to flags
+    ({"fp_epochs": -1}, "fp_epochs"),
     ({"sharpness_init": "x"}, "sharpness init"),
     ({"sharpness_constant": 0.0}, "sharpness constant"),
     ({"step_init": "x"}, "step init"),

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import CdlInputError
+from ..quantizers.base import parameter_error
 from ..progress import Progress
 from ..training import batches, evaluate, seed_everything
 from .checkpoint import atomic_torch_save, save_checkpoint
@@ -60,19 +61,19 @@ class TrainConfig:
 
     def check(self) -> None:
         if self.mode not in TRAIN_MODES:
-            raise CdlInputError(f"--mode must be one of {', '.join(TRAIN_MODES)}, not {self.mode!r}")
+            raise parameter_error(f"mode must be one of {', '.join(TRAIN_MODES)}, not {self.mode!r}", "mode")
         if not 2 <= self.bits <= 8:
-            raise CdlInputError(f"--bits must be between 2 and 8, not {self.bits}")
+            raise parameter_error(f"bits must be between 2 and 8, not {self.bits}", "bits")
         if self.first_last_bits is not None and not 2 <= self.first_last_bits <= 16:
             raise CdlInputError(f"first/last layer bits must be between 2 and 16, not {self.first_last_bits}")
         if self.lam < 0 or self.gamma < 0 or not np.isfinite(self.lam) or not np.isfinite(self.gamma):
-            raise CdlInputError("--lambda and --gamma must be finite and >= 0")
+            raise parameter_error("lam and gamma must be finite and >= 0", "lam", "gamma")
         if self.epochs < 1:
-            raise CdlInputError(f"--epochs must be at least 1, not {self.epochs}")
+            raise parameter_error(f"epochs must be at least 1, not {self.epochs}", "epochs")
         if not self.lr > 0:
-            raise CdlInputError(f"--lr must be positive, not {self.lr}")
+            raise parameter_error(f"lr must be positive, not {self.lr}", "lr")
         if self.train_samples is not None and self.train_samples < 1:
-            raise CdlInputError(f"--train-samples must be at least 1, not {self.train_samples}")
+            raise parameter_error(f"train_samples must be at least 1, not {self.train_samples}", "train_samples")
         if self.sharpness_init not in SHARPNESS_INITS:
             raise CdlInputError(f"sharpness init must be one of {', '.join(SHARPNESS_INITS)}, "
                                 f"not {self.sharpness_init!r}")
@@ -81,9 +82,9 @@ class TrainConfig:
         if self.step_init not in STEP_INITS:
             raise CdlInputError(f"step init must be one of {', '.join(STEP_INITS)}, not {self.step_init!r}")
         if self.fp_epochs < 0 or (self.mode == "fp" and self.fp_epochs):
-            raise CdlInputError("--fp-epochs must be >= 0, and 0 with --mode fp")
+            raise parameter_error("fp_epochs must be >= 0, and 0 with mode fp", "fp_epochs", "mode")
         if self.batch_size < 1:
-            raise CdlInputError(f"--batch-size must be at least 1, not {self.batch_size}")
+            raise parameter_error(f"batch_size must be at least 1, not {self.batch_size}", "batch_size")
 
 
 @dataclass

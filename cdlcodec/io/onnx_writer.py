@@ -57,7 +57,7 @@ def write_onnx(path: str, model: ModelFile, weights: str = "float", int4: bool =
 def build_onnx(model: ModelFile, weights: str = "float", int4: bool = True):
     """The decoded ModelProto (weights filled in, QDQ applied when asked)."""
     if weights not in WEIGHT_MODES:
-        raise CdlInputError(f"--weights must be one of {', '.join(WEIGHT_MODES)}, got {weights!r}")
+        raise CdlInputError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got {weights!r}")
     section = graph_section(model)
     if section is None:
         raise CdlInputError("this container carries no ONNX graph (it was encoded from a state_dict); "

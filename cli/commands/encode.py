@@ -1,28 +1,12 @@
 """`cdlcodec encode`: model file -> .cdl container."""
-import contextlib
-import re
-
 import click
+
+from cdlcodec.cli.flags import parameters_as_flags
 
 # Library parameters (quantizers.base.parameter_error) as this command's flags, for error messages.
 FLAGS = {"rel_step": "--rel-step", "step": "--step", "bits": "--bits", "lam": "--lambda",
          "granularity": "--granularity", "mode": "--cpmf", "cdl_quantizer": "--cpmf", "seed": "--seed",
          "arch": "--arch"}
-
-
-@contextlib.contextmanager
-def parameters_as_flags(flags: dict):
-    """Re-raise a library error about parameters with each parameter named as its flag."""
-    from cdlcodec.errors import CdlInputError
-
-    try:
-        yield
-    except CdlInputError as exc:
-        params = [p for p in getattr(exc, "params", ()) if p in flags]
-        if not params:
-            raise
-        pattern = re.compile(r"\b(" + "|".join(map(re.escape, sorted(params, key=len, reverse=True))) + r")\b")
-        raise CdlInputError(pattern.sub(lambda m: flags[m.group(1)], str(exc))) from None
 
 
 @click.command("encode")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import click
 
+from cdlcodec.cli.flags import parameters_as_flags
+
 
 @click.command("train")
 @click.argument("task", metavar="TASK")
@@ -57,5 +59,8 @@ def command(task, mode, bits, first_last_bits, lam, gamma, epochs, batch_size, l
                          epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, quiet=quiet,
                          train_samples=train_samples, fp_epochs=fp_epochs, sharpness_init=sharpness_init,
                          sharpness_constant=sharpness_constant, step_init=step_init)
-    report = run_task(task, config, output)
+    flags = {"mode": "--mode", "bits": "--bits", "lam": "--lambda", "gamma": "--gamma", "epochs": "--epochs",
+             "lr": "--lr", "train_samples": "--train-samples", "fp_epochs": "--fp-epochs", "batch_size": "--batch-size"}
+    with parameters_as_flags(flags):
+        report = run_task(task, config, output)
     click.echo(json.dumps(report, sort_keys=False))
