@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import CdlInputError
 from .base import DEFAULT_REL_STEP, Quantizer, parameter_error
-from .params import UniformParams
+from .params import ChannelParams, UniformParams
 
 
 @dataclass(frozen=True)
@@ -107,11 +107,8 @@ class OutlierAwareBits(Quantizer):
         if w32.ndim >= 2 and w32.shape[0] > 1 and np.all(np.isfinite(w32)):
             std = float(np.std(w32, dtype=np.float64))
             if std > 0 and float(np.max(np.abs(w32))) > OUTLIER_RATIO * std:
-                from .channel import ChannelQuantizer
-
                 self.switched.append(record.name)
-                levels, quant = ChannelQuantizer(rel_step=None, bits=self.rule.bits).quantize(values64, w32)
-                return levels, quant, None
+                return _per_channel_bits(values64, w32, self.rule) + (None,)
         levels, quant = self.rule.quantize(values64, w32)
         return levels, quant, None
 
@@ -122,3 +119,12 @@ class OutlierAwareBits(Quantizer):
                 f"tensor (max|w| > {OUTLIER_RATIO:g} x std): {', '.join(self.switched[:5])}"
                 + (" ..." if len(self.switched) > 5 else ""))
         return {"quantizer.per_channel": ",".join(self.switched)}, {"notes": [note]}
+
+
+def _per_channel_bits(values64: np.ndarray, w32: np.ndarray, rule: UniformQuantizer) -> tuple[np.ndarray, dict]:
+    """The bits rule applied to each output channel (axis 0) on its own."""
+    rows = w32.reshape(w32.shape[0], -1)
+    steps = np.array([rule.step_for(row) for row in rows], dtype=np.float64)
+    hi = 2 ** (rule.bits - 1) - 1
+    levels = np.clip(np.rint(values64.reshape(rows.shape) / steps[:, None]), -hi, hi).astype(np.int64)
+    return levels.ravel(), ChannelParams(0, tuple(float(x) for x in steps)).to_json()
