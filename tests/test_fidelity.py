@@ -159,3 +159,12 @@ def test_default_target_keeps_every_calibration_decision(tmp_path):
     assert changed_samples(ref, dec, decision_kinds(stripped)) == 0
     with ContainerReader(out) as reader:
         assert reader.metadata["fidelity.target"] == "cosine >= 0.999, same decisions"
+
+
+def test_dense_maps_are_not_decision_checked():
+    from cdlcodec.fidelity.decisions import MAX_DECISIONS, changed_samples
+
+    ref = [[np.full((1, MAX_DECISIONS + 1), 0.49)]]
+    dec = [[np.full((1, MAX_DECISIONS + 1), 0.51)]]
+    assert changed_samples(ref, dec, {0: ("threshold", 0)}) == 0
+    assert changed_samples([[r[0][:, :8]] for r in ref], [[d[0][:, :8]] for d in dec], {0: ("threshold", 0)}) == 1
