@@ -158,167 +158,183 @@ def _inputs_for(proto, options: FidelityOptions, log) -> Inputs:
 
 
 def fidelity_plan(model: ModelFile, options: FidelityOptions):
-    """Search the plan; returns (quantizer replaying the chosen levels, report)."""
-    import onnx
+    """Search the plan; returns (quantizer replaying the chosen levels, report, inputs)."""
+    search = _Search(model, options)
+    search.measure_sensitivities()
+    budget, plan, score = search.search_budget()
+    if search.check != slice(None):
+        plan, score = search.check_all_samples(budget, plan)
+    return search.result(plan, score)
 
-    from ..io.onnx_model import graph_section
-    from .runner import OnnxRunner
 
-    log = _Log(options.quiet)
-    start = time.perf_counter()
-    section = graph_section(model)
-    if section is None:
-        raise CdlInputError("a fidelity target needs the model's graph: encode an ONNX model (or a torch module "
-                            "through the Python API with an example input)")
-    stripped = onnx.load_from_string(section[2])
-    roles = graph_roles(stripped)
-    axes = output_axes(stripped)
-    layout = gemm_layout(stripped) if options.gptq else {}
-    records = {r.name: r for r in model.records}
-    init_to_record = {}
-    from ..io.onnx_model import reference_of
-    for init in stripped.graph.initializer:
-        ref = reference_of(init)
-        if ref is not None:
-            init_to_record[init.name] = ref
-    from ..codec import role_of
+class _Search:
+    """The state one fidelity search shares between its steps (see the module docstring)."""
 
-    names = [r.name for r in model.records
-             if roles.get(r.name) in ("weight", "embedding") and role_of(r, options.keep) == "quantized" and r.is_float and r.array.ndim >= 2
-             and r.numel >= MIN_ELEMENTS and np.all(np.isfinite(np.asarray(r.array, dtype=np.float64)))]
-    if not names:
-        raise CdlInputError("the graph has no weights to quantize (no Conv/Gemm/MatMul/LSTM/Gather weights)")
-    inputs = _inputs_for(stripped, options, log)
-    capture = {init: act for init, (_, act, _) in layout.items() if init in init_to_record}
-    hessian_names = [init_to_record[i] for i in capture]
-    n_real = len(stripped.graph.output)
-    logits = squashed_outputs(stripped)
-    runner = OnnxRunner(model, stripped, inputs, capture=list(capture.values()), probes=list(logits.values()))
-    # Distortion is measured where the model is still linear-ish: a softmax or sigmoid output is
-    # replaced by its input (saturated probabilities hide how much a tensor's rounding moved the logits).
-    view = [n_real + runner.probes.index(logits[j]) if logits.get(j) in runner.probes else j for j in range(n_real)]
+    def __init__(self, model: ModelFile, options: FidelityOptions):
+        import onnx
 
-    def distortion_view(outs):
-        return [[s[k] for k in view] for s in outs]
+        from ..codec import role_of
+        from ..io.onnx_model import graph_section, reference_of
+        from .runner import OnnxRunner
 
-    def real(outs):
-        return [s[:n_real] for s in outs]
-    sums: dict[str, list] = {}
+        self.model, self.options, self.target = model, options, options.target
+        self.log = _Log(options.quiet)
+        self.start = time.perf_counter()
+        section = graph_section(model)
+        if section is None:
+            raise CdlInputError("a fidelity target needs the model's graph: encode an ONNX model (or a torch module "
+                                "through the Python API with an example input)")
+        stripped = onnx.load_from_string(section[2])
+        self.roles = graph_roles(stripped)
+        self.axes = output_axes(stripped)
+        self.records = {r.name: r for r in model.records}
+        self.names = [r.name for r in model.records
+                      if self.roles.get(r.name) in ("weight", "embedding") and role_of(r, options.keep) == "quantized"
+                      and r.array.ndim >= 2 and r.numel >= MIN_ELEMENTS
+                      and np.all(np.isfinite(np.asarray(r.array, dtype=np.float64)))]
+        if not self.names:
+            raise CdlInputError("the graph has no weights to quantize (no Conv/Gemm/MatMul/LSTM/Gather weights)")
+        self.inputs = _inputs_for(stripped, options, self.log)
+        init_to_record = {init.name: reference_of(init) for init in stripped.graph.initializer
+                          if reference_of(init) is not None}
+        layout = {init: spec for init, spec in (gemm_layout(stripped) if options.gptq else {}).items()
+                  if init in init_to_record}
+        # Distortion is measured where the model is still linear-ish: a softmax or sigmoid output is
+        # replaced by its input (saturated probabilities hide how much a tensor's rounding moved the logits).
+        logits = squashed_outputs(stripped)
+        self.runner = OnnxRunner(model, stripped, self.inputs, capture=[act for _, act, _ in layout.values()],
+                                 probes=list(logits.values()))
+        self.n_real = len(stripped.graph.output)
+        self.view = [self.n_real + self.runner.probes.index(logits[j]) if logits.get(j) in self.runner.probes else j
+                     for j in range(self.n_real)]
+        self.kinds = decision_kinds(stripped) if options.same_decisions else {}
+        # GPTQ fits its compensation to the activations it sees; with a few thousand activation rows per
+        # layer it overfits them, so the search scores its plans on samples GPTQ did not see.
+        n = len(self.inputs.samples)
+        self.fit, self.check = (slice(0, n // 2), slice(n // 2, n)) if n >= MIN_SPLIT and layout \
+            else (slice(None), slice(None))
+        self.log(f"running the original model on {self.inputs.describe()}")
+        self.reference = self.runner.run({})
+        self.runs = 1
+        hessians = self._hessians(layout, init_to_record) if layout else {}
+        self.rounder = _Rounder(self.records, hessians, options.gptq)
+        self.curves: list[TensorCurve] = []
 
-    def accumulate(act_name, value):
-        x = np.asarray(value, dtype=np.float64)
-        x = x.reshape(-1, x.shape[-1]) if x.ndim >= 1 else x.reshape(1, 1)
-        entry = sums.setdefault(act_name, [0.0, 0])
-        entry[0] = entry[0] + x.T @ x
-        entry[1] += x.shape[0]
+    # -- views of one run's outputs ---------------------------------------------------------------
+    def _real(self, outs):
+        return [s[:self.n_real] for s in outs]
 
-    # GPTQ fits its compensation to the activations it sees; with a few thousand activation rows per
-    # layer it overfits them, so the search scores its plans on samples GPTQ did not see.
-    n = len(inputs.samples)
-    fit, check = (slice(0, n // 2), slice(n // 2, n)) if n >= MIN_SPLIT and hessian_names else (slice(None),) * 2
-    log(f"running the original model on {inputs.describe()}")
-    reference = runner.run({})
-    if capture:
-        runner.run({}, on_capture=accumulate, part=fit)
-    runs = 1
-    hessians = {}
-    for init, act in capture.items():
-        rec = init_to_record[init]
-        if act in sums and rec in names and layout[init][2] in (0, 1) and records[rec].array.ndim == 2:
-            h = np.asarray(sums[act][0])
-            if h.ndim == 2 and h.shape[0] == records[rec].shape[layout[init][2]]:
-                hessians[rec] = (h, layout[init][2])
-    rounder = _Rounder(records, hessians, options.gptq)
+    def _distortion_view(self, outs):
+        return [[s[k] for k in self.view] for s in outs]
 
-    n_sens = min(n, SENSITIVITY_SAMPLES)
-    log(f"measuring the output sensitivity of {len(names)} tensors on {n_sens} samples")
-    sens_reference = distortion_view(reference[:n_sens])
-    check_reference = real(reference[check])
-    curves: list[TensorCurve] = []
-    for name in names:
-        w = rounder.weights(name)
-        curve = tensor_curve(name, w, axes.get(name) if roles[name] == "weight" else None,
-                             8 * records[name].array.dtype.itemsize)
-        values = rounder.get(name, Candidate(REF_REL, None), compensate=False)[2]
-        d = rel_mse(sens_reference, distortion_view(runner.run({name: values}, part=slice(0, n_sens))))
-        runs += 1
-        err = to_float64(values, records[name].dtype) - w
-        curve.ref_mse = float(np.mean(err * err)) or 1e-30
-        curve.sensitivity = max(d, 0.0) / curve.ref_mse if math.isfinite(d) else 1e30
-        curves.append(curve)
+    def _score(self, reference, decoded) -> float:
+        return _score(self.target, self.kinds, reference, decoded)
 
-    target = options.target
-    kinds = decision_kinds(stripped) if options.same_decisions else {}
+    def _run(self, plan: Plan, part: slice = slice(None)):
+        overrides = {name: self.rounder.get(name, cand)[2] for name, cand in plan.choice.items() if not cand.exact}
+        self.runs += 1
+        return self._real(self.runner.run(overrides, part=part))
 
-    def score_of(ref, dec) -> float:
-        return _score(target, kinds, ref, dec)
-    total = _total(model)
+    # -- the steps --------------------------------------------------------------------------------
+    def _hessians(self, layout, init_to_record) -> dict[str, tuple[np.ndarray, int]]:
+        """H = XᵀX of the activations entering each MatMul/Gemm weight, on the fitting samples."""
+        sums: dict[str, np.ndarray] = {}
 
-    scored: dict[tuple, float] = {}
+        def accumulate(act_name, value):
+            x = np.asarray(value, dtype=np.float64)
+            x = x.reshape(-1, x.shape[-1]) if x.ndim >= 1 else x.reshape(1, 1)
+            sums[act_name] = sums.get(act_name, 0.0) + x.T @ x
 
-    def evaluate(budget: float):
-        plan = plan_for_budget(curves, budget)
-        key = tuple(sorted(plan.choice.items(), key=lambda kv: kv[0]))
-        if key in scored:  # a budget step too small to change any tensor's step
-            return plan, scored[key], False
-        overrides = {name: rounder.get(name, cand)[2] for name, cand in plan.choice.items() if not cand.exact}
-        score = score_of(check_reference, real(runner.run(overrides, part=check)))
-        log(f"budget {budget:.3g}: {plan.bits / total:.3f} bits/param predicted, {target.measure} {score:.6g}")
-        scored[key] = score
-        return plan, score, True
+        self.runner.run({}, on_capture=accumulate, part=self.fit)
+        hessians = {}
+        for init, (_, act, in_axis) in layout.items():
+            rec = init_to_record[init]
+            if act in sums and rec in self.names and self.records[rec].array.ndim == 2:
+                h = np.asarray(sums[act])
+                if h.ndim == 2 and h.shape[0] == self.records[rec].shape[in_axis]:
+                    hessians[rec] = (h, in_axis)
+        return hessians
 
-    # Secant search on log(deficit) against log(budget): the deficit (1 - cosine, 1 - agreement, or
-    # the relative MSE) grows roughly like a power of the predicted distortion budget.
-    goal = _deficit(target, target.value)
-    tried: list[tuple[float, float]] = []
-    best: tuple[float, Plan, float] | None = None
-    budget = _initial_budget(target)
-    score = float("nan")
-    evaluations = 0
-    for _ in range(4 * SEARCH_RUNS):
-        plan, score, ran = evaluate(budget)
-        runs += ran
-        evaluations += ran
-        tried.append((budget, _deficit(target, score)))
-        if target.met(score) and (best is None or plan.bits < best[1].bits):
-            best = (budget, plan, score)
-        if best is not None and 0.9 * goal <= _deficit(target, best[2]) <= goal:
-            break  # close enough below the target: more runs would gain little
-        budget = _next_budget(tried, goal)
-        if budget is None or evaluations >= (SEARCH_RUNS if best is not None else 2 * SEARCH_RUNS):
-            break
-    if best is None:  # nothing the search tried passes: the weights are stored exactly (always passes)
-        log(f"no step plan tried meets {options.describe()} (best {target.measure} {score:.6g}): storing the "
-            "weights exactly")
-        best = (0.0, Plan({name: EXACT for name in names}), score_of(real(reference), real(runner.run({}))))
-        check = slice(None)
-    budget, plan, score = best
-    if check != slice(None):
-        # The figure stored in the file covers every calibration sample: when the samples GPTQ was
-        # fitted on disagree with the held-back half (a flipped class, say), tighten the budget.
-        for _ in range(10):
-            overrides = {name: rounder.get(name, cand)[2] for name, cand in plan.choice.items() if not cand.exact}
-            score = score_of(real(reference), real(runner.run(overrides)))
-            runs += 1
-            if target.met(score):
+    def measure_sensitivities(self) -> None:
+        """One run per tensor, rounded alone at REF_REL: its output distortion per unit of weight MSE."""
+        n_sens = min(len(self.inputs.samples), SENSITIVITY_SAMPLES)
+        self.log(f"measuring the output sensitivity of {len(self.names)} tensors on {n_sens} samples")
+        reference = self._distortion_view(self.reference[:n_sens])
+        for name in self.names:
+            w = self.rounder.weights(name)
+            curve = tensor_curve(name, w, self.axes.get(name) if self.roles[name] == "weight" else None,
+                                 8 * self.records[name].array.dtype.itemsize)
+            values = self.rounder.get(name, Candidate(REF_REL, None), compensate=False)[2]
+            d = rel_mse(reference, self._distortion_view(self.runner.run({name: values}, part=slice(0, n_sens))))
+            self.runs += 1
+            err = to_float64(values, self.records[name].dtype) - w
+            curve.ref_mse = float(np.mean(err * err)) or 1e-30
+            curve.sensitivity = max(d, 0.0) / curve.ref_mse if math.isfinite(d) else 1e30
+            self.curves.append(curve)
+
+    def search_budget(self) -> tuple[float, Plan, float]:
+        """Secant search on log(deficit) against log(budget): the deficit (1 - cosine, 1 - agreement,
+        or the relative MSE) grows roughly like a power of the predicted distortion budget."""
+        target, total = self.target, _total(self.model)
+        check_reference = self._real(self.reference[self.check])
+        scored: dict[tuple, float] = {}
+        goal = _deficit(target, target.value)
+        tried: list[tuple[float, float]] = []
+        best: tuple[float, Plan, float] | None = None
+        budget, score, evaluations = _initial_budget(target), float("nan"), 0
+        for _ in range(4 * SEARCH_RUNS):
+            plan = plan_for_budget(self.curves, budget)
+            key = tuple(sorted(plan.choice.items(), key=lambda kv: kv[0]))
+            if key not in scored:  # else a budget step too small to change any tensor's step
+                scored[key] = self._score(check_reference, self._run(plan, self.check))
+                evaluations += 1
+                self.log(f"budget {budget:.3g}: {plan.bits / total:.3f} bits/param predicted, "
+                         f"{target.measure} {scored[key]:.6g}")
+            score = scored[key]
+            tried.append((budget, _deficit(target, score)))
+            if target.met(score) and (best is None or plan.bits < best[1].bits):
+                best = (budget, plan, score)
+            if best is not None and 0.9 * goal <= _deficit(target, best[2]) <= goal:
+                break  # close enough below the target: more runs would gain little
+            budget = _next_budget(tried, goal)
+            if budget is None or evaluations >= (SEARCH_RUNS if best is not None else 2 * SEARCH_RUNS):
                 break
+        if best is None:  # nothing the search tried passes: the weights are stored exactly (always passes)
+            self.log(f"no step plan tried meets {self.options.describe()} (best {target.measure} {score:.6g}): "
+                     "storing the weights exactly")
+            plan = self._exact_plan()
+            return 0.0, plan, self._score(self._real(self.reference), self._run(plan))
+        return best
+
+    def check_all_samples(self, budget: float, plan: Plan) -> tuple[Plan, float]:
+        """The figure stored in the file covers every calibration sample: when the samples GPTQ was
+        fitted on disagree with the held-back half (a flipped class, say), tighten the budget."""
+        reference = self._real(self.reference)
+        for _ in range(10):
+            score = self._score(reference, self._run(plan))
+            if self.target.met(score):
+                return plan, score
             budget /= 2.5
-            plan = plan_for_budget(curves, budget)
-        else:
-            # A decision at a near-tie can flip under any rounding: store every tensor exactly (the
-            # decoded model is then the original) rather than fail.
-            log(f"no plan keeps every calibration sample within {options.describe()}: storing the weights exactly")
-            plan = Plan({name: EXACT for name in names})
-            score = score_of(real(reference), real(runner.run({})))
-    n_coded = sum(not cand.exact for cand in plan.choice.values())
-    report = FidelityReport(options.target, score, None, inputs.describe(), n_coded,
-                            len(model.records) - n_coded, runs, time.perf_counter() - start,
-                            same_decisions=options.same_decisions)
-    for name, cand in plan.choice.items():
-        report.steps[name] = "exact" if cand.exact else f"{cand.rel:.3g}×std" + (f" per channel (axis {cand.channel_axis})"
-                                                    if cand.channel_axis is not None else "")
-    chosen = {name: rounder.get(name, cand)[:2] for name, cand in plan.choice.items() if not cand.exact}
-    return make("fidelity", chosen=chosen, target=options.describe()), report, inputs
+            plan = plan_for_budget(self.curves, budget)
+        # A decision at a near-tie can flip under any rounding: store every tensor exactly (the
+        # decoded model is then the original) rather than fail.
+        self.log(f"no plan keeps every calibration sample within {self.options.describe()}: storing the weights exactly")
+        plan = self._exact_plan()
+        return plan, self._score(reference, self._run(plan))
+
+    def _exact_plan(self) -> Plan:
+        return Plan({name: EXACT for name in self.names})
+
+    def result(self, plan: Plan, score: float):
+        n_coded = sum(not cand.exact for cand in plan.choice.values())
+        report = FidelityReport(self.target, score, None, self.inputs.describe(), n_coded,
+                                len(self.model.records) - n_coded, self.runs, time.perf_counter() - self.start,
+                                same_decisions=self.options.same_decisions)
+        for name, cand in plan.choice.items():
+            report.steps[name] = "exact" if cand.exact else f"{cand.rel:.3g}×std" + (
+                f" per channel (axis {cand.channel_axis})" if cand.channel_axis is not None else "")
+        chosen = {name: self.rounder.get(name, cand)[:2] for name, cand in plan.choice.items() if not cand.exact}
+        return make("fidelity", chosen=chosen, target=self.options.describe()), report, self.inputs
 
 
 def squashed_outputs(stripped_proto) -> dict[int, str]:
