@@ -54,7 +54,7 @@ FLAGS = {"rel_step": "--rel-step", "step": "--step", "bits": "--bits", "lam": "-
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 def command(model, output, rel_step, step, bits, backend, keep, arch, lam, granularity, trellis, cpmf, seed,
             target_cosine, target_agreement, target_rel_mse, calibration, no_gptq, same_decisions, quiet):
-    """Quantize and entropy-code MODEL (.pt/.pth state_dict or checkpoint, .safetensors) into a .cdl file.
+    """Quantize and entropy-code MODEL (.onnx, .pt/.pth state_dict or checkpoint, .safetensors, .pt2) into a .cdl file.
 
     Tensors with two or more dimensions are quantized to integers k = round(w / step); 1-D tensors
     (biases, norms) and integer tensors are stored losslessly. --lambda, --granularity channel and
@@ -63,7 +63,8 @@ def command(model, output, rel_step, step, bits, backend, keep, arch, lam, granu
 
     Models with a graph (ONNX) are by default encoded to a fidelity target: per-tensor steps chosen
     by output sensitivity so that the decoded model, run with onnxruntime, keeps mean output cosine
-    >= 0.999 (docs/fidelity.md). A bare state_dict has nothing to run: it gets the conservative
+    >= 0.999 and every decision on the calibration inputs (docs/fidelity.md); weights, biases and
+    norms are told apart by the graph, not by their rank. A bare state_dict has nothing to run: it gets the conservative
     data-free default (per output channel, step 0.02 x std) and the result is reported as unverified.
     """
     import os
