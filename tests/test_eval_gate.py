@@ -24,9 +24,9 @@ def _row(key, bpw, acc, bpp=None):
 
 @pytest.fixture
 def results():
-    rows = [_row("t/fp32/default", 32.0, 97.0), _row("t/nearest/rel_step=0.1", 4.5, 96.9),
-            _row("t/nearest/rel_step=0.5", 2.4, 95.0), _row("t/rcdl/bits=4", 2.6, 96.5)]
-    return {"format": RESULTS_FORMAT, "version": 1, "sweeps": [{"task": "t", "reference_accuracy": 97.0, "rows": rows}]}
+    rows = [_row("t/fp32/default", 32.0, 0.97), _row("t/nearest/rel_step=0.1", 4.5, 0.969),
+            _row("t/nearest/rel_step=0.5", 2.4, 0.95), _row("t/rcdl/bits=4", 2.6, 0.965)]
+    return {"format": RESULTS_FORMAT, "version": 1, "sweeps": [{"task": "t", "reference_accuracy": 0.97, "rows": rows}]}
 
 
 def _doctor(results, key, **changes):
@@ -57,14 +57,14 @@ def test_three_percent_more_bits_fails(results):
 
 def test_within_tolerance_passes_and_gains_are_reported(results):
     base = gate.make_baseline(results)
-    assert gate.compare(_doctor(results, "t/rcdl/bits=4", bits_per_weight=1.015, accuracy=-0.4), base).passed
+    assert gate.compare(_doctor(results, "t/rcdl/bits=4", bits_per_weight=1.015, accuracy=-0.004), base).passed
     better = gate.compare(_doctor(results, "t/rcdl/bits=4", bits_per_weight=0.9), base)
     assert better.passed and [f.status for f in better.findings if f.key == "t/rcdl/bits=4"] == ["improved"]
 
 
 def test_accuracy_drop_file_overhead_missing_and_failed_points_fail(results):
     base = gate.make_baseline(results)
-    assert not gate.compare(_doctor(results, "t/fp32/default", accuracy=-0.6), base).passed
+    assert not gate.compare(_doctor(results, "t/fp32/default", accuracy=-0.006), base).passed
     assert not gate.compare(_doctor(results, "t/fp32/default", bits_per_param=1.05), base).passed
     missing = copy.deepcopy(results)
     missing["sweeps"][0]["rows"].pop(1)
@@ -75,6 +75,23 @@ def test_accuracy_drop_file_overhead_missing_and_failed_points_fail(results):
     assert not gate.compare(failed, base).passed
     with pytest.raises(CdlInputError, match="failed points"):
         gate.make_baseline(failed)
+
+
+def test_accuracy_is_a_fraction_gated_in_points_and_shown_in_percent(tmp_path, results, cli):
+    base = gate.make_baseline(results)
+    assert base["points"]["t/fp32/default"]["accuracy"] == 0.97  # the baseline keeps the fraction
+    report = gate.compare(_doctor(results, "t/fp32/default", accuracy=-0.006), base)
+    assert "accuracy 97.00 -> 96.40 % (-0.60 points), limit -0.50" in report.text()
+    # the tolerance stays in percentage points: a 0.4-point drop passes at 0.5 and fails at 0.3
+    dropped = _doctor(results, "t/rcdl/bits=4", accuracy=-0.004)
+    assert gate.compare(dropped, base).passed
+    assert not gate.compare(dropped, base, {"accuracy_points": 0.3}).passed
+    baseline, doctored = tmp_path / "baseline.json", tmp_path / "dropped.json"
+    baseline.write_text(json.dumps(base))
+    doctored.write_text(json.dumps(dropped))
+    assert cli("gate", doctored, "--baseline", baseline)[0] == 0
+    code, out, _ = cli("gate", doctored, "--baseline", baseline, "--accuracy-tolerance", "0.3")
+    assert code == 1 and "accuracy 96.50 -> 96.10 % (-0.40 points), limit -0.30" in out
 
 
 def test_gate_command_exit_status(tmp_path, results, run_cli):
@@ -113,4 +130,5 @@ def test_committed_baseline_matches_the_ci_recipe():
     keys = {spec.key(sweep["task"]) for sweep in recipe["sweeps"] for p in sweep["points"] for spec in expand(p)}
     assert keys == set(baseline["points"])
     assert baseline["tolerances"] == {"bits_rel": 0.02, "accuracy_points": 0.5}
+    assert all(0.0 <= p["accuracy"] <= 1.0 for p in baseline["points"].values())  # fractions, like results.json
     assert baseline["recipe"]["sweeps"] == recipe["sweeps"]

@@ -11,13 +11,13 @@ from cdlcodec.evaluation.sweep import RESULTS_FORMAT
 
 
 RESULTS = {"format": RESULTS_FORMAT, "version": 1, "sweeps": [{
-    "task": "t", "description": "toy", "reference_accuracy": 97.0, "rows": [
+    "task": "t", "description": "toy", "reference_accuracy": 0.97, "rows": [
         {"key": "t/fp32/default", "task": "t", "method": "fp32", "label": "default", "bits_per_weight": 32.0,
          "bits_per_activation": 32.0, "bits_per_param": 32.0, "file_bytes": 4000, "num_params": 1000,
-         "num_weights": 900, "accuracy": 97.0, "accuracy_drop": 0.0, "encode_ms": 0.0, "decode_ms": 0.0},
+         "num_weights": 900, "accuracy": 0.97, "accuracy_drop": 0.0, "encode_ms": 0.0, "decode_ms": 0.0},
         {"key": "t/rcdl/bits=2", "task": "t", "method": "rcdl", "label": "bits=2", "bits_per_weight": 1.9,
          "bits_per_activation": 1.5, "bits_per_param": 2.5, "file_bytes": 312, "num_params": 1000,
-         "num_weights": 900, "accuracy": 95.5, "accuracy_drop": 1.5, "encode_ms": 3.0, "decode_ms": 1.0},
+         "num_weights": 900, "accuracy": 0.955, "accuracy_drop": 0.015, "encode_ms": 3.0, "decode_ms": 1.0},
         {"key": "t/rd/lam=0.1", "task": "t", "method": "rd", "label": "lam=0.1", "error": "rd broke"},
     ]}]}
 
@@ -31,6 +31,8 @@ def test_table_markdown_and_csv():
     rows = list(csv.DictReader(io.StringIO(report.csv_text(RESULTS))))
     assert [r["key"] for r in rows] == ["t/fp32/default", "t/rcdl/bits=2", "t/rd/lam=0.1"]
     assert rows[2]["error"] == "rd broke" and float(rows[1]["bits_per_weight"]) == 1.9
+    # the machine outputs keep the fraction; only the tables above show percent
+    assert (float(rows[1]["accuracy"]), float(rows[1]["accuracy_drop"])) == (0.955, 0.015)
     assert json.loads(report.json_text(RESULTS)) == RESULTS
 
 

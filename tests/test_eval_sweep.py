@@ -68,7 +68,7 @@ def test_post_training_sweep_measures_the_real_container(toy_task):
                        quiet=True, on_row=keep_files)
     rows = {r["key"]: r for r in result["rows"]}
     assert not [r for r in rows.values() if "error" in r]
-    assert result["reference_accuracy"] == 100.0
+    assert result["reference_accuracy"] == 1.0
     n_weights = 32 * 16 + 16 * 4
     n_params = n_weights + 16 + 4
     fp32 = rows["toy/fp32/default"]
@@ -77,7 +77,7 @@ def test_post_training_sweep_measures_the_real_container(toy_task):
     fine, coarse = rows["toy/nearest/rel_step=0.05"], rows["toy/nearest/rel_step=1"]
     assert fine["num_weights"] == n_weights and fine["num_params"] == n_params
     assert coarse["bits_per_weight"] < fine["bits_per_weight"] < 16
-    assert fine["accuracy"] == 100.0 and fine["accuracy_drop"] == 0.0
+    assert fine["accuracy"] == 1.0 and fine["accuracy_drop"] == 0.0
     # bits per parameter counts the whole file
     assert fine["bits_per_param"] == pytest.approx(8 * fine["file_bytes"] / n_params)
     # float activations count as 32 bits (eq. 41b applies to quantized activations only)
@@ -124,7 +124,7 @@ def test_mlp_digits_cdl_point_reproduces_the_trained_model():
     assert rcdl["accuracy"] == rcdl["extra"]["trained_accuracy"]
     assert 0 < rcdl["bits_per_activation"] <= 4.0   # 4-bit activations, a Huffman code is never longer than the 4-bit fixed code
     assert 0 < rcdl["bits_per_weight"] < 8.5
-    assert results["sweeps"][0]["reference_accuracy"] > 80.0
+    assert results["sweeps"][0]["reference_accuracy"] > 0.8
     assert results["environment"]["threads"] == 1
 
 

@@ -2,7 +2,8 @@
 
 A reference point fails when its bits per weight (or bits per parameter, which also covers the
 container's own overhead) grow by more than `bits_rel` (relative), or its accuracy drops by more
-than `accuracy_points` percentage points, or it is missing / failed in the new results. Points that
+than `accuracy_points` percentage points (accuracies are fractions in the results and the baseline,
+so the gate compares 100 x their difference), or it is missing / failed in the new results. Points that
 got better beyond the tolerance are reported as improvements (refresh the baseline with
 `cdlcodec eval ... --update-baseline` and commit it with the change that earned it).
 
@@ -15,6 +16,7 @@ import json
 from dataclasses import dataclass, field
 
 from ..errors import CdlInputError
+from .report import percent
 from .sweep import RESULTS_FORMAT, all_rows
 
 BASELINE_FORMAT = "cdlcodec-rate-accuracy-baseline"
@@ -137,10 +139,11 @@ def compare(results: dict, baseline: dict, tolerances: dict | None = None) -> Ga
             elif field_name == "bits_per_weight":
                 notes.append(text)
         old, new = float(ref["accuracy"]), float(row["accuracy"])
-        text = f"accuracy {old:.2f} -> {new:.2f} % ({new - old:+.2f} points)"
-        if new < old - tol["accuracy_points"]:
+        change = percent(new - old)  # percentage points, the unit of the tolerance
+        text = f"accuracy {percent(old):.2f} -> {percent(new):.2f} % ({change:+.2f} points)"
+        if change < -tol["accuracy_points"]:
             problems.append(text + f", limit -{tol['accuracy_points']:.2f}")
-        elif new > old + tol["accuracy_points"]:
+        elif change > tol["accuracy_points"]:
             gains.append(text)
         else:
             notes.append(text)

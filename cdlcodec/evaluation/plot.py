@@ -10,6 +10,7 @@ import os
 
 from ..atomic import atomic_path
 from ..errors import CdlInputError
+from .report import percent
 
 _MARKERS = "osD^v<>pPXh*"
 
@@ -26,12 +27,18 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
+def _shown(field: str, value: float) -> float:
+    return percent(value) if field == "accuracy" else value
+
+
 def _curves(rows: list[dict], rate_field: str, value_field: str = "accuracy") -> dict[str, list[tuple[float, float]]]:
+    """Points (rate, value) per method; accuracy (a fraction in the results) in percent, as on the axis."""
     curves: dict[str, list[tuple[float, float]]] = {}
     for row in rows:
         if "error" in row or row.get(rate_field) is None:
             continue
-        curves.setdefault(row["method"], []).append((float(row[rate_field]), float(row[value_field])))
+        point = (float(row[rate_field]), _shown(value_field, float(row[value_field])))
+        curves.setdefault(row["method"], []).append(point)
     return {m: sorted(p) for m, p in curves.items()}
 
 
@@ -58,7 +65,7 @@ def plot(results: dict, path: str, *, task: str | None = None, min_accuracy: flo
          dpi: int = 80) -> str:
     """Write a PNG for one task (the first one unless `task` is named); returns the path.
 
-    min_accuracy: lower limit of the y axis (points far below it are clipped out of view), so
+    min_accuracy: lower limit of the y axis in percent (points far below it are clipped out of view), so
     that a collapsed low-rate point does not flatten the interesting part of the curves.
     """
     try:
@@ -85,11 +92,12 @@ def plot(results: dict, path: str, *, task: str | None = None, min_accuracy: flo
         _panel(axes[0][1], rows, "bits_per_activation", "bits per activation (eq. 41b, log scale)", colors)
     for ax in axes[0]:
         if min_accuracy is not None and measure is None:
-            top = max([r["accuracy"] for r in rows] + [min_accuracy + 1])
+            top = max([percent(r["accuracy"]) for r in rows] + [min_accuracy + 1])
             ax.set_ylim(min_accuracy, top + 0.5)
     axes[0][0].legend(fontsize=7, loc="lower right")
     if measure is None:
-        fig.suptitle(f"{sweep['task']}: accuracy vs rate (float32: {sweep['reference_accuracy']:.2f} %)", fontsize=10)
+        reference = percent(sweep["reference_accuracy"])
+        fig.suptitle(f"{sweep['task']}: accuracy vs rate (float32: {reference:.2f} %)", fontsize=10)
     else:
         fig.suptitle(f"{sweep['task']}: {measure} vs rate", fontsize=10)
     fig.tight_layout()

@@ -25,6 +25,12 @@ CSV_FIELDS = ["key", "task", "method", "label", "bits_per_weight", "bits_per_act
               "file_bytes", "num_params", "num_weights", "accuracy", "accuracy_drop", "encode_ms", "decode_ms",
               "error"]
 MEASURE_FIELDS = ["measure", "fidelity"]  # rows of ONNX model tasks (onnx_task.py): the measure, not accuracy
+# Accuracies are fractions in the results (docs/measures.md); the tables show them in percent.
+PERCENT_FIELDS = {"accuracy", "accuracy_drop"}
+
+
+def percent(fraction: float) -> float:
+    return 100.0 * fraction
 
 
 def columns(sweep: dict) -> list[tuple[str, str, str]]:
@@ -38,14 +44,15 @@ def columns(sweep: dict) -> list[tuple[str, str, str]]:
 
 def heading(sweep: dict) -> str:
     if sweep.get("measure") is None:
-        return f"float32 reference accuracy {sweep['reference_accuracy']:.2f} %"
+        return f"float32 reference accuracy {percent(sweep['reference_accuracy']):.2f} %"
     return f"{sweep['measure']} of the decoded model's outputs against the original's"
 
 
 def _cells(row: dict, cols: list = COLUMNS) -> list[str]:
     if "error" in row:
         return [row["method"], row["label"], f"error: {row['error']}"] + [""] * (len(cols) - 3)
-    return [fmt.format(row[f]) if row.get(f) is not None else "-" for f, _, fmt in cols]
+    return [fmt.format(percent(row[f]) if f in PERCENT_FIELDS else row[f]) if row.get(f) is not None else "-"
+            for f, _, fmt in cols]
 
 
 def table(results: dict) -> str:

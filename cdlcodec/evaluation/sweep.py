@@ -111,14 +111,12 @@ def evaluate_point(task: Task, spec: PointSpec, workdir: str, reference_accuracy
         "bits_per_param": 8.0 * out.file_bytes / out.num_params if out.num_params else 0.0,
         "file_bytes": int(out.file_bytes), "num_params": int(out.num_params), "num_weights": int(out.num_weights),
     })
-    if task.measure is None:
-        row.update({"accuracy": 100.0 * accuracy, "accuracy_drop": 100.0 * (reference_accuracy - accuracy)})
-    else:  # the measure itself (cosine, agreement, rel_mse), not a percentage
+    if task.measure is None:  # fractions in [0, 1], like train / search (docs/measures.md)
+        row.update({"accuracy": accuracy, "accuracy_drop": reference_accuracy - accuracy})
+    else:  # the measure itself (cosine, agreement, rel_mse), not an accuracy
         row.update({"measure": task.measure, "fidelity": accuracy})
     row.update({"encode_ms": round(1000 * out.encode_seconds, 2), "decode_ms": round(1000 * out.decode_seconds, 2)})
     extra = {k: v for k, v in out.extra.items() if k != "path"}
-    if "trained_accuracy" in extra:
-        extra["trained_accuracy"] = 100.0 * extra["trained_accuracy"]
     if extra:
         row["extra"] = extra
     return row
@@ -158,7 +156,7 @@ def run_sweep(task: Task, points: list[PointSpec] | list[dict], *, quiet: bool =
                 bar.update(1)
     if task.measure is not None:
         return {"task": task.name, "description": task.description, "measure": task.measure, "rows": rows}
-    return {"task": task.name, "description": task.description, "reference_accuracy": 100.0 * reference_accuracy,
+    return {"task": task.name, "description": task.description, "reference_accuracy": reference_accuracy,
             "rows": rows}
 
 
