@@ -94,6 +94,15 @@ def test_accuracy_is_a_fraction_gated_in_points_and_shown_in_percent(tmp_path, r
     assert code == 1 and "accuracy 96.50 -> 96.10 % (-0.40 points), limit -0.30" in out
 
 
+def test_a_baseline_in_percent_is_refused_not_misread(results):
+    base = gate.make_baseline(results)
+    base["points"]["t/fp32/default"]["accuracy"] = 97.0
+    with pytest.raises(CdlInputError, match="baseline point t/fp32/default: accuracy 97 is not a fraction in"):
+        gate.compare(results, base)
+    with pytest.raises(CdlInputError, match="results row t/fp32/default: accuracy 97 is not a fraction in"):
+        gate.compare(_doctor(results, "t/fp32/default", accuracy=96.03), gate.make_baseline(results))
+
+
 def test_gate_command_exit_status(tmp_path, results, run_cli):
     baseline = tmp_path / "baseline.json"
     baseline.write_text(json.dumps(gate.make_baseline(results)))

@@ -109,6 +109,15 @@ def _pct(new: float, old: float) -> float:
     return 100.0 * (new - old) / old if old else (0.0 if new == old else float("inf"))
 
 
+def _fraction(accuracy, where: str) -> float:
+    """An accuracy of the results or the baseline: a fraction, never percent (an older file's)."""
+    value = float(accuracy)
+    if not 0.0 <= value <= 1.0:
+        raise CdlInputError(f"{where}: accuracy {value:g} is not a fraction in [0, 1] (percent, from an older "
+                            "cdlcodec? re-run the sweep, or refresh the baseline with --update-baseline)")
+    return value
+
+
 def compare(results: dict, baseline: dict, tolerances: dict | None = None) -> GateReport:
     """Every baseline point against the results; tolerances default to the baseline's own."""
     check_results(results)
@@ -138,7 +147,8 @@ def compare(results: dict, baseline: dict, tolerances: dict | None = None) -> Ga
                 gains.append(text)
             elif field_name == "bits_per_weight":
                 notes.append(text)
-        old, new = float(ref["accuracy"]), float(row["accuracy"])
+        old = _fraction(ref["accuracy"], f"baseline point {key}")
+        new = _fraction(row["accuracy"], f"results row {key}")
         change = percent(new - old)  # percentage points, the unit of the tolerance
         text = f"accuracy {percent(old):.2f} -> {percent(new):.2f} % ({change:+.2f} points)"
         if change < -tol["accuracy_points"]:
