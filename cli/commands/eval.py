@@ -97,7 +97,7 @@ def build_points(methods, rel_steps, bits, lambdas, granularities, backends, cdl
               help="Writes results.json, results.csv, results.md and rate_accuracy.png here.")
 @click.option("--png", "png_path", default=None, type=click.Path(dir_okay=False), help="Also write the plot here.")
 @click.option("--markdown", "md_path", default=None, type=click.Path(dir_okay=False), help="Also write the Markdown table here.")
-@click.option("--min-accuracy", default=None, type=float, help="Lower end of the plot's accuracy axis.")
+@click.option("--min-accuracy", default=None, type=float, help="Lower end of the plot's accuracy axis, in percent.")
 @click.option("--no-plot", is_flag=True, help="Skip the PNG (no matplotlib needed).")
 @click.option("--results", "results_path", default=None, type=click.Path(dir_okay=False, exists=True),
               help="Do not sweep: reuse this results.json (re-plot, gate or update the baseline).")
