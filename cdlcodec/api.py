@@ -20,10 +20,14 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from .errors import CdlInputError
 from .formats.container import Limits
 from .records import ModelFile, TensorRecord
+
+if TYPE_CHECKING:
+    from .codec import EncodeSummary
 
 
 def encode(source, output, *, quantizer=None, backend: str = "auto", keep=(), target=None, calibration=None,

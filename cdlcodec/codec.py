@@ -19,7 +19,7 @@ import numpy as np
 from . import __version__, backends
 from .backends import EncodeHint, MAX_ABS_LEVEL
 from .backends.base import check_count
-from .dtypes import FLOATS, storage_dtype, to_float32, to_float64
+from .dtypes import storage_dtype, to_float32, to_float64
 from .errors import CdlDecodeError, CdlFormatError, CdlInputError
 from .formats.container import ContainerReader, ContainerWriter, Limits, TensorEntry, decoded_size
 from .progress import Progress

@@ -18,7 +18,6 @@ Needs numpy and onnx only (never torch), so an edge device can turn a .cdl file 
 from __future__ import annotations
 
 import json
-import os
 import warnings
 
 import numpy as np
@@ -29,7 +28,7 @@ from ..errors import CdlFormatError, CdlInputError
 from ..quantizers.params import ChannelParams, UniformParams, from_json, steps_of
 from ..records import ModelFile, TensorRecord
 from .cdl_checkpoint import ACTIVATIONS_SECTION
-from .onnx_model import (DTYPE_TO_ONNX, ONNX_TO_DTYPE, FLOAT_ONNX_TYPES, graph_section, iter_graphs,
+from .onnx_model import (ONNX_TO_DTYPE, FLOAT_ONNX_TYPES, graph_section, iter_graphs,
                          reference_of, _onnx)
 
 WEIGHT_MODES = ("float", "qdq")
