@@ -88,26 +88,22 @@ def json_edit(member: str, change):
     return edit
 
 
-def _pickled_weight(data, marker):
-    def change(doc):
-        doc["config"]["fc.weight"]["use_pickle"] = True
+def _pickled_payload(config: str, key: str, member: str):
+    """An archive whose payload `member` holds a pickle that runs code, marked use_pickle in `config`."""
+    def build(data, marker):
+        def change(doc):
+            doc["config"][key]["use_pickle"] = True
 
-    def edit(name, body):
-        if name == "data/weights/weight_0":
-            return torch_saved(RunsCode(marker))
-        return json_edit("data/weights/model_weights_config.json", change)(name, body)
-    return rewrite(data, edit)
+        def edit(name, body):
+            if name == member:
+                return torch_saved(RunsCode(marker))
+            return json_edit(config, change)(name, body)
+        return rewrite(data, edit)
+    return build
 
 
-def _pickled_constant(data, marker):
-    def change(doc):
-        doc["config"]["offset"]["use_pickle"] = True
-
-    def edit(name, body):
-        if name == "data/constants/tensor_0":
-            return torch_saved(RunsCode(marker))
-        return json_edit("data/constants/model_constants_config.json", change)(name, body)
-    return rewrite(data, edit)
+_pickled_weight = _pickled_payload("data/weights/model_weights_config.json", "fc.weight", "data/weights/weight_0")
+_pickled_constant = _pickled_payload("data/constants/model_constants_config.json", "offset", "data/constants/tensor_0")
 
 
 def _object_constant(prefix):

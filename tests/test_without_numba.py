@@ -56,6 +56,23 @@ def test_pure_python_kernels_give_identical_bytes():
         assert result[key][2] == levels, key
 
 
+def _decode_without_numba(cdl, out) -> dict:
+    """Decode `cdl` and write it to the .safetensors `out` in a child process where numba cannot be
+    imported; the written arrays by name."""
+    from cdlcodec.io.safetensors_file import read_safetensors_tensors
+
+    code = ("import sys; sys.modules['numba'] = None\n"
+            "from cdlcodec.jit import HAVE_NUMBA\n"
+            "assert not HAVE_NUMBA\n"
+            "from cdlcodec.codec import decode_container\n"
+            "from cdlcodec.io.safetensors_file import write_safetensors_tensors\n"
+            f"m = decode_container({str(cdl)!r})\n"
+            f"write_safetensors_tensors({str(out)!r}, [(r.name, r.array, r.dtype) for r in m.records])\n")
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert child.returncode == 0, child.stderr[-2000:]
+    return {name: array for name, array, _ in read_safetensors_tensors(str(out))}
+
+
 def test_container_decodes_without_numba(tmp_path, state_dict_file):
     from cdlcodec.api import encode
     from cdlcodec.codec import decode_container
@@ -63,16 +80,7 @@ def test_container_decodes_without_numba(tmp_path, state_dict_file):
     cdl = tmp_path / "m.cdl"
     encode(str(state_dict_file), str(cdl))
     expected = {r.name: r.array for r in decode_container(str(cdl)).records}
-    code = ("import sys; sys.modules['numba'] = None\n"
-            "from cdlcodec.codec import decode_container\n"
-            "from cdlcodec.io.safetensors_file import write_safetensors_tensors\n"
-            f"m = decode_container({str(cdl)!r})\n"
-            f"write_safetensors_tensors({str(tmp_path / 'out.safetensors')!r}, [(r.name, r.array, r.dtype) for r in m.records])\n")
-    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    assert child.returncode == 0, child.stderr[-2000:]
-    from cdlcodec.io.safetensors_file import read_safetensors_tensors
-
-    got = {n: a for n, a, _ in read_safetensors_tensors(str(tmp_path / "out.safetensors"))}
+    got = _decode_without_numba(cdl, tmp_path / "out.safetensors")
     assert set(got) == set(expected)
     for name in expected:
         assert np.array_equal(got[name], expected[name]), name
@@ -94,16 +102,6 @@ def test_dependent_container_decodes_without_numba(tmp_path):
                                                         "cabac", (), True))
         expected = decode_container(str(cdl)).records
         assert all(r.quant["scheme"] == "dependent" for r in expected)
-        out = tmp_path / f"{granularity}.npz"
-        code = ("import sys; sys.modules['numba'] = None\n"
-                "import numpy as np\n"
-                "from cdlcodec.jit import HAVE_NUMBA\n"
-                "assert not HAVE_NUMBA\n"
-                "from cdlcodec.codec import decode_container\n"
-                f"m = decode_container({str(cdl)!r})\n"
-                f"np.savez({str(out)!r}, **{{r.name: r.array for r in m.records}})\n")
-        child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-        assert child.returncode == 0, child.stderr[-2000:]
-        with np.load(out, allow_pickle=False) as got:
-            for rec in expected:
-                assert np.array_equal(got[rec.name], rec.array), (granularity, rec.name)
+        got = _decode_without_numba(cdl, tmp_path / f"{granularity}.safetensors")
+        for rec in expected:
+            assert np.array_equal(got[rec.name], rec.array), (granularity, rec.name)
