@@ -39,7 +39,7 @@ class OnnxTask(Task):
 
 def onnx_task(model_path: str, calibration: str, measure: str = "cosine") -> OnnxTask:
     """Read the model and the calibration data and run the original model once (errors surface here)."""
-    scorer = OnnxScorer(model_path, calibration, measure)
+    scorer = OnnxScorer.from_files(model_path, calibration, measure)
     return OnnxTask(os.path.basename(model_path), reference=lambda: scorer.model, evaluate=scorer.score,
                     description=f"ONNX model {model_path}, run on {scorer.inputs.describe()}",
                     kind="onnx", measure=measure, scorer=scorer, calibration=calibration)

@@ -45,7 +45,7 @@ def search_onnx(model_path: str, calibration: str, target: Target, output: str |
 
     if output is not None:
         refuse_to_overwrite(output, model_path, calibration)
-    scorer = OnnxScorer(model_path, calibration, target.measure, MAX_CALIBRATION)
+    scorer = OnnxScorer.from_files(model_path, calibration, target.measure, MAX_CALIBRATION)
     log = log or (lambda msg: None)
     # Candidates live beside the output, so the winner is renamed into place (atomically).
     workdir = tempfile.mkdtemp(prefix=".cdlcodec-search-", dir=os.path.dirname(os.path.abspath(output)) if output else None)

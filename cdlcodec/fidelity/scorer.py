@@ -17,38 +17,53 @@ from .measures import MEASURES, higher_is_better, score
 class OnnxScorer:
     """The original model's outputs on the calibration inputs, and `score` for any decoded model."""
 
-    def __init__(self, model_path: str, calibration: str, measure: str, max_samples: int | None = None):
+    def __init__(self, model: ModelFile, inputs, measure: str):
+        """`model`: records + ONNX graph section; `inputs`: a fidelity.inputs.Inputs."""
+        from ..io.onnx_writer import build_onnx
+
+        if measure not in MEASURES:
+            raise CdlInputError(f"unknown fidelity measure {measure!r} (known: {', '.join(MEASURES)})")
+        self.model, self.inputs, self.measure = model, inputs, measure
+        self.reference = self.run(build_onnx(model, weights="float"))
+
+    @classmethod
+    def from_files(cls, model_path: str, calibration: str, measure: str, max_samples: int | None = None):
+        """The scorer of an .onnx file on the calibration .npz (what `eval --onnx` and `search --onnx` use)."""
         import onnx
 
         from ..io.model_files import read_model
         from ..io.onnx_model import graph_section
-        from ..io.onnx_writer import build_onnx
         from .inputs import load_calibration
-        from .runner import run_proto
 
         if measure not in MEASURES:
             raise CdlInputError(f"unknown fidelity measure {measure!r} (known: {', '.join(MEASURES)})")
         if os.path.splitext(model_path)[1].lower() != ".onnx":
             raise CdlInputError(f"{model_path}: expected an ONNX model file (.onnx)")
-        self.model: ModelFile = read_model(model_path)
-        section = graph_section(self.model)
+        model = read_model(model_path)
+        section = graph_section(model)
         if section is None:
             raise CdlInputError(f"{model_path}: the model carries no ONNX graph to run")
-        self.model_path = model_path
-        self.measure = measure
-        self.inputs = load_calibration(calibration, onnx.load_from_string(section[2]), max_samples)
-        self.reference = run_proto(build_onnx(self.model, weights="float"), self.inputs)
+        return cls(model, load_calibration(calibration, onnx.load_from_string(section[2]), max_samples), measure)
 
     @property
     def higher_is_better(self) -> bool:
         return higher_is_better(self.measure)
 
-    def score(self, decoded: ModelFile) -> float:
-        """The measure of a decoded model (a ModelFile with the original graph) against the original."""
-        from ..io.onnx_writer import build_onnx
+    def run(self, proto):
+        """Outputs of a complete ModelProto on the inputs (onnxruntime's default session)."""
         from .runner import run_proto
 
-        return score(self.measure, self.reference, run_proto(build_onnx(decoded, weights="float"), self.inputs))
+        return run_proto(proto, self.inputs)
+
+    def outputs(self, decoded: ModelFile):
+        """Outputs of a decoded model (a ModelFile with the original graph)."""
+        from ..io.onnx_writer import build_onnx
+
+        return self.run(build_onnx(decoded, weights="float"))
+
+    def score(self, decoded: ModelFile) -> float:
+        """The measure of a decoded model against the original."""
+        return score(self.measure, self.reference, self.outputs(decoded))
 
     def score_container(self, path: str) -> float:
         """Decode the container at `path` with the ordinary decoder and score it."""

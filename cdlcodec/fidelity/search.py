@@ -426,12 +426,10 @@ def _score(target: Target, kinds, reference, decoded) -> float:
 def check_container(path: str, model: ModelFile, inputs: Inputs, target: Target, kinds=None) -> float:
     """Decode the written container, run it with onnxruntime's default session, score it."""
     from ..codec import decode_container
-    from ..io.onnx_writer import build_onnx
-    from .runner import run_proto
+    from .scorer import OnnxScorer
 
-    reference = run_proto(build_onnx(model, weights="float"), inputs)
-    decoded = run_proto(build_onnx(decode_container(path), weights="float"), inputs)
-    return _score(target, kinds or {}, reference, decoded)
+    scorer = OnnxScorer(model, inputs, target.measure)
+    return _score(target, kinds or {}, scorer.reference, scorer.outputs(decode_container(path)))
 
 
 def encode_to_target(model: ModelFile, output: str, options: FidelityOptions, encode_options=None):
