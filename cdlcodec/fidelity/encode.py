@@ -74,7 +74,9 @@ def encode_model(model, output: str, options: EncodeOptions, target: tuple[str, 
             options = replace(options, quantizer=data_free_default())
         return encode_records(model.records, output, options, model.metadata, model.sections), None
     if calibration is not None and not isinstance(calibration, (str, os.PathLike)):
-        calibration = Inputs.from_batches(_graph_proto(model), calibration, MAX_CALIBRATION)
+        from ..io.onnx_model import stripped_graph
+
+        calibration = Inputs.from_batches(stripped_graph(model), calibration, MAX_CALIBRATION)
     if isinstance(target, tuple):
         target = Target(*target)
     # The default promises more than a cosine: no calibration sample's decision (a class, a
@@ -82,11 +84,3 @@ def encode_model(model, output: str, options: EncodeOptions, target: tuple[str, 
     fidelity = FidelityOptions(target or DEFAULT_TARGET, calibration, gptq=gptq, quiet=options.quiet,
                                keep=options.keep, same_decisions=same_decisions or target is None)
     return encode_to_target(model, output, fidelity, options)
-
-
-def _graph_proto(model):
-    import onnx
-
-    from ..io.onnx_model import graph_section
-
-    return onnx.load_from_string(graph_section(model)[2])

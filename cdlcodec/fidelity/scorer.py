@@ -29,10 +29,8 @@ class OnnxScorer:
     @classmethod
     def from_files(cls, model_path: str, calibration: str, measure: str, max_samples: int | None = None):
         """The scorer of an .onnx file on the calibration .npz (what `eval --onnx` and `search --onnx` use)."""
-        import onnx
-
         from ..io.model_files import read_model
-        from ..io.onnx_model import graph_section
+        from ..io.onnx_model import stripped_graph
         from .inputs import load_calibration
 
         if measure not in MEASURES:
@@ -40,10 +38,10 @@ class OnnxScorer:
         if os.path.splitext(model_path)[1].lower() != ".onnx":
             raise CdlInputError(f"{model_path}: expected an ONNX model file (.onnx)")
         model = read_model(model_path)
-        section = graph_section(model)
-        if section is None:
+        graph = stripped_graph(model)
+        if graph is None:
             raise CdlInputError(f"{model_path}: the model carries no ONNX graph to run")
-        return cls(model, load_calibration(calibration, onnx.load_from_string(section[2]), max_samples), measure)
+        return cls(model, load_calibration(calibration, graph, max_samples), measure)
 
     @property
     def higher_is_better(self) -> bool:

@@ -171,20 +171,17 @@ class _Search:
     """The state one fidelity search shares between its steps (see the module docstring)."""
 
     def __init__(self, model: ModelFile, options: FidelityOptions):
-        import onnx
-
         from ..codec import role_of
-        from ..io.onnx_model import graph_section, reference_of
+        from ..io.onnx_model import reference_of, stripped_graph
         from .runner import OnnxRunner
 
         self.model, self.options, self.target = model, options, options.target
         self.log = _Log(options.quiet)
         self.start = time.perf_counter()
-        section = graph_section(model)
-        if section is None:
+        stripped = stripped_graph(model)
+        if stripped is None:
             raise CdlInputError("a fidelity target needs the model's graph: encode an ONNX model (or a torch module "
                                 "through the Python API with an example input)")
-        stripped = onnx.load_from_string(section[2])
         self.roles = graph_roles(stripped)
         self.axes = output_axes(stripped)
         self.records = {r.name: r for r in model.records}
@@ -342,14 +339,6 @@ def squashed_outputs(stripped_proto) -> dict[int, str]:
     return {j: name for j, (_, name, _) in squashing_nodes(stripped_proto).items()}
 
 
-def _stripped(model: ModelFile):
-    import onnx
-
-    from ..io.onnx_model import graph_section
-
-    return onnx.load_from_string(graph_section(model)[2])
-
-
 def _total(model: ModelFile) -> int:
     return max(1, sum(r.numel for r in model.records))
 
@@ -443,7 +432,9 @@ def encode_to_target(model: ModelFile, output: str, options: FidelityOptions, en
     encode_options = replace(encode_options or EncodeOptions(), quantizer=quantizer)
     summary = encode_records(model.records, output, encode_options, {**model.metadata, **report.metadata()},
                              model.sections)
-    kinds = decision_kinds(_stripped(model)) if options.same_decisions else {}
+    from ..io.onnx_model import stripped_graph
+
+    kinds = decision_kinds(stripped_graph(model)) if options.same_decisions else {}
     checked = check_container(output, model, inputs, options.target, kinds)
     report.checked = checked
     summary.seconds = report.seconds = time.perf_counter() - start

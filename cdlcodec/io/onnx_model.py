@@ -275,3 +275,9 @@ def graph_section(model: ModelFile):
             return section
     return None
 
+
+def stripped_graph(model: ModelFile):
+    """The model's ONNX graph section parsed (weights stripped: `cdl:` references), or None."""
+    section = graph_section(model)
+    return None if section is None else _onnx().load_from_string(section[2])
+
