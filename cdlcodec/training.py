@@ -8,6 +8,8 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
+from .optional import require
+require("torch", "training")
 import torch
 from torch import nn
 

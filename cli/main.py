@@ -19,6 +19,7 @@ import click
 
 from cdlcodec import __version__
 from cdlcodec.errors import CdlError
+from cdlcodec.optional import as_missing_dependency
 from cdlcodec.cli import commands as _commands_pkg
 
 
@@ -103,13 +104,30 @@ def main(argv: list[str] | None = None) -> None:
         name = f": {exc.filename}" if getattr(exc, "filename", None) else ""
         click.echo(f"cdlcodec: error: {exc.strerror or exc}{name}", err=True)
         sys.exit(2)
-    except Exception as exc:  # a bug in cdlcodec: still one line, traceback only on request
-        if os.environ.get("CDLCODEC_DEBUG"):
-            raise
-        click.echo(f"cdlcodec: error: internal error ({type(exc).__name__}: {exc}); "
-                   "set CDLCODEC_DEBUG=1 for a traceback and please report it", err=True)
-        sys.exit(3)
+    except ImportError as exc:  # an optional package (torch, numba, ...) this command needs is missing
+        missing = as_missing_dependency(exc, _command_label(argv))
+        if missing is None:
+            _internal_error(exc)
+        click.echo(f"cdlcodec: error: {missing}", err=True)
+        sys.exit(2)
+    except Exception as exc:
+        _internal_error(exc)
     sys.exit(0)
+
+
+def _command_label(argv: list[str] | None) -> str:
+    """'cdlcodec train' for the command line being run (the first word that is not an option)."""
+    words = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
+    return f"'cdlcodec {words[0]}'" if words else "cdlcodec"
+
+
+def _internal_error(exc: Exception) -> None:
+    """A bug in cdlcodec: still one line and exit 3, traceback only on request."""
+    if os.environ.get("CDLCODEC_DEBUG"):
+        raise exc
+    click.echo(f"cdlcodec: error: internal error ({type(exc).__name__}: {exc}); "
+               "set CDLCODEC_DEBUG=1 for a traceback and please report it", err=True)
+    sys.exit(3)
 
 
 if __name__ == "__main__":

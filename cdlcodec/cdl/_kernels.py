@@ -9,7 +9,12 @@ here only shapes training gradients, never coded bytes.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+
+from ..optional import require
+
+# Plain Python would take hours per epoch here, so unlike the coders' kernels these need numba.
+require("numba", "CDL training")
+from numba import njit, prange  # noqa: E402
 
 
 @njit(cache=True, inline="always")

@@ -1,6 +1,8 @@
 """Turn an ordinary model into a CDL / R-CDL model, and helpers that act on all its quantizers."""
 from __future__ import annotations
 
+from ..optional import require
+require("torch", "CDL training")
 import torch
 from torch import nn
 

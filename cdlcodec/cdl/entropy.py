@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from ..optional import require
+require("torch", "CDL training")
 import torch
 
 from .quantizer import cpmf

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 
+from ..optional import require
+require("torch", "CDL training")
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..optional import require
+require("torch", "CDL training")
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -9,6 +9,8 @@ from __future__ import annotations
 import heapq
 
 import numpy as np
+from ..optional import require
+require("torch", "CDL training")
 import torch
 from torch import nn
 

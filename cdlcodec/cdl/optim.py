@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import math
 
+from ..optional import require
+require("torch", "CDL training")
 from torch import nn
 
 from .convert import activation_quantizers, weight_quantizers

@@ -24,6 +24,8 @@ is ever built, never `[elements, 2^b]`.
 from __future__ import annotations
 
 import numpy as np
+from ..optional import require
+require("torch", "CDL training")
 import torch
 
 

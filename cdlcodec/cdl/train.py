@@ -11,6 +11,8 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+from ..optional import require
+require("torch", "CDL training")
 import torch
 from torch import nn
 

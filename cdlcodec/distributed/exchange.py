@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from ..optional import require
+require("torch", "cdlcodec.distributed")
 import torch
 import torch.distributed as dist
 

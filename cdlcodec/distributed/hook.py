@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 import numpy as np
+from ..optional import require
+require("torch", "cdlcodec.distributed")
 import torch
 import torch.distributed as dist
 

@@ -25,6 +25,8 @@ Decoding is bit-exact: a value is float32(level) * float32(step), one correctly-
 from __future__ import annotations
 
 import numpy as np
+from ..optional import require
+require("torch", "cdlcodec.distributed")
 import torch
 
 from ..backends import MAX_ABS_LEVEL, EncodeHint, get, get_for_decoding

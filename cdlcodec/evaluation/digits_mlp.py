@@ -4,6 +4,8 @@ Each ReLU is its own module so that CDL conversion gives every activation its ow
 """
 from __future__ import annotations
 
+from ..optional import require
+require("torch", "the digits-MLP task")
 from torch import nn
 
 

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 
 from ..errors import CdlInputError
+from ..optional import MissingDependency, missing_message
 from ..records import ModelFile
 from .cdl_checkpoint import with_cdl_sections
 
@@ -64,8 +65,8 @@ def _need_torch(what: str) -> None:
     try:
         import torch  # noqa: F401
     except ImportError:
-        raise CdlInputError(f"{what} needs torch, which is not installed here; "
-                            "decode to .onnx or .safetensors instead") from None
+        raise MissingDependency(f"{missing_message('torch', what)} (or decode to .onnx or .safetensors, "
+                                "which need no torch)") from None
 
 
 def check_writable_kind(path: str) -> str:

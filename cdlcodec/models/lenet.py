@@ -1,6 +1,8 @@
 """LeNet-5 for 28x28 single-channel digits (the classic 6-16-120-84-10 layout, ReLU, max pooling)."""
 from __future__ import annotations
 
+from ..optional import require
+require("torch", "the built-in models")
 import torch
 from torch import nn
 
