@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 
 def encode(source, output, *, quantizer=None, backend: str = "auto", keep=(), target=None, calibration=None,
-           example_input=None, arch: str | None = None, quiet: bool = True):
+           example_input=None, arch: str | None = None, quiet: bool = True, lossless: bool = False):
     """Quantize and entropy-code a model into the container `output` (written atomically).
 
     source: a model file path (.pt/.pth/.bin/.ckpt, .safetensors, .onnx, .pt2), a state_dict
@@ -55,6 +55,8 @@ def encode(source, output, *, quantizer=None, backend: str = "auto", keep=(), ta
     arch: a registered architecture (cdlcodec.models, e.g. "lenet5") that a state_dict is the
         weights of: checked now, and its ONNX graph stored so that decode to .onnx and `load` work.
     quiet: no progress bar and no log lines.
+    lossless: quantize nothing; every tensor is stored bit for bit (float tensors with the exact float
+        coder where it is smaller). Refused with a quantizer, target or calibration.
 
     Returns a `cdlcodec.codec.EncodeSummary` (sizes, bits per parameter, time; `fidelity` holds the
     FidelityReport of a fidelity-target encode).
@@ -63,7 +65,11 @@ def encode(source, output, *, quantizer=None, backend: str = "auto", keep=(), ta
     from .fidelity.encode import encode_model
 
     output = os.fspath(output)
-    options = EncodeOptions(backend=backend, keep=tuple(keep), quiet=quiet)
+    options = EncodeOptions(backend=backend, keep=tuple(keep), quiet=quiet, lossless=lossless)
+    if lossless:
+        if quantizer is not None or target is not None or calibration is not None:
+            raise CdlInputError("lossless quantizes nothing: give no quantizer, target or calibration with it")
+        return encode_with_options(source, output, options, arch=arch, example_input=example_input)
     if quantizer is not None:
         if target is not None or calibration is not None:
             raise CdlInputError("a fidelity target chooses the steps itself: give target/calibration or a quantizer, "

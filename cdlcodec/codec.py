@@ -40,6 +40,8 @@ class EncodeOptions:
     # Quantizer for CDL / R-CDL checkpoints; None = their learned quantizers with the most probable
     # level (quantizers.make("cpmf")). Refused for any other model: it would be ignored.
     cdl_quantizer: Quantizer | None = None
+    # Every float tensor exact (bit for bit), coded by the exact float coder where that is smaller.
+    lossless: bool = False
 
 
 @dataclass
@@ -105,7 +107,8 @@ def encode_records(records: list[TensorRecord], output: str, options: EncodeOpti
     start = time.perf_counter()
     sections = list(sections)
     quantizer = _bind_quantizer(ModelFile(records, sections, dict(metadata or {})), options)
-    meta = {"cdlcodec.version": __version__, "quantizer": quantizer.describe()}
+    meta = {"cdlcodec.version": __version__,
+            "quantizer": "none (lossless)" if options.lossless else quantizer.describe()}
     meta.update(metadata or {})
     total = sum(r.numel for r in records) or 1
     n_quant = 0
@@ -116,7 +119,7 @@ def encode_records(records: list[TensorRecord], output: str, options: EncodeOpti
         for name, kind, data in [*sections, *extra_sections]:
             writer.add_section(name, kind, data)
         for rec in records:
-            role = role_of(rec, options.keep)
+            role = "plain" if options.lossless and rec.is_float else role_of(rec, options.keep)
             entry = TensorEntry(rec.name, rec.shape, rec.dtype, "levels", None, None, b"", rec.numel)
             hint = EncodeHint(shape=rec.shape)
             try:
@@ -133,6 +136,10 @@ def encode_records(records: list[TensorRecord], output: str, options: EncodeOpti
                 if role == "plain":
                     entry.encoding, entry.count = "plain", rec.numel
                     payload = np.ascontiguousarray(rec.array, dtype=storage_dtype(rec.dtype)).tobytes()
+                    exact = _code_exact(rec, len(payload))
+                    if exact is not None:
+                        entry.encoding, entry.backend = "exact", EXACT_CODER
+                        payload, entry.backend_params = exact
                 else:
                     entry.backend, payload, entry.backend_params = code_levels(levels, options.backend, hint)
             except CdlInputError as exc:  # "step too small", no backend fits ...: say which tensor
@@ -150,6 +157,29 @@ def encode_records(records: list[TensorRecord], output: str, options: EncodeOpti
     return EncodeSummary(output, len(records), sum(r.numel for r in records), n_quant,
                          sum(r.array.nbytes for r in records), os.path.getsize(output),
                          time.perf_counter() - start, report, coded_bits, unmatched, notes=notes)
+
+
+EXACT_CODER = "float"  # the one coder of `exact` tensors (cdlcodec.backends.float_exact)
+
+
+def _code_exact(rec: TensorRecord, plain_bytes: int) -> tuple[bytes, bytes] | None:
+    """(payload, params) of the exact float coder for a tensor it can hold, when they are smaller
+    than the tensor's `plain_bytes` verbatim bytes; None otherwise (verbatim storage then)."""
+    from .backends import float_exact
+
+    if not float_exact.supports(rec.dtype) or rec.numel == 0:
+        return None
+    payload, params = float_exact.encode(np.ascontiguousarray(rec.array, dtype=storage_dtype(rec.dtype)), rec.dtype)
+    return (payload, params) if len(payload) + len(params) < plain_bytes else None
+
+
+def _exact_coder(entry: TensorEntry):
+    """The module that decodes an `exact` tensor; CdlFormatError for a coder this cdlcodec lacks."""
+    if entry.backend != EXACT_CODER:
+        raise CdlFormatError(f"exact payload uses coder {entry.backend!r}, which this cdlcodec cannot decode")
+    from .backends import float_exact
+
+    return float_exact
 
 
 def _quantize(quantizer, rec: TensorRecord, backend: str) -> tuple[np.ndarray, dict, EncodeHint | None] | None:
@@ -210,6 +240,12 @@ def check_decodable(entry: TensorEntry, limits: Limits) -> None:
     if decoded > limits.max_decoded_bytes:
         raise CdlFormatError(f"tensor {entry.name!r}: decoding it holds {decoded:,} bytes, over the limit of "
                              f"{limits.max_decoded_bytes:,} (Limits.max_decoded_bytes)")
+    if entry.encoding == "exact":
+        try:
+            bound = _exact_coder(entry).max_count(entry.length, entry.backend_params, entry.dtype)
+            check_count(entry.backend, entry.length, entry.count, bound)
+        except CdlFormatError as exc:
+            raise type(exc)(f"tensor {entry.name!r}: {exc}") from exc
     if entry.encoding == "levels":
         try:
             backend = backends.get_for_decoding(entry.backend)
@@ -227,6 +263,14 @@ def decode_entry(reader: ContainerReader, entry: TensorEntry) -> TensorRecord:
     if entry.encoding == "plain":
         arr = np.frombuffer(payload, dtype=storage_dtype(entry.dtype)).reshape(entry.shape).copy()
         return TensorRecord(entry.name, arr, entry.dtype)
+    if entry.encoding == "exact":
+        try:
+            bits = _exact_coder(entry).decode(payload, entry.backend_params, entry.count, entry.dtype)
+        except CdlFormatError as exc:
+            raise type(exc)(f"tensor {entry.name!r}: {exc}") from exc
+        except Exception as exc:  # as for backends: a coder bug must not look like a crash
+            raise CdlDecodeError(f"tensor {entry.name!r}: exact payload could not be decoded ({exc})") from exc
+        return TensorRecord(entry.name, bits.view(storage_dtype(entry.dtype)).reshape(entry.shape), entry.dtype)
     backend = backends.get_for_decoding(entry.backend)
     try:
         levels = backend.decode(payload, entry.backend_params, entry.count, entry.shape)
@@ -268,7 +312,7 @@ def container_summary(path: str, limits: Limits = Limits(), *, check_checksums: 
             nbytes = e.length + len(e.backend_params)
             tensors.append({
                 "name": e.name, "shape": list(e.shape), "dtype": e.dtype,
-                "backend": e.backend if e.encoding == "levels" else "plain",
+                "backend": e.backend if e.encoding in ("levels", "exact") else "plain",
                 **_step_summary(e), "bytes": nbytes, "bits_per_param": 8.0 * nbytes / e.numel if e.numel else 0.0,
             })
         num = sum(math.prod(t["shape"]) for t in tensors)

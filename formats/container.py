@@ -37,7 +37,8 @@ from typing import Any, BinaryIO, Iterator
 MAGIC = b"\x89CDL\r\n\x1a\n"
 END_MAGIC = b"CDLEND\x00\x01"
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 0
+FORMAT_MINOR = 0        # what a file without `exact` tensors is written as
+EXACT_MINOR = 1         # the lowest version that describes a file with `exact` tensors (SPEC.md section 6)
 PREFIX = struct.Struct("<8sHHI")
 FOOTER = struct.Struct("<QQII8s")
 
@@ -46,7 +47,8 @@ DTYPE_SIZES = {
     "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2,
     "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "bool": 1,
 }
-ENCODINGS = ("levels", "plain")
+ENCODINGS = ("levels", "plain", "exact")
+EXACT_DTYPES = ("float32", "float16", "bfloat16")  # what an `exact` coder may hold
 SECTION_KINDS = ("onnx", "torch.export", "json", "bytes")
 
 
@@ -150,7 +152,8 @@ class TensorEntry:
     name: str
     shape: tuple[int, ...]
     dtype: str
-    encoding: str  # "levels": `count` integers coded by `backend`; "plain": raw little-endian bytes
+    encoding: str  # "levels": `count` integers coded by `backend`; "plain": raw little-endian bytes;
+    #                "exact": the values' bit patterns coded losslessly by the coder `backend`
     quant: dict[str, Any] | None
     backend: str | None
     backend_params: bytes
@@ -323,6 +326,9 @@ class ContainerWriter:
             if payload_len != numel * DTYPE_SIZES[entry.dtype]:
                 raise FormatInputError(f"{what}: plain payload of {payload_len} bytes does not hold {numel} {entry.dtype} values")
         else:
+            if entry.encoding == "exact" and (entry.dtype not in EXACT_DTYPES or entry.quant is not None):
+                raise FormatInputError(f"{what}: exact coding holds {', '.join(EXACT_DTYPES)} values without quant, "
+                                       f"not {entry.dtype}")
             if not isinstance(entry.backend, str):
                 raise FormatInputError(f"{what}: coded tensor names no backend")
             if len(entry.backend_params) > lim.max_params_bytes:
@@ -362,6 +368,11 @@ class ContainerWriter:
         self._sections.append(entry)
         return entry
 
+    @property
+    def minor_version(self) -> int:
+        """The lowest minor version that describes the tensors written so far."""
+        return EXACT_MINOR if any(t.encoding == "exact" for t in self._tensors) else FORMAT_MINOR
+
     def _finish(self) -> None:
         assert self._fh is not None
         index = {
@@ -383,8 +394,12 @@ class ContainerWriter:
         except FormatError as exc:
             raise FormatInputError(f"refusing to write a container the reader would refuse: {exc}") from exc
         index_offset = PREFIX.size + self._offset
+        prefix = PREFIX.pack(MAGIC, FORMAT_MAJOR, self.minor_version, 0)
+        if self.minor_version != FORMAT_MINOR:  # the prefix went out before the tensors were known
+            self._fh.seek(0)
+            self._fh.write(prefix)
+            self._fh.seek(index_offset)
         self._fh.write(index_bytes)
-        prefix = PREFIX.pack(MAGIC, FORMAT_MAJOR, FORMAT_MINOR, 0)
         crc = zlib.crc32(prefix + index_bytes + struct.pack("<QQ", index_offset, len(index_bytes)))
         self._fh.write(FOOTER.pack(index_offset, len(index_bytes), crc, 0, END_MAGIC))
 
@@ -537,6 +552,8 @@ def _parse_tensors(raw: Any, lim: Limits) -> list[TensorEntry]:
             if length != numel * DTYPE_SIZES[dtype] or count != numel:
                 raise _fail(f"{what}: plain payload of {length} bytes does not hold {numel} {dtype} values")
         else:
+            if encoding == "exact" and (dtype not in EXACT_DTYPES or quant is not None):
+                raise _fail(f"{what}: exact coding holds {', '.join(EXACT_DTYPES)} values without quant, not {dtype}")
             if backend is None:
                 raise _fail(f"{what}: coded tensor names no backend")
             if count != numel:

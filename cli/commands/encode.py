@@ -51,9 +51,12 @@ FLAGS = {"rel_step": "--rel-step", "step": "--step", "bits": "--bits", "lam": "-
 @click.option("--same-decisions", is_flag=True,
               help="With a fidelity target: also no calibration sample's decision may change (argmax of a "
                    "softmax output, side of 0.5 of a sigmoid output). Part of the default target.")
+@click.option("--lossless", is_flag=True,
+              help="Quantize nothing: every tensor is stored exactly, bit for bit (float tensors with the exact "
+                   "float coder where it is smaller, docs/backends.md).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 def command(model, output, rel_step, step, bits, backend, keep, arch, lam, granularity, trellis, cpmf, seed,
-            target_cosine, target_agreement, target_rel_mse, calibration, no_gptq, same_decisions, quiet):
+            target_cosine, target_agreement, target_rel_mse, calibration, no_gptq, same_decisions, lossless, quiet):
     """Quantize and entropy-code MODEL (.onnx, .pt/.pth state_dict or checkpoint, .safetensors, .pt2) into a .cdl file.
 
     Tensors with two or more dimensions are quantized to integers k = round(w / step); 1-D tensors
@@ -90,7 +93,14 @@ def command(model, output, rel_step, step, bits, backend, keep, arch, lam, granu
         elif step_options:
             quantizer = make("uniform", **step_rule)
         cdl_quantizer = None if cpmf is None else make("cpmf", mode=cpmf, seed=seed or 0)
-    options = EncodeOptions(quantizer, backend, tuple(keep), quiet, cdl_quantizer)
+    options = EncodeOptions(quantizer, backend, tuple(keep), quiet, cdl_quantizer, lossless=lossless)
+    if lossless:  # nothing is quantized, so nothing that chooses or checks quantization applies
+        given = step_options + [flag for flag, value in (
+            ("--cpmf", cpmf), ("--target-cosine", target_cosine), ("--target-agreement", target_agreement),
+            ("--target-rel-mse", target_rel_mse), ("--calibration", calibration), ("--no-gptq", no_gptq),
+            ("--same-decisions", same_decisions)) if value is not None and value is not False]
+        if given:
+            raise CdlInputError(f"--lossless quantizes nothing; drop {', '.join(given)}")
     targets = [(flag, measure, value) for flag, measure, value in (
         ("--target-cosine", "cosine", target_cosine), ("--target-agreement", "agreement", target_agreement),
         ("--target-rel-mse", "rel_mse", target_rel_mse)) if value is not None]
@@ -103,7 +113,7 @@ def command(model, output, rel_step, step, bits, backend, keep, arch, lam, granu
                             f"{', '.join(step_options)}")
     with parameters_as_flags(flags):
         summary = _encode(model, output, options, arch, targets, calibration, no_gptq, same_decisions, quiet,
-                          fidelity=bool(targets) or (arch is None and not step_options and cpmf is None))
+                          fidelity=not lossless and (bool(targets) or (arch is None and not step_options and cpmf is None)))
     for pattern in summary.unmatched_keep:
         click.echo(f"cdlcodec: warning: --keep {pattern!r} matches no tensor of {model}", err=True)
     for note in summary.notes:

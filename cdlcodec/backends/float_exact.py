@@ -1,0 +1,226 @@
+"""`float` coder: exact (bit-for-bit) compression of bfloat16, float16 and float32 tensors.
+
+Used by the container's `exact` encoding (formats/SPEC.md). Every element's bit pattern is split
+into byte planes; the plane that holds the exponent is skewed (trained weights use a few exponents)
+and is entropy-coded, the mantissa planes are close to uniform and are stored verbatim unless
+coding them pays (e.g. float32 upcast from bfloat16, whose low planes are all zero). NaN payloads,
+infinities, signed zeros and subnormals are just bit patterns: they round-trip like any other.
+
+Byte layout (version 1; a second implementation needs only this docstring)
+--------------------------------------------------------------------------
+planes of an element with bit pattern u:
+  bfloat16, float16 (u: 16 bits)  P0 = bits 14..7 (bfloat16: the exponent; float16: the exponent and
+                                  the top 3 mantissa bits), P1 = bit 15 << 7 | bits 6..0
+  float32 (u: 32 bits)            P0 = bits 30..23 (the exponent), P1 = bit 31 << 7 | bits 22..16,
+                                  P2 = bits 15..8, P3 = bits 7..0
+params  = version:u8 (1) || chunk_log2:u8 (10..24) || dtype:u8 (0 bfloat16, 1 float16, 2 float32)
+          || one plane descriptor per plane, in plane order; no trailing bytes.
+  plane descriptor: mode:u8, then
+    0 VERBATIM  nothing
+    1 CONSTANT  value:u8 (every element's plane byte is this value)
+    2 RANS      a 32-byte bitmap of the symbols present (bit s % 8 of byte s // 8), then for each
+                present symbol in ascending order uvarint(frequency); at least two symbols, every
+                frequency >= 1, frequencies summing to 4096.
+payload = directory || chunk 0 || chunk 1 || ...
+  The elements are cut into chunks of 2**chunk_log2 (the last one shorter); an empty tensor has no
+  chunks. directory: for each chunk, for each RANS plane in plane order, the byte length of that
+  plane's stream in that chunk as u32 LE. A chunk of n elements holds its planes in plane order:
+  VERBATIM n bytes, RANS its stream, CONSTANT nothing. The payload ends exactly after the last chunk.
+  rANS stream of n symbols (static, 12-bit frequencies f_s with cumulative c_s, 4 interleaved
+  32-bit states): 4 initial states x_0..x_3 as u32 LE, each in [2**16, 2**32), then 16-bit words
+  LE. Symbol j (j = 0..n-1) is decoded from state k = j mod 4: slot = x_k mod 4096, s = the symbol
+  with c_s <= slot < c_s + f_s, x_k = f_s * (x_k >> 12) + slot - c_s, and if then x_k < 2**16 the
+  next word w is read: x_k = x_k << 16 | w. After the last symbol every word has been read and
+  every state equals 2**16 (anything else is a corrupt stream).
+
+Chunks are independent (they share only the tables), so they can be decoded in parallel.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import CdlDecodeError, CdlInputError
+from . import float_kernels as fk
+from .varint import read_uvarint, write_uvarint
+
+NAME = "float"
+VERSION = 1
+CHUNK_LOG2 = 18
+DTYPES = {"bfloat16": (0, np.dtype("<u2")), "float16": (1, np.dtype("<u2")), "float32": (2, np.dtype("<u4"))}
+N_PLANES = {"bfloat16": 2, "float16": 2, "float32": 4}
+VERBATIM, CONSTANT, RANS = 0, 1, 2
+_BITMAP_BYTES = 32
+_MIN_RANS_CHUNK_BYTES = 4 + fk.STATE_BYTES  # its directory entry and its states
+
+
+def supports(dtype: str) -> bool:
+    return dtype in DTYPES
+
+
+# --- encoding --------------------------------------------------------------------------------------
+
+def _split(bits: np.ndarray, dtype: str) -> np.ndarray:
+    planes = np.empty((N_PLANES[dtype], bits.size), np.uint8)
+    (fk.split32 if dtype == "float32" else fk.split16)(bits, planes)
+    return planes
+
+
+def _rans_table(freq: np.ndarray) -> bytes:
+    present = freq > 0
+    bitmap = np.packbits(present, bitorder="little").tobytes()
+    return bytes([RANS]) + bitmap + b"".join(write_uvarint(int(f)) for f in freq[present])
+
+
+def _plan_plane(plane: np.ndarray, chunk: int) -> tuple[bytes, list[bytes] | None]:
+    """(descriptor, per-chunk rANS streams or None): the cheapest of constant, rANS and verbatim."""
+    counts = np.bincount(plane, minlength=256).astype(np.int64)
+    used = np.flatnonzero(counts)
+    if used.size == 1:
+        return bytes([CONSTANT, int(used[0])]), None
+    if used.size == 0:  # an empty tensor
+        return bytes([VERBATIM]), None
+    freq = fk.normalize_counts(counts)
+    streams = []
+    buf = np.empty(min(plane.size, chunk) * 2 + 64, np.uint8)
+    for start in range(0, plane.size, chunk):
+        n = fk.encode_rans(np.ascontiguousarray(plane[start:start + chunk]), freq, buf)
+        streams.append(buf[:n].tobytes())
+    descriptor = _rans_table(freq)
+    if len(descriptor) + sum(len(s) + 4 for s in streams) >= plane.size:
+        return bytes([VERBATIM]), None
+    return descriptor, streams
+
+
+def encode(array: np.ndarray, dtype: str) -> tuple[bytes, bytes]:
+    """(payload, params) coding the storage array of a bfloat16/float16/float32 tensor exactly."""
+    if dtype not in DTYPES:
+        raise CdlInputError(f"the exact float coder handles {', '.join(DTYPES)}, not {dtype}")
+    code, storage = DTYPES[dtype]
+    bits = np.ascontiguousarray(array).view(storage).ravel()
+    planes = _split(bits, dtype)
+    chunk = 1 << CHUNK_LOG2
+    params = bytearray([VERSION, CHUNK_LOG2, code])
+    plans = []
+    for p in range(planes.shape[0]):
+        descriptor, streams = _plan_plane(planes[p], chunk)
+        params += descriptor
+        plans.append((descriptor[0], streams))
+    directory, body = bytearray(), []
+    for c, start in enumerate(range(0, bits.size, chunk)):
+        for p, (mode, streams) in enumerate(plans):
+            if mode == RANS:
+                directory += len(streams[c]).to_bytes(4, "little")
+                body.append(streams[c])
+            elif mode == VERBATIM:
+                body.append(planes[p, start:start + chunk].tobytes())
+    return bytes(directory) + b"".join(body), bytes(params)
+
+
+# --- decoding --------------------------------------------------------------------------------------
+
+def _parse_params(params: bytes, dtype: str | None):
+    """(chunk_log2, dtype, [(mode, value or freq array)] per plane); CdlDecodeError when malformed."""
+    if len(params) < 3:
+        raise CdlDecodeError("float: coder parameters are truncated")
+    if params[0] != VERSION:
+        raise CdlDecodeError(f"float: unknown coder version {params[0]}")
+    chunk_log2 = params[1]
+    if not 10 <= chunk_log2 <= 24:
+        raise CdlDecodeError(f"float: chunk size 2**{chunk_log2} outside 2**10..2**24")
+    names = [name for name, (code, _) in DTYPES.items() if code == params[2]]
+    if not names or (dtype is not None and names[0] != dtype):
+        raise CdlDecodeError(f"float: parameters are for dtype code {params[2]}, not {dtype}")
+    pos, planes = 3, []
+    for _ in range(N_PLANES[names[0]]):
+        if pos >= len(params):
+            raise CdlDecodeError("float: coder parameters are truncated")
+        mode = params[pos]
+        pos += 1
+        if mode == VERBATIM:
+            planes.append((VERBATIM, None))
+        elif mode == CONSTANT:
+            if pos >= len(params):
+                raise CdlDecodeError("float: coder parameters are truncated")
+            planes.append((CONSTANT, params[pos]))
+            pos += 1
+        elif mode == RANS:
+            if pos + _BITMAP_BYTES > len(params):
+                raise CdlDecodeError("float: coder parameters are truncated")
+            present = np.unpackbits(np.frombuffer(params, np.uint8, _BITMAP_BYTES, pos), bitorder="little")
+            pos += _BITMAP_BYTES
+            freq = np.zeros(256, np.int64)
+            for s in np.flatnonzero(present):
+                freq[s], pos = read_uvarint(params, pos)
+            if np.count_nonzero(present) < 2 or freq.min(initial=0) < 0 or np.any(freq[present == 1] < 1) \
+                    or int(freq.sum()) != fk.SCALE:
+                raise CdlDecodeError(f"float: a rANS table needs >= 2 symbols with frequencies summing to {fk.SCALE}")
+            planes.append((RANS, freq))
+        else:
+            raise CdlDecodeError(f"float: unknown plane mode {mode}")
+    if pos != len(params):
+        raise CdlDecodeError("float: trailing bytes after the coder parameters")
+    return chunk_log2, names[0], planes
+
+
+def max_count(payload_len: int, params: bytes, dtype: str) -> int | None:
+    """The most elements a payload can honestly hold (checked before allocating): one byte per
+    element with a verbatim plane; with only rANS and constant planes, each chunk needs at least its
+    directory entry and states; all-constant planes are a constant tensor (no payload, no bound)."""
+    chunk_log2, _, planes = _parse_params(bytes(params), dtype)
+    modes = [m for m, _ in planes]
+    if VERBATIM in modes:
+        return payload_len
+    if RANS in modes:
+        return (payload_len // _MIN_RANS_CHUNK_BYTES) << chunk_log2
+    return None if payload_len == 0 else 0
+
+
+def decode(payload: bytes, params: bytes, count: int, dtype: str) -> np.ndarray:
+    """Exactly `count` elements (the storage array of `dtype`, 1-D) or CdlDecodeError."""
+    params, count = bytes(params), int(count)
+    if dtype not in DTYPES:
+        raise CdlDecodeError(f"float: cannot code dtype {dtype}")
+    if count < 0:
+        raise CdlDecodeError(f"float: negative element count {count}")
+    bound = max_count(len(payload), params, dtype)
+    if bound is not None and count > bound:
+        raise CdlDecodeError(f"float: {count:,} elements cannot come from a {len(payload):,}-byte payload")
+    chunk_log2, _, planes = _parse_params(params, dtype)
+    chunk = 1 << chunk_log2
+    n_chunks = -(-count // chunk)
+    n_rans = sum(m == RANS for m, _ in planes)
+    data = np.frombuffer(payload, np.uint8)
+    dir_len = 4 * n_chunks * n_rans
+    if dir_len > data.size:
+        raise CdlDecodeError("float: payload is shorter than its chunk directory")
+    lengths = data[:dir_len].view("<u4").astype(np.int64).reshape(n_chunks, n_rans)
+    expected = dir_len + int(lengths.sum()) + count * sum(m == VERBATIM for m, _ in planes)
+    if expected != data.size:
+        raise CdlDecodeError(f"float: payload is {data.size} bytes, its directory describes {expected}")
+    tables = [fk.decode_table(v) if m == RANS else None for m, v in planes]
+    out = np.empty(count, DTYPES[dtype][1])
+    scratch = np.empty((len(planes), min(chunk, count)), np.uint8)
+    merge = fk.merge32 if dtype == "float32" else fk.merge16
+    pos = dir_len
+    for c in range(n_chunks):
+        start = c * chunk
+        n = min(chunk, count - start)
+        r = 0
+        for p, (mode, value) in enumerate(planes):
+            if mode == CONSTANT:
+                scratch[p, :n] = value
+            elif mode == VERBATIM:
+                scratch[p, :n] = data[pos:pos + n]
+                pos += n
+            else:
+                length = int(lengths[c, r])
+                r += 1
+                status = fk.decode_rans(data, pos, length, n, tables[p], scratch[p])
+                if status != fk.OK:
+                    raise CdlDecodeError(f"float: chunk {c}, plane {p}: {fk.MESSAGES[status]}")
+                pos += length
+        merge(scratch, out, start, n)
+    return out
+
+
+__all__ = ["NAME", "supports", "encode", "decode", "max_count"]

@@ -1,0 +1,236 @@
+"""The exact float coder (cdlcodec.backends.float_exact) and the container's `exact` encoding: bit-exact
+round trips (NaN payloads, infinities, signed zeros, subnormals), the same bytes without numba, clean
+errors on corrupt input, `encode --lossless` end to end, and a golden file pinning the bytes.
+(Regenerate the golden file deliberately: CDL_REGENERATE_GOLDEN=1 pytest tests/test_lossless_float.py.)"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from cdlcodec.backends import float_exact as fe
+from cdlcodec.codec import EncodeOptions, decode_container, encode_records
+from cdlcodec.errors import CdlDecodeError, CdlFormatError
+from cdlcodec.formats.container import ContainerReader
+from cdlcodec.io.safetensors_file import read_safetensors_tensors, write_safetensors_tensors
+from cdlcodec.records import TensorRecord
+
+GOLDEN = Path(__file__).parent / "golden"
+REGENERATE = os.environ.get("CDL_REGENERATE_GOLDEN") == "1"
+STORAGE = {"float32": np.uint32, "float16": np.uint16, "bfloat16": np.uint16}
+SPECIALS = {  # NaN payloads (quiet, signalling, negative), infinities, signed zeros, subnormals, extremes
+    "float32": [0x7FC00000, 0x7F800001, 0xFFC12345, 0x7FFFFFFF, 0x7F800000, 0xFF800000, 0x00000000, 0x80000000,
+                0x00000001, 0x807FFFFF, 0x00400000, 0x7F7FFFFF, 0xFF7FFFFF, 0x00800000],
+    "float16": [0x7E00, 0x7C01, 0xFE55, 0x7FFF, 0x7C00, 0xFC00, 0x0000, 0x8000, 0x0001, 0x83FF, 0x0200, 0x7BFF,
+                0xFBFF, 0x0400],
+    "bfloat16": [0x7FC0, 0x7F81, 0xFFC5, 0x7FFF, 0x7F80, 0xFF80, 0x0000, 0x8000, 0x0001, 0x807F, 0x0040, 0x7F7F,
+                 0xFF7F, 0x0080],
+}
+
+
+def _weights(dtype: str, n: int, seed: int = 0) -> np.ndarray:
+    """Storage array of n Gaussian weights in `dtype`, with every special value mixed in."""
+    w = (np.random.default_rng(seed).standard_normal(n) * 0.05).astype(np.float32)
+    if dtype == "float32":
+        bits = w.view(np.uint32).copy()
+    elif dtype == "float16":
+        bits = w.astype(np.float16).view(np.uint16).copy()
+    else:
+        bits = (w.view(np.uint32) >> 16).astype(np.uint16)  # truncation: any bfloat16 pattern will do
+    specials = np.array(SPECIALS[dtype], STORAGE[dtype])[:n]
+    bits[np.arange(specials.size) * max(n // max(specials.size, 1), 1)] = specials
+    return bits
+
+
+def _round_trip(bits: np.ndarray, dtype: str) -> tuple[bytes, bytes]:
+    payload, params = fe.encode(bits, dtype)
+    back = fe.decode(payload, params, bits.size, dtype)
+    assert back.dtype == np.dtype(STORAGE[dtype]).newbyteorder("<") and back.tobytes() == bits.tobytes()
+    return payload, params
+
+
+@pytest.mark.parametrize("dtype", sorted(STORAGE))
+@pytest.mark.parametrize("n", [0, 1, 3, 14, 1001, 5000])
+def test_exact_round_trip_with_special_values(dtype, n):
+    bits = _weights(dtype, n)
+    payload, params = _round_trip(bits, dtype)
+    if n == 5000:  # trained-weight-like data is smaller than its raw bytes
+        assert len(payload) + len(params) < bits.nbytes
+
+
+@pytest.mark.parametrize("dtype", sorted(STORAGE))
+def test_many_chunks_and_coded_low_planes(monkeypatch, dtype):
+    monkeypatch.setattr(fe, "CHUNK_LOG2", 10)  # 1024-element chunks; 4099 elements end in a short chunk
+    bits = _weights(dtype, 4099, seed=3)
+    payload, params = _round_trip(bits, dtype)
+    assert params[1] == 10
+    if dtype == "float32":  # float32 upcast from bfloat16: its two low planes are constant and cost nothing
+        up = (bits >> 16 << 16).astype(np.uint32)
+        payload_up, params_up = _round_trip(up, dtype)
+        assert len(payload_up) + len(params_up) < up.nbytes * 0.45
+
+
+def test_constant_tensor_has_no_payload_and_no_count_bound():
+    bits = np.full(5000, 0x3F80, np.uint16)
+    payload, params = _round_trip(bits, "bfloat16")
+    assert payload == b"" and fe.max_count(0, params, "bfloat16") is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(dtype=st.sampled_from(sorted(STORAGE)), data=st.data())
+def test_any_bit_patterns_round_trip(dtype, data):
+    top = np.iinfo(STORAGE[dtype]).max
+    values = data.draw(st.lists(st.one_of(st.integers(0, top), st.sampled_from(SPECIALS[dtype])), max_size=300))
+    _round_trip(np.array(values, dtype=STORAGE[dtype]), dtype)
+
+
+_CHILD = r"""
+import sys
+sys.modules["numba"] = None
+import json, numpy as np
+from cdlcodec.jit import HAVE_NUMBA
+from cdlcodec.backends import float_exact as fe
+assert not HAVE_NUMBA
+out = {}
+for dtype, values in json.loads(sys.stdin.read()).items():
+    bits = np.array(values, dtype={"float32": np.uint32}.get(dtype, np.uint16))
+    payload, params = fe.encode(bits, dtype)
+    out[dtype] = [payload.hex(), params.hex(), fe.decode(payload, params, bits.size, dtype).tolist()]
+print(json.dumps(out))
+"""
+
+
+def test_without_numba_the_same_bytes():
+    cases = {dtype: _weights(dtype, 2100, seed=5).tolist() for dtype in STORAGE}
+    child = subprocess.run([sys.executable, "-c", _CHILD], input=json.dumps(cases), capture_output=True, text=True,
+                           timeout=600)
+    assert child.returncode == 0, child.stderr[-2000:]
+    result = json.loads(child.stdout)
+    for dtype, values in cases.items():
+        payload, params = fe.encode(np.array(values, dtype=STORAGE[dtype]), dtype)
+        assert result[dtype][:2] == [payload.hex(), params.hex()], dtype
+        assert result[dtype][2] == values, dtype
+
+
+@pytest.mark.parametrize("dtype", sorted(STORAGE))
+def test_corrupt_payloads_and_params_give_clean_errors(dtype):
+    rng = np.random.default_rng(11)
+    bits = _weights(dtype, 3000, seed=7)
+    payload, params = fe.encode(bits, dtype)
+    for _ in range(150):
+        p, q = bytearray(payload), bytearray(params)
+        target = p if rng.random() < 0.7 or not q else q
+        how = rng.integers(3)
+        if how == 0 and target:
+            target[rng.integers(len(target))] ^= 1 << int(rng.integers(8))
+        elif how == 1 and target:
+            del target[int(rng.integers(len(target))):]
+        else:
+            target += bytes(rng.integers(0, 256, int(rng.integers(1, 5)), dtype=np.uint8))
+        try:
+            back = fe.decode(bytes(p), bytes(q), bits.size, dtype)
+        except CdlDecodeError:
+            continue
+        assert back.size == bits.size  # a flip inside a verbatim plane is still a valid tensor
+
+
+def test_count_beyond_what_the_payload_can_hold_is_refused_before_allocating():
+    payload, params = fe.encode(_weights("bfloat16", 3000), "bfloat16")
+    with pytest.raises(CdlDecodeError, match="cannot come from"):
+        fe.decode(payload, params, 1 << 40, "bfloat16")
+    with pytest.raises(CdlDecodeError, match="dtype"):
+        fe.decode(payload, params, 3000, "float16")
+
+
+def _records():
+    rng = np.random.default_rng(16)
+    return [
+        TensorRecord("w.f32", _weights("float32", 3000, seed=1).view(np.float32).reshape(30, 100), "float32"),
+        TensorRecord("w.f16", _weights("float16", 2000, seed=2).view(np.float16).reshape(40, 50), "float16"),
+        TensorRecord("w.bf16", _weights("bfloat16", 2500, seed=3).reshape(50, 50), "bfloat16"),
+        TensorRecord("bias", (rng.standard_normal(600) * 0.02).astype(np.float32), "float32"),
+        TensorRecord("tiny", np.array([1.5, -0.0], np.float32), "float32"),
+        TensorRecord("steps", np.array([7, 9], np.int64), "int64"),
+    ]
+
+
+def test_container_exact_encoding_and_version(tmp_path):
+    out = tmp_path / "lossless.cdl"
+    encode_records(_records(), str(out), EncodeOptions(lossless=True, quiet=True))
+    with ContainerReader(str(out)) as reader:
+        assert reader.version == (1, 1)
+        encodings = {e.name: e.encoding for e in reader.tensors}
+    assert encodings == {"w.f32": "exact", "w.f16": "exact", "w.bf16": "exact", "bias": "exact", "tiny": "plain",
+                         "steps": "levels"}
+    for rec, back in zip(_records(), decode_container(str(out)).records):
+        assert back.array.dtype == rec.array.dtype and back.array.tobytes() == rec.array.tobytes(), rec.name
+
+
+def test_lossy_encode_codes_its_1d_tensors_exactly_and_stays_1_0_without_them(tmp_path):
+    from cdlcodec.quantizers.uniform import UniformQuantizer
+
+    options = EncodeOptions(quantizer=UniformQuantizer(rel_step=0.25), keep=("w.f16", "w.bf16"), quiet=True)
+    records = _records()
+    records[0].array = np.random.default_rng(4).standard_normal((30, 100)).astype(np.float32)  # finite
+    encode_records(records, str(tmp_path / "a.cdl"), options)
+    with ContainerReader(str(tmp_path / "a.cdl")) as reader:
+        assert reader.version == (1, 1) and reader.tensor("w.f32").encoding == "levels"
+        assert [reader.tensor(n).encoding for n in ("bias", "w.f16", "w.bf16")] == ["exact"] * 3
+    back = {r.name: r.array for r in decode_container(str(tmp_path / "a.cdl")).records}
+    assert all(back[r.name].tobytes() == r.array.tobytes() for r in records[1:])
+    encode_records(_records()[4:], str(tmp_path / "b.cdl"), options)  # nothing the coder shrinks
+    with ContainerReader(str(tmp_path / "b.cdl")) as reader:
+        assert reader.version == (1, 0)
+
+
+def test_unknown_exact_coder_is_a_format_error(tmp_path):
+    out = tmp_path / "x.cdl"
+    encode_records(_records()[:1], str(out), EncodeOptions(lossless=True, quiet=True))
+    data = out.read_bytes().replace(b'"backend":"float"', b'"backend":"flaot"')
+    _fix_index_crc(tmp_path / "y.cdl", data)
+    with pytest.raises(CdlFormatError, match="coder 'flaot'"):
+        decode_container(str(tmp_path / "y.cdl"))
+
+
+def _fix_index_crc(path: Path, data: bytes) -> None:
+    import struct
+    import zlib
+
+    index_offset, index_length = struct.unpack("<QQ", data[-32:-16])
+    crc = zlib.crc32(data[:16] + data[index_offset:index_offset + index_length] + data[-32:-16])
+    path.write_bytes(data[:-16] + struct.pack("<I", crc) + data[-12:])
+
+
+def test_cli_lossless_end_to_end(tmp_path):
+    src = tmp_path / "in.safetensors"
+    write_safetensors_tensors(str(src), [(r.name, r.array, r.dtype) for r in _records()])
+    run = lambda *args: subprocess.run([sys.executable, "-m", "cdlcodec", *args], capture_output=True, text=True,
+                                       timeout=600)
+    enc = run("encode", str(src), "-o", str(tmp_path / "m.cdl"), "--lossless", "-q")
+    assert enc.returncode == 0, enc.stderr
+    dec = run("decode", str(tmp_path / "m.cdl"), "-o", str(tmp_path / "back.safetensors"), "-q")
+    assert dec.returncode == 0, dec.stderr
+    original = {n: (a.tobytes(), d) for n, a, d in read_safetensors_tensors(str(src))}
+    back = {n: (a.tobytes(), d) for n, a, d in read_safetensors_tensors(str(tmp_path / "back.safetensors"))}
+    assert back == original
+    refused = run("encode", str(src), "-o", str(tmp_path / "n.cdl"), "--lossless", "--rel-step", "0.1")
+    assert refused.returncode == 2 and "--lossless quantizes nothing; drop --rel-step" in refused.stderr
+    assert not (tmp_path / "n.cdl").exists()
+
+
+def test_golden_lossless_container(tmp_path):
+    golden, inputs = GOLDEN / "lossless_container.cdl", GOLDEN / "lossless_input.safetensors"
+    if REGENERATE:
+        write_safetensors_tensors(str(inputs), [(r.name, r.array, r.dtype) for r in _records()])
+    records = [TensorRecord(n, a, d) for n, a, d in read_safetensors_tensors(str(inputs))]
+    out = golden if REGENERATE else tmp_path / "out.cdl"
+    encode_records(records, str(out), EncodeOptions(lossless=True, quiet=True), {"cdlcodec.version": "golden"})
+    assert out.read_bytes() == golden.read_bytes(), "exact float coder output changed: a format event"
+    for rec, back in zip(records, decode_container(str(golden)).records):
+        assert back.array.tobytes() == rec.array.tobytes(), rec.name
