@@ -8,10 +8,13 @@ Needs numpy and onnx only (never torch), so an edge device can turn a .cdl file 
   output channel) is stored as its integer levels, followed by DequantizeLinear(levels, scale=step)
   whose output carries the original tensor name, so the file itself stays small. The integer type
   is the narrowest that holds the levels: int4 (opset 21, two values per byte, low nibble first),
-  int8, int16 (opset 21) or int32. A model below opset 21 is upgraded with onnx.version_converter
-  when int4 or int16 would be used; when that fails it keeps its opset (int8 / int32 instead).
-  Tensors that cannot be expressed as DequantizeLinear at the model's opset (float64 weights,
-  float16 weights below opset 19, per-channel steps below opset 13) are written as float.
+  int8, int16 (opset 21) or int32. The model keeps its opset unless a type truly needs a newer
+  one (int4 or int16: 21; per-channel steps: 13); then it is upgraded with onnx.version_converter
+  and an OnnxOutputNote says so (keep_opset=True forbids it; a failed upgrade keeps the opset).
+  Levels beyond int8 are always named in a note, with the way to int8 (encode --deploy int8).
+  Tensors that cannot be expressed as DequantizeLinear at the final opset (float64 weights,
+  float16 weights below opset 19, per-channel steps below opset 13, int16 levels below 21) are
+  written as float.
 - CDL activation quantizers (json section "cdl.activations") become QuantizeLinear/DequantizeLinear
   pairs on the named activations, with a Clip to [0, 2^b - 1] where b < 8.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections import Counter
 
 import numpy as np
 
@@ -41,9 +45,19 @@ _INT_MIN_OPSET = {INT4: 21, INT8: 10, INT16: 21, INT32: 10}
 # Entry point
 # ------------------------------------------------------------------------------------------------
 
-def write_onnx(path: str, model: ModelFile, weights: str = "float", int4: bool = True, check: bool = True) -> None:
+class OnnxOutputNote(UserWarning):
+    """What the writer decided that the user should know (an opset upgrade, levels beyond int8); the
+    CLI prints these as `cdlcodec: note:` lines, library callers get them as warnings."""
+
+
+def _note(message: str) -> None:
+    warnings.warn(message, OnnxOutputNote, stacklevel=3)
+
+
+def write_onnx(path: str, model: ModelFile, weights: str = "float", int4: bool = True, keep_opset: bool = False,
+               check: bool = True) -> None:
     """Write the decoded `model` (which must carry an ONNX graph section) to `path`, atomically."""
-    proto = build_onnx(model, weights=weights, int4=int4)
+    proto = build_onnx(model, weights=weights, int4=int4, keep_opset=keep_opset)
     if check:
         try:
             _onnx().checker.check_model(proto)
@@ -53,8 +67,8 @@ def write_onnx(path: str, model: ModelFile, weights: str = "float", int4: bool =
     write_bytes_atomic(path, data)
 
 
-def build_onnx(model: ModelFile, weights: str = "float", int4: bool = True):
-    """The decoded ModelProto (weights filled in, QDQ applied when asked)."""
+def build_onnx(model: ModelFile, weights: str = "float", int4: bool = True, keep_opset: bool = False):
+    """The decoded ModelProto (weights filled in, QDQ applied when asked; module docstring)."""
     if weights not in WEIGHT_MODES:
         raise CdlInputError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got {weights!r}")
     section = graph_section(model)
@@ -68,9 +82,8 @@ def build_onnx(model: ModelFile, weights: str = "float", int4: bool = True):
         raise CdlFormatError(f"ONNX graph section {section[0]!r} is not a valid ONNX model ({str(exc)[:200]})") from None
     records = {r.name: r for r in model.records}
     if weights == "qdq":
-        if _opset(proto) < 21 and _wants_opset21(proto, records, int4):
-            proto = _upgrade_opset(proto, 21)
-        _apply_qdq(proto, records, int4)
+        proto = _qdq_opset(proto, records, int4 and not keep_opset, keep_opset)
+        _apply_qdq(proto, records, int4 and not keep_opset)
     _fill_float(proto, records)
     activations = _activation_section(model)
     if activations:
@@ -105,10 +118,11 @@ def _set_data(tensor, raw: bytes) -> None:
     tensor.raw_data = raw
 
 
-def _fill_float(proto, records: dict[str, TensorRecord]) -> None:
+def _fill_float(proto, records: dict[str, TensorRecord], max_elements: int | None = None) -> None:
+    """Decoded values into every referenced tensor (only those of at most `max_elements` if given)."""
     for tensor in _all_tensors(proto):
         rec = _record_for(tensor, records)
-        if rec is None:
+        if rec is None or (max_elements is not None and rec.numel > max_elements):
             continue
         want = ONNX_TO_DTYPE[tensor.data_type]
         array = rec.array if want == rec.dtype else from_float64(to_float64(rec.array, rec.dtype), want)
@@ -135,21 +149,58 @@ def _opset(proto) -> int:
     return 0
 
 
-def _upgrade_opset(proto, target: int):
-    """Convert to opset `target`; on failure keep the model as it is (int4 then falls back to int8)."""
+def _upgrade_opset(proto, records, target: int, why: str):
+    """Convert to opset `target`; on failure keep the model as it is (narrower types then fall back)."""
     try:
         from onnx import version_converter
 
         upgraded = version_converter.convert_version(proto, target)
         if _opset(upgraded) != target:
             raise ValueError("opset unchanged")
-        if upgraded.ir_version < 10:
-            upgraded.ir_version = 10  # int4 tensors need IR 10
+        if target >= 21 and upgraded.ir_version < 10:
+            upgraded.ir_version = 10  # int4 / int16 DequantizeLinear needs IR 10
+        _reconcile_output_shapes(upgraded, records)
         return upgraded  # checked as a whole by write_onnx once the weights are in
     except Exception as exc:
-        warnings.warn(f"could not upgrade the ONNX graph to opset {target} for int4 weights ({str(exc)[:120]}); "
-                      "keeping int8/int32")
+        _note(f"could not upgrade the ONNX graph from opset {_opset(proto)} to {target} for {why} "
+              f"({str(exc)[:120]}); keeping opset {_opset(proto)} (those weights use a wider type or stay float)")
         return proto
+
+
+SHAPE_CONSTANT_ELEMENTS = 1024  # tensors this small may be the shapes Reshape & co. read
+
+
+def _reconcile_output_shapes(proto, records) -> None:
+    """Some exported models declare an output shape their graph does not compute (ddddocr's recogniser:
+    rank 2 declared, rank 3 computed and returned by onnxruntime). Older opsets hide it from shape
+    inference; after an upgrade the checker's full check fails on it. The inferred shape replaces a
+    declared one whose rank or fixed sizes it contradicts."""
+    onnx = _onnx()
+    probe = type(proto)()
+    probe.CopyFrom(proto)  # the stripped graph: no weights, small; its shape constants filled in
+    _fill_float(probe, records, SHAPE_CONSTANT_ELEMENTS)
+    for out in probe.graph.output:
+        out.type.tensor_type.ClearField("shape")
+    inferred = {o.name: o for o in onnx.shape_inference.infer_shapes(probe).graph.output}
+    for out in proto.graph.output:
+        got = inferred.get(out.name)
+        if got is None or not out.type.tensor_type.HasField("shape") or not got.type.tensor_type.HasField("shape"):
+            continue
+        declared, computed = out.type.tensor_type.shape.dim, got.type.tensor_type.shape.dim
+        if len(declared) != len(computed) or any(
+                a.HasField("dim_value") and b.HasField("dim_value") and a.dim_value != b.dim_value
+                for a, b in zip(declared, computed)):
+            was = _dims(declared)
+            out.type.tensor_type.shape.CopyFrom(got.type.tensor_type.shape)
+            for dim in out.type.tensor_type.shape.dim:
+                if dim.HasField("dim_param"):
+                    dim.ClearField("dim_param")  # inference's made-up names ("unk__80") say nothing
+            _note(f"graph output {out.name!r} is declared with shape {was} but the graph computes {_dims(declared)}; "
+                  "the declaration was corrected so that the upgraded model passes the checker")
+
+
+def _dims(dims) -> str:
+    return "[" + ", ".join(str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?") for d in dims) + "]"
 
 
 def _quant_params(rec: TensorRecord):
@@ -162,15 +213,42 @@ def _quantized(rec: TensorRecord | None) -> bool:
     return rec is not None and rec.levels is not None and isinstance(_quant_params(rec), (UniformParams, ChannelParams))
 
 
-def _wants_opset21(proto, records, int4: bool) -> bool:
-    """True when some quantized tensor would be narrower at opset 21: int4 levels, or int16 instead of int32."""
+PER_CHANNEL_OPSET = 13  # DequantizeLinear's axis attribute
+
+
+def _qdq_opset(proto, records, int4: bool, keep_opset: bool):
+    """The model at the opset its narrowest weight types need: kept unless int4 / int16 levels (21) or
+    per-channel steps (13) truly need more and keep_opset allows it; each decision is said in a note."""
+    opset = _opset(proto)
+    needs: dict[int, list[str]] = {}   # opset -> the reasons that need it
+    wide: list[tuple[int, str]] = []   # (largest |level|, name) of tensors beyond int8
     for tensor in _all_tensors(proto):
         rec = records.get(reference_of(tensor) or "")
-        if _quantized(rec) and rec.levels.size:
-            kind = _integer_type(rec.levels, 21, int4)
-            if kind in (INT4, INT16):
-                return True
-    return False
+        if not (_quantized(rec) and rec.levels.size) or tensor.data_type == 11:
+            continue
+        kind = _integer_type(rec.levels, 21, int4)
+        peak = int(np.abs(rec.levels).max())
+        if kind in (INT16, INT32):
+            wide.append((peak, rec.name))
+        if kind in (INT4, INT16):
+            needs.setdefault(21, []).append("int4 levels" if kind == INT4 else "int16 levels")
+        if _quant_params(rec).axis is not None:
+            needs.setdefault(PER_CHANNEL_OPSET, []).append("per-channel scales")
+    target = max(needs, default=opset)
+    if target > opset and not keep_opset:
+        reasons = Counter(reason for need, why in needs.items() if need > opset for reason in why)
+        why = "; ".join(f"{n} tensor(s) with {reason}" for reason, n in reasons.items())
+        upgraded = _upgrade_opset(proto, records, target, why)
+        if _opset(upgraded) == target:
+            _note(f"the model was moved from opset {opset} to {target} (IR {upgraded.ir_version}) for {why}; "
+                  f"decode with --keep-opset to keep opset {opset}")
+        proto = upgraded
+    if wide:
+        peak, name = max(wide)
+        fate = "int16/int32 DequantizeLinear" if _opset(proto) >= 21 else "float or int32 weights"
+        _note(f"{len(wide)} weight tensor(s) have levels beyond int8 (largest |level| {peak}, in {name!r}) and are "
+              f"written as {fate}; for int8 weights that keep the opset, encode with --deploy int8")
+    return proto
 
 
 def _integer_type(levels: np.ndarray, opset: int, int4: bool) -> int | None:

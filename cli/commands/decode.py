@@ -9,17 +9,34 @@ import click
                    "container) or .pt2 (needs a torch.export program in the container).")
 @click.option("--weights", type=click.Choice(["float", "qdq"]), default=None,
               help="ONNX output only: float initializers (default) or integer initializers + "
-                   "DequantizeLinear (int4 with opset 21 where levels fit in 4 bits, else int8/int16/int32).")
-@click.option("--no-int4", is_flag=True, help="With --weights qdq: never use int4 (keeps the model's opset).")
+                   "DequantizeLinear (the narrowest of int4/int8/int16/int32 that holds the levels; the "
+                   "model keeps its opset unless int4/int16 or per-channel scales need a newer one, "
+                   "which is said on stderr).")
+@click.option("--no-int4", is_flag=True, help="With --weights qdq: never use int4 (int8 where the levels fit).")
+@click.option("--keep-opset", is_flag=True,
+              help="With --weights qdq: never change the model's opset (no int4; weights whose type needs a "
+                   "newer opset are written as int32 or float).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
-def command(container, output, weights, no_int4, quiet):
+def command(container, output, weights, no_int4, keep_opset, quiet):
     """Decode CONTAINER back into a model file with the original names, shapes and dtypes."""
+    import warnings
+
     from cdlcodec.api import decode
+    from cdlcodec.io.onnx_writer import OnnxOutputNote
 
     options = {"weights": weights}
     if no_int4:
         options["int4"] = False
-    model = decode(container, output, quiet=quiet, **options)
+    if keep_opset:
+        options["keep_opset"] = True
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", OnnxOutputNote)
+        model = decode(container, output, quiet=quiet, **options)
+    for warning in caught:  # notes are said even with -q: they describe what was written
+        if issubclass(warning.category, OnnxOutputNote):
+            click.echo(f"cdlcodec: note: {warning.message}", err=True)
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     if not quiet:
         click.echo(f"{container} -> {output}: {len(model.records)} tensors, "
                    f"{sum(r.numel for r in model.records):,} params")
