@@ -49,6 +49,10 @@ CHUNK_LOG2 = 18
 DTYPES = {"bfloat16": (0, np.dtype("<u2")), "float16": (1, np.dtype("<u2")), "float32": (2, np.dtype("<u4"))}
 N_PLANES = {"bfloat16": 2, "float16": 2, "float32": 4}
 VERBATIM, CONSTANT, RANS = 0, 1, 2
+# A mantissa plane (1..3) is rANS-coded only when that saves at least 1/16 of its bytes (half a bit
+# per element, e.g. the zero low planes of upcast weights): trained weights' mantissas are nearly
+# uniform and coding them for a fraction of a percent would halve the decoding speed.
+MANTISSA_MIN_SAVING = 1 / 16
 _BITMAP_BYTES = 32
 _MIN_RANS_CHUNK_BYTES = 4 + fk.STATE_BYTES  # its directory entry and its states
 
@@ -71,8 +75,9 @@ def _rans_table(freq: np.ndarray) -> bytes:
     return bytes([RANS]) + bitmap + b"".join(write_uvarint(int(f)) for f in freq[present])
 
 
-def _plan_plane(plane: np.ndarray, chunk: int) -> tuple[bytes, list[bytes] | None]:
-    """(descriptor, per-chunk rANS streams or None): the cheapest of constant, rANS and verbatim."""
+def _plan_plane(plane: np.ndarray, chunk: int, min_saving: float) -> tuple[bytes, list[bytes] | None]:
+    """(descriptor, per-chunk rANS streams or None): constant where it is, rANS where that saves at
+    least `min_saving` of the plane's bytes, verbatim otherwise."""
     counts = np.bincount(plane, minlength=256).astype(np.int64)
     used = np.flatnonzero(counts)
     if used.size == 1:
@@ -86,7 +91,7 @@ def _plan_plane(plane: np.ndarray, chunk: int) -> tuple[bytes, list[bytes] | Non
         n = fk.encode_rans(np.ascontiguousarray(plane[start:start + chunk]), freq, buf)
         streams.append(buf[:n].tobytes())
     descriptor = _rans_table(freq)
-    if len(descriptor) + sum(len(s) + 4 for s in streams) >= plane.size:
+    if len(descriptor) + sum(len(s) + 4 for s in streams) >= plane.size * (1 - min_saving):
         return bytes([VERBATIM]), None
     return descriptor, streams
 
@@ -102,7 +107,7 @@ def encode(array: np.ndarray, dtype: str) -> tuple[bytes, bytes]:
     params = bytearray([VERSION, CHUNK_LOG2, code])
     plans = []
     for p in range(planes.shape[0]):
-        descriptor, streams = _plan_plane(planes[p], chunk)
+        descriptor, streams = _plan_plane(planes[p], chunk, 0.0 if p == 0 else MANTISSA_MIN_SAVING)
         params += descriptor
         plans.append((descriptor[0], streams))
     directory, body = bytearray(), []
@@ -199,12 +204,20 @@ def decode(payload: bytes, params: bytes, count: int, dtype: str) -> np.ndarray:
         raise CdlDecodeError(f"float: payload is {data.size} bytes, its directory describes {expected}")
     tables = [fk.decode_table(v) if m == RANS else None for m, v in planes]
     out = np.empty(count, DTYPES[dtype][1])
-    scratch = np.empty((len(planes), min(chunk, count)), np.uint8)
+    fused = [m for m, _ in planes] == [RANS, VERBATIM]  # bfloat16 and float16 weights: one pass, no scratch
+    scratch = np.empty((len(planes), 0 if fused else min(chunk, count)), np.uint8)
     merge = fk.merge32 if dtype == "float32" else fk.merge16
     pos = dir_len
     for c in range(n_chunks):
         start = c * chunk
         n = min(chunk, count - start)
+        if fused:
+            length = int(lengths[c, 0])
+            status = fk.decode16_fused(data, pos, length, n, tables[0], pos + length, out, start)
+            if status != fk.OK:
+                raise CdlDecodeError(f"float: chunk {c}, plane 0: {fk.MESSAGES[status]}")
+            pos += length + n
+            continue
         r = 0
         for p, (mode, value) in enumerate(planes):
             if mode == CONSTANT:

@@ -179,6 +179,85 @@ def decode_rans(data, start, length, n, table, out):
 
 
 @njit(cache=True, nogil=True)
+def decode16_fused(data, start, length, n, table, raw, out, out_start):
+    """The common 16-bit case in one pass: plane 0 rANS-coded in data[start:start+length], plane 1
+    verbatim at data[raw:raw+n], merged straight into out[out_start:out_start+n] (the same result
+    as decode_rans + merge16, without the intermediate planes). Returns OK or a negative status."""
+    if length < STATE_BYTES or (length - STATE_BYTES) % 2:
+        return ERR_OVERRUN
+    x0, x1, x2, x3 = np.int64(0), np.int64(0), np.int64(0), np.int64(0)
+    for b in range(4):
+        x0 |= np.int64(data[start + b]) << (8 * b)
+        x1 |= np.int64(data[start + 4 + b]) << (8 * b)
+        x2 |= np.int64(data[start + 8 + b]) << (8 * b)
+        x3 |= np.int64(data[start + 12 + b]) << (8 * b)
+    if min(x0, x1, x2, x3) < LOW:
+        return ERR_BAD_STATE
+    pos = start + STATE_BYTES
+    end = start + length
+    mask = SCALE - 1
+    j = 0
+    while j + 4 <= n:  # written out four times: numba compiles helper calls here poorly
+        e = table[x0 & mask]
+        x0 = ((e >> 8) & 0xFFFF) * (x0 >> SCALE_BITS) + (e >> 24)
+        if x0 < LOW:
+            if pos + 2 > end:
+                return ERR_OVERRUN
+            x0 = (x0 << 16) | np.int64(data[pos]) | (np.int64(data[pos + 1]) << 8)
+            pos += 2
+        r = np.int64(data[raw + j + 0])
+        out[out_start + j + 0] = ((r & 0x80) << 8) | ((e & 0xFF) << 7) | (r & 0x7F)
+        e = table[x1 & mask]
+        x1 = ((e >> 8) & 0xFFFF) * (x1 >> SCALE_BITS) + (e >> 24)
+        if x1 < LOW:
+            if pos + 2 > end:
+                return ERR_OVERRUN
+            x1 = (x1 << 16) | np.int64(data[pos]) | (np.int64(data[pos + 1]) << 8)
+            pos += 2
+        r = np.int64(data[raw + j + 1])
+        out[out_start + j + 1] = ((r & 0x80) << 8) | ((e & 0xFF) << 7) | (r & 0x7F)
+        e = table[x2 & mask]
+        x2 = ((e >> 8) & 0xFFFF) * (x2 >> SCALE_BITS) + (e >> 24)
+        if x2 < LOW:
+            if pos + 2 > end:
+                return ERR_OVERRUN
+            x2 = (x2 << 16) | np.int64(data[pos]) | (np.int64(data[pos + 1]) << 8)
+            pos += 2
+        r = np.int64(data[raw + j + 2])
+        out[out_start + j + 2] = ((r & 0x80) << 8) | ((e & 0xFF) << 7) | (r & 0x7F)
+        e = table[x3 & mask]
+        x3 = ((e >> 8) & 0xFFFF) * (x3 >> SCALE_BITS) + (e >> 24)
+        if x3 < LOW:
+            if pos + 2 > end:
+                return ERR_OVERRUN
+            x3 = (x3 << 16) | np.int64(data[pos]) | (np.int64(data[pos + 1]) << 8)
+            pos += 2
+        r = np.int64(data[raw + j + 3])
+        out[out_start + j + 3] = ((r & 0x80) << 8) | ((e & 0xFF) << 7) | (r & 0x7F)
+        j += 4
+    st = np.array([x0, x1, x2, x3])
+    while j < n:
+        x = st[j & 3]
+        e = table[x & mask]
+        x = ((e >> 8) & 0xFFFF) * (x >> SCALE_BITS) + (e >> 24)
+        if x < LOW:
+            if pos + 2 > end:
+                return ERR_OVERRUN
+            x = (x << 16) | np.int64(data[pos]) | (np.int64(data[pos + 1]) << 8)
+            pos += 2
+        st[j & 3] = x
+        r = np.int64(data[raw + j])
+        out[out_start + j] = ((r & 0x80) << 8) | ((e & 0xFF) << 7) | (r & 0x7F)
+        j += 1
+    if pos != end:
+        return ERR_BAD_END
+    for k in range(N_STATES):
+        if st[k] != LOW:
+            return ERR_BAD_END
+    return OK
+
+
+@njit(cache=True, nogil=True)
 def split16(bits, planes):
     """uint16 patterns -> plane 0 = bits 14..7 (bfloat16: the exponent; float16: the exponent and the
     top 3 mantissa bits), plane 1 = sign bit and bits 6..0."""
