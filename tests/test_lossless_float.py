@@ -234,3 +234,46 @@ def test_golden_lossless_container(tmp_path):
     assert out.read_bytes() == golden.read_bytes(), "exact float coder output changed: a format event"
     for rec, back in zip(records, decode_container(str(golden)).records):
         assert back.array.tobytes() == rec.array.tobytes(), rec.name
+
+
+def test_a_1_0_reader_refuses_exact_tensors_cleanly(tmp_path, monkeypatch):
+    from cdlcodec.formats import container
+
+    out = tmp_path / "x.cdl"
+    encode_records(_records()[:1], str(out), EncodeOptions(lossless=True, quiet=True))
+    monkeypatch.setattr(container, "ENCODINGS", ("levels", "plain"))  # what a 1.0 reader knows
+    with pytest.raises(CdlFormatError, match="unknown encoding 'exact'"):
+        ContainerReader(str(out))
+
+
+def test_quantized_inputs_stay_exact_integers_with_exact_scales(tmp_path):
+    rng = np.random.default_rng(8)
+    records = [
+        TensorRecord("fc.weight_quantized", rng.integers(-127, 128, (64, 48)).astype(np.int8), "int8"),
+        TensorRecord("fc.weight_scale", np.array(0.0123456789, np.float32), "float32"),
+        TensorRecord("fc.weight_zero_point", np.array(128, np.uint8), "uint8"),
+        TensorRecord("conv.weight_quantized", rng.integers(0, 256, (16, 8, 3, 3)).astype(np.uint8), "uint8"),
+        TensorRecord("conv.weight_scale", (rng.random(16) * 1e-3).astype(np.float32), "float32"),
+    ]
+    out = tmp_path / "q.cdl"
+    encode_records(records, str(out), EncodeOptions(lossless=True, quiet=True))
+    with ContainerReader(str(out)) as reader:
+        assert [(e.encoding, (e.quant or {}).get("scheme")) for e in reader.tensors[::3]] == [("levels", "integer")] * 2
+    for rec, back in zip(records, decode_container(str(out)).records):
+        assert back.dtype == rec.dtype and back.array.tobytes() == rec.array.tobytes(), rec.name
+
+
+def test_crc_valid_hostile_containers_with_exact_tensors_give_only_cdl_errors(tmp_path):
+    """The fuzzer's mutations (tests/fuzz/fuzz_containers.py: payload bytes, coder params, counts,
+    shapes, dtypes, encodings, index fields, checksums recomputed) on the exact-coded golden file."""
+    from fuzz.fuzz_containers import make_case, run_case
+
+    seeds = [(GOLDEN / "lossless_container.cdl").read_bytes()]
+    outcomes = {}
+    for case in range(300):
+        path = tmp_path / f"case{case % 4}.cdl"
+        path.write_bytes(make_case(seeds, 16, case))
+        outcome, detail = run_case(str(path))
+        assert outcome in ("decoded", "refused"), f"case {case}: {outcome}\n{detail}"
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    assert outcomes.get("decoded", 0) >= 10 and outcomes.get("refused", 0) >= 150, outcomes
