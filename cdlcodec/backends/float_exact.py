@@ -75,14 +75,24 @@ def _rans_table(freq: np.ndarray) -> bytes:
     return bytes([RANS]) + bitmap + b"".join(write_uvarint(int(f)) for f in freq[present])
 
 
+def _entropy_bits(counts: np.ndarray) -> float:
+    """Order-0 entropy in bits per symbol."""
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
 def _plan_plane(plane: np.ndarray, chunk: int, min_saving: float) -> tuple[bytes, list[bytes] | None]:
     """(descriptor, per-chunk rANS streams or None): constant where it is, rANS where that saves at
     least `min_saving` of the plane's bytes, verbatim otherwise."""
-    counts = np.bincount(plane, minlength=256).astype(np.int64)
+    counts = fk.histogram(plane)
     used = np.flatnonzero(counts)
     if used.size == 1:
         return bytes([CONSTANT, int(used[0])]), None
     if used.size == 0:  # an empty tensor
+        return bytes([VERBATIM]), None
+    if min_saving > 0 and _entropy_bits(counts) > 8 * (1 - min_saving) + 0.25:
+        # rANS spends at least the entropy: this plane cannot save min_saving. (The float estimate
+        # only skips planes far above the limit; the choice near it is made on exact byte counts.)
         return bytes([VERBATIM]), None
     freq = fk.normalize_counts(counts)
     streams = []

@@ -29,6 +29,15 @@ MESSAGES = {ERR_OVERRUN: "stream ends before its symbols do", ERR_BAD_STATE: "in
 
 
 @njit(cache=True, nogil=True)
+def histogram(plane):
+    """Counts (int64) of the 256 byte values in `plane`."""
+    counts = np.zeros(256, np.int64)
+    for v in plane:
+        counts[v] += 1
+    return counts
+
+
+@njit(cache=True, nogil=True)
 def normalize_counts(counts):
     """Frequencies (int64, summing to SCALE) for byte counts with at least two non-zero entries:
     round(c * SCALE / n), at least 1 for every present symbol; the rounding surplus or deficit is
