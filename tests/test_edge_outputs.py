@@ -2,19 +2,26 @@
 say when and why they do not, pass the full checker, and run like the float decode."""
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto
+from onnx import TensorProto, helper, numpy_helper
 
 from cdlcodec.api import decode, encode
 from cdlcodec.cli.main import main as cli_main
-from cdlcodec.io.onnx_writer import OnnxOutputNote
+from cdlcodec.codec import EncodeOptions, decode_container, encode_records
+from cdlcodec.errors import CdlInputError
+from cdlcodec.io.onnx_model import architecture_graph_section
+from cdlcodec.io.onnx_writer import OnnxOutputNote, build_onnx
+from cdlcodec.quantizers import make
 from cdlcodec.quantizers.channel import ChannelQuantizer
+from cdlcodec.quantizers.deploy import clamp_levels, deploy_min_steps
 from cdlcodec.quantizers.uniform import UniformQuantizer
+from cdlcodec.records import TensorRecord
 from onnx_models import lstm_gemm, mlp
 
 X_MLP = np.random.default_rng(1).standard_normal((6, 32)).astype(np.float32)
@@ -30,6 +37,11 @@ def decode_with_notes(cdl, out, **options) -> tuple[onnx.ModelProto, list[str]]:
         warnings.simplefilter("always")
         decode(cdl, out, **options)
     return onnx.load(out), [str(w.message) for w in caught if issubclass(w.category, OnnxOutputNote)]
+
+
+def not_about_ort(notes: list[str]) -> list[str]:
+    """The notes about the written model itself (not the onnxruntime session-option advice)."""
+    return [n for n in notes if "MatMulNBits" not in n]
 
 
 def run(path, x, so=None):
@@ -55,7 +67,7 @@ def test_int8_per_channel_weights_keep_the_opset(tmp_path):
     encode(src, cdl, quantizer=ChannelQuantizer(rel_step=None, bits=8), backend="huffman", quiet=True)
     model, notes = decode_with_notes(cdl, str(tmp_path / "q.onnx"), weights="qdq")
     onnx.checker.check_model(model, full_check=True)
-    assert opset_of(model) == 17 and model.ir_version == 8 and notes == []
+    assert opset_of(model) == 17 and model.ir_version == 8 and not_about_ort(notes) == []
     assert integer_types(model) == {TensorProto.INT8}
     assert all(a.name == "axis" for n in model.graph.node if n.op_type == "DequantizeLinear" for a in n.attribute)
 
@@ -115,3 +127,173 @@ def test_lstm_gemm_model_passes_the_full_checker(tmp_path, quantizer, opset):
     out = run(tmp_path / "q.onnx", X_SEQ)
     assert out.shape == (5, 3, 12)
     np.testing.assert_allclose(out, run(tmp_path / "f.onnx", X_SEQ), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- --deploy
+
+def dequantize_like_onnx(model) -> dict[str, np.ndarray]:
+    """Each DequantizeLinear's output computed as the operator defines it: int * scale in the scale's type."""
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    out = {}
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear":
+            continue
+        ints, scale = inits[node.input[0]].astype(np.int64), inits[node.input[1]]
+        axis = next((a.i for a in node.attribute if a.name == "axis"), None)
+        if axis is not None:
+            shape = [1] * ints.ndim
+            shape[axis] = -1
+            scale = scale.reshape(shape)
+        out[node.output[0]] = ints.astype(scale.dtype) * scale  # one rounding, in the scale's type
+    return out
+
+
+def float_weights(path) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+
+
+@pytest.mark.parametrize("grid,itype,opset", [("int8", TensorProto.INT8, 17), ("int4", TensorProto.INT4, 21)])
+def test_deploy_grid_qdq_decode_is_exact_to_the_coded_weights(tmp_path, grid, itype, opset):
+    src = mlp(str(tmp_path / "mlp.onnx"), outlier=True)
+    cdl = str(tmp_path / "d.cdl")
+    encode(src, cdl, quantizer=make("deploy", grid=grid, rel_step=0.001), backend="auto", quiet=True)
+    decode(cdl, str(tmp_path / "f.onnx"))
+    model, notes = decode_with_notes(cdl, str(tmp_path / "q.onnx"), weights="qdq")
+    onnx.checker.check_model(model, full_check=True)
+    assert opset_of(model) == opset and integer_types(model) == {itype}
+    assert not any("beyond int8" in n for n in notes)
+    assert (not_about_ort(notes) == []) == (grid == "int8")
+    # the output channels read from the graph: MatMul W[in, out] -> axis 1, Gemm transB W[out, in] -> axis 0
+    axes = {n.output[0]: n.attribute[0].i for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    assert axes == {"w1": 1, "w2": 0}
+    floats = float_weights(tmp_path / "f.onnx")
+    for name, values in dequantize_like_onnx(model).items():
+        assert values.dtype == floats[name].dtype
+        np.testing.assert_array_equal(values, floats[name])  # bit for bit
+    np.testing.assert_array_equal(run(tmp_path / "q.onnx", X_MLP), run(tmp_path / "f.onnx", X_MLP))
+
+
+def test_deploy_float16_weights_are_exact_too(tmp_path):
+    w = np.random.default_rng(3).standard_normal((8, 4)).astype(np.float16)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "half",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["N", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["N", 4])],
+                              [numpy_helper.from_array(w, "w")])
+    src = str(tmp_path / "half.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]), src)
+    cdl = str(tmp_path / "h.cdl")
+    encode(src, cdl, quantizer=make("deploy", grid="int8", rel_step=0.001), backend="huffman", quiet=True)
+    decode(cdl, str(tmp_path / "f.onnx"))
+    model, _ = decode_with_notes(cdl, str(tmp_path / "q.onnx"), weights="qdq")
+    values = dequantize_like_onnx(model)["w"]
+    assert values.dtype == np.float16
+    np.testing.assert_array_equal(values, float_weights(tmp_path / "f.onnx")["w"])
+
+
+def test_deploy_min_steps_choose_the_clip_with_least_error():
+    weight = np.random.default_rng(5).standard_t(3, (4, 256))  # heavy tails, as trained weights have
+    steps = deploy_min_steps(weight, 0, 4)
+
+    def error(step):
+        return np.sum((weight - clamp_levels(np.rint(weight / step[:, None]), 4) * step[:, None]) ** 2, axis=1)
+
+    max_abs = np.max(np.abs(weight), axis=1) / 7
+    assert np.all(steps < 0.85 * max_abs) and np.all(error(steps) < 0.8 * error(max_abs))
+    np.testing.assert_array_equal(deploy_min_steps(weight.T, 1, 4), steps)   # the axis is honoured
+    np.testing.assert_array_equal(deploy_min_steps(np.zeros((2, 3)), 0, 8), [1.0, 1.0])
+    np.testing.assert_array_equal(clamp_levels(np.array([-300, -5, 0, 9, 200]), 8), [-127, -5, 0, 9, 127])
+    np.testing.assert_array_equal(clamp_levels(np.array([-300, -5, 0, 9, 200]), 4), [-7, -5, 0, 7, 7])
+
+
+def test_deploy_keeps_a_coarser_explicit_step_and_bits_ask_for_a_narrower_grid():
+    rng = np.random.default_rng(6)
+    w = rng.standard_normal((3, 50)).astype(np.float32)
+    record = TensorRecord("w", w, "float32")
+    levels, quant, _ = make("deploy", grid="int8", step=0.25).quantize_record(record, w.astype(np.float64), w, "")
+    assert quant["steps"] == [0.25, 0.25, 0.25] and np.abs(levels).max() <= 127
+    levels, quant, _ = make("deploy", grid="int8", bits=4).quantize_record(record, w.astype(np.float64), w, "")
+    assert np.abs(levels).max() <= 7
+    np.testing.assert_array_equal(quant["steps"], np.float32(deploy_min_steps(w, 0, 4)))
+    with pytest.raises(CdlInputError, match="bits must be between 2 and 4"):
+        make("deploy", grid="int4", bits=8)
+    with pytest.raises(CdlInputError, match="grid must be one of"):
+        make("deploy", grid="int3")
+
+
+@pytest.mark.parametrize("args,message", [
+    ((), "give an explicit step option"),
+    (("--target-cosine", "0.99"), "give an explicit step option"),
+    (("--rel-step", "0.01", "--lambda", "0.1"), "drop --lambda"),
+    (("--rel-step", "0.01", "--trellis"), "drop --trellis"),
+])
+def test_deploy_refusals_are_clear(tmp_path, capsys, args, message):
+    src = mlp(str(tmp_path / "mlp.onnx"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["encode", src, "-o", str(tmp_path / "d.cdl"), "--deploy", "int8", "-q", *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cdlcodec: error: --deploy int8") and message in err and "Traceback" not in err
+    assert not (tmp_path / "d.cdl").exists()
+
+
+def test_deploy_from_the_command_line(tmp_path, capsys):
+    src = mlp(str(tmp_path / "mlp.onnx"))
+    for argv in (["encode", src, "-o", str(tmp_path / "d.cdl"), "--deploy", "int8", "--rel-step", "0.01", "-q"],
+                 ["decode", str(tmp_path / "d.cdl"), "-o", str(tmp_path / "q.onnx"), "--weights", "qdq", "-q"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(argv)
+        assert exit_info.value.code == 0
+    assert [line for line in capsys.readouterr().err.splitlines() if "MatMulNBits" not in line] == []
+    model = onnx.load(str(tmp_path / "q.onnx"))
+    assert opset_of(model) == 17 and integer_types(model) == {TensorProto.INT8}
+
+
+# ---------------------------------------------------------------------------------------------- runtime parity
+
+def literal_session(data: bytes) -> ort.InferenceSession:
+    """onnxruntime computing the graph as written: no optimisation, no fusion."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("weights", ["float", "qdq"])
+def test_cdl_activation_quantizers_run_the_same_under_default_session_options(tmp_path, weights):
+    """LeNet-5 with four quantized activations: default onnxruntime options (QDQ transformers on) give what
+    the graph says, i.e. the CDL model's eval arithmetic (tests/test_decode_cdl.py checks it against torch).
+    Without the writer's Max(., 0) after each activation the logits moved by 0.01-0.02."""
+    import torch
+
+    from cdlcodec.models import build
+
+    torch.manual_seed(0)
+    records = [TensorRecord(k, v.numpy(), "float32") for k, v in build("lenet5").state_dict().items()]
+    section, _ = architecture_graph_section("lenet5", records)
+    activations = [{"module": f"relu{i}", "s": s, "bits": b} for i, s, b in ((1, 0.02, 4), (2, 0.03, 8), (3, 0.05, 4),
+                                                                            (4, 0.05, 4))]
+    cdl = str(tmp_path / "l.cdl")
+    encode_records(records, cdl, EncodeOptions(UniformQuantizer(rel_step=None, bits=4), "huffman", (), True), {},
+                   [section, ("cdl.activations", "json", json.dumps({"version": 1, "activations": activations}).encode())])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OnnxOutputNote)
+        proto = build_onnx(decode_container(cdl), weights=weights).SerializeToString()
+    x = np.random.default_rng(0).uniform(0, 1, (64, 1, 28, 28)).astype(np.float32)
+    want = literal_session(proto).run(None, {"input": x})[0]
+    got = ort.InferenceSession(proto, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    assert np.abs(got - want).max() < 1e-4 and np.array_equal(got.argmax(1), want.argmax(1))
+
+
+def test_matmul_weights_name_the_session_option_that_keeps_float_activations(tmp_path):
+    """onnxruntime fuses DequantizeLinear -> MatMul into MatMulNBits with int8 activations by default; the
+    note names the option, and with it the QDQ model computes what the float decode computes."""
+    src = mlp(str(tmp_path / "mlp.onnx"), n_in=256, hidden=256)
+    cdl = str(tmp_path / "d.cdl")
+    encode(src, cdl, quantizer=make("deploy", grid="int8", rel_step=0.001), backend="huffman", quiet=True)
+    decode(cdl, str(tmp_path / "f.onnx"))
+    _, notes = decode_with_notes(cdl, str(tmp_path / "q.onnx"), weights="qdq")
+    note = next(n for n in notes if "MatMulNBits" in n)
+    assert note.startswith("1 MatMul node(s)") and "session.qdq_matmulnbits_accuracy_level=0" in note
+    x = np.random.default_rng(4).standard_normal((8, 256)).astype(np.float32)
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    np.testing.assert_allclose(run(tmp_path / "q.onnx", x, so), run(tmp_path / "f.onnx", x), atol=1e-5)

@@ -16,7 +16,8 @@ Needs numpy and onnx only (never torch), so an edge device can turn a .cdl file 
   float16 weights below opset 19, per-channel steps below opset 13, int16 levels below 21) are
   written as float.
 - CDL activation quantizers (json section "cdl.activations") become QuantizeLinear/DequantizeLinear
-  pairs on the named activations, with a Clip to [0, 2^b - 1] where b < 8.
+  pairs on the named activations, with a Clip to [0, 2^b - 1] where b < 8, followed by Max(., 0)
+  (an identity that keeps onnxruntime's default QDQ fusions from changing the arithmetic).
 """
 from __future__ import annotations
 
@@ -329,11 +330,21 @@ def _qdq_plan(tensor, rec: TensorRecord, opset: int, int4: bool):
     return kind, target, axis
 
 
+# Measured with onnxruntime 1.32: its default optimisations fuse DequantizeLinear -> MatMul (int4 and
+# per-channel int8) into MatMulNBits, which at accuracy level 4 also quantizes the activations to int8
+# (MiniLM: max logit difference 0.02). A graph-side barrier would also cost the int8 kernel, so the
+# session option that keeps both is said instead (docs/decoders.md).
+ORT_MATMUL_NOTE = ("{n} MatMul node(s) read integer weights: onnxruntime's default optimisations fuse them into "
+                   "MatMulNBits with int8 activations (slightly different outputs); for this model's float "
+                   "arithmetic set the session option session.qdq_matmulnbits_accuracy_level=0")
+
+
 def _apply_qdq(proto, records: dict[str, TensorRecord], int4: bool) -> None:
     from onnx import helper
 
     opset = _opset(proto)
     names = _Names(proto)
+    fused_by_ort = 0
     for graph, _ in iter_graphs(proto.graph):
         new_nodes, kept_inits, new_inits = [], [], []
         graph_inputs = {v.name for v in graph.input}
@@ -370,6 +381,10 @@ def _apply_qdq(proto, records: dict[str, TensorRecord], int4: bool) -> None:
             keep = [v for v in graph.input if v.name not in dropped_inputs]
             del graph.input[:]
             graph.input.extend(keep)
+        dequantized = {n.output[0] for n in new_nodes + nodes if n.op_type == "DequantizeLinear"}
+        fused_by_ort += sum(1 for n in graph.node if n.op_type == "MatMul" and set(n.input) & dequantized)
+    if fused_by_ort:
+        _note(ORT_MATMUL_NOTE.format(n=fused_by_ort))
 
 
 def _constant_tensor(node):
@@ -458,8 +473,15 @@ def _apply_activation_qdq(proto, activations: list[dict]) -> None:
             clipped = names.fresh(f"{base}_clipped")
             chain.append(helper.make_node("Clip", [q, lo.name, hi.name], [clipped], name=names.fresh(f"{base}_Clip")))
             q = clipped
-        out = names.fresh(f"{base}_dq")
-        chain.append(helper.make_node("DequantizeLinear", [q, scale.name, zero.name], [out], name=names.fresh(f"{base}_Dequantize")))
+        dq = names.fresh(f"{base}_dq")
+        chain.append(helper.make_node("DequantizeLinear", [q, scale.name, zero.name], [dq], name=names.fresh(f"{base}_Dequantize")))
+        # max(y, 0) = y (y >= 0). It keeps onnxruntime's QDQ transformers (on by default) from seeing
+        # DequantizeLinear -> Conv/Gemm and re-quantizing weights and biases with their own scales, which
+        # moved a CDL LeNet-5's logits by 0.65: with it, default sessions compute the model's arithmetic.
+        floor = helper.make_tensor(names.fresh(f"{base}_floor"), 1, [], vals=[0.0])
+        graph.initializer.append(floor)
+        out = names.fresh(f"{base}_float")
+        chain.append(helper.make_node("Max", [dq, floor.name], [out], name=names.fresh(f"{base}_KeepFloat")))
         _splice(graph, value, out, chain)
 
 

@@ -6,7 +6,7 @@ from cdlcodec.cli.flags import parameters_as_flags
 # Library parameters (quantizers.base.parameter_error) as this command's flags, for error messages.
 FLAGS = {"rel_step": "--rel-step", "step": "--step", "bits": "--bits", "lam": "--lambda",
          "granularity": "--granularity", "mode": "--cpmf", "cdl_quantizer": "--cpmf", "seed": "--seed",
-         "arch": "--arch"}
+         "arch": "--arch", "grid": "--deploy"}
 
 
 @click.command("encode")
@@ -16,6 +16,10 @@ FLAGS = {"rel_step": "--rel-step", "step": "--step", "bits": "--bits", "lam": "-
               help="Step = R x standard deviation of each tensor (default 0.1).")
 @click.option("--step", type=float, default=None, help="One absolute step for every quantized tensor.")
 @click.option("--bits", type=int, default=None, help="Symmetric quantization with levels that fit in B signed bits.")
+@click.option("--deploy", type=click.Choice(["int8", "int4"]), default=None,
+              help="Put every quantized weight on a per-output-channel symmetric int8 (int4) grid, scales chosen "
+                   "for least error, so that decode --weights qdq writes int8 (int4) weights exact to the coded "
+                   "ones. Needs an explicit step option (--rel-step, --step, --bits) for now.")
 @click.option("--backend", default="auto", show_default=True,
               help="Lossless backend: auto (smallest per tensor), raw, huffman, cabac.")
 @click.option("--keep", multiple=True, metavar="GLOB",
@@ -56,7 +60,8 @@ FLAGS = {"rel_step": "--rel-step", "step": "--step", "bits": "--bits", "lam": "-
                    "float coder where it is smaller, docs/backends.md).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 def command(model, output, rel_step, step, bits, backend, keep, arch, lam, granularity, trellis, cpmf, seed,
-            target_cosine, target_agreement, target_rel_mse, calibration, no_gptq, same_decisions, lossless, quiet):
+            target_cosine, target_agreement, target_rel_mse, calibration, no_gptq, same_decisions, lossless, quiet,
+            deploy):
     """Quantize and entropy-code MODEL (.onnx, .pt/.pth state_dict or checkpoint, .safetensors, .pt2) into a .cdl file.
 
     Tensors with two or more dimensions are quantized to integers k = round(w / step); 1-D tensors
@@ -81,12 +86,16 @@ def command(model, output, rel_step, step, bits, backend, keep, arch, lam, granu
         (["--lambda"] if lam is not None else []) + (["--trellis"] if trellis else []) + \
         (["--granularity"] if granularity != "tensor" else [])
     # "quantizer" in a library error is whichever of these the user gave (a CDL checkpoint refuses them)
-    flags = {**FLAGS, "quantizer": " and ".join(step_options)}
+    flags = {**FLAGS, "quantizer": " and ".join(step_options + (["--deploy"] if deploy else []))}
     if seed is not None and cpmf != "sample":
         raise CdlInputError("--seed applies to --cpmf sample only")
     with parameters_as_flags(flags):
         quantizer = None  # no step option: the model's default (uniform, or a CDL checkpoint's own)
-        if trellis:
+        if deploy is not None:
+            _check_deploy(deploy, step_rule, lam, trellis, lossless, arch, cpmf, target_cosine, target_agreement,
+                          target_rel_mse)
+            quantizer = make("deploy", grid=deploy, **step_rule)
+        elif trellis:
             quantizer = make("trellis", lam=lam or 0.0, granularity=granularity, **step_rule)
         elif lam is not None or granularity != "tensor":
             quantizer = make("rd", lam=lam or 0.0, granularity=granularity, **step_rule)
@@ -150,3 +159,17 @@ def _encode(model, output, options, arch, targets, calibration, no_gptq, same_de
     from cdlcodec.api import encode_with_options
 
     return encode_with_options(model, output, options, arch=arch)
+
+
+def _check_deploy(deploy, step_rule, lam, trellis, lossless, arch, cpmf, *targets):
+    """--deploy rounds to the nearest level of its grid with explicit steps; say what does not combine."""
+    from cdlcodec.errors import CdlInputError
+
+    for flag, given in (("--lambda", lam is not None), ("--trellis", trellis), ("--lossless", lossless)):
+        if given:
+            raise CdlInputError(f"--deploy {deploy} rounds each weight to the nearest level of its grid; drop {flag}")
+    explicit = any(v is not None for v in step_rule.values())
+    if any(t is not None for t in targets) or (not explicit and arch is None and cpmf is None):
+        raise CdlInputError(f"--deploy {deploy} cannot be combined with a fidelity target yet (the default for models "
+                            "with a graph and for state_dicts): give an explicit step option, --rel-step, --step or "
+                            "--bits (e.g. --rel-step 0.05)")
