@@ -297,3 +297,19 @@ def test_matmul_weights_name_the_session_option_that_keeps_float_activations(tmp
     so = ort.SessionOptions()
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     np.testing.assert_allclose(run(tmp_path / "q.onnx", x, so), run(tmp_path / "f.onnx", x), atol=1e-5)
+
+
+def test_deploy_gives_embedding_tables_one_scale_per_feature(tmp_path):
+    rng = np.random.default_rng(8)
+    table, w = rng.standard_normal((50, 6)).astype(np.float32), rng.standard_normal((6, 3)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("Gather", ["table", "ids"], ["e"]), helper.make_node("MatMul", ["e", "w"], ["y"])],
+                              "emb", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+                              [numpy_helper.from_array(table, "table"), numpy_helper.from_array(w, "w")])
+    src = str(tmp_path / "emb.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), src)
+    cdl = str(tmp_path / "e.cdl")
+    encode(src, cdl, quantizer=make("deploy", grid="int8", rel_step=0.001), backend="huffman", quiet=True)
+    model, _ = decode_with_notes(cdl, str(tmp_path / "q.onnx"), weights="qdq")
+    axes = {n.output[0]: n.attribute[0].i for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    assert axes == {"table": 1, "w": 1}
