@@ -214,7 +214,7 @@ def encode_chunks(levels, chunk_size, n_gt, mode, row_len, fast, slow, buf, chun
     n = levels.shape[0]
     st = np.zeros(STATE_SIZE, dtype=np.int64)
     ctx = new_contexts(N_CONTEXTS)
-    pos = 0
+    pos = np.int64(0)  # not a literal 0: numba would compile the whole chunk encoder twice (for 0 and int64)
     for c in range(chunk_ends.shape[0]):
         s = c * chunk_size
         pos = _encode_chunk(levels, s, min(n, s + chunk_size), n_gt, mode, row_len, fast, slow, buf, pos, st, ctx)
@@ -298,7 +298,7 @@ def cost_chunks(levels, chunk_size, n_gt, mode, row_len, fast, slow, limit):
     st = np.zeros(STATE_SIZE, dtype=np.int64)
     ctx = new_contexts(N_CONTEXTS)
     total = 0
-    s = 0
+    s = np.int64(0)  # as in encode_chunks: one compiled _cost_chunk, not one for the literal 0 too
     while s < n:
         e = min(n, s + chunk_size)
         total += _cost_chunk(levels, s, e, n_gt, mode, row_len, fast, slow, st, ctx)

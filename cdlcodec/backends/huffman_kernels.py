@@ -24,6 +24,7 @@ KIND_EMPTY = 0
 KIND_SINGLE = 1
 KIND_DENSE = 2
 KIND_SPARSE = 3
+AFTER_KIND = np.int64(1)  # params after the kind byte; an int64, not a literal 1, so the varint kernels compile once
 
 ERR_TRUNCATED_PARAMS = ERR_TRUNCATED  # the varint kernels' own codes
 ERR_BAD_VARINT = ERR_MALFORMED
@@ -404,7 +405,7 @@ def write_dense_table(values, lengths):
     n = values.size
     out = np.zeros(21 + 20 * n, np.uint8)
     out[0] = KIND_DENSE
-    pos = put_uvarint(out, 1, zigzag(values[0]))
+    pos = put_uvarint(out, AFTER_KIND, zigzag(values[0]))
     pos = put_uvarint(out, pos, values[n - 1] - values[0] + 1)
     i = 0
     while i < n:
@@ -427,7 +428,7 @@ def write_sparse_table(values, lengths):
     n = values.size
     out = np.zeros(21 + 20 * n, np.uint8)
     out[0] = KIND_SPARSE
-    pos = put_uvarint(out, 1, n)
+    pos = put_uvarint(out, AFTER_KIND, n)
     pos = put_uvarint(out, pos, zigzag(values[0]))
     for i in range(1, n):
         pos = put_uvarint(out, pos, values[i] - values[i - 1] - 1)
@@ -451,7 +452,7 @@ def parse_table(params, max_symbols, max_abs, values_out, lengths_out, fill):
     kraft = 0
     used = 0
     if kind == KIND_DENSE:
-        base, pos = get_svarint(params, 1)
+        base, pos = get_svarint(params, AFTER_KIND)
         if pos < 0:
             return pos
         n, pos = get_uvarint(params, pos)
@@ -483,7 +484,7 @@ def parse_table(params, max_symbols, max_abs, values_out, lengths_out, fill):
                 used += run
             k += run
     elif kind == KIND_SPARSE:
-        m, pos = get_uvarint(params, 1)
+        m, pos = get_uvarint(params, AFTER_KIND)
         if pos < 0:
             return pos
         if m < 2:

@@ -82,6 +82,7 @@ def viterbi_scan(r, weight, lam, limit, next_state, qid, chunk_size, n_gt, mode,
     back = np.zeros((block, ns), dtype=np.int64)
     lev = np.zeros((block, ns), dtype=np.int64)
     cand = np.zeros(3, dtype=np.int64)
+    no_row = np.int64(0)  # no row neighbour u here; an int64, so rate_cost/rate_update compile once (not for a literal 0)
     start_state = 0
     chunk_start = 0
     ctx = new_contexts(N_CONTEXTS)
@@ -127,7 +128,7 @@ def viterbi_scan(r, weight, lam, limit, next_state, qid, chunk_size, n_gt, mode,
                     d = x - _recon(k, q)
                     cost = J[s] + weight[i] * d * d
                     if lam > 0:
-                        cost += lam * scale * rate_cost(ctx, st, k, pa[s], pb[s], 0, mode, n_gt, fast, slow)
+                        cost += lam * scale * rate_cost(ctx, st, k, pa[s], pb[s], no_row, mode, n_gt, fast, slow)
                     t = next_state[s, k & 1]
                     if cost < J2[t]:
                         J2[t] = cost
@@ -151,7 +152,7 @@ def viterbi_scan(r, weight, lam, limit, next_state, qid, chunk_size, n_gt, mode,
         for i in range(s0, e0):   # adapt the contexts to the decided levels, as the encoder will
             a = out[i - 1] if i - 1 >= chunk_start else 0
             b = out[i - 2] if i - 2 >= chunk_start else 0
-            rate_update(ctx, st, out[i], a, b, 0, mode, n_gt, fast, slow)
+            rate_update(ctx, st, out[i], a, b, no_row, mode, n_gt, fast, slow)
         s0 = e0
     return out
 

@@ -1,0 +1,54 @@
+"""Cold start (issue 18): each kernel compiles once per use, not once more for a literal argument.
+
+numba types a call argument that is a literal int (`pos = 0` before a loop, `f(x, 1)`) as
+Literal[int](0) and compiles the callee for it, then again for int64 when the variable changes: the
+chunk encoder of `cabac`, its biggest kernel, used to be compiled twice on every first encode.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+from cdlcodec.jit import HAVE_NUMBA
+
+_CHILD = r"""
+import gc, json
+import numpy as np
+from numba.core import types
+from numba.core.dispatcher import Dispatcher
+from cdlcodec.codec import EncodeOptions, decode_container, encode_records
+from cdlcodec.quantizers import make
+from cdlcodec.records import TensorRecord
+
+rng = np.random.default_rng(0)
+records = [TensorRecord("w", (rng.standard_normal((24, 70)) * 0.1).astype(np.float32), "float32"),
+           TensorRecord("v", (rng.standard_normal(300) * 0.1).astype(np.float32), "float32")]
+out = __import__("sys").argv[1]
+for quantizer in (make("uniform", rel_step=0.1), make("rd", lam=0.01), make("trellis", lam=0.1)):
+    for backend in ("raw", "huffman", "cabac"):
+        encode_records(records, out, EncodeOptions(quantizer, backend, (), True))
+        decode_container(out)
+
+duplicates = {}
+for obj in gc.get_objects():
+    if isinstance(obj, Dispatcher) and obj.py_func.__module__.startswith("cdlcodec"):
+        plain = [tuple(types.unliteral(t) for t in sig) for sig in obj.overloads]
+        if len(set(plain)) < len(plain):
+            duplicates[obj.py_func.__module__ + "." + obj.__name__] = [str(s) for s in obj.overloads]
+print(json.dumps(duplicates))
+"""
+
+
+@pytest.mark.skipif(not HAVE_NUMBA, reason="numba is not installed: nothing is compiled")
+def test_no_kernel_is_compiled_twice_for_a_literal(tmp_path):
+    with tempfile.TemporaryDirectory() as cache:  # a fresh cache: everything compiles in the child
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        child = subprocess.run([sys.executable, "-c", _CHILD, str(tmp_path / "x.cdl")], capture_output=True,
+                               text=True, env=env, timeout=900)
+    assert child.returncode == 0, child.stderr[-3000:]
+    assert json.loads(child.stdout.strip().splitlines()[-1]) == {}
