@@ -214,7 +214,8 @@ def decode(payload: bytes, params: bytes, count: int, dtype: str) -> np.ndarray:
         raise CdlDecodeError(f"float: payload is {data.size} bytes, its directory describes {expected}")
     tables = [fk.decode_table(v) if m == RANS else None for m, v in planes]
     out = np.empty(count, DTYPES[dtype][1])
-    fused = [m for m, _ in planes] == [RANS, VERBATIM]  # bfloat16 and float16 weights: one pass, no scratch
+    # the usual case (trained weights): one pass, no scratch
+    fused = [m for m, _ in planes] == [RANS] + [VERBATIM] * (len(planes) - 1)
     scratch = np.empty((len(planes), 0 if fused else min(chunk, count)), np.uint8)
     merge = fk.merge32 if dtype == "float32" else fk.merge16
     pos = dir_len
@@ -223,10 +224,10 @@ def decode(payload: bytes, params: bytes, count: int, dtype: str) -> np.ndarray:
         n = min(chunk, count - start)
         if fused:
             length = int(lengths[c, 0])
-            status = fk.decode16_fused(data, pos, length, n, tables[0], pos + length, out, start)
+            status = fk.decode_fused(data, pos, length, n, tables[0], pos + length, dtype == "float32", out, start)
             if status != fk.OK:
                 raise CdlDecodeError(f"float: chunk {c}, plane 0: {fk.MESSAGES[status]}")
-            pos += length + n
+            pos += length + n * (len(planes) - 1)
             continue
         r = 0
         for p, (mode, value) in enumerate(planes):

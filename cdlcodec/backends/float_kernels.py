@@ -188,10 +188,21 @@ def decode_rans(data, start, length, n, table, out):
 
 
 @njit(cache=True, nogil=True)
-def decode16_fused(data, start, length, n, table, raw, out, out_start):
-    """The common 16-bit case in one pass: plane 0 rANS-coded in data[start:start+length], plane 1
-    verbatim at data[raw:raw+n], merged straight into out[out_start:out_start+n] (the same result
-    as decode_rans + merge16, without the intermediate planes). Returns OK or a negative status."""
+def _assemble(data, raw, n, j, exponent, wide):
+    """Element j's bit pattern from its plane-0 symbol and its verbatim planes at data[raw:] (each
+    n bytes long): 3 of them for float32 (`wide`), 1 for the 16-bit types (merge32 / merge16)."""
+    r = np.int64(data[raw + j])
+    if wide:
+        return ((r & 0x80) << 24) | (exponent << 23) | ((r & 0x7F) << 16) | (np.int64(data[raw + n + j]) << 8) \
+            | np.int64(data[raw + 2 * n + j])
+    return ((r & 0x80) << 8) | (exponent << 7) | (r & 0x7F)
+
+
+@njit(cache=True, nogil=True)
+def decode_fused(data, start, length, n, table, raw, wide, out, out_start):
+    """The common case in one pass: plane 0 rANS-coded in data[start:start+length], the other planes
+    verbatim from data[raw], merged straight into out[out_start:out_start+n] (the result of
+    decode_rans + merge16/merge32, without intermediate planes). Returns OK or a negative status."""
     if length < STATE_BYTES or (length - STATE_BYTES) % 2:
         return ERR_OVERRUN
     x0, x1, x2, x3 = np.int64(0), np.int64(0), np.int64(0), np.int64(0)
@@ -214,8 +225,7 @@ def decode16_fused(data, start, length, n, table, raw, out, out_start):
                 return ERR_OVERRUN
             x0 = (x0 << 16) | np.int64(data[pos]) | (np.int64(data[pos + 1]) << 8)
             pos += 2
-        r = np.int64(data[raw + j + 0])
-        out[out_start + j + 0] = ((r & 0x80) << 8) | ((e & 0xFF) << 7) | (r & 0x7F)
+        out[out_start + j + 0] = _assemble(data, raw, n, j + 0, e & 0xFF, wide)
         e = table[x1 & mask]
         x1 = ((e >> 8) & 0xFFFF) * (x1 >> SCALE_BITS) + (e >> 24)
         if x1 < LOW:
@@ -223,8 +233,7 @@ def decode16_fused(data, start, length, n, table, raw, out, out_start):
                 return ERR_OVERRUN
             x1 = (x1 << 16) | np.int64(data[pos]) | (np.int64(data[pos + 1]) << 8)
             pos += 2
-        r = np.int64(data[raw + j + 1])
-        out[out_start + j + 1] = ((r & 0x80) << 8) | ((e & 0xFF) << 7) | (r & 0x7F)
+        out[out_start + j + 1] = _assemble(data, raw, n, j + 1, e & 0xFF, wide)
         e = table[x2 & mask]
         x2 = ((e >> 8) & 0xFFFF) * (x2 >> SCALE_BITS) + (e >> 24)
         if x2 < LOW:
@@ -232,8 +241,7 @@ def decode16_fused(data, start, length, n, table, raw, out, out_start):
                 return ERR_OVERRUN
             x2 = (x2 << 16) | np.int64(data[pos]) | (np.int64(data[pos + 1]) << 8)
             pos += 2
-        r = np.int64(data[raw + j + 2])
-        out[out_start + j + 2] = ((r & 0x80) << 8) | ((e & 0xFF) << 7) | (r & 0x7F)
+        out[out_start + j + 2] = _assemble(data, raw, n, j + 2, e & 0xFF, wide)
         e = table[x3 & mask]
         x3 = ((e >> 8) & 0xFFFF) * (x3 >> SCALE_BITS) + (e >> 24)
         if x3 < LOW:
@@ -241,8 +249,7 @@ def decode16_fused(data, start, length, n, table, raw, out, out_start):
                 return ERR_OVERRUN
             x3 = (x3 << 16) | np.int64(data[pos]) | (np.int64(data[pos + 1]) << 8)
             pos += 2
-        r = np.int64(data[raw + j + 3])
-        out[out_start + j + 3] = ((r & 0x80) << 8) | ((e & 0xFF) << 7) | (r & 0x7F)
+        out[out_start + j + 3] = _assemble(data, raw, n, j + 3, e & 0xFF, wide)
         j += 4
     st = np.array([x0, x1, x2, x3])
     while j < n:
@@ -255,8 +262,7 @@ def decode16_fused(data, start, length, n, table, raw, out, out_start):
             x = (x << 16) | np.int64(data[pos]) | (np.int64(data[pos + 1]) << 8)
             pos += 2
         st[j & 3] = x
-        r = np.int64(data[raw + j])
-        out[out_start + j] = ((r & 0x80) << 8) | ((e & 0xFF) << 7) | (r & 0x7F)
+        out[out_start + j] = _assemble(data, raw, n, j, e & 0xFF, wide)
         j += 1
     if pos != end:
         return ERR_BAD_END
