@@ -313,3 +313,30 @@ def test_deploy_gives_embedding_tables_one_scale_per_feature(tmp_path):
     model, _ = decode_with_notes(cdl, str(tmp_path / "q.onnx"), weights="qdq")
     axes = {n.output[0]: n.attribute[0].i for n in model.graph.node if n.op_type == "DequantizeLinear"}
     assert axes == {"table": 1, "w": 1}
+
+
+@pytest.mark.parametrize("grid,bits", [("int8", 8), ("int4", 4)])
+def test_matmul_nbits_runs_like_the_float_decode_under_default_options(tmp_path, grid, bits):
+    src = mlp(str(tmp_path / "mlp.onnx"), n_in=100, hidden=48)   # K = 100: padded to whole blocks
+    cdl = str(tmp_path / "d.cdl")
+    encode(src, cdl, quantizer=make("deploy", grid=grid, rel_step=0.001), backend="huffman", quiet=True)
+    decode(cdl, str(tmp_path / "f.onnx"))
+    model, notes = decode_with_notes(cdl, str(tmp_path / "q.onnx"), weights="qdq", matmul_nbits=True)
+    onnx.checker.check_model(model, full_check=True)
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 1 and nbits[0].domain == "com.microsoft" and nbits[0].output[0] == "h0"
+    attrs = {a.name: a.i for a in nbits[0].attribute}
+    assert attrs["bits"] == bits and attrs["K"] == 100 and attrs["N"] == 48 and attrs["accuracy_level"] == 0
+    assert not any(n.op_type == "MatMul" for n in model.graph.node) and "w1" not in float_weights(tmp_path / "q.onnx")
+    assert any("MatMulNBits" in n and "became" in n for n in notes) and not any("accuracy_level=0" in n for n in notes)
+    x = np.random.default_rng(9).standard_normal((7, 100)).astype(np.float32)
+    np.testing.assert_allclose(run(tmp_path / "q.onnx", x), run(tmp_path / "f.onnx", x), rtol=1e-5, atol=1e-5)
+
+
+def test_matmul_nbits_needs_integer_weights(tmp_path):
+    src = mlp(str(tmp_path / "mlp.onnx"))
+    cdl = str(tmp_path / "d.cdl")
+    encode(src, cdl, quantizer=make("deploy", grid="int8", rel_step=0.01), backend="huffman", quiet=True)
+    with pytest.raises(CdlInputError, match="matmul_nbits applies to integer weights"):
+        decode(cdl, str(tmp_path / "x.onnx"), matmul_nbits=True)
+    assert not (tmp_path / "x.onnx").exists()

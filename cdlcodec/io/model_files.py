@@ -28,7 +28,7 @@ class Adapter:
 ADAPTERS = {
     "torch": Adapter("torch_checkpoint:read_torch", "torch_checkpoint:write_torch", needs_torch=True),
     "safetensors": Adapter("safetensors_file:read_safetensors", "safetensors_file:write_safetensors"),
-    "onnx": Adapter("onnx_model:read_onnx", "onnx_writer:write_onnx", options=("weights", "int4", "keep_opset")),
+    "onnx": Adapter("onnx_model:read_onnx", "onnx_writer:write_onnx", options=("weights", "int4", "keep_opset", "matmul_nbits")),
     "torch.export": Adapter("torch_export:read_torch_export", "torch_export:write_torch_export", needs_torch=True),
 }
 READ_KINDS = {".pt": "torch", ".pth": "torch", ".bin": "torch", ".ckpt": "torch", ".safetensors": "safetensors",

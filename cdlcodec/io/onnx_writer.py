@@ -56,9 +56,9 @@ def _note(message: str) -> None:
 
 
 def write_onnx(path: str, model: ModelFile, weights: str = "float", int4: bool = True, keep_opset: bool = False,
-               check: bool = True) -> None:
+               matmul_nbits: bool = False, check: bool = True) -> None:
     """Write the decoded `model` (which must carry an ONNX graph section) to `path`, atomically."""
-    proto = build_onnx(model, weights=weights, int4=int4, keep_opset=keep_opset)
+    proto = build_onnx(model, weights=weights, int4=int4, keep_opset=keep_opset, matmul_nbits=matmul_nbits)
     if check:
         try:
             _onnx().checker.check_model(proto)
@@ -68,10 +68,13 @@ def write_onnx(path: str, model: ModelFile, weights: str = "float", int4: bool =
     write_bytes_atomic(path, data)
 
 
-def build_onnx(model: ModelFile, weights: str = "float", int4: bool = True, keep_opset: bool = False):
+def build_onnx(model: ModelFile, weights: str = "float", int4: bool = True, keep_opset: bool = False,
+               matmul_nbits: bool = False):
     """The decoded ModelProto (weights filled in, QDQ applied when asked; module docstring)."""
     if weights not in WEIGHT_MODES:
         raise CdlInputError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got {weights!r}")
+    if matmul_nbits and weights != "qdq":
+        raise CdlInputError("matmul_nbits applies to integer weights (weights='qdq')")
     section = graph_section(model)
     if section is None:
         raise CdlInputError("this container carries no ONNX graph (it was encoded from a state_dict); "
@@ -83,6 +86,8 @@ def build_onnx(model: ModelFile, weights: str = "float", int4: bool = True, keep
         raise CdlFormatError(f"ONNX graph section {section[0]!r} is not a valid ONNX model ({str(exc)[:200]})") from None
     records = {r.name: r for r in model.records}
     if weights == "qdq":
+        if matmul_nbits:
+            _apply_matmul_nbits(proto, records, int4)
         proto = _qdq_opset(proto, records, int4 and not keep_opset, keep_opset)
         _apply_qdq(proto, records, int4 and not keep_opset)
     _fill_float(proto, records)
@@ -404,6 +409,77 @@ def _dequantize_node(helper, names: _Names, output: str, rec: TensorRecord, plan
     node = helper.make_node("DequantizeLinear", [ints.name, scale.name], [output],
                             name=names.fresh(f"{output}_DequantizeLinear"), **attrs)
     return ints, scale, node
+
+
+# ------------------------------------------------------------------------------------------------
+# onnxruntime's MatMulNBits (com.microsoft) for MatMul weights
+# ------------------------------------------------------------------------------------------------
+
+NBITS_BLOCKS = (256, 128, 64, 32, 16)  # block sizes onnxruntime's MatMulNBits kernels support
+
+
+def _apply_matmul_nbits(proto, records: dict[str, TensorRecord], int4: bool) -> None:
+    """MatMul(A, W) with W a quantized float32 [K, N] initializer (one step, or one per output column)
+    whose levels fit 4 (int4 allowed) or 8 bits, used by nothing else -> MatMulNBits(A, B, scales) with
+    accuracy_level 0: float activations, the same product as DequantizeLinear -> MatMul, and an
+    integer kernel under onnxruntime's default options. Other weights are left to _apply_qdq."""
+    from onnx import helper
+
+    names = _Names(proto)
+    converted = 0
+    graph = proto.graph
+    uses = Counter(name for node in graph.node for name in node.input)
+    inits = {t.name: t for t in graph.initializer}
+    taken = set()
+    for index, node in enumerate(graph.node):
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+            continue
+        init = inits.get(node.input[1])
+        if init is None or uses[init.name] != 1 or init.data_type != 1 or len(init.dims) != 2:
+            continue
+        rec = _record_for(init, records)
+        if not (_quantized(rec) and rec.levels.size) or _quant_params(rec).axis not in (None, 1):
+            continue
+        bits = next((b for b in ((4, 8) if int4 else (8,)) if -(1 << (b - 1)) <= rec.levels.min()
+                     and rec.levels.max() < (1 << (b - 1))), None)
+        if bits is None:
+            continue
+        packed, scales, block = _nbits_tensors(rec, bits)
+        b = _raw_tensor(names.fresh(f"{init.name}_nbits"), 2, packed.shape, packed.tobytes())
+        s = _raw_tensor(names.fresh(f"{init.name}_nbits_scales"), 1, scales.shape, scales.tobytes())
+        k, n = rec.shape
+        graph.node[index].CopyFrom(helper.make_node(
+            "MatMulNBits", [node.input[0], b.name, s.name], list(node.output),
+            name=node.name or names.fresh("MatMulNBits"), domain="com.microsoft",
+            K=k, N=n, bits=bits, block_size=block, accuracy_level=0))
+        graph.initializer.extend([b, s])
+        taken.add(init.name)
+        converted += 1
+    if converted:
+        keep = [t for t in graph.initializer if t.name not in taken]
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+        if not any(o.domain == "com.microsoft" for o in proto.opset_import):
+            proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        _note(f"{converted} MatMul node(s) became com.microsoft MatMulNBits (onnxruntime only; float activations)")
+
+
+def _nbits_tensors(rec: TensorRecord, bits: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """MatMulNBits' B [N, blocks, block*bits/8] (uint8, level + 2^(bits-1), column n of W in row n, K padded
+    with zero levels; 4 bits: low nibble first) and scales [N * blocks] (float32; each column's step)."""
+    k, n = rec.shape
+    block = min(NBITS_BLOCKS, key=lambda bs: (-(-k // bs) * (bs * bits // 8 + 4), -bs))  # fewest bytes
+    blocks = -(-k // block)
+    zero = 1 << (bits - 1)
+    columns = np.full((n, blocks * block), zero, np.uint8)
+    columns[:, :k] = (rec.levels.reshape(k, n).T + zero).astype(np.uint8)
+    if bits == 4:
+        pairs = columns.reshape(n, blocks, block // 2, 2)
+        packed = pairs[..., 0] | (pairs[..., 1] << 4)
+    else:
+        packed = columns.reshape(n, blocks, block)
+    steps = np.broadcast_to(np.asarray(steps_of(_quant_params(rec)), np.float64), (n,))
+    return np.ascontiguousarray(packed), np.repeat(steps, blocks).astype(np.float32), block
 
 
 # ------------------------------------------------------------------------------------------------

@@ -16,8 +16,12 @@ import click
 @click.option("--keep-opset", is_flag=True,
               help="With --weights qdq: never change the model's opset (no int4; weights whose type needs a "
                    "newer opset are written as int32 or float).")
+@click.option("--matmul-nbits", is_flag=True,
+              help="With --weights qdq: MatMul weights that fit 4/8 bits become onnxruntime's com.microsoft "
+                   "MatMulNBits with float activations (runs only in onnxruntime; same outputs under its "
+                   "default session options, integer kernel).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
-def command(container, output, weights, no_int4, keep_opset, quiet):
+def command(container, output, weights, no_int4, keep_opset, matmul_nbits, quiet):
     """Decode CONTAINER back into a model file with the original names, shapes and dtypes."""
     import warnings
 
@@ -29,6 +33,8 @@ def command(container, output, weights, no_int4, keep_opset, quiet):
         options["int4"] = False
     if keep_opset:
         options["keep_opset"] = True
+    if matmul_nbits:
+        options["matmul_nbits"] = True
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", OnnxOutputNote)
         model = decode(container, output, quiet=quiet, **options)
