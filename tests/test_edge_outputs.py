@@ -341,3 +341,44 @@ def test_matmul_nbits_needs_integer_weights(tmp_path):
     with pytest.raises(CdlInputError, match="matmul_nbits applies to integer weights"):
         decode(cdl, str(tmp_path / "x.onnx"), matmul_nbits=True)
     assert not (tmp_path / "x.onnx").exists()
+
+
+# ---------------------------------------------------------------------------------------------- streaming writer
+
+@pytest.mark.parametrize("options", [{}, {"weights": "qdq"}, {"weights": "qdq", "int4": False},
+                                     {"weights": "qdq", "matmul_nbits": True}])
+@pytest.mark.parametrize("quantizer", ["deploy4", "fine"])
+def test_streamed_file_holds_the_same_model_as_build_onnx(tmp_path, options, quantizer):
+    """write_onnx writes the big tensors straight from the decoded arrays (fields in another order):
+    what onnx.load reads back equals build_onnx's ModelProto field for field."""
+    src = mlp(str(tmp_path / "mlp.onnx"), n_in=128, hidden=64)   # w1: 8,192 elements (streamed), w2: 640 (not)
+    cdl = str(tmp_path / "m.cdl")
+    chosen = make("deploy", grid="int4", rel_step=0.001) if quantizer == "deploy4" else UniformQuantizer(rel_step=0.001)
+    encode(src, cdl, quantizer=chosen, backend="huffman", quiet=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OnnxOutputNote)
+        decode(cdl, str(tmp_path / "out.onnx"), **options)
+        expected = build_onnx(decode_container(cdl), **options)
+    written = onnx.load(str(tmp_path / "out.onnx"))
+    assert written == expected
+    assert len((tmp_path / "out.onnx").read_bytes()) == expected.ByteSize()
+    onnx.checker.check_model(written, full_check=True)
+    np.testing.assert_array_equal(run(tmp_path / "out.onnx", np.ones((2, 128), np.float32)),
+                                  run_proto(expected, np.ones((2, 128), np.float32)))
+
+
+def run_proto(proto, x):
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def test_a_model_beyond_protobufs_limit_is_refused_before_writing(tmp_path, monkeypatch):
+    import cdlcodec.io.onnx_writer as writer
+
+    src = mlp(str(tmp_path / "mlp.onnx"), n_in=128, hidden=64)
+    cdl = str(tmp_path / "m.cdl")
+    encode(src, cdl, quantizer=UniformQuantizer(rel_step=0.01), backend="huffman", quiet=True)
+    monkeypatch.setattr(writer, "PROTOBUF_LIMIT", 20_000)   # the real one is 2 GB
+    with pytest.raises(CdlInputError, match="beyond protobuf's 2 GB limit"):
+        decode(cdl, str(tmp_path / "big.onnx"))
+    assert not (tmp_path / "big.onnx").exists()

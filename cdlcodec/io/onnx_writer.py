@@ -27,8 +27,8 @@ from collections import Counter
 
 import numpy as np
 
-from ..atomic import write_bytes_atomic
-from ..dtypes import from_float64, to_float64
+from ..atomic import atomic_open
+from ..dtypes import from_float64, storage_dtype, to_float64
 from ..errors import CdlFormatError, CdlInputError
 from ..quantizers.params import ChannelParams, UniformParams, from_json, steps_of
 from ..records import ModelFile, TensorRecord
@@ -58,19 +58,26 @@ def _note(message: str) -> None:
 def write_onnx(path: str, model: ModelFile, weights: str = "float", int4: bool = True, keep_opset: bool = False,
                matmul_nbits: bool = False, check: bool = True) -> None:
     """Write the decoded `model` (which must carry an ONNX graph section) to `path`, atomically."""
-    proto = build_onnx(model, weights=weights, int4=int4, keep_opset=keep_opset, matmul_nbits=matmul_nbits)
+    streamed: dict = {}
+    proto = _build(model, weights, int4, keep_opset, matmul_nbits, streamed)
     if check:
         try:
-            _onnx().checker.check_model(proto)
+            _onnx().checker.check_model(_checkable(proto, streamed))
         except Exception as exc:
             raise CdlFormatError(f"the decoded ONNX model does not pass onnx.checker: {str(exc)[:300]}") from None
-    data = proto.SerializeToString()
-    write_bytes_atomic(path, data)
+    with atomic_open(path) as fh:
+        _write_streamed(fh, proto, streamed)
 
 
 def build_onnx(model: ModelFile, weights: str = "float", int4: bool = True, keep_opset: bool = False,
                matmul_nbits: bool = False):
     """The decoded ModelProto (weights filled in, QDQ applied when asked; module docstring)."""
+    return _build(model, weights, int4, keep_opset, matmul_nbits, None)
+
+
+def _build(model: ModelFile, weights: str, int4: bool, keep_opset: bool, matmul_nbits: bool, streamed: dict | None):
+    """build_onnx; with `streamed` (a dict), the main graph's large tensors are left without data and
+    registered there as name -> (byte count, function giving the bytes) for _write_streamed."""
     if weights not in WEIGHT_MODES:
         raise CdlInputError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got {weights!r}")
     if matmul_nbits and weights != "qdq":
@@ -89,12 +96,101 @@ def build_onnx(model: ModelFile, weights: str = "float", int4: bool = True, keep
         if matmul_nbits:
             _apply_matmul_nbits(proto, records, int4)
         proto = _qdq_opset(proto, records, int4 and not keep_opset, keep_opset)
-        _apply_qdq(proto, records, int4 and not keep_opset)
-    _fill_float(proto, records)
+        _apply_qdq(proto, records, int4 and not keep_opset, streamed)
+    _fill_float(proto, records, streamed=streamed)
     activations = _activation_section(model)
     if activations:
         _apply_activation_qdq(proto, activations)
     return proto
+
+
+# ------------------------------------------------------------------------------------------------
+# Streaming: the big tensors go from the decoded arrays to the file, never through the proto
+# ------------------------------------------------------------------------------------------------
+
+# Main-graph tensors of this many elements or more are written by _write_streamed. Shape constants
+# (which checks and shape inference need as values) are far smaller.
+STREAM_MIN_ELEMENTS = 4096
+PROTOBUF_LIMIT = 2**31 - 1  # protobuf (and so onnx.load) cannot read a larger message
+_GRAPH_FIELD, _INITIALIZER_FIELD, _RAW_DATA_FIELD = b"\x3a", b"\x2a", b"\x4a"  # keys: fields 7, 5, 9, length-delimited
+
+
+def _stream_later(tensor, streamed: dict, nbytes: int, produce) -> None:
+    """Leave `tensor` without data (name, type and dims only); its bytes come from produce() when written."""
+    if tensor.HasField("data_location"):  # a container reference: what _set_data leaves, without the data
+        del tensor.external_data[:]
+        tensor.data_location = 0
+    streamed[tensor.name] = (nbytes, produce)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        out.append(low | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _write_streamed(fh, proto, streamed: dict) -> None:
+    """Serialize `proto` to `fh`, the streamed tensors' data straight from their arrays.
+
+    Protobuf readers accept fields in any order, so the model is written as its other fields, then its
+    graph: the graph's other fields, then every initializer in its order. Each length is known before
+    it is written; peak memory is the proto without its big tensors plus one tensor's bytes. The bytes
+    are deterministic (the same model gives the same file)."""
+    graph = proto.graph
+    initializers = list(graph.initializer)
+    del graph.initializer[:]
+    graph_head = graph.SerializeToString()
+    proto.ClearField("graph")
+    model_head = proto.SerializeToString()
+    pieces = []  # (tensor, head bytes or None, size of the serialized TensorProto)
+    for tensor in initializers:
+        if tensor.name in streamed:
+            nbytes = streamed[tensor.name][0]
+            head = tensor.SerializeToString()
+            pieces.append((tensor, head, len(head) + 1 + len(_varint(nbytes)) + nbytes))
+        else:
+            pieces.append((tensor, None, tensor.ByteSize()))
+    graph_size = len(graph_head) + sum(1 + len(_varint(size)) + size for _, _, size in pieces)
+    total = len(model_head) + 1 + len(_varint(graph_size)) + graph_size
+    if total > PROTOBUF_LIMIT:
+        raise CdlInputError(f"the decoded ONNX model would be {total:,} bytes, beyond protobuf's 2 GB limit, which "
+                            "onnx and onnxruntime cannot read; decode to .safetensors instead")
+    fh.write(model_head)
+    fh.write(_GRAPH_FIELD + _varint(graph_size))
+    fh.write(graph_head)
+    for tensor, head, size in pieces:
+        fh.write(_INITIALIZER_FIELD + _varint(size))
+        if head is None:
+            fh.write(tensor.SerializeToString())
+            continue
+        nbytes, produce = streamed[tensor.name]
+        data = memoryview(produce()).cast("B")
+        if data.nbytes != nbytes:  # a bug, never input: the announced lengths would be wrong
+            raise AssertionError(f"tensor {tensor.name!r}: {data.nbytes} bytes, {nbytes} announced")
+        fh.write(head)
+        fh.write(_RAW_DATA_FIELD + _varint(nbytes))
+        fh.write(data)
+
+
+def _checkable(proto, streamed: dict):
+    """A copy for onnx.checker: the streamed tensors (which have no data yet) become graph inputs of
+    their type and shape, so every node input is still defined. Small: the big tensors carry no data."""
+    from onnx import helper
+
+    probe = type(proto)()
+    probe.CopyFrom(proto)
+    graph = probe.graph
+    declared = {v.name for v in graph.input}
+    moved = [t for t in graph.initializer if t.name in streamed]
+    kept = [t for t in graph.initializer if t.name not in streamed]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                       for t in moved if t.name not in declared)
+    return probe
 
 
 # ------------------------------------------------------------------------------------------------
@@ -124,15 +220,29 @@ def _set_data(tensor, raw: bytes) -> None:
     tensor.raw_data = raw
 
 
-def _fill_float(proto, records: dict[str, TensorRecord], max_elements: int | None = None) -> None:
-    """Decoded values into every referenced tensor (only those of at most `max_elements` if given)."""
+def _fill_float(proto, records: dict[str, TensorRecord], max_elements: int | None = None,
+                streamed: dict | None = None) -> None:
+    """Decoded values into every referenced tensor (only those of at most `max_elements` if given;
+    the main graph's large ones registered in `streamed` instead, when given)."""
+    if streamed is not None:
+        for tensor in proto.graph.initializer:
+            rec = _record_for(tensor, records)
+            if rec is not None and rec.numel >= STREAM_MIN_ELEMENTS:
+                data_type = tensor.data_type
+                _stream_later(tensor, streamed, rec.numel * storage_dtype(ONNX_TO_DTYPE[data_type]).itemsize,
+                              lambda rec=rec, data_type=data_type: _float_array(rec, data_type))
     for tensor in _all_tensors(proto):
-        rec = _record_for(tensor, records)
+        rec = _record_for(tensor, records)  # None for the streamed ones: they no longer reference the container
         if rec is None or (max_elements is not None and rec.numel > max_elements):
             continue
-        want = ONNX_TO_DTYPE[tensor.data_type]
-        array = rec.array if want == rec.dtype else from_float64(to_float64(rec.array, rec.dtype), want)
-        _set_data(tensor, np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+        _set_data(tensor, _float_array(rec, tensor.data_type).tobytes())
+
+
+def _float_array(rec: TensorRecord, data_type: int) -> np.ndarray:
+    """The record's decoded values in ONNX type `data_type`, contiguous little-endian (no copy if already)."""
+    want = ONNX_TO_DTYPE[data_type]
+    array = rec.array if want == rec.dtype else from_float64(to_float64(rec.array, rec.dtype), want)
+    return np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False)
 
 
 def _all_tensors(proto):
@@ -233,9 +343,8 @@ def _qdq_opset(proto, records, int4: bool, keep_opset: bool):
         if not (_quantized(rec) and rec.levels.size) or tensor.data_type == 11:
             continue
         kind = _integer_type(rec.levels, 21, int4)
-        peak = int(np.abs(rec.levels).max())
         if kind in (INT16, INT32):
-            wide.append((peak, rec.name))
+            wide.append((max(-int(rec.levels.min()), int(rec.levels.max())), rec.name))  # no |levels| copy
         if kind in (INT4, INT16):
             needs.setdefault(21, []).append("int4 levels" if kind == INT4 else "int16 levels")
         if _quant_params(rec).axis is not None:
@@ -344,13 +453,13 @@ ORT_MATMUL_NOTE = ("{n} MatMul node(s) read integer weights: onnxruntime's defau
                    "arithmetic set the session option session.qdq_matmulnbits_accuracy_level=0")
 
 
-def _apply_qdq(proto, records: dict[str, TensorRecord], int4: bool) -> None:
+def _apply_qdq(proto, records: dict[str, TensorRecord], int4: bool, streamed: dict | None = None) -> None:
     from onnx import helper
 
     opset = _opset(proto)
     names = _Names(proto)
     fused_by_ort = 0
-    for graph, _ in iter_graphs(proto.graph):
+    for graph, path in iter_graphs(proto.graph):
         new_nodes, kept_inits, new_inits = [], [], []
         graph_inputs = {v.name for v in graph.input}
         dropped_inputs = set()
@@ -360,7 +469,7 @@ def _apply_qdq(proto, records: dict[str, TensorRecord], int4: bool) -> None:
             if plan is None:
                 kept_inits.append(init)
                 continue
-            ints, scale, node = _dequantize_node(helper, names, init.name, rec, plan)
+            ints, scale, node = _dequantize_node(helper, names, init.name, rec, plan, streamed if path == "" else None)
             new_inits += [ints, scale]
             new_nodes.append(node)
             if init.name in graph_inputs:
@@ -401,9 +510,16 @@ def _constant_tensor(node):
     return None
 
 
-def _dequantize_node(helper, names: _Names, output: str, rec: TensorRecord, plan):
+def _dequantize_node(helper, names: _Names, output: str, rec: TensorRecord, plan, streamed: dict | None = None):
     kind, scale_type, axis = plan
-    ints = _raw_tensor(names.fresh(f"{output}_quantized"), kind, rec.shape, _integer_bytes(rec.levels, kind))
+    name = names.fresh(f"{output}_quantized")
+    if streamed is not None and rec.numel >= STREAM_MIN_ELEMENTS:
+        ints = _raw_tensor(name, kind, rec.shape, b"")
+        ints.ClearField("raw_data")  # no data until _write_streamed asks for it
+        nbytes = (rec.numel + 1) // 2 if kind == INT4 else rec.numel * {INT8: 1, INT16: 2, INT32: 4}[kind]
+        _stream_later(ints, streamed, nbytes, lambda: _integer_bytes(rec.levels, kind))
+    else:
+        ints = _raw_tensor(name, kind, rec.shape, _integer_bytes(rec.levels, kind))
     scale = _scale_tensor(helper, names.fresh(f"{output}_scale"), rec, scale_type)
     attrs = {"axis": int(axis)} if axis is not None else {}
     node = helper.make_node("DequantizeLinear", [ints.name, scale.name], [output],
