@@ -20,12 +20,48 @@ except ImportError:  # pragma: no cover - exercised in a subprocess test
 
 
 def njit(*args, **kwargs):
-    """numba.njit, or the identity decorator without numba. Use as @njit(cache=True) or @njit."""
+    """numba.njit, or the identity decorator without numba. Use as @njit(cache=True) or @njit.
+
+    numba compiles a kernel on its first call (only what a file needs: per backend, scheme and
+    argument types) and, with cache=True, keeps the machine code for later runs. When a module
+    defines a kernel that has nothing cached yet, a one-off notice says the first use will compile.
+    """
     if HAVE_NUMBA:
-        return _numba.njit(*args, **kwargs)
+        if len(args) == 1 and callable(args[0]):
+            return _announce_if_uncached(_numba.njit(args[0], **kwargs))
+        decorate = _numba.njit(*args, **kwargs)
+        return lambda fn: _announce_if_uncached(decorate(fn))
     if len(args) == 1 and callable(args[0]) and not kwargs:
         return args[0]
     return lambda fn: fn
+
+
+_announced = False
+
+
+def _announce_if_uncached(dispatcher):
+    global _announced
+    if not _announced and not _is_cached(dispatcher):
+        _announced = True
+        from .progress import notice
+
+        notice("cdlcodec: compiling numba kernels for their first use (once; later runs load them from "
+               "the cache; up to about a minute on 2 cores)")
+    return dispatcher
+
+
+def _is_cached(dispatcher) -> bool:
+    """Whether numba's cache holds any kernel of this dispatcher's module: a module used before has
+    its kernels cached as they were needed, one never used has none. (numba has no public API for
+    this: any surprise in its internals counts as cached, so at worst the notice is not shown.)"""
+    try:
+        folder = os.path.dirname(dispatcher._cache._cache_file._index_path)
+        prefix = dispatcher.py_func.__module__.rsplit(".", 1)[-1] + "."
+        return any(name.startswith(prefix) and name.endswith(".nbi") for name in os.listdir(folder))
+    except FileNotFoundError:  # no cache folder yet
+        return False
+    except (AttributeError, OSError):
+        return True
 
 
 prange = _numba.prange if HAVE_NUMBA else range

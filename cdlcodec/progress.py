@@ -1,45 +1,113 @@
-"""Progress bars that show on a terminal and stay silent otherwise (or when asked to be quiet).
+"""Progress on stderr: a bar on a terminal, plain lines elsewhere (CI logs, nohup, notebooks).
 
 A tiny dependency-free bar: tqdm would add start-up time and a dependency for one line of output.
+
+The command line sets one mode for the whole run (`--progress`, `set_mode`):
+- "bar":   a redrawn bar (at most 10 redraws a second so a tight loop is not slowed);
+- "lines": one line at most every LINE_INTERVAL seconds while work goes on, so a short step prints
+           nothing and a long one shows it is alive, without flooding a log file;
+- "auto":  "bar" when stderr is a terminal, else "lines";
+- "none":  nothing (`--quiet` means this too).
+Per-epoch reports (`Progress.log`) and the first-compile notice (`notice`) print in every mode but
+"none". Library callers that never set a mode keep the old behaviour: a bar on a terminal only, and
+no notices.
 """
 from __future__ import annotations
 
 import sys
 import time
 
+MODES = ("auto", "bar", "lines", "none")
+LINE_INTERVAL = 5.0
+
+_mode: str | None = None  # None: not set by a command line (library use)
+
+
+def set_mode(mode: str | None) -> None:
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"progress mode must be one of {', '.join(MODES)}, not {mode!r}")
+    global _mode
+    _mode = mode
+
+
+def style(quiet: bool = False) -> str | None:
+    """What a progress display draws now: "bar", "lines" or None (nothing)."""
+    if quiet or _mode == "none":
+        return None
+    if _mode in ("bar", "lines"):
+        return _mode
+    if sys.stderr.isatty():
+        return "bar"
+    return "lines" if _mode == "auto" else None
+
+
+def notice(message: str) -> None:
+    """A one-off line (e.g. "compiling kernels for the first time"); only when a command asked for progress."""
+    if _mode is not None and style() is not None:
+        _write_line(message)
+
+
+def _write_line(text: str) -> None:
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
 
 class Progress:
-    """Context manager: `with Progress(total, "encoding") as bar: bar.update(n)`.
-
-    Draws on stderr only when stderr is a terminal and `quiet` is False; redraws at most 10 times a
-    second so a tight loop is not slowed by terminal output.
-    """
+    """Context manager: `with Progress(total, "encoding") as bar: bar.update(n)`."""
 
     def __init__(self, total: float, label: str, *, quiet: bool = False, unit: str = ""):
         self.total = max(float(total), 1e-12)
         self.label = label
         self.unit = unit
         self.done = 0.0
-        self.enabled = not quiet and sys.stderr.isatty()
-        self._last = 0.0
+        self.style = style(quiet)
+        self.enabled = self.style is not None
         self._start = time.perf_counter()
+        self._last = self._start
+        self._lines = 0
+        self._note = ""
 
     def __enter__(self) -> "Progress":
-        self._draw(force=True)
+        if self.style == "bar":
+            self._draw_bar(force=True)
         return self
 
     def update(self, amount: float = 1.0, note: str = "") -> None:
         self.done += amount
-        self._draw(note=note)
+        self._note = note or self._note
+        if self.style == "bar":
+            self._draw_bar(note=note)
+        elif self.style == "lines":
+            now = time.perf_counter()
+            if now - self._last >= LINE_INTERVAL:
+                self._last = now
+                self._line(now)
 
-    def _draw(self, *, force: bool = False, note: str = "") -> None:
-        if not self.enabled:
-            return
+    def log(self, text: str) -> None:
+        """A line that is always shown with the progress (a finished epoch and its figures)."""
+        if self.style == "bar":
+            sys.stderr.write("\r" + " " * 80 + "\r")
+            _write_line(f"{self.label}: {text}")
+            self._draw_bar(force=True)
+        elif self.style == "lines":
+            _write_line(f"{self.label}: {text}")
+            self._last = time.perf_counter()
+
+    def _fraction(self) -> float:
+        return min(self.done / self.total, 1.0)
+
+    def _line(self, now: float) -> None:
+        self._lines += 1
+        note = f" {self._note}" if self._note else ""
+        _write_line(f"{self.label}: {self._fraction() * 100:.0f}% ({self.done:g}/{self.total:g}{self.unit}) "
+                    f"after {now - self._start:.0f} s{note}")
+
+    def _draw_bar(self, *, force: bool = False, note: str = "") -> None:
         now = time.perf_counter()
         if not force and now - self._last < 0.1 and self.done < self.total:
             return
         self._last = now
-        frac = min(self.done / self.total, 1.0)
+        frac = self._fraction()
         width = 28
         filled = int(frac * width)
         elapsed = now - self._start
@@ -50,7 +118,9 @@ class Progress:
         sys.stderr.flush()
 
     def __exit__(self, *exc) -> None:
-        if self.enabled:
-            self._draw(force=True)
+        if self.style == "bar":
+            self._draw_bar(force=True)
             sys.stderr.write("\n")
             sys.stderr.flush()
+        elif self.style == "lines" and self._lines and exc[0] is None:
+            _write_line(f"{self.label}: done in {time.perf_counter() - self._start:.0f} s")

@@ -5,6 +5,7 @@ fixed seeds, CPU. CDL training (cdlcodec.cdl) reuses `evaluate` and `batches`.
 """
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import numpy as np
@@ -45,6 +46,25 @@ def evaluate(model: nn.Module, x, y, batch_size: int = 500) -> float:
     return correct / max(len(y), 1)
 
 
+class EpochMeter:
+    """Accuracy on the training batches as they were seen, and samples per second, of one epoch:
+    what `train` reports after each epoch (no extra pass over the data)."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.seen = 0
+        self.correct = 0
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.seen += len(labels)
+        self.correct += int((logits.detach().argmax(1) == labels).sum())
+
+    def summary(self, epoch: int, epochs: int, extra: str = "") -> str:
+        seconds = max(time.perf_counter() - self.start, 1e-9)
+        return (f"epoch {epoch}/{epochs}: train accuracy {100 * self.correct / max(self.seen, 1):.1f} %, "
+                f"{extra + ', ' if extra else ''}{self.seen / seconds:,.0f} samples/s, {seconds:.1f} s")
+
+
 def train_classifier(
     model: nn.Module,
     x_train,
@@ -68,13 +88,17 @@ def train_classifier(
     model.train()
     with Progress(steps, "training", quiet=quiet) as bar:
         for epoch in range(epochs):
+            meter = EpochMeter()
             for xb, yb in batches(x, y, batch_size, gen):
-                loss = loss_fn(model(xb), yb)
+                logits = model(xb)
+                loss = loss_fn(logits, yb)
                 if extra_loss is not None:
                     loss = loss + extra_loss(model)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                meter.add(logits, yb)
                 bar.update(1, note=f"epoch {epoch + 1}/{epochs} loss {loss.item():.3f}")
+            bar.log(meter.summary(epoch + 1, epochs, f"loss {loss.item():.3f}"))
     model.eval()
     return model

@@ -19,7 +19,7 @@ from torch import nn
 from ..errors import CdlInputError
 from ..quantizers.base import parameter_error
 from ..progress import Progress
-from ..training import batches, evaluate, seed_everything
+from ..training import EpochMeter, batches, evaluate, seed_everything
 from .checkpoint import atomic_torch_save, save_checkpoint
 from .convert import (STEP_INITS, calibrate, convert, project_parameters, rescale_sharpness,
                       set_entropy_tracking, set_generator)
@@ -116,8 +116,10 @@ def _fit(model: nn.Module, x, y, config: TrainConfig, epochs: int, gen, label: s
     start = time.perf_counter()
     with Progress(total_steps, f"training {label}", quiet=config.quiet) as bar:
         for epoch in range(epochs):
+            meter = EpochMeter()
             for xb, yb in batches(x, y, config.batch_size, gen):
-                parts = cdl_loss(model, model(xb), yb, lam=config.lam, gamma=config.gamma)
+                logits = model(xb)
+                parts = cdl_loss(model, logits, yb, lam=config.lam, gamma=config.gamma)
                 opt.zero_grad(set_to_none=True)
                 parts.total.backward()
                 opt.step()
@@ -125,7 +127,9 @@ def _fit(model: nn.Module, x, y, config: TrainConfig, epochs: int, gen, label: s
                 note = f"epoch {epoch + 1}/{epochs} ce {parts.cross_entropy:.3f}"
                 if parts.weight_bits_per_element is not None:
                     note += f" H(w) {parts.weight_bits_per_element:.2f} b/w"
+                meter.add(logits, yb)
                 bar.update(1, note=note)
+            bar.log(meter.summary(epoch + 1, epochs, f"ce {parts.cross_entropy:.3f}"))
             history.append({"phase": label, "epoch": epoch + 1, "cross_entropy": parts.cross_entropy,
                             "weight_bits_per_element": parts.weight_bits_per_element,
                             "activation_bits_per_element": parts.activation_bits_per_element})

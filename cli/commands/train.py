@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from cdlcodec.cli.flags import parameters_as_flags
+from cdlcodec.cli.flags import parameters_as_flags, progress_option
 
 
 @click.command("train")
@@ -36,6 +36,7 @@ from cdlcodec.cli.flags import parameters_as_flags
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, writable=True),
               help="Checkpoint to write (a state_dict; see formats/cdl-checkpoint.md).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@progress_option
 def command(task, mode, bits, first_last_bits, lam, gamma, epochs, batch_size, lr, fp_epochs, sharpness_init,
             sharpness_constant, step_init, train_samples, seed, output, quiet):
     """Train TASK (lenet5-mnist) and print one JSON line with accuracy and rates.

@@ -1,0 +1,72 @@
+"""Cold versus warm start of the command line (issue 18).
+
+"Cold" is the first run after an install: numba has no cached kernels (a fresh, empty
+NUMBA_CACHE_DIR, so nothing compiled earlier is found); "warm" is the same command run again with
+that cache. Each row runs `cdlcodec encode` of a LeNet-5 state_dict (61,706 parameters) with one
+backend, `cdlcodec decode` of the result to .safetensors (with its own fresh cache: a device that
+only decodes never ran the encoder), and `cdlcodec demo`. Wall time and CPU time (user + system of
+the child) are both shown: on a shared machine the CPU time is what the command costs on idle cores.
+
+    python benchmarks/cold_start.py                       # this interpreter's cdlcodec
+    python benchmarks/cold_start.py --python core/bin/python --no-demo   # another venv (no torch: no demo)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def timed(python: str, args: list[str], cache: str, cwd: str) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of `python -m cdlcodec ARGS` with numba's cache in `cache`."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    proc = subprocess.run([python, "-m", "cdlcodec", *args], capture_output=True, text=True, env=env, cwd=cwd)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        sys.exit(f"cdlcodec {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def cold_and_warm(python: str, args: list[str], work: str) -> list[float]:
+    with tempfile.TemporaryDirectory() as cache:
+        return [*timed(python, args, cache, work), *timed(python, args, cache, work)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--python", default=sys.executable, help="interpreter whose cdlcodec to time")
+    parser.add_argument("--backends", default="raw,huffman,cabac")
+    parser.add_argument("--no-demo", action="store_true", help="skip `cdlcodec demo` (needs torch)")
+    opts = parser.parse_args()
+
+    rows = []
+    with tempfile.TemporaryDirectory() as work:
+        model = Path(work, "lenet.pt")
+        subprocess.run([sys.executable, "-c", "import torch; from cdlcodec.models import build; "
+                        f"torch.manual_seed(0); torch.save(build('lenet5').state_dict(), {str(model)!r})"], check=True)
+        for backend in opts.backends.split(","):
+            cdl = f"{backend}.cdl"
+            rows.append((f"encode --backend {backend}",
+                         cold_and_warm(opts.python, ["encode", str(model), "-o", cdl, "--backend", backend, "-q"], work)))
+            rows.append((f"decode ({backend}) to .safetensors",
+                         cold_and_warm(opts.python, ["decode", cdl, "-o", f"{backend}.safetensors", "-q"], work)))
+        if not opts.no_demo:
+            rows.append(("demo", cold_and_warm(opts.python, ["demo", "--quiet"], work)))
+
+    print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end\n")
+    print("| command | cold wall | cold CPU | warm wall | warm CPU |")
+    print("|---|---:|---:|---:|---:|")
+    for name, (cold_wall, cold_cpu, warm_wall, warm_cpu) in rows:
+        print(f"| `cdlcodec {name}` | {cold_wall:.1f} s | {cold_cpu:.1f} s | {warm_wall:.1f} s | {warm_cpu:.1f} s |")
+
+
+if __name__ == "__main__":
+    main()
