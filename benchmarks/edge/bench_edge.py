@@ -4,7 +4,8 @@ For each model: opset before/after, sizes (original, .cdl, QDQ ONNX, onnxruntime
 dynamic int8 per-channel ONNX), onnx.checker full_check, whether DequantizeLinear reproduces the
 coded weights bit for bit, onnxruntime parity with the float decode under default session options
 (and with session.qdq_matmulnbits_accuracy_level=0), output cosine to the original model, decode
-time and peak memory (/usr/bin/time -v), and the same steps without --deploy for comparison.
+time and peak memory (/usr/bin/time -v), --matmul-nbits, CPU latency, and the same steps without
+--deploy for comparison.
 
     python benchmarks/edge/bench_edge.py /work/bench/models/{minilm,ocr_rec,mobilenetv2}.onnx \\
         --data /work/bench/data --out benchmarks/results/edge_outputs.md
@@ -17,6 +18,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 import onnx
@@ -49,6 +51,19 @@ def session(path, entries=()):
 def outputs(path, feed, entries=()):
     s = session(path, entries)
     return s.run(None, {i.name: feed[i.name] for i in s.get_inputs()})[0]
+
+
+def latency_ms(path, feed, entries=(), repeats=10) -> float:
+    """Median wall time of one run on the batch (after one warm-up run)."""
+    s = session(path, entries)
+    inputs = {i.name: feed[i.name] for i in s.get_inputs()}
+    s.run(None, inputs)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        s.run(None, inputs)
+        times.append(time.perf_counter() - start)
+    return 1000 * float(np.median(times))
 
 
 def cosine(a, b) -> float:
@@ -109,6 +124,14 @@ def bench(model: str, data_dir: str, rel_step: float, root: str) -> dict:
     row["acc0_diff"] = float(np.abs(outputs(p("d8q.onnx"), feed, [("session.qdq_matmulnbits_accuracy_level", "0")])
                                     - flt).max())
     row["cosine"] = cosine(outputs(p("d8q.onnx"), feed), original)
+    _, row["nbits_s"], row["nbits_kb"] = cli("decode", p("d8.cdl"), "-o", p("d8n.onnx"), "--weights", "qdq",
+                                             "--matmul-nbits")
+    row["nbits"] = os.path.getsize(p("d8n.onnx"))
+    row["nbits_diff"] = float(np.abs(outputs(p("d8n.onnx"), feed) - flt).max())
+    row["latency"] = {label: latency_ms(path, feed, entries) for label, path, entries in (
+        ("fp32 (original)", model, ()), ("qdq, default options", p("d8q.onnx"), ()),
+        ("qdq, accuracy_level=0", p("d8q.onnx"), [("session.qdq_matmulnbits_accuracy_level", "0")]),
+        ("qdq --matmul-nbits", p("d8n.onnx"), ()))}
     # the same step without --deploy: what decode --weights qdq wrote before
     cli("encode", model, "-o", p("r.cdl"), "--rel-step", str(rel_step))
     row["plain_notes"], _, _ = cli("decode", p("r.cdl"), "-o", p("rq.onnx"), "--weights", "qdq")
@@ -129,13 +152,21 @@ def table(rows: list[dict], rel_step: float) -> str:
              f"onnxruntime {ort.__version__}, onnx {onnx.__version__}.", "",
              "| model | opset in → QDQ | weights | full_check | DQ = coded weights | ORT default vs float decode "
              "| with accuracy_level=0 | cosine to original | .onnx | .cdl | QDQ .onnx | ORT quantize_dynamic int8 "
-             "(cosine) | decode qdq: s, peak RSS |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "(cosine) | decode qdq: s, peak RSS | decode float: s, peak RSS |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['opset']} → {r['qdq_opset']} | {r['qdq_types']} | {r['check']} | "
                      f"{'bit-exact' if r['exact'] else 'NO'} | {r['default_diff']:.2g} | {r['acc0_diff']:.2g} | "
                      f"{r['cosine']:.6f} | {mb(r['size'])} | {mb(r['cdl'])} | {mb(r['qdq'])} | {mb(r['ortq'])} "
-                     f"({r['ortq_cosine']:.6f}) | {r['decode_s']:.1f} s, {r['decode_kb'] / 1024:.0f} MB |")
+                     f"({r['ortq_cosine']:.6f}) | {r['decode_s']:.1f} s, {r['decode_kb'] / 1024:.0f} MB | "
+                     f"{r['decode_float_s']:.1f} s, {r['decode_float_kb'] / 1024:.0f} MB |")
+    lines += ["", "`decode --weights qdq --matmul-nbits` (MatMul weights as com.microsoft MatMulNBits, "
+              "accuracy_level 0), and onnxruntime CPU latency (median of 10 runs of the batch):", "",
+              "| model | size | default options vs float decode | " + " | ".join(rows[0]["latency"]) + " |",
+              "|---|---|---|" + "---|" * len(rows[0]["latency"])]
+    for r in rows:
+        lines.append(f"| {r['model']} | {mb(r['nbits'])} | {r['nbits_diff']:.2g} | "
+                     + " | ".join(f"{v:.1f} ms" for v in r["latency"].values()) + " |")
     lines += ["", f"Same `--rel-step {rel_step}` without `--deploy` (levels beyond int8):", "",
               "| model | opset in → QDQ | weights | QDQ .onnx |", "|---|---|---|---|"]
     for r in rows:
