@@ -52,9 +52,11 @@ def lstm_gemm(path, seed=0, n_in=8, hidden=16, n_out=12, opset=12):
     inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in arrays.items()]
     inits += [numpy_helper.from_array(np.array([-1, 2 * hidden], np.int64), "rows_shape"),
               numpy_helper.from_array(np.array([-1], np.int64), "minus_one"),
-              numpy_helper.from_array(np.array(0, np.int64), "i0"), numpy_helper.from_array(np.array(1, np.int64), "i1")]
+              numpy_helper.from_array(np.array(0, np.int64), "i0"),
+              numpy_helper.from_array(np.array(1, np.int64), "i1")]
     nodes = [
-        helper.make_node("LSTM", ["x", "lstm_W", "lstm_R", "lstm_B"], ["Y"], hidden_size=hidden, direction="bidirectional"),
+        helper.make_node("LSTM", ["x", "lstm_W", "lstm_R", "lstm_B"], ["Y"], hidden_size=hidden,
+                         direction="bidirectional"),
         helper.make_node("Transpose", ["Y"], ["Yt"], perm=[0, 2, 1, 3]),     # [T, N, 2, H]
         helper.make_node("Reshape", ["Yt", "rows_shape"], ["rows"]),            # [T*N, 2H]
         helper.make_node("Gemm", ["rows", "fc_W", "fc_B"], ["logits2d"], transB=1),
@@ -64,7 +66,8 @@ def lstm_gemm(path, seed=0, n_in=8, hidden=16, n_out=12, opset=12):
         helper.make_node("Concat", ["t1", "n1", "minus_one"], ["out_shape"], axis=0),
         helper.make_node("Reshape", ["logits2d", "out_shape"], ["y"]),
     ]
-    graph = helper.make_graph(nodes, "lstm_gemm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", "N", n_in])],
+    graph = helper.make_graph(nodes, "lstm_gemm",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", "N", n_in])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", "N"])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 7

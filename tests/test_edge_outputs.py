@@ -274,7 +274,8 @@ def test_cdl_activation_quantizers_run_the_same_under_default_session_options(tm
                                                                             (4, 0.05, 4))]
     cdl = str(tmp_path / "l.cdl")
     encode_records(records, cdl, EncodeOptions(UniformQuantizer(rel_step=None, bits=4), "huffman", (), True), {},
-                   [section, ("cdl.activations", "json", json.dumps({"version": 1, "activations": activations}).encode())])
+                   [section, ("cdl.activations", "json",
+                              json.dumps({"version": 1, "activations": activations}).encode())])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", OnnxOutputNote)
         proto = build_onnx(decode_container(cdl), weights=weights).SerializeToString()
@@ -303,8 +304,8 @@ def test_matmul_weights_name_the_session_option_that_keeps_float_activations(tmp
 def test_deploy_gives_embedding_tables_one_scale_per_feature(tmp_path):
     rng = np.random.default_rng(8)
     table, w = rng.standard_normal((50, 6)).astype(np.float32), rng.standard_normal((6, 3)).astype(np.float32)
-    graph = helper.make_graph([helper.make_node("Gather", ["table", "ids"], ["e"]), helper.make_node("MatMul", ["e", "w"], ["y"])],
-                              "emb", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N"])],
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"]), helper.make_node("MatMul", ["e", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "emb", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N"])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
                               [numpy_helper.from_array(table, "table"), numpy_helper.from_array(w, "w")])
     src = str(tmp_path / "emb.onnx")

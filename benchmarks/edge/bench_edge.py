@@ -90,7 +90,8 @@ def dequantized_exactly(qdq_path, float_path) -> bool:
 
 
 def opset(path) -> int:
-    return next(o.version for o in onnx.load(path, load_external_data=False).opset_import if o.domain in ("", "ai.onnx"))
+    imports = onnx.load(path, load_external_data=False).opset_import
+    return next(o.version for o in imports if o.domain in ("", "ai.onnx"))
 
 
 def integer_types(path) -> str:
@@ -114,7 +115,8 @@ def bench(model: str, data_dir: str, rel_step: float, root: str) -> dict:
     p = lambda suffix: os.path.join(root, f"{name}_{suffix}")  # noqa: E731
     row = {"model": name, "opset": opset(model), "size": os.path.getsize(model)}
     _, row["encode_s"], _ = cli("encode", model, "-o", p("d8.cdl"), "--deploy", "int8", "--rel-step", str(rel_step))
-    row["notes"], row["decode_s"], row["decode_kb"] = cli("decode", p("d8.cdl"), "-o", p("d8q.onnx"), "--weights", "qdq")
+    row["notes"], row["decode_s"], row["decode_kb"] = cli("decode", p("d8.cdl"), "-o", p("d8q.onnx"),
+                                                          "--weights", "qdq")
     _, row["decode_float_s"], row["decode_float_kb"] = cli("decode", p("d8.cdl"), "-o", p("d8f.onnx"))
     row.update(cdl=os.path.getsize(p("d8.cdl")), qdq=os.path.getsize(p("d8q.onnx")), qdq_opset=opset(p("d8q.onnx")),
                qdq_types=integer_types(p("d8q.onnx")), check=full_check(p("d8q.onnx")),
@@ -170,7 +172,8 @@ def table(rows: list[dict], rel_step: float) -> str:
     lines += ["", f"Same `--rel-step {rel_step}` without `--deploy` (levels beyond int8):", "",
               "| model | opset in → QDQ | weights | QDQ .onnx |", "|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['opset']} → {r['plain_opset']} | {r['plain_types']} | {mb(r['plain_qdq'])} |")
+        lines.append(f"| {r['model']} | {r['opset']} → {r['plain_opset']} | {r['plain_types']} | "
+                     f"{mb(r['plain_qdq'])} |")
     lines += ["", "Notes printed by `decode --weights qdq` (with --deploy int8):", ""]
     for r in rows:
         for note in (r["notes"] or "(none)").splitlines():
