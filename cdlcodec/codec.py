@@ -160,17 +160,21 @@ def encode_records(records: list[TensorRecord], output: str, options: EncodeOpti
 
 
 EXACT_CODER = "float"  # the one coder of `exact` tensors (cdlcodec.backends.float_exact)
+# The exact coder replaces verbatim bytes only when that saves at least this many bytes, its index
+# entry included: a file with an `exact` tensor needs format 1.1, not worth it for a few bytes.
+EXACT_MIN_SAVING = 64
 
 
 def _code_exact(rec: TensorRecord, plain_bytes: int) -> tuple[bytes, bytes] | None:
-    """(payload, params) of the exact float coder for a tensor it can hold, when they are smaller
-    than the tensor's `plain_bytes` verbatim bytes; None otherwise (verbatim storage then)."""
+    """(payload, params) of the exact float coder for a tensor it can hold, when they save at least
+    EXACT_MIN_SAVING of the tensor's `plain_bytes` verbatim bytes; None otherwise (verbatim then)."""
     from .backends import float_exact
 
-    if not float_exact.supports(rec.dtype) or rec.numel == 0:
+    if not float_exact.supports(rec.dtype) or plain_bytes < EXACT_MIN_SAVING:
         return None
     payload, params = float_exact.encode(np.ascontiguousarray(rec.array, dtype=storage_dtype(rec.dtype)), rec.dtype)
-    return (payload, params) if len(payload) + len(params) < plain_bytes else None
+    index_bytes = 4 * -(-len(params) // 3) + len(f'"{EXACT_CODER}"') - len("null")  # base64 params, coder name
+    return (payload, params) if plain_bytes - len(payload) - index_bytes >= EXACT_MIN_SAVING else None
 
 
 def _exact_coder(entry: TensorEntry):
