@@ -8,7 +8,7 @@ only decodes never ran the encoder), and `cdlcodec demo`. Wall time and CPU time
 the child) are both shown: on a shared machine the CPU time is what the command costs on idle cores.
 
     python benchmarks/cold_start.py                       # this interpreter's cdlcodec
-    python benchmarks/cold_start.py --python core/bin/python --no-demo   # another venv (no torch: no demo)
+    python benchmarks/cold_start.py --python core/bin/python --no-demo --format safetensors   # a core venv
 """
 from __future__ import annotations
 
@@ -20,6 +20,22 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+
+# Run by this interpreter (which has torch): LeNet-5 with seed 0, as a torch or a safetensors file.
+_WRITE_MODEL = """
+import torch
+from cdlcodec.models import build
+from cdlcodec.io.safetensors_file import write_safetensors_tensors
+from cdlcodec.io.torch_checkpoint import tensor_to_record
+torch.manual_seed(0)
+state = build("lenet5").state_dict()
+path = {path!r}
+if path.endswith(".pt"):
+    torch.save(state, path)
+else:
+    write_safetensors_tensors(path, [(r.name, r.array, r.dtype) for r in (tensor_to_record(k, v) for k, v in state.items())])
+"""
 
 
 def timed(python: str, args: list[str], cache: str, cwd: str) -> tuple[float, float]:
@@ -45,13 +61,14 @@ def main() -> None:
     parser.add_argument("--python", default=sys.executable, help="interpreter whose cdlcodec to time")
     parser.add_argument("--backends", default="raw,huffman,cabac")
     parser.add_argument("--no-demo", action="store_true", help="skip `cdlcodec demo` (needs torch)")
+    parser.add_argument("--format", choices=("pt", "safetensors"), default="pt",
+                        help="the model file to encode (a core install without torch reads only safetensors)")
     opts = parser.parse_args()
 
     rows = []
     with tempfile.TemporaryDirectory() as work:
-        model = Path(work, "lenet.pt")
-        subprocess.run([sys.executable, "-c", "import torch; from cdlcodec.models import build; "
-                        f"torch.manual_seed(0); torch.save(build('lenet5').state_dict(), {str(model)!r})"], check=True)
+        model = Path(work, f"lenet.{opts.format}")
+        subprocess.run([sys.executable, "-c", _WRITE_MODEL.format(path=str(model))], check=True)
         for backend in opts.backends.split(","):
             cdl = f"{backend}.cdl"
             rows.append((f"encode --backend {backend}",
