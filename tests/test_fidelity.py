@@ -109,8 +109,12 @@ def test_a_target_only_exact_storage_meets_keeps_tensors_exact(mlp, tmp_path):
     out = str(tmp_path / "exact.cdl")
     _, report = encode_to_target(read_model(path), out, FidelityOptions(Target("rel_mse", 1e-30), calib, quiet=True))
     assert report.checked == 0.0 and report.quantized == 0
-    with ContainerReader(out) as reader:
-        assert {e.encoding for e in reader.tensors} == {"plain"}
+    with ContainerReader(out) as reader:  # verbatim, or bit for bit by the exact float coder (issue 16)
+        assert {e.encoding for e in reader.tensors} <= {"plain", "exact"}
+    from cdlcodec.codec import decode_container
+
+    decoded = {r.name: r.array for r in decode_container(out).records}
+    assert all(decoded[r.name].tobytes() == r.array.tobytes() for r in read_model(path).records)
 
 
 def test_calibration_names_must_match_the_graph(mlp, tmp_path):
