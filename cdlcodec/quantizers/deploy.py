@@ -15,9 +15,10 @@ per-output-channel grid whose levels fit int8 ([-127, 127]) or int4 ([-7, 7]), s
   in float32 / float16 is that exact product correctly rounded).
 - Levels are clamped to ±q_max (`clamp_levels`) and then entropy-coded like any other levels.
 
-`deploy_min_steps(weight, axis, bits)` and `clamp_levels(levels, bits)` are the two pieces a step
-search (e.g. the fidelity search) needs to stay on the deploy grid: never a step below the first,
-always the second on the levels.
+For a step search that must stay on the deploy grid (e.g. the fidelity search): `channel_axes(graph)`
+gives each tensor's scale axis, `deploy_min_steps(weight, axis, bits)` the smallest step per channel
+(never go below it), `representable_steps(steps, dtype)` rounds chosen steps so that QDQ stays exact,
+and `clamp_levels(levels, bits)` keeps the levels on the grid.
 """
 from __future__ import annotations
 
@@ -69,6 +70,17 @@ def deploy_min_steps(weight: np.ndarray, axis: int, bits: int) -> np.ndarray:
     return steps
 
 
+def channel_axes(stripped_graph) -> dict[str, int]:
+    """Record name -> the axis that gets one scale per index (negative: from the end), read from the
+    graph: output channels of Conv/ConvTranspose/MatMul/Gemm/LSTM weights, features of Gather tables.
+    Tensors it does not name use axis 0."""
+    from ..fidelity.roles import graph_roles, output_axes
+
+    axes = {name: -1 for name, role in graph_roles(stripped_graph).items() if role == "embedding"}
+    axes.update(output_axes(stripped_graph))
+    return axes
+
+
 def representable_steps(steps: np.ndarray, dtype: str) -> np.ndarray:
     """Steps rounded to `dtype` (the scale type DequantizeLinear uses for this tensor), never to zero."""
     rounded = to_float64(from_float64(np.asarray(steps, dtype=np.float64), dtype), dtype)
@@ -113,11 +125,8 @@ class DeployQuantizer(Quantizer):
         graph = stripped_graph(model)
         if graph is None:
             return self
-        from ..fidelity.roles import graph_roles, output_axes
-
-        axes = {name: -1 for name, role in graph_roles(graph).items() if role == "embedding"}
-        axes.update(output_axes(graph))
-        return DeployQuantizer(self.grid, self.rel_step, self.step, self.bits, tuple(sorted(axes.items())))
+        axes = tuple(sorted(channel_axes(graph).items()))
+        return DeployQuantizer(self.grid, self.rel_step, self.step, self.bits, axes)
 
     def steps_for(self, w32: np.ndarray, axis: int, dtype: str = "float32") -> np.ndarray:
         """One step per channel along `axis`: the deploy grid's, or the step rule's where coarser."""
