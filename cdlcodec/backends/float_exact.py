@@ -182,7 +182,10 @@ def max_count(payload_len: int, params: bytes, dtype: str) -> int | None:
     element with a verbatim plane; with only rANS and constant planes, each chunk needs at least its
     directory entry and states; all-constant planes are a constant tensor (no payload, no bound)."""
     chunk_log2, _, planes = _parse_params(bytes(params), dtype)
-    modes = [m for m, _ in planes]
+    return _bound(payload_len, chunk_log2, [m for m, _ in planes])
+
+
+def _bound(payload_len: int, chunk_log2: int, modes: list[int]) -> int | None:
     if VERBATIM in modes:
         return payload_len
     if RANS in modes:
@@ -197,10 +200,10 @@ def decode(payload: bytes, params: bytes, count: int, dtype: str) -> np.ndarray:
         raise CdlDecodeError(f"float: cannot code dtype {dtype}")
     if count < 0:
         raise CdlDecodeError(f"float: negative element count {count}")
-    bound = max_count(len(payload), params, dtype)
-    if bound is not None and count > bound:
-        raise CdlDecodeError(f"float: {count:,} elements cannot come from a {len(payload):,}-byte payload")
     chunk_log2, _, planes = _parse_params(params, dtype)
+    bound = _bound(len(payload), chunk_log2, [m for m, _ in planes])
+    if bound is not None and count > bound:  # before allocating anything proportional to count
+        raise CdlDecodeError(f"float: {count:,} elements cannot come from a {len(payload):,}-byte payload")
     chunk = 1 << chunk_log2
     n_chunks = -(-count // chunk)
     n_rans = sum(m == RANS for m, _ in planes)
