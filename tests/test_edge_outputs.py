@@ -81,11 +81,13 @@ def test_levels_beyond_int8_are_said_with_the_way_to_int8(tmp_path):
     assert opset_of(model) == 21 and TensorProto.INT16 in integer_types(model)
     assert any("opset 17 to 21" in n and "int16 levels" in n and "--keep-opset" in n for n in notes), notes
     assert any("beyond int8" in n and "--deploy int8" in n for n in notes), notes
-    # --keep-opset: opset 17 stays, no int16 (which needs opset 21); still said
+    # --keep-opset: opset 17 stays; int16 DequantizeLinear needs 21, so int16 -> Cast -> Mul(step); still said
     kept, notes = decode_with_notes(cdl, str(tmp_path / "k.onnx"), weights="qdq", keep_opset=True)
     onnx.checker.check_model(kept, full_check=True)
-    assert opset_of(kept) == 17 and TensorProto.INT16 not in integer_types(kept)
-    assert any("beyond int8" in n for n in notes) and not any("moved" in n for n in notes)
+    assert opset_of(kept) == 17 and integer_types(kept) == {TensorProto.INT16}
+    assert {n.op_type for n in kept.graph.node} >= {"Cast", "Mul"} and not any(
+        n.op_type == "DequantizeLinear" for n in kept.graph.node)
+    assert any("beyond int8" in n and "Cast/Mul" in n for n in notes) and not any("moved" in n for n in notes)
     np.testing.assert_allclose(run(tmp_path / "k.onnx", X_MLP), run(tmp_path / "q.onnx", X_MLP), atol=1e-5)
 
 
@@ -103,11 +105,17 @@ def test_the_cli_prints_the_notes_on_stderr(tmp_path, capsys):
 def test_per_channel_scales_below_opset_13_upgrade_only_to_13(tmp_path):
     src = with_opset(mlp(str(tmp_path / "mlp.onnx")), str(tmp_path / "mlp11.onnx"), 11)
     cdl = str(tmp_path / "m.cdl")
-    encode(src, cdl, quantizer=ChannelQuantizer(rel_step=None, bits=8), backend="huffman", quiet=True)
+    encode(src, cdl, quantizer=make("deploy", grid="int8", rel_step=0.001), backend="huffman", quiet=True)
     model, notes = decode_with_notes(cdl, str(tmp_path / "q.onnx"), weights="qdq")
     onnx.checker.check_model(model, full_check=True)
     assert opset_of(model) == 13 and integer_types(model) == {TensorProto.INT8}
     assert any("opset 11 to 13" in n and "per-channel" in n for n in notes), notes
+    # --keep-opset: per-channel int8 as Cast -> Mul(steps[C, 1]), bit-exact to the float decode at opset 11
+    decode(cdl, str(tmp_path / "f.onnx"))
+    kept, notes = decode_with_notes(cdl, str(tmp_path / "k.onnx"), weights="qdq", keep_opset=True)
+    onnx.checker.check_model(kept, full_check=True)
+    assert opset_of(kept) == 11 and integer_types(kept) == {TensorProto.INT8} and notes == []
+    np.testing.assert_array_equal(run(tmp_path / "k.onnx", X_MLP), run(tmp_path / "f.onnx", X_MLP))
 
 
 @pytest.mark.parametrize("quantizer,opset", [(UniformQuantizer(rel_step=None, bits=8), 12),
@@ -132,10 +140,16 @@ def test_lstm_gemm_model_passes_the_full_checker(tmp_path, quantizer, opset):
 # ---------------------------------------------------------------------------------------------- --deploy
 
 def dequantize_like_onnx(model) -> dict[str, np.ndarray]:
-    """Each DequantizeLinear's output computed as the operator defines it: int * scale in the scale's type."""
+    """Each DequantizeLinear's (or Cast -> Mul's) output computed as the operators define it: int * scale
+    in the scale's type, one rounding."""
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    casts = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Cast"}
     out = {}
     for node in model.graph.node:
+        if node.op_type == "Mul" and node.input[0] in casts:
+            ints, scale = inits[casts[node.input[0]]].astype(np.int64), inits[node.input[1]]
+            out[node.output[0]] = ints.astype(scale.dtype) * scale  # the scale is shaped to broadcast
+            continue
         if node.op_type != "DequantizeLinear":
             continue
         ints, scale = inits[node.input[0]].astype(np.int64), inits[node.input[1]]
@@ -173,21 +187,31 @@ def test_deploy_grid_qdq_decode_is_exact_to_the_coded_weights(tmp_path, grid, it
     np.testing.assert_array_equal(run(tmp_path / "q.onnx", X_MLP), run(tmp_path / "f.onnx", X_MLP))
 
 
-def test_deploy_float16_weights_are_exact_too(tmp_path):
+@pytest.mark.parametrize("opset", [19, 17])
+def test_deploy_float16_weights_are_exact_too(tmp_path, opset):
+    """float16 scales need opset 19 for DequantizeLinear; below it, int8 -> Cast(float16) -> Mul(step)."""
     w = np.random.default_rng(3).standard_normal((8, 4)).astype(np.float16)
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "half",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["N", 8])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["N", 4])],
                               [numpy_helper.from_array(w, "w")])
     src = str(tmp_path / "half.onnx")
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]), src)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), src)
     cdl = str(tmp_path / "h.cdl")
     encode(src, cdl, quantizer=make("deploy", grid="int8", rel_step=0.001), backend="huffman", quiet=True)
     decode(cdl, str(tmp_path / "f.onnx"))
     model, _ = decode_with_notes(cdl, str(tmp_path / "q.onnx"), weights="qdq")
+    onnx.checker.check_model(model, full_check=True)
+    assert opset_of(model) == opset and integer_types(model) == {TensorProto.INT8}
+    ops = [n.op_type for n in model.graph.node]
+    assert ops[:2] == (["DequantizeLinear", "MatMul"] if opset >= 19 else ["Cast", "Mul"])
     values = dequantize_like_onnx(model)["w"]
     assert values.dtype == np.float16
     np.testing.assert_array_equal(values, float_weights(tmp_path / "f.onnx")["w"])
+    xh = np.random.default_rng(4).standard_normal((3, 8)).astype(np.float16)
+    # float16 arithmetic (and at opset 19 onnxruntime's MatMulNBits fusion): close, as in test_onnx_decode
+    np.testing.assert_allclose(run(tmp_path / "q.onnx", xh).astype(np.float32),
+                               run(tmp_path / "f.onnx", xh).astype(np.float32), atol=2e-2)
 
 
 def test_deploy_min_steps_choose_the_clip_with_least_error():

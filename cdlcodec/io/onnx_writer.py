@@ -12,9 +12,10 @@ Needs numpy and onnx only (never torch), so an edge device can turn a .cdl file 
   one (int4 or int16: 21; per-channel steps: 13); then it is upgraded with onnx.version_converter
   and an OnnxOutputNote says so (keep_opset=True forbids it; a failed upgrade keeps the opset).
   Levels beyond int8 are always named in a note, with the way to int8 (encode --deploy int8).
-  Tensors that cannot be expressed as DequantizeLinear at the final opset (float64 weights,
-  float16 weights below opset 19, per-channel steps below opset 13, int16 levels below 21) are
-  written as float.
+  Tensors that DequantizeLinear cannot express at the final opset (float64 weights, float16 weights
+  below opset 19, per-channel steps below opset 13, int16 levels below 21) are written as int8/int16
+  -> Cast -> Mul(step): the same product with the same single rounding, at any opset; only levels
+  beyond int16 (or beyond what the float type holds exactly) stay float.
 - CDL activation quantizers (json section "cdl.activations") become QuantizeLinear/DequantizeLinear
   pairs on the named activations, with a Clip to [0, 2^b - 1] where b < 8, followed by Max(., 0)
   (an identity that keeps onnxruntime's default QDQ fusions from changing the arithmetic).
@@ -360,7 +361,7 @@ def _qdq_opset(proto, records, int4: bool, keep_opset: bool):
         proto = upgraded
     if wide:
         peak, name = max(wide)
-        fate = "int16/int32 DequantizeLinear" if _opset(proto) >= 21 else "float or int32 weights"
+        fate = "int16/int32 DequantizeLinear" if _opset(proto) >= 21 else "int16 + Cast/Mul (float beyond int16)"
         _note(f"{len(wide)} weight tensor(s) have levels beyond int8 (largest |level| {peak}, in {name!r}) and are "
               f"written as {fate}; for int8 weights that keep the opset, encode with --deploy int8")
     return proto
@@ -390,11 +391,15 @@ def _integer_bytes(levels: np.ndarray, kind: int) -> bytes:
     return levels.astype({INT8: "i1", INT16: "<i2", INT32: "<i4"}[kind]).tobytes()
 
 
-def _scale_tensor(helper, name: str, rec: TensorRecord, scale_type: int):
+def _scale_tensor(helper, name: str, rec: TensorRecord, scale_type: int, broadcast_rank: int | None = None):
+    """The step(s) in `scale_type`: a scalar, DequantizeLinear's 1-D per-channel scales, or (broadcast_rank)
+    per-channel scales shaped to broadcast against the tensor in a Mul."""
     params = _quant_params(rec)
     steps = np.asarray(steps_of(params), dtype=np.float64)
     values = from_float64(steps, ONNX_TO_DTYPE[scale_type])
     dims = [len(steps)] if isinstance(params, ChannelParams) else []
+    if dims and broadcast_rank is not None:
+        dims = [len(steps) if i == params.axis else 1 for i in range(broadcast_rank)]
     return _raw_tensor(name, scale_type, dims, np.ascontiguousarray(values).tobytes())
 
 
@@ -428,20 +433,27 @@ class _Names:
         return name
 
 
+# Integers up to this magnitude are exact in each float type (float32, float16, bfloat16, float64).
+_EXACT_INTEGERS = {1: 2**24, 10: 2**11, 16: 2**8, 11: 2**53}
+
+
 def _qdq_plan(tensor, rec: TensorRecord, opset: int, int4: bool):
-    """(integer type, scale type, axis or None) for one tensor, or None to keep it float."""
-    target = tensor.data_type
-    if target == 11:
-        return None  # DequantizeLinear has no float64 output
-    if target in (10, 16) and opset < 19:
-        return None  # float16/bfloat16 scales arrived in opset 19
-    axis = _quant_params(rec).axis
-    if axis is not None and opset < 13:
-        return None
-    kind = _integer_type(rec.levels, opset, int4)
-    if kind is None:
-        return None
-    return kind, target, axis
+    """(integer type, scale type, axis or None, cast) for one tensor, or None to keep it float.
+
+    DequantizeLinear where the opset has it for this tensor (no float64 output; float16/bfloat16
+    scales from opset 19; per-channel from 13; int16 from 21). Otherwise, and instead of int32,
+    cast=True: Cast(int8/int16 -> float type) -> Mul(step), the same product with the same single
+    rounding, at any opset (bfloat16 from 13), so a kept opset still stores integers."""
+    target, axis = tensor.data_type, _quant_params(rec).axis
+    dequantize = target != 11 and not (target in (10, 16) and opset < 19) and not (axis is not None and opset < 13)
+    kind = _integer_type(rec.levels, opset, int4) if dequantize else None
+    if kind is not None and kind != INT32:
+        return kind, target, axis, False
+    lo, hi = int(rec.levels.min()), int(rec.levels.max())
+    narrow = next((k for k in (INT8, INT16) if _INT_RANGES[k][0] <= lo and hi <= _INT_RANGES[k][1]), None)
+    if narrow is not None and max(-lo, hi) <= _EXACT_INTEGERS[target] and not (target == 16 and opset < 13):
+        return narrow, target, axis, True
+    return (kind, target, axis, False) if kind is not None else None
 
 
 # Measured with onnxruntime 1.32: its default optimisations fuse DequantizeLinear -> MatMul (int4 and
@@ -469,9 +481,10 @@ def _apply_qdq(proto, records: dict[str, TensorRecord], int4: bool, streamed: di
             if plan is None:
                 kept_inits.append(init)
                 continue
-            ints, scale, node = _dequantize_node(helper, names, init.name, rec, plan, streamed if path == "" else None)
+            ints, scale, computed = _dequantize_node(helper, names, init.name, rec, plan,
+                                                     streamed if path == "" else None)
             new_inits += [ints, scale]
-            new_nodes.append(node)
+            new_nodes += computed
             if init.name in graph_inputs:
                 dropped_inputs.add(init.name)  # IR < 4 style: an initializer listed as an input
         nodes = []
@@ -482,9 +495,9 @@ def _apply_qdq(proto, records: dict[str, TensorRecord], int4: bool, streamed: di
             if plan is None:
                 nodes.append(node)
                 continue
-            ints, scale, dq = _dequantize_node(helper, names, node.output[0], rec, plan)
+            ints, scale, computed = _dequantize_node(helper, names, node.output[0], rec, plan)
             new_inits += [ints, scale]
-            nodes.append(dq)  # the Constant's place in topological order
+            nodes += computed  # the Constant's place in topological order
         if not new_nodes and not new_inits:
             continue
         del graph.initializer[:]
@@ -511,7 +524,8 @@ def _constant_tensor(node):
 
 
 def _dequantize_node(helper, names: _Names, output: str, rec: TensorRecord, plan, streamed: dict | None = None):
-    kind, scale_type, axis = plan
+    """(integer tensor, scale tensor, [nodes computing `output` from them]) for one planned tensor."""
+    kind, scale_type, axis, cast = plan
     name = names.fresh(f"{output}_quantized")
     if streamed is not None and rec.numel >= STREAM_MIN_ELEMENTS:
         ints = _raw_tensor(name, kind, rec.shape, b"")
@@ -520,11 +534,16 @@ def _dequantize_node(helper, names: _Names, output: str, rec: TensorRecord, plan
         _stream_later(ints, streamed, nbytes, lambda: _integer_bytes(rec.levels, kind))
     else:
         ints = _raw_tensor(name, kind, rec.shape, _integer_bytes(rec.levels, kind))
-    scale = _scale_tensor(helper, names.fresh(f"{output}_scale"), rec, scale_type)
+    scale = _scale_tensor(helper, names.fresh(f"{output}_scale"), rec, scale_type, len(rec.shape) if cast else None)
+    if cast:
+        floats = names.fresh(f"{output}_levels")
+        return ints, scale, [helper.make_node("Cast", [ints.name], [floats], to=scale_type,
+                                              name=names.fresh(f"{output}_Cast")),
+                             helper.make_node("Mul", [floats, scale.name], [output], name=names.fresh(f"{output}_Mul"))]
     attrs = {"axis": int(axis)} if axis is not None else {}
     node = helper.make_node("DequantizeLinear", [ints.name, scale.name], [output],
                             name=names.fresh(f"{output}_DequantizeLinear"), **attrs)
-    return ints, scale, node
+    return ints, scale, [node]
 
 
 # ------------------------------------------------------------------------------------------------
