@@ -102,20 +102,21 @@ def test_the_cli_prints_the_notes_on_stderr(tmp_path, capsys):
     assert "cdlcodec: note: " in err and "--deploy int8" in err and "opset 17 to 21" in err
 
 
-def test_per_channel_scales_below_opset_13_upgrade_only_to_13(tmp_path):
+def test_per_channel_scales_below_opset_13_keep_the_opset(tmp_path):
+    """Per-channel DequantizeLinear needs opset 13; below it int8 -> Cast -> Mul(steps[1, C]) computes the
+    same product at the model's own opset, bit-exact to the float decode."""
     src = with_opset(mlp(str(tmp_path / "mlp.onnx")), str(tmp_path / "mlp11.onnx"), 11)
     cdl = str(tmp_path / "m.cdl")
     encode(src, cdl, quantizer=make("deploy", grid="int8", rel_step=0.001), backend="huffman", quiet=True)
+    decode(cdl, str(tmp_path / "f.onnx"))
     model, notes = decode_with_notes(cdl, str(tmp_path / "q.onnx"), weights="qdq")
     onnx.checker.check_model(model, full_check=True)
-    assert opset_of(model) == 13 and integer_types(model) == {TensorProto.INT8}
-    assert any("opset 11 to 13" in n and "per-channel" in n for n in notes), notes
-    # --keep-opset: per-channel int8 as Cast -> Mul(steps[C, 1]), bit-exact to the float decode at opset 11
-    decode(cdl, str(tmp_path / "f.onnx"))
-    kept, notes = decode_with_notes(cdl, str(tmp_path / "k.onnx"), weights="qdq", keep_opset=True)
-    onnx.checker.check_model(kept, full_check=True)
-    assert opset_of(kept) == 11 and integer_types(kept) == {TensorProto.INT8} and notes == []
-    np.testing.assert_array_equal(run(tmp_path / "k.onnx", X_MLP), run(tmp_path / "f.onnx", X_MLP))
+    assert opset_of(model) == 11 and model.ir_version == 8 and integer_types(model) == {TensorProto.INT8}
+    assert notes == [] and not any(n.op_type == "DequantizeLinear" for n in model.graph.node)
+    floats = float_weights(tmp_path / "f.onnx")
+    for name, values in dequantize_like_onnx(model).items():
+        np.testing.assert_array_equal(values, floats[name])
+    np.testing.assert_array_equal(run(tmp_path / "q.onnx", X_MLP), run(tmp_path / "f.onnx", X_MLP))
 
 
 @pytest.mark.parametrize("quantizer,opset", [(UniformQuantizer(rel_step=None, bits=8), 12),

@@ -9,8 +9,8 @@ Needs numpy and onnx only (never torch), so an edge device can turn a .cdl file 
   whose output carries the original tensor name, so the file itself stays small. The integer type
   is the narrowest that holds the levels: int4 (opset 21, two values per byte, low nibble first),
   int8, int16 (opset 21) or int32. The model keeps its opset unless a type truly needs a newer
-  one (int4 or int16: 21; per-channel steps: 13); then it is upgraded with onnx.version_converter
-  and an OnnxOutputNote says so (keep_opset=True forbids it; a failed upgrade keeps the opset).
+  one (int4 or int16: 21); then it is upgraded with onnx.version_converter and an OnnxOutputNote
+  says so (keep_opset=True forbids it; a failed upgrade keeps the opset).
   Levels beyond int8 are always named in a note, with the way to int8 (encode --deploy int8).
   Tensors that DequantizeLinear cannot express at the final opset (float64 weights, float16 weights
   below opset 19, per-channel steps below opset 13, int16 levels below 21) are written as int8/int16
@@ -330,12 +330,10 @@ def _quantized(rec: TensorRecord | None) -> bool:
     return rec is not None and rec.levels is not None and isinstance(_quant_params(rec), (UniformParams, ChannelParams))
 
 
-PER_CHANNEL_OPSET = 13  # DequantizeLinear's axis attribute
-
-
 def _qdq_opset(proto, records, int4: bool, keep_opset: bool):
-    """The model at the opset its narrowest weight types need: kept unless int4 / int16 levels (21) or
-    per-channel steps (13) truly need more and keep_opset allows it; each decision is said in a note."""
+    """The model at the opset its narrowest weight types need: kept unless int4 / int16 levels (21) truly
+    need more and keep_opset allows it; each decision is said in a note. Per-channel steps below opset
+    13 need no upgrade: _qdq_plan writes them as int8 -> Cast -> Mul."""
     opset = _opset(proto)
     needs: dict[int, list[str]] = {}   # opset -> the reasons that need it
     wide: list[tuple[int, str]] = []   # (largest |level|, name) of tensors beyond int8
@@ -348,8 +346,6 @@ def _qdq_opset(proto, records, int4: bool, keep_opset: bool):
             wide.append((max(-int(rec.levels.min()), int(rec.levels.max())), rec.name))  # no |levels| copy
         if kind in (INT4, INT16):
             needs.setdefault(21, []).append("int4 levels" if kind == INT4 else "int16 levels")
-        if _quant_params(rec).axis is not None:
-            needs.setdefault(PER_CHANNEL_OPSET, []).append("per-channel scales")
     target = max(needs, default=opset)
     if target > opset and not keep_opset:
         reasons = Counter(reason for need, why in needs.items() if need > opset for reason in why)
