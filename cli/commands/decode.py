@@ -12,12 +12,11 @@ from cdlcodec.cli.flags import progress_option
 @click.option("--weights", type=click.Choice(["float", "qdq"]), default=None,
               help="ONNX output only: float initializers (default) or integer initializers + "
                    "DequantizeLinear (the narrowest of int4/int8/int16/int32 that holds the levels; the "
-                   "model keeps its opset unless int4/int16 or per-channel scales need a newer one, "
-                   "which is said on stderr).")
+                   "model keeps its opset unless int4/int16 levels need opset 21, which is said on stderr).")
 @click.option("--no-int4", is_flag=True, help="With --weights qdq: never use int4 (int8 where the levels fit).")
 @click.option("--keep-opset", is_flag=True,
-              help="With --weights qdq: never change the model's opset (no int4; weights whose type needs a "
-                   "newer opset are written as int32 or float).")
+              help="With --weights qdq: never change the model's opset (no int4; int16 levels as int16 -> Cast -> "
+                   "Mul, the same values).")
 @click.option("--matmul-nbits", is_flag=True,
               help="With --weights qdq: MatMul weights that fit 4/8 bits become onnxruntime's com.microsoft "
                    "MatMulNBits with float activations (runs only in onnxruntime; same outputs under its "
