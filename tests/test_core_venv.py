@@ -1,8 +1,8 @@
 """A real core install (issue 18): a second virtual environment with `pip install .` only (numpy,
 onnx, click resolved by pip; no torch, no numba), where every golden container and containers of
 every backend and quantization scheme decode to safetensors and ONNX bit-identically to this full
-install; then the same after adding numba (`[fast]`). The venv sizes are checked against the
-targets recorded in BENCHMARKS.md.
+install, and `info` / `verify` agree with it; then the same after adding numba (`[fast]`). The
+venv sizes are checked against the targets recorded in BENCHMARKS.md.
 
 Skipped, with pip's reason, only when the packages cannot be installed here (no registry reachable);
 any other install failure is a failure. Deselect with `-m "not core_venv"`.
@@ -103,9 +103,30 @@ def core_venv(tmp_path_factory) -> Path:
     return venv
 
 
-def _assert_same_outputs(containers, venv, tmp_path):
-    expected = _decode_all([sys.executable, "-m", "cdlcodec"], containers, tmp_path / "full")
-    got = _decode_all([venv / "bin" / "cdlcodec"], containers, tmp_path / "core")
+def _inspect_all(cdlcodec: list, containers: dict) -> dict[str, str]:
+    """`verify` must pass and `info --json` describe each container; name -> info's JSON text."""
+    infos = {}
+    for name, (path, _) in containers.items():
+        proc = _run([*cdlcodec, "verify", path], timeout=600)
+        assert proc.returncode == 0, (name, proc.stderr[-2000:])
+        proc = _run([*cdlcodec, "info", path, "--json"], timeout=600)
+        assert proc.returncode == 0, (name, proc.stderr[-2000:])
+        infos[name] = proc.stdout
+    return infos
+
+
+@pytest.fixture(scope="module")
+def full_install(containers, tmp_path_factory) -> tuple[dict, dict]:
+    """What this (full) install makes of the containers: (info JSON, decoded files)."""
+    full = [sys.executable, "-m", "cdlcodec"]
+    return _inspect_all(full, containers), _decode_all(full, containers, tmp_path_factory.mktemp("full") / "out")
+
+
+def _assert_same_outputs(containers, full_install, venv, tmp_path):
+    core = [venv / "bin" / "cdlcodec"]
+    infos, expected = full_install
+    assert _inspect_all(core, containers) == infos
+    got = _decode_all(core, containers, tmp_path / "core")
     assert set(got) == set(expected)
     assert sum(name.endswith(".onnx") for name in got) == 2 * len(_ENCODINGS)
     for name in expected:
@@ -117,17 +138,18 @@ def _installed(venv: Path) -> set[str]:
     return {line.split("==")[0].lower() for line in proc.stdout.split()}
 
 
-def test_core_venv_decodes_like_the_full_install_without_and_with_numba(containers, core_venv, tmp_path):
+def test_core_venv_decodes_like_the_full_install_without_and_with_numba(containers, full_install, core_venv,
+                                                                         tmp_path):
     installed = _installed(core_venv)
     assert not installed & {"torch", "numba", "llvmlite", "onnxruntime", "scipy"}, installed
     core_mb = _size_mb(core_venv)
     print(f"core venv: {core_mb:.0f} MB")
     assert core_mb <= CORE_TARGET_MB
-    _assert_same_outputs(containers, core_venv, tmp_path / "without_numba")
+    _assert_same_outputs(containers, full_install, core_venv, tmp_path / "without_numba")
 
     _pip(core_venv, "numba>=0.59")  # what `pip install ".[fast]"` adds
     assert {"numba", "llvmlite"} <= _installed(core_venv)
     fast_mb = _size_mb(core_venv)
     print(f"core + numba venv: {fast_mb:.0f} MB")
     assert fast_mb <= FAST_TARGET_MB
-    _assert_same_outputs(containers, core_venv, tmp_path / "with_numba")
+    _assert_same_outputs(containers, full_install, core_venv, tmp_path / "with_numba")
