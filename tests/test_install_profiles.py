@@ -8,6 +8,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from onnx_models import mlp
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,3 +92,12 @@ def test_an_unrelated_import_error_is_still_an_internal_error():
     missing = as_missing_dependency(ModuleNotFoundError("x", name="onnxruntime.capi"), "'cdlcodec encode'")
     assert str(missing) == ("'cdlcodec encode' needs onnxruntime, which is not installed here: "
                             'pip install "cdlcodec[onnx]"')
+
+
+def test_onnx_encode_without_onnxruntime_says_why_it_is_unverified(tmp_path):
+    mlp(str(tmp_path / "m.onnx"))
+    proc = _cli_without("onnxruntime", "encode", "m.onnx", "-o", "m.cdl", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert ('cdlcodec: note: onnxruntime is not installed here: the data-free default was used' in proc.stderr
+            and 'pip install "cdlcodec[onnx]" for a verified fidelity' in proc.stderr)
+    assert "a state_dict or .pt2 file" not in proc.stderr

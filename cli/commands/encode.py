@@ -153,9 +153,13 @@ def _encode(model, output, options, arch, targets, calibration, no_gptq, same_de
         if not quiet and report is not None:
             click.echo(report.summary_line())
         elif not quiet and not summary.report:
-            click.echo("cdlcodec: note: no graph to run the model with (a state_dict or .pt2 file): the data-free "
-                       "default was used (per output channel, step 0.02 x the channel's std) and the decoded model "
-                       "is unverified; encode the ONNX model for a verified fidelity", err=True)
+            from cdlcodec.fidelity.encode import onnxruntime_available
+
+            why, fix = "no graph to run the model with (a state_dict or .pt2 file)", "encode the ONNX model"
+            if model.endswith(".onnx") and not onnxruntime_available():  # a core install: nothing runs the graph
+                why, fix = "onnxruntime is not installed here", 'pip install "cdlcodec[onnx]"'
+            click.echo(f"cdlcodec: note: {why}: the data-free default was used (per output channel, step 0.02 x the "
+                       f"channel's std) and the decoded model is unverified; {fix} for a verified fidelity", err=True)
         return summary
     from cdlcodec.api import encode_with_options
 
