@@ -24,7 +24,7 @@ def njit(*args, **kwargs):
 
     numba compiles a kernel on its first call (only what a file needs: per backend, scheme and
     argument types) and, with cache=True, keeps the machine code for later runs. When a module
-    defines a kernel that has nothing cached yet, a one-off notice says the first use will compile.
+    defines a kernel that has nothing cached yet, the next progress display says it will compile.
     """
     if HAVE_NUMBA:
         if len(args) == 1 and callable(args[0]):
@@ -36,17 +36,11 @@ def njit(*args, **kwargs):
     return lambda fn: fn
 
 
-_announced = False
-
-
 def _announce_if_uncached(dispatcher):
-    global _announced
-    if not _announced and not _is_cached(dispatcher):
-        _announced = True
-        from .progress import notice
+    if not _is_cached(dispatcher):
+        from .progress import compiling_soon
 
-        notice("cdlcodec: compiling numba kernels for their first use (once; later runs load them from "
-               "the cache; up to about a minute on 2 cores)")
+        compiling_soon()
     return dispatcher
 
 

@@ -8,8 +8,8 @@ The command line sets one mode for the whole run (`--progress`, `set_mode`):
            nothing and a long one shows it is alive, without flooding a log file;
 - "auto":  "bar" when stderr is a terminal, else "lines";
 - "none":  nothing (`--quiet` means this too).
-Per-epoch reports (`Progress.log`) and the first-compile notice (`notice`) print in every mode but
-"none". Library callers that never set a mode keep the old behaviour: a bar on a terminal only, and
+Per-epoch reports (`Progress.log`) and the first-compile notice (`compiling_soon`) print in every
+mode but "none". Library callers that never set a mode keep the old behaviour: a bar on a terminal only, and
 no notices.
 """
 from __future__ import annotations
@@ -21,13 +21,17 @@ MODES = ("auto", "bar", "lines", "none")
 LINE_INTERVAL = 5.0
 
 _mode: str | None = None  # None: not set by a command line (library use)
+_compile_pending = False   # a kernel module with nothing cached was imported; not announced yet
+_compile_announced = False  # once a process is enough
+_shown = 0                 # progress displays showing now
 
 
 def set_mode(mode: str | None) -> None:
     if mode is not None and mode not in MODES:
         raise ValueError(f"progress mode must be one of {', '.join(MODES)}, not {mode!r}")
-    global _mode
+    global _mode, _compile_pending
     _mode = mode
+    _compile_pending = False  # kernels imported before a command started are not this command's compile
 
 
 def style(quiet: bool = False) -> str | None:
@@ -41,10 +45,26 @@ def style(quiet: bool = False) -> str | None:
     return "lines" if _mode == "auto" else None
 
 
-def notice(message: str) -> None:
-    """A one-off line (e.g. "compiling kernels for the first time"); only when a command asked for progress."""
-    if _mode is not None and style() is not None:
-        _write_line(message)
+_COMPILING = ("cdlcodec: compiling numba kernels for their first use (once; later runs load them from the "
+              "cache; up to about a minute on 2 cores)")
+
+
+def compiling_soon() -> None:
+    """A kernel module with nothing in numba's cache was imported, so this run compiles: said once,
+    now if a progress display is showing, else when the next one starts (not at import, so that a
+    command that fails on its input still prints only its error)."""
+    global _compile_pending
+    _compile_pending = True
+    if _shown:
+        _announce_compile()
+
+
+def _announce_compile() -> None:
+    global _compile_pending, _compile_announced
+    if _compile_pending and _mode is not None and not _compile_announced:
+        _compile_pending = False
+        _compile_announced = True
+        _write_line(_COMPILING)
 
 
 def _write_line(text: str) -> None:
@@ -68,6 +88,10 @@ class Progress:
         self._note = ""
 
     def __enter__(self) -> "Progress":
+        global _shown
+        if self.style is not None:
+            _shown += 1
+            _announce_compile()
         if self.style == "bar":
             self._draw_bar(force=True)
         return self
@@ -118,6 +142,9 @@ class Progress:
         sys.stderr.flush()
 
     def __exit__(self, *exc) -> None:
+        global _shown
+        if self.style is not None:
+            _shown -= 1
         if self.style == "bar":
             self._draw_bar(force=True)
             sys.stderr.write("\n")
