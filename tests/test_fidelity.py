@@ -172,3 +172,78 @@ def test_dense_maps_are_not_decision_checked():
     dec = [[np.full((1, MAX_DECISIONS + 1), 0.51)]]
     assert changed_samples(ref, dec, {0: ("threshold", 0)}) == 0
     assert changed_samples([[r[0][:, :8]] for r in ref], [[d[0][:, :8]] for d in dec], {0: ("threshold", 0)}) == 1
+
+
+def test_gptq_with_trellis_coded_rows():
+    """GPTQ over trellis-coded rows: the levels are a valid dependent-scheme scan of the whole
+    tensor (the decoder's dequantization gives what GPTQ compensated for) and the output error is
+    lower than trellis coding without compensation at the same step."""
+    from cdlcodec.fidelity.dependent import RowTrellis, dependent_levels
+    from cdlcodec.quantizers.trellis import dequantize_dependent
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((600, 40)) @ (np.eye(40) + 0.5 * rng.standard_normal((40, 40)))
+    w = rng.standard_normal((40, 16)) * 0.1
+    step = 0.04
+    compensated_for = []
+
+    class Recording(RowTrellis):
+        def next(self, values):
+            levels, recon = super().next(values)
+            compensated_for.append(recon)
+            return levels, recon
+
+    trellis = Recording(w, step)
+    levels = gptq_levels(w, inverse_cholesky(x.T @ x), step, trellis=trellis).ravel()
+    q = dequantize_dependent(levels, trellis.quant()["states"]).reshape(40, 16) * step
+    # the trellis state runs on across rows as the decoder's scan does
+    assert np.array_equal(np.concatenate(compensated_for), q.ravel())
+    plain_levels, _, plain = dependent_levels(w, step)
+    assert np.linalg.norm(x @ (w - q)) < 0.85 * np.linalg.norm(x @ (w - plain))
+    assert np.max(np.abs(q - w)) < 6 * step  # compensation moves values, it does not scramble them
+
+
+def _embedding_model(path, vocab=1024, dim=96, n_out=8, seed=0):
+    """ids -> Gather(table) -> ReduceMean over tokens -> MatMul -> y: a big table rounded without GPTQ."""
+    rng = np.random.default_rng(seed)
+    table = (rng.laplace(size=(vocab, dim)) * 0.05).astype(np.float32)
+    w = (rng.standard_normal((dim, n_out)) / np.sqrt(dim)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"]),
+             helper.make_node("ReduceMean", ["e"], ["m"], axes=[1], keepdims=0),
+             helper.make_node("MatMul", ["m", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "emb", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n", 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", n_out])],
+                              [numpy_helper.from_array(table, "table"), numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+def test_big_tables_can_take_trellis_coded_quantization(tmp_path):
+    """A big tensor rounded without error compensation is offered dependent (trellis-coded)
+    quantization; it is chosen here (smaller at equal error), decodes exactly, and meets the target."""
+    from cdlcodec.codec import decode_container
+    from cdlcodec.fidelity.allocate import tensor_curve
+
+    path = _embedding_model(str(tmp_path / "e.onnx"))
+    rng = np.random.default_rng(2)
+    np.savez(tmp_path / "c.npz", ids=rng.integers(0, 1024, (48, 12)).astype(np.int64))
+    table = onnx.numpy_helper.to_array(onnx.load(path).graph.initializer[0]).astype(np.float64)
+    curve = tensor_curve("table", table, None, dependent=True)
+    dq = [i for i, c in enumerate(curve.candidates) if c.dependent]
+    plain = [i for i, c in enumerate(curve.candidates) if not c.dependent and not c.exact]
+    assert dq
+    # at equal weight MSE the trellis candidates need fewer bits than rounding (interpolated)
+    mse_p, bits_p = curve.mse[plain], curve.bits[plain]
+    i = dq[len(dq) // 2]
+    assert curve.bits[i] < np.interp(np.log(curve.mse[i]), np.log(mse_p), bits_p)
+    out = str(tmp_path / "e.cdl")
+    _, report = encode_to_target(read_model(path), out, FidelityOptions(Target("cosine", 0.995), str(tmp_path / "c.npz"),
+                                                                        quiet=True))
+    assert report.checked >= 0.995 and "trellis" in report.steps["table"]
+    with ContainerReader(out) as reader:
+        quant = {e.name: e.quant for e in reader.tensors}
+    assert quant["table"]["scheme"] == "dependent"
+    decoded = {r.name: r.array for r in decode_container(out).records}
+    assert np.abs(decoded["table"] - table).max() <= 2 * quant["table"]["step"]

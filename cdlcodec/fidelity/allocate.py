@@ -18,16 +18,21 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-REL_GRID = tuple(float(x) for x in np.geomspace(0.004, 1.5, 27))  # ratio ≈ 1.26; coarser steps leave the range where output distortion grows linearly with weight MSE
+# Ratio ≈ 1.12: fine enough for the budget search to land near its target; coarser than 1.5 × std
+# leaves the range where output distortion grows linearly with weight MSE.
+REL_GRID = tuple(float(x) for x in np.geomspace(0.004, 1.5, 53))
 SAMPLE_ELEMENTS = 1 << 18
 STEP_BITS = 64         # a per-channel step costs about this much index space (a JSON float)
 REF_REL = 0.25         # relative step at which sensitivities are measured
+DEPENDENT_MIN = 1 << 16   # tensors at least this big also get dependent-quantization candidates
+DEPENDENT_SAMPLE = 1 << 14  # elements the trellis runs on per candidate (~5 M values/s)
 
 
 @dataclass(frozen=True)
 class Candidate:
     rel: float                # 0: the tensor is stored exactly (the finest plan always meets a target)
     channel_axis: int | None  # None: one step for the tensor
+    dependent: bool = False   # trellis-coded (dependent) quantization at this step instead of rounding
 
     @property
     def exact(self) -> bool:
@@ -89,9 +94,11 @@ def entropy_bits(levels: np.ndarray) -> float:
     return float(-(counts * np.log2(p)).sum())
 
 
-def tensor_curve(name: str, w: np.ndarray, channel_axis: int | None, bits_per_value: int = 32) -> TensorCurve:
+def tensor_curve(name: str, w: np.ndarray, channel_axis: int | None, bits_per_value: int = 32,
+                 dependent: bool = False) -> TensorCurve:
     """Rate and MSE of every candidate (per tensor, and per channel along `channel_axis` if given),
-    measured on a sample of rows for big tensors, plus storing the tensor exactly."""
+    measured on a sample of rows for big tensors, plus storing the tensor exactly; with `dependent`,
+    also trellis-coded quantization per tensor (for tensors rounded without error compensation)."""
     axes: list[int | None] = [None]
     if channel_axis is not None and w.ndim >= 2 and 1 < w.shape[channel_axis] <= w.size // 8:
         axes.append(channel_axis)
@@ -111,6 +118,8 @@ def tensor_curve(name: str, w: np.ndarray, channel_axis: int | None, bits_per_va
             cands.append(Candidate(rel, axis))
             mse.append(float(np.mean(err * err)) if err.size else 0.0)
             bits.append(entropy_bits(levels.astype(np.int64)) * scale + extra)
+    if dependent and w.size >= DEPENDENT_MIN:
+        _dependent_candidates(w, cands, bits, mse)
     cands.append(EXACT)
     bits.append(float(bits_per_value) * w.size)
     mse.append(0.0)
@@ -151,3 +160,23 @@ def plan_for_budget(curves: list[TensorCurve], budget: float) -> Plan:
         if hi / lo < 1.0001:
             break
     return best
+
+
+
+def _dependent_candidates(w: np.ndarray, cands: list, bits: list, mse: list) -> None:
+    """Trellis-coded quantization beats rounding by ~0.7 dB at equal rate (the NNC standard's dependent
+    quantization); its rate and MSE are measured on a contiguous stretch of the scan (the trellis
+    runs along it), scaled to the tensor."""
+    from .dependent import dependent_levels
+
+    flat = np.asarray(w, dtype=np.float64).ravel()
+    start = (flat.size - min(flat.size, DEPENDENT_SAMPLE)) // 2
+    sample = flat[start:start + DEPENDENT_SAMPLE]
+    scale = flat.size / sample.size
+    std = float(np.std(w)) or 1.0
+    for rel in REL_GRID:
+        levels, _, values = dependent_levels(sample, rel * std)
+        err = sample - values
+        cands.append(Candidate(rel, None, True))
+        mse.append(float(np.mean(err * err)))
+        bits.append(entropy_bits(levels) * scale + STEP_BITS)

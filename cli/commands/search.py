@@ -20,7 +20,7 @@ from cdlcodec.cli.flags import progress_option
 @click.option("--onnx", "onnx_path", default=None, metavar="MODEL.onnx",
               help="Search your own ONNX model instead (needs --calibration and --min or --max).")
 @click.option("--calibration", default=None, metavar="DATA.npz",
-              help="With --onnx: inputs named after the graph inputs, samples first (the first 64 are used).")
+              help="With --onnx: inputs named after the graph inputs, samples first (the first 128 are used).")
 @click.option("--measure", default=None, metavar="NAME",
               help="With --onnx: cosine (default), agreement or rel_mse against the original model's outputs.")
 @click.option("--min", "minimum", type=float, default=None, help="With --onnx: the cosine / agreement to reach.")
