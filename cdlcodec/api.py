@@ -252,6 +252,9 @@ def load(path: str, *, limits: Limits = Limits()):
     """Decode the container at `path` into an nn.Module where it says how to build one, else a state_dict."""
     from .codec import decode_container
     from .io.torch_export import program_from_model, program_section
+    from .optional import require
+
+    require("torch", "cdlcodec.load (torch modules and tensors)")  # decode() writes .onnx/.safetensors without it
 
     model = decode_container(path, limits=limits)
     if program_section(model) is not None:

@@ -85,6 +85,18 @@ def test_library_modules_raise_a_clear_import_error_without_torch():
     assert proc.returncode == 0, proc.stderr
 
 
+def test_load_without_torch_names_the_extra():
+    code = ("import sys\nsys.modules['torch'] = None\nimport cdlcodec\n"
+            "try:\n"
+            f"    cdlcodec.load({str(ROOT / 'tests' / 'golden' / 'container_raw.cdl')!r})\n"
+            "except ImportError as exc:\n"
+            "    print(exc)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert 'cdlcodec.load (torch modules and tensors) needs torch' in proc.stdout
+    assert 'pip install "cdlcodec[torch]"' in proc.stdout
+
+
 def test_an_unrelated_import_error_is_still_an_internal_error():
     from cdlcodec.optional import as_missing_dependency
 
