@@ -135,12 +135,21 @@ class RowTrellis:
 
 
 TABLE_SAMPLE = 1 << 18  # elements the rate table is estimated from
+STRETCHES = 16          # a sample is this many stretches of the scan, evenly spread
+
+
+def spread_stretches(flat: np.ndarray, total: int) -> list[np.ndarray]:
+    """About `total` elements of `flat` as STRETCHES contiguous stretches evenly spread over it (all of
+    it when small): a sample in which every part of the tensor (every channel's scale) is present."""
+    if flat.size <= total:
+        return [flat]
+    length = max(1, total // STRETCHES)
+    starts = np.linspace(0, flat.size - length, STRETCHES).round().astype(np.int64)
+    return [flat[s:s + length] for s in starts]
 
 
 def table_sample(w: np.ndarray) -> np.ndarray:
-    flat = np.asarray(w).ravel()
-    start = (flat.size - min(flat.size, TABLE_SAMPLE)) // 2
-    return flat[start:start + TABLE_SAMPLE]
+    return np.concatenate(spread_stretches(np.asarray(w).ravel(), TABLE_SAMPLE))
 
 
 def dependent_levels(w: np.ndarray, step: float) -> tuple[np.ndarray, dict, np.ndarray]:
