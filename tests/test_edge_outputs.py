@@ -246,8 +246,6 @@ def test_deploy_keeps_a_coarser_explicit_step_and_bits_ask_for_a_narrower_grid()
 
 
 @pytest.mark.parametrize("args,message", [
-    ((), "give an explicit step option"),
-    (("--target-cosine", "0.99"), "give an explicit step option"),
     (("--rel-step", "0.01", "--lambda", "0.1"), "drop --lambda"),
     (("--rel-step", "0.01", "--trellis"), "drop --trellis"),
 ])
@@ -259,6 +257,35 @@ def test_deploy_refusals_are_clear(tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert err.startswith("cdlcodec: error: --deploy int8") and message in err and "Traceback" not in err
     assert not (tmp_path / "d.cdl").exists()
+
+
+@pytest.mark.parametrize("grid,bound", [("int8", 127), ("int4", 7)])
+def test_deploy_with_a_fidelity_target(tmp_path, capsys, grid, bound):
+    """--deploy with the fidelity search: the target is met by a plan whose every quantized weight
+    lies on the per-channel grid, so the QDQ decode is int8 (int4) and exact to what was checked."""
+    from cdlcodec.codec import decode_container
+    from cdlcodec.formats.container import ContainerReader
+
+    src = mlp(str(tmp_path / "mlp.onnx"))
+    rng = np.random.default_rng(4)
+    np.savez(tmp_path / "c.npz", x=rng.standard_normal((48, 32)).astype(np.float32))
+    out = str(tmp_path / "d.cdl")
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["encode", src, "-o", out, "--deploy", grid, "--target-cosine", "0.99",
+                  "--calibration", str(tmp_path / "c.npz"), "-q"])
+    assert exit_info.value.code == 0, capsys.readouterr().err
+    with ContainerReader(out) as reader:
+        assert reader.metadata["fidelity.target"] == f"cosine >= 0.99, {grid} grid"
+        assert float(reader.metadata["fidelity.achieved"]) >= 0.99
+    decoded = decode_container(out)
+    coded = [r for r in decoded.records if r.levels is not None]
+    assert coded  # the weights were quantized, not stored exactly
+    for rec in coded:
+        assert np.abs(rec.levels).max() <= bound and "steps" in rec.quant and rec.quant["scheme"] == "uniform"
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["decode", out, "-o", str(tmp_path / "q.onnx"), "--weights", "qdq", "-q"])
+    assert exit_info.value.code == 0
+    assert integer_types(onnx.load(str(tmp_path / "q.onnx"))) == {TensorProto.INT8 if grid == "int8" else TensorProto.INT4}
 
 
 def test_deploy_from_the_command_line(tmp_path, capsys):

@@ -20,9 +20,12 @@ from .search import DEFAULT_TARGET, MAX_CALIBRATION, FidelityOptions, FidelityRe
 DATA_FREE_REL_STEP = 0.02
 
 
-def data_free_default():
+def data_free_default(deploy: str | None = None):
+    """The data-free rule; with `deploy` ("int8"/"int4") the same steps, floored at the grid's."""
     from ..quantizers.base import make
 
+    if deploy is not None:
+        return make("deploy", grid=deploy, rel_step=DATA_FREE_REL_STEP)
     return make("channel", rel_step=DATA_FREE_REL_STEP)
 
 
@@ -42,22 +45,24 @@ def onnxruntime_available() -> bool:
 
 def encode_path(source: str, output: str, options: EncodeOptions, target: tuple[str, float] | None,
                 calibration: str | None, *, gptq: bool = True, explicit: bool = False,
-                same_decisions: bool = False) -> tuple[EncodeSummary, FidelityReport | None]:
+                same_decisions: bool = False, deploy: str | None = None) -> tuple[EncodeSummary, FidelityReport | None]:
     """Encode the model file `source` to `output` (see `encode_model`)."""
     from ..io.model_files import read_model
 
     refuse_to_overwrite(output, source)
     return encode_model(read_model(source), output, options, target, calibration, gptq=gptq, explicit=explicit,
-                        same_decisions=same_decisions, what=source)
+                        same_decisions=same_decisions, what=source, deploy=deploy)
 
 
 def encode_model(model, output: str, options: EncodeOptions, target: tuple[str, float] | Target | None,
                  calibration=None, *, gptq: bool = True, explicit: bool = False, same_decisions: bool = False,
-                 what: str = "the model") -> tuple[EncodeSummary, FidelityReport | None]:
+                 what: str = "the model", deploy: str | None = None) -> tuple[EncodeSummary, FidelityReport | None]:
     """Encode `model` (a records.ModelFile) to `output`: to `target` (or the default cosine >= 0.999)
     when it has an ONNX graph; otherwise with `options` as they are. `calibration`: an .npz path, or
     an iterable of example batches (`Inputs.from_batches`). `explicit`: the user asked for a target
-    or gave calibration data, so a model without a graph is an error rather than a fallback."""
+    or gave calibration data, so a model without a graph is an error rather than a fallback.
+    `deploy` ("int8" / "int4"): every quantized weight on a per-channel symmetric grid of that width
+    (quantizers/deploy.py), so QDQ decoding is exact to what was measured."""
     from ..io.cdl_checkpoint import is_cdl_model
 
     if is_cdl_model(model):  # its learned quantizers decide the steps: there is nothing to search
@@ -71,7 +76,7 @@ def encode_model(model, output: str, options: EncodeOptions, target: tuple[str, 
                    if not has_onnx_graph(model) else "onnxruntime is not installed (pip install 'cdlcodec[onnx]')")
             raise CdlInputError(f"cannot check a fidelity target for {what}: {why}")
         if options.quantizer is None:
-            options = replace(options, quantizer=data_free_default())
+            options = replace(options, quantizer=data_free_default(deploy))
         return encode_records(model.records, output, options, model.metadata, model.sections), None
     if calibration is not None and not isinstance(calibration, (str, os.PathLike)):
         from ..io.onnx_model import stripped_graph
@@ -82,5 +87,5 @@ def encode_model(model, output: str, options: EncodeOptions, target: tuple[str, 
     # The default promises more than a cosine: no calibration sample's decision (a class, a
     # character, a speech/no-speech call) changes. An explicit target adds that check on request.
     fidelity = FidelityOptions(target or DEFAULT_TARGET, calibration, gptq=gptq, quiet=options.quiet,
-                               keep=options.keep, same_decisions=same_decisions or target is None)
+                               keep=options.keep, same_decisions=same_decisions or target is None, deploy=deploy)
     return encode_to_target(model, output, fidelity, options)

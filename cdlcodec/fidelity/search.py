@@ -26,7 +26,8 @@ from ..errors import CdlInputError
 from ..quantizers import dequantize
 from ..quantizers.base import Quantizer, make
 from ..records import ModelFile, TensorRecord
-from .allocate import EXACT, REF_REL, Candidate, Plan, TensorCurve, plan_for_budget, steps_for, tensor_curve
+from .allocate import (EXACT, REF_REL, Candidate, DeployGrid, Plan, TensorCurve, plan_for_budget, steps_for,
+                       tensor_curve)
 from .dependent import RowTrellis, dependent_levels, table_sample
 from .decisions import changed_samples, decision_kinds, squashing_nodes
 from .gptq import gptq_levels, inverse_cholesky
@@ -52,9 +53,11 @@ class FidelityOptions:
     quiet: bool = False
     keep: tuple[str, ...] = ()      # name patterns stored exactly (as encode --keep)
     same_decisions: bool = False    # also: no calibration sample's decision (argmax / sigmoid side) changes
+    deploy: str | None = None       # "int8" / "int4": quantized weights on a per-channel symmetric grid of that width
 
     def describe(self) -> str:
-        return self.target.describe() + (", same decisions" if self.same_decisions else "")
+        return self.target.describe() + (", same decisions" if self.same_decisions else "") + (
+            f", {self.deploy} grid" if self.deploy else "")
 
 
 @dataclass
@@ -69,9 +72,11 @@ class FidelityReport:
     seconds: float
     steps: dict[str, str] = field(default_factory=dict)
     same_decisions: bool = False
+    deploy: str | None = None
 
     def describe_target(self) -> str:
-        return self.target.describe() + (", same decisions" if self.same_decisions else "")
+        return self.target.describe() + (", same decisions" if self.same_decisions else "") + (
+            f", {self.deploy} grid" if self.deploy else "")
 
     def summary_line(self) -> str:
         checked = self.checked if self.checked is not None else self.achieved
@@ -96,10 +101,12 @@ class _Log:
 class _Rounder:
     """Levels and decoded values of a tensor for a candidate, cached (the search revisits candidates)."""
 
-    def __init__(self, records: dict[str, TensorRecord], hessians: dict[str, tuple[np.ndarray, int]], use_gptq: bool):
+    def __init__(self, records: dict[str, TensorRecord], hessians: dict[str, tuple[np.ndarray, int]], use_gptq: bool,
+                 grid: DeployGrid | None = None):
         self.records = records
         self.hessians = hessians
         self.use_gptq = use_gptq
+        self.grid = grid
         self._w64: dict[str, np.ndarray] = {}
         self._u: dict[str, np.ndarray] = {}
         self._cache: dict[tuple, tuple[np.ndarray, dict, np.ndarray]] = {}
@@ -122,7 +129,9 @@ class _Rounder:
         if cand.exact:
             return None, None, rec.array
         w = self.weights(name)
-        steps = steps_for(w, cand)
+        on_grid = self.grid is not None and cand.channel_axis is not None and cand.channel_axis == self.grid.axis(name, w)
+        steps = self.grid.steps(name, w, cand.rel, rec.dtype) if on_grid else steps_for(w, cand)
+        limit = self.grid.bound if on_grid else 2**31 - 1
         info = self.hessians.get(name) if self.use_gptq and compensate else None
         if cand.dependent:
             return self._round_dependent(rec, w, float(steps), info)
@@ -133,10 +142,11 @@ class _Rounder:
             w2 = w if in_axis == 0 else w.T
             s2 = steps if in_axis == 0 else np.transpose(steps)
             flat_steps = np.asarray(s2, dtype=np.float64).reshape(-1)
-            levels = gptq_levels(w2, self._u[name], flat_steps if flat_steps.size > 1 else float(flat_steps[0]))
+            levels = gptq_levels(w2, self._u[name], flat_steps if flat_steps.size > 1 else float(flat_steps[0]),
+                                 limit=limit)
             levels = levels if in_axis == 0 else levels.T
         else:
-            levels = np.rint(w / steps)
+            levels = np.clip(np.rint(w / steps), -limit, limit)
         if levels.size and np.max(np.abs(levels)) > 2**31 - 1:
             raise CdlInputError(f"tensor {name!r}: step too small")
         levels = np.ascontiguousarray(levels, dtype=np.int64).ravel()
@@ -235,7 +245,8 @@ class _Search:
         self.reference = self.runner.run({})
         self.runs = 1
         hessians = self._hessians(layout, init_to_record) if layout else {}
-        self.rounder = _Rounder(self.records, hessians, options.gptq)
+        self.grid = DeployGrid(options.deploy, stripped) if options.deploy else None
+        self.rounder = _Rounder(self.records, hessians, options.gptq, self.grid)
         self.curves: list[TensorCurve] = []
 
     # -- views of one run's outputs ---------------------------------------------------------------
@@ -285,9 +296,12 @@ class _Search:
         reference = self._distortion_view(self.reference[part])
         for name in self.names:
             w = self.rounder.weights(name)
-            curve = tensor_curve(name, w, self.axes.get(name) if self.roles[name] == "weight" else None,
-                                 8 * self.records[name].array.dtype.itemsize,
-                                 dependent=DEPENDENT and self.rounder.hessians.get(name, (None, 0))[1] == 0)
+            if self.grid is not None:  # only steps on the deploy grid (and exact storage)
+                curve = self.grid.curve(name, w, self.records[name].dtype, 8 * self.records[name].array.dtype.itemsize)
+            else:
+                curve = tensor_curve(name, w, self.axes.get(name) if self.roles[name] == "weight" else None,
+                                     8 * self.records[name].array.dtype.itemsize,
+                                     dependent=DEPENDENT and self.rounder.hessians.get(name, (None, 0))[1] == 0)
             values = self.rounder.get(name, Candidate(REF_REL, None))[2]
             d = rel_mse(reference, self._distortion_view(self.runner.run({name: values}, part=part)))
             self.runs += 1
@@ -355,7 +369,7 @@ class _Search:
         n_coded = sum(not cand.exact for cand in plan.choice.values())
         report = FidelityReport(self.target, score, None, self.inputs.describe(), n_coded,
                                 len(self.model.records) - n_coded, self.runs, time.perf_counter() - self.start,
-                                same_decisions=self.options.same_decisions)
+                                same_decisions=self.options.same_decisions, deploy=self.options.deploy)
         for name, cand in plan.choice.items():
             report.steps[name] = "exact" if cand.exact else f"{cand.rel:.3g}×std" + (
                 f" per channel (axis {cand.channel_axis})" if cand.channel_axis is not None else "") + (

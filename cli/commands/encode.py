@@ -19,7 +19,7 @@ FLAGS = {"rel_step": "--rel-step", "step": "--step", "bits": "--bits", "lam": "-
 @click.option("--deploy", type=click.Choice(["int8", "int4"]), default=None,
               help="Put every quantized weight on a per-output-channel symmetric int8 (int4) grid, scales chosen "
                    "for least error, so that decode --weights qdq writes int8 (int4) weights exact to the coded "
-                   "ones. Needs an explicit step option (--rel-step, --step, --bits) for now.")
+                   "ones. With a fidelity target (the ONNX default) the search picks steps on that grid.")
 @click.option("--backend", default="auto", show_default=True,
               help="Lossless backend: auto (smallest per tensor), raw, huffman, cabac.")
 @click.option("--keep", multiple=True, metavar="GLOB",
@@ -93,9 +93,9 @@ def command(model, output, rel_step, step, bits, backend, keep, arch, lam, granu
     with parameters_as_flags(flags):
         quantizer = None  # no step option: the model's default (uniform, or a CDL checkpoint's own)
         if deploy is not None:
-            _check_deploy(deploy, step_rule, lam, trellis, lossless, arch, cpmf, target_cosine, target_agreement,
-                          target_rel_mse)
-            quantizer = make("deploy", grid=deploy, **step_rule)
+            _check_deploy(deploy, lam, trellis, lossless)
+            if step_options or arch is not None or cpmf is not None:  # else the fidelity search takes the grid
+                quantizer = make("deploy", grid=deploy, **step_rule)
         elif trellis:
             quantizer = make("trellis", lam=lam or 0.0, granularity=granularity, **step_rule)
         elif lam is not None or granularity != "tensor":
@@ -123,7 +123,8 @@ def command(model, output, rel_step, step, bits, backend, keep, arch, lam, granu
                             f"{', '.join(step_options)}")
     with parameters_as_flags(flags):
         summary = _encode(model, output, options, arch, targets, calibration, no_gptq, same_decisions, quiet,
-                          fidelity=not lossless and (bool(targets) or (arch is None and not step_options and cpmf is None)))
+                          fidelity=not lossless and (bool(targets) or (arch is None and not step_options and cpmf is None)),
+                          deploy=deploy)
     for pattern in summary.unmatched_keep:
         click.echo(f"cdlcodec: warning: --keep {pattern!r} matches no tensor of {model}", err=True)
     for note in summary.notes:
@@ -142,14 +143,15 @@ def command(model, output, rel_step, step, bits, backend, keep, arch, lam, granu
                    f"({summary.num_quantized_params:,} quantized) in {summary.seconds:.2f} s")
 
 
-def _encode(model, output, options, arch, targets, calibration, no_gptq, same_decisions, quiet, fidelity: bool):
+def _encode(model, output, options, arch, targets, calibration, no_gptq, same_decisions, quiet, fidelity: bool,
+            deploy=None):
     """Encode to a fidelity target (or the default one), with --arch's graph, or as the options say."""
     if fidelity:
         from cdlcodec.fidelity.encode import encode_path
 
         summary, report = encode_path(model, output, options, targets[0][1:] if targets else None, calibration,
                                       gptq=not no_gptq, explicit=bool(targets or calibration),
-                                      same_decisions=same_decisions)
+                                      same_decisions=same_decisions, deploy=deploy)
         if not quiet and report is not None:
             click.echo(report.summary_line())
         elif not quiet and not summary.report:
@@ -166,15 +168,10 @@ def _encode(model, output, options, arch, targets, calibration, no_gptq, same_de
     return encode_with_options(model, output, options, arch=arch)
 
 
-def _check_deploy(deploy, step_rule, lam, trellis, lossless, arch, cpmf, *targets):
-    """--deploy rounds to the nearest level of its grid with explicit steps; say what does not combine."""
+def _check_deploy(deploy, lam, trellis, lossless):
+    """--deploy rounds to the nearest level of its grid; say what does not combine with it."""
     from cdlcodec.errors import CdlInputError
 
     for flag, given in (("--lambda", lam is not None), ("--trellis", trellis), ("--lossless", lossless)):
         if given:
             raise CdlInputError(f"--deploy {deploy} rounds each weight to the nearest level of its grid; drop {flag}")
-    explicit = any(v is not None for v in step_rule.values())
-    if any(t is not None for t in targets) or (not explicit and arch is None and cpmf is None):
-        raise CdlInputError(f"--deploy {deploy} cannot be combined with a fidelity target yet (the default for models "
-                            "with a graph and for state_dicts): give an explicit step option, --rel-step, --step or "
-                            "--bits (e.g. --rel-step 0.05)")
