@@ -23,6 +23,7 @@ import numpy as np
 
 from ..dtypes import to_float64
 from ..errors import CdlInputError
+from ..jit import HAVE_NUMBA
 from ..quantizers import dequantize
 from ..quantizers.base import Quantizer, make
 from ..records import ModelFile, TensorRecord
@@ -39,7 +40,8 @@ MIN_ELEMENTS = 16          # smaller tensors are stored exactly: their bits do n
 SEARCH_RUNS = 8            # model runs at most for the budget search
 SENSITIVITY_SAMPLES = 16   # samples used to measure each tensor's sensitivity
 MIN_SPLIT = 8              # fewer calibration samples: GPTQ and the search share them
-DEPENDENT = True           # trellis-coded candidates for tensors rounded without GPTQ
+# Trellis-coded candidates: their Viterbi search runs only compiled (as plain Python it would take hours).
+DEPENDENT = HAVE_NUMBA
 MAX_CALIBRATION = 128      # samples used from a calibration file (the first ones); half fit GPTQ, half score plans
 DEFAULT_TARGET = Target("cosine", 0.999)
 
