@@ -51,11 +51,16 @@ class TensorCurve:
     candidates: list[Candidate]
     bits: np.ndarray
     mse: np.ndarray
-    sensitivity: float = 0.0
-    ref_mse: float = 0.0
+    sensitivity: float = 0.0            # output distortion per unit weight MSE, rounding candidates
+    sensitivity_dependent: float = 0.0  # the same for trellis-coded candidates (measured apart)
 
     def distortion(self) -> np.ndarray:
-        return self.sensitivity * self.mse
+        key = (self.sensitivity, self.sensitivity_dependent)
+        if getattr(self, "_distortion_key", None) != key:  # the allocator asks thousands of times
+            dependent = np.array([c.dependent for c in self.candidates], dtype=bool)
+            self._distortion = np.where(dependent, self.sensitivity_dependent, self.sensitivity) * self.mse
+            self._distortion_key = key
+        return self._distortion
 
 
 def unit_steps(w: np.ndarray, channel_axis: int | None) -> np.ndarray:

@@ -302,17 +302,38 @@ class _Search:
                 curve = self.grid.curve(name, w, self.records[name].dtype, 8 * self.records[name].array.dtype.itemsize)
             else:
                 curve = tensor_curve(name, w, self.axes.get(name) if self.roles[name] == "weight" else None,
-                                     8 * self.records[name].array.dtype.itemsize,
-                                     dependent=DEPENDENT and self.rounder.hessians.get(name, (None, 0))[1] == 0)
-            values = self.rounder.get(name, Candidate(REF_REL, None))[2]
-            d = rel_mse(reference, self._distortion_view(self.runner.run({name: values}, part=part)))
-            self.runs += 1
-            # The weight MSE of nearest rounding at REF_REL: the unit the curves' MSEs are in.
-            nearest = self.rounder.get(name, Candidate(REF_REL, None), compensate=False)[2]
-            err = to_float64(nearest, self.records[name].dtype) - w
-            curve.ref_mse = float(np.mean(err * err)) or 1e-30
-            curve.sensitivity = max(d, 0.0) / curve.ref_mse if math.isfinite(d) else 1e30
+                                     8 * self.records[name].array.dtype.itemsize, dependent=self._trellis_pays(name))
+            curve.sensitivity = self._sensitivity(name, w, Candidate(REF_REL, None), reference, part)
+            if any(c.dependent for c in curve.candidates):
+                # Measured apart: on outlier-heavy convolutions the trellis's errors land where rounding's
+                # do not (its rate term prices large levels), costing up to 20x more output per unit MSE.
+                curve.sensitivity_dependent = self._sensitivity(name, w, Candidate(REF_REL, None, True), reference,
+                                                                part)
             self.curves.append(curve)
+
+    def _trellis_pays(self, name: str) -> bool:
+        """Trellis candidates where its scan runs across the outputs a weight feeds: Gather tables (along
+        a token's features) and MatMul weights [in, out] (along the outputs, inside GPTQ's row loop).
+        Along a convolution's scan the trellis's errors fall within one output's dot product and add up
+        there: on a YOLOX detector its plans needed 13-50 % more bits at equal output cosine."""
+        if not DEPENDENT:
+            return False
+        if self.roles.get(name) == "embedding":
+            return True
+        info = self.rounder.hessians.get(name)
+        return info is not None and info[1] == 0
+
+    def _sensitivity(self, name: str, w: np.ndarray, cand: Candidate, reference, part: slice) -> float:
+        """Output distortion of `name` rounded alone as `cand` rounds it (with GPTQ where it applies),
+        per unit of the weight MSE the curves use for that family (rounding, or trellis coding, without
+        compensation)."""
+        values = self.rounder.get(name, cand)[2]
+        d = rel_mse(reference, self._distortion_view(self.runner.run({name: values}, part=part)))
+        self.runs += 1
+        plain = self.rounder.get(name, cand, compensate=False)[2]
+        err = to_float64(plain, self.records[name].dtype) - w
+        ref_mse = float(np.mean(err * err)) or 1e-30
+        return max(d, 0.0) / ref_mse if math.isfinite(d) else 1e30
 
     def search_budget(self) -> tuple[float, Plan, float]:
         """Secant search on log(deficit) against log(budget): the deficit (1 - cosine, 1 - agreement,
