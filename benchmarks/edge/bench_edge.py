@@ -4,10 +4,10 @@ For each model: opset before/after, sizes (original, .cdl, QDQ ONNX, onnxruntime
 dynamic int8 per-channel ONNX), onnx.checker full_check, whether DequantizeLinear reproduces the
 coded weights bit for bit, onnxruntime parity with the float decode under default session options
 (and with session.qdq_matmulnbits_accuracy_level=0), output cosine to the original model, decode
-time and peak memory (/usr/bin/time -v), --matmul-nbits, CPU latency, and the same steps without
---deploy for comparison.
+time and peak memory (/usr/bin/time -v), --matmul-nbits, onnxruntime load time (session creation)
+and CPU latency, and the same steps without --deploy for comparison.
 
-    python benchmarks/edge/bench_edge.py /work/bench/models/{minilm,ocr_rec,mobilenetv2}.onnx \\
+    python benchmarks/edge/bench_edge.py /work/bench/models/{minilm,ocr_rec,mobilenetv2,silero_vad}.onnx \\
         --data /work/bench/data --out benchmarks/results/edge_outputs.md
 """
 from __future__ import annotations
@@ -69,8 +69,23 @@ def latencies_ms(runs: dict, feed, repeats=10) -> dict:
     return {label: 1000 * float(np.median(t)) for label, t in times.items()}
 
 
+def load_ms(runs: dict, repeats=5) -> dict:
+    """Median onnxruntime session creation time (parse, graph optimisation, initializer packing) for
+    each (path, session entries), the sessions taking turns as in `latencies_ms`."""
+    times = {label: [] for label in runs}
+    for _ in range(repeats):
+        for label, (path, entries) in runs.items():
+            start = time.perf_counter()
+            session(path, entries)
+            times[label].append(time.perf_counter() - start)
+    return {label: 1000 * float(np.median(t)) for label, t in times.items()}
+
+
 def cosine(a, b) -> float:
-    a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
+    """Mean per-sample cosine; over the whole batch where a sample's output is one number (silero_vad's
+    speech probability), whose cosine with itself is 1 whatever its value."""
+    rows = len(a) if a.size > len(a) else 1
+    a, b = a.reshape(rows, -1).astype(np.float64), b.reshape(rows, -1).astype(np.float64)
     return float(np.mean(np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30)))
 
 
@@ -133,10 +148,11 @@ def bench(model: str, data_dir: str, rel_step: float, root: str) -> dict:
                                              "--matmul-nbits")
     row["nbits"] = os.path.getsize(p("d8n.onnx"))
     row["nbits_diff"] = float(np.abs(outputs(p("d8n.onnx"), feed) - flt).max())
-    row["latency"] = latencies_ms({
-        "fp32 (original)": (model, ()), "qdq, default options": (p("d8q.onnx"), ()),
-        "qdq, accuracy_level=0": (p("d8q.onnx"), [("session.qdq_matmulnbits_accuracy_level", "0")]),
-        "qdq --matmul-nbits": (p("d8n.onnx"), ())}, feed)
+    runs = {"fp32 (original)": (model, ()), "qdq, default options": (p("d8q.onnx"), ()),
+            "qdq, accuracy_level=0": (p("d8q.onnx"), [("session.qdq_matmulnbits_accuracy_level", "0")]),
+            "qdq --matmul-nbits": (p("d8n.onnx"), ())}
+    row["load"] = load_ms(runs)
+    row["latency"] = latencies_ms(runs, feed)
     # the same step without --deploy: what decode --weights qdq wrote before
     cli("encode", model, "-o", p("r.cdl"), "--rel-step", str(rel_step))
     row["plain_notes"], _, _ = cli("decode", p("r.cdl"), "-o", p("rq.onnx"), "--weights", "qdq")
@@ -167,12 +183,14 @@ def table(rows: list[dict], rel_step: float) -> str:
                      f"{r['decode_float_s']:.1f} s, {r['decode_float_kb'] / 1024:.0f} MB |")
     lines += ["", "`decode --weights qdq --matmul-nbits` (MatMul weights as com.microsoft MatMulNBits, "
               "accuracy_level 0), and onnxruntime CPU latency (median of 10 runs of the batch, sessions "
-              "taking turns):", "",
-              "| model | size | default options vs float decode | " + " | ".join(rows[0]["latency"]) + " |",
-              "|---|---|---|" + "---|" * len(rows[0]["latency"])]
+              "taking turns), and onnxruntime load time (session creation, median of 5):", "",
+              "| model | size | default options vs float decode | " + " | ".join(rows[0]["latency"])
+              + " | " + " | ".join(f"load: {label}" for label in rows[0]["load"]) + " |",
+              "|---|---|---|" + "---|" * (len(rows[0]["latency"]) + len(rows[0]["load"]))]
     for r in rows:
         lines.append(f"| {r['model']} | {mb(r['nbits'])} | {r['nbits_diff']:.2g} | "
-                     + " | ".join(f"{v:.1f} ms" for v in r["latency"].values()) + " |")
+                     + " | ".join(f"{v:.1f} ms" for v in r["latency"].values()) + " | "
+                     + " | ".join(f"{v:.1f} ms" for v in r["load"].values()) + " |")
     lines += ["", f"Same `--rel-step {rel_step}` without `--deploy` (levels beyond int8):", "",
               "| model | opset in → QDQ | weights | QDQ .onnx |", "|---|---|---|---|"]
     for r in rows:
