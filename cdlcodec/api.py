@@ -189,30 +189,15 @@ def _records_of(state_dict: Mapping) -> list[TensorRecord]:
 
 def _export_module(module, example_input) -> ModelFile:
     """The module's ONNX graph (exported in memory with `example_input`) read like an .onnx file."""
-    import io
-    import warnings
-
     import torch
 
-    from .io.onnx_model import EXPORT_OPSET, read_onnx_bytes
+    from .io.onnx_model import export_onnx_bytes, read_onnx_bytes
 
     args = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
-    inputs = ["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))]
     was_training = module.training
     module.eval()
     try:
-        with torch.no_grad():
-            result = module(*args)
-        results = result if isinstance(result, (tuple, list)) else (result,)
-        outputs = ["output"] if len(results) == 1 else [f"output_{i}" for i in range(len(results))]
-        dynamic = {name: {0: "batch"} for name in inputs}
-        if all(isinstance(r, torch.Tensor) and r.ndim for r in results):
-            dynamic.update({name: {0: "batch"} for name in outputs})
-        buf = io.BytesIO()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(module, args, buf, dynamo=False, opset_version=EXPORT_OPSET, input_names=inputs,
-                              output_names=outputs, dynamic_axes=dynamic)
+        graph = export_onnx_bytes(module, args)
     except CdlInputError:
         raise
     except Exception as exc:  # the module's forward or the exporter refused: say so in one line
@@ -220,7 +205,7 @@ def _export_module(module, example_input) -> ModelFile:
                             f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from None
     finally:
         module.train(was_training)
-    model = read_onnx_bytes(buf.getvalue(), f"the ONNX export of {type(module).__name__}")
+    model = read_onnx_bytes(graph, f"the ONNX export of {type(module).__name__}")
     model.metadata["onnx.exported_by"] = f"torch {torch.__version__}"
     return model
 
@@ -270,7 +255,7 @@ def load(path: str, *, limits: Limits = Limits()):
     if arch:
         from . import models
 
-        module = models.build(arch)
+        module = models.build(arch, shapes={name: tuple(t.shape) for name, t in state.items()})
         _strict_load(module, state, path)
         return module.eval()
     return state

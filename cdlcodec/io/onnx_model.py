@@ -197,9 +197,43 @@ def _unique_name(name: str, used: set[str]) -> str:
 # Registered architectures: export the graph at encode time (needs torch), decode without it
 # ------------------------------------------------------------------------------------------------
 
-# Input shape used to trace each built-in architecture (batch dimension exported as dynamic).
+# Input shape used to trace each built-in architecture (batch dimension exported as dynamic). A module
+# may instead say it itself: `example_input_shape`, or `example_inputs()` for non-float inputs (token ids).
 EXAMPLE_INPUT_SHAPES = {"lenet5": (1, 1, 28, 28)}
 EXPORT_OPSET = 17
+
+
+def export_onnx_bytes(module, args: tuple, *, state_dict_initializers: bool = False) -> bytes:
+    """`module` (eval mode) exported with torch.onnx.export (dynamo=False): inputs "input" or "input_0",
+    "input_1", ..., outputs likewise "output" / "output_N"; dynamic axes as the module's `onnx_dynamic_axes`
+    says (by those names), else the batch axis of every input and of every output that has one.
+    With `state_dict_initializers`, every weight initializer is a state_dict entry as it is: BatchNorm
+    not folded into the convolution before it, no constant folding (which would store transposed
+    copies of MatMul weights)."""
+    import io
+
+    import torch
+
+    with torch.no_grad():
+        result = module(*args)
+    results = result if isinstance(result, (tuple, list)) else (result,)
+    inputs = ["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))]
+    outputs = ["output"] if len(results) == 1 else [f"output_{i}" for i in range(len(results))]
+    declared = getattr(module, "onnx_dynamic_axes", None)
+    if declared is not None:
+        dynamic = {name: axes for name, axes in declared.items() if name in inputs or name in outputs}
+    else:
+        dynamic = {name: {0: "batch"} for name in inputs}
+        if all(isinstance(r, torch.Tensor) and r.ndim for r in results):
+            dynamic.update({name: {0: "batch"} for name in outputs})
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        extra = ({"training": torch.onnx.TrainingMode.PRESERVE, "do_constant_folding": False}
+                 if state_dict_initializers else {})
+        torch.onnx.export(module, args, buf, dynamo=False, opset_version=EXPORT_OPSET, input_names=inputs,
+                          output_names=outputs, dynamic_axes=dynamic, **extra)
+    return buf.getvalue()
 
 
 def architecture_graph_section(arch: str, records: list[TensorRecord], input_shape: tuple[int, ...] | None = None,
@@ -213,15 +247,13 @@ def architecture_graph_section(arch: str, records: list[TensorRecord], input_sha
     refused (CDL checkpoints: their steps and sharpnesses sit next to the float architecture's
     tensors); every entry of the module must still be present.
     """
-    import io
-
     import torch
 
     from .. import models
     from .torch_checkpoint import record_to_tensor
 
     if module is None:
-        module = models.build(arch)
+        module = models.build(arch, shapes={r.name: r.shape for r in records})
     if extra_records:
         wanted = set(module.state_dict())
         records = [r for r in records if r.name in wanted]
@@ -232,16 +264,15 @@ def architecture_graph_section(arch: str, records: list[TensorRecord], input_sha
         raise CdlInputError(f"the checkpoint does not match architecture {arch!r}: {str(exc).splitlines()[0][:300]}") from None
     module.eval()
     shape = input_shape or getattr(module, "example_input_shape", None) or EXAMPLE_INPUT_SHAPES.get(arch)
-    if shape is None:
+    if shape is not None:
+        args = (torch.zeros(*shape),)
+    elif callable(getattr(module, "example_inputs", None)):
+        args = tuple(module.example_inputs())
+        shape = tuple(args[0].shape)
+    else:
         raise CdlInputError(f"architecture {arch!r} has no example input shape to export its graph with")
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, (torch.zeros(*shape),), buf, dynamo=False, opset_version=EXPORT_OPSET,
-                          input_names=["input"], output_names=["output"],
-                          dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
     onnx = _onnx()
-    proto = onnx.load_from_string(buf.getvalue())
+    proto = onnx.load_from_string(export_onnx_bytes(module, args, state_dict_initializers=True))
     by_bytes: dict[tuple, list[TensorRecord]] = {}
     for r in records:
         by_bytes.setdefault((r.shape, r.dtype, r.array.tobytes()), []).append(r)

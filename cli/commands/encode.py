@@ -26,8 +26,10 @@ FLAGS = {"rel_step": "--rel-step", "step": "--step", "bits": "--bits", "lam": "-
               help="Store tensors whose name matches GLOB losslessly (repeatable; a GLOB that matches no "
                    "tensor is named in a warning).")
 @click.option("--arch", default=None, metavar="NAME",
-              help="The state_dict is this registered architecture (e.g. lenet5): checked at encode time, "
-                   "its ONNX graph is stored so that decode -o model.onnx and cdlcodec.load work.")
+              help="The state_dict is this registered architecture (lenet5, resnet20, resnet18, mobilenetv2, bert; "
+                   "torchvision / transformers key names, sizes read from the shapes, options as bert:heads=12): "
+                   "checked at encode time, its ONNX graph is stored so that decode -o model.onnx and "
+                   "cdlcodec.load work.")
 @click.option("--lambda", "lam", type=float, default=None,
               help="Rate-distortion quantization (DeepCABAC eq. 11): per weight the level minimising "
                    "(w - k*step)^2/step^2 + LAMBDA * bits(k), bits from the backend's rate model. 0 = nearest.")
