@@ -51,6 +51,8 @@ def test_state_dict_with_arch_decodes_to_onnx_that_matches_the_torch_module(tmp_
     assert code == 0, err
     code, _, err = call(capsys, "decode", tmp_path / "m.cdl", "-o", tmp_path / "m.onnx", "-q")
     assert code == 0, err
+    # every weight of the graph is a coded tensor (none left as exported, e.g. BN folded into a conv)
+    assert "onnx.unmatched_initializers" not in cdlcodec.decode(tmp_path / "m.cdl", tmp_path / "m.pt").metadata
     onnx.checker.check_model(str(tmp_path / "m.onnx"), full_check=True)
 
     module = cdlcodec.load(tmp_path / "m.cdl")  # sized from the decoded shapes, weights loaded strictly
@@ -65,9 +67,6 @@ def test_state_dict_with_arch_decodes_to_onnx_that_matches_the_torch_module(tmp_
     for g, e in zip(got, expected):
         assert g.shape == tuple(e.shape)
         np.testing.assert_allclose(g, e.numpy(), rtol=1e-4, atol=1e-5 * float(e.abs().max()))
-    # every weight of the graph is a coded tensor (none left behind as exported, e.g. BN folded into conv)
-    meta = {m.key: m.value for m in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
-    assert "onnx.unmatched_initializers" not in str(meta)
 
 
 def test_key_names_are_torchvision_and_transformers_ones():
