@@ -23,6 +23,7 @@ Needs numpy and onnx only (never torch), so an edge device can turn a .cdl file 
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from collections import Counter
 
@@ -66,8 +67,19 @@ def write_onnx(path: str, model: ModelFile, weights: str = "float", int4: bool =
             _onnx().checker.check_model(_checkable(proto, streamed))
         except Exception as exc:
             raise CdlFormatError(f"the decoded ONNX model does not pass onnx.checker: {str(exc)[:300]}") from None
-    with atomic_open(path) as fh:
-        _write_streamed(fh, proto, streamed)
+    data_path = None
+    if _approximate_size(proto, streamed) > EXTERNAL_DATA_THRESHOLD:
+        data_path = _write_external_data(path, proto, streamed)
+        streamed = {}
+        _note(f"the model is beyond protobuf's 2 GB limit: its large tensors are in {os.path.basename(data_path)} "
+              "beside it (ONNX external data; keep the two files together)")
+    try:
+        with atomic_open(path) as fh:
+            _write_streamed(fh, proto, streamed, external=data_path is not None)
+    except BaseException:
+        if data_path is not None:  # no data file without the model that reads it
+            os.remove(data_path)
+        raise
 
 
 def build_onnx(model: ModelFile, weights: str = "float", int4: bool = True, keep_opset: bool = False,
@@ -113,6 +125,9 @@ def _build(model: ModelFile, weights: str, int4: bool, keep_opset: bool, matmul_
 # (which checks and shape inference need as values) are far smaller.
 STREAM_MIN_ELEMENTS = 4096
 PROTOBUF_LIMIT = 2**31 - 1  # protobuf (and so onnx.load) cannot read a larger message
+# Above this the streamed tensors go to ONNX external data, "<model file>.data" beside the model.
+EXTERNAL_DATA_THRESHOLD = PROTOBUF_LIMIT
+EXTERNAL_DATA_ALIGNMENT = 4096  # each tensor starts on a page, so runtimes can memory-map it
 _GRAPH_FIELD, _INITIALIZER_FIELD, _RAW_DATA_FIELD = b"\x3a", b"\x2a", b"\x4a"  # keys: fields 7, 5, 9, length-delimited
 
 
@@ -133,7 +148,38 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def _write_streamed(fh, proto, streamed: dict) -> None:
+def _approximate_size(proto, streamed: dict) -> int:
+    """The serialized model's size to within a few bytes per streamed tensor (field keys and lengths)."""
+    return proto.ByteSize() + sum(nbytes + 16 for nbytes, _ in streamed.values())
+
+
+def _write_external_data(path: str, proto, streamed: dict) -> str:
+    """Write the streamed tensors' bytes (atomically) to "<path>.data" and point the tensors at it."""
+    data_path = path + ".data"
+    location = os.path.basename(data_path)
+    offset = 0
+    with atomic_open(data_path) as fh:
+        for tensor in proto.graph.initializer:
+            if tensor.name not in streamed:
+                continue
+            padding = -offset % EXTERNAL_DATA_ALIGNMENT
+            fh.write(b"\0" * padding)
+            offset += padding
+            nbytes, produce = streamed[tensor.name]
+            data = memoryview(produce()).cast("B")
+            if data.nbytes != nbytes:  # a bug, never input: the recorded lengths would be wrong
+                raise AssertionError(f"tensor {tensor.name!r}: {data.nbytes} bytes, {nbytes} announced")
+            fh.write(data)
+            del tensor.external_data[:]
+            tensor.data_location = 1  # TensorProto.EXTERNAL
+            for key, value in (("location", location), ("offset", str(offset)), ("length", str(nbytes))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            offset += nbytes
+    return data_path
+
+
+def _write_streamed(fh, proto, streamed: dict, external: bool = False) -> None:
     """Serialize `proto` to `fh`, the streamed tensors' data straight from their arrays.
 
     Protobuf readers accept fields in any order, so the model is written as its other fields, then its
@@ -158,7 +204,8 @@ def _write_streamed(fh, proto, streamed: dict) -> None:
     total = len(model_head) + 1 + len(_varint(graph_size)) + graph_size
     if total > PROTOBUF_LIMIT:
         raise CdlInputError(f"the decoded ONNX model would be {total:,} bytes, beyond protobuf's 2 GB limit, which "
-                            "onnx and onnxruntime cannot read; decode to .safetensors instead")
+                            "onnx and onnxruntime cannot read" + (" (even with its large tensors as external "
+                            "data)" if external else "") + "; decode to .safetensors instead")
     fh.write(model_head)
     fh.write(_GRAPH_FIELD + _varint(graph_size))
     fh.write(graph_head)
