@@ -179,7 +179,7 @@ def _dependent_candidates(w: np.ndarray, cands: list, bits: list, mse: list) -> 
     stretches = spread_stretches(np.asarray(w, dtype=np.float64).ravel(), DEPENDENT_SAMPLE)
     scale = w.size / sum(x.size for x in stretches)
     std = float(np.std(w)) or 1.0
-    for rel in REL_GRID[::2]:  # every other step: the trellis costs ~10x rounding, and the ratio 1.25 still lands
+    for rel in REL_GRID:  # the full grid: a big table's step decides a fifth of a bit per parameter per grid step
         runs = [dependent_levels(x, rel * std) for x in stretches]
         err = np.concatenate([x - values for x, (_, _, values) in zip(stretches, runs)])
         cands.append(Candidate(rel, None, True))
