@@ -25,7 +25,7 @@ FACADE = "cdlcodec"
 # tools, __main__ with the command line.
 LAYERS = [
     ["formats"],
-    ["errors", "dtypes", "records", "atomic", "jit", "progress", "models", "data", "cdl_format"],
+    ["errors", "dtypes", "records", "atomic", "jit", "progress", "optional", "models", "data", "cdl_format"],
     ["backends"],
     ["quantizers"],
     ["io"],

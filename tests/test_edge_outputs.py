@@ -19,7 +19,7 @@ from cdlcodec.io.onnx_model import architecture_graph_section
 from cdlcodec.io.onnx_writer import OnnxOutputNote, build_onnx
 from cdlcodec.quantizers import make
 from cdlcodec.quantizers.channel import ChannelQuantizer
-from cdlcodec.quantizers.deploy import clamp_levels, deploy_min_steps
+from cdlcodec.fidelity.deploy import clamp_levels, deploy_min_steps
 from cdlcodec.quantizers.uniform import UniformQuantizer
 from cdlcodec.records import TensorRecord
 from onnx_models import lstm_gemm, mlp

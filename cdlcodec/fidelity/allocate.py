@@ -189,12 +189,12 @@ def _dependent_candidates(w: np.ndarray, cands: list, bits: list, mse: list) -> 
 
 class DeployGrid:
     """Candidates for `encode --deploy int8|int4`: one step per channel along the deploy axis of each
-    tensor (output channels, the features of a Gather table: quantizers/deploy.channel_axes), never
+    tensor (output channels, the features of a Gather table: fidelity/deploy.channel_axes), never
     finer than the grid allows (deploy_min_steps: every level fits the grid), rounded to the
     tensor's float type (QDQ stores the scale in it), levels clamped to the grid."""
 
     def __init__(self, grid: str, stripped_graph):
-        from ..quantizers.deploy import GRIDS, channel_axes, level_bound
+        from .deploy import GRIDS, channel_axes, level_bound
 
         self.bits = GRIDS[grid]
         self.bound = level_bound(self.bits)
@@ -206,7 +206,7 @@ class DeployGrid:
 
     def steps(self, name: str, w: np.ndarray, rel: float, dtype: str) -> np.ndarray:
         """Per-channel steps (broadcastable to w) for relative step `rel`."""
-        from ..quantizers.deploy import deploy_min_steps, representable_steps
+        from .deploy import deploy_min_steps, representable_steps
 
         axis = self.axis(name, w)
         if name not in self._floor:

@@ -11,12 +11,12 @@ same step: F = Σ (x - recon)² + λ·bits(k), x = w/Δ.
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
 from ..jit import njit
 from ..quantizers.params import DependentParams, state_machine
+from ..quantizers.trellis import level_candidates
 
 STATES = 8      # the 8-state machine: slightly lower distortion than 4 states at equal rate
 LAM = 0.3       # rate weight per Δ² (MiniLM's tables: 5-6 % fewer bits than rounding at equal MSE; 0.15: 4.7-5.1 %)
@@ -52,16 +52,7 @@ def trellis_stretch(x, start, lam, cost_lo, cost, next_state, qid, levels, recon
                 if J[s] >= _INF:
                     continue
                 q = qid[s]
-                if q == 0:  # Q0: even multiples 2k
-                    kf = np.int64(math.floor(xi / 2.0))
-                    cand[0] = kf
-                    cand[1] = kf + 1
-                else:       # Q1: zero and odd multiples 2k - sgn(k)
-                    mag = np.int64(math.floor((abs(xi) + 1.0) / 2.0))
-                    sg = -1 if xi < 0 else 1
-                    cand[0] = sg * mag
-                    cand[1] = sg * (mag + 1)
-                cand[2] = 0
+                level_candidates(xi, q, cand)
                 for c in range(3):
                     k = cand[c]
                     if c == 2 and (cand[0] == 0 or cand[1] == 0):

@@ -62,7 +62,7 @@ def encode_model(model, output: str, options: EncodeOptions, target: tuple[str, 
     an iterable of example batches (`Inputs.from_batches`). `explicit`: the user asked for a target
     or gave calibration data, so a model without a graph is an error rather than a fallback.
     `deploy` ("int8" / "int4"): every quantized weight on a per-channel symmetric grid of that width
-    (quantizers/deploy.py), so QDQ decoding is exact to what was measured."""
+    (fidelity/deploy.py), so QDQ decoding is exact to what was measured."""
     from ..io.cdl_checkpoint import is_cdl_model
 
     if is_cdl_model(model):  # its learned quantizers decide the steps: there is nothing to search

@@ -41,7 +41,7 @@ BUILTIN = {
     "rd": "cdlcodec.quantizers.rd:RDQuantizer",
     "trellis": "cdlcodec.quantizers.trellis:TrellisQuantizer",
     "cpmf": "cdlcodec.quantizers.cpmf:CpmfQuantizer",
-    "deploy": "cdlcodec.quantizers.deploy:DeployQuantizer",
+    "deploy": "cdlcodec.fidelity.deploy:DeployQuantizer",
     "fidelity": "cdlcodec.fidelity.search:PlannedQuantizer",
 }
 _REGISTERED: dict[str, Callable] = {}

@@ -67,6 +67,22 @@ def _recon(k, q):
 
 
 @njit(cache=True)
+def level_candidates(x, q, cand):
+    """The levels of quantizer q whose points lie around x (= w/Δ), and zero: Q0's points are the
+    even integers 2k, Q1's zero and the odd integers 2k - sgn(k)."""
+    if q == 0:
+        kf = np.int64(math.floor(x / 2.0))
+        cand[0] = kf
+        cand[1] = kf + 1
+    else:
+        mag = np.int64(math.floor((abs(x) + 1.0) / 2.0))
+        sg = -1 if x < 0 else 1
+        cand[0] = sg * mag
+        cand[1] = sg * (mag + 1)
+    cand[2] = 0
+
+
+@njit(cache=True)
 def viterbi_scan(r, weight, lam, limit, next_state, qid, chunk_size, n_gt, mode, fast, slow, block, out):
     """Trellis search (see module docstring). r = w/Δ; levels written to `out`."""
     n = r.shape[0]
@@ -108,17 +124,7 @@ def viterbi_scan(r, weight, lam, limit, next_state, qid, chunk_size, n_gt, mode,
                 if J[s] >= _INF:
                     continue
                 q = qid[s]
-                # nearest points of quantizer q around x: Q0 = even integers, Q1 = zero and odd ones
-                if q == 0:
-                    kf = np.int64(math.floor(x / 2.0))
-                    cand[0] = kf
-                    cand[1] = kf + 1
-                else:
-                    mag = np.int64(math.floor((abs(x) + 1.0) / 2.0))
-                    sg = -1 if x < 0 else 1
-                    cand[0] = sg * mag
-                    cand[1] = sg * (mag + 1)
-                cand[2] = 0
+                level_candidates(x, q, cand)
                 for c in range(3):
                     k = cand[c]
                     if k > limit or k < -limit:

@@ -15,6 +15,9 @@ per-output-channel grid whose levels fit int8 ([-127, 127]) or int4 ([-7, 7]), s
   in float32 / float16 is that exact product correctly rounded).
 - Levels are clamped to ±q_max (`clamp_levels`) and then entropy-coded like any other levels.
 
+It lives with the graph-aware encoding (not in quantizers/) because its scale axes come from the
+graph's roles; the registry names it ("deploy") like the fidelity search's planned quantizer.
+
 For a step search that must stay on the deploy grid (e.g. the fidelity search): `channel_axes(graph)`
 gives each tensor's scale axis, `deploy_min_steps(weight, axis, bits)` the smallest step per channel
 (never go below it), `representable_steps(steps, dtype)` rounds chosen steps so that QDQ stays exact,
@@ -28,10 +31,10 @@ import numpy as np
 
 from ..dtypes import from_float64, to_float64
 from ..errors import CdlInputError
-from .base import DEFAULT_REL_STEP, Quantizer, parameter_error
-from .channel import broadcast_steps, channel_steps
-from .params import ChannelParams
-from .uniform import UniformQuantizer
+from ..quantizers.base import DEFAULT_REL_STEP, Quantizer, parameter_error
+from ..quantizers.channel import broadcast_steps, channel_steps
+from ..quantizers.params import ChannelParams
+from ..quantizers.uniform import UniformQuantizer
 
 GRIDS = {"int8": 8, "int4": 4}
 CLIP_RATIOS = np.linspace(0.3, 1.0, 36)   # steps of 0.02; 1.0 is the max-abs grid
@@ -74,7 +77,7 @@ def channel_axes(stripped_graph) -> dict[str, int]:
     """Record name -> the axis that gets one scale per index (negative: from the end), read from the
     graph: output channels of Conv/ConvTranspose/MatMul/Gemm/LSTM weights, features of Gather tables.
     Tensors it does not name use axis 0."""
-    from ..fidelity.roles import graph_roles, output_axes
+    from .roles import graph_roles, output_axes
 
     axes = {name: -1 for name, role in graph_roles(stripped_graph).items() if role == "embedding"}
     axes.update(output_axes(stripped_graph))
