@@ -115,8 +115,8 @@ def _table(bench: Path, results: dict) -> None:
         if "target" not in r:
             continue
         b = base.get(name, {})
-        near = b.get("nearest", {}).get("bits_per_param")
-        int8 = b.get("int8_zstd", {}).get("bits_per_param")
+        near = b.get("nearest", {}).get("bits_per_param_entropy")
+        int8 = b.get("int8_zstd19", {}).get("bits_per_param")
         ref = nnc.get(name, {}).get("bits_per_param")
         met = [v for k, v in r.items() if k != "default" and v["eval_cosine"] >= r["target"]["target"]]
         ours = min(v["weights_bits_per_param"] for v in met) if met else None
