@@ -109,6 +109,8 @@ def encode_records(records: list[TensorRecord], output: str, options: EncodeOpti
     quantizer = _bind_quantizer(ModelFile(records, sections, dict(metadata or {})), options)
     meta = {"cdlcodec.version": __version__,
             "quantizer": "none (lossless)" if options.lossless else quantizer.describe()}
+    if getattr(quantizer, "grid", None) and not options.lossless:  # --deploy: the QDQ writer keeps to this width
+        meta["deploy.grid"] = quantizer.grid
     meta.update(metadata or {})
     total = sum(r.numel for r in records) or 1
     n_quant = 0

@@ -288,6 +288,20 @@ def test_deploy_with_a_fidelity_target(tmp_path, capsys, grid, bound):
     assert integer_types(onnx.load(str(tmp_path / "q.onnx"))) == {TensorProto.INT8 if grid == "int8" else TensorProto.INT4}
 
 
+def test_an_int8_deployment_stays_int8_when_levels_would_fit_int4(tmp_path, capsys):
+    """Levels that happen to fit 4 bits on an int8 grid are written int8: no int4, no opset upgrade."""
+    src = mlp(str(tmp_path / "mlp.onnx"))
+    out, qdq = str(tmp_path / "d.cdl"), str(tmp_path / "q.onnx")
+    for argv in (["encode", src, "-o", out, "--deploy", "int8", "--bits", "4", "-q"],
+                 ["decode", out, "-o", qdq, "--weights", "qdq", "-q"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(argv)
+        assert exit_info.value.code == 0
+    assert "opset" not in capsys.readouterr().err
+    model = onnx.load(qdq)
+    assert opset_of(model) == 17 and integer_types(model) == {TensorProto.INT8}
+
+
 def test_deploy_from_the_command_line(tmp_path, capsys):
     src = mlp(str(tmp_path / "mlp.onnx"))
     for argv in (["encode", src, "-o", str(tmp_path / "d.cdl"), "--deploy", "int8", "--rel-step", "0.01", "-q"],

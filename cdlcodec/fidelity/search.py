@@ -86,8 +86,11 @@ class FidelityReport:
                 f"checked by decoding the written file; {self.quantized} tensors quantized, {self.kept} stored exactly")
 
     def metadata(self) -> dict[str, str]:
-        return {"fidelity.target": self.describe_target(), "fidelity.achieved": f"{self.achieved:.6g}",
+        meta = {"fidelity.target": self.describe_target(), "fidelity.achieved": f"{self.achieved:.6g}",
                 "fidelity.inputs": self.inputs}
+        if self.deploy:  # the QDQ writer keeps to this width (no int4 opset upgrade for an int8 grid)
+            meta["deploy.grid"] = self.deploy
+        return meta
 
 
 class _Log:

@@ -95,6 +95,8 @@ def _build(model: ModelFile, weights: str, int4: bool, keep_opset: bool, matmul_
         raise CdlInputError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got {weights!r}")
     if matmul_nbits and weights != "qdq":
         raise CdlInputError("matmul_nbits applies to integer weights (weights='qdq')")
+    if model.metadata.get("deploy.grid") == "int8":
+        int4 = False  # encoded for int8 deployment: levels that happen to fit int4 stay int8, opset kept
     section = graph_section(model)
     if section is None:
         raise CdlInputError("this container carries no ONNX graph (it was encoded from a state_dict); "
