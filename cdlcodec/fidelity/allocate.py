@@ -199,7 +199,7 @@ class DeployGrid:
         self.bits = GRIDS[grid]
         self.bound = level_bound(self.bits)
         self.axes = channel_axes(stripped_graph)
-        self._floor: dict[str, np.ndarray] = {}
+        self._floor: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # name -> (grid floor, unit steps)
 
     def axis(self, name: str, w: np.ndarray) -> int:
         return self.axes.get(name, 0) % w.ndim
@@ -209,12 +209,12 @@ class DeployGrid:
         from .deploy import deploy_min_steps, representable_steps
 
         axis = self.axis(name, w)
-        if name not in self._floor:
-            self._floor[name] = deploy_min_steps(w, axis, self.bits)
+        if name not in self._floor:  # per tensor, once: the curve and the rounder ask for every step
+            self._floor[name] = (deploy_min_steps(w, axis, self.bits), np.asarray(unit_steps(w, axis)).ravel())
+        floor, unit = self._floor[name]
         shape = [1] * w.ndim
         shape[axis] = w.shape[axis]
-        unit = np.asarray(unit_steps(w, axis)).ravel()
-        return representable_steps(np.maximum(rel * unit, self._floor[name]), dtype).reshape(shape)
+        return representable_steps(np.maximum(rel * unit, floor), dtype).reshape(shape)
 
     def curve(self, name: str, w: np.ndarray, dtype: str, bits_per_value: int) -> TensorCurve:
         axis = self.axis(name, w)

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..jit import njit
 from ..quantizers.params import DependentParams, state_machine
-from ..quantizers.trellis import level_candidates
+from ..quantizers.trellis import level_candidates, recon_multiple
 
 STATES = 8      # the 8-state machine: slightly lower distortion than 4 states at equal rate
 LAM = 0.3       # rate weight per Δ² (MiniLM's tables: 5-6 % fewer bits than rounding at equal MSE; 0.15: 4.7-5.1 %)
@@ -57,8 +57,7 @@ def trellis_stretch(x, start, lam, cost_lo, cost, next_state, qid, levels, recon
                     k = cand[c]
                     if c == 2 and (cand[0] == 0 or cand[1] == 0):
                         continue
-                    sg = 1 if k > 0 else (-1 if k < 0 else 0)
-                    d = xi - (2 * k - sg * q)
+                    d = xi - recon_multiple(k, q)
                     j = k - cost_lo
                     price = cost[j] if 0 <= j < cost.shape[0] else big
                     total = J[s] + d * d + lam * price
@@ -81,8 +80,7 @@ def trellis_stretch(x, start, lam, cost_lo, cost, next_state, qid, levels, recon
         s = state
         for i in range(s0, e0):
             k = levels[i]
-            sg = 1 if k > 0 else (-1 if k < 0 else 0)
-            recon[i] = 2 * k - sg * qid[s]
+            recon[i] = recon_multiple(k, qid[s])
             s = next_state[s, k & 1]
         state = s
         s0 = e0

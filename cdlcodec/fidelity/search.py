@@ -46,6 +46,11 @@ MAX_CALIBRATION = 128      # samples used from a calibration file (the first one
 DEFAULT_TARGET = Target("cosine", 0.999)
 
 
+def describe_target(target: Target, same_decisions: bool, deploy: str | None) -> str:
+    """The promise as stored in the container: "cosine >= 0.999, same decisions, int8 grid"."""
+    return target.describe() + (", same decisions" if same_decisions else "") + (f", {deploy} grid" if deploy else "")
+
+
 @dataclass
 class FidelityOptions:
     target: Target = DEFAULT_TARGET
@@ -58,8 +63,7 @@ class FidelityOptions:
     deploy: str | None = None       # "int8" / "int4": quantized weights on a per-channel symmetric grid of that width
 
     def describe(self) -> str:
-        return self.target.describe() + (", same decisions" if self.same_decisions else "") + (
-            f", {self.deploy} grid" if self.deploy else "")
+        return describe_target(self.target, self.same_decisions, self.deploy)
 
 
 @dataclass
@@ -77,8 +81,7 @@ class FidelityReport:
     deploy: str | None = None
 
     def describe_target(self) -> str:
-        return self.target.describe() + (", same decisions" if self.same_decisions else "") + (
-            f", {self.deploy} grid" if self.deploy else "")
+        return describe_target(self.target, self.same_decisions, self.deploy)
 
     def summary_line(self) -> str:
         checked = self.checked if self.checked is not None else self.achieved
@@ -124,6 +127,7 @@ class _Rounder:
 
     def get(self, name: str, cand: Candidate, compensate: bool = True):
         """(levels, quant, decoded values); GPTQ rounding where an H is known and `compensate`."""
+        compensate = compensate and self.use_gptq and name in self.hessians  # else both round alike: one entry
         key = (name, cand, compensate)
         if key not in self._cache:
             self._cache[key] = self._round(name, cand, compensate)

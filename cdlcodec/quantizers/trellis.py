@@ -61,7 +61,7 @@ def dequantize_dependent(levels: np.ndarray, states: int) -> np.ndarray:
 
 
 @njit(cache=True, inline="always")
-def _recon(k, q):
+def recon_multiple(k, q):
     sg = 1 if k > 0 else (-1 if k < 0 else 0)
     return 2 * k - sg * q
 
@@ -131,7 +131,7 @@ def viterbi_scan(r, weight, lam, limit, next_state, qid, chunk_size, n_gt, mode,
                         continue
                     if c == 2 and (cand[0] == 0 or cand[1] == 0):
                         continue
-                    d = x - _recon(k, q)
+                    d = x - recon_multiple(k, q)
                     cost = J[s] + weight[i] * d * d
                     if lam > 0:
                         cost += lam * scale * rate_cost(ctx, st, k, pa[s], pb[s], no_row, mode, n_gt, fast, slow)
