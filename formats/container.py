@@ -31,8 +31,8 @@ import os
 import struct
 import tempfile
 import zlib
-from dataclasses import dataclass
-from typing import Any, BinaryIO, Iterator
+from dataclasses import dataclass, replace
+from typing import Any, BinaryIO, Iterable, Iterator, Sequence
 
 MAGIC = b"\x89CDL\r\n\x1a\n"
 END_MAGIC = b"CDLEND\x00\x01"
@@ -353,7 +353,7 @@ class ContainerWriter:
         self._tensors.append(entry)
         return entry
 
-    def add_section(self, name: str, kind: str, data: bytes) -> SectionEntry:
+    def _check_section(self, name: str, kind: str) -> None:
         if not isinstance(name, str):
             raise FormatInputError(f"section names must be strings, got {type(name).__name__}")
         if name in self._section_names:
@@ -362,11 +362,43 @@ class ContainerWriter:
             raise FormatInputError(f"unknown section kind {kind!r}")
         if len(self._sections) >= self.limits.max_sections:
             raise FormatInputError(f"section {name!r}: more than {self.limits.max_sections:,} sections (Limits.max_sections)")
+
+    def add_section(self, name: str, kind: str, data: bytes) -> SectionEntry:
+        self._check_section(name, kind)
         self._section_names.add(name)
         entry = SectionEntry(name, kind)
         entry.offset, entry.length, entry.crc32 = self._write_blob(bytes(data))
         self._sections.append(entry)
         return entry
+
+    def copy_tensor(self, reader: "ContainerReader", entry: TensorEntry) -> TensorEntry:
+        """Append `reader`'s tensor `entry` as it is coded (quant, backend, parameters and payload
+        bytes unchanged), streaming its payload in blocks; FormatError when the payload does not
+        match its checksum. The copy is checked against this writer's limits like any new tensor."""
+        copied = replace(entry, offset=0, length=0, crc32=0)  # the reader's entry stays as it was
+        self._check_tensor(copied, entry.length)
+        self._names.add(copied.name)
+        copied.offset, copied.length = self._copy_blob(reader.iter_payload(entry))
+        copied.crc32 = entry.crc32  # iter_payload checked the bytes against it
+        self._tensors.append(copied)
+        return copied
+
+    def copy_section(self, reader: "ContainerReader", entry: SectionEntry) -> SectionEntry:
+        """Append `reader`'s section `entry`, streamed and checked as in `copy_tensor`."""
+        self._check_section(entry.name, entry.kind)
+        self._section_names.add(entry.name)
+        copied = SectionEntry(entry.name, entry.kind, crc32=entry.crc32)
+        copied.offset, copied.length = self._copy_blob(reader.iter_payload(entry))
+        self._sections.append(copied)
+        return copied
+
+    def _copy_blob(self, blocks: Iterable[bytes]) -> tuple[int, int]:
+        assert self._fh is not None, "use ContainerWriter as a context manager"
+        offset = self._offset
+        for block in blocks:
+            self._fh.write(block)
+            self._offset += len(block)
+        return offset, self._offset - offset
 
     @property
     def minor_version(self) -> int:
@@ -692,6 +724,23 @@ class ContainerReader:
             raise _fail(f"checksum mismatch in the payload of {what}: the file is corrupt")
         return data
 
+    def iter_payload(self, entry: TensorEntry | SectionEntry, block: int = 1 << 20) -> Iterator[bytes]:
+        """The payload of a tensor or section in `block`-sized pieces (nothing proportional to the
+        payload is held); FormatError, after the last piece, when the bytes do not match the checksum."""
+        what = f"{'tensor' if isinstance(entry, TensorEntry) else 'section'} {entry.name!r}"
+        position, left, crc = PREFIX.size + entry.offset, entry.length, 0
+        while left:
+            self._fh.seek(position)  # the caller may use this reader between pieces
+            data = self._fh.read(min(block, left))
+            if not data:
+                raise _fail(f"file is truncated inside the payload of {what}")
+            crc = zlib.crc32(data, crc)
+            position += len(data)
+            left -= len(data)
+            yield data
+        if crc != entry.crc32:
+            raise _fail(f"checksum mismatch in the payload of {what}: the file is corrupt")
+
     def read_payload(self, entry: TensorEntry) -> bytes:
         return self._read_blob(entry.offset, entry.length, entry.crc32, f"tensor {entry.name!r}")
 
@@ -713,3 +762,151 @@ class ContainerReader:
                 left -= len(data)
             if crc != entry.crc32:
                 raise _fail(f"checksum mismatch in the payload of {what}: the file is corrupt")
+
+
+# ----------------------------------------------------------------------------------------------
+# Concatenation: part containers written independently (one task per tensor group) -> one file
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ConcatResult:
+    path: str
+    num_parts: int
+    num_tensors: int
+    num_sections: int
+    size: int
+
+
+def concat_containers(parts: Sequence[str | os.PathLike], output: str | os.PathLike, *,
+                      metadata: dict[str, str] | None = None, limits: Limits = Limits()) -> ConcatResult:
+    """Join the containers `parts` into one container `output`, without re-coding anything.
+
+    Tensors keep their coding, parameters, payload bytes and checksums, in part order; sections
+    come first (part order too), as a single writer emits them. Payloads are streamed in blocks
+    and checked against their checksums on the way; the header/index checksum is computed anew.
+    Refused, before anything is written: a tensor name in two parts; a section name in two parts
+    with different contents (identical copies, such as a config every part carries, are kept
+    once); a part of a newer minor format version than this writer knows (its optional fields
+    would be lost); a metadata key with different values in two parts, unless `metadata` gives
+    the value to use (it may also add keys). The output is written atomically and is never one of
+    the parts. Parts are opened one at a time: any number of them uses a bounded number of files.
+    """
+    paths = [os.fspath(p) for p in parts]
+    output = os.fspath(output)
+    if not paths:
+        raise FormatInputError("concatenation needs at least one part container")
+    for path in paths:
+        if os.path.exists(output) and os.path.exists(path) and os.path.samefile(path, output):
+            raise FormatInputError(f"the output {output} is the part {path}; choose another output name")
+    plan = _plan_concat(paths, limits)
+    merged = _merge_metadata(plan, metadata or {})
+    with ContainerWriter(output, merged, limits) as writer:
+        for path, layout in plan:  # sections first, as a single writer emits them
+            if layout.keep_sections:
+                with _open_part(path, limits, layout) as reader:
+                    for entry in reader.sections:
+                        if entry.name in layout.keep_sections:
+                            writer.copy_section(reader, entry)
+        for path, layout in plan:
+            with _open_part(path, limits, layout) as reader:
+                for entry in reader.tensors:
+                    writer.copy_tensor(reader, entry)
+    return ConcatResult(output, len(paths), len(writer._tensors), len(writer._sections), os.path.getsize(output))
+
+
+@dataclass
+class _PartLayout:
+    """What the first pass saw in a part: checked again when it is reopened to copy."""
+
+    metadata: dict[str, str]
+    tensors: list[TensorEntry]
+    sections: list[SectionEntry]
+    keep_sections: set[str]
+
+
+def _reader_of(path: str, limits: Limits) -> ContainerReader:
+    try:
+        return ContainerReader(path, limits)
+    except FileNotFoundError:
+        raise FormatInputError(f"part {path}: no such file") from None
+    except ContainerError as exc:
+        raise type(exc)(f"part {path}: {exc}") from None
+
+
+@contextlib.contextmanager
+def _open_part(path: str, limits: Limits, layout: _PartLayout) -> Iterator[ContainerReader]:
+    with _reader_of(path, limits) as reader:
+        if (reader.metadata, reader.tensors, reader.sections) != (layout.metadata, layout.tensors, layout.sections):
+            raise FormatError(f"part {path} changed while it was being concatenated")
+        try:
+            yield reader
+        except FormatError as exc:  # a corrupt payload: say which part holds it
+            raise FormatError(f"part {path}: {exc}") from None
+
+
+def _plan_concat(paths: list[str], limits: Limits) -> list[tuple[str, _PartLayout]]:
+    """Read every part's index once (one file open at a time) and refuse what cannot be joined."""
+    plan: list[tuple[str, _PartLayout]] = []
+    tensor_part: dict[str, str] = {}
+    section_part: dict[str, tuple[str, SectionEntry]] = {}
+    for path in paths:
+        with _reader_of(path, limits) as reader:
+            if reader.version[1] > EXACT_MINOR:
+                raise FormatInputError(
+                    f"part {path} is format {reader.version[0]}.{reader.version[1]}, newer than this writer's "
+                    f"{FORMAT_MAJOR}.{EXACT_MINOR}: joining it would drop what that version adds")
+            for entry in reader.tensors:
+                if entry.name in tensor_part:
+                    raise FormatInputError(f"tensor {entry.name!r} is in two parts: {tensor_part[entry.name]} and {path}")
+                tensor_part[entry.name] = path
+            keep = set()
+            for entry in reader.sections:
+                if entry.name not in section_part:
+                    section_part[entry.name] = (path, entry)
+                    keep.add(entry.name)
+                elif not _same_section(section_part[entry.name], (path, entry), limits):
+                    raise FormatInputError(f"section {entry.name!r} differs between parts "
+                                           f"{section_part[entry.name][0]} and {path}")
+            plan.append((path, _PartLayout(dict(reader.metadata), list(reader.tensors), list(reader.sections), keep)))
+    return plan
+
+
+def _same_section(first: tuple[str, SectionEntry], other: tuple[str, SectionEntry], limits: Limits) -> bool:
+    """Whether two parts' sections hold the same kind and bytes (compared block by block)."""
+    (path_a, a), (path_b, b) = first, other
+    if (a.kind, a.length, a.crc32) != (b.kind, b.length, b.crc32):
+        return False
+    with _reader_of(path_a, limits) as reader_a, _reader_of(path_b, limits) as reader_b:
+        entry_a, entry_b = reader_a.section(a.name), reader_b.section(b.name)
+        if entry_a != a or entry_b != b:
+            raise FormatError(f"part {path_a if entry_a != a else path_b} changed while it was being concatenated")
+        left, right = reader_a.iter_payload(entry_a), reader_b.iter_payload(entry_b)
+        return all(x == y for x, y in zip(_rechunk(left), _rechunk(right)))  # equal lengths: same piece count
+
+
+def _rechunk(blocks: Iterator[bytes], size: int = 1 << 16) -> Iterator[bytes]:
+    """`blocks` as pieces of exactly `size` bytes (the last may be shorter), so two streams line up."""
+    pending = b""
+    for block in blocks:
+        pending += block
+        while len(pending) >= size:
+            yield pending[:size]
+            pending = pending[size:]
+    if pending:
+        yield pending
+
+
+def _merge_metadata(plan: list[tuple[str, _PartLayout]], chosen: dict[str, str]) -> dict[str, str]:
+    """The union of the parts' metadata; a key with two values needs its value in `chosen`."""
+    merged: dict[str, str] = {}
+    first: dict[str, str] = {}
+    for path, layout in plan:
+        for key, value in layout.metadata.items():
+            if key in merged and merged[key] != value and key not in chosen:
+                raise FormatInputError(
+                    f"parts disagree on metadata {key!r}: {merged[key][:80]!r} in {first[key]}, {value[:80]!r} in "
+                    f"{path}; give the value to use (concat --metadata KEY=VALUE, or metadata= in the API)")
+            merged.setdefault(key, value)
+            first.setdefault(key, path)
+    merged.update(chosen)
+    return merged
