@@ -58,7 +58,8 @@ def encode_model(model, output: str, options: EncodeOptions, target: tuple[str, 
                  calibration=None, *, gptq: bool = True, explicit: bool = False, same_decisions: bool = False,
                  what: str = "the model", deploy: str | None = None) -> tuple[EncodeSummary, FidelityReport | None]:
     """Encode `model` (a records.ModelFile) to `output`: to `target` (or the default cosine >= 0.999)
-    when it has an ONNX graph; otherwise with `options` as they are. `calibration`: an .npz path, or
+    when it has an ONNX graph, or a torch.export program and explicit calibration (fidelity/program.py);
+    otherwise with `options` as they are. `calibration`: an .npz path, or
     an iterable of example batches (`Inputs.from_batches`). `explicit`: the user asked for a target
     or gave calibration data, so a model without a graph is an error rather than a fallback.
     `deploy` ("int8" / "int4"): every quantized weight on a per-channel symmetric grid of that width
@@ -70,9 +71,18 @@ def encode_model(model, output: str, options: EncodeOptions, target: tuple[str, 
             raise CdlInputError(f"a fidelity target does not apply to {what}: a CDL / R-CDL checkpoint is "
                                 "quantized with its learned quantizers")
         return encode_records(model.records, output, options, model.metadata, model.sections), None
+    if explicit and not has_onnx_graph(model) and onnxruntime_available():
+        from .program import encode_program_to_target, has_program
+
+        if has_program(model):  # a .pt2 program: searched on its ONNX translation, checked on itself
+            fidelity = FidelityOptions(Target(*target) if isinstance(target, tuple) else (target or DEFAULT_TARGET),
+                                       None, gptq=gptq, quiet=options.quiet, keep=options.keep,
+                                       same_decisions=same_decisions or target is None, deploy=deploy)
+            return encode_program_to_target(model, output, fidelity, options, calibration, what)
     if not has_onnx_graph(model) or not onnxruntime_available():
         if explicit:
-            why = ("it has no graph to run (give an ONNX model, or use the Python API with your torch module)"
+            why = ("it has no graph to run (give an ONNX model or a .pt2 program, or use the Python API with your "
+                   "torch module)"
                    if not has_onnx_graph(model) else "onnxruntime is not installed (pip install 'cdlcodec[onnx]')")
             raise CdlInputError(f"cannot check a fidelity target for {what}: {why}")
         if options.quantizer is None:

@@ -203,13 +203,14 @@ EXAMPLE_INPUT_SHAPES = {"lenet5": (1, 1, 28, 28)}
 EXPORT_OPSET = 17
 
 
-def export_onnx_bytes(module, args: tuple, *, state_dict_initializers: bool = False) -> bytes:
+def export_onnx_bytes(module, args: tuple, *, state_dict_initializers: bool = False,
+                      input_names: list[str] | None = None) -> bytes:
     """`module` (eval mode) exported with torch.onnx.export (dynamo=False): inputs "input" or "input_0",
     "input_1", ..., outputs likewise "output" / "output_N"; dynamic axes as the module's `onnx_dynamic_axes`
     says (by those names), else the batch axis of every input and of every output that has one.
     With `state_dict_initializers`, every weight initializer is a state_dict entry as it is: BatchNorm
     not folded into the convolution before it, no constant folding (which would store transposed
-    copies of MatMul weights)."""
+    copies of MatMul weights). `input_names` replaces the default input names."""
     import io
 
     import torch
@@ -218,6 +219,8 @@ def export_onnx_bytes(module, args: tuple, *, state_dict_initializers: bool = Fa
         result = module(*args)
     results = result if isinstance(result, (tuple, list)) else (result,)
     inputs = ["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))]
+    if input_names is not None:
+        inputs = list(input_names)
     outputs = ["output"] if len(results) == 1 else [f"output_{i}" for i in range(len(results))]
     declared = getattr(module, "onnx_dynamic_axes", None)
     if declared is not None:

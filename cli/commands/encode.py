@@ -50,8 +50,9 @@ FLAGS = {"rel_step": "--rel-step", "step": "--step", "bits": "--bits", "lam": "-
 @click.option("--target-rel-mse", type=float, default=None, metavar="M",
               help="Like --target-cosine: relative output MSE (sum |dy|^2 / sum |y|^2) <= M.")
 @click.option("--calibration", type=click.Path(dir_okay=False), default=None, metavar="DATA.npz",
-              help="Inputs for the fidelity check: one array per graph input, named after it, samples "
-                   "first. Without it inputs are generated from the graph's declared shapes (weaker).")
+              help="Inputs for the fidelity check: one array per graph input (or .pt2 program input), named "
+                   "after it, samples first. Without it inputs are generated from the graph's declared shapes "
+                   "(weaker; a .pt2 program needs it).")
 @click.option("--no-gptq", is_flag=True, help="With a fidelity target: round to nearest instead of "
                                               "error-compensating (GPTQ) rounding of MatMul/Gemm weights.")
 @click.option("--same-decisions", is_flag=True,
