@@ -637,6 +637,7 @@ class ContainerReader:
     def __init__(self, path: str | os.PathLike, limits: Limits = Limits()):
         self.path = os.fspath(path)
         self.limits = limits
+        self.bytes_read = 0
         try:
             self._fh: BinaryIO = open(self.path, "rb")
         except IsADirectoryError as exc:
@@ -646,6 +647,11 @@ class ContainerReader:
         except BaseException:
             self._fh.close()
             raise
+
+    def _read(self, size: int) -> bytes:
+        data = self._fh.read(size)
+        self.bytes_read += len(data)  # what a partial decode (decode --only) reports against the file size
+        return data
 
     # -- context manager -----------------------------------------------------------------------
     def __enter__(self) -> "ContainerReader":
@@ -662,7 +668,7 @@ class ContainerReader:
         fh = self._fh
         size = os.fstat(fh.fileno()).st_size
         self.file_size = size
-        head = fh.read(PREFIX.size)
+        head = self._read(PREFIX.size)
         if not MAGIC.startswith(head[:8]) or (len(head) >= 8 and head[:8] != MAGIC):
             raise _fail("not a .cdl file (bad magic number)")
         if len(head) < PREFIX.size:
@@ -676,7 +682,7 @@ class ContainerReader:
         if size < PREFIX.size + FOOTER.size:
             raise _fail("file is truncated (no room for the footer)")
         fh.seek(size - FOOTER.size)
-        index_offset, index_length, crc, reserved, end_magic = FOOTER.unpack(fh.read(FOOTER.size))
+        index_offset, index_length, crc, reserved, end_magic = FOOTER.unpack(self._read(FOOTER.size))
         if end_magic != END_MAGIC:
             raise _fail("file is truncated or damaged (footer end marker missing)")
         if index_length > self.limits.max_index_bytes:
@@ -685,7 +691,7 @@ class ContainerReader:
         if index_offset < PREFIX.size or index_offset + index_length + FOOTER.size != size:
             raise _fail(f"index offset {index_offset} + length {index_length} does not match the file size {size}")
         fh.seek(index_offset)
-        index_bytes = fh.read(index_length)
+        index_bytes = self._read(index_length)
         if len(index_bytes) != index_length:
             raise _fail("file is truncated inside the index")
         expect = zlib.crc32(head + index_bytes + struct.pack("<QQ", index_offset, index_length))
@@ -717,7 +723,7 @@ class ContainerReader:
 
     def _read_blob(self, offset: int, length: int, crc: int, what: str) -> bytes:
         self._fh.seek(PREFIX.size + offset)
-        data = self._fh.read(length)
+        data = self._read(length)
         if len(data) != length:
             raise _fail(f"file is truncated inside the payload of {what}")
         if zlib.crc32(data) != crc:
@@ -731,7 +737,7 @@ class ContainerReader:
         position, left, crc = PREFIX.size + entry.offset, entry.length, 0
         while left:
             self._fh.seek(position)  # the caller may use this reader between pieces
-            data = self._fh.read(min(block, left))
+            data = self._read(min(block, left))
             if not data:
                 raise _fail(f"file is truncated inside the payload of {what}")
             crc = zlib.crc32(data, crc)
@@ -755,7 +761,7 @@ class ContainerReader:
         for entry, what in sorted(entries, key=lambda pair: pair[0].offset):  # they tile the area: one pass
             crc, left = 0, entry.length
             while left:
-                data = self._fh.read(min(block, left))
+                data = self._read(min(block, left))
                 if not data:
                     raise _fail(f"file is truncated inside the payload of {what}")
                 crc = zlib.crc32(data, crc)

@@ -17,6 +17,9 @@ from ..records import ModelFile
 from .cdl_checkpoint import with_cdl_sections
 
 
+FOLDER_KIND = "safetensors.sharded"
+
+
 @dataclass(frozen=True)
 class Adapter:
     reader: str | None         # "module:function" reading a path into a ModelFile
@@ -30,9 +33,11 @@ ADAPTERS = {
     "safetensors": Adapter("safetensors_file:read_safetensors", "safetensors_file:write_safetensors"),
     "onnx": Adapter("onnx_model:read_onnx", "onnx_writer:write_onnx", options=("weights", "int4", "keep_opset", "matmul_nbits")),
     "torch.export": Adapter("torch_export:read_torch_export", "torch_export:write_torch_export", needs_torch=True),
+    # a folder of safetensors shards with its *.safetensors.index.json (read from the folder or the index file)
+    FOLDER_KIND: Adapter("sharded:read_sharded", "sharded:write_sharded"),
 }
 READ_KINDS = {".pt": "torch", ".pth": "torch", ".bin": "torch", ".ckpt": "torch", ".safetensors": "safetensors",
-              ".onnx": "onnx", ".pt2": "torch.export"}
+              ".onnx": "onnx", ".pt2": "torch.export", ".json": FOLDER_KIND}
 WRITE_KINDS = {".pt": "torch", ".pth": "torch", ".safetensors": "safetensors", ".onnx": "onnx",
                ".pt2": "torch.export"}
 
@@ -54,9 +59,8 @@ def read_model(path: str) -> ModelFile:
     """All tensors of a model file as records, in the file's order, plus its graph if it has one."""
     if not os.path.exists(path):
         raise CdlInputError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise CdlInputError(f"{path}: is a directory, expected a model file")
-    model = _function(ADAPTERS[kind_of(path, READ_KINDS, "read")].reader)(path)
+    kind = FOLDER_KIND if os.path.isdir(path) else kind_of(path, READ_KINDS, "read")
+    model = _function(ADAPTERS[kind].reader)(path)
     return with_cdl_sections(model)  # a CDL checkpoint: its graph, activation sections and cdl.* metadata
 
 
@@ -71,8 +75,15 @@ def _need_torch(what: str) -> None:
 
 def check_writable_kind(path: str) -> str:
     """The kind `path` would be written as; CdlInputError for an unknown extension (checked before
-    any decoding work)."""
+    any decoding work). A folder (an existing one, a path ending in a separator, or a name without
+    an extension) is a sharded safetensors checkpoint."""
+    if is_folder_output(path):
+        return FOLDER_KIND
     return kind_of(path, WRITE_KINDS, "write")
+
+
+def is_folder_output(path: str) -> bool:
+    return path.endswith(("/", os.sep)) or os.path.isdir(path) or not os.path.splitext(path)[1]
 
 
 def write_model(path: str, model: ModelFile, **options) -> None:

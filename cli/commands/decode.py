@@ -6,9 +6,11 @@ from cdlcodec.cli.flags import progress_option
 
 @click.command("decode")
 @click.argument("container", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+@click.option("-o", "--output", required=True, type=click.Path(),
               help="Output model: .pt/.pth (state_dict), .safetensors, .onnx (needs a graph in the "
-                   "container) or .pt2 (needs a torch.export program in the container).")
+                   "container), .pt2 (needs a torch.export program in the container), or a folder (a new or "
+                   "empty one, or a name without extension) for a container encoded from a sharded "
+                   "safetensors folder: the same shard files, index and carried files.")
 @click.option("--weights", type=click.Choice(["float", "qdq"]), default=None,
               help="ONNX output only: float initializers (default) or integer initializers + "
                    "DequantizeLinear (the narrowest of int4/int8/int16/int32 that holds the levels; the "

@@ -10,7 +10,7 @@ FLAGS = {"rel_step": "--rel-step", "step": "--step", "bits": "--bits", "lam": "-
 
 
 @click.command("encode")
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path())  # a folder: a sharded safetensors checkpoint
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output .cdl file.")
 @click.option("--rel-step", type=float, default=None,
               help="Step = R x standard deviation of each tensor (default 0.1).")
@@ -66,7 +66,7 @@ FLAGS = {"rel_step": "--rel-step", "step": "--step", "bits": "--bits", "lam": "-
 def command(model, output, rel_step, step, bits, backend, keep, arch, lam, granularity, trellis, cpmf, seed,
             target_cosine, target_agreement, target_rel_mse, calibration, no_gptq, same_decisions, lossless, quiet,
             deploy):
-    """Quantize and entropy-code MODEL (.onnx, .pt/.pth state_dict or checkpoint, .safetensors, .pt2) into a .cdl file.
+    """Quantize and entropy-code MODEL (.onnx, .pt/.pth state_dict or checkpoint, .safetensors, .pt2, or a sharded safetensors folder) into a .cdl file.
 
     Tensors with two or more dimensions are quantized to integers k = round(w / step); 1-D tensors
     (biases, norms) and integer tensors are stored losslessly. --lambda, --granularity channel and
