@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .errors import CdlInputError
@@ -101,9 +102,12 @@ def encode_with_options(source, output, options, *, arch: str | None = None,
     return encode_records(model.records, os.fspath(output), options, model.metadata, model.sections)
 
 
-def decode(path, output, *, quiet: bool = True, limits: Limits = Limits(), **writer_options) -> ModelFile:
+def decode(path, output, *, quiet: bool = True, limits: Limits = Limits(), only=(), **writer_options) -> ModelFile:
     """Decode the container at `path` into the model file `output` (written atomically); returns what
     was decoded (records, sections, metadata).
+
+    only: name patterns (fnmatch, as for keep): decode just the tensors that match one, reading only
+    their payloads, to a .safetensors or .pt/.pth file; returns a `PartialDecode` (bytes read).
 
     The output kind follows the extension: .pt/.pth (a state_dict), .safetensors, .onnx (needs a
     graph in the container) or .pt2 (needs a torch.export program). Writer options: for .onnx,
@@ -117,7 +121,40 @@ def decode(path, output, *, quiet: bool = True, limits: Limits = Limits(), **wri
     path, output = os.fspath(path), os.fspath(output)
     check_writable_kind(output)  # fail on a bad output name before decoding anything
     refuse_to_overwrite(output, path)
+    if only:
+        return _decode_only(path, output, tuple(only), limits, writer_options)
     model = decode_container(path, quiet=quiet, limits=limits)
+    write_model(output, model, **writer_options)
+    return model
+
+
+@dataclass
+class PartialDecode(ModelFile):
+    """What `decode(..., only=...)` decoded, with the bytes it read of the container's `file_size`."""
+
+    bytes_read: int = 0
+    file_size: int = 0
+
+
+def _decode_only(path: str, output: str, patterns: tuple[str, ...], limits: Limits, writer_options) -> PartialDecode:
+    """The tensors matching `patterns` decoded to `output`: the container's index is read, then only
+    their payloads (seeks, not a read of the file); sections, which belong to the whole model, are not."""
+    from .codec import check_decodable, decode_entry, select_entries
+    from .formats.container import ContainerReader
+    from .io.model_files import check_writable_kind, write_model
+
+    kind = check_writable_kind(output)
+    if kind not in ("safetensors", "torch"):
+        raise CdlInputError(f"a subset of the tensors is decoded to a .safetensors or .pt file, not {kind} ({output}): "
+                            "a graph or a sharded folder needs every tensor")
+    with ContainerReader(path, limits) as reader:
+        reader.check_decoded_size()  # the same refusal as a decode of the whole file
+        entries = select_entries(reader.tensors, patterns, path)
+        for entry in entries:
+            check_decodable(entry, limits)
+        records = [decode_entry(reader, entry) for entry in entries]
+        model = PartialDecode(records, [], dict(reader.metadata), bytes_read=reader.bytes_read,
+                              file_size=reader.file_size)
     write_model(output, model, **writer_options)
     return model
 

@@ -307,6 +307,17 @@ def decode_container(path: str, *, quiet: bool = True, limits: Limits = Limits()
         return ModelFile(out, sections, dict(reader.metadata))
 
 
+def select_entries(entries: list[TensorEntry], patterns: Iterable[str], path: str) -> list[TensorEntry]:
+    """The entries whose names match one of `patterns` (fnmatch, case-sensitive), in file order;
+    CdlInputError naming a pattern that matches no tensor (most likely a typo)."""
+    patterns = tuple(patterns)
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(e.name, pattern) for e in entries):
+            examples = ", ".join(repr(e.name) for e in entries[:3])
+            raise CdlInputError(f"no tensor of {path} matches {pattern!r} ({len(entries):,} tensors, such as {examples})")
+    return [e for e in entries if any(fnmatch.fnmatchcase(e.name, p) for p in patterns)]
+
+
 def container_summary(path: str, limits: Limits = Limits(), *, check_checksums: bool = True) -> dict:
     """What `cdlcodec info --json` prints. Every payload and section checksum is compared too (one
     read of the file), so a file reported here is not silently corrupt; `checksums` says so."""

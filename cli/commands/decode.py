@@ -23,9 +23,12 @@ from cdlcodec.cli.flags import progress_option
               help="With --weights qdq: MatMul weights that fit 4/8 bits become onnxruntime's com.microsoft "
                    "MatMulNBits with float activations (runs only in onnxruntime; same outputs under its "
                    "default session options, integer kernel).")
+@click.option("--only", multiple=True, metavar="GLOB",
+              help="Decode only the tensors whose name matches GLOB (repeatable; e.g. 'model.layers.3.*'), reading "
+                   "just their payloads, to a .safetensors or .pt file; says how many bytes were read.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 @progress_option
-def command(container, output, weights, no_int4, keep_opset, matmul_nbits, quiet):
+def command(container, output, weights, no_int4, keep_opset, matmul_nbits, only, quiet):
     """Decode CONTAINER back into a model file with the original names, shapes and dtypes."""
     import warnings
 
@@ -41,7 +44,7 @@ def command(container, output, weights, no_int4, keep_opset, matmul_nbits, quiet
         options["matmul_nbits"] = True
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", OnnxOutputNote)
-        model = decode(container, output, quiet=quiet, **options)
+        model = decode(container, output, quiet=quiet, only=only, **options)
     for warning in caught:  # notes are said even with -q: they describe what was written
         if issubclass(warning.category, OnnxOutputNote):
             click.echo(f"cdlcodec: note: {warning.message}", err=True)
@@ -50,3 +53,6 @@ def command(container, output, weights, no_int4, keep_opset, matmul_nbits, quiet
     if not quiet:
         click.echo(f"{container} -> {output}: {len(model.records)} tensors, "
                    f"{sum(r.numel for r in model.records):,} params")
+        if only:
+            click.echo(f"read {model.bytes_read:,} of {model.file_size:,} bytes "
+                       f"({100 * model.bytes_read / max(model.file_size, 1):.1f} %)")
