@@ -196,3 +196,28 @@ def test_cli_concat(tmp_path, capsys):
     assert _cli(["concat", parts[0], "--metadata", "novalue", "-o", tmp_path / "m.cdl"]) == 2
     assert "--metadata takes KEY=VALUE" in capsys.readouterr().err
     assert not (tmp_path / "twice.cdl").exists() and not (tmp_path / "m.cdl").exists()
+
+
+def test_a_sharded_checkpoint_encoded_shard_by_shard_decodes_to_its_folder(tmp_path):
+    """The docs/scale.md recipe: one task per shard, a sections-only part with the layout, concat."""
+    from test_sharded import _checkpoint, _shards
+
+    from cdlcodec.api import decode
+    from cdlcodec.io.sharded import read_sharded
+
+    src = _checkpoint(tmp_path / "model")
+    layout = read_sharded(str(src))  # reads the shard headers and the small files, not the weights
+    with ContainerWriter(tmp_path / "part-layout.cdl") as writer:
+        for name, kind, data in layout.sections:
+            writer.add_section(name, kind, data)
+    parts = [tmp_path / "part-layout.cdl"]
+    for k, shard in enumerate(sorted(_shards())):  # each of these could run on another machine
+        encode(str(src / shard), tmp_path / f"part-{k}.cdl", lossless=True)
+        parts.append(tmp_path / f"part-{k}.cdl")
+    concat_containers(parts, tmp_path / "whole.cdl", metadata={"source.kind": "safetensors.sharded"})
+
+    decode(tmp_path / "whole.cdl", tmp_path / "restored")
+    for name in sorted(src.iterdir()):
+        if name.name in ("tokenizer.model", "modeling_custom.py", ".gitattributes"):
+            continue  # not carried (binary or code)
+        assert (tmp_path / "restored" / name.name).read_bytes() == name.read_bytes(), name.name
