@@ -194,4 +194,18 @@ class ActivationQuantizer(nn.Module):
         return f"bits={int(self.bits)}, mode={self.mode}, window={self.window}"
 
 
-WEIGHT_LAYERS = (CDLLinear, CDLConv2d)
+class CDLConv1d(_WeightQuantized, nn.Conv1d):
+    """CDLConv2d's weight quantizer on an nn.Conv1d (same constructor, from_module and forward)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *,
+                 bits: int = 4, mode: str = "rcdl", alpha0: float = 500.0):
+        nn.Conv1d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation,
+                           groups, bias, padding_mode)
+        self._setup_quantizer(bits, mode, alpha0)
+
+    from_module = CDLConv2d.__dict__["from_module"]
+    forward = CDLConv2d.forward
+
+
+WEIGHT_LAYERS = (CDLLinear, CDLConv2d, CDLConv1d)

@@ -23,6 +23,9 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = _conv3x3(planes, planes)
+        # torchvision calls `relu` twice; a second module (no state: state_dicts load as before) lets
+        # cdlcodec.cdl.convert give the block output its own activation quantizer, in place.
+        self.relu_out = nn.ReLU(inplace=True)
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = None
         if stride != 1 or inplanes != planes:
@@ -33,7 +36,7 @@ class BasicBlock(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         identity = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + identity)
+        return self.relu_out(out + identity)
 
 
 class _ResNet(nn.Module):
@@ -76,8 +79,9 @@ class ResNet18(_ResNet):
 
 
 class ResNet20(_ResNet):
-    example_input_shape = (1, 3, 32, 32)
+    """`in_channels=1` (architecture "resnet20:in_channels=1") takes grey digits (resnet20-mnist)."""
 
-    def __init__(self, num_classes: int = 10):
-        stem = (_conv3x3(3, 16), nn.BatchNorm2d(16), nn.ReLU(inplace=True), nn.Identity())
+    def __init__(self, num_classes: int = 10, in_channels: int = 3):
+        stem = (_conv3x3(in_channels, 16), nn.BatchNorm2d(16), nn.ReLU(inplace=True), nn.Identity())
         super().__init__(stem, (16, 32, 64), 3, num_classes)
+        self.example_input_shape = (1, in_channels, 32, 32)
