@@ -29,7 +29,7 @@ from .optim import cdl_param_groups
 
 TRAIN_MODES = ("fp", "cdl", "rcdl")
 SHARPNESS_INITS = ("paper", "scaled")
-TASKS = {"lenet5-mnist": "lenet5"}
+TASKS = {"lenet5-mnist": "lenet5", "resnet20-mnist": "resnet20:in_channels=1"}  # task -> cdlcodec.models spec
 
 
 @dataclass
