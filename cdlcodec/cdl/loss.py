@@ -43,10 +43,12 @@ def activation_entropy_bits(model: nn.Module) -> tuple[torch.Tensor, int]:
 
 
 def cdl_loss(model: nn.Module, logits: torch.Tensor, targets: torch.Tensor, *,
-             lam: float = 0.0, gamma: float = 0.0) -> LossParts:
+             lam: float = 0.0, gamma: float = 0.0, task_loss=None) -> LossParts:
     """CE + γ·H(x) + λ·H(w) (eq. 30/40). H(w) is total bits of the model, H(x) total bits of one
-    sample's activations, so λ and γ are prices per bit against the mean per-sample cross-entropy."""
-    ce = F.cross_entropy(logits, targets)
+    sample's activations, so λ and γ are prices per bit against the mean per-sample cross-entropy.
+    `task_loss(logits, targets)` replaces the cross-entropy (cdlcodec.cdl.finetune: your own loss);
+    its value is then what `LossParts.cross_entropy` holds."""
+    ce = (task_loss or F.cross_entropy)(logits, targets)
     total = ce
     hw = hw_per = hx = hx_per = None
     if lam > 0:
