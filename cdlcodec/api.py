@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .errors import CdlInputError
-from .formats.container import Limits
+from .formats.container import ContainerReader, Limits
 from .records import ModelFile, TensorRecord
 
 if TYPE_CHECKING:
@@ -102,9 +102,11 @@ def encode_with_options(source, output, options, *, arch: str | None = None,
     return encode_records(model.records, os.fspath(output), options, model.metadata, model.sections)
 
 
-def decode(path, output, *, quiet: bool = True, limits: Limits = Limits(), only=(), **writer_options) -> ModelFile:
+def decode(path, output, *, quiet: bool = True, limits: Limits = Limits(), only=(), threads: int | None = None,
+           **writer_options) -> ModelFile:
     """Decode the container at `path` into the model file `output` (written atomically); returns what
-    was decoded (records, sections, metadata).
+    was decoded (records, sections, metadata; the records' values are decoded again from `path` when
+    their `array` is read, so the model is never held here).
 
     only: name patterns (fnmatch, as for keep): decode just the tensors that match one, reading only
     their payloads, to a .safetensors or .pt/.pth file; returns a `PartialDecode` (bytes read).
@@ -112,20 +114,68 @@ def decode(path, output, *, quiet: bool = True, limits: Limits = Limits(), only=
     The output kind follows the extension: .pt/.pth (a state_dict), .safetensors, .onnx (needs a
     graph in the container) or .pt2 (needs a torch.export program). Writer options: for .onnx,
     weights="float" (default) or "qdq" (integer initializers + DequantizeLinear), and int4=False to
-    keep the model's opset.
+    keep the model's opset. threads: tensors decoded at once (None: every core).
+
+    .safetensors and float .onnx outputs are written tensor by tensor as they are decoded (memory
+    holds a few tensors, not the model); .pt, .pt2 and QDQ .onnx outputs hold the decoded model once.
     """
     from .atomic import refuse_to_overwrite
-    from .codec import decode_container
-    from .io.model_files import check_writable_kind, write_model
+    from .codec import open_container
+    from .io.model_files import check_writable_kind
 
     path, output = os.fspath(path), os.fspath(output)
     check_writable_kind(output)  # fail on a bad output name before decoding anything
     refuse_to_overwrite(output, path)
     if only:
         return _decode_only(path, output, tuple(only), limits, writer_options)
-    model = decode_container(path, quiet=quiet, limits=limits)
-    write_model(output, model, **writer_options)
-    return model
+    with open_container(path, limits) as reader:
+        lazy, done = _lazily_decoded(path, reader, limits)
+        try:
+            return _write_decoded(reader, lazy, output, threads, quiet, writer_options)
+        finally:
+            done()
+
+
+def _write_decoded(reader, lazy: ModelFile, output: str, threads, quiet: bool, writer_options) -> ModelFile:
+    """Write `output` from `reader`: tensor by tensor where its writer takes them so, else all at once."""
+    from .codec import iter_decoded
+    from .io.model_files import open_stream_writer, write_model
+
+    writer = open_stream_writer(output, lazy, **writer_options)
+    if writer is not None:
+        with writer:
+            for record in iter_decoded(reader, threads=threads, keep_levels=False, quiet=quiet):
+                writer.add(record)
+        return lazy
+    if writer_options.get("weights") in (None, "float") and output.lower().endswith(".onnx"):
+        write_model(output, lazy, **writer_options)  # the ONNX writer asks for each big tensor as it writes it
+        return lazy
+    # QDQ needs the levels of every tensor at once; the torch writers serialize a whole state_dict
+    keep_levels = writer_options.get("weights") == "qdq"
+    records = list(iter_decoded(reader, threads=threads, keep_levels=keep_levels, quiet=quiet))
+    write_model(output, ModelFile(records, lazy.sections, lazy.metadata), **writer_options)
+    return lazy
+
+
+def _lazily_decoded(path: str, reader, limits: Limits):
+    """(model, done): the container's tensors as records that decode their values when asked, through
+    `reader` until done() is called, then through a reader of their own (they may outlive it)."""
+    from functools import partial
+
+    from .codec import decode_entry
+    from .io.lazy import LazyTensorRecord
+
+    source = {"reader": reader}
+
+    def values(entry):
+        if source["reader"] is not None:
+            return decode_entry(source["reader"], entry).array
+        with ContainerReader(path, limits) as again:
+            return decode_entry(again, entry).array
+
+    records = [LazyTensorRecord(e.name, e.dtype, e.shape, partial(values, e), quant=e.quant) for e in reader.tensors]
+    sections = [(s.name, s.kind, reader.read_section(s)) for s in reader.sections]
+    return ModelFile(records, sections, dict(reader.metadata)), partial(source.__setitem__, "reader", None)
 
 
 @dataclass

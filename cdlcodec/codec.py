@@ -6,13 +6,18 @@ the CLI and the Python API share.
 """
 from __future__ import annotations
 
+import copy
 import fnmatch
 import glob
 import math
 import os
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterable
+from functools import partial
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -22,6 +27,7 @@ from .backends.base import check_count
 from .dtypes import storage_dtype, to_float32, to_float64
 from .errors import CdlDecodeError, CdlFormatError, CdlInputError
 from .formats.container import ContainerReader, ContainerWriter, Limits, TensorEntry, decoded_size
+from .io.lazy import materialized
 from .progress import Progress
 from .quantizers import dequantize
 from .quantizers.params import QUANTIZED_SCHEMES, from_json
@@ -42,6 +48,8 @@ class EncodeOptions:
     cdl_quantizer: Quantizer | None = None
     # Every float tensor exact (bit for bit), coded by the exact float coder where that is smaller.
     lossless: bool = False
+    # Tensors coded at once (None: every core); the container's bytes do not depend on it.
+    threads: int | None = None
 
 
 @dataclass
@@ -99,9 +107,53 @@ def code_levels(levels: np.ndarray, backend: str, hint: EncodeHint | None = None
     return best
 
 
+def default_threads() -> int:
+    """Worker threads when none are asked for: every core this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def ordered_map(work, items: Iterable, threads: int) -> Iterator:
+    """work(item) for each item, results in the items' order. With threads > 1 up to `threads` items are
+    worked on at once while the caller's thread produces the next item (reading, quantizing): a
+    bounded window, so memory holds a few tensors, never the model. An exception is raised when its
+    item's turn comes, so the first failing tensor in file order is the one reported."""
+    if threads <= 1:
+        for item in items:
+            yield work(item)
+        return
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="cdlcodec")
+    pending: deque = deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(work, item))
+            if len(pending) >= threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass
+class _Job:
+    """One tensor between quantization (the caller's thread, in file order) and coding (any thread)."""
+    record: TensorRecord
+    entry: TensorEntry
+    role: str
+    levels: np.ndarray | None = None
+    hint: EncodeHint | None = None
+
+
 def encode_records(records: list[TensorRecord], output: str, options: EncodeOptions = EncodeOptions(),
                    metadata: dict[str, str] | None = None, sections: Iterable[tuple[str, str, bytes]] = ()) -> EncodeSummary:
-    """Quantize and code `records` into the container `output` (written atomically)."""
+    """Quantize and code `records` into the container `output` (written atomically).
+
+    Tensor by tensor: each record's array is taken once (a lazy record maps it from its file then),
+    quantized in file order, coded on `options.threads` threads and written in file order, then
+    dropped; the container's bytes are the same whatever the thread count."""
     if options.backend != "auto":
         backends.get(options.backend)  # fail before any work on an unknown backend
     start = time.perf_counter()
@@ -113,52 +165,72 @@ def encode_records(records: list[TensorRecord], output: str, options: EncodeOpti
         meta["deploy.grid"] = quantizer.grid
     meta.update(metadata or {})
     total = sum(r.numel for r in records) or 1
-    n_quant = 0
+    counts = {"quantized": 0}
     coded_bits: dict[str, int] = {}
     report: dict = {}
     extra_sections = list(quantizer.sections())
+    threads = options.threads or default_threads()
+
+    def quantized(rec: TensorRecord) -> _Job:
+        rec = materialized(rec)
+        role = "plain" if options.lossless and rec.is_float else role_of(rec, options.keep)
+        job = _Job(rec, TensorEntry(rec.name, rec.shape, rec.dtype, "levels", None, None, b"", rec.numel), role,
+                   hint=EncodeHint(shape=rec.shape))
+        with _naming(rec.name):
+            if role == "quantized":
+                result = _quantize(quantizer, rec, options.backend)
+                if result is None:
+                    job.role = "plain"
+                else:
+                    job.levels, job.entry.quant, custom_hint = result
+                    job.hint = custom_hint or job.hint
+                    counts["quantized"] += rec.numel
+            elif role == "integer":
+                job.levels, job.entry.quant = rec.array.astype(np.int64).ravel(), {"scheme": "integer"}
+        return job
+
     with ContainerWriter(output, meta) as writer, Progress(total, "encoding", quiet=options.quiet) as bar:
         for name, kind, data in [*sections, *extra_sections]:
             writer.add_section(name, kind, data)
-        for rec in records:
-            role = "plain" if options.lossless and rec.is_float else role_of(rec, options.keep)
-            entry = TensorEntry(rec.name, rec.shape, rec.dtype, "levels", None, None, b"", rec.numel)
-            hint = EncodeHint(shape=rec.shape)
-            try:
-                if role == "quantized":
-                    result = _quantize(quantizer, rec, options.backend)
-                    if result is None:
-                        role = "plain"
-                    else:
-                        levels, entry.quant, custom_hint = result
-                        hint = custom_hint or hint
-                        n_quant += rec.numel
-                elif role == "integer":
-                    levels, entry.quant = rec.array.astype(np.int64).ravel(), {"scheme": "integer"}
-                if role == "plain":
-                    entry.encoding, entry.count = "plain", rec.numel
-                    payload = np.ascontiguousarray(rec.array, dtype=storage_dtype(rec.dtype)).tobytes()
-                    exact = _code_exact(rec, len(payload))
-                    if exact is not None:
-                        entry.encoding, entry.backend = "exact", EXACT_CODER
-                        payload, entry.backend_params = exact
-                else:
-                    entry.backend, payload, entry.backend_params = code_levels(levels, options.backend, hint)
-            except CdlInputError as exc:  # "step too small", no backend fits ...: say which tensor
-                if rec.name in str(exc):
-                    raise
-                raise CdlInputError(f"tensor {rec.name!r}: {exc}") from None
-            coded_bits[rec.name] = 8 * (len(payload) + len(entry.backend_params or b""))
+        for entry, payload in ordered_map(partial(_coded, backend=options.backend), map(quantized, records), threads):
+            coded_bits[entry.name] = 8 * (len(payload) + len(entry.backend_params or b""))
             writer.add_tensor(entry, payload)
-            bar.update(rec.numel)
+            bar.update(entry.count)
         extra_meta, report = quantizer.finish(coded_bits)
         for key, value in extra_meta.items():
             writer.set_metadata(key, value)
     unmatched = tuple(p for p in options.keep if not any(fnmatch.fnmatchcase(r.name, p) for r in records))
     notes = tuple(report.pop("notes", ()))
-    return EncodeSummary(output, len(records), sum(r.numel for r in records), n_quant,
-                         sum(r.array.nbytes for r in records), os.path.getsize(output),
+    return EncodeSummary(output, len(records), sum(r.numel for r in records), counts["quantized"],
+                         sum(r.numel * storage_dtype(r.dtype).itemsize for r in records), os.path.getsize(output),
                          time.perf_counter() - start, report, coded_bits, unmatched, notes=notes)
+
+
+def _coded(job: _Job, backend: str) -> tuple[TensorEntry, bytes]:
+    """The entry and payload of a quantized tensor (any thread: it touches only this job)."""
+    entry, rec = job.entry, job.record
+    with _naming(rec.name):
+        if job.role == "plain":
+            entry.encoding, entry.count = "plain", rec.numel
+            payload = np.ascontiguousarray(rec.array, dtype=storage_dtype(rec.dtype)).tobytes()
+            exact = _code_exact(rec, len(payload))
+            if exact is not None:
+                entry.encoding, entry.backend = "exact", EXACT_CODER
+                payload, entry.backend_params = exact
+        else:
+            entry.backend, payload, entry.backend_params = code_levels(job.levels, backend, job.hint)
+    return entry, payload
+
+
+@contextmanager
+def _naming(name: str):
+    """A CdlInputError ("step too small", no backend fits ...) says which tensor it is about."""
+    try:
+        yield
+    except CdlInputError as exc:
+        if name in str(exc):
+            raise
+        raise CdlInputError(f"tensor {name!r}: {exc}") from None
 
 
 EXACT_CODER = "float"  # the one coder of `exact` tensors (cdlcodec.backends.float_exact)
@@ -194,7 +266,9 @@ def _quantize(quantizer, rec: TensorRecord, backend: str) -> tuple[np.ndarray, d
     NaN and infinities have no level: such a tensor is refused by name, unless the quantizer keeps
     it exact anyway (CDL checkpoints keep the float tensors they do not quantize).
     """
-    values64, w32 = to_float64(rec.array, rec.dtype), to_float32(rec.array, rec.dtype)
+    w32 = to_float32(rec.array, rec.dtype)
+    # float16 / bfloat16 / float32 values are exact in float32: widen that copy rather than convert twice
+    values64 = w32.astype(np.float64) if rec.dtype in _EXACT_IN_FLOAT32 else to_float64(rec.array, rec.dtype)
     finite = bool(np.all(np.isfinite(w32)))
     try:
         result = quantizer.quantize_record(rec, values64, w32, backend)
@@ -205,6 +279,9 @@ def _quantize(quantizer, rec: TensorRecord, backend: str) -> tuple[np.ndarray, d
     if result is not None and not finite:
         raise _not_finite(rec.name)
     return result
+
+
+_EXACT_IN_FLOAT32 = ("float16", "bfloat16", "float32")
 
 
 def _not_finite(name: str) -> CdlInputError:
@@ -265,7 +342,15 @@ def check_decodable(entry: TensorEntry, limits: Limits) -> None:
 def decode_entry(reader: ContainerReader, entry: TensorEntry) -> TensorRecord:
     """One tensor back in storage form (exact for lossless tensors, level x step for quantized ones)."""
     check_decodable(entry, reader.limits)
-    payload = reader.read_payload(entry)
+    return decoded_record(entry, reader.read_payload(entry))
+
+
+def decoded_record(entry: TensorEntry, payload: bytes, *, keep_levels: bool = True,
+                   parallel_backend: bool = True) -> TensorRecord:
+    """The tensor of a checked `entry` (check_decodable) from its `payload`. keep_levels=False drops
+    the int64 levels once dequantized (only the ONNX QDQ writer needs them). parallel_backend=False:
+    a backend that can decode one tensor on several cores (cabac) uses one, for callers that decode
+    several tensors at once (numba's parallel kernels may not be entered from two threads)."""
     if entry.encoding == "plain":
         arr = np.frombuffer(payload, dtype=storage_dtype(entry.dtype)).reshape(entry.shape).copy()
         return TensorRecord(entry.name, arr, entry.dtype)
@@ -278,6 +363,8 @@ def decode_entry(reader: ContainerReader, entry: TensorEntry) -> TensorRecord:
             raise CdlDecodeError(f"tensor {entry.name!r}: exact payload could not be decoded ({exc})") from exc
         return TensorRecord(entry.name, bits.view(storage_dtype(entry.dtype)).reshape(entry.shape), entry.dtype)
     backend = backends.get_for_decoding(entry.backend)
+    if not parallel_backend and getattr(backend, "parallel", False):
+        backend = _single_core(backend)
     try:
         levels = backend.decode(payload, entry.backend_params, entry.count, entry.shape)
     except CdlFormatError as exc:
@@ -287,22 +374,57 @@ def decode_entry(reader: ContainerReader, entry: TensorEntry) -> TensorRecord:
     if not isinstance(levels, np.ndarray) or levels.size != entry.count:
         raise CdlDecodeError(f"tensor {entry.name!r}: decoded the wrong number of levels")
     values = dequantize(levels, entry.quant, entry.shape, entry.dtype, entry.name)
-    return TensorRecord(entry.name, values, entry.dtype, levels=levels, quant=entry.quant)
+    return TensorRecord(entry.name, values, entry.dtype, levels=levels if keep_levels else None, quant=entry.quant)
 
 
-def decode_container(path: str, *, quiet: bool = True, limits: Limits = Limits()) -> ModelFile:
-    """Every tensor of a container, in order, plus its sections and metadata."""
-    with ContainerReader(path, limits) as reader:
-        # refuse a file that cannot be decoded within the limits before decoding any of it
+def _single_core(backend):
+    """A copy of `backend` that decodes on one core (its `parallel` switch off)."""
+    serial = copy.copy(backend)
+    serial.parallel = False
+    return serial
+
+
+def open_container(path: str, limits: Limits = Limits()) -> ContainerReader:
+    """The container at `path`, refused before any decoding when a tensor cannot be decoded within
+    `limits` (the caller closes it)."""
+    reader = ContainerReader(path, limits)
+    try:
         reader.check_decoded_size()
         for entry in reader.tensors:
             check_decodable(entry, limits)
-        total = sum(e.count for e in reader.tensors) or 1
-        out = []
-        with Progress(total, "decoding", quiet=quiet) as bar:
-            for entry in reader.tensors:
-                out.append(decode_entry(reader, entry))
-                bar.update(entry.count)
+    except BaseException:
+        reader.close()
+        raise
+    return reader
+
+
+def iter_decoded(reader: ContainerReader, entries: Iterable[TensorEntry] | None = None, *, threads: int | None = 1,
+                 keep_levels: bool = True, quiet: bool = True) -> Iterator[TensorRecord]:
+    """The decoded tensors of `entries` (default: all, in file order), one at a time and in that order,
+    for a writer that stores each before asking for the next. Payloads are read here, in order; with
+    threads > 1 up to `threads` tensors are decoded at once (a bounded window). Entries must have
+    passed check_decodable (open_container checks them all)."""
+    entries = list(reader.tensors if entries is None else entries)
+    threads = threads or default_threads()
+    # One tensor cannot be shared out between threads: its backend uses the cores itself (cabac chunks).
+    parallel_backend = threads > 1 and len(entries) == 1
+    work = partial(_decoded_pair, keep_levels=keep_levels, parallel_backend=parallel_backend)
+    pairs = ((entry, reader.read_payload(entry)) for entry in entries)
+    with Progress(sum(e.count for e in entries) or 1, "decoding", quiet=quiet) as bar:
+        for record in ordered_map(work, pairs, 1 if parallel_backend else threads):
+            bar.update(record.numel)
+            yield record
+
+
+def _decoded_pair(pair: tuple[TensorEntry, bytes], keep_levels: bool, parallel_backend: bool) -> TensorRecord:
+    return decoded_record(*pair, keep_levels=keep_levels, parallel_backend=parallel_backend)
+
+
+def decode_container(path: str, *, quiet: bool = True, limits: Limits = Limits(), threads: int | None = 1) -> ModelFile:
+    """Every tensor of a container, in order, plus its sections and metadata (all in memory: writers
+    that can take one tensor at a time use open_container and iter_decoded instead)."""
+    with open_container(path, limits) as reader:
+        out = list(iter_decoded(reader, threads=threads, quiet=quiet))
         sections = [(s.name, s.kind, reader.read_section(s)) for s in reader.sections]
         return ModelFile(out, sections, dict(reader.metadata))
 

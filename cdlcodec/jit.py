@@ -27,6 +27,9 @@ def njit(*args, **kwargs):
     defines a kernel that has nothing cached yet, the next progress display says it will compile.
     """
     if HAVE_NUMBA:
+        # Kernels release the GIL (they touch no Python object): tensors coded on several threads
+        # (--threads) then run side by side instead of taking turns.
+        kwargs.setdefault("nogil", True)
         if len(args) == 1 and callable(args[0]):
             return _announce_if_uncached(_numba.njit(args[0], **kwargs))
         decorate = _numba.njit(*args, **kwargs)

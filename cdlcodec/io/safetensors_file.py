@@ -16,12 +16,14 @@ import json
 import math
 import os
 import struct
+from functools import partial
 from typing import Iterator
 
 import numpy as np
 
 from cdlcodec.atomic import atomic_open
 from cdlcodec.errors import CdlInputError
+from cdlcodec.io.lazy import LazyTensorRecord
 from cdlcodec.records import ModelFile, TensorRecord
 
 MAX_HEADER = 100_000_000
@@ -44,8 +46,8 @@ def _brief(shape: list[int]) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def read_safetensors_tensors(path: str) -> Iterator[tuple[str, np.ndarray, str]]:
-    """Yield (name, storage array, dtype name) in offset order; arrays are read-only memory-mapped views."""
+def _index(path: str) -> tuple[int, list[tuple[int, int, str, list[int], str]]]:
+    """(data start, [(begin, end, name, shape, dtype)] in offset order) of a validated file."""
     size = os.path.getsize(path)
     with open(path, "rb") as fh:
         head = fh.read(8)
@@ -62,64 +64,140 @@ def read_safetensors_tensors(path: str) -> Iterator[tuple[str, np.ndarray, str]]
             raise _bad(path, f"header is not JSON: {exc}") from None
         except ValueError:  # Python refuses to convert integers of more than 4,300 digits
             raise _bad(path, "header holds a number with too many digits") from None
-        if not isinstance(header, dict):
-            raise _bad(path, "header is not an object")
-        header.pop("__metadata__", None)
-        entries = []
-        for name, info in header.items():
-            if not isinstance(info, dict):
-                raise _bad(path, f"entry {name!r} is not an object")
-            code, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-            if code not in _CODES:
-                raise CdlInputError(f"{path}: tensor {name!r} has unsupported dtype {code!r}")
-            if (not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape)
-                    or not isinstance(offs, list) or len(offs) != 2 or not all(type(o) is int for o in offs)):
-                raise _bad(path, f"entry {name!r} has a malformed shape or offsets")
-            dtype = _CODES[code]
-            itemsize = np.dtype(_STORAGE[dtype]).itemsize
-            # numpy refuses even an empty array whose other dimensions overflow its index type,
-            # such as [0, 2**70]: bound the product of the non-zero dimensions too
-            if len(shape) > MAX_NDIM or math.prod(max(d, 1) for d in shape) * itemsize > np.iinfo(np.intp).max:
-                raise _bad(path, f"entry {name!r} has a shape no array can have: {_brief(shape)}")
-            nbytes = math.prod(shape) * itemsize
-            if offs[0] < 0 or offs[1] - offs[0] != nbytes or 8 + n + offs[1] > size:
-                raise _bad(path, f"entry {name!r} has offsets that do not fit its shape or the file")
-            entries.append((offs[0], offs[1], name, shape, dtype))
-        entries.sort()
-        position = 0
-        for begin, end, name, _, _ in entries:
-            if begin != position:
-                raise _bad(path, f"data of {name!r} overlaps or leaves a gap")
-            position = end
-    # A read-only memory map: tensors are views, paged in as the encoder reaches them, so a large
-    # model is never held in memory twice.
-    mapped = np.memmap(path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
-    for begin, end, name, shape, dtype in entries:
-        yield name, mapped[8 + n + begin: 8 + n + end].view(_STORAGE[dtype]).reshape(shape), dtype
+    if not isinstance(header, dict):
+        raise _bad(path, "header is not an object")
+    header.pop("__metadata__", None)
+    entries = []
+    for name, info in header.items():
+        if not isinstance(info, dict):
+            raise _bad(path, f"entry {name!r} is not an object")
+        code, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if code not in _CODES:
+            raise CdlInputError(f"{path}: tensor {name!r} has unsupported dtype {code!r}")
+        if (not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape)
+                or not isinstance(offs, list) or len(offs) != 2 or not all(type(o) is int for o in offs)):
+            raise _bad(path, f"entry {name!r} has a malformed shape or offsets")
+        dtype = _CODES[code]
+        itemsize = np.dtype(_STORAGE[dtype]).itemsize
+        # numpy refuses even an empty array whose other dimensions overflow its index type,
+        # such as [0, 2**70]: bound the product of the non-zero dimensions too
+        if len(shape) > MAX_NDIM or math.prod(max(d, 1) for d in shape) * itemsize > np.iinfo(np.intp).max:
+            raise _bad(path, f"entry {name!r} has a shape no array can have: {_brief(shape)}")
+        nbytes = math.prod(shape) * itemsize
+        if offs[0] < 0 or offs[1] - offs[0] != nbytes or 8 + n + offs[1] > size:
+            raise _bad(path, f"entry {name!r} has offsets that do not fit its shape or the file")
+        entries.append((offs[0], offs[1], name, shape, dtype))
+    entries.sort()
+    position = 0
+    for begin, end, name, _, _ in entries:
+        if begin != position:
+            raise _bad(path, f"data of {name!r} overlaps or leaves a gap")
+        position = end
+    return 8 + n, entries
 
 
-def write_safetensors_tensors(path: str, tensors: list[tuple[str, np.ndarray, str]], metadata: dict[str, str] | None = None) -> None:
-    """Write (name, storage array, dtype name) triples atomically (temporary file, then rename)."""
+def _mapped(path: str, offset: int, shape: list[int], dtype: str) -> np.ndarray:
+    """A read-only memory map of one tensor: its pages are read as they are used and leave the
+    process's memory when the array is dropped (one map per tensor, not one for the whole file)."""
+    if not math.prod(shape):
+        return np.zeros(shape, dtype=_STORAGE[dtype])  # mmap refuses empty ranges
+    return np.memmap(path, dtype=_STORAGE[dtype], mode="r", offset=offset, shape=tuple(shape))
+
+
+def read_safetensors_tensors(path: str) -> Iterator[tuple[str, np.ndarray, str]]:
+    """Yield (name, storage array, dtype name) in offset order; arrays are read-only memory-mapped views."""
+    start, entries = _index(path)
+    for begin, _, name, shape, dtype in entries:
+        yield name, _mapped(path, start + begin, shape, dtype), dtype
+
+
+def safetensors_records(path: str) -> list[LazyTensorRecord]:
+    """Every tensor of a validated .safetensors file as a lazy record, in offset order: each access
+    to `array` maps that tensor alone, so encoding holds one tensor at a time, not the file."""
+    start, entries = _index(path)
+    return [LazyTensorRecord(name, dtype, shape, partial(_mapped, path, start + begin, shape, dtype))
+            for begin, _, name, shape, dtype in entries]
+
+
+def _header_blob(plan: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None) -> bytes:
     header: dict = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     offset = 0
-    for name, arr, dtype in tensors:
-        nbytes = arr.size * np.dtype(_STORAGE[dtype]).itemsize
-        header[name] = {"dtype": _NAMES[dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + nbytes]}
+    for name, dtype, shape in plan:
+        nbytes = math.prod(shape) * np.dtype(_STORAGE[dtype]).itemsize
+        header[name] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    blob += b" " * (-len(blob) % 8)  # the reference pads the header to 8-byte alignment
-    with atomic_open(path) as fh:
-        fh.write(struct.pack("<Q", len(blob)))
-        fh.write(blob)
-        for _, arr, dtype in tensors:
-            fh.write(np.ascontiguousarray(arr, dtype=_STORAGE[dtype]).tobytes())
+    return blob + b" " * (-len(blob) % 8)  # the reference pads the header to 8-byte alignment
+
+
+class SafetensorsWriter:
+    """A .safetensors file written tensor by tensor, atomically.
+
+    The header comes first in the format, so it is computed from `plan`, the (name, dtype name,
+    shape) of every tensor in file order (a container index has them before any payload is
+    decoded); `add(record)` then streams each tensor's bytes in that order and `close()` renames the
+    finished file into place. Used as a context manager, an exception leaves no file behind.
+    """
+
+    def __init__(self, path: str, plan, metadata: dict[str, str] | None = None):
+        self._plan = [(name, dtype, tuple(shape)) for name, dtype, shape in plan]
+        blob = _header_blob(self._plan, metadata)
+        self._next = 0
+        self._atomic = atomic_open(path)
+        self._fh = self._atomic.__enter__()
+        try:
+            self._fh.write(struct.pack("<Q", len(blob)))
+            self._fh.write(blob)
+        except BaseException:
+            self.abort()
+            raise
+
+    def add(self, record) -> None:
+        if self._next >= len(self._plan):
+            raise CdlInputError(f"tensor {record.name!r} was not planned for this .safetensors file")
+        name, dtype, shape = self._plan[self._next]
+        if (record.name, record.dtype, tuple(record.shape)) != (name, dtype, shape):
+            raise CdlInputError(f"tensor {record.name!r} ({record.dtype}, {record.shape}) is not the planned "
+                                f"{name!r} ({dtype}, {shape})")
+        self._fh.write(memoryview(np.ascontiguousarray(record.array, dtype=_STORAGE[dtype])).cast("B"))
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self._plan):
+            missing = self._plan[self._next][0]
+            self.abort()
+            raise CdlInputError(f".safetensors output is missing tensor {missing!r}")
+        atomic, self._atomic = self._atomic, None
+        atomic.__exit__(None, None, None)
+
+    def abort(self) -> None:
+        """Remove the temporary file; the target path is left untouched."""
+        if self._atomic is not None:
+            atomic, self._atomic = self._atomic, None
+            atomic.__exit__(CdlInputError, CdlInputError("output abandoned"), None)
+
+    def __enter__(self) -> "SafetensorsWriter":
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_safetensors_tensors(path: str, tensors: list[tuple[str, np.ndarray, str]], metadata: dict[str, str] | None = None) -> None:
+    """Write (name, storage array, dtype name) triples atomically (temporary file, then rename)."""
+    with SafetensorsWriter(path, [(name, dtype, arr.shape) for name, arr, dtype in tensors], metadata) as writer:
+        for name, arr, dtype in tensors:
+            writer.add(TensorRecord(name, arr, dtype))
 
 
 def read_safetensors(path: str) -> ModelFile:
     """Every tensor of a .safetensors file as records, in offset order."""
-    records = [TensorRecord(n, a, d) for n, a, d in read_safetensors_tensors(path)]
+    records = safetensors_records(path)
     if not records:
         raise CdlInputError(f"{path}: contains no tensors")
     return ModelFile(records, [], {"source.kind": "safetensors"})
@@ -127,4 +205,6 @@ def read_safetensors(path: str) -> ModelFile:
 
 def write_safetensors(path: str, model: ModelFile) -> None:
     """The decoded tensors as a .safetensors file, atomically (sections have no place in it)."""
-    write_safetensors_tensors(path, [(r.name, r.array, r.dtype) for r in model.records])
+    with SafetensorsWriter(path, [(r.name, r.dtype, r.shape) for r in model.records]) as writer:
+        for record in model.records:
+            writer.add(record)

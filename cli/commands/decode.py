@@ -23,12 +23,15 @@ from cdlcodec.cli.flags import progress_option
               help="With --weights qdq: MatMul weights that fit 4/8 bits become onnxruntime's com.microsoft "
                    "MatMulNBits with float activations (runs only in onnxruntime; same outputs under its "
                    "default session options, integer kernel).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Tensors coded at once (default: every core). The output is the same for any N; memory "
+                   "holds about N+1 tensors, never the whole model.")
 @click.option("--only", multiple=True, metavar="GLOB",
               help="Decode only the tensors whose name matches GLOB (repeatable; e.g. 'model.layers.3.*'), reading "
                    "just their payloads, to a .safetensors or .pt file; says how many bytes were read.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 @progress_option
-def command(container, output, weights, no_int4, keep_opset, matmul_nbits, only, quiet):
+def command(container, output, weights, no_int4, keep_opset, matmul_nbits, only, quiet, threads):
     """Decode CONTAINER back into a model file with the original names, shapes and dtypes."""
     import warnings
 
@@ -44,7 +47,7 @@ def command(container, output, weights, no_int4, keep_opset, matmul_nbits, only,
         options["matmul_nbits"] = True
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", OnnxOutputNote)
-        model = decode(container, output, quiet=quiet, only=only, **options)
+        model = decode(container, output, quiet=quiet, only=only, threads=threads, **options)
     for warning in caught:  # notes are said even with -q: they describe what was written
         if issubclass(warning.category, OnnxOutputNote):
             click.echo(f"cdlcodec: note: {warning.message}", err=True)

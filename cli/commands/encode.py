@@ -61,11 +61,14 @@ FLAGS = {"rel_step": "--rel-step", "step": "--step", "bits": "--bits", "lam": "-
 @click.option("--lossless", is_flag=True,
               help="Quantize nothing: every tensor is stored exactly, bit for bit (float tensors with the exact "
                    "float coder where it is smaller, docs/backends.md).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Tensors coded at once (default: every core). The output is the same for any N; memory "
+                   "holds about N+1 tensors, never the whole model.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 @progress_option
 def command(model, output, rel_step, step, bits, backend, keep, arch, lam, granularity, trellis, cpmf, seed,
             target_cosine, target_agreement, target_rel_mse, calibration, no_gptq, same_decisions, lossless, quiet,
-            deploy):
+            deploy, threads):
     """Quantize and entropy-code MODEL (.onnx, .pt/.pth state_dict or checkpoint, .safetensors, .pt2, or a sharded safetensors folder) into a .cdl file.
 
     Tensors with two or more dimensions are quantized to integers k = round(w / step); 1-D tensors
@@ -106,7 +109,7 @@ def command(model, output, rel_step, step, bits, backend, keep, arch, lam, granu
         elif step_options:
             quantizer = make("uniform", **step_rule)
         cdl_quantizer = None if cpmf is None else make("cpmf", mode=cpmf, seed=seed or 0)
-    options = EncodeOptions(quantizer, backend, tuple(keep), quiet, cdl_quantizer, lossless=lossless)
+    options = EncodeOptions(quantizer, backend, tuple(keep), quiet, cdl_quantizer, lossless=lossless, threads=threads)
     if lossless:  # nothing is quantized, so nothing that chooses or checks quantization applies
         given = step_options + [flag for flag, value in (
             ("--cpmf", cpmf), ("--target-cosine", target_cosine), ("--target-agreement", target_agreement),
