@@ -49,6 +49,7 @@ PARALLEL_BATCH = 256           # chunks per parallel kernel call: its per-chunk 
 # zero bytes that end its final value (at most 4, more only when the last bytes of the stream were
 # zero by chance) and the decoder reads zeros past the end (max_chunk_levels).
 TERMINATION_SLACK = 8
+DECODE_PADDING = 8             # zero bytes after the payload in the decoder's copy (at least 1)
 
 
 class _Reader:
@@ -238,7 +239,9 @@ class CabacBackend:
         out = np.empty(count, dtype=np.int64)
         if count == 0:
             return out
-        buf = np.frombuffer(payload, dtype=np.uint8)
+        # the kernels load a byte past a chunk's end without a branch (then mask it): pad by one
+        buf = np.zeros(len(payload) + DECODE_PADDING, dtype=np.uint8)
+        buf[:len(payload)] = np.frombuffer(payload, dtype=np.uint8)
         errs = np.zeros(n_chunks, dtype=np.int64)
         fast, slow = (int(v) for v in RATE_PAIRS[stream.rate_idx])
         args = (chunk_size, stream.n_gt, stream.mode, stream.row_len, fast, slow)

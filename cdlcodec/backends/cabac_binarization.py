@@ -48,8 +48,8 @@ from ..jit import njit, prange
 
 from .base import MAX_ABS_LEVEL
 from .cabac_coder import (
-    CODE, COST_FRAC_BITS, COST_TABLE, ERR, ERR_CHECK, ERR_LEVEL, ERR_NONE, ERR_PREFIX, LOW, RANGE, STATE_SIZE,
-    WARM_SHIFT, bin_cost, ctx_prob, ctx_update, dec_bin, dec_bypass, dec_finish, dec_init, enc_bin,
+    CODE, COST_FRAC_BITS, COST_TABLE, CTX_FIELDS, ERR, ERR_CHECK, ERR_LEVEL, ERR_NONE, ERR_PREFIX, ERR_UNPADDED, LOW,
+    RANGE, STATE_SIZE, WARM_SHIFT, bin_cost, ctx_prob, ctx_update, dec_bin, dec_bypass, dec_finish, dec_init, enc_bin,
     enc_bypass, enc_finish, enc_init, new_contexts, reset_contexts,
 )
 
@@ -74,27 +74,28 @@ CHECK_BITS = 16
 CHECK_VALUE = 0xB5E3
 
 
-# The coder's hot state travels as two values (x, rng): x is `low` when encoding, `code` when
-# decoding and the cost accumulator when estimating.
+# The coder's hot state travels as three values (x, rng, pos): x is `low` when encoding, `code`
+# when decoding and the cost accumulator when estimating; pos is the decoder's input position
+# (passed through unchanged by the other uses).
 
 @njit(cache=True, inline="always")
-def _bin(op, x, rng, st, buf, ctx, ci, bit, fast, slow):
-    """One context-coded bin; returns (bit, x, rng)."""
+def _bin(op, x, rng, pos, st, buf, ctx, ci, bit, fast, slow):
+    """One context-coded bin; returns (bit, x, rng, pos)."""
     p = ctx_prob(ctx, ci)
     if op == OP_ENCODE:
         x, rng = enc_bin(st, buf, x, rng, p, bit)
     elif op == OP_DECODE:
-        bit, x, rng = dec_bin(st, buf, x, rng, p)
+        bit, x, rng, pos = dec_bin(st, buf, x, rng, pos, p)
     else:
         x += bin_cost(p, bit, COST_TABLE)
     if op != OP_PEEK:
         ctx_update(ctx, ci, bit, fast, slow, WARM_SHIFT)
-    return bit, x, rng
+    return bit, x, rng, pos
 
 
 @njit(cache=True, inline="always")
-def _bypass(op, x, rng, st, buf, value, nbits):
-    """nbits (0..31) equiprobable bins, most significant first; returns (value, x, rng)."""
+def _bypass(op, x, rng, pos, st, buf, value, nbits):
+    """nbits (0..31) equiprobable bins, most significant first; returns (value, x, rng, pos)."""
     result = 0
     while nbits > 0:
         m = nbits if nbits < 8 else 8
@@ -103,11 +104,11 @@ def _bypass(op, x, rng, st, buf, value, nbits):
         if op == OP_ENCODE:
             x, rng = enc_bypass(st, buf, x, rng, part, m)
         elif op == OP_DECODE:
-            part, x, rng = dec_bypass(st, buf, x, rng, m)
+            part, x, rng, pos = dec_bypass(st, buf, x, rng, pos, m)
         else:
             x += m << COST_FRAC_BITS
         result = (result << m) | part
-    return result, x, rng
+    return result, x, rng, pos
 
 
 @njit(cache=True, inline="always")
@@ -118,8 +119,8 @@ def _sign_class(v):
 
 
 @njit(cache=True, inline="always")
-def code_level(op, x, rng, k, a, b, u, mode, n_gt, ctx, st, buf, fast, slow):
-    """Walk the bins of level k (see module docstring); returns (level, x, rng) where level is k,
+def code_level(op, x, rng, pos, k, a, b, u, mode, n_gt, ctx, st, buf, fast, slow):
+    """Walk the bins of level k (see module docstring); returns (level, x, rng, pos) where level is k,
     or the decoded level for OP_DECODE (then k is ignored). Decode errors set st[ERR], level 0."""
     sa = _sign_class(a)
     if mode == MODE_PREV:
@@ -137,17 +138,17 @@ def code_level(op, x, rng, k, a, b, u, mode, n_gt, ctx, st, buf, fast, slow):
         g = 0 if s == 0 else (1 if s <= 2 else 2)
     mag = abs(k)
 
-    sig, x, rng = _bin(op, x, rng, st, buf, ctx, SIG_BASE + sa * N_SIG_MAG + m, 1 if k != 0 else 0, fast, slow)
+    sig, x, rng, pos = _bin(op, x, rng, pos, st, buf, ctx, SIG_BASE + sa * N_SIG_MAG + m, 1 if k != 0 else 0, fast, slow)
     if sig == 0:
-        return 0, x, rng
-    neg, x, rng = _bin(op, x, rng, st, buf, ctx, SIGN_BASE + sa * 3 + s2, 1 if k < 0 else 0, fast, slow)
+        return 0, x, rng, pos
+    neg, x, rng, pos = _bin(op, x, rng, pos, st, buf, ctx, SIGN_BASE + sa * 3 + s2, 1 if k < 0 else 0, fast, slow)
 
     gbase = GT_BASE + neg * (MAX_GT * N_GT_CLASS) + g
     val = 1
     for j in range(n_gt):
-        gt, x, rng = _bin(op, x, rng, st, buf, ctx, gbase + j * N_GT_CLASS, 1 if mag > val else 0, fast, slow)
+        gt, x, rng, pos = _bin(op, x, rng, pos, st, buf, ctx, gbase + j * N_GT_CLASS, 1 if mag > val else 0, fast, slow)
         if gt == 0:
-            return (-val if neg else val), x, rng
+            return (-val if neg else val), x, rng, pos
         val += 1
 
     # Remainder |k| - n - 1 as Exp-Golomb order 0 of v = |k| - n >= 1.
@@ -159,17 +160,17 @@ def code_level(op, x, rng, k, a, b, u, mode, n_gt, ctx, st, buf, fast, slow):
     while True:
         if j >= MAX_PREFIX:
             st[ERR] = ERR_PREFIX
-            return 0, x, rng
-        more, x, rng = _bin(op, x, rng, st, buf, ctx, EG_BASE + j, 1 if j < nb else 0, fast, slow)
+            return 0, x, rng, pos
+        more, x, rng, pos = _bin(op, x, rng, pos, st, buf, ctx, EG_BASE + j, 1 if j < nb else 0, fast, slow)
         if more == 0:
             break
         j += 1
-    low_bits, x, rng = _bypass(op, x, rng, st, buf, v, j)
+    low_bits, x, rng, pos = _bypass(op, x, rng, pos, st, buf, v, j)
     mag = n_gt + ((1 << j) | low_bits)
     if mag > MAX_ABS_LEVEL:
         st[ERR] = ERR_LEVEL
-        return 0, x, rng
-    return (-mag if neg else mag), x, rng
+        return 0, x, rng, pos
+    return (-mag if neg else mag), x, rng, pos
 
 
 @njit(cache=True, inline="always")
@@ -186,7 +187,7 @@ def neighbours(levels, i, start, row_len):
 # inlined bin functions cost an atomic incref/decref pair per bin, which halves the speed. They
 # therefore allocate nothing; the wrappers below allocate the coder state and contexts.
 
-@njit(cache=True, _nrt=False)
+@njit(cache=True, _nrt=False, nogil=True)
 def _encode_chunk(levels, s, e, n_gt, mode, row_len, fast, slow, buf, pos, st, ctx):
     enc_init(st, pos, buf.shape[0])
     reset_contexts(ctx)
@@ -197,17 +198,17 @@ def _encode_chunk(levels, s, e, n_gt, mode, row_len, fast, slow, buf, pos, st, c
     for i in range(s, e):
         u = levels[i - row_len] if row_len > 0 and i - row_len >= s else 0
         k = levels[i]
-        _, x, rng = code_level(OP_ENCODE, x, rng, k, a, b, u, mode, n_gt, ctx, st, buf, fast, slow)
+        _, x, rng, _ = code_level(OP_ENCODE, x, rng, 0, k, a, b, u, mode, n_gt, ctx, st, buf, fast, slow)
         b = a
         a = k
-    _, x, rng = _bypass(OP_ENCODE, x, rng, st, buf, CHECK_VALUE, CHECK_BITS)
+    _, x, rng, _ = _bypass(OP_ENCODE, x, rng, 0, st, buf, CHECK_VALUE, CHECK_BITS)
     end = enc_finish(st, buf, pos, x, rng)
     if st[ERR] != ERR_NONE:
         return -1
     return end
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def encode_chunks(levels, chunk_size, n_gt, mode, row_len, fast, slow, buf, chunk_ends):
     """Encode every chunk into buf back to back; chunk_ends[c] = end offset of chunk c.
     Returns the total length, or -1 when buf is too small."""
@@ -224,9 +225,9 @@ def encode_chunks(levels, chunk_size, n_gt, mode, row_len, fast, slow, buf, chun
     return pos
 
 
-@njit(cache=True, _nrt=False)
+@njit(cache=True, _nrt=False, nogil=True)
 def _decode_chunk(buf, start, end, out, s, e, n_gt, mode, row_len, fast, slow, st, ctx):
-    dec_init(st, buf, start, end)
+    pos = dec_init(st, buf, start, end)
     if st[ERR] != ERR_NONE:
         return st[ERR]
     reset_contexts(ctx)
@@ -236,23 +237,27 @@ def _decode_chunk(buf, start, end, out, s, e, n_gt, mode, row_len, fast, slow, s
     b = np.int64(0)
     for i in range(s, e):
         u = out[i - row_len] if row_len > 0 and i - row_len >= s else 0
-        k, x, rng = code_level(OP_DECODE, x, rng, 0, a, b, u, mode, n_gt, ctx, st, buf, fast, slow)
+        k, x, rng, pos = code_level(OP_DECODE, x, rng, pos, 0, a, b, u, mode, n_gt, ctx, st, buf, fast, slow)
         if st[ERR] != ERR_NONE:
             return st[ERR]
         out[i] = k
         b = a
         a = k
-    check, x, rng = _bypass(OP_DECODE, x, rng, st, buf, 0, CHECK_BITS)
+    check, x, rng, pos = _bypass(OP_DECODE, x, rng, pos, st, buf, 0, CHECK_BITS)
     if check != CHECK_VALUE and st[ERR] == ERR_NONE:
         st[ERR] = ERR_CHECK
-    dec_finish(st, start)
+    dec_finish(st, pos)
     return st[ERR]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def decode_chunks_serial(buf, offsets, chunk_size, n_gt, mode, row_len, fast, slow, out, errs):
-    """Decode chunk c from buf[offsets[c]:offsets[c+1]] into out; errs[c] = error code (0 = fine)."""
+    """Decode chunk c from buf[offsets[c]:offsets[c+1]] into out; errs[c] = error code (0 = fine).
+    buf must extend at least one byte past the last offset (cabac_coder: the decoder's byte reads)."""
     n = out.shape[0]
+    if offsets[offsets.shape[0] - 1] >= buf.shape[0]:
+        errs[:] = ERR_UNPADDED
+        return
     st = np.zeros(STATE_SIZE, dtype=np.int64)
     ctx = new_contexts(N_CONTEXTS)
     for c in range(offsets.shape[0] - 1):
@@ -261,20 +266,23 @@ def decode_chunks_serial(buf, offsets, chunk_size, n_gt, mode, row_len, fast, sl
                                 n_gt, mode, row_len, fast, slow, st, ctx)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def decode_chunks_parallel(buf, offsets, chunk_size, n_gt, mode, row_len, fast, slow, out, errs):
     """As decode_chunks_serial, one chunk per task on every core."""
     n = out.shape[0]
     n_chunks = offsets.shape[0] - 1
+    if offsets[n_chunks] >= buf.shape[0]:
+        errs[:] = ERR_UNPADDED
+        return
     states = np.zeros((n_chunks, STATE_SIZE), dtype=np.int64)
-    contexts = np.zeros((n_chunks, N_CONTEXTS, 3), dtype=np.int64)
+    contexts = np.zeros((n_chunks, N_CONTEXTS, CTX_FIELDS), dtype=np.int64)
     for c in prange(n_chunks):
         s = c * chunk_size
         errs[c] = _decode_chunk(buf, offsets[c], offsets[c + 1], out, s, min(n, s + chunk_size),
                                 n_gt, mode, row_len, fast, slow, states[c], contexts[c])
 
 
-@njit(cache=True, _nrt=False)
+@njit(cache=True, _nrt=False, nogil=True)
 def _cost_chunk(levels, s, e, n_gt, mode, row_len, fast, slow, st, ctx):
     reset_contexts(ctx)
     x = np.int64(CHECK_BITS << COST_FRAC_BITS)
@@ -284,13 +292,13 @@ def _cost_chunk(levels, s, e, n_gt, mode, row_len, fast, slow, st, ctx):
     for i in range(s, e):
         u = levels[i - row_len] if row_len > 0 and i - row_len >= s else 0
         k = levels[i]
-        _, x, rng = code_level(OP_COST, x, rng, k, a, b, u, mode, n_gt, ctx, st, st, fast, slow)
+        _, x, rng, _ = code_level(OP_COST, x, rng, 0, k, a, b, u, mode, n_gt, ctx, st, st, fast, slow)
         b = a
         a = k
     return x
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def cost_chunks(levels, chunk_size, n_gt, mode, row_len, fast, slow, limit):
     """Estimated cost (1/65536 bit) of the first `limit` levels, chunked and adapted as the encoder
     would, check bins included (termination bytes are not)."""
@@ -308,15 +316,15 @@ def cost_chunks(levels, chunk_size, n_gt, mode, row_len, fast, slow, limit):
 
 # --- rate model for RD quantization -------------------------------------------------------------
 
-@njit(cache=True, _nrt=False)
+@njit(cache=True, _nrt=False, nogil=True)
 def rate_cost(ctx, st, k, a, b, u, mode, n_gt, fast, slow):
     """Cost of coding level k next (1/65536 bit) in state ctx; ctx is not changed."""
-    _, cost, _ = code_level(OP_PEEK, np.int64(0), np.int64(0), k, a, b, u, mode, n_gt, ctx, st, st, fast, slow)
+    _, cost, _, _ = code_level(OP_PEEK, np.int64(0), np.int64(0), 0, k, a, b, u, mode, n_gt, ctx, st, st, fast, slow)
     return cost
 
 
-@njit(cache=True, _nrt=False)
+@njit(cache=True, _nrt=False, nogil=True)
 def rate_update(ctx, st, k, a, b, u, mode, n_gt, fast, slow):
     """Adapt ctx as the encoder does after coding level k; returns k's cost (1/65536 bit)."""
-    _, cost, _ = code_level(OP_COST, np.int64(0), np.int64(0), k, a, b, u, mode, n_gt, ctx, st, st, fast, slow)
+    _, cost, _, _ = code_level(OP_COST, np.int64(0), np.int64(0), 0, k, a, b, u, mode, n_gt, ctx, st, st, fast, slow)
     return cost

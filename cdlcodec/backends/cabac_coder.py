@@ -26,6 +26,16 @@ Each context holds two 16-bit estimates of P(bin = 1), adapted with shifts `fast
 context is young its shift is capped at bitlength(count + 1), so the first updates behave like a
 frequency count (rate 1/2, 1/3, 1/4, ...) and a context learns in a handful of bins instead of ~2**slow;
 this is what keeps the cost of resetting contexts at every chunk small.
+
+Decoder speed (none of this changes a coded byte)
+-------------------------------------------------
+Each context also caches the clamped probability the coder uses (CTX_PROB), recomputed when the
+context adapts, so the next bin with that context starts with one load instead of two loads, an
+add, a shift and a clamp on its critical path. The bin decision and the first renormalisation byte
+are branch-free (a bin value is a coin toss the branch predictor loses); the decoder reads its
+input position as a value, not through the state array, and its buffer extends at least one byte
+past the last chunk so that a byte can be loaded unconditionally and masked to zero past the end.
+Array indices on the hot path are unsigned, which spares numba's negative-index fix-up.
 """
 from __future__ import annotations
 
@@ -42,7 +52,8 @@ PROB_BITS = 15                      # precision of the probability used to split
 STATE_BITS = 16                     # precision of each of the two estimators
 
 # Error codes a decode kernel reports through state[ERR] (0 = fine).
-ERR_NONE, ERR_BAD_START, ERR_BYPASS, ERR_PREFIX, ERR_LEVEL, ERR_CHECK, ERR_TRAILING, ERR_OVERFLOW = range(8)
+(ERR_NONE, ERR_BAD_START, ERR_BYPASS, ERR_PREFIX, ERR_LEVEL, ERR_CHECK, ERR_TRAILING, ERR_OVERFLOW,
+ ERR_UNPADDED) = range(9)
 ERROR_TEXT = {
     ERR_BAD_START: "range-coder stream starts with an impossible value",
     ERR_BYPASS: "bypass bins out of range (corrupt stream)",
@@ -51,10 +62,12 @@ ERROR_TEXT = {
     ERR_CHECK: "end-of-chunk check bins do not match (stream truncated or corrupt)",
     ERR_TRAILING: "chunk has bytes the decoder never needed (corrupt lengths)",
     ERR_OVERFLOW: "encoder output buffer full",
+    ERR_UNPADDED: "internal: decoder buffer does not extend past the last chunk",
 }
 
-# Context table layout: ctx[i] = (fast estimate, slow estimate, use count).
-CTX_FAST, CTX_SLOW, CTX_COUNT = 0, 1, 2
+# Context table layout: ctx[i] = (fast estimate, slow estimate, use count, clamped P(1) in 15 bits).
+CTX_FAST, CTX_SLOW, CTX_COUNT, CTX_PROB = 0, 1, 2, 3
+CTX_FIELDS = 4
 MAX_COUNT = 1023
 
 # The most bins one bit of stream can hold. A bin costs at least -log2(r) bits, r being the largest
@@ -82,49 +95,56 @@ del _p
 
 # --- probability model ------------------------------------------------------------------------
 
-@njit(cache=True, _nrt=False)
+@njit(cache=True, _nrt=False, nogil=True)
 def reset_contexts(ctx):
     """Every estimate back to probability 1/2, every use count to 0."""
     for i in range(ctx.shape[0]):
         ctx[i, CTX_FAST] = 1 << (STATE_BITS - 1)
         ctx[i, CTX_SLOW] = 1 << (STATE_BITS - 1)
         ctx[i, CTX_COUNT] = 0
+        ctx[i, CTX_PROB] = 1 << (PROB_BITS - 1)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def new_contexts(n: int) -> np.ndarray:
     """n fresh contexts, every estimate at probability 1/2."""
-    ctx = np.empty((n, 3), dtype=np.int64)
+    ctx = np.empty((n, CTX_FIELDS), dtype=np.int64)
     reset_contexts(ctx)
     return ctx
 
 
 @njit(cache=True, inline="always")
 def ctx_prob(ctx, ci):
-    """P(bin = 1) of context ci in 15 bits, clamped to [1, 2**15 - 1]."""
-    p = (ctx[ci, CTX_FAST] + ctx[ci, CTX_SLOW]) >> (STATE_BITS + 1 - PROB_BITS)
-    if p < 1:
-        p = 1
-    elif p > (1 << PROB_BITS) - 1:
-        p = (1 << PROB_BITS) - 1
-    return p
+    """P(bin = 1) of context ci in 15 bits, clamped to [1, 2**15 - 1] (cached by ctx_update)."""
+    return ctx[np.uint64(ci), CTX_PROB]
+
+
+@njit(cache=True, inline="always")
+def _clamped_prob(pf, ps):
+    """The mean of the two estimates in 15 bits, clamped to [1, 2**15 - 1]."""
+    p = (pf + ps) >> (STATE_BITS + 1 - PROB_BITS)
+    return min(max(p, 1), (1 << PROB_BITS) - 1)
 
 
 @njit(cache=True, inline="always")
 def ctx_update(ctx, ci, bit, fast, slow, warm):
     """Move both estimates of context ci towards `bit`: p += ((bit << 16) - p) >> shift.
     Branch-free (the bin value is unpredictable); the arithmetic shift rounds towards -inf,
-    so an estimate stays in [0, 2**16 - 1] and ctx_prob's clamp keeps the coder's p valid."""
+    so an estimate stays in [0, 2**16 - 1] and the clamp keeps the coder's p valid."""
+    ci = np.uint64(ci)  # an index only: numba skips the negative-index fix-up for unsigned ones
     c = ctx[ci, CTX_COUNT]
-    cap = warm[c]
+    cap = warm[np.uint64(c)]
     sf = min(fast, cap)
     ss = min(slow, cap)
     ctx[ci, CTX_COUNT] = c + (c < MAX_COUNT)
     target = bit << STATE_BITS
     pf = ctx[ci, CTX_FAST]
     ps = ctx[ci, CTX_SLOW]
-    ctx[ci, CTX_FAST] = pf + ((target - pf) >> sf)
-    ctx[ci, CTX_SLOW] = ps + ((target - ps) >> ss)
+    pf += (target - pf) >> sf
+    ps += (target - ps) >> ss
+    ctx[ci, CTX_FAST] = pf
+    ctx[ci, CTX_SLOW] = ps
+    ctx[ci, CTX_PROB] = _clamped_prob(pf, ps)
 
 
 @njit(cache=True, inline="always")
@@ -135,7 +155,7 @@ def bin_cost(p, bit, cost_table):
 
 # --- encoder ----------------------------------------------------------------------------------
 
-@njit(cache=True, _nrt=False)
+@njit(cache=True, _nrt=False, nogil=True)
 def enc_init(st, start, end):
     """Start an encoder writing into buf[start:end]."""
     st[LOW] = 0
@@ -149,7 +169,7 @@ def enc_init(st, start, end):
     st[COST] = 0
 
 
-@njit(cache=True, _nrt=False)
+@njit(cache=True, _nrt=False, nogil=True)
 def _emit(st, buf, byte):
     if st[SKIP]:
         st[SKIP] = 0
@@ -162,7 +182,7 @@ def _emit(st, buf, byte):
     st[POS] = pos + 1
 
 
-@njit(cache=True, _nrt=False)
+@njit(cache=True, _nrt=False, nogil=True)
 def _shift_low(st, buf, low):
     """Move the top byte of low out (through the carry cache); returns the new low."""
     if low < 0xFF000000 or low > MASK32:
@@ -208,7 +228,7 @@ def enc_bypass(st, buf, low, rng, value, nbits):
     return low, rng
 
 
-@njit(cache=True, _nrt=False)
+@njit(cache=True, _nrt=False, nogil=True)
 def enc_finish(st, buf, start, low, rng):
     """Write the shortest value inside the final interval; returns the end position of the stream."""
     for nbytes in range(5):
@@ -227,66 +247,78 @@ def enc_finish(st, buf, start, low, rng):
 
 # --- decoder ----------------------------------------------------------------------------------
 
+# The decoder's input position travels with (code, range) as a value. `buf` must extend at least
+# one byte past `end` (the last chunk's end): bytes at or past `end` read as zero without a branch.
+
 @njit(cache=True, inline="always")
-def _next_byte(st, buf):
-    pos = st[POS]
-    st[POS] = pos + 1
-    if pos < st[END]:
-        return np.int64(buf[pos])
-    return np.int64(0)
+def _read_byte(buf, pos, end):
+    return np.int64(buf[np.uint64(min(pos, end))]) & -np.int64(pos < end)
 
 
-@njit(cache=True, _nrt=False)
+@njit(cache=True, _nrt=False, nogil=True)
 def dec_init(st, buf, start, end):
-    """Start a decoder on buf[start:end] (end must be <= len(buf); checked by the caller)."""
-    st[POS] = start
+    """Start a decoder on buf[start:end] (the caller checked end < len(buf)); returns the position
+    after the first four bytes (code and range are in st)."""
     st[END] = end
     st[RANGE] = MASK32
     st[ERR] = ERR_NONE
     st[COST] = 0
     code = 0
+    pos = start
     for _ in range(4):
-        code = (code << 8) | _next_byte(st, buf)
+        code = (code << 8) | _read_byte(buf, pos, end)
+        pos += 1
     st[CODE] = code
+    st[POS] = pos
     if code >= MASK32:
         st[ERR] = ERR_BAD_START
+    return pos
 
 
 @njit(cache=True, inline="always")
-def dec_bin(st, buf, code, rng, p):
-    """Decode one regular bin with P(1) = p (15 bits); returns (bit, code, range)."""
-    bound = (rng >> PROB_BITS) * p
-    if code < bound:
-        rng = bound
-        bit = 1
-    else:
-        code -= bound
-        rng -= bound
-        bit = 0
+def _renormalise(buf, code, rng, pos, end):
+    """Bring range back to [2**24, 2**32): the first byte without a branch, a rare second one with."""
+    need = np.int64(rng < TOP)
+    shift = need << 3
+    code = (code << shift) | (_read_byte(buf, pos, end) & -need)
+    rng <<= shift
+    pos += need
     while rng < TOP:
         rng <<= 8
-        code = (code << 8) | _next_byte(st, buf)
-    return bit, code, rng
+        code = (code << 8) | _read_byte(buf, pos, end)
+        pos += 1
+    return code, rng, pos
 
 
 @njit(cache=True, inline="always")
-def dec_bypass(st, buf, code, rng, nbits):
+def dec_bin(st, buf, code, rng, pos, p):
+    """Decode one regular bin with P(1) = p (15 bits); returns (bit, code, range, pos)."""
+    bound = (rng >> PROB_BITS) * p
+    bit = np.int64(code < bound)
+    keep = bit - 1                                  # 0 when the bin is 1, all ones when it is 0
+    code -= bound & keep
+    rng = bound + ((rng - 2 * bound) & keep)        # bound, or rng - bound
+    code, rng, pos = _renormalise(buf, code, rng, pos, st[END])
+    return bit, code, rng, pos
+
+
+@njit(cache=True, inline="always")
+def dec_bypass(st, buf, code, rng, pos, nbits):
     """Decode nbits (1..8) equiprobable bins; flags ERR_BYPASS on an impossible value.
-    Returns (value, code, range)."""
+    Returns (value, code, range, pos)."""
     rng >>= nbits
     value = code // rng
     if value >= (1 << nbits):
         st[ERR] = ERR_BYPASS
         value = 0
     code -= value * rng
-    while rng < TOP:
-        rng <<= 8
-        code = (code << 8) | _next_byte(st, buf)
-    return value, code, rng
+    code, rng, pos = _renormalise(buf, code, rng, pos, st[END])
+    return value, code, rng, pos
 
 
-@njit(cache=True, _nrt=False)
-def dec_finish(st, start):
+@njit(cache=True, _nrt=False, nogil=True)
+def dec_finish(st, pos):
     """After the last bin: every byte of the chunk must have been needed."""
-    if st[ERR] == ERR_NONE and st[END] > st[POS]:
+    st[POS] = pos
+    if st[ERR] == ERR_NONE and st[END] > pos:
         st[ERR] = ERR_TRAILING
