@@ -219,3 +219,20 @@ def test_finetune_then_encode_decode_onnx_matches_the_rebuilt_model(tmp_path, cl
 
     graph = onnx.load(str(tmp_path / "tiny.onnx")).graph
     assert sum(n.op_type == "QuantizeLinear" for n in graph.node) == len(activation_quantizers(model)) == 3
+
+
+def test_a_malformed_carried_graph_leaves_the_container_without_one(tmp_path):
+    """A checkpoint's "cdl.graph" entry that is not ONNX: a warning, no graph, no tensor of that name."""
+    import cdlcodec
+    from cdlcodec.cdl.checkpoint import atomic_torch_save, cdl_state_dict
+    from cdlcodec.io.cdl_checkpoint import GRAPH_KEY
+
+    model = convert(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), bits=4)
+    state = cdl_state_dict(model, architecture="lenet5", bits=4, first_last_bits=8, example_input=(1, 4))
+    assert state[GRAPH_KEY].dtype == torch.uint8 and state[GRAPH_KEY].numel() > 100
+    state[GRAPH_KEY] = torch.tensor([1, 2, 3, 250, 251], dtype=torch.uint8)
+    atomic_torch_save(state, str(tmp_path / "bad.pt"))
+    with pytest.warns(UserWarning, match="no ONNX graph stored.*not an ONNX model"):
+        cdlcodec.encode(str(tmp_path / "bad.pt"), str(tmp_path / "bad.cdl"))
+    decoded = cdlcodec.decode(str(tmp_path / "bad.cdl"), str(tmp_path / "bad.safetensors"))
+    assert GRAPH_KEY not in {r.name for r in decoded.records} and not any(k == "onnx" for _, k, _ in decoded.sections)
