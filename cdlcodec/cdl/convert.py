@@ -171,8 +171,9 @@ def convert(model: nn.Module, bits: int = 4, first_last_bits: int | None = 8, mo
     BoundedActivationQuantizer). Signed activations (GELU, SiLU, LeakyReLU, tanh, ...) stay float:
     the paper's activation alphabet is unsigned. A module used once is replaced in place; functional
     activations and a module called at several places (each call gets its own quantizer) need the
-    forward rewritten, and then the result is a torch.fx.GraphModule sharing the parameters (same
-    state_dict names) while `model` itself is left with float activations. When the forward cannot
+    forward rewritten, and then the result is a torch.fx.GraphModule sharing the parameters and
+    submodules (same state_dict names); `model`'s own forward still calls the float functional
+    activations, so keep using the returned module. When the forward cannot
     be traced, only activation modules are replaced (a shared one gives one shared quantizer) and a
     warning says so. `converted.cdl_report` (ConversionReport) lists what was converted and what not.
 
