@@ -10,51 +10,23 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 from ..optional import require
 require("torch", "CDL training")
 import torch
 
-from .quantizer import cpmf
+from .quantizer import cpmf, quantize_with_mpmf
 
 _LOG2 = math.log(2.0)
 
 
-class MpmfFunction(torch.autograd.Function):
-    """S[l] = Σ_i P(l | θ_i) over the alphabet (numba, cdl/_kernels.py), differentiable in θ, step, sharpness."""
-
-    @staticmethod
-    def forward(ctx, theta, step, sharpness, lo, hi, window):
-        from . import _kernels
-        from .quantizer import _kernel_args
-
-        flat, q, a, lo_, hi_, k, windowed = _kernel_args(theta, step, sharpness, lo, hi, window)
-        chunks = max(1, min(64, flat.size // 4096))
-        sums = _kernels.mpmf_forward(flat, q, a, lo_, hi_, k, windowed, chunks)
-        ctx.save_for_backward(theta, step, sharpness)
-        ctx.config = (lo, hi, window)
-        return torch.from_numpy(sums).to(theta.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        from . import _kernels
-        from .quantizer import _kernel_args
-
-        theta, step, sharpness = ctx.saved_tensors
-        lo, hi, window = ctx.config
-        flat, q, a, lo_, hi_, k, windowed = _kernel_args(theta, step, sharpness, lo, hi, window)
-        g_theta = np.empty_like(flat)
-        gpmf = grad.detach().to(torch.float64).contiguous().numpy()
-        g_q, g_a = _kernels.mpmf_backward(flat, gpmf, q, a, lo_, hi_, k, windowed, g_theta)
-        return (torch.from_numpy(g_theta).reshape(theta.shape),
-                torch.tensor(g_q, dtype=step.dtype).reshape(step.shape),
-                torch.tensor(g_a, dtype=sharpness.dtype).reshape(sharpness.shape), None, None, None)
-
-
 def mpmf(theta: torch.Tensor, step: torch.Tensor, sharpness: torch.Tensor, lo: int, hi: int,
          window: int | None = None) -> torch.Tensor:
-    """P(k) = mean_i P(k | θ_i) over the alphabet lo..hi (eq. 25), shape [hi - lo + 1]."""
-    return MpmfFunction.apply(theta, step, sharpness, lo, hi, window) / max(theta.numel(), 1)
+    """P(k) = mean_i P(k | θ_i) over the alphabet lo..hi (eq. 25), shape [hi - lo + 1].
+
+    Differentiable in θ, step and sharpness (the covariance form of quantizer.QuantizeFunction's
+    backward); `quantizer.quantize_with_mpmf` gives the quantized values from the same pass."""
+    _, pmf = quantize_with_mpmf(theta, step, sharpness, lo, hi, window)
+    return pmf
 
 
 def reference_mpmf(theta: torch.Tensor, step: torch.Tensor, sharpness: torch.Tensor, lo: int, hi: int,

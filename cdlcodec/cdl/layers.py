@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .entropy import entropy_bits, mpmf
-from .quantizer import alphabet_bounds, hard_quantize, sample_quantize, soft_quantize
+from .quantizer import (alphabet_bounds, hard_quantize, quantize_with_mpmf, sample_quantize,
+                        soft_quantize)
 
 MODES = ("cdl", "rcdl")
 ACTIVATION_WINDOW = 5      # Section VI-B-1: the CPMF of an activation is kept on its 5 nearest levels
@@ -184,8 +185,11 @@ class ActivationQuantizer(nn.Module):
         if not self.training:
             return hard_quantize(x, self.s, lo, hi)
         if self.track_entropy:
-            pmf = mpmf(x, self.s, self.beta, lo, hi, self.window)
+            # One pass over the CPMFs gives both the quantized values and the MPMF (eq. 28).
+            y, pmf = quantize_with_mpmf(x, self.s, self.beta, lo, hi, self.window,
+                                        sample=self.mode == "cdl", generator=self.generator)
             self.last_entropy_bits = self.numel_per_sample * entropy_bits(pmf)
+            return y
         if self.mode == "rcdl":
             return soft_quantize(x, self.s, self.beta, lo, hi, self.window)
         return sample_quantize(x, self.s, self.beta, lo, hi, self.window, generator=self.generator)

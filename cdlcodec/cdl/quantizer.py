@@ -18,15 +18,27 @@ this CPMF is the alphabet point nearest to θ.
 
 Window: the CPMF may be restricted to the `window` levels nearest to θ (Section VI-B-1, five for
 activations), renormalised. The window is a piecewise-constant function of θ, so the same moment
-formulas give the exact derivatives of the windowed quantizer. Only an `[elements, window]` tensor
-is ever built, never `[elements, 2^b]`.
+formulas give the exact derivatives of the windowed quantizer. Only an `[elements, window]` block
+is ever built, never `[elements, 2^b]`: the full alphabet of the weights (window=None) is computed
+over the few levels around the nearest one that carry any probability at float64 precision
+(`effective_window`: 5 of 16 or 256 levels at the default sharpness αq² = 8).
+
+Kernels: `QuantizeFunction` runs numba loops on CPU (cdl/_kernels.py) or torch operations on any
+device (cdl/_torch_kernels.py), chosen by `set_kernel_path` / CDLCODEC_CDL_KERNELS; both give the
+same values and gradients (tests/test_cdl_torch_quantizer.py). `torch.compile` is not used: it
+gained nothing measurable on these short elementwise chains and costs seconds at first use.
 """
 from __future__ import annotations
+
+import functools
+import os
 
 import numpy as np
 from ..optional import require
 require("torch", "CDL training")
 import torch
+
+from . import _torch_kernels
 
 
 def alphabet_bounds(bits: int, signed: bool) -> tuple[int, int]:
@@ -57,53 +69,171 @@ def cpmf(theta: torch.Tensor, step: torch.Tensor, sharpness: torch.Tensor, lo: i
     return torch.softmax(logits, dim=-1), idx
 
 
-def _kernel_args(theta, step, sharpness, lo, hi, window):
-    """Flat contiguous numpy view of θ plus the scalar arguments the numba kernels take."""
-    flat = theta.detach().contiguous().reshape(-1).cpu().numpy()
+# Kernel paths: "numba" (cdl/_kernels.py, CPU float32/float64 only) or "torch" (cdl/_torch_kernels.py,
+# any device). "auto" picks numba where it applies (faster on CPU, see benchmarks/bench_cdl_step.py)
+# and torch elsewhere. CDLCODEC_CDL_KERNELS sets the initial choice; set_kernel_path changes it.
+KERNEL_PATHS = ("auto", "numba", "torch")
+_kernel_path = os.environ.get("CDLCODEC_CDL_KERNELS", "auto").strip().lower() or "auto"
+if _kernel_path not in KERNEL_PATHS:
+    raise ValueError(f"CDLCODEC_CDL_KERNELS must be one of {KERNEL_PATHS}, not {_kernel_path!r}")
+
+# The window the full weight alphabet is computed over (window=None): levels whose logit is at least
+# this far below the nearest level's carry a relative probability under e^-40 ≈ 4e-18, which changes
+# no float64 result; with the default sharpness (αq² = 8) that is 5 levels instead of 2^b.
+_NEGLIGIBLE_LOGIT = 40.0
+
+
+def set_kernel_path(path: str) -> None:
+    """Choose the quantizer kernels: "auto" (numba on CPU, torch elsewhere), "numba" or "torch"."""
+    global _kernel_path
+    if path not in KERNEL_PATHS:
+        raise ValueError(f"kernel path must be one of {KERNEL_PATHS}, not {path!r}")
+    _kernel_path = path
+
+
+def get_kernel_path() -> str:
+    return _kernel_path
+
+
+@functools.lru_cache(maxsize=1)
+def _numba_available() -> bool:
+    try:
+        from . import _kernels  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _use_numba(theta: torch.Tensor) -> bool:
+    fits = theta.device.type == "cpu" and theta.dtype in (torch.float32, torch.float64)
+    if _kernel_path == "numba":
+        if not fits:
+            raise ValueError(f"the numba quantizer kernels take CPU float32/float64 tensors, not "
+                             f"{theta.dtype} on {theta.device}")
+        return True
+    return _kernel_path == "auto" and fits and _numba_available()
+
+
+def effective_window(step: torch.Tensor, sharpness: torch.Tensor, lo: int, hi: int,
+                     window: int | None) -> tuple[int, bool]:
+    """(K, windowed): the levels each element's CPMF is computed over.
+
+    An explicit `window` is used as given (activations, Section VI-B-1). window=None means the
+    full alphabet (weights, eq. 12); it is computed over the 2h+1 levels around the nearest one,
+    with h the smallest integer ≥ 1 for which every level left out has a logit at least
+    _NEGLIGIBLE_LOGIT below the nearest level's (for |θ/q - n| ≤ 1/2 the first level left out,
+    at h+1 from n, is at least αq²·h(h+1) below), so results equal the full alphabet's to float64
+    precision. One host synchronisation (αq²) per call.
+    """
     size = hi - lo + 1
-    windowed = window is not None and window < size
-    k = window if windowed else size
-    return flat, float(step.detach()), float(sharpness.detach()), int(lo), int(hi), int(k), windowed
+    if window is not None:
+        return (window, True) if window < size else (size, False)
+    spread = float((sharpness.detach() * step.detach() ** 2).clamp_min(0))
+    h = 1
+    while 2 * h + 1 < size and spread * h * (h + 1) < _NEGLIGIBLE_LOGIT:
+        h += 1
+    k = 2 * h + 1
+    return (k, True) if k < size else (size, False)
+
+
+def _uniforms(theta: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One uniform per element for Qp (eq. 7), drawn from `generator` on its own device, so samples
+    are reproducible from a generator on the tensor's device (or a CPU generator for any device)."""
+    device = generator.device if generator is not None else theta.device
+    dtype = torch.float32 if device.type == "mps" else torch.float64
+    u = torch.rand(theta.numel(), generator=generator, dtype=dtype, device=device)
+    return u.to(theta.device)
+
+
+def _numba_exp(kernels, t, q, a, lo, hi, k, windowed):
+    """E = exp(2A·w) per element (see _kernels.exp_args), float64."""
+    x = np.empty(t.size)
+    kernels.exp_args(t, q, a, lo, hi, k, windowed, x)
+    torch.from_numpy(x).exp_()
+    return x
+
+
+def _numba_forward(flat, q, a, lo, hi, k, windowed, uniforms, want_sums):
+    from . import _kernels
+
+    t = flat.detach().numpy()
+    q, a = float(q), float(a)
+    y = np.empty_like(t)
+    stats = np.empty((3, t.size), dtype=t.dtype)
+    u = uniforms.cpu().numpy() if uniforms is not None else np.zeros(1)
+    E = _numba_exp(_kernels, t, q, a, lo, hi, k, windowed)
+    sums = _kernels.forward(t, q, a, lo, hi, k, windowed, E, _kernels.level_constants(q, a, k), u,
+                            uniforms is not None, bool(want_sums), _kernels.chunk_count(t.size), y, stats)
+    return (torch.from_numpy(y), torch.from_numpy(stats),
+            torch.from_numpy(sums) if want_sums else None)
+
+
+def _numba_backward(flat, q, a, lo, hi, k, windowed, stats, grad_y, grad_sums):
+    from . import _kernels
+
+    t = flat.detach().numpy()
+    q, a = float(q), float(a)
+    g_theta = np.empty_like(t)
+    gy = (grad_y.detach().reshape(-1).to(flat.dtype).contiguous().numpy() if grad_y is not None
+          else np.zeros(1, t.dtype))
+    gs = grad_sums.detach().to(torch.float64).contiguous().numpy() if grad_sums is not None else np.zeros(1)
+    E = _numba_exp(_kernels, t, q, a, lo, hi, k, windowed) if grad_sums is not None else np.zeros(1)
+    g_q, g_a = _kernels.backward(t, q, a, lo, hi, k, windowed, stats.numpy(), E,
+                                 _kernels.level_constants(q, a, k), gy, grad_y is not None, gs,
+                                 grad_sums is not None, _kernels.chunk_count(t.size), g_theta)
+    return (torch.from_numpy(g_theta), torch.tensor(g_q, dtype=torch.float64),
+            torch.tensor(g_a, dtype=torch.float64))
 
 
 class QuantizeFunction(torch.autograd.Function):
     """y = Qd(θ) (sample=False) or y ~ Qp(θ) (sample=True); backward is always Qd's (Lemma 1).
 
     Arguments: theta (any shape), step (0-dim, q or s), sharpness (0-dim, α or β), lo, hi (alphabet
-    indices), window (None = full alphabet), sample (bool), generator (torch.Generator or None).
-    Forward and backward run one numba pass over the elements (cdl/_kernels.py).
+    indices), window (None = full alphabet), sample (bool), generator (torch.Generator or None),
+    with_mpmf (bool). With `with_mpmf` it returns (y, sums), sums[l] = Σ_i P(l | θ_i) over the
+    alphabet (eq. 25 before dividing by the count), from the same pass over the CPMFs, and one
+    backward pass serves both outputs. Runs the numba kernels (cdl/_kernels.py) or the torch
+    kernels (cdl/_torch_kernels.py), see `set_kernel_path`; results are on theta's device and dtype.
+    The forward keeps three numbers per element (level mean, variance, third moment), not the CPMF.
     """
 
     @staticmethod
-    def forward(ctx, theta, step, sharpness, lo, hi, window, sample, generator):
-        from . import _kernels
-
-        flat, q, a, lo_, hi_, k, windowed = _kernel_args(theta, step, sharpness, lo, hi, window)
-        out = np.empty_like(flat)
-        if sample:
-            # One uniform per element drawn from `generator`: reproducible Qp samples (eq. 7).
-            u = torch.rand(flat.shape, generator=generator, dtype=torch.float64).numpy()
+    def forward(ctx, theta, step, sharpness, lo, hi, window, sample, generator, with_mpmf=False):
+        ctx.set_materialize_grads(False)   # an unused output (y or sums) costs no backward work
+        k, windowed = effective_window(step, sharpness, lo, hi, window)
+        flat = theta.detach().contiguous().reshape(-1)
+        uniforms = _uniforms(theta, generator) if sample else None
+        numba = _use_numba(theta)
+        if numba:
+            y, stats, sums = _numba_forward(flat, step.detach(), sharpness.detach(), lo, hi, k, windowed,
+                                            uniforms, with_mpmf)
         else:
-            u = np.zeros(1)
-        _kernels.qd_forward(flat, q, a, lo_, hi_, k, windowed, u, bool(sample), out)
-        ctx.save_for_backward(theta, step, sharpness)
-        ctx.config = (lo, hi, window)
-        return torch.from_numpy(out).reshape(theta.shape)
+            y, stats, sums = _torch_kernels.forward(flat, step, sharpness, lo, hi, k, windowed, uniforms,
+                                                    with_mpmf)
+        ctx.save_for_backward(theta, step, sharpness, stats)
+        ctx.config = (lo, hi, k, windowed, numba)
+        y = y.reshape(theta.shape)
+        if not with_mpmf:
+            return y
+        return y, sums.to(theta.dtype)
 
     @staticmethod
-    def backward(ctx, grad):
-        from . import _kernels
-
-        theta, step, sharpness = ctx.saved_tensors
-        lo, hi, window = ctx.config
-        flat, q, a, lo_, hi_, k, windowed = _kernel_args(theta, step, sharpness, lo, hi, window)
-        g = grad.detach().contiguous().reshape(-1).to(theta.dtype).numpy()
-        g_theta = np.empty_like(flat)
-        g_q, g_a = _kernels.qd_backward(flat, g, q, a, lo_, hi_, k, windowed, g_theta)
-        return (torch.from_numpy(g_theta).reshape(theta.shape),
-                torch.tensor(g_q, dtype=step.dtype).reshape(step.shape) if ctx.needs_input_grad[1] else None,
-                torch.tensor(g_a, dtype=sharpness.dtype).reshape(sharpness.shape) if ctx.needs_input_grad[2] else None,
-                None, None, None, None, None)
+    def backward(ctx, grad_y, grad_sums=None):
+        theta, step, sharpness, stats = ctx.saved_tensors
+        lo, hi, k, windowed, numba = ctx.config
+        if grad_y is None and grad_sums is None:
+            return (None,) * 9
+        flat = theta.detach().contiguous().reshape(-1)
+        if numba:
+            g_theta, g_q, g_a = _numba_backward(flat, step.detach(), sharpness.detach(), lo, hi, k, windowed,
+                                                stats, grad_y, grad_sums)
+        else:
+            g_theta, g_q, g_a = _torch_kernels.backward(flat, step, sharpness, lo, hi, k, windowed, stats,
+                                                        grad_y, grad_sums)
+        return (g_theta.to(theta.dtype).reshape(theta.shape),
+                g_q.to(step.dtype).reshape(step.shape) if ctx.needs_input_grad[1] else None,
+                g_a.to(sharpness.dtype).reshape(sharpness.shape) if ctx.needs_input_grad[2] else None,
+                None, None, None, None, None, None)
 
 
 def reference_soft_quantize(theta, step, sharpness, lo, hi, window=None):
@@ -121,6 +251,13 @@ def soft_quantize(theta, step, sharpness, lo, hi, window=None):
 def sample_quantize(theta, step, sharpness, lo, hi, window=None, generator=None):
     """A sample of Qp(θ) (eq. 7) whose backward is Qd's (the proxy of eq. 18-24)."""
     return QuantizeFunction.apply(theta, step, sharpness, lo, hi, window, True, generator)
+
+
+def quantize_with_mpmf(theta, step, sharpness, lo, hi, window=None, *, sample=False, generator=None):
+    """(Qd(θ) or a Qp sample, MPMF over the alphabet (eq. 25)) from one pass over the CPMFs: what a
+    training forward with the entropy term needs, at the cost of one quantizer call."""
+    y, sums = QuantizeFunction.apply(theta, step, sharpness, lo, hi, window, sample, generator, True)
+    return y, sums / max(theta.numel(), 1)
 
 
 def hard_levels(theta: torch.Tensor, step: torch.Tensor, lo: int, hi: int) -> torch.Tensor:

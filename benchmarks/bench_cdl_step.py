@@ -1,0 +1,191 @@
+"""CDL / R-CDL training step time against FP, side by side in one process (issue 17).
+
+One step is what `cdlcodec.cdl.train._fit` does per mini-batch: forward, the eq. 30/40 loss,
+backward, Adam step, projection of steps and sharpnesses. Models: LeNet-5 on MNIST-5k batches
+(batch size of `TrainConfig`, 64) and, with --resnet, ResNet-20 where `convert` handles it. Each
+variant is converted with the default recipe (`TrainConfig`: mse steps, scaled sharpness). Rounds
+interleave the variants (a few steps of each in turn) so that load from other processes affects
+them alike; the figure is the median step time after the warm-up. Kernel paths: "numba" (CPU
+kernels, cdl/_kernels.py) and "torch" (cdl/quantizer.py torch ops, what CUDA/MPS run).
+
+    python benchmarks/bench_cdl_step.py [--steps 40] [--warmup 5] [--paths numba,torch]
+                                        [--resnet] [--profile VARIANT] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+ENTROPY = 1e-5   # λ = γ for the "entropy on" variants: any value > 0 turns both terms on
+
+
+def _variants(paths):
+    out = [("fp", None, False)]
+    for path in paths:
+        out += [("cdl", path, False), ("rcdl", path, False), ("cdl", path, True), ("rcdl", path, True)]
+    return out
+
+
+def _label(mode, path, entropy):
+    return mode if mode == "fp" else f"{mode}{'+H' if entropy else ''} [{path}]"
+
+
+class Runner:
+    """One model + optimizer + batch stream for one variant; `step()` is one training step."""
+
+    def __init__(self, arch, mode, path, entropy, x, y, batch_size, seed=0):
+        from cdlcodec.cdl.convert import (calibrate, convert, rescale_sharpness, set_entropy_tracking,
+                                          set_generator)
+        from cdlcodec.cdl.optim import cdl_param_groups
+        from cdlcodec.cdl.train import TrainConfig
+        from cdlcodec.models import build
+
+        cfg = TrainConfig(mode=mode)
+        torch.manual_seed(seed)
+        self.model = build(arch)
+        self.mode, self.path = mode, path
+        self.lam = self.gamma = ENTROPY if entropy else 0.0
+        if mode != "fp":
+            convert(self.model, bits=cfg.bits, first_last_bits=cfg.first_last_bits, mode=mode)
+            with _kernel_path(path):
+                calibrate(self.model, x[:batch_size], step_init=cfg.step_init)
+            rescale_sharpness(self.model, cfg.sharpness_constant)
+            set_generator(self.model, torch.Generator().manual_seed(seed + 1))
+            set_entropy_tracking(self.model, self.gamma > 0)
+        groups = cdl_param_groups(self.model, lr_w=cfg.lr, lr_q=cfg.lr_q, lr_s=cfg.lr_s,
+                                  lr_alpha=cfg.lr_alpha, lr_beta=cfg.lr_beta,
+                                  sharpness_reference=cfg.alpha0)
+        self.opt = torch.optim.Adam(groups)
+        self.model.train()
+        self.x, self.y, self.bs = x, y, batch_size
+        self.order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+        self.pos = 0
+
+    def _batch(self):
+        if self.pos + self.bs > len(self.y):
+            self.pos = 0
+        idx = self.order[self.pos:self.pos + self.bs]
+        self.pos += self.bs
+        return self.x[idx], self.y[idx]
+
+    def step(self) -> float:
+        from cdlcodec.cdl.convert import project_parameters
+        from cdlcodec.cdl.loss import cdl_loss
+        import torch.nn.functional as F
+
+        xb, yb = self._batch()
+        with _kernel_path(self.path):
+            start = time.perf_counter()
+            logits = self.model(xb)
+            if self.mode == "fp":
+                loss = F.cross_entropy(logits, yb)
+            else:
+                loss = cdl_loss(self.model, logits, yb, lam=self.lam, gamma=self.gamma).total
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            if self.mode != "fp":
+                project_parameters(self.model)
+            return time.perf_counter() - start
+
+
+class _kernel_path:
+    """Context manager: force the quantizer kernel path (None: leave the default)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __enter__(self):
+        from cdlcodec.cdl import quantizer
+        self.saved = quantizer.get_kernel_path()
+        if self.path is not None:
+            quantizer.set_kernel_path(self.path)
+
+    def __exit__(self, *exc):
+        from cdlcodec.cdl import quantizer
+        quantizer.set_kernel_path(self.saved)
+
+
+def _convertible(arch) -> bool:
+    from cdlcodec.cdl.convert import convert, weight_quantizers
+    from cdlcodec.models import build
+    try:
+        model = convert(build(arch))
+    except Exception:  # noqa: BLE001 - an architecture convert does not handle yet is skipped
+        return False
+    return bool(weight_quantizers(model))
+
+
+def bench(arch, x, y, batch_size, paths, steps, warmup, rounds, profile=None):
+    runners = {}
+    for mode, path, entropy in _variants(paths):
+        runners[_label(mode, path, entropy)] = Runner(arch, mode, path, entropy, x, y, batch_size)
+    times = {k: [] for k in runners}
+    for r in runners.values():
+        for _ in range(warmup):
+            r.step()
+    per_round = max(1, steps // rounds)
+    for _ in range(rounds):
+        for label, r in runners.items():
+            times[label] += [r.step() for _ in range(per_round)]
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    if profile:
+        _profile(runners[profile], per_round * 2)
+    return medians
+
+
+def _profile(runner, steps):
+    import cProfile
+    import pstats
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        runner.step()
+    prof.disable()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=40, help="timed steps per variant (after warm-up)")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=4, help="interleaved rounds the timed steps are split into")
+    ap.add_argument("--paths", default="numba,torch", help="kernel paths to compare (numba, torch)")
+    ap.add_argument("--resnet", action="store_true", help="also ResNet-20 (slower)")
+    ap.add_argument("--batch-size", type=int, default=None, help="default: TrainConfig.batch_size")
+    ap.add_argument("--profile", default=None, help="cProfile this variant's label after timing")
+    ap.add_argument("--json", default=None, help="write the medians and ratios here")
+    args = ap.parse_args(argv)
+
+    from cdlcodec.cdl.train import TrainConfig
+    from cdlcodec.data.mnist import load_mnist_5k
+
+    batch_size = args.batch_size or TrainConfig().batch_size
+    (x_train, y_train), _ = load_mnist_5k()
+    x, y = torch.as_tensor(x_train), torch.as_tensor(y_train)
+    paths = [p for p in args.paths.split(",") if p]
+    archs = ["lenet5"] + (["resnet20"] if args.resnet and _convertible("resnet20") else [])
+    if args.resnet and "resnet20" not in archs:
+        print("resnet20: convert does not handle it yet; skipped")
+    report = {"torch_threads": torch.get_num_threads(), "batch_size": batch_size, "results": {}}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {batch_size}, "
+          f"median of {args.steps} steps after {args.warmup} warm-up")
+    for arch in archs:
+        medians = bench(arch, x, y, batch_size, paths, args.steps, args.warmup, args.rounds, args.profile)
+        fp = medians["fp"]
+        print(f"\n{arch}: {'variant':<22} {'ms/step':>9} {'× FP':>7}")
+        for label, t in medians.items():
+            print(f"{arch}: {label:<22} {t * 1e3:9.2f} {t / fp:7.2f}")
+        report["results"][arch] = {k: {"ms": round(v * 1e3, 3), "ratio": round(v / fp, 3)}
+                                   for k, v in medians.items()}
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(report, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
