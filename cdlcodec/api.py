@@ -348,21 +348,49 @@ def load(path: str, *, limits: Limits = Limits()):
     return state
 
 
-def load_into(module, path: str, *, strict: bool = True, limits: Limits = Limits()):
-    """Load the container's tensors into `module` (load_state_dict with `strict`); returns `module`."""
-    from .codec import decode_container
+def load_into(module, path: str, *, strict: bool = True, limits: Limits = Limits(), threads: int | None = None):
+    """Load the container's tensors into `module` (as load_state_dict with `strict`); returns `module`.
 
-    state = _state_dict(decode_container(path, limits=limits))
-    if strict:
-        _strict_load(module, state, path)
-    else:
-        module.load_state_dict(state, strict=False)
+    Tensor by tensor: each one is copied into its parameter or buffer as soon as it is decoded and
+    then dropped, so the decoded model is never held beside the module. With `strict` the names and
+    shapes are checked against the container's index before anything is decoded or changed.
+    threads: tensors decoded at once (None: every core)."""
+    from .codec import iter_decoded, open_container
+    from .io.torch_checkpoint import record_to_tensor
+
+    with open_container(path, limits) as reader:
+        if strict:
+            _check_fits(module, reader.tensors, path)
+        for record in iter_decoded(reader, threads=threads, keep_levels=False):
+            try:
+                module.load_state_dict({record.name: record_to_tensor(record)}, strict=False)
+            except RuntimeError as exc:  # a shape that does not fit (strict checked it already)
+                raise _misfit(path, " ".join(str(exc).split())) from None
     return module
+
+
+def _check_fits(module, entries, path: str) -> None:
+    """CdlInputError unless the container's tensors are exactly the module's state_dict (names, shapes)."""
+    state = module.state_dict()
+    shapes = {e.name: tuple(e.shape) for e in entries}
+    problems = []
+    missing = [name for name in state if name not in shapes]
+    unexpected = [name for name in shapes if name not in state]
+    wrong = [f"{name} {shapes[name]} for {tuple(state[name].shape)}" for name in shapes
+             if name in state and shapes[name] != tuple(state[name].shape)]
+    for what, names in (("missing key(s)", missing), ("unexpected key(s)", unexpected), ("size mismatch", wrong)):
+        if names:
+            problems.append(f"{what}: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}")
+    if problems:
+        raise _misfit(path, "; ".join(problems))
+
+
+def _misfit(path: str, why: str) -> CdlInputError:
+    return CdlInputError(f"{path}: the decoded tensors do not fit the module: {why[:400]}")
 
 
 def _strict_load(module, state, path: str) -> None:
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise CdlInputError(f"{path}: the decoded tensors do not fit the module: "
-                            f"{' '.join(str(exc).split())[:400]}") from None
+        raise _misfit(path, " ".join(str(exc).split())) from None

@@ -27,7 +27,7 @@ from .backends.base import check_count
 from .dtypes import storage_dtype, to_float32, to_float64
 from .errors import CdlDecodeError, CdlFormatError, CdlInputError
 from .formats.container import ContainerReader, ContainerWriter, Limits, TensorEntry, decoded_size
-from .io.lazy import materialized
+from .io.lazy import materialized, release
 from .progress import Progress
 from .quantizers import dequantize
 from .quantizers.params import QUANTIZED_SCHEMES, from_json
@@ -115,24 +115,36 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def ordered_map(work, items: Iterable, threads: int) -> Iterator:
-    """work(item) for each item, results in the items' order. With threads > 1 up to `threads` items are
-    worked on at once while the caller's thread produces the next item (reading, quantizing): a
-    bounded window, so memory holds a few tensors, never the model. An exception is raised when its
-    item's turn comes, so the first failing tensor in file order is the one reported."""
+# Elements in flight at once (beyond one tensor, which is always allowed): coding or decoding holds
+# about 18 bytes a parameter (int64 levels, a backend's temporaries, the input or output values), so
+# parallel work stays within about 360 MB above one tensor's working set; big tensors go one at a time.
+IN_FLIGHT_ELEMENTS = 20_000_000
+
+
+def ordered_map(work, items: Iterable, threads: int, *, prepare=None, size=None,
+                budget: int = IN_FLIGHT_ELEMENTS) -> Iterator:
+    """work(prepare(item)) for each item, results in the items' order. prepare runs in the caller's
+    thread, in order (reading, quantizing: anything with state); work runs on up to `threads` threads
+    at once. A bounded window: an item is started only while fewer than `threads` are in flight and
+    their size(item) (elements) plus its own stays within `budget` (a lone item always starts), so
+    memory holds a few tensors, never the model. An exception is raised when its item's turn comes, so
+    the first failing tensor in file order is the one reported."""
+    prepare = prepare or (lambda item: item)
     if threads <= 1:
         for item in items:
-            yield work(item)
+            yield work(prepare(item))
         return
+    size = size or (lambda item: 0)
     pool = ThreadPoolExecutor(threads, thread_name_prefix="cdlcodec")
-    pending: deque = deque()
+    pending: deque = deque()  # (future, size)
     try:
         for item in items:
-            pending.append(pool.submit(work, item))
-            if len(pending) >= threads:
-                yield pending.popleft().result()
+            need = size(item)
+            while pending and (len(pending) >= threads or sum(n for _, n in pending) + need > budget):
+                yield pending.popleft()[0].result()
+            pending.append((pool.submit(work, prepare(item)), need))
         while pending:
-            yield pending.popleft().result()
+            yield pending.popleft()[0].result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -170,6 +182,7 @@ def encode_records(records: list[TensorRecord], output: str, options: EncodeOpti
     report: dict = {}
     extra_sections = list(quantizer.sections())
     threads = options.threads or default_threads()
+    by_name = {r.name: r for r in records}
 
     def quantized(rec: TensorRecord) -> _Job:
         rec = materialized(rec)
@@ -192,9 +205,11 @@ def encode_records(records: list[TensorRecord], output: str, options: EncodeOpti
     with ContainerWriter(output, meta) as writer, Progress(total, "encoding", quiet=options.quiet) as bar:
         for name, kind, data in [*sections, *extra_sections]:
             writer.add_section(name, kind, data)
-        for entry, payload in ordered_map(partial(_coded, backend=options.backend), map(quantized, records), threads):
+        for entry, payload in ordered_map(partial(_coded, backend=options.backend), records, threads,
+                                          prepare=quantized, size=_numel):
             coded_bits[entry.name] = 8 * (len(payload) + len(entry.backend_params or b""))
             writer.add_tensor(entry, payload)
+            release(by_name[entry.name])
             bar.update(entry.count)
         extra_meta, report = quantizer.finish(coded_bits)
         for key, value in extra_meta.items():
@@ -266,6 +281,8 @@ def _quantize(quantizer, rec: TensorRecord, backend: str) -> tuple[np.ndarray, d
     NaN and infinities have no level: such a tensor is refused by name, unless the quantizer keeps
     it exact anyway (CDL checkpoints keep the float tensors they do not quantize).
     """
+    if _rows_independent(quantizer, rec):
+        return _quantize_by_rows(quantizer, rec, backend)
     w32 = to_float32(rec.array, rec.dtype)
     # float16 / bfloat16 / float32 values are exact in float32: widen that copy rather than convert twice
     values64 = w32.astype(np.float64) if rec.dtype in _EXACT_IN_FLOAT32 else to_float64(rec.array, rec.dtype)
@@ -279,6 +296,33 @@ def _quantize(quantizer, rec: TensorRecord, backend: str) -> tuple[np.ndarray, d
     if result is not None and not finite:
         raise _not_finite(rec.name)
     return result
+
+
+# A quantizer with one step per output channel (axis 0) and elementwise rounding treats every row on
+# its own: it is given blocks of rows of about this many elements, so its float64 and float32 copies
+# and temporaries (28 bytes a parameter) exist for one block, not for the whole tensor.
+QUANTIZE_BLOCK_ELEMENTS = 1 << 20
+
+
+def _rows_independent(quantizer, rec: TensorRecord) -> bool:
+    from .quantizers.channel import ChannelQuantizer
+
+    return (type(quantizer) is ChannelQuantizer and quantizer.axis == 0 and len(rec.shape) >= 2
+            and rec.shape[0] > 1 and rec.numel > QUANTIZE_BLOCK_ELEMENTS)
+
+
+def _quantize_by_rows(quantizer, rec: TensorRecord, backend: str) -> tuple[np.ndarray, dict, None]:
+    """_quantize of a tensor whose rows are quantized independently, block by block: the same levels
+    and steps as in one piece."""
+    row = rec.numel // rec.shape[0]
+    rows = max(1, QUANTIZE_BLOCK_ELEMENTS // row)
+    array, levels, steps, quant = rec.array, np.empty(rec.numel, dtype=np.int64), [], {}
+    for first in range(0, rec.shape[0], rows):
+        block = TensorRecord(rec.name, array[first:first + rows], rec.dtype)
+        block_levels, quant, _ = _quantize(quantizer, block, backend)
+        levels[first * row:first * row + block_levels.size] = block_levels
+        steps.extend(quant["steps"])
+    return levels, {**quant, "steps": steps}, None
 
 
 _EXACT_IN_FLOAT32 = ("float16", "bfloat16", "float32")
@@ -409,11 +453,19 @@ def iter_decoded(reader: ContainerReader, entries: Iterable[TensorEntry] | None 
     # One tensor cannot be shared out between threads: its backend uses the cores itself (cabac chunks).
     parallel_backend = threads > 1 and len(entries) == 1
     work = partial(_decoded_pair, keep_levels=keep_levels, parallel_backend=parallel_backend)
-    pairs = ((entry, reader.read_payload(entry)) for entry in entries)
     with Progress(sum(e.count for e in entries) or 1, "decoding", quiet=quiet) as bar:
-        for record in ordered_map(work, pairs, 1 if parallel_backend else threads):
+        for record in ordered_map(work, entries, 1 if parallel_backend else threads, size=_count,
+                                  prepare=lambda entry: (entry, reader.read_payload(entry))):
             bar.update(record.numel)
             yield record
+
+
+def _numel(record: TensorRecord) -> int:
+    return record.numel
+
+
+def _count(entry: TensorEntry) -> int:
+    return entry.count
 
 
 def _decoded_pair(pair: tuple[TensorEntry, bytes], keep_levels: bool, parallel_backend: bool) -> TensorRecord:

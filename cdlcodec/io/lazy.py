@@ -9,7 +9,9 @@ several times takes `record.array` once and keeps that (as `codec.encode_records
 """
 from __future__ import annotations
 
+import ctypes
 import math
+import mmap
 from typing import Callable
 
 import numpy as np
@@ -21,9 +23,16 @@ class LazyTensorRecord(TensorRecord):
     """A TensorRecord whose `array` comes from `load()` on every access (never cached)."""
 
     def __init__(self, name: str, dtype: str, shape, load: Callable[[], np.ndarray], *,
-                 levels: np.ndarray | None = None, quant: dict | None = None):
+                 levels: np.ndarray | None = None, quant: dict | None = None,
+                 release: Callable[[], None] | None = None):
         self.name, self.dtype, self._shape, self._load = name, dtype, tuple(int(d) for d in shape), load
-        self.levels, self.quant = levels, quant
+        self.levels, self.quant, self._release = levels, quant, release
+
+    def release(self) -> None:
+        """Called once the values are no longer needed (the encoder has written the tensor): a reader
+        whose arrays share one memory map of the file lets go of this tensor's pages here."""
+        if self._release is not None:
+            self._release()
 
     @property
     def array(self) -> np.ndarray:
@@ -39,6 +48,34 @@ class LazyTensorRecord(TensorRecord):
 
     def __repr__(self) -> str:
         return f"LazyTensorRecord({self.name!r}, {self.dtype}, {self._shape})"
+
+
+def release(record: TensorRecord) -> None:
+    if isinstance(record, LazyTensorRecord):
+        record.release()
+
+
+def drop_pages(array: np.ndarray) -> None:
+    """Let the kernel drop the resident pages of `array`, a read-only view of a private file mapping
+    (torch.load(mmap=True)): they leave this process's memory and are read again from the file if
+    touched. Pages only partly inside the array are kept. No-op where madvise is unavailable."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL(None, use_errno=True)
+            _LIBC.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        except (OSError, AttributeError):
+            _LIBC = False
+    if not _LIBC or not array.nbytes:
+        return
+    start = array.__array_interface__["data"][0]
+    first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, (start + array.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        _LIBC.madvise(first, last - first, MADV_DONTNEED)
+
+
+MADV_DONTNEED = 4  # Linux
+_LIBC = None
 
 
 def materialized(record: TensorRecord) -> TensorRecord:

@@ -11,12 +11,14 @@ import pickle
 import re
 import warnings
 import zipfile
+from functools import partial
 
 import numpy as np
 
 from ..atomic import write_bytes_atomic
 from ..errors import CdlInputError
 from ..records import ModelFile, TensorRecord
+from .lazy import LazyTensorRecord, drop_pages
 
 _TORCH_TO_NAME = {
     "torch.float64": "float64", "torch.float32": "float32", "torch.float16": "float16",
@@ -27,6 +29,19 @@ _TORCH_TO_NAME = {
 
 def tensor_to_record(name: str, tensor, copy: bool = True) -> TensorRecord:
     """copy=False shares memory with the tensor (fine for a checkpoint just loaded, not for a live model)."""
+    import torch
+
+    dtype = checked_dtype(name, tensor)
+    t = tensor.detach().cpu().contiguous()
+    if dtype == "bfloat16":
+        arr = t.view(torch.int16).numpy().view(np.uint16)
+    else:
+        arr = t.numpy()
+    return TensorRecord(name, np.array(arr, copy=True) if copy else arr, dtype)
+
+
+def checked_dtype(name: str, tensor) -> str:
+    """The dtype name of a dense tensor cdlcodec can store; CdlInputError naming it otherwise."""
     import torch
 
     layout = str(tensor.layout).removeprefix("torch.")
@@ -41,12 +56,7 @@ def tensor_to_record(name: str, tensor, copy: bool = True) -> TensorRecord:
     dtype = _TORCH_TO_NAME.get(str(tensor.dtype))
     if dtype is None:
         raise CdlInputError(f"tensor {name!r} has unsupported dtype {tensor.dtype}")
-    t = tensor.detach().cpu().contiguous()
-    if dtype == "bfloat16":
-        arr = t.view(torch.int16).numpy().view(np.uint16)
-    else:
-        arr = t.numpy()
-    return TensorRecord(name, np.array(arr, copy=True) if copy else arr, dtype)
+    return dtype
 
 
 def record_to_tensor(record: TensorRecord):
@@ -108,6 +118,8 @@ def read_torch(path: str) -> ModelFile:
 
 
 def read_torch_checkpoint(path: str) -> list[TensorRecord]:
+    """The checkpoint's tensors as records, loaded with weights_only=True (memory-mapped where the
+    file allows: then each record's pages leave memory once the encoder has written it)."""
     import torch
 
     if not _looks_like_torch_file(path):
@@ -116,11 +128,11 @@ def read_torch_checkpoint(path: str) -> list[TensorRecord]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:  # zip checkpoints can be memory-mapped: tensors are paged in as they are encoded
-                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                obj, mapped = torch.load(path, map_location="cpu", weights_only=True, mmap=True), True
             except RuntimeError as exc:
                 if "mmap" not in str(exc):
                     raise
-                obj = torch.load(path, map_location="cpu", weights_only=True)
+                obj, mapped = torch.load(path, map_location="cpu", weights_only=True), False
     except pickle.UnpicklingError as exc:
         raise CdlInputError(f"{path}: refused to load: it holds a whole module or other Python objects, not only "
                             f"tensors ({unpickling_refusal(exc)}); save the model's state_dict() instead "
@@ -131,12 +143,24 @@ def read_torch_checkpoint(path: str) -> list[TensorRecord]:
     records, skipped = [], []
     for name, value in state.items():
         if isinstance(value, torch.Tensor):
-            records.append(tensor_to_record(str(name), value, copy=False))
+            records.append(_lazy_record(str(name), value, mapped))
         else:
             skipped.append(str(name))
     if skipped:
         warnings.warn(f"{path}: ignored {len(skipped)} non-tensor entries: {', '.join(skipped[:5])}")
     return records
+
+
+def _lazy_record(name: str, tensor, mapped: bool) -> LazyTensorRecord:
+    """A record viewing `tensor` (checked now); for a memory-mapped checkpoint, releasing it drops the
+    tensor's resident pages (file-backed and unmodified, so they are read again if needed)."""
+    view = partial(_array_of, name, tensor)
+    return LazyTensorRecord(name, checked_dtype(name, tensor), tuple(tensor.shape), view,
+                            release=(lambda: drop_pages(view())) if mapped and tensor.is_contiguous() else None)
+
+
+def _array_of(name: str, tensor) -> np.ndarray:
+    return tensor_to_record(name, tensor, copy=False).array
 
 
 def write_torch(path: str, model: ModelFile) -> None:
