@@ -1,0 +1,201 @@
+"""The torch quantizer kernels (any device) against the numba ones and the closed forms (issue 17)."""
+import contextlib
+
+import pytest
+import torch
+
+from cdlcodec.cdl import quantizer
+from cdlcodec.cdl.entropy import entropy_bits, mpmf, reference_mpmf
+from cdlcodec.cdl.quantizer import (alphabet_bounds, effective_window, quantize_with_mpmf,
+                                    reference_soft_quantize, sample_quantize, soft_quantize)
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+CASES = [  # (alpha, bits, q, window, signed)
+    (5.0, 3, 0.5, None, True),
+    (60.0, 4, 0.2, None, True),
+    (800.0, 4, 0.1, None, True),      # αq² = 8, the default sharpness: 5-level weight window
+    (3200.0, 8, 0.05, None, True),    # 8-bit first/last layer: window of 5 of 256 levels
+    (20.0, 4, 0.3, 5, False),         # activation: 5-level window, unsigned alphabet
+    (20.0, 2, 0.3, 5, False),         # window wider than the 4-level alphabet
+]
+
+
+@contextlib.contextmanager
+def kernel_path(path):
+    saved = quantizer.get_kernel_path()
+    quantizer.set_kernel_path(path)
+    try:
+        yield
+    finally:
+        quantizer.set_kernel_path(saved)
+
+
+def _inputs(alpha, q, n=40, seed=0, device="cpu", dtype=torch.float64, zeros=True):
+    g = torch.Generator().manual_seed(seed)
+    theta = torch.randn(n, generator=g, dtype=torch.float64) * q * 3
+    if zeros:
+        theta[::5] = 0.0                       # exact zeros (ReLU outputs) take a shortcut in numba
+    theta[1] = 40 * q                          # far beyond the alphabet: clipped
+    theta = theta.to(device=device, dtype=dtype).requires_grad_()
+    step = torch.tensor(q, dtype=dtype, device=device, requires_grad=True)
+    sharp = torch.tensor(alpha, dtype=dtype, device=device, requires_grad=True)
+    return theta, step, sharp
+
+
+def _grads(fn, theta, step, sharp, weights):
+    out = fn(theta, step, sharp)
+    return (out.detach(),) + torch.autograd.grad((out * weights).sum(), (theta, step, sharp))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("alpha,bits,q,window,signed", CASES)
+def test_torch_path_gradcheck_and_closed_form(device, alpha, bits, q, window, signed):
+    lo, hi = alphabet_bounds(bits, signed)
+    theta, step, sharp = _inputs(alpha, q, n=15, device=device)
+    with kernel_path("torch"):
+        assert torch.autograd.gradcheck(lambda t, s, a: soft_quantize(t, s, a, lo, hi, window),
+                                        (theta, step, sharp))
+        assert torch.autograd.gradcheck(lambda t, s, a: entropy_bits(mpmf(t, s, a, lo, hi, window)),
+                                        (theta, step, sharp))
+        weights = torch.linspace(-1, 2, theta.numel(), dtype=torch.float64, device=device)
+        fast = _grads(lambda t, s, a: soft_quantize(t, s, a, lo, hi, window), theta, step, sharp, weights)
+    ref = _grads(lambda t, s, a: reference_soft_quantize(t, s, a, lo, hi, window), theta, step, sharp, weights)
+    for a, b in zip(fast, ref):
+        assert a.device.type == device
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    with kernel_path("torch"):
+        pmf = mpmf(theta, step, sharp, lo, hi, window)
+    torch.testing.assert_close(pmf, reference_mpmf(theta, step, sharp, lo, hi, window), rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("alpha,bits,q,window,signed", CASES)
+def test_numba_and_torch_paths_agree(dtype, alpha, bits, q, window, signed):
+    """Same values and gradients (θ, step, sharpness) for Qd, Qp with the same uniforms, the MPMF
+    and the fused quantize+MPMF, on both kernel paths."""
+    lo, hi = alphabet_bounds(bits, signed)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-4, atol=1e-5)
+    theta, step, sharp = _inputs(alpha, q, n=3000, seed=3, dtype=dtype)
+    weights = torch.linspace(-1, 2, theta.numel(), dtype=dtype)
+    level_weights = torch.linspace(0.5, -1.5, hi - lo + 1, dtype=dtype)
+
+    def run(path):
+        with kernel_path(path):
+            qd = _grads(lambda t, s, a: soft_quantize(t, s, a, lo, hi, window), theta, step, sharp, weights)
+            qp = _grads(lambda t, s, a: sample_quantize(t, s, a, lo, hi, window,
+                                                        generator=torch.Generator().manual_seed(9)),
+                        theta, step, sharp, weights)
+            pm = _grads(lambda t, s, a: mpmf(t, s, a, lo, hi, window), theta, step, sharp, level_weights)
+
+            def fused(t, s, a):
+                y, p = quantize_with_mpmf(t, s, a, lo, hi, window)
+                return torch.cat([y * weights, p * level_weights])
+            both = _grads(fused, theta, step, sharp, torch.ones(theta.numel() + hi - lo + 1, dtype=dtype))
+        return qd, qp, pm, both
+
+    numba_results, torch_results = run("numba"), run("torch")
+    for got, want in zip(torch_results, numba_results):
+        for a, b in zip(got, want):
+            assert a.dtype == b.dtype == dtype
+            torch.testing.assert_close(a, b, **tol)
+    # Qp: the same uniforms pick the same levels on both paths.
+    assert torch.equal(torch_results[1][0], numba_results[1][0])
+
+
+def test_weight_window_matches_full_alphabet():
+    """window=None is computed over few levels, yet equals the full alphabet to float64 precision."""
+    lo, hi = alphabet_bounds(8, True)
+    theta, step, sharp = _inputs(3200.0, 0.05, n=500, seed=4)
+    assert effective_window(step, sharp, lo, hi, None) == (5, True)       # αq² = 8: 2·3·8 ≥ 40
+    assert effective_window(step, sharp / 1.6, lo, hi, None) == (7, True)  # αq² = 5: 2·3·5 < 40
+    assert effective_window(step, torch.tensor(0.5, dtype=torch.float64), lo, hi, None)[0] > 17
+    lo4, hi4 = alphabet_bounds(4, True)
+    assert effective_window(step, torch.tensor(10.0, dtype=torch.float64), lo4, hi4, None) == (16, False)
+    weights = torch.linspace(-1, 2, theta.numel(), dtype=torch.float64)
+    for path in ("numba", "torch"):
+        with kernel_path(path):
+            fast = _grads(lambda t, s, a: soft_quantize(t, s, a, lo, hi), theta, step, sharp, weights)
+        full = _grads(lambda t, s, a: reference_soft_quantize(t, s, a, lo, hi), theta, step, sharp, weights)
+        for a, b in zip(fast, full):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_results_on_input_device_and_dtype(device):
+    lo, hi = alphabet_bounds(4, False)
+    for dtype in (torch.float32, torch.float64):
+        theta, step, sharp = _inputs(30.0, 0.2, device=device, dtype=dtype)
+        with kernel_path("torch" if device != "cpu" else "auto"):
+            y, pmf = quantize_with_mpmf(theta, step, sharp, lo, hi, 5)
+            (y.sum() + entropy_bits(pmf)).backward()
+        for t in (y, pmf, theta.grad, step.grad, sharp.grad):
+            assert t.device.type == device and t.dtype == dtype
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sampling_reproducible_from_generator_on_device(device):
+    lo, hi = alphabet_bounds(4, True)
+    theta, step, sharp = _inputs(200.0, 0.05, n=5000, device=device)
+    with kernel_path("torch"):
+        draws = [sample_quantize(theta, step, sharp, lo, hi,
+                                 generator=torch.Generator(device=device).manual_seed(s)) for s in (3, 3, 4)]
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+    assert draws[0].device.type == device
+
+
+def test_numba_path_refuses_what_it_cannot_run():
+    lo, hi = alphabet_bounds(4, True)
+    theta, step, sharp = _inputs(60.0, 0.2, dtype=torch.float64)
+    with kernel_path("numba"):
+        with pytest.raises(ValueError, match="numba"):
+            soft_quantize(theta.detach().half(), step, sharp, lo, hi)
+    with pytest.raises(ValueError, match="kernel path"):
+        quantizer.set_kernel_path("cuda")
+    with kernel_path("torch"):       # half precision runs on the torch path (computed in float32)
+        y = soft_quantize(theta.detach().half(), step.half(), sharp.half(), lo, hi)
+    assert y.dtype == torch.float16
+
+
+def test_torch_path_chunks_large_tensors(monkeypatch):
+    """Blocks of the [elements, K] formulation give the same result as one block."""
+    from cdlcodec.cdl import _torch_kernels
+
+    lo, hi = alphabet_bounds(4, False)
+    theta, step, sharp = _inputs(30.0, 0.2, n=1000, seed=5)
+    with kernel_path("torch"):
+        whole = _grads(lambda t, s, a: torch.cat(quantize_with_mpmf(t, s, a, lo, hi, 5)), theta, step, sharp,
+                       torch.linspace(-1, 1, 1016, dtype=torch.float64))
+        monkeypatch.setattr(_torch_kernels, "BLOCK", 37)
+        blocks = _grads(lambda t, s, a: torch.cat(quantize_with_mpmf(t, s, a, lo, hi, 5)), theta, step, sharp,
+                        torch.linspace(-1, 1, 1016, dtype=torch.float64))
+    for a, b in zip(whole, blocks):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("mode", ["rcdl", "cdl"])
+def test_lenet5_cdl_step_on_torch_path(mode):
+    """A full LeNet-5 (R-)CDL forward + backward with both entropy terms, torch kernels forced:
+    nothing in the layers forces numpy, every quantizer parameter gets a finite gradient."""
+    from cdlcodec.cdl.convert import (activation_quantizers, calibrate, convert, set_entropy_tracking,
+                                      set_generator, weight_quantizers)
+    from cdlcodec.cdl.loss import cdl_loss
+    from cdlcodec.models import build
+
+    torch.manual_seed(0)
+    x = torch.rand(8, 1, 28, 28)
+    y = torch.arange(8) % 10
+    with kernel_path("torch"):
+        model = convert(build("lenet5"), bits=4, mode=mode)
+        calibrate(model, x, step_init="mse")
+        set_generator(model, torch.Generator().manual_seed(1))
+        set_entropy_tracking(model, True)
+        model.train()
+        parts = cdl_loss(model, model(x), y, lam=1e-4, gamma=1e-4)
+        parts.total.backward()
+    assert parts.weight_bits is not None and parts.activation_bits is not None
+    for _, m in weight_quantizers(model):
+        for p in (m.weight, m.q, m.alpha):
+            assert p.grad is not None and torch.isfinite(p.grad).all()
+    for _, a in activation_quantizers(model):
+        for p in (a.s, a.beta):
+            assert p.grad is not None and torch.isfinite(p.grad).all()
