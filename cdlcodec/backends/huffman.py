@@ -145,10 +145,11 @@ def _decode_with_table(payload, values, lengths, count: int, what: str) -> np.nd
     data[:n_real] = np.frombuffer(payload, np.uint8)
     prim_val, prim_len, first_code, len_count, len_offset, sorted_vals, max_len = hk.build_decode_tables(
         values, lengths, np.int64(hk.PRIMARY_BITS))
+    multi_val, multi_len = hk.build_multi_table(prim_val, prim_len, np.int64(hk.PRIMARY_BITS))
     out = np.empty(count, np.int64)
     status = hk.decode_kernel(data, np.int64(n_real), np.int64(count), np.int64(hk.PRIMARY_BITS),
-                              prim_val, prim_len, first_code, len_count, len_offset, sorted_vals,
-                              np.int64(max_len), out)
+                              prim_val, prim_len, multi_val, multi_len, first_code, len_count, len_offset,
+                              sorted_vals, np.int64(max_len), out)
     if status < 0:
         raise CdlDecodeError(f"{what}: {hk.ERROR_MESSAGES[status]}")
     return out

@@ -17,7 +17,11 @@ from ..jit import njit
 from .varint import ERR_MALFORMED, ERR_TRUNCATED, get_svarint, get_uvarint, put_uvarint, zigzag
 
 MAX_CODE_LEN = 24  # format limit: code words are at most 24 bits
-PRIMARY_BITS = 11  # the decoder's first lookup table has 2**11 entries (18 KB, stays in L1)
+PRIMARY_BITS = 11  # the decoder's lookup tables have 2**11 entries (see MULTI_SYMBOLS)
+# Each entry of the multi-symbol table holds up to MULTI_SYMBOLS whole code words that fit in the
+# next PRIMARY_BITS bits (int32 values: 2**11 * 4 * 4 = 32 KB, plus 8 KB of counts; they stay in a
+# 48 KB L1 data cache). Four fit the short codes of weight-like levels (2-5 bits on average).
+MULTI_SYMBOLS = 4
 
 # param kinds
 KIND_EMPTY = 0
@@ -332,52 +336,126 @@ def build_decode_tables(values, lengths, primary_bits):
 
 
 @njit(cache=True, nogil=True)
-def decode_kernel(data, n_real, count, primary_bits, prim_val, prim_len,
+def build_multi_table(prim_val, prim_len, primary_bits):
+    """Multi-symbol decode table from the single-symbol one (decoding only; no coded byte depends on it).
+
+    For every primary_bits-bit window: the code words that lie wholly inside it, greedily from the
+    left, at most MULTI_SYMBOLS of them. multi_val[e * MULTI_SYMBOLS + j] is the j-th value (int32:
+    levels lie within +-(2**31 - 1)); multi_len[e] = bits | count << 8, count 0 when the first code
+    word is longer than the window (or the window starts with a pattern that is no code word).
+    A following code word is recognised from the window shifted left with zeros coming in; it is
+    taken only if its length fits in the window's remaining bits, so the zeros never decide it.
+    """
+    size = np.int64(1) << primary_bits
+    mask = size - 1
+    multi_val = np.zeros(size * MULTI_SYMBOLS, np.int32)
+    multi_len = np.zeros(size, np.int32)
+    for e in range(size):
+        used = 0
+        n = 0
+        while n < MULTI_SYMBOLS:
+            idx = (e << used) & mask
+            length = prim_len[idx]
+            if length == 0 or used + length > primary_bits:
+                break
+            multi_val[e * MULTI_SYMBOLS + n] = prim_val[idx]
+            used += length
+            n += 1
+        multi_len[e] = used | (n << 8)
+    return multi_val, multi_len
+
+
+# The decoder's bit buffer is left-aligned: the next unread bit is bit 63 of an int64 (the sign bit:
+# right shifts are arithmetic, hence the masks), `nbits` bits are valid and the rest are zero.
+
+@njit(cache=True, inline="always")
+def _top_bits(buf, n):
+    return (buf >> (64 - n)) & ((np.int64(1) << n) - 1)
+
+
+@njit(cache=True, inline="always")
+def _one_symbol(buf, primary_bits, prim_val, prim_len, first_code, len_count, len_offset, sorted_vals, max_len):
+    """The code word at the top of the bit buffer: (value, length), length 0 when it is no code word."""
+    peek = _top_bits(buf, primary_bits)
+    length = prim_len[peek]
+    if length:
+        return prim_val[peek], length
+    for length in range(primary_bits + 1, max_len + 1):
+        d = _top_bits(buf, length) - first_code[length]
+        if d >= 0 and d < len_count[length]:
+            return sorted_vals[len_offset[length] + d], length
+    return np.int64(0), np.int64(0)
+
+
+@njit(cache=True, inline="always")
+def _refill(data, pos, buf, nbits):
+    """Append the next 32 payload bits below the nbits (< 32) valid ones."""
+    word = ((np.int64(data[pos]) << 24) | (np.int64(data[pos + 1]) << 16)
+            | (np.int64(data[pos + 2]) << 8) | np.int64(data[pos + 3]))
+    return buf | (word << (32 - nbits)), nbits + 32, pos + 4
+
+
+@njit(cache=True, nogil=True)
+def decode_kernel(data, n_real, count, primary_bits, prim_val, prim_len, multi_val, multi_len,
                   first_code, len_count, len_offset, sorted_vals, max_len, out):
     """Decode `count` symbols into `out`; returns bits consumed or a negative error code.
 
     `data` is the payload followed by at least 8 zero bytes. The bit buffer holds `nbits` unread bits
-    right-aligned in an int64 and is refilled 32 bits at a time whenever fewer than 32 remain, so a
-    whole code word (<= 24 bits) is always present. Reading past the real payload is detected at the
-    next refill (the loop is bounded by `count` in any case).
+    and is refilled 32 bits at a time whenever fewer than 32 remain, so a whole code word (<= 24 bits)
+    is always present. Reading past the real payload is detected at the next refill (the loops are
+    bounded by `count` in any case).
+
+    While at least MULTI_SYMBOLS symbols remain, one lookup in the multi-symbol table emits every
+    code word inside the next primary_bits bits (up to MULTI_SYMBOLS; all slots are written, the
+    unused ones are overwritten by the next lookup); the last few symbols, and code words longer
+    than the window, take the one-symbol path.
     """
-    buf = 0
-    nbits = 0
-    pos = 0
-    pmask = (np.int64(1) << primary_bits) - 1
+    buf = np.int64(0)
+    nbits = np.int64(0)
+    pos = np.int64(0)
     limit = n_real + 4
-    for i in range(count):
+    i = np.int64(0)
+    while i <= count - MULTI_SYMBOLS:
         if nbits < 32:
             if pos >= limit:
                 return ERR_PAYLOAD_OVERRUN
-            word = ((np.int64(data[pos]) << 24) | (np.int64(data[pos + 1]) << 16)
-                    | (np.int64(data[pos + 2]) << 8) | np.int64(data[pos + 3]))
-            buf = ((buf & ((np.int64(1) << nbits) - 1)) << 32) | word
-            nbits += 32
-            pos += 4
-        peek = (buf >> (nbits - primary_bits)) & pmask
-        length = prim_len[peek]
-        if length:
-            out[i] = prim_val[peek]
-            nbits -= length
+            buf, nbits, pos = _refill(data, pos, buf, nbits)
+        peek = np.uint64(_top_bits(buf, primary_bits))
+        entry = np.int64(multi_len[peek])
+        if entry >> 8:
+            slot = peek * np.uint64(MULTI_SYMBOLS)
+            for j in range(MULTI_SYMBOLS):
+                out[i + j] = multi_val[slot + np.uint64(j)]
+            i += entry >> 8
+            length = entry & 255
         else:
-            found = False
-            for length in range(primary_bits + 1, max_len + 1):
-                code = (buf >> (nbits - length)) & ((np.int64(1) << length) - 1)
-                d = code - first_code[length]
-                if d >= 0 and d < len_count[length]:
-                    out[i] = sorted_vals[len_offset[length] + d]
-                    nbits -= length
-                    found = True
-                    break
-            if not found:
+            value, length = _one_symbol(buf, primary_bits, prim_val, prim_len, first_code, len_count,
+                                        len_offset, sorted_vals, max_len)
+            if length == 0:
                 return ERR_INVALID_CODE
+            out[i] = value
+            i += 1
+        buf <<= length
+        nbits -= length
+    while i < count:
+        if nbits < 32:
+            if pos >= limit:
+                return ERR_PAYLOAD_OVERRUN
+            buf, nbits, pos = _refill(data, pos, buf, nbits)
+        value, length = _one_symbol(buf, primary_bits, prim_val, prim_len, first_code, len_count,
+                                    len_offset, sorted_vals, max_len)
+        if length == 0:
+            return ERR_INVALID_CODE
+        out[i] = value
+        i += 1
+        buf <<= length
+        nbits -= length
     consumed = pos * 8 - nbits
     if consumed > n_real * 8:
         return ERR_PAYLOAD_OVERRUN
     if (consumed + 7) // 8 != n_real:
         return ERR_PAYLOAD_TRAILING
-    if nbits > 0 and (buf & ((np.int64(1) << nbits) - 1)) != 0:
+    if buf != 0:
         return ERR_PADDING  # padding bits (and the zero bytes behind the payload) must be zero
     return consumed
 
