@@ -63,53 +63,56 @@ def level_constants(q: float, a: float, k: int) -> np.ndarray:
 @njit(cache=True, inline="always")
 def _cpmf(t, q, A, lo, hi, k, windowed, E, consts, e):
     """Fill e[j] = exp(z_{k0+j} - z_nearest) = exp(A·o·(2w - o)) (o = k0 + j - n, at most 1);
-    returns (k0, Σe). Inside the alphabet e = E^o·exp(-A·o²) with E = exp(2Aw): one exp per
-    element, taken by the caller; outside (clipped values) or when A is large, each exp directly."""
+    returns (k0, n, Σe, Σe·o, Σe·o², Σe·o³). Inside the alphabet e = E^o·exp(-A·o²) with
+    E = exp(2Aw): one exp per element, taken by the caller; outside (clipped values) or when A is
+    large, each exp directly. Offsets from the nearest level keep the raw moments free of
+    cancellation (the nearest level is the most probable, so E[o]² never approaches E[o²])."""
     k0, n, w = _place(t, q, lo, hi, k, windowed)
     j0 = int(n) - k0                 # the nearest level's index in the window
     s0 = 0.0
+    s1 = 0.0
+    s2 = 0.0
+    s3 = 0.0
     if abs(w) <= 0.5 and A * (k - 1) <= _PRODUCT_LIMIT:
-        # Loops of fixed length (selects, no data-dependent trip counts: those cost more than the
-        # arithmetic). p runs through E^(j - j0), starting from E^(-j0).
-        inv = 1.0 / E
-        p = 1.0
-        for m in range(k - 1):
-            p = p * inv if m < j0 else p
+        # p runs through E^(j - j0), from E^(-j0) (an integer power: no data-dependent loop).
+        p = (1.0 / E) ** j0
         for j in range(k):
+            o = float(j - j0)
             x = p * consts[j - j0 + k - 1]
             e[j] = x
             s0 += x
+            xo = x * o
+            s1 += xo
+            s2 += xo * o
+            s3 += xo * o * o
             p *= E
     else:
         w2 = 2.0 * w
         for j in range(k):
-            o = j - j0
+            o = float(j - j0)
             x = np.exp(A * o * (w2 - o))
             e[j] = x
             s0 += x
-    return k0, s0
+            xo = x * o
+            s1 += xo
+            s2 += xo * o
+            s3 += xo * o * o
+    return k0, n, s0, s1, s2, s3
+
+
+@njit(cache=True, inline="always")
+def _moments(n, s0, s1, s2, s3):
+    """(level mean L, variance, third central moment, 1/Σe) from the raw sums of `_cpmf`."""
+    inv_s0 = 1.0 / s0            # one division per element: divisions dominated the loop
+    u = s1 * inv_s0
+    m2 = s2 * inv_s0
+    var = max(m2 - u * u, 0.0)
+    m3 = s3 * inv_s0 - 3.0 * u * m2 + 2.0 * u * u * u
+    return n + u, var, m3, inv_s0
 
 
 def chunk_count(n: int) -> int:
     return max(1, min(64, n // 4096))
-
-
-@njit(cache=True, inline="always")
-def _moments(e, k, k0, s0):
-    """(level mean L, variance, third central moment, 1/Σe) of the CPMF e (level units)."""
-    inv_s0 = 1.0 / s0            # one division per element: divisions dominated the loop
-    s1 = 0.0
-    for j in range(k):
-        s1 += e[j] * j
-    u = s1 * inv_s0              # mean offset from k0
-    var = 0.0
-    m3 = 0.0
-    for j in range(k):
-        d = j - u
-        pd2 = e[j] * d * d
-        var += pd2
-        m3 += pd2 * d
-    return k0 + u, var * inv_s0, m3 * inv_s0, inv_s0
 
 
 @njit(cache=True, inline="always")
@@ -156,8 +159,8 @@ def forward(theta, q, a, lo, hi, k, windowed, E, consts, uniforms, sample, want_
     per = (n_all + chunks - 1) // chunks
     A = a * q * q
     ez = np.empty(k)
-    kz, sz = _cpmf(0.0, q, A, lo, hi, k, windowed, 1.0, consts, ez)
-    Lz, Vz, Mz, inv_sz = _moments(ez, k, kz, sz)
+    kz, nz, sz, s1, s2, s3 = _cpmf(0.0, q, A, lo, hi, k, windowed, 1.0, consts, ez)
+    Lz, Vz, Mz, inv_sz = _moments(nz, sz, s1, s2, s3)
     for c in prange(chunks):
         e = np.empty(k)
         for i in range(c * per, min(n_all, (c + 1) * per)):
@@ -169,8 +172,8 @@ def forward(theta, q, a, lo, hi, k, windowed, E, consts, uniforms, sample, want_
                 y[i] = (kz + _pick(ez, k, uniforms[i] * sz)) * q if sample else q * Lz
                 zeros[c] += 1
                 continue
-            k0, s0 = _cpmf(t, q, A, lo, hi, k, windowed, E[i], consts, e)
-            level_mean, var, m3, inv_s0 = _moments(e, k, k0, s0)
+            k0, n, s0, s1, s2, s3 = _cpmf(t, q, A, lo, hi, k, windowed, E[i], consts, e)
+            level_mean, var, m3, inv_s0 = _moments(n, s0, s1, s2, s3)
             stats[0, i] = level_mean
             stats[1, i] = var
             stats[2, i] = m3
@@ -180,9 +183,9 @@ def forward(theta, q, a, lo, hi, k, windowed, E, consts, uniforms, sample, want_
                     partial[c, k0 + j - lo] += e[j] * inv_s0
     sums = partial.sum(axis=0)
     if want_sums:
-        nz = zeros.sum()
+        count = zeros.sum()
         for j in range(k):
-            sums[kz + j - lo] += nz * (ez[j] * inv_sz)
+            sums[kz + j - lo] += count * (ez[j] * inv_sz)
     return sums
 
 
@@ -202,8 +205,8 @@ def backward(theta, q, a, lo, hi, k, windowed, stats, E, consts, grad_y, has_gra
     c1z = c2z = 0.0
     if has_grad_sums:
         ez = np.empty(k)
-        kz, sz = _cpmf(0.0, q, A, lo, hi, k, windowed, 1.0, consts, ez)
-        Lz, _, _, inv_sz = _moments(ez, k, kz, sz)
+        kz, nz, sz, s1, s2, s3 = _cpmf(0.0, q, A, lo, hi, k, windowed, 1.0, consts, ez)
+        Lz, _, _, inv_sz = _moments(nz, sz, s1, s2, s3)
         c1z, c2z = _mpmf_covariances(ez, k, kz, inv_sz, Lz, grad_sums, lo)
     # Per-chunk partial sums, not prange scalar reductions (numba's reduction analysis trips over
     # the inlined CPMF loops).
@@ -222,7 +225,7 @@ def backward(theta, q, a, lo, hi, k, windowed, stats, E, consts, grad_y, has_gra
                 if t == 0.0:
                     c1, c2 = c1z, c2z
                 else:
-                    k0, s0 = _cpmf(t, q, A, lo, hi, k, windowed, E[i], consts, e)
+                    k0, _, s0, _, _, _ = _cpmf(t, q, A, lo, hi, k, windowed, E[i], consts, e)
                     c1, c2 = _mpmf_covariances(e, k, k0, 1.0 / s0, level_mean, grad_sums, lo)
                 b1 += c1
                 b2 += c2
