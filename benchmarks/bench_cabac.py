@@ -10,13 +10,31 @@
 3. Trained weights at <= 2 bits/weight: LeNet-5 trained here on the bundled MNIST digits and
    MiniLM (safetensors) if present; every tensor with ndim >= 2 quantized k = round(w / (R * std)).
    Sizes per context design (gains of each design against the DeepCABAC/NNC-like baseline).
+
+Decode speed side by side (issue 15, point 3), alone with --speed:
+
+    NUMBA_NUM_THREADS=1 python benchmarks/bench_cabac.py --speed [--speed-levels 8000000] \
+        [--scales 1,4] [--repeats 5] [--nnc-python /work/bench/nnc-venv/bin/python] [--before-tree DIR]
+
+codes the same Laplace levels with NNCodec's C++ CABAC (its own venv), this tree's cabac and
+huffman backends and, with --before-tree, an older cdlcodec source tree (e.g. extracted with
+`git archive`), each in its own worker process (benchmarks/speed_worker.py); the rounds are
+interleaved and every figure is a median of CPU times, so the ratios compare runs made under the
+same load. cabac runs with its default settings on one thread (parallel=False). A before tree is
+laid out as installed: `mkdir DIR && git archive REV cdlcodec formats | tar -x -C DIR &&
+mv DIR/formats DIR/cdlcodec/formats`.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -192,13 +210,98 @@ def n_gt_sweep(n: int):
     print()
 
 
+# --- decode speed side by side with NNCodec ------------------------------------------------------
+
+NNC_PYTHON = "/work/bench/nnc-venv/bin/python"
+WORKER = str(Path(__file__).with_name("speed_worker.py"))
+
+
+class SpeedWorker:
+    """A speed_worker.py child: `kind` nnc or cdl, `tree` a cdlcodec source tree put first on its path."""
+
+    def __init__(self, label, python, kind, levels_file, tree=None):
+        env = dict(os.environ, NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1")
+        self.label = label
+        self.proc = subprocess.Popen([python, WORKER, kind, levels_file] + ([str(tree)] if tree else []),
+                                     stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, env=env)
+        self.sizes = self._reply()["sizes"]
+
+    def _reply(self):
+        while True:  # NNCodec may print on stdout too; the answers are the JSON lines
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"speed worker {self.label} died")
+            if line.startswith("{"):
+                return json.loads(line)
+
+    def round(self):
+        self.proc.stdin.write("round\n")
+        self.proc.stdin.flush()
+        return self._reply()
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def speed_side_by_side(n, scales, repeats, nnc_python, before_tree):
+    print(f"## Decode speed side by side: {n:,} Laplace levels, one thread, CPU time, median of {repeats} "
+          "interleaved rounds\n")
+    rows = []
+    for b in scales:
+        levels = np.rint(np.random.default_rng(0).laplace(0.0, b, n)).astype(np.int64)
+        with tempfile.TemporaryDirectory(prefix="cdlspeed_") as tmp:
+            path = os.path.join(tmp, "levels.npy")
+            np.save(path, levels)
+            workers = [SpeedWorker("NNCodec", nnc_python, "nnc", path)]
+            if before_tree:
+                workers.append(SpeedWorker("before", sys.executable, "cdl", path, before_tree))
+            workers.append(SpeedWorker("after", sys.executable, "cdl", path))
+            times = {}
+            for _ in range(repeats):
+                for w in workers:
+                    for coder, t in w.round().items():
+                        for op, sec in t.items():
+                            times.setdefault((w.label, coder, op), []).append(sec)
+            sizes = {(w.label, coder): size for w in workers for coder, size in w.sizes.items()}
+            for w in workers:
+                w.close()
+        med = {key: float(np.median(v)) for key, v in times.items()}
+        rate = {key: n / sec / 1e6 for key, sec in med.items()}
+        nnc_dec, nnc_enc = med[("NNCodec", "nncodec", "dec")], med[("NNCodec", "nncodec", "enc")]
+        for label in [w for w in ("before", "after") if (w, "cabac", "dec") in med]:
+            rows.append((b, label, rate[("NNCodec", "nncodec", "enc")], rate[("NNCodec", "nncodec", "dec")],
+                         rate[(label, "cabac", "enc")], rate[(label, "cabac", "dec")],
+                         nnc_enc / med[(label, "cabac", "enc")], nnc_dec / med[(label, "cabac", "dec")],
+                         rate[(label, "huffman", "dec")], 8 * sizes[("NNCodec", "nncodec")] / n,
+                         8 * sizes[(label, "cabac")] / n, 8 * sizes[(label, "huffman")] / n))
+    print("| Laplace b | tree | NNCodec enc / dec M/s | cabac enc / dec M/s | cabac / NNCodec enc | "
+          "cabac / NNCodec dec | huffman dec M/s | bits/level NNCodec / cabac / huffman |")
+    print("|---|---|---|---|---|---|---|---|")
+    for (b, label, ne, nd, ce, cd, re, rd, hd, nb, cb, hb) in rows:
+        print(f"| {b} | {label} | {ne:.1f} / {nd:.1f} | {ce:.1f} / {cd:.1f} | {re:.2f}x | **{rd:.2f}x** | "
+              f"{hd:.0f} | {nb:.4f} / {cb:.4f} / {hb:.4f} |")
+    print()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--minilm", default="/tmp/models/minilm/model.safetensors")
     ap.add_argument("--levels", type=int, default=1_000_000)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--rel-steps", default="1.0,2.0")
+    ap.add_argument("--speed", action="store_true", help="only the decode speed comparison with NNCodec")
+    ap.add_argument("--speed-levels", type=int, default=8_000_000)
+    ap.add_argument("--scales", default="1,4", help="Laplace scales of the speed comparison")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--nnc-python", default=NNC_PYTHON)
+    ap.add_argument("--before-tree", default=None, help="an older cdlcodec source tree to compare with")
     args = ap.parse_args()
+    if args.speed:
+        speed_side_by_side(args.speed_levels, [float(v) for v in args.scales.split(",")], args.repeats,
+                           args.nnc_python, args.before_tree)
+        return
     rel_steps = [float(v) for v in args.rel_steps.split(",")]
     print(f"# cabac benchmark ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"rate pairs {RATE_PAIRS.tolist()})\n")
