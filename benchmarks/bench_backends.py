@@ -7,6 +7,10 @@ Reported: bits per parameter of each, the per-tensor order-0 entropy (the bound 
 encode/decode throughput, and the numba first-call latency (fresh interpreter, warm and cold cache).
 
     python benchmarks/bench_backends.py [--minilm PATH] [--rel-steps 0.05,0.2,1.0] [--out FILE]
+    NUMBA_NUM_THREADS=1 python benchmarks/bench_backends.py --laplace 8000000 [--repeats 5]
+
+--laplace N only measures huffman's one-stream throughput on N rounded Laplace levels of several
+scales (median CPU time; decode includes allocating the int64 output, as a caller gets it).
 
 Throughputs are CPU seconds of this process (all kernels are single-threaded), so they stay
 meaningful on a machine shared with other jobs; the latency figures give wall and CPU time.
@@ -159,6 +163,31 @@ def kernel_throughput(levels: np.ndarray, repeats: int) -> tuple[float, float]:
     return levels.size / enc / 1e6, levels.size / dec / 1e6
 
 
+def laplace_throughput(n: int, repeats: int, lines: list[str]) -> None:
+    """Huffman encode / decode M levels/s on rounded Laplace levels (one stream each), medians."""
+    lines.append(f"\n### huffman on {n:,} rounded Laplace levels (one core, CPU time, median of {repeats})\n")
+    lines.append("| Laplace b | bits/level | order-0 entropy | encode M/s | decode M/s |")
+    lines.append("|---|---:|---:|---:|---:|")
+    for b in (0.5, 1.0, 4.0, 16.0):
+        levels = np.rint(np.random.default_rng(0).laplace(0.0, b, n)).astype(np.int64)
+        p, q = HUFF.encode(levels)
+        np.testing.assert_array_equal(HUFF.decode(p, q, n), levels)
+
+        def median_time(fn):
+            times = []
+            for _ in range(repeats):
+                t = time.process_time()
+                fn()
+                times.append(time.process_time() - t)
+            return float(np.median(times))
+
+        dec = median_time(lambda: HUFF.decode(p, q, n))
+        enc = median_time(lambda: HUFF.encode(levels))
+        lines.append(f"| {b} | {8 * (len(p) + len(q)) / n:.4f} | {order0_entropy_bits(levels) / n:.4f} | "
+                     f"{n / enc / 1e6:.0f} | {n / dec / 1e6:.0f} |")
+    print("\n".join(lines[-(4 + 3):]), flush=True)
+
+
 FIRST_CALL = r"""
 import time
 w0, c0 = time.perf_counter(), time.process_time()
@@ -225,9 +254,13 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=None, help="also write the markdown report here")
+    ap.add_argument("--laplace", type=int, default=0, metavar="N", help="only huffman's speed on N Laplace levels")
     args = ap.parse_args()
     rel_steps = [float(s) for s in args.rel_steps.split(",")]
     os.environ.setdefault("NUMBA_NUM_THREADS", "1")
+    if args.laplace:
+        laplace_throughput(args.laplace, args.repeats, [])
+        return
 
     lines = [f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
              f"Python {platform.python_version()}, numpy {np.__version__}"]
