@@ -122,8 +122,8 @@ def ctx_prob(ctx, ci):
 @njit(cache=True, inline="always")
 def _clamped_prob(pf, ps):
     """The mean of the two estimates in 15 bits, clamped to [1, 2**15 - 1]."""
-    p = (pf + ps) >> (STATE_BITS + 1 - PROB_BITS)
-    return min(max(p, 1), (1 << PROB_BITS) - 1)
+    p = (pf + ps) >> (STATE_BITS + 1 - PROB_BITS)  # estimates stay below 2**16: p < 2**15
+    return max(p, 1)
 
 
 @njit(cache=True, inline="always")
@@ -295,9 +295,8 @@ def dec_bin(st, buf, code, rng, pos, p):
     """Decode one regular bin with P(1) = p (15 bits); returns (bit, code, range, pos)."""
     bound = (rng >> PROB_BITS) * p
     bit = np.int64(code < bound)
-    keep = bit - 1                                  # 0 when the bin is 1, all ones when it is 0
-    code -= bound & keep
-    rng = bound + ((rng - 2 * bound) & keep)        # bound, or rng - bound
+    code = code if bit else code - bound            # selects, not a branch: LLVM emits cmov
+    rng = bound if bit else rng - bound
     code, rng, pos = _renormalise(buf, code, rng, pos, st[END])
     return bit, code, rng, pos
 
