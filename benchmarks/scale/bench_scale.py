@@ -1,10 +1,10 @@
 """Encode and decode a synthetic checkpoint bigger than a few GB: peak memory against the bound,
 throughput on 1 and N threads side by side, bytes identical across thread counts (issue 15).
 
-Usage: python benchmarks/scale/bench_scale.py [--gb 4.2] [--rows 4096] [--cols 2048] [--threads 1,2]
+Usage: python benchmarks/scale/bench_scale.py [--gb 4.3] [--rows 4096] [--cols 2048] [--threads 1,2] [--dtype float32]
                                               [--dir /tmp] [--markdown results.md]
 
-Writes a deterministic bf16 .safetensors file of Laplace-distributed weights (many rows x cols
+Writes a deterministic float32 (or --dtype bfloat16) .safetensors file of Laplace-distributed weights (many rows x cols
 tensors) into a temporary folder, runs `cdlcodec encode` and `cdlcodec decode` (to .safetensors) as
 subprocesses under /usr/bin/time -v once per thread count, and prints for each: wall time,
 throughput (M params/s), peak resident memory against the bound 500 MB + 3 x the largest tensor,
@@ -29,12 +29,13 @@ import time
 import numpy as np
 
 BOUND_BASE = 500 * 10**6  # bytes; the bound is BOUND_BASE + 3 x the largest tensor (issue 15)
+CODES, ITEMSIZE = {"float32": "F32", "bfloat16": "BF16"}, {"float32": 4, "bfloat16": 2}
 
 
-def write_checkpoint(path: str, n_tensors: int, rows: int, cols: int, seed: int = 15) -> int:
-    """A bf16 .safetensors file of n_tensors rows x cols Laplace(0, 0.02) tensors; returns its size."""
-    nbytes = rows * cols * 2
-    header = {f"model.layers.{i}.weight": {"dtype": "BF16", "shape": [rows, cols],
+def write_checkpoint(path: str, n_tensors: int, rows: int, cols: int, dtype: str, seed: int = 15) -> int:
+    """A .safetensors file of n_tensors rows x cols Laplace(0, 0.02) tensors (F32 or BF16); returns its size."""
+    nbytes = rows * cols * ITEMSIZE[dtype]
+    header = {f"model.layers.{i}.weight": {"dtype": CODES[dtype], "shape": [rows, cols],
                                            "data_offsets": [i * nbytes, (i + 1) * nbytes]} for i in range(n_tensors)}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
@@ -45,7 +46,9 @@ def write_checkpoint(path: str, n_tensors: int, rows: int, cols: int, seed: int 
         for i in range(n_tensors):
             scale = 0.02 * (1 + (i % 7) / 7)  # tensors differ in scale, as layers do
             values = rng.laplace(0.0, scale, rows * cols).astype(np.float32)
-            fh.write((values.view(np.uint32) >> 16).astype(np.uint16).tobytes())  # truncation to bf16
+            if dtype == "bfloat16":
+                values = (values.view(np.uint32) >> 16).astype(np.uint16)  # truncation to bf16
+            fh.write(values.tobytes())
     return os.path.getsize(path)
 
 
@@ -66,15 +69,19 @@ def timed(cmd: list[str]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--gb", type=float, default=4.2, help="checkpoint size in GB (10^9 bytes)")
+    ap.add_argument("--gb", type=float, default=4.3, help="checkpoint size in GB (10^9 bytes; 4.3 = 128 float32 tensors of 4096x2048 = 4.0 GiB)")
     ap.add_argument("--rows", type=int, default=4096)
     ap.add_argument("--cols", type=int, default=2048)
+    # float32 by default: with the default Limits a container may decode to at most 16 GiB of values plus
+    # int64 levels (Limits.max_decoded_bytes, whole file), i.e. about 1.7 G parameters: a 4 GB bf16
+    # checkpoint (2.1 G parameters) is refused at encode time, a 4 GB float32 one (1.1 G) is not.
+    ap.add_argument("--dtype", choices=sorted(CODES), default="float32")
     ap.add_argument("--threads", default="1,2", help="thread counts to compare, comma-separated")
     ap.add_argument("--dir", default=None, help="where the temporary folder goes (default: the system's)")
     ap.add_argument("--markdown", default=None, help="also write the table to this file")
     a = ap.parse_args()
     threads = [int(t) for t in a.threads.split(",")]
-    tensor_bytes = a.rows * a.cols * 2
+    tensor_bytes = a.rows * a.cols * ITEMSIZE[a.dtype]
     n_tensors = max(1, round(a.gb * 1e9 / tensor_bytes))
     params = n_tensors * a.rows * a.cols
     bound = BOUND_BASE + 3 * tensor_bytes
@@ -84,8 +91,8 @@ def main() -> None:
     try:
         src = os.path.join(work, "model.safetensors")
         t0 = time.perf_counter()
-        size = write_checkpoint(src, n_tensors, a.rows, a.cols)
-        print(f"checkpoint: {n_tensors} bf16 tensors of {a.rows}x{a.cols}, {params / 1e6:.0f} M params, "
+        size = write_checkpoint(src, n_tensors, a.rows, a.cols, a.dtype)
+        print(f"checkpoint: {n_tensors} {a.dtype} tensors of {a.rows}x{a.cols}, {params / 1e6:.0f} M params, "
               f"{size / 1e9:.2f} GB (written in {time.perf_counter() - t0:.0f} s); "
               f"bound {bound / 1e6:.0f} MB = 500 MB + 3 x {tensor_bytes / 1e6:.1f} MB")
         load_before = os.getloadavg()
@@ -111,7 +118,7 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    lines = [f"Synthetic bf16 checkpoint: {n_tensors} tensors of {a.rows}x{a.cols} (Laplace), {params / 1e6:,.0f} M params, "
+    lines = [f"Synthetic {a.dtype} checkpoint: {n_tensors} tensors of {a.rows}x{a.cols} (Laplace), {params / 1e6:,.0f} M params, "
              f"{size / 1e9:.2f} GB -> {cdl_size / 1e9:.2f} GB .cdl ({8 * cdl_size / params:.2f} bits/param). "
              f"Bound: 500 MB + 3 x {tensor_bytes / 1e6:.1f} MB = {bound / 1e6:.0f} MB. "
              f"{os.cpu_count()} cores; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after.", "",
