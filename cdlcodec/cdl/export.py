@@ -84,7 +84,7 @@ def float_graph_module(model: nn.Module, *, mark: bool = False) -> tuple[nn.Modu
     The copy's state_dict is the model's minus the quantizer parameters (q, alpha, bits, s, beta).
     With `mark`, each activation is followed by a marker op for `export_cdl_graph`.
     """
-    plain = copy.deepcopy(model).eval()
+    plain = copy.deepcopy(model).cpu().eval()   # exported on the CPU, whatever device trained it
     quantizers = []
     for path, m in list(plain.named_modules()):
         if isinstance(m, WEIGHT_LAYERS):
