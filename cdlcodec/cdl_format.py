@@ -19,6 +19,10 @@ import numpy as np
 from .errors import CdlInputError
 
 METADATA_KEY = "cdl.metadata"
+# Optional: a checkpoint of a model outside cdlcodec.models carries its own graph in this uint8 entry
+# (ONNX, weights stripped, GRAPH_INFO_KEY in its metadata_props; formats/cdl-checkpoint.md).
+GRAPH_KEY = "cdl.graph"
+GRAPH_INFO_KEY = "cdlcodec.cdl_graph"
 FORMAT_NAME = "cdlcodec-cdl-checkpoint"
 FORMAT_VERSION = 1
 CDL_MODES = ("cdl", "rcdl")

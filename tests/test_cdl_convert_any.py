@@ -4,8 +4,6 @@ when tracing fails; fine-tuning with your own loader and loss; a converted model
 carries its own graph encodes and decodes to ONNX, and onnxruntime matches the rebuilt model."""
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pytest
 

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..atomic import atomic_open
-from ..cdl_format import FORMAT_NAME, FORMAT_VERSION, METADATA_KEY, read_cdl_metadata
+from ..cdl_format import FORMAT_NAME, FORMAT_VERSION, GRAPH_KEY, METADATA_KEY, read_cdl_metadata
 from ..errors import CdlInputError
 
 
@@ -69,8 +69,6 @@ def cdl_state_dict(model, *, architecture: str, bits: int, first_last_bits: int 
     """
     import torch
 
-    from ..io.cdl_checkpoint import GRAPH_KEY
-
     meta = _build_metadata(model, architecture=architecture, architecture_kwargs=architecture_kwargs,
                            bits=bits, first_last_bits=first_last_bits)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -89,15 +87,17 @@ def _graph_entry(model, state: dict, architecture: str, example_input):
     """The converted model's float graph, weights stripped, as the uint8 tensor of GRAPH_KEY."""
     import torch
 
-    from ..api import _records_of
-    from .export import export_cdl_graph, graph_with_info
+    from ..io.cdl_graph import graph_with_info
+    from ..io.torch_checkpoint import tensor_to_record
+    from .export import export_cdl_graph
 
     shape = None
     if example_input is not None:
         shape = tuple(example_input.shape) if hasattr(example_input, "shape") else tuple(example_input)
     was_training = model.training
     try:
-        (_, _, data), meta, tensors = export_cdl_graph(model, _records_of(state), architecture, shape)
+        records = [tensor_to_record(name, value) for name, value in state.items()]
+        (_, _, data), meta, tensors = export_cdl_graph(model, records, architecture, shape)
     except CdlInputError:
         raise
     except Exception as exc:  # the exporter refused the forward: say so in one line
@@ -151,7 +151,6 @@ def build_model_from_checkpoint(tensors: Mapping[str, Any], model=None):
     """
     import torch
 
-    from ..io.cdl_checkpoint import GRAPH_KEY
     from ..models import build
     from .convert import convert
 

@@ -4,8 +4,8 @@ A checkpoint written by `cdlcodec train` is an ordinary state_dict plus a metada
 (cdlcodec.cdl_format.METADATA_KEY). Reading one gives a ModelFile whose
 
 - sections are what graph decoders need beside the tensors: the float graph of the converted model
-  (cdlcodec.cdl.export: CDL layers as float layers, each activation quantizer as the activation it
-  applies) exported to ONNX with its weights stripped ("model.onnx", as `encode --arch` stores it;
+  (CDL layers as float layers, each activation quantizer as the activation it applies; exported by
+  cdlcodec.io.cdl_graph) exported to ONNX with its weights stripped ("model.onnx", as `encode --arch` stores it;
   left out with a warning where torch/onnx cannot export it) — rebuilt here from the architecture
   the checkpoint names, or taken from the checkpoint's own GRAPH_KEY entry for a model outside
   cdlcodec.models — and its activation quantizers as the json section "cdl.activations", each with
@@ -25,15 +25,12 @@ import warnings
 import numpy as np
 
 from ..errors import CdlInputError
-from ..cdl_format import is_cdl_records, read_cdl_metadata, records_as_tensors
+from ..cdl_format import GRAPH_INFO_KEY, GRAPH_KEY, is_cdl_records, read_cdl_metadata, records_as_tensors
 from ..records import ModelFile, TensorRecord
 
 ACTIVATIONS_SECTION = "cdl.activations"
 MODE_KEY = "cdl.mode"
-# A checkpoint of a model outside cdlcodec.models carries its own graph: this uint8 entry (ONNX, weights
-# stripped, GRAPH_INFO_KEY in metadata_props); cdlcodec.cdl.export writes it, nothing here imports torch.
-GRAPH_KEY = "cdl.graph"
-GRAPH_INFO_KEY = "cdlcodec.cdl_graph"
+
 
 
 def is_cdl_model(model: ModelFile) -> bool:
@@ -87,16 +84,17 @@ def stored_graph(records) -> tuple[tuple[str, str, bytes], dict[str, str], dict[
 def graph_section(meta, records) -> tuple[tuple[str, str, bytes] | None, dict[str, str], dict[str, str]]:
     """(the float graph of the converted model as a weight-stripped ONNX section, its metadata,
     {activation quantizer: ONNX value it quantizes}); (None, {}, {}) with a warning when it cannot be
-    made. A registered architecture is rebuilt, converted and exported here (needs torch)."""
+    made. A registered architecture is built and exported here (needs torch)."""
     try:
         stored = stored_graph(records)
         if stored is not None:
             return stored
-        from ..cdl.checkpoint import build_model_from_checkpoint
-        from ..cdl.export import export_cdl_graph
+        from .. import models
+        from .cdl_graph import export_with_activations
 
-        model = build_model_from_checkpoint(records_as_tensors(records))
-        return export_cdl_graph(model, records, meta.architecture)
+        # registered architectures convert in place: each quantizer sits where its ReLU module was
+        module = models.build(meta.architecture, **meta.architecture_kwargs)
+        return export_with_activations(module, records, meta.architecture, [a.module for a in meta.activations])
     except Exception as exc:  # the container stays valid without a graph; say why it has none
         warnings.warn(f"CDL checkpoint: no ONNX graph stored ({type(exc).__name__}: {str(exc)[:200]}); "
                       "the container decodes to .pt / cdlcodec.load but not to .onnx")
