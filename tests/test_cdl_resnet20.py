@@ -55,3 +55,32 @@ def test_train_resnet20_mnist_encode_decode_onnx_matches_load(tmp_path, cli):
     assert close_rows.mean() >= 0.95
     assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.99
     assert abs((got.argmax(1) == y).mean() - (expected.argmax(1) == y).mean()) <= 0.005
+
+
+def test_resnet20_is_sized_from_a_grey_checkpoint():
+    from cdlcodec import models
+
+    grey = models.build("resnet20:in_channels=1")
+    assert grey.example_input_shape == (1, 1, 32, 32)
+    rebuilt = models.build("resnet20", shapes={k: tuple(v.shape) for k, v in grey.state_dict().items()})
+    assert rebuilt.conv1.in_channels == 1 and rebuilt.fc.out_features == 10
+    rebuilt.load_state_dict(grey.state_dict(), strict=True)
+    assert models.build("resnet20").conv1.in_channels == 3
+
+
+def test_finetune_example_runs_end_to_end(tmp_path, capsys):
+    """examples/finetune_resnet20.py at toy size: every stage runs and ONNX agrees with load()."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "finetune_resnet20.py"
+    spec = importlib.util.spec_from_file_location("finetune_resnet20_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    report = example.main(["--fp-epochs", "0", "--epochs", "1", "--train-samples", "32", "--batch-size", "32",
+                           "--test-samples", "64", "--out-dir", str(tmp_path)])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == report
+    assert report["finetune_steps"] == 1 and report["weights"] == 270608
+    assert report["prediction_agreement"] >= 63 / 64 and report["onnx_accuracy"] == pytest.approx(report["load_accuracy"], abs=1 / 64)
+    assert 0 < report["coded_bits_per_weight"] < 8
+    assert {p.name for p in tmp_path.iterdir()} == {"resnet20-cdl.pt", "resnet20.cdl", "resnet20.onnx"}

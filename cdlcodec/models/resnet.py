@@ -85,3 +85,10 @@ class ResNet20(_ResNet):
         stem = (_conv3x3(in_channels, 16), nn.BatchNorm2d(16), nn.ReLU(inplace=True), nn.Identity())
         super().__init__(stem, (16, 32, 64), 3, num_classes)
         self.example_input_shape = (1, in_channels, 32, 32)
+
+    @staticmethod
+    def config_from_shapes(shapes: dict) -> dict:
+        """The class count and the input channels (1 for resnet20-mnist checkpoints)."""
+        config = _ResNet.config_from_shapes(shapes)
+        stem = shapes.get("conv1.weight", ())
+        return {**config, "in_channels": stem[1]} if len(stem) == 4 else config
