@@ -19,8 +19,8 @@ Decode speed side by side (issue 15, point 3), alone with --speed:
 codes the same Laplace levels with NNCodec's C++ CABAC (its own venv), this tree's cabac and
 huffman backends and, with --before-tree, an older cdlcodec source tree (e.g. extracted with
 `git archive`), each in its own worker process (benchmarks/speed_worker.py); the rounds are
-interleaved and every figure is a median of CPU times, so the ratios compare runs made under the
-same load. cabac runs with its default settings on one thread (parallel=False). A before tree is
+interleaved and every speed is a median of CPU times; a ratio is the median over rounds of the
+ratio within a round, so it compares runs made under the same load. cabac runs with its default settings on one thread (parallel=False). A before tree is
 laid out as installed: `mkdir DIR && git archive REV cdlcodec formats | tar -x -C DIR &&
 mv DIR/formats DIR/cdlcodec/formats`.
 """
@@ -269,11 +269,15 @@ def speed_side_by_side(n, scales, repeats, nnc_python, before_tree):
                 w.close()
         med = {key: float(np.median(v)) for key, v in times.items()}
         rate = {key: n / sec / 1e6 for key, sec in med.items()}
-        nnc_dec, nnc_enc = med[("NNCodec", "nncodec", "dec")], med[("NNCodec", "nncodec", "enc")]
+
+        def ratio(label, op):
+            """Median over rounds of NNCodec's time / cabac's time in the same round (the load drifts)."""
+            return float(np.median(np.array(times[("NNCodec", "nncodec", op)]) / np.array(times[(label, "cabac", op)])))
+
         for label in [w for w in ("before", "after") if (w, "cabac", "dec") in med]:
             rows.append((b, label, rate[("NNCodec", "nncodec", "enc")], rate[("NNCodec", "nncodec", "dec")],
                          rate[(label, "cabac", "enc")], rate[(label, "cabac", "dec")],
-                         nnc_enc / med[(label, "cabac", "enc")], nnc_dec / med[(label, "cabac", "dec")],
+                         ratio(label, "enc"), ratio(label, "dec"),
                          rate[(label, "huffman", "dec")], 8 * sizes[("NNCodec", "nncodec")] / n,
                          8 * sizes[(label, "cabac")] / n, 8 * sizes[(label, "huffman")] / n))
     print("| Laplace b | tree | NNCodec enc / dec M/s | cabac enc / dec M/s | cabac / NNCodec enc | "
