@@ -26,7 +26,8 @@ over the few levels around the nearest one that carry any probability at float64
 Kernels: `QuantizeFunction` runs numba loops on CPU (cdl/_kernels.py) or torch operations on any
 device (cdl/_torch_kernels.py), chosen by `set_kernel_path` / CDLCODEC_CDL_KERNELS; both give the
 same values and gradients (tests/test_cdl_torch_quantizer.py). `torch.compile` is not used: it
-gained nothing measurable on these short elementwise chains and costs seconds at first use.
+costs seconds at first use and needs a C++ compiler on CPU (where numba runs anyway); whether it
+pays on a GPU is not measured yet.
 """
 from __future__ import annotations
 
