@@ -15,6 +15,7 @@ CASES = [  # (alpha, bits, q, window, signed)
     (60.0, 4, 0.2, None, True),
     (800.0, 4, 0.1, None, True),      # αq² = 8, the default sharpness: 5-level weight window
     (3200.0, 8, 0.05, None, True),    # 8-bit first/last layer: window of 5 of 256 levels
+    (30000.0, 4, 0.2, None, True),    # αq² = 1200: 3 levels, every exp taken directly in numba
     (20.0, 4, 0.3, 5, False),         # activation: 5-level window, unsigned alphabet
     (20.0, 2, 0.3, 5, False),         # window wider than the 4-level alphabet
 ]
@@ -141,6 +142,17 @@ def test_sampling_reproducible_from_generator_on_device(device):
                                  generator=torch.Generator(device=device).manual_seed(s)) for s in (3, 3, 4)]
     assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
     assert draws[0].device.type == device
+
+
+@pytest.mark.parametrize("path", ["numba", "torch"])
+def test_empty_tensor(path):
+    lo, hi = alphabet_bounds(4, False)
+    theta, step, sharp = _inputs(30.0, 0.2)
+    empty = theta[:0]
+    with kernel_path(path):
+        y, pmf = quantize_with_mpmf(empty, step, sharp, lo, hi, 5)
+        (y.sum() + entropy_bits(pmf)).backward()
+    assert y.shape == (0,) and float(pmf.detach().sum()) == 0.0 and float(step.grad) == 0.0
 
 
 def test_numba_path_refuses_what_it_cannot_run():
