@@ -12,6 +12,10 @@ quantization, Huffman-coded levels), biases as float32. Worker 1 decodes them wi
 `decode_tensor` and checks that they equal, bit for bit, its own replica's eval-mode weights.
 The bytes of that broadcast fall epoch by epoch as the entropy term lowers the rates, as in Fig. 7
 of the CDL paper. Optionally the gradients themselves go through the CO3 hook (--grad-hook).
+
+`--fp-epochs 0` trains from scratch: the quantizers start soft and sharpen on the schedule of
+`cdlcodec train` (cdlcodec.cdl.train.SharpnessAnneal). A run that collapses (accuracy near chance,
+dead layers, non-finite loss) ends with `ddp_cdl_training: error: <cause>` and exit status 2.
 """
 from __future__ import annotations
 
@@ -62,6 +66,7 @@ def _unpack(data: bytes) -> list[bytes]:
 def _worker(rank: int, store_path: str, args) -> None:
     from cdlcodec.cdl.convert import (calibrate, convert, project_parameters, rescale_sharpness, set_generator,
                                       weight_quantizers)
+    from cdlcodec.cdl.train import SharpnessAnneal, TrainConfig, diagnose_collapse
     from cdlcodec.cdl.loss import cdl_loss
     from cdlcodec.cdl.optim import cdl_param_groups
     from cdlcodec.cdl.quantizer import hard_quantize
@@ -76,12 +81,15 @@ def _worker(rank: int, store_path: str, args) -> None:
                             timeout=timedelta(seconds=120))
     (xtr, ytr), (xte, yte) = load_mnist_5k()
     torch.manual_seed(0)
-    # Warm start (docs/cdl.md recipe): identical full-precision training on both workers, then
-    # convert, least-squared-error steps and scale-aware sharpness.
-    model = train_classifier(build("lenet5"), xtr, ytr, epochs=args.fp_epochs, seed=0, quiet=True)
-    model = convert(model, bits=4, first_last_bits=8, mode="rcdl")
+    # Optional warm start (docs/cdl.md recipe): identical full-precision training on both workers,
+    # then convert, least-squared-error steps and scale-aware sharpness, annealed from soft to sharp.
+    model = build("lenet5")
+    if args.fp_epochs:
+        model = train_classifier(model, xtr, ytr, epochs=args.fp_epochs, seed=0, quiet=True)
+    config = TrainConfig(mode="rcdl", bits=4, lam=args.lam, epochs=args.epochs, batch_size=32)
+    model = convert(model, bits=config.bits, first_last_bits=8, mode=config.mode)
     calibrate(model, torch.from_numpy(xtr[:64]), step_init="mse")  # the same batch on both workers
-    rescale_sharpness(model, 8.0)
+    rescale_sharpness(model, config.sharpness_start)
     set_generator(model, torch.Generator().manual_seed(1 + rank))
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     grad_state = None
@@ -92,19 +100,27 @@ def _worker(rank: int, store_path: str, args) -> None:
                                             sharpness_reference=500.0))
     xs, ys = torch.from_numpy(xtr[rank::WORLD]), torch.from_numpy(ytr[rank::WORLD])
     gen = torch.Generator().manual_seed(0)
+    steps = args.epochs * ((len(ys) + config.batch_size - 1) // config.batch_size)
+    anneal = SharpnessAnneal(config.sharpness_start, config.sharpness_constant, steps, config.anneal_fraction)
+    step = 0
     fp32_bytes = 4 * sum(p.numel() for p in model.parameters())
     if rank == 0:
         print(f"{'epoch':>5} {'acc %':>6} {'H(w) b/w':>9} {'coded bytes':>12} {'fp32 bytes':>11} {'ratio':>6}", flush=True)
     for epoch in range(1, args.epochs + 1):
         model.train()
         order = torch.randperm(len(ys), generator=gen)
-        for start in range(0, len(ys), 32):
-            idx = order[start:start + 32]
-            parts = cdl_loss(model, ddp(xs[idx]), ys[idx], lam=args.lam)
+        correct = 0
+        for start in range(0, len(ys), config.batch_size):
+            idx = order[start:start + config.batch_size]
+            logits = ddp(xs[idx])
+            parts = cdl_loss(model, logits, ys[idx], lam=args.lam)
             opt.zero_grad(set_to_none=True)
             parts.total.backward()
             opt.step()
             project_parameters(model)
+            step += 1
+            anneal.apply(model, step)   # the same floor on both workers: replicas stay identical
+            correct += int((logits.detach().argmax(1) == ys[idx]).sum())
         model.eval()
         # The coded parameter broadcast from worker 0.
         blob = broadcast_bytes(_pack(parameter_frames(model)) if rank == 0 else None, src=0)
@@ -122,18 +138,32 @@ def _worker(rank: int, store_path: str, args) -> None:
     if rank == 0 and grad_state is not None:
         st = grad_state.stats()
         print(f"gradients ({args.grad_hook}): {st['bytes_per_step']:,.0f} bytes/step, ratio {st['compression_ratio']:.1f}x")
+    if rank == 0:
+        probe = torch.from_numpy(xte[:256])
+        verdict = diagnose_collapse(model, acc, 0.1, steps, correct / len(ys), config, probe)
+        if verdict is not None:
+            with open(os.path.join(os.path.dirname(store_path), "collapse.txt"), "w") as f:
+                f.write(verdict)
     dist.destroy_process_group()
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="DDP training of a CDL LeNet-5 with coded parameter broadcasts")
     ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--fp-epochs", type=int, default=2, help="full-precision warm-start epochs before converting")
-    ap.add_argument("--lam", type=float, default=3e-5, help="price of one bit of H(w) (CDL eq. 30)")
+    ap.add_argument("--fp-epochs", type=int, default=2,
+                    help="full-precision warm-start epochs before converting (0: from scratch)")
+    ap.add_argument("--lam", type=float, default=3e-5,
+                    help="price of one bit of H(w), the whole model's weight entropy (CDL eq. 30): "
+                         "lam·|w| per bit per weight, |w| = 61,470 for LeNet-5")
     ap.add_argument("--grad-hook", choices=["none", "co3-fp8", "co3-fp4"], default="none")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_worker, args=(os.path.join(tmp, "store"), args), nprocs=WORLD, join=True)
+        verdict = os.path.join(tmp, "collapse.txt")
+        if os.path.exists(verdict):
+            with open(verdict) as f:
+                print(f"ddp_cdl_training: error: {f.read()}", file=sys.stderr)
+            return 2
     return 0
 
 

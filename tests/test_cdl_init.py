@@ -106,7 +106,34 @@ def test_fp_warm_start_then_rcdl():
     ({"sharpness_init": "x"}, "sharpness init"),
     ({"sharpness_constant": 0.0}, "sharpness constant"),
     ({"step_init": "x"}, "step init"),
+    ({"sharpness_schedule": "x"}, "sharpness schedule"),
+    ({"sharpness_start": 0.0}, "sharpness start"),
+    ({"sharpness_start": 9.0, "sharpness_constant": 8.0}, "sharpness start"),
+    ({"anneal_fraction": 0.0}, "anneal fraction"),
 ])
 def test_bad_init_options(kwargs, needle):
     with pytest.raises(CdlInputError, match=needle):
         TrainConfig(**kwargs).check()
+
+
+def test_sharpness_anneal_floors_alpha_and_beta_on_a_geometric_ramp():
+    from cdlcodec.cdl.train import SharpnessAnneal
+
+    anneal = SharpnessAnneal(0.5, 8.0, total_steps=100, fraction=0.5)
+    assert anneal.constant_at(0) == pytest.approx(0.5)
+    assert anneal.constant_at(25) == pytest.approx(2.0)          # half-way up the ramp: sqrt(0.5·8)
+    assert anneal.constant_at(50) == anneal.constant_at(100) == pytest.approx(8.0)
+    torch.manual_seed(0)
+    model = convert(build("lenet5"), bits=4, mode="rcdl")
+    calibrate(model, torch.rand(8, 1, 28, 28))
+    rescale_sharpness(model, 0.5)
+    (_, fc2), (_, relu4) = weight_quantizers(model)[3], activation_quantizers(model)[3]
+    with torch.no_grad():
+        fc2.alpha.mul_(100.0)                                    # already sharper than the floor: kept
+    kept = float(fc2.alpha)
+    anneal.apply(model, 25)
+    for _, m in weight_quantizers(model):
+        assert float(m.alpha * m.q ** 2) >= 2.0 * (1 - 1e-5)
+    for _, a in activation_quantizers(model):
+        assert float(a.beta * a.s ** 2) == pytest.approx(2.0, rel=1e-5)
+    assert float(fc2.alpha) == kept and float(relu4.beta * relu4.s ** 2) == pytest.approx(2.0, rel=1e-5)
