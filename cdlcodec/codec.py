@@ -151,12 +151,14 @@ def ordered_map(work, items: Iterable, threads: int, *, prepare=None, size=None,
 
 @dataclass
 class _Job:
-    """One tensor between quantization (the caller's thread, in file order) and coding (any thread)."""
+    """One tensor between reading (the caller's thread, in file order), quantization and coding."""
     record: TensorRecord
     entry: TensorEntry
     role: str
     levels: np.ndarray | None = None
     hint: EncodeHint | None = None
+    ready: bool = False  # levels (or the plain role) decided
+    quantized: int = 0   # elements quantized
 
 
 def encode_records(records: list[TensorRecord], output: str, options: EncodeOptions = EncodeOptions(),
@@ -177,36 +179,34 @@ def encode_records(records: list[TensorRecord], output: str, options: EncodeOpti
         meta["deploy.grid"] = quantizer.grid
     meta.update(metadata or {})
     total = sum(r.numel for r in records) or 1
-    counts = {"quantized": 0}
+    n_quant = 0
     coded_bits: dict[str, int] = {}
     report: dict = {}
     extra_sections = list(quantizer.sections())
     threads = options.threads or default_threads()
     by_name = {r.name: r for r in records}
 
-    def quantized(rec: TensorRecord) -> _Job:
+    # A quantizer that is a pure function of one tensor quantizes on the coding threads too; any other
+    # (learned CPMF draws, notes gathered in order, ...) runs here, in file order.
+    anywhere = type(quantizer) in _per_tensor_quantizers()
+
+    def prepared(rec: TensorRecord) -> _Job:
         rec = materialized(rec)
         role = "plain" if options.lossless and rec.is_float else role_of(rec, options.keep)
         job = _Job(rec, TensorEntry(rec.name, rec.shape, rec.dtype, "levels", None, None, b"", rec.numel), role,
                    hint=EncodeHint(shape=rec.shape))
-        with _naming(rec.name):
-            if role == "quantized":
-                result = _quantize(quantizer, rec, options.backend)
-                if result is None:
-                    job.role = "plain"
-                else:
-                    job.levels, job.entry.quant, custom_hint = result
-                    job.hint = custom_hint or job.hint
-                    counts["quantized"] += rec.numel
-            elif role == "integer":
-                job.levels, job.entry.quant = rec.array.astype(np.int64).ravel(), {"scheme": "integer"}
-        return job
+        return job if anywhere else _with_levels(job, quantizer, options.backend)
+
+    def coded(job: _Job) -> tuple[TensorEntry, bytes, int]:
+        if not job.ready:
+            _with_levels(job, quantizer, options.backend)
+        return (*_coded(job, options.backend), job.quantized)
 
     with ContainerWriter(output, meta) as writer, Progress(total, "encoding", quiet=options.quiet) as bar:
         for name, kind, data in [*sections, *extra_sections]:
             writer.add_section(name, kind, data)
-        for entry, payload in ordered_map(partial(_coded, backend=options.backend), records, threads,
-                                          prepare=quantized, size=_numel):
+        for entry, payload, quantized in ordered_map(coded, records, threads, prepare=prepared, size=_numel):
+            n_quant += quantized
             coded_bits[entry.name] = 8 * (len(payload) + len(entry.backend_params or b""))
             writer.add_tensor(entry, payload)
             release(by_name[entry.name])
@@ -216,9 +216,35 @@ def encode_records(records: list[TensorRecord], output: str, options: EncodeOpti
             writer.set_metadata(key, value)
     unmatched = tuple(p for p in options.keep if not any(fnmatch.fnmatchcase(r.name, p) for r in records))
     notes = tuple(report.pop("notes", ()))
-    return EncodeSummary(output, len(records), sum(r.numel for r in records), counts["quantized"],
+    return EncodeSummary(output, len(records), sum(r.numel for r in records), n_quant,
                          sum(r.numel * storage_dtype(r.dtype).itemsize for r in records), os.path.getsize(output),
                          time.perf_counter() - start, report, coded_bits, unmatched, notes=notes)
+
+
+def _per_tensor_quantizers() -> tuple[type, ...]:
+    from .quantizers.channel import ChannelQuantizer
+    from .quantizers.uniform import UniformQuantizer
+
+    return UniformQuantizer, ChannelQuantizer
+
+
+def _with_levels(job: _Job, quantizer, backend: str) -> _Job:
+    """`job` with its levels and quantization parameters (or turned plain where the quantizer keeps
+    the tensor exact)."""
+    rec = job.record
+    with _naming(rec.name):
+        if job.role == "quantized":
+            result = _quantize(quantizer, rec, backend)
+            if result is None:
+                job.role = "plain"
+            else:
+                job.levels, job.entry.quant, custom_hint = result
+                job.hint = custom_hint or job.hint
+                job.quantized = rec.numel
+        elif job.role == "integer":
+            job.levels, job.entry.quant = rec.array.astype(np.int64).ravel(), {"scheme": "integer"}
+    job.ready = True
+    return job
 
 
 def _coded(job: _Job, backend: str) -> tuple[TensorEntry, bytes]:

@@ -210,3 +210,22 @@ def test_torch_checkpoints_are_read_lazily_with_the_same_result(model, tmp_path)
     with open_container(str(tmp_path / "pt.cdl")) as a, open_container(str(tmp_path / "st.cdl")) as b:
         for x, y in zip(iter_decoded(a), iter_decoded(b)):
             assert x.name == y.name and np.array_equal(x.array, y.array)
+
+
+def test_a_quantizer_with_state_runs_in_file_order_on_the_callers_thread(model, tmp_path):
+    """Only pure per-tensor quantizers (uniform, channel) quantize on the coding threads; any other sees
+    the tensors one after another on the caller's thread, so its state cannot depend on timing."""
+    import threading
+
+    from cdlcodec.quantizers.rd import RDQuantizer
+
+    seen = []
+
+    class Recording(RDQuantizer):
+        def quantize_record(self, record, values64, w32, backend):
+            seen.append((record.name, threading.current_thread() is threading.main_thread()))
+            return super().quantize_record(record, values64, w32, backend)
+
+    records = read_model(str(model)).records
+    encode_records(records, str(tmp_path / "m.cdl"), EncodeOptions(quantizer=Recording(), quiet=True, threads=2))
+    assert seen == [(r.name, True) for r in records if r.dtype != "int64" and len(r.shape) >= 2]
