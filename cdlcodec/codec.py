@@ -152,7 +152,7 @@ def ordered_map(work, items: Iterable, threads: int, *, prepare=None, size=None,
 @dataclass
 class _Job:
     """One tensor between reading (the caller's thread, in file order), quantization and coding."""
-    record: TensorRecord
+    record: TensorRecord | None  # None once the levels are computed
     entry: TensorEntry
     role: str
     levels: np.ndarray | None = None
@@ -243,6 +243,8 @@ def _with_levels(job: _Job, quantizer, backend: str) -> _Job:
                 job.quantized = rec.numel
         elif job.role == "integer":
             job.levels, job.entry.quant = rec.array.astype(np.int64).ravel(), {"scheme": "integer"}
+    if job.levels is not None:
+        job.record = None  # the values are no longer needed: their memory map goes while the levels are coded
     job.ready = True
     return job
 
@@ -250,7 +252,7 @@ def _with_levels(job: _Job, quantizer, backend: str) -> _Job:
 def _coded(job: _Job, backend: str) -> tuple[TensorEntry, bytes]:
     """The entry and payload of a quantized tensor (any thread: it touches only this job)."""
     entry, rec = job.entry, job.record
-    with _naming(rec.name):
+    with _naming(entry.name):
         if job.role == "plain":
             entry.encoding, entry.count = "plain", rec.numel
             payload = np.ascontiguousarray(rec.array, dtype=storage_dtype(rec.dtype)).tobytes()
