@@ -161,7 +161,8 @@ class SafetensorsWriter:
         if (record.name, record.dtype, tuple(record.shape)) != (name, dtype, shape):
             raise CdlInputError(f"tensor {record.name!r} ({record.dtype}, {record.shape}) is not the planned "
                                 f"{name!r} ({dtype}, {shape})")
-        self._fh.write(memoryview(np.ascontiguousarray(record.array, dtype=_STORAGE[dtype])).cast("B"))
+        # Raw bytes through a flat uint8 view: memoryview.cast refuses zero-size shapes.
+        self._fh.write(np.ascontiguousarray(record.array, dtype=_STORAGE[dtype]).reshape(-1).view(np.uint8))
         self._next += 1
 
     def close(self) -> None:
