@@ -420,7 +420,7 @@ def decode_entry(reader: ContainerReader, entry: TensorEntry) -> TensorRecord:
 def decoded_record(entry: TensorEntry, payload: bytes, *, keep_levels: bool = True,
                    parallel_backend: bool = True) -> TensorRecord:
     """The tensor of a checked `entry` (check_decodable) from its `payload`. keep_levels=False drops
-    the int64 levels once dequantized (only the ONNX QDQ writer needs them). parallel_backend=False:
+    the levels once dequantized (only the ONNX QDQ writer needs them; kept, they are narrowed). parallel_backend=False:
     a backend that can decode one tensor on several cores (cabac) uses one, for callers that decode
     several tensors at once (numba's parallel kernels may not be entered from two threads)."""
     if entry.encoding == "plain":
@@ -446,7 +446,21 @@ def decoded_record(entry: TensorEntry, payload: bytes, *, keep_levels: bool = Tr
     if not isinstance(levels, np.ndarray) or levels.size != entry.count:
         raise CdlDecodeError(f"tensor {entry.name!r}: decoded the wrong number of levels")
     values = dequantize(levels, entry.quant, entry.shape, entry.dtype, entry.name)
-    return TensorRecord(entry.name, values, entry.dtype, levels=levels if keep_levels else None, quant=entry.quant)
+    kept = _narrowest(levels) if keep_levels else None
+    return TensorRecord(entry.name, values, entry.dtype, levels=kept, quant=entry.quant)
+
+
+def _narrowest(levels: np.ndarray) -> np.ndarray:
+    """`levels` in the narrowest signed integer type that holds them: a decoder that keeps every
+    tensor's levels (the QDQ writer) holds ~1 byte a weight instead of 8."""
+    if not levels.size:
+        return levels
+    lo, hi = int(levels.min()), int(levels.max())
+    for kind in (np.int8, np.int16, np.int32):
+        info = np.iinfo(kind)
+        if info.min <= lo and hi <= info.max:
+            return levels.astype(kind)
+    return levels
 
 
 def _single_core(backend):

@@ -128,8 +128,8 @@ class Limits:
     """Limits the reader checks before it allocates anything and the writer checks before it writes
     (SPEC.md section 4), so that every file the writer accepts is one the reader accepts.
 
-    `max_decoded_bytes` bounds what a decoder holds, summed over the file (`decoded_size`): each
-    tensor's values and, for a coded tensor, its int64 levels. Decoders check it before allocating
+    `max_decoded_bytes` bounds what a decoder holds for the file (`DecodedBytes`): every tensor's
+    values and the int64 levels of the largest coded tensor. Decoders check it before allocating
     anything: a constant tensor honestly codes 2**32 elements in a few bytes. Raise the limits for
     exceptionally large models.
     """
@@ -225,9 +225,30 @@ LEVEL_BYTES = 8  # a decoder holds a coded tensor's levels as int64 beside its v
 
 
 def decoded_size(entry: TensorEntry) -> int:
-    """Bytes a decoder holds for `entry` (what Limits.max_decoded_bytes bounds): count x the dtype's
-    element size, plus LEVEL_BYTES per element of a coded tensor."""
-    return entry.count * (DTYPE_SIZES[entry.dtype] + (LEVEL_BYTES if entry.encoding == "levels" else 0))
+    """Bytes a decoder holds while it decodes `entry`: count x the dtype's element size, plus
+    LEVEL_BYTES per element of a coded tensor (its int64 levels)."""
+    return entry.count * (DTYPE_SIZES[entry.dtype] + _level_bytes(entry))
+
+
+def _level_bytes(entry: TensorEntry) -> int:
+    return LEVEL_BYTES if entry.encoding == "levels" else 0
+
+
+class DecodedBytes:
+    """What Limits.max_decoded_bytes bounds for a whole file: every tensor's values, plus the int64
+    levels of the largest coded tensor. Levels live only while their tensor is decoded (decoders go
+    tensor by tensor), so summing them over the file would refuse large models for memory no decoder
+    holds at once."""
+
+    def __init__(self):
+        self.values = 0
+        self.levels = 0
+
+    def after(self, entry: TensorEntry) -> tuple[int, int, int]:
+        """(total, values, levels) once `entry` is counted too."""
+        values = self.values + entry.count * DTYPE_SIZES[entry.dtype]
+        levels = max(self.levels, entry.count * _level_bytes(entry))
+        return values + levels, values, levels
 
 
 def metadata_size(metadata: dict[str, str]) -> int:
@@ -269,7 +290,7 @@ class ContainerWriter:
         self._names: set[str] = set()
         self._section_names: set[str] = set()
         self._total_elements = 0
-        self._decoded_bytes = 0
+        self._decoded_bytes = DecodedBytes()
         self._offset = 0
         self._fh: BinaryIO | None = None
         self._stack = contextlib.ExitStack()
@@ -339,10 +360,11 @@ class ContainerWriter:
         total = self._total_elements + numel
         if total > lim.max_total_elements:
             raise FormatInputError(_over(what, total, lim.max_total_elements, "max_total_elements", "model's element count"))
-        decoded = self._decoded_bytes + decoded_size(entry)
+        decoded, values, levels = self._decoded_bytes.after(entry)
         if decoded > lim.max_decoded_bytes:
             raise FormatInputError(_over(what, decoded, lim.max_decoded_bytes, "max_decoded_bytes", "bytes a decoder holds"))
-        self._total_elements, self._decoded_bytes = total, decoded
+        self._total_elements = total
+        self._decoded_bytes.values, self._decoded_bytes.levels = values, levels
 
     def add_tensor(self, entry: TensorEntry, payload: bytes) -> TensorEntry:
         """Append one tensor; fills in the entry's offset, length and crc32."""
@@ -701,11 +723,12 @@ class ContainerReader:
         self.metadata, self.tensors, self.sections = parse_index(index_bytes, self.limits, self._payload_area)
 
     def check_decoded_size(self) -> int:
-        """The bytes a decoder of the whole file holds (`decoded_size`); FormatError naming the tensor
+        """The bytes a decoder of the whole file holds (`DecodedBytes`); FormatError naming the tensor
         that crosses Limits.max_decoded_bytes. Decoders call it before allocating anything."""
+        counted = DecodedBytes()
         total = 0
         for entry in self.tensors:
-            total += decoded_size(entry)
+            total, counted.values, counted.levels = counted.after(entry)
             if total > self.limits.max_decoded_bytes:
                 raise _fail(_over(f"tensor {entry.name!r} ({entry.count:,} x {entry.dtype})", total,
                                   self.limits.max_decoded_bytes, "max_decoded_bytes", "bytes a decoder holds"))

@@ -262,10 +262,11 @@ def test_constant_tensor_beyond_the_decoded_size_limit_is_refused_before_allocat
     assert time.perf_counter() - start < 2
 
 
-def test_decoded_size_limit_counts_the_whole_file_and_the_levels(tmp_path):
+def test_decoded_size_limit_counts_every_value_and_the_largest_levels(tmp_path):
+    # Decoders go tensor by tensor: levels live only while their tensor is decoded, values stay.
     tensors = [constant("a", (100,), "float32", 1), constant("b", (100,), "uint8", 1, {"scheme": "integer"})]
     path = forge(tmp_path / "x.cdl", tensors)
-    exact = 100 * (4 + 8) + 100 * (1 + 8)  # values plus int64 levels
+    exact = 100 * 4 + 100 * 1 + 100 * 8  # every tensor's values plus one tensor's int64 levels
     assert len(decode_container(str(path), limits=Limits(max_decoded_bytes=exact)).records) == 2
     with pytest.raises(CdlFormatError, match=r"tensor 'b'.*max_decoded_bytes"):
         decode_container(str(path), limits=Limits(max_decoded_bytes=exact - 1))

@@ -652,7 +652,7 @@ def _nbits_tensors(rec: TensorRecord, bits: int) -> tuple[np.ndarray, np.ndarray
     blocks = -(-k // block)
     zero = 1 << (bits - 1)
     columns = np.full((n, blocks * block), zero, np.uint8)
-    columns[:, :k] = (rec.levels.reshape(k, n).T + zero).astype(np.uint8)
+    columns[:, :k] = (rec.levels.reshape(k, n).T.astype(np.int16) + zero).astype(np.uint8)  # no int8 wrap
     if bits == 4:
         pairs = columns.reshape(n, blocks, block // 2, 2)
         packed = pairs[..., 0] | (pairs[..., 1] << 4)
