@@ -144,7 +144,7 @@ def encode_program_to_target(model: ModelFile, output: str, options, encode_opti
     from ..io.onnx_model import stripped_graph
     from ..io.torch_export import program_from_model
     from .decisions import decision_kinds
-    from .search import MAX_CALIBRATION, _score, fidelity_plan
+    from .search import MAX_CALIBRATION, _score, fidelity_plan, settle
 
     start = time.perf_counter()
     if calibration is None:
@@ -172,11 +172,5 @@ def encode_program_to_target(model: ModelFile, output: str, options, encode_opti
 
     kinds = decision_kinds(stripped_graph(translation)) if options.same_decisions else {}
     decoded = _run_program(_module_of(program_from_model(decode_container(output))), names, inputs)
-    checked = _score(options.target, kinds, reference, decoded)
-    report.checked = checked
-    summary.seconds = report.seconds = time.perf_counter() - start
-    if not options.target.met(checked):
-        os.unlink(output)
-        raise CdlInputError(f"the written container misses the target when its program runs "
-                            f"({options.target.measure} {checked:.6g}, wanted {options.describe()}); nothing was written")
-    return summary, report
+    return settle(output, options, _score(options.target, kinds, reference, decoded), summary, report, start,
+                  "when its program runs")

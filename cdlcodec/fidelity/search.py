@@ -510,10 +510,15 @@ def encode_to_target(model: ModelFile, output: str, options: FidelityOptions, en
 
     kinds = decision_kinds(stripped_graph(model)) if options.same_decisions else {}
     checked = check_container(output, model, inputs, options.target, kinds)
+    return settle(output, options, checked, summary, report, start, "when decoded")
+
+
+def settle(output: str, options: FidelityOptions, checked: float, summary, report, start: float, how: str):
+    """Record the checked figure; a written container that misses the target is removed (an error)."""
     report.checked = checked
     summary.seconds = report.seconds = time.perf_counter() - start
     if not options.target.met(checked):
         os.unlink(output)
-        raise CdlInputError(f"the written container misses the target when decoded ({options.target.measure} "
+        raise CdlInputError(f"the written container misses the target {how} ({options.target.measure} "
                             f"{checked:.6g}, wanted {options.describe()}); nothing was written")
     return summary, report
