@@ -55,7 +55,7 @@ from cdlcodec.cli.flags import parameters_as_flags, progress_option
 def command(task, mode, bits, first_last_bits, lam, gamma, epochs, batch_size, lr, fp_epochs, sharpness_init,
             sharpness_constant, sharpness_schedule, sharpness_start, allow_collapse, step_init, train_samples,
             seed, output, quiet):
-    """Train TASK (lenet5-mnist) and print one JSON line with accuracy and rates.
+    """Train TASK (lenet5-mnist or resnet20-mnist) and print one JSON line with accuracy and rates.
 
     The JSON holds test_accuracy, bits_per_weight and bits_per_activation (Huffman-coded averages,
     eq. 41, of the hard-quantized weights and of a batch of training activations) and
