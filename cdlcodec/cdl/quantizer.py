@@ -105,6 +105,14 @@ def _numba_available() -> bool:
     return True
 
 
+def cpu_speed_note() -> str | None:
+    """One line for whoever trains on a CPU without numba: the torch kernels work there, but slower."""
+    if _kernel_path == "auto" and not _numba_available():
+        return ("numba is not installed: the CDL quantizers run with the torch kernels, several times slower on "
+                "a CPU (pip install \"cdlcodec[fast]\")")
+    return None
+
+
 def _use_numba(theta: torch.Tensor) -> bool:
     fits = theta.device.type == "cpu" and theta.dtype in (torch.float32, torch.float64)
     if _kernel_path == "numba":

@@ -83,6 +83,12 @@ def command(task, mode, bits, first_last_bits, lam, gamma, epochs, batch_size, l
     flags = {"mode": "--mode", "bits": "--bits", "lam": "--lambda", "gamma": "--gamma", "epochs": "--epochs",
              "lr": "--lr", "train_samples": "--train-samples", "fp_epochs": "--fp-epochs", "batch_size": "--batch-size",
              "allow_collapse": "--allow-collapse"}
+    if mode != "fp":
+        from cdlcodec.cdl.quantizer import cpu_speed_note
+
+        note = cpu_speed_note()
+        if note:
+            click.echo(f"cdlcodec: note: {note}", err=True)
     with parameters_as_flags(flags):
         report = run_task(task, config, output)
     if report.get("collapse"):
