@@ -124,10 +124,10 @@ def decode(path, output, *, quiet: bool = True, limits: Limits = Limits(), only=
     from .io.model_files import check_writable_kind
 
     path, output = os.fspath(path), os.fspath(output)
-    check_writable_kind(output)  # fail on a bad output name before decoding anything
+    kind = check_writable_kind(output)  # fail on a bad output name before decoding anything
     refuse_to_overwrite(output, path)
     if only:
-        return _decode_only(path, output, tuple(only), limits, writer_options)
+        return _decode_only(path, output, kind, tuple(only), limits, writer_options)
     with open_container(path, limits) as reader:
         lazy, done = _lazily_decoded(path, reader, limits)
         try:
@@ -186,22 +186,19 @@ class PartialDecode(ModelFile):
     file_size: int = 0
 
 
-def _decode_only(path: str, output: str, patterns: tuple[str, ...], limits: Limits, writer_options) -> PartialDecode:
-    """The tensors matching `patterns` decoded to `output`: the container's index is read, then only
-    their payloads (seeks, not a read of the file); sections, which belong to the whole model, are not."""
-    from .codec import check_decodable, decode_entry, select_entries
-    from .formats.container import ContainerReader
-    from .io.model_files import check_writable_kind, write_model
+def _decode_only(path: str, output: str, kind: str, patterns: tuple[str, ...], limits: Limits,
+                 writer_options) -> PartialDecode:
+    """The tensors matching `patterns` decoded to `output` (of writer `kind`): the container's index is
+    read, then only their payloads (seeks, not a read of the file); sections, which belong to the whole
+    model, are not."""
+    from .codec import decode_entry, open_container, select_entries
+    from .io.model_files import write_model
 
-    kind = check_writable_kind(output)
     if kind not in ("safetensors", "torch"):
         raise CdlInputError(f"a subset of the tensors is decoded to a .safetensors or .pt file, not {kind} ({output}): "
                             "a graph or a sharded folder needs every tensor")
-    with ContainerReader(path, limits) as reader:
-        reader.check_decoded_size()  # the same refusal as a decode of the whole file
+    with open_container(path, limits) as reader:  # the same refusals as a decode of the whole file
         entries = select_entries(reader.tensors, patterns, path)
-        for entry in entries:
-            check_decodable(entry, limits)
         records = [decode_entry(reader, entry) for entry in entries]
         model = PartialDecode(records, [], dict(reader.metadata), bytes_read=reader.bytes_read,
                               file_size=reader.file_size)

@@ -36,7 +36,6 @@ from ..training import EpochMeter, batches, evaluate, seed_everything
 from .checkpoint import atomic_torch_save, save_checkpoint
 from .convert import (STEP_INITS, activation_quantizers, calibrate, convert, project_parameters,
                       rescale_sharpness, set_entropy_tracking, set_generator, weight_quantizers)
-from .layers import scaled_sharpness
 from .loss import cdl_loss
 from .metrics import activation_levels, average_bits, entropy_bits_per_weight, weight_levels
 from .optim import cdl_param_groups
@@ -221,23 +220,9 @@ def _fit(model: nn.Module, x, y, config: TrainConfig, epochs: int, gen, label: s
 def _dead_layers(model: nn.Module, probe: torch.Tensor) -> list[str]:
     """Layers whose eval-mode output cannot depend on the input: every weight quantized to level 0,
     or every activation of the probe batch quantized to 0."""
-    from .quantizer import hard_levels
-
-    dead = [f"{name} (all weights quantize to 0)" for name, m in weight_quantizers(model)
-            if not bool(hard_levels(m.weight, m.q, *m.bounds).any())]
-    outputs: dict[str, bool] = {}
-    hooks = [a.register_forward_hook(lambda mod, inp, out, name=name: outputs.__setitem__(
-        name, outputs.get(name, False) or bool(out.any()))) for name, a in activation_quantizers(model)]
-    was_training = model.training
-    model.eval()
-    try:
-        model(probe)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    dead += [f"{name} (all activations quantize to 0)" for name, alive in outputs.items() if not alive]
-    return dead
+    dead = [f"{name} (all weights quantize to 0)" for name, levels in weight_levels(model).items() if not levels.any()]
+    return dead + [f"{name} (all activations quantize to 0)"
+                   for name, levels in activation_levels(model, probe).items() if not levels.any()]
 
 
 def diagnose_collapse(model: nn.Module, accuracy: float, chance: float, steps: int,
