@@ -71,13 +71,16 @@ def encode_model(model, output: str, options: EncodeOptions, target: tuple[str, 
             raise CdlInputError(f"a fidelity target does not apply to {what}: a CDL / R-CDL checkpoint is "
                                 "quantized with its learned quantizers")
         return encode_records(model.records, output, options, model.metadata, model.sections), None
+    if isinstance(target, tuple):
+        target = Target(*target)
+    # The default promises more than a cosine: no calibration sample's decision (a class, a
+    # character, a speech/no-speech call) changes. An explicit target adds that check on request.
+    fidelity = FidelityOptions(target or DEFAULT_TARGET, None, gptq=gptq, quiet=options.quiet,
+                               keep=options.keep, same_decisions=same_decisions or target is None, deploy=deploy)
     if explicit and not has_onnx_graph(model) and onnxruntime_available():
         from .program import encode_program_to_target, has_program
 
         if has_program(model):  # a .pt2 program: searched on its ONNX translation, checked on itself
-            fidelity = FidelityOptions(Target(*target) if isinstance(target, tuple) else (target or DEFAULT_TARGET),
-                                       None, gptq=gptq, quiet=options.quiet, keep=options.keep,
-                                       same_decisions=same_decisions or target is None, deploy=deploy)
             return encode_program_to_target(model, output, fidelity, options, calibration, what)
     if not has_onnx_graph(model) or not onnxruntime_available():
         if explicit:
@@ -92,10 +95,5 @@ def encode_model(model, output: str, options: EncodeOptions, target: tuple[str, 
         from ..io.onnx_model import stripped_graph
 
         calibration = Inputs.from_batches(stripped_graph(model), calibration, MAX_CALIBRATION)
-    if isinstance(target, tuple):
-        target = Target(*target)
-    # The default promises more than a cosine: no calibration sample's decision (a class, a
-    # character, a speech/no-speech call) changes. An explicit target adds that check on request.
-    fidelity = FidelityOptions(target or DEFAULT_TARGET, calibration, gptq=gptq, quiet=options.quiet,
-                               keep=options.keep, same_decisions=same_decisions or target is None, deploy=deploy)
+    fidelity = replace(fidelity, calibration=calibration)
     return encode_to_target(model, output, fidelity, options)
