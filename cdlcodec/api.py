@@ -139,7 +139,7 @@ def decode(path, output, *, quiet: bool = True, limits: Limits = Limits(), only=
 def _write_decoded(reader, lazy: ModelFile, output: str, threads, quiet: bool, writer_options) -> ModelFile:
     """Write `output` from `reader`: tensor by tensor where its writer takes them so, else all at once."""
     from .codec import iter_decoded
-    from .io.model_files import open_stream_writer, write_model
+    from .io.model_files import is_folder_output, open_stream_writer, write_model
 
     writer = open_stream_writer(output, lazy, **writer_options)
     if writer is not None:
@@ -147,8 +147,9 @@ def _write_decoded(reader, lazy: ModelFile, output: str, threads, quiet: bool, w
             for record in iter_decoded(reader, threads=threads, keep_levels=False, quiet=quiet):
                 writer.add(record)
         return lazy
-    if writer_options.get("weights") in (None, "float") and output.lower().endswith(".onnx"):
-        write_model(output, lazy, **writer_options)  # the ONNX writer asks for each big tensor as it writes it
+    float_onnx = writer_options.get("weights") in (None, "float") and output.lower().endswith(".onnx")
+    if float_onnx or is_folder_output(output):
+        write_model(output, lazy, **writer_options)  # these writers ask for each tensor as they write it
         return lazy
     # QDQ needs the levels of every tensor at once; the torch writers serialize a whole state_dict
     keep_levels = writer_options.get("weights") == "qdq"

@@ -29,7 +29,7 @@ import tempfile
 
 from ..errors import CdlFormatError, CdlInputError
 from ..records import ModelFile, TensorRecord
-from .safetensors_file import MAX_HEADER, read_safetensors, write_safetensors_tensors
+from .safetensors_file import MAX_HEADER, SafetensorsWriter, read_safetensors
 
 INDEX_SUFFIX = ".safetensors.index.json"
 LAYOUT_SECTION = "safetensors.layout"
@@ -165,8 +165,11 @@ def write_sharded(path: str, model: ModelFile) -> None:
     with _folder_in_place(path) as tmp:
         for file_name, (metadata, names) in shards.items():
             records = [by_name[n] for n in names]
-            write_safetensors_tensors(os.path.join(tmp, file_name), [(r.name, r.array, r.dtype) for r in records],
-                                      metadata)
+            # Header from the plan, then one tensor at a time: a shard is never held whole.
+            with SafetensorsWriter(os.path.join(tmp, file_name), [(r.name, r.dtype, r.shape) for r in records],
+                                   metadata) as writer:
+                for record in records:
+                    writer.add(record)
         for file_name, data in carried:
             with open(os.path.join(tmp, file_name), "wb") as fh:
                 fh.write(data)
