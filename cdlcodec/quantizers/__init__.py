@@ -33,13 +33,14 @@ def check_quant(quant: dict | None, shape: tuple[int, ...], dtype: str, name: st
     return from_json(quant, shape, dtype, name)
 
 
-# Elements converted at a time: the float64 products never exist for a whole tensor at once, so
-# decoding holds little beyond the levels and the values (Limits.max_decoded_bytes).
-DEQUANTIZE_BLOCK = 1 << 20
+# Elements converted at a time: the float64 products exist for one block (in one buffer, reused, small
+# enough to stay in cache), never for a whole tensor, so decoding holds little beyond the levels and
+# the values (Limits.max_decoded_bytes).
+DEQUANTIZE_BLOCK = 1 << 16
 
 
 def dequantize(levels: np.ndarray, quant: dict | None, shape: tuple[int, ...], dtype: str, name: str = "") -> np.ndarray:
-    """Levels (int64, flat) -> storage array of `dtype` and `shape`; the product is formed in float64."""
+    """Levels (integers, flat) -> storage array of `dtype` and `shape`; the product is formed in float64."""
     plan = from_json(quant, shape, dtype, name)
     if isinstance(plan, IntegerParams):
         lo, hi = (0, 1) if dtype == "bool" else (np.iinfo(storage_dtype(dtype)).min, np.iinfo(storage_dtype(dtype)).max)
@@ -52,16 +53,35 @@ def dequantize(levels: np.ndarray, quant: dict | None, shape: tuple[int, ...], d
         levels = dequantize_dependent(levels, plan.states)  # integer multiples of the step(s)
     flat = levels.reshape(-1)
     out = np.empty(flat.size, storage_dtype(dtype))
-    step = plan.step_array()
-    if plan.axis is not None:  # flat position i lies at index (i // inner) % shape[axis] along axis
-        inner = math.prod(shape[plan.axis + 1:])
+    steps = np.atleast_1d(np.asarray(plan.step_array(), dtype=np.float64))
+    # Rows of `inner` elements share one step (row r: steps[r % len(steps)]), so a block of whole rows
+    # is multiplied by a column of steps; a row longer than a block goes in pieces with its one step.
+    # (Per-element step indices, (i // inner) % n, cost four passes of int64 arithmetic a block.)
+    inner = flat.size if plan.axis is None else math.prod(shape[plan.axis + 1:])
+    if not flat.size:
+        return out.reshape(shape)
+    buf = np.empty(min(DEQUANTIZE_BLOCK, flat.size), np.float64)
     with np.errstate(over="ignore"):  # past the dtype's range is ±inf (module docstring)
-        for start in range(0, flat.size, DEQUANTIZE_BLOCK):
-            stop = min(start + DEQUANTIZE_BLOCK, flat.size)
-            values = flat[start:stop].astype(np.float64)
-            if plan.axis is None:
-                values *= step
-            else:
-                values *= step[np.arange(start, stop) // inner % shape[plan.axis]]
-            out[start:stop] = from_float64(values, dtype)
+        if inner >= DEQUANTIZE_BLOCK:
+            for row_start in range(0, flat.size, inner):
+                step = steps[row_start // inner % steps.size]
+                for start in range(row_start, row_start + inner, DEQUANTIZE_BLOCK):
+                    stop = min(start + DEQUANTIZE_BLOCK, row_start + inner)
+                    _store(out[start:stop], np.multiply(flat[start:stop], step, out=buf[:stop - start]), dtype)
+        else:
+            rows, per_block = flat.size // inner, DEQUANTIZE_BLOCK // inner
+            for first in range(0, rows, per_block):
+                last = min(first + per_block, rows)
+                block = flat[first * inner:last * inner].reshape(last - first, inner)
+                column = steps[np.arange(first, last) % steps.size][:, None]
+                products = np.multiply(block, column, out=buf[:block.size].reshape(block.shape))
+                _store(out[first * inner:last * inner], products.reshape(-1), dtype)
     return out.reshape(shape)
+
+
+def _store(out: np.ndarray, products: np.ndarray, dtype: str) -> None:
+    """float64 products rounded into `out`, the storage array of `dtype` (assignment casts as astype)."""
+    if dtype in ("float32", "float16", "float64"):
+        out[...] = products
+    else:
+        out[...] = from_float64(products, dtype)
