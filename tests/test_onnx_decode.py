@@ -1,6 +1,8 @@
 """ONNX in, ONNX out: graph kept in the container, float and QDQ writers, bad input (no torch used)."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -191,13 +193,17 @@ def test_float16_model_round_trip(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- bad input
 
-def test_external_data_is_refused_with_a_clear_error(tmp_path):
-    path = str(tmp_path / "ext.onnx")
-    onnx.save(_tiny_model(), path, save_as_external_data=True, all_tensors_to_one_file=True,
+def test_external_data_decodes_as_the_same_model_inline(tmp_path):
+    """Weights in an external data file (the If branch's too) are read as inline ones are
+    (tests/test_onnx_external_input.py checks the references)."""
+    inline, external = str(tmp_path / "inline.onnx"), str(tmp_path / "ext.onnx")
+    onnx.save(_tiny_model(), inline)
+    onnx.save(_tiny_model(), external, save_as_external_data=True, all_tensors_to_one_file=True,
               location="ext.data", size_threshold=0)
-    with pytest.raises(CdlInputError, match="external data"):
-        _encode(path, str(tmp_path / "x.cdl"))
-    assert not (tmp_path / "x.cdl").exists()
+    for src, name in ((inline, "a"), (external, "b")):
+        _encode(src, str(tmp_path / f"{name}.cdl"), keep=("*",))
+        decode(str(tmp_path / f"{name}.cdl"), str(tmp_path / f"{name}.onnx"))
+    assert onnx.load(str(tmp_path / "a.onnx")) == onnx.load(str(tmp_path / "b.onnx"))
 
 
 def test_graph_without_float_weights_is_refused(tmp_path):
@@ -253,8 +259,9 @@ def test_cli_reports_external_data_without_traceback(tmp_path):
 
     path = str(tmp_path / "ext.onnx")
     onnx.save(_tiny_model(), path, save_as_external_data=True, location="ext.data", size_threshold=0)
+    os.remove(tmp_path / "ext.data")  # the model names a data file that is not there
     proc = subprocess.run([sys.executable, "-m", "cdlcodec", "encode", path, "-o", str(tmp_path / "x.cdl")],
                           capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.startswith("cdlcodec: error:") and "external data" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("cdlcodec: error:") and "external data 'ext.data': no such file" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "x.cdl").exists()

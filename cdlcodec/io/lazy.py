@@ -50,6 +50,16 @@ class LazyTensorRecord(TensorRecord):
         return f"LazyTensorRecord({self.name!r}, {self.dtype}, {self._shape})"
 
 
+def mapped_array(path: str, offset: int, shape, dtype) -> np.ndarray:
+    """A read-only memory map of one tensor's bytes at `offset` in `path`: its pages are read as they
+    are used and leave the process's memory when the array is dropped (one map per tensor, not one
+    for the whole file)."""
+    shape = tuple(int(d) for d in shape)
+    if not math.prod(shape):
+        return np.zeros(shape, dtype=dtype)  # mmap refuses empty ranges
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+
+
 def release(record: TensorRecord) -> None:
     if isinstance(record, LazyTensorRecord):
         record.release()

@@ -9,18 +9,33 @@ Extracted: initializers of every graph (main graph and control-flow subgraphs) w
 stores (floats and the integer types of cdlcodec.dtypes), and float `Constant` nodes of at least
 MIN_CONSTANT_ELEMENTS values (exporters such as spox keep all weights in Constant nodes). Anything
 else (other tensor types, small constants, sparse initializers) stays in the graph verbatim, so it is
-kept losslessly rather than refused. Only numpy and onnx are needed here; torch only for
+kept losslessly rather than refused.
+
+Weights in ONNX external data files (`onnx.save(..., save_as_external_data=True)`, models over 2 GB)
+are read lazily: each extracted tensor's bytes are memory-mapped from its file when the encoder
+reaches it. Every external reference is checked first (a relative file name that stays inside the
+model's folder, offset and length within the file and equal to what dims x type need); a tensor left
+in the graph gets its bytes inline, so the stored graph references no external file.
+
+Only numpy and onnx are needed here; torch only for
 `architecture_graph_section`, which exports a registered torch architecture at encode time.
 """
 from __future__ import annotations
 
+import math
+import os
+import re
 import warnings
+from dataclasses import dataclass
+from functools import partial
 from typing import Iterator
 
 import numpy as np
 
+from ..dtypes import storage_dtype
 from ..errors import CdlInputError
 from ..records import ModelFile, TensorRecord
+from .lazy import LazyTensorRecord, mapped_array
 
 GRAPH_SECTION_NAME = "model.onnx"
 GRAPH_SECTION_KIND = "onnx"
@@ -75,19 +90,137 @@ def iter_weight_slots(model) -> Iterator[tuple[str, object, str]]:
                         yield "constant", attr.t, path
 
 
-def _has_external_data(model) -> bool:
+def iter_all_tensors(model) -> Iterator[object]:
+    """Every TensorProto of the model: initializers, sparse initializers' values and indices, and
+    tensor-valued attributes of every node, in every graph."""
     for graph, _ in iter_graphs(model.graph):
-        for t in graph.initializer:
-            if t.data_location == 1:
-                return True
-        for sp in graph.sparse_initializer:
-            if sp.values.data_location == 1:
-                return True
+        yield from graph.initializer
+        for sparse in graph.sparse_initializer:
+            yield from (sparse.values, sparse.indices)
         for node in graph.node:
             for attr in node.attribute:
-                if attr.HasField("t") and attr.t.data_location == 1:
-                    return True
-    return False
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+                for sparse in [*([attr.sparse_tensor] if attr.HasField("sparse_tensor") else []), *attr.sparse_tensors]:
+                    yield from (sparse.values, sparse.indices)
+
+
+# Bits per element of ONNX types a tensor may have in external data but that cdlcodec does not
+# extract (they stay in the graph, their bytes inline): uint16/32/64, complex, float8, 4-bit types.
+_KEPT_TYPE_BITS = {4: 16, 12: 32, 13: 64, 14: 64, 15: 128, 17: 8, 18: 8, 19: 8, 20: 8, 21: 4, 22: 4, 23: 4}
+_DIGITS = re.compile(r"[0-9]{1,19}")
+
+
+@dataclass(frozen=True)
+class ExternalBytes:
+    """Where a tensor's bytes lie in an external data file (checked: inside the model's folder,
+    within the file, exactly the size its dims and type need)."""
+
+    file: str
+    offset: int
+    length: int
+
+    def array(self, shape: tuple[int, ...], dtype: np.dtype, what: str) -> np.ndarray:
+        try:
+            return mapped_array(self.file, self.offset, shape, dtype)
+        except (OSError, ValueError) as exc:  # the file changed since it was checked
+            raise CdlInputError(f"{what}: external data can no longer be read ({exc})") from None
+
+    def read(self, what: str) -> bytes:
+        try:
+            with open(self.file, "rb") as fh:
+                fh.seek(self.offset)
+                data = fh.read(self.length)
+        except OSError as exc:
+            raise CdlInputError(f"{what}: external data cannot be read ({exc})") from None
+        if len(data) != self.length:
+            raise CdlInputError(f"{what}: external data file {self.file} is shorter than when it was checked")
+        return data
+
+
+def _external_nbytes(tensor) -> int | None:
+    """Bytes a tensor's dims and type take in external data (raw little-endian), None for a type
+    that cannot be stored there (strings, unknown types)."""
+    numel = math.prod(tensor.dims)
+    dtype = ONNX_TO_DTYPE.get(tensor.data_type)
+    if dtype is not None:
+        return numel * storage_dtype(dtype).itemsize
+    bits = _KEPT_TYPE_BITS.get(tensor.data_type)
+    return None if bits is None else -(-numel * bits // 8)
+
+
+def external_bytes(tensor, folder: str, what: str) -> ExternalBytes:
+    """The checked location of an external tensor's bytes; CdlInputError naming the tensor for a
+    location outside `folder` (absolute, '..', a link leading out), a missing file, or an offset and
+    length that do not fit the file or the tensor's dims x type."""
+    entries = {entry.key: entry.value for entry in tensor.external_data}
+    location = entries.get("location", "")
+    where = f"{what}: tensor {tensor.name!r}: external data {location!r}"
+    if not location or "\0" in location:
+        raise CdlInputError(f"{what}: tensor {tensor.name!r}: external data without a file name")
+    if location.startswith(REFERENCE_PREFIX):
+        raise CdlInputError(f"{where}: names starting with {REFERENCE_PREFIX!r} are reserved for cdlcodec's references")
+    parts = re.split(r"[/\\]", location)
+    if os.path.isabs(location) or location.startswith(("/", "\\")) or ".." in parts or re.match(r"[A-Za-z]:", location):
+        raise CdlInputError(f"{where}: must be a relative file name inside the model's folder")
+    root = os.path.realpath(folder)
+    file = os.path.realpath(os.path.join(root, location))
+    if os.path.commonpath([root, file]) != root:
+        raise CdlInputError(f"{where}: leads outside the model's folder (a symbolic link?)")
+    if not os.path.isfile(file):
+        raise CdlInputError(f"{where}: no such file beside the model")
+    for dim in tensor.dims:
+        if dim < 0:
+            raise CdlInputError(f"{where}: negative dimension in {list(tensor.dims)}")
+    needed = _external_nbytes(tensor)
+    if needed is None:
+        raise CdlInputError(f"{where}: tensors of ONNX type {tensor.data_type} cannot be held in external data")
+    size = os.path.getsize(file)
+    numbers = {}
+    for key in ("offset", "length"):
+        if key in entries:
+            if not _DIGITS.fullmatch(entries[key]):
+                raise CdlInputError(f"{where}: {key} {entries[key][:40]!r} is not a non-negative integer")
+            numbers[key] = int(entries[key])
+    offset = numbers.get("offset", 0)
+    length = numbers.get("length", size - offset)  # ONNX: no length, the rest of the file
+    if offset + length > size or length < 0:
+        raise CdlInputError(f"{where}: bytes {offset:,}..{offset + length:,} lie beyond the file's {size:,} bytes")
+    if length != needed:
+        raise CdlInputError(f"{where}: holds {length:,} bytes, its dims {list(tensor.dims)} and type need {needed:,}")
+    return ExternalBytes(file, offset, length)
+
+
+def _check_external_data(model, path: str, in_memory: bool) -> int:
+    """Every external tensor of the model checked up front, before any tensor is read; how many."""
+    count = 0
+    for tensor in iter_all_tensors(model):
+        if tensor.data_location == 1:
+            if in_memory:
+                raise CdlInputError(f"{path}: tensor {tensor.name!r} is in an external data file, which a model "
+                                    "given as bytes cannot have (save it as a file beside its data)")
+            _external_bytes_of(tensor, path)
+            count += 1
+    return count
+
+
+def _external_bytes_of(tensor, path: str) -> ExternalBytes:
+    return external_bytes(tensor, os.path.dirname(os.path.abspath(path)), path)
+
+
+def _inline_external(model, path: str) -> int:
+    """Tensors still in external data files (kept in the graph) get their bytes inline; how many. (The
+    extracted ones point at container tensors by now: `cdl:` names, which no input may use.)"""
+    inlined = 0
+    for tensor in iter_all_tensors(model):
+        if tensor.data_location == 1 and reference_of(tensor) is None:
+            data = _external_bytes_of(tensor, path).read(f"{path}: tensor {tensor.name!r}")
+            del tensor.external_data[:]
+            tensor.ClearField("data_location")  # DEFAULT, as in a model saved without external data
+            tensor.raw_data = data
+            inlined += 1
+    return inlined
 
 
 def tensor_to_array(tensor) -> np.ndarray:
@@ -125,7 +258,8 @@ def reference_of(tensor) -> str | None:
 # ------------------------------------------------------------------------------------------------
 
 def load_onnx_proto(path: str, data: bytes | None = None):
-    """The ModelProto of the file at `path`, or of `data` (serialized in memory; `path` then only names it)."""
+    """The ModelProto of the file at `path`, or of `data` (serialized in memory; `path` then only names it);
+    external data is not loaded (read_onnx maps it tensor by tensor)."""
     onnx = _onnx()
     from google.protobuf.message import DecodeError
 
@@ -135,11 +269,6 @@ def load_onnx_proto(path: str, data: bytes | None = None):
         raise CdlInputError(f"{path}: not a valid ONNX model ({type(exc).__name__}: {str(exc)[:200]})") from None
     if not model.HasField("graph"):
         raise CdlInputError(f"{path}: not a valid ONNX model (no graph)")
-    if _has_external_data(model):
-        raise CdlInputError(
-            f"{path}: the model keeps its weights in external data files, which cdlcodec does not read; "
-            "merge them first: onnx.save(onnx.load(path), 'merged.onnx', save_as_external_data=False) "
-            "(models over 2 GB cannot be merged)")
     return model
 
 
@@ -151,6 +280,7 @@ def read_onnx_bytes(data: bytes, what: str) -> ModelFile:
 def read_onnx(path: str, data: bytes | None = None) -> ModelFile:
     """Records for every extractable weight of an ONNX file plus the stripped graph as section "onnx"."""
     model = load_onnx_proto(path, data)
+    external = _check_external_data(model, path, data is not None)
     records: list[TensorRecord] = []
     used: set[str] = set()
     kept = 0
@@ -162,13 +292,20 @@ def read_onnx(path: str, data: bytes | None = None) -> ModelFile:
         if where == "constant" and (tensor.data_type not in FLOAT_ONNX_TYPES or
                                     int(np.prod(tensor.dims, dtype=np.int64)) < MIN_CONSTANT_ELEMENTS):
             continue  # shape arithmetic and scalars: cheaper and clearer left in the graph
-        try:
-            array = tensor_to_array(tensor)
-        except Exception as exc:  # malformed tensor data: name it instead of crashing
-            raise CdlInputError(f"{path}: tensor {tensor.name!r} cannot be read ({exc})") from None
         name = _unique_name(tensor.name if not gpath else f"{gpath}/{tensor.name}", used)
-        records.append(TensorRecord(name, array, dtype))
+        if tensor.data_location == 1:  # mapped when the encoder reaches it
+            source = _external_bytes_of(tensor, path)
+            shape = tuple(int(d) for d in tensor.dims)
+            load = partial(source.array, shape, storage_dtype(dtype), f"{path}: tensor {tensor.name!r}")
+            records.append(LazyTensorRecord(name, dtype, shape, load))
+        else:
+            try:
+                array = tensor_to_array(tensor)
+            except Exception as exc:  # malformed tensor data: name it instead of crashing
+                raise CdlInputError(f"{path}: tensor {tensor.name!r} cannot be read ({exc})") from None
+            records.append(TensorRecord(name, array, dtype))
         strip_tensor(tensor, name)
+    inlined = _inline_external(model, path)
     if not any(r.is_float for r in records):
         raise CdlInputError(f"{path}: the ONNX graph has no float weights (initializers or Constant tensors) "
                             "to compress")
@@ -181,6 +318,8 @@ def read_onnx(path: str, data: bytes | None = None) -> ModelFile:
         metadata["onnx.producer"] = f"{model.producer_name} {model.producer_version}".strip()
     if kept:
         metadata["onnx.kept_tensors"] = str(kept)
+    if external:
+        metadata["onnx.external_data"] = f"{external} tensors read from external data ({inlined} kept inline in the graph)"
     return ModelFile(records, [(GRAPH_SECTION_NAME, GRAPH_SECTION_KIND, model.SerializeToString())], metadata)
 
 

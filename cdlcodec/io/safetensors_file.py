@@ -23,7 +23,7 @@ import numpy as np
 
 from cdlcodec.atomic import atomic_open
 from cdlcodec.errors import CdlInputError
-from cdlcodec.io.lazy import LazyTensorRecord
+from cdlcodec.io.lazy import LazyTensorRecord, mapped_array
 from cdlcodec.records import ModelFile, TensorRecord
 
 MAX_HEADER = 100_000_000
@@ -97,11 +97,7 @@ def _index(path: str) -> tuple[int, list[tuple[int, int, str, list[int], str]]]:
 
 
 def _mapped(path: str, offset: int, shape: list[int], dtype: str) -> np.ndarray:
-    """A read-only memory map of one tensor: its pages are read as they are used and leave the
-    process's memory when the array is dropped (one map per tensor, not one for the whole file)."""
-    if not math.prod(shape):
-        return np.zeros(shape, dtype=_STORAGE[dtype])  # mmap refuses empty ranges
-    return np.memmap(path, dtype=_STORAGE[dtype], mode="r", offset=offset, shape=tuple(shape))
+    return mapped_array(path, offset, shape, _STORAGE[dtype])
 
 
 def read_safetensors_tensors(path: str) -> Iterator[tuple[str, np.ndarray, str]]:
