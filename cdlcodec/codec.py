@@ -23,13 +23,13 @@ import numpy as np
 
 from . import __version__, backends
 from .backends import EncodeHint, MAX_ABS_LEVEL
-from .backends.base import check_count
+from .backends.base import check_count, level_blocks
 from .dtypes import storage_dtype, to_float32, to_float64
 from .errors import CdlDecodeError, CdlFormatError, CdlInputError
 from .formats.container import ContainerReader, ContainerWriter, Limits, TensorEntry, decoded_size
 from .io.lazy import materialized, release
 from .progress import Progress
-from .quantizers import dequantize
+from .quantizers import Dequantizer
 from .quantizers.params import QUANTIZED_SCHEMES, from_json
 from .quantizers.base import Quantizer, make, parameter_error
 from .records import ModelFile, TensorRecord
@@ -437,30 +437,59 @@ def decoded_record(entry: TensorEntry, payload: bytes, *, keep_levels: bool = Tr
     backend = backends.get_for_decoding(entry.backend)
     if not parallel_backend and getattr(backend, "parallel", False):
         backend = _single_core(backend)
-    try:
-        levels = backend.decode(payload, entry.backend_params, entry.count, entry.shape)
-    except CdlFormatError as exc:
-        raise type(exc)(f"tensor {entry.name!r}: {exc}") from exc
-    except Exception as exc:  # a backend must raise CdlDecodeError; never let a bug look like a crash
-        raise CdlDecodeError(f"tensor {entry.name!r}: {entry.backend} payload could not be decoded ({exc})") from exc
-    if not isinstance(levels, np.ndarray) or levels.size != entry.count:
+    # Level blocks go straight into the values (and the kept levels): a tensor's int64 levels and the
+    # backend's work for all of them never exist at once, only for one block.
+    values = Dequantizer(entry.quant, entry.shape, entry.dtype, entry.name)
+    kept = _NarrowLevels(entry.count) if keep_levels else None
+    for block in _level_blocks(backend, entry, payload):
+        if values.filled + block.size > entry.count:
+            raise CdlDecodeError(f"tensor {entry.name!r}: decoded the wrong number of levels")
+        values.add(block)
+        if kept is not None:
+            kept.add(block)
+    if values.filled != entry.count:
         raise CdlDecodeError(f"tensor {entry.name!r}: decoded the wrong number of levels")
-    values = dequantize(levels, entry.quant, entry.shape, entry.dtype, entry.name)
-    kept = _narrowest(levels) if keep_levels else None
-    return TensorRecord(entry.name, values, entry.dtype, levels=kept, quant=entry.quant)
+    return TensorRecord(entry.name, values.result(), entry.dtype, levels=None if kept is None else kept.result(),
+                       quant=entry.quant)
 
 
-def _narrowest(levels: np.ndarray) -> np.ndarray:
-    """`levels` in the narrowest signed integer type that holds them: a decoder that keeps every
-    tensor's levels (the QDQ writer) holds ~1 byte a weight instead of 8."""
-    if not levels.size:
-        return levels
-    lo, hi = int(levels.min()), int(levels.max())
-    for kind in (np.int8, np.int16, np.int32):
-        info = np.iinfo(kind)
-        if info.min <= lo and hi <= info.max:
-            return levels.astype(kind)
-    return levels
+def _level_blocks(backend, entry: TensorEntry, payload: bytes) -> Iterator[np.ndarray]:
+    """The backend's levels of `entry` block by block, its errors naming the tensor."""
+    blocks = level_blocks(backend, payload, entry.backend_params, entry.count, entry.shape)
+    while True:
+        try:
+            block = next(blocks)
+        except StopIteration:
+            return
+        except CdlFormatError as exc:
+            raise type(exc)(f"tensor {entry.name!r}: {exc}") from exc
+        except Exception as exc:  # a backend must raise CdlDecodeError; never let a bug look like a crash
+            raise CdlDecodeError(f"tensor {entry.name!r}: {entry.backend} payload could not be decoded ({exc})") from exc
+        if not isinstance(block, np.ndarray):
+            raise CdlDecodeError(f"tensor {entry.name!r}: decoded the wrong number of levels")
+        yield block
+
+
+class _NarrowLevels:
+    """A tensor's levels in the narrowest signed integer type that holds them all, filled block by
+    block (widened when a block needs it): a decoder that keeps every tensor's levels (the QDQ
+    writer) holds ~1 byte a weight, never a tensor's int64 levels."""
+
+    def __init__(self, count: int):
+        self.array, self.filled = np.empty(count, np.int8), 0
+
+    def add(self, block: np.ndarray) -> None:
+        if block.size:
+            lo, hi = int(block.min()), int(block.max())
+            kind = next((k for k in (np.int8, np.int16, np.int32) if np.iinfo(k).min <= lo and hi <= np.iinfo(k).max),
+                        np.int64)
+            if np.dtype(kind).itemsize > self.array.dtype.itemsize:
+                self.array = self.array.astype(kind)
+            self.array[self.filled:self.filled + block.size] = block
+        self.filled += block.size
+
+    def result(self) -> np.ndarray:
+        return self.array if self.array.size else np.zeros(0, np.int64)
 
 
 def _single_core(backend):

@@ -8,7 +8,7 @@ on every platform, so no floating point may influence the coded bytes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Iterator, Protocol
 
 import numpy as np
 
@@ -41,6 +41,12 @@ class Backend(Protocol):
 
         Refuses, before allocating anything proportional to `count`, a count above `max_count`."""
 
+    def decode_blocks(self, payload: bytes, params: bytes, count: int, shape: tuple[int, ...] | None = None,
+                      block: int | None = None) -> Iterator[np.ndarray]:
+        """Optional: the levels `decode` returns, as consecutive int64 arrays of about `block` levels
+        each (None: one array), so that a decoder never holds a big tensor's levels at once. Checks
+        as `decode`; an error may come after some blocks were given (the caller then discards them)."""
+
     def max_count(self, payload_len: int, params: bytes) -> int | None:
         """The most levels a payload of `payload_len` bytes with these params can honestly hold, from
         the backend's least cost per level (decompression-bomb guard: checked before allocating).
@@ -50,6 +56,38 @@ class Backend(Protocol):
 
     def estimate_bits(self, levels: np.ndarray, hint: EncodeHint | None = None) -> float:
         """Bits `encode` would spend on these levels (exact or a close estimate)."""
+
+
+# Levels a decoder holds at once when it asks a backend for blocks (8 MB of int64).
+DECODE_BLOCK = 1 << 20
+
+
+def level_blocks(backend, payload: bytes, params: bytes, count: int, shape=None) -> Iterator[np.ndarray]:
+    """`backend`'s levels in blocks of about DECODE_BLOCK; a whole array from a (plug-in) backend
+    without decode_blocks."""
+    blocks = getattr(backend, "decode_blocks", None)
+    if blocks is None:
+        yield backend.decode(payload, params, count, shape)
+    else:
+        yield from blocks(payload, params, count, shape, DECODE_BLOCK)
+
+
+def gathered(blocks: Iterator[np.ndarray], count: int) -> np.ndarray:
+    """The `count` levels of `blocks` as one int64 array (decode() from decode_blocks(block=None):
+    a single block is handed back as it is)."""
+    parts = list(blocks)
+    if len(parts) == 1 and parts[0].size == count:
+        return parts[0]
+    out = np.empty(count, dtype=np.int64)
+    done = 0
+    for part in parts:
+        if done + part.size > count:
+            raise CdlDecodeError(f"decoded more than the {count} levels asked for")
+        out[done:done + part.size] = part
+        done += part.size
+    if done != count:
+        raise CdlDecodeError(f"decoded {done} of {count} levels")
+    return out
 
 
 def check_count(backend: str, payload_len: int, count: int, bound: int | None) -> None:

@@ -26,7 +26,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..errors import CdlDecodeError, CdlInputError
-from .base import MAX_ABS_LEVEL, EncodeHint, check_count
+from .base import MAX_ABS_LEVEL, EncodeHint, check_count, gathered
 from .stats import as_levels
 from .varint import read_uvarint, write_uvarint  # the same LEB128 integers as the raw and huffman params
 from .cabac_binarization import (
@@ -45,6 +45,7 @@ RATE_SAMPLE = 1 << 16          # levels used to pick the estimator rates
 PARALLEL_MIN_LEVELS = 1 << 17   # below this, starting threads costs more than it saves
 FLUSH_BITS_ESTIMATE = 12       # average termination bytes per chunk, for estimate_bits
 PARALLEL_BATCH = 256           # chunks per parallel kernel call: its per-chunk state stays small
+PARALLEL_MIN_CHUNKS = 32       # chunks per block of decode_blocks when decoding on several cores
 # A chunk of L bytes codes at most 8 * (L + TERMINATION_SLACK) bits of bins: the encoder strips the
 # zero bytes that end its final value (at most 4, more only when the last bytes of the stream were
 # zero by chance) and the decoder reads zeros past the end (max_chunk_levels).
@@ -228,6 +229,10 @@ class CabacBackend:
         return _max_levels(_parse_params(params, payload_len))
 
     def decode(self, payload: bytes, params: bytes, count: int, shape=None) -> np.ndarray:
+        return gathered(self.decode_blocks(payload, params, count, shape), int(count))
+
+    def decode_blocks(self, payload: bytes, params: bytes, count: int, shape=None, block: int | None = None):
+        """Whole chunks at a time (at least one; with `parallel`, enough to keep every core busy)."""
         count = int(count)
         if count < 0:
             raise CdlDecodeError("negative level count")
@@ -236,27 +241,36 @@ class CabacBackend:
         if n_chunks != -(-count // chunk_size):
             raise CdlDecodeError(f"cabac stream has {n_chunks} chunks, {count} levels need {-(-count // chunk_size)}")
         check_count(self.name, len(payload), count, _max_levels(stream))
-        out = np.empty(count, dtype=np.int64)
-        if count == 0:
-            return out
+        parallel = self.parallel and n_chunks > 1 and count >= PARALLEL_MIN_LEVELS
+        per_block = max(1, n_chunks) if block is None else max(1, block // chunk_size, PARALLEL_MIN_CHUNKS if parallel else 1)
+        for first in range(0, n_chunks, per_block):
+            yield self._decode_chunks(payload, stream, first, min(first + per_block, n_chunks), count, parallel)
+
+    @staticmethod
+    def _decode_chunks(payload, stream: _Stream, first: int, last: int, count: int, parallel: bool) -> np.ndarray:
+        """The levels of chunks first..last-1, from a padded copy of their bytes only (a chunk's decoder
+        reads zeros past its end whatever follows it, so the copy decodes as the whole payload would)."""
+        chunk_size = stream.chunk_size
+        out = np.empty(min(count, last * chunk_size) - first * chunk_size, dtype=np.int64)
+        start, end = int(stream.offsets[first]), int(stream.offsets[last])
         # the kernels load a byte past a chunk's end without a branch (then mask it): pad by one
-        buf = np.zeros(len(payload) + DECODE_PADDING, dtype=np.uint8)
-        buf[:len(payload)] = np.frombuffer(payload, dtype=np.uint8)
-        errs = np.zeros(n_chunks, dtype=np.int64)
+        buf = np.zeros(end - start + DECODE_PADDING, dtype=np.uint8)
+        buf[:end - start] = np.frombuffer(payload, dtype=np.uint8, count=end - start, offset=start)
+        offsets = stream.offsets[first:last + 1] - start
+        errs = np.zeros(last - first, dtype=np.int64)
         fast, slow = (int(v) for v in RATE_PAIRS[stream.rate_idx])
         args = (chunk_size, stream.n_gt, stream.mode, stream.row_len, fast, slow)
-        if self.parallel and n_chunks > 1 and count >= PARALLEL_MIN_LEVELS:
+        if parallel and last - first > 1:
             # in batches: the kernel holds coder state and contexts (7.7 kB) for every chunk it gets
-            for first in range(0, n_chunks, PARALLEL_BATCH):
-                last = min(first + PARALLEL_BATCH, n_chunks)
-                decode_chunks_parallel(buf, stream.offsets[first:last + 1], *args, out[first * chunk_size:],
-                                       errs[first:last])
+            for a in range(0, last - first, PARALLEL_BATCH):
+                b = min(a + PARALLEL_BATCH, last - first)
+                decode_chunks_parallel(buf, offsets[a:b + 1], *args, out[a * chunk_size:], errs[a:b])
         else:
-            decode_chunks_serial(buf, stream.offsets, *args, out, errs)
+            decode_chunks_serial(buf, offsets, *args, out, errs)
         bad = np.flatnonzero(errs)
         if bad.size:
             c = int(bad[0])
-            raise CdlDecodeError(f"cabac chunk {c}: {ERROR_TEXT.get(int(errs[c]), 'corrupt stream')}")
+            raise CdlDecodeError(f"cabac chunk {first + c}: {ERROR_TEXT.get(int(errs[c]), 'corrupt stream')}")
         return out
 
     def estimate_bits(self, levels, hint: EncodeHint | None = None) -> float:

@@ -37,7 +37,7 @@ import numpy as np
 
 from ..errors import CdlDecodeError, CdlInputError
 from . import huffman_kernels as hk
-from .base import MAX_ABS_LEVEL, EncodeHint, check_count
+from .base import MAX_ABS_LEVEL, EncodeHint, check_count, gathered
 from .stats import DENSE_RANGE_LIMIT, as_levels
 from .varint import read_svarint, write_svarint
 
@@ -136,8 +136,9 @@ def encode_symbols(symbols, lengths) -> bytes:
     return hk.encode_kernel(sym, np.int64(0), hk.canonical_codes(ln), ln, np.int64((nbits + 7) // 8)).tobytes()
 
 
-def _decode_with_table(payload, values, lengths, count: int, what: str) -> np.ndarray:
-    """Decode `count` symbols of a canonical code over `values` (ascending) with `lengths` (>= 1)."""
+def _decoded_blocks(payload, values, lengths, count: int, what: str, block: int | None):
+    """The `count` symbols of a canonical code over `values` (ascending) with `lengths` (>= 1), in
+    blocks of `block` (None: one array)."""
     n_real = len(payload)
     if count > 8 * n_real:  # every code word is at least one bit: reject before allocating
         raise CdlDecodeError(f"{what}: payload of {n_real} bytes cannot hold {count} levels")
@@ -146,13 +147,18 @@ def _decode_with_table(payload, values, lengths, count: int, what: str) -> np.nd
     prim_val, prim_len, first_code, len_count, len_offset, sorted_vals, max_len = hk.build_decode_tables(
         values, lengths, np.int64(hk.PRIMARY_BITS))
     multi_val, multi_len = hk.build_multi_table(prim_val, prim_len, np.int64(hk.PRIMARY_BITS))
-    out = np.empty(count, np.int64)
-    status = hk.decode_kernel(data, np.int64(n_real), np.int64(count), np.int64(hk.PRIMARY_BITS),
-                              prim_val, prim_len, multi_val, multi_len, first_code, len_count, len_offset,
-                              sorted_vals, np.int64(max_len), out)
-    if status < 0:
-        raise CdlDecodeError(f"{what}: {hk.ERROR_MESSAGES[status]}")
-    return out
+    state = np.zeros(hk.READER_STATE, np.int64)
+    block = count if block is None else max(1, block)
+    for start in range(0, count, block):
+        out = np.empty(min(block, count - start), np.int64)
+        status = hk.decode_run(data, np.int64(n_real), state, np.int64(hk.PRIMARY_BITS), prim_val, prim_len,
+                               multi_val, multi_len, first_code, len_count, len_offset, sorted_vals,
+                               np.int64(max_len), out)
+        if status == 0 and start + out.size == count:
+            status = hk.decode_end(np.int64(n_real), state)
+        if status < 0:
+            raise CdlDecodeError(f"{what}: {hk.ERROR_MESSAGES[status]}")
+        yield out
 
 
 def decode_symbols(payload: bytes, lengths, count: int) -> np.ndarray:
@@ -171,8 +177,8 @@ def decode_symbols(payload: bytes, lengths, count: int) -> np.ndarray:
         return np.zeros(0, np.int64)
     if used.size == 0:
         raise CdlDecodeError("no symbol has a code")
-    return _decode_with_table(bytes(payload), used.astype(np.int64), np.ascontiguousarray(ln[used]), count,
-                              "huffman")
+    return gathered(_decoded_blocks(bytes(payload), used.astype(np.int64), np.ascontiguousarray(ln[used]), count,
+                                    "huffman", None), count)
 
 
 # --- the backend ---------------------------------------------------------------------------------
@@ -306,6 +312,9 @@ class HuffmanBackend:
         return 8 * payload_len
 
     def decode(self, payload: bytes, params: bytes, count: int, shape=None) -> np.ndarray:
+        return gathered(self.decode_blocks(payload, params, count, shape), int(count))
+
+    def decode_blocks(self, payload: bytes, params: bytes, count: int, shape=None, block: int | None = None):
         params = bytes(params)
         payload = bytes(payload)
         count = int(count)
@@ -322,7 +331,7 @@ class HuffmanBackend:
                 raise CdlDecodeError("huffman: trailing bytes after the code table")
             if count != 0 or payload:
                 raise CdlDecodeError(f"huffman: empty code table but {count} levels / {len(payload)} payload bytes")
-            return np.zeros(0, np.int64)
+            return
         if count == 0:
             raise CdlDecodeError("huffman: a non-empty code table for zero levels")
         if kind == hk.KIND_SINGLE:
@@ -333,7 +342,10 @@ class HuffmanBackend:
                 raise CdlDecodeError(f"huffman: level {value} outside ±{MAX_ABS_LEVEL}")
             if payload:
                 raise CdlDecodeError("huffman: a single-symbol table takes no payload bytes")
-            return np.full(count, value, dtype=np.int64)
+            block = count if block is None else max(1, block)
+            for start in range(0, count, block):
+                yield np.full(min(block, count - start), value, dtype=np.int64)
+            return
         table = np.frombuffer(params, np.uint8)
         empty_v, empty_l = np.zeros(0, np.int64), np.zeros(0, np.uint8)
         used = hk.parse_table(table, np.int64(count), np.int64(MAX_ABS_LEVEL), empty_v, empty_l, False)
@@ -342,7 +354,7 @@ class HuffmanBackend:
         values = np.empty(used, np.int64)
         lengths = np.empty(used, np.uint8)
         hk.parse_table(table, np.int64(count), np.int64(MAX_ABS_LEVEL), values, lengths, True)
-        return _decode_with_table(payload, values, lengths, count, "huffman")
+        yield from _decoded_blocks(payload, values, lengths, count, "huffman", block)
 
 
 __all__ = [

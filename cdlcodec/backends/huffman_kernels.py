@@ -395,24 +395,29 @@ def _refill(data, pos, buf, nbits):
     return buf | (word << (32 - nbits)), nbits + 32, pos + 4
 
 
+READER_STATE = 3  # a bit reader between decode_run calls: bit buffer, bits in it, next byte to load
+
+
 @njit(cache=True, nogil=True)
-def decode_kernel(data, n_real, count, primary_bits, prim_val, prim_len, multi_val, multi_len,
-                  first_code, len_count, len_offset, sorted_vals, max_len, out):
-    """Decode `count` symbols into `out`; returns bits consumed or a negative error code.
+def decode_run(data, n_real, state, primary_bits, prim_val, prim_len, multi_val, multi_len,
+               first_code, len_count, len_offset, sorted_vals, max_len, out):
+    """Decode out.size symbols into `out`, continuing from the bit reader `state` (zeros at the
+    payload's start; updated); returns 0 or a negative error code. decode_end checks the payload's end.
 
     `data` is the payload followed by at least 8 zero bytes. The bit buffer holds `nbits` unread bits
     and is refilled 32 bits at a time whenever fewer than 32 remain, so a whole code word (<= 24 bits)
     is always present. Reading past the real payload is detected at the next refill (the loops are
-    bounded by `count` in any case).
+    bounded by the count in any case).
 
     While at least MULTI_SYMBOLS symbols remain, one lookup in the multi-symbol table emits every
     code word inside the next primary_bits bits (up to MULTI_SYMBOLS; all slots are written, the
     unused ones are overwritten by the next lookup); the last few symbols, and code words longer
     than the window, take the one-symbol path.
     """
-    buf = np.int64(0)
-    nbits = np.int64(0)
-    pos = np.int64(0)
+    buf = state[0]
+    nbits = state[1]
+    pos = state[2]
+    count = out.shape[0]
     limit = n_real + 4
     i = np.int64(0)
     while i <= count - MULTI_SYMBOLS:
@@ -450,7 +455,19 @@ def decode_kernel(data, n_real, count, primary_bits, prim_val, prim_len, multi_v
         i += 1
         buf <<= length
         nbits -= length
-    consumed = pos * 8 - nbits
+    state[0] = buf
+    state[1] = nbits
+    state[2] = pos
+    return 0
+
+
+@njit(cache=True, nogil=True)
+def decode_end(n_real, state):
+    """After the last decode_run: bits consumed, or a negative error code when the payload does not
+    end with the last code word and zero padding."""
+    buf = state[0]
+    nbits = state[1]
+    consumed = state[2] * 8 - nbits
     if consumed > n_real * 8:
         return ERR_PAYLOAD_OVERRUN
     if (consumed + 7) // 8 != n_real:

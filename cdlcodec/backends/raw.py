@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import CdlDecodeError
 from ..jit import njit
-from .base import MAX_ABS_LEVEL, EncodeHint
+from .base import MAX_ABS_LEVEL, EncodeHint, gathered
 from .stats import as_levels
 from .varint import read_svarint, write_svarint
 
@@ -117,6 +117,9 @@ class RawBackend:
         return 8 * payload_len // width
 
     def decode(self, payload: bytes, params: bytes, count: int, shape=None) -> np.ndarray:
+        return gathered(self.decode_blocks(payload, params, count, shape), int(count))
+
+    def decode_blocks(self, payload: bytes, params: bytes, count: int, shape=None, block: int | None = None):
         params = bytes(params)
         count = int(count)
         if count < 0:
@@ -128,22 +131,29 @@ class RawBackend:
             raise CdlDecodeError(
                 f"raw: payload is {len(payload)} bytes, expected {expected} for {count} levels of {width} bits"
             )
-        if width == 0:
-            return np.full(count, base, dtype=np.int64)
         if nbits % 8 and payload[-1] >> (nbits % 8):
             raise CdlDecodeError("raw: non-zero padding bits at the end of the payload")
-        if width in (8, 16, 32):
-            out = np.frombuffer(payload, dtype=f"<u{width // 8}").astype(np.int64)
-            out += base
-            biggest = int(out.max()) - base if count else 0
-        else:
-            data = np.zeros(len(payload) + 8, dtype=np.uint8)
-            data[: len(payload)] = np.frombuffer(payload, dtype=np.uint8)
-            out = np.empty(count, dtype=np.int64)
-            biggest = int(_unpack_kernel(data, np.int64(count), np.int64(width), np.int64(base), out))
-        if base + biggest > MAX_ABS_LEVEL:
-            raise CdlDecodeError(f"raw: decoded level {base + biggest} exceeds {MAX_ABS_LEVEL}")
-        return out
+        # a multiple of 8 levels: every block starts on a byte
+        block = count if block is None else max(8, block // 8 * 8)
+        for start in range(0, count, max(block, 1)):
+            n = min(block, count - start)
+            if width == 0:
+                yield np.full(n, base, dtype=np.int64)
+                continue
+            first = start * width // 8
+            if width in (8, 16, 32):
+                out = np.frombuffer(payload, dtype=f"<u{width // 8}", count=n, offset=first).astype(np.int64)
+                out += base
+                biggest = int(out.max()) - base
+            else:
+                nbytes = (n * width + 7) // 8
+                data = np.zeros(nbytes + 8, dtype=np.uint8)
+                data[:nbytes] = np.frombuffer(payload, dtype=np.uint8, count=nbytes, offset=first)
+                out = np.empty(n, dtype=np.int64)
+                biggest = int(_unpack_kernel(data, np.int64(n), np.int64(width), np.int64(base), out))
+            if base + biggest > MAX_ABS_LEVEL:
+                raise CdlDecodeError(f"raw: decoded level {base + biggest} exceeds {MAX_ABS_LEVEL}")
+            yield out
 
     def estimate_bits(self, levels, hint: EncodeHint | None = None) -> float:
         """Exact size of encode's output (payload + params) in bits."""

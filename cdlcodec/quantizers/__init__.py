@@ -41,42 +41,76 @@ DEQUANTIZE_BLOCK = 1 << 16
 
 def dequantize(levels: np.ndarray, quant: dict | None, shape: tuple[int, ...], dtype: str, name: str = "") -> np.ndarray:
     """Levels (integers, flat) -> storage array of `dtype` and `shape`; the product is formed in float64."""
-    plan = from_json(quant, shape, dtype, name)
-    if isinstance(plan, IntegerParams):
-        lo, hi = (0, 1) if dtype == "bool" else (np.iinfo(storage_dtype(dtype)).min, np.iinfo(storage_dtype(dtype)).max)
-        if levels.size and (levels.min() < lo or levels.max() > hi):
-            raise CdlFormatError(f"tensor {name!r}: integer levels outside the range of {dtype} ({lo}..{hi})")
-        return levels.astype(storage_dtype(dtype)).reshape(shape)
-    if plan.scheme == "dependent":
-        from .trellis import dequantize_dependent
+    values = Dequantizer(quant, shape, dtype, name)
+    values.add(levels)
+    return values.result()
 
-        levels = dequantize_dependent(levels, plan.states)  # integer multiples of the step(s)
-    flat = levels.reshape(-1)
-    out = np.empty(flat.size, storage_dtype(dtype))
-    steps = np.atleast_1d(np.asarray(plan.step_array(), dtype=np.float64))
-    # Rows of `inner` elements share one step (row r: steps[r % len(steps)]), so a block of whole rows
-    # is multiplied by a column of steps; a row longer than a block goes in pieces with its one step.
-    # (Per-element step indices, (i // inner) % n, cost four passes of int64 arithmetic a block.)
-    inner = flat.size if plan.axis is None else math.prod(shape[plan.axis + 1:])
-    if not flat.size:
-        return out.reshape(shape)
-    buf = np.empty(min(DEQUANTIZE_BLOCK, flat.size), np.float64)
-    with np.errstate(over="ignore"):  # past the dtype's range is ±inf (module docstring)
-        if inner >= DEQUANTIZE_BLOCK:
-            for row_start in range(0, flat.size, inner):
-                step = steps[row_start // inner % steps.size]
-                for start in range(row_start, row_start + inner, DEQUANTIZE_BLOCK):
-                    stop = min(start + DEQUANTIZE_BLOCK, row_start + inner)
-                    _store(out[start:stop], np.multiply(flat[start:stop], step, out=buf[:stop - start]), dtype)
-        else:
-            rows, per_block = flat.size // inner, DEQUANTIZE_BLOCK // inner
-            for first in range(0, rows, per_block):
-                last = min(first + per_block, rows)
-                block = flat[first * inner:last * inner].reshape(last - first, inner)
-                column = steps[np.arange(first, last) % steps.size][:, None]
+
+class Dequantizer:
+    """`dequantize` of levels that come in consecutive blocks (flat order), each stored straight into
+    the output array, so that a decoder never holds a big tensor's levels at once; the values do not
+    depend on the blocks."""
+
+    def __init__(self, quant: dict | None, shape: tuple[int, ...], dtype: str, name: str = ""):
+        self.plan = from_json(quant, shape, dtype, name)
+        self.shape, self.dtype, self.name = tuple(shape), dtype, name
+        self.out = np.empty(math.prod(self.shape), storage_dtype(dtype))
+        self.filled = 0
+        self.state = 0  # dependent scheme: the trellis state at the next level
+        if not isinstance(self.plan, IntegerParams):
+            self.steps = np.atleast_1d(np.asarray(self.plan.step_array(), dtype=np.float64))
+            # rows of `inner` elements share one step (row r: steps[r % len(steps)])
+            axis = self.plan.axis
+            self.inner = self.out.size if axis is None else math.prod(self.shape[axis + 1:])
+            self.buf = np.empty(min(DEQUANTIZE_BLOCK, self.out.size), np.float64)
+
+    def add(self, levels: np.ndarray) -> None:
+        """The next levels (integers, any shape: taken flat)."""
+        flat, start = levels.reshape(-1), self.filled
+        if start + flat.size > self.out.size:
+            raise CdlFormatError(f"tensor {self.name!r}: more levels than its {self.out.size:,} elements")
+        self.filled += flat.size
+        if isinstance(self.plan, IntegerParams):
+            lo, hi = (0, 1) if self.dtype == "bool" else (np.iinfo(self.out.dtype).min, np.iinfo(self.out.dtype).max)
+            if flat.size and (flat.min() < lo or flat.max() > hi):
+                raise CdlFormatError(f"tensor {self.name!r}: integer levels outside the range of {self.dtype} ({lo}..{hi})")
+            self.out[start:start + flat.size] = flat
+            return
+        if self.plan.scheme == "dependent":
+            from .trellis import dequantize_dependent
+
+            # integer multiples of the step(s), the trellis state carried from block to block
+            flat, self.state = dequantize_dependent(flat, self.plan.states, self.state, with_state=True)
+        with np.errstate(over="ignore"):  # past the dtype's range is ±inf (module docstring)
+            self._products(flat, start)
+
+    def _products(self, flat: np.ndarray, start: int) -> None:
+        """out[start + i] = flat[i] x its row's step: a block of whole rows times a column of steps, a
+        part of a row (a long row in pieces, a row cut by the block's ends) times its one step.
+        (Per-element step indices, (i // inner) % n, cost four passes of int64 arithmetic a block.)"""
+        inner, steps, out, buf, dtype = self.inner, self.steps, self.out, self.buf, self.dtype
+        i, n = 0, flat.size
+        while i < n:
+            pos = start + i
+            offset = pos % inner
+            if offset or inner >= DEQUANTIZE_BLOCK or n - i < inner:
+                stop = min(n, i + inner - offset, i + buf.size)
+                step = steps[pos // inner % steps.size]
+                _store(out[pos:start + stop], np.multiply(flat[i:stop], step, out=buf[:stop - i]), dtype)
+                i = stop
+            else:
+                rows = min((n - i) // inner, buf.size // inner)
+                first = pos // inner
+                block = flat[i:i + rows * inner].reshape(rows, inner)
+                column = steps[np.arange(first, first + rows) % steps.size][:, None]
                 products = np.multiply(block, column, out=buf[:block.size].reshape(block.shape))
-                _store(out[first * inner:last * inner], products.reshape(-1), dtype)
-    return out.reshape(shape)
+                _store(out[pos:pos + rows * inner], products.reshape(-1), dtype)
+                i += rows * inner
+
+    def result(self) -> np.ndarray:
+        if self.filled != self.out.size:
+            raise CdlFormatError(f"tensor {self.name!r}: {self.filled:,} levels for {self.out.size:,} elements")
+        return self.out.reshape(self.shape)
 
 
 def _store(out: np.ndarray, products: np.ndarray, dtype: str) -> None:

@@ -41,23 +41,26 @@ _INF = 1e300
 
 
 @njit(cache=True)
-def reconstruction_integers(levels, next_state, qid):
-    """2k - sgn(k)·Q(state) along the scan: the integer multiple of Δ each level stands for."""
+def reconstruction_integers(levels, next_state, qid, s):
+    """2k - sgn(k)·Q(state) along the scan from state `s`: the integer multiple of Δ each level
+    stands for, and the state after the last level."""
     n = levels.shape[0]
     out = np.empty(n, dtype=np.int64)
-    s = 0
     for i in range(n):
         k = levels[i]
         sg = 1 if k > 0 else (-1 if k < 0 else 0)
         out[i] = 2 * k - sg * qid[s]
         s = next_state[s, k & 1]
-    return out
+    return out, s
 
 
-def dequantize_dependent(levels: np.ndarray, states: int) -> np.ndarray:
-    """Levels -> integer reconstruction multiples (int64) for the "dependent" scheme."""
+def dequantize_dependent(levels: np.ndarray, states: int, state: int = 0, *, with_state: bool = False):
+    """Levels -> integer reconstruction multiples (int64) for the "dependent" scheme; a tensor's
+    levels may come in consecutive blocks, each started from the state the previous one ended in
+    (with_state=True: (multiples, that state))."""
     next_state, qid = state_machine(states)
-    return reconstruction_integers(np.ascontiguousarray(levels, dtype=np.int64), next_state, qid)
+    out, end = reconstruction_integers(np.ascontiguousarray(levels, dtype=np.int64), next_state, qid, np.int64(state))
+    return (out, int(end)) if with_state else out
 
 
 @njit(cache=True, inline="always")

@@ -1,0 +1,182 @@
+"""Decoding a tensor's levels block by block (issues 14 and 15: no int64 levels for a whole big tensor):
+every backend's blocks are its whole-tensor levels, cut anywhere; a decoded tensor (values and the
+levels the QDQ writer keeps) is the same however its levels are cut; and decoding holds one block of
+levels, not the tensor's."""
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import cdlcodec.backends.base as backend_base
+from cdlcodec import backends
+from cdlcodec.backends.cabac import CabacBackend
+from cdlcodec.codec import check_decodable, decoded_record
+from cdlcodec.errors import CdlDecodeError
+from cdlcodec.formats.container import Limits, TensorEntry
+from cdlcodec.quantizers import Dequantizer, dequantize
+from cdlcodec.quantizers.trellis import dequantize_dependent
+
+M = 2**31 - 1
+
+
+def laplace(n: int, scale: float, seed: int = 0) -> np.ndarray:
+    return np.rint(np.random.default_rng(seed).laplace(0, scale, n)).astype(np.int64)
+
+
+LEVELS = {
+    "laplace": laplace(20_011, 3.0),
+    "wide": laplace(5_003, 3000.0, 1),          # raw widths past 8 bits, huffman's larger tables
+    "sparse": np.array([-M, 0, M] * 999 + [5], np.int64),  # raw width 32, huffman's sparse table
+    "byte": np.arange(-128, 128, dtype=np.int64).repeat(9),  # raw width 8
+    "constant": np.full(3_001, -7, np.int64),
+    "single": np.array([42], np.int64),
+    "empty": np.zeros(0, np.int64),
+}
+CODERS = {"raw": backends.get("raw"), "huffman": backends.get("huffman"), "cabac": CabacBackend(chunk_size=777),
+          "cabac-parallel": CabacBackend(chunk_size=1000, parallel=True)}
+
+
+@pytest.mark.parametrize("coder", sorted(CODERS))
+@pytest.mark.parametrize("name", sorted(LEVELS))
+@pytest.mark.parametrize("block", [None, 1, 7, 8, 999, 4096, 1 << 20])
+def test_blocks_are_the_levels_cut_anywhere(coder, name, block):
+    levels, backend = LEVELS[name], CODERS[coder]
+    if coder.startswith("cabac") and name in ("sparse",):
+        levels = levels.clip(-1000, 1000)  # cabac's binarization is for weights, not ±2**31
+    payload, params = backend.encode(levels)
+    parts = list(backend.decode_blocks(payload, params, levels.size, None, block))
+    assert all(p.dtype == np.int64 and p.ndim == 1 for p in parts)
+    if block is not None and parts:  # raw: whole bytes of levels; cabac: whole chunks, 32 when parallel
+        most = {"raw": max(8, block), "huffman": block, "cabac": max(777, block // 777 * 777),
+                "cabac-parallel": max(32 * 1000, block // 1000 * 1000)}[coder]
+        assert max(p.size for p in parts) <= most
+    joined = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    np.testing.assert_array_equal(joined, levels)
+    np.testing.assert_array_equal(backend.decode(payload, params, levels.size), levels)
+
+
+@pytest.mark.parametrize("coder", ["raw", "huffman", "cabac"])
+def test_a_bad_payload_fails_in_blocks_as_whole(coder):
+    """A payload that decodes wrongly is refused with CdlDecodeError whether asked for whole or in
+    blocks; for the errors found only at the end (trailing bytes), after the blocks before it."""
+    backend, levels = CODERS[coder], LEVELS["laplace"]
+    payload, params = backend.encode(levels)
+    spoiled = payload + b"\x00\x01"
+    for block in (None, 1000):
+        with pytest.raises(CdlDecodeError):
+            list(backend.decode_blocks(spoiled, params, levels.size, None, block))
+        with pytest.raises(CdlDecodeError):
+            backend.decode(spoiled, params, levels.size)
+
+
+def test_cabac_names_the_corrupt_chunk_of_a_later_block():
+    backend = CabacBackend(chunk_size=1000, parallel=False)
+    levels = LEVELS["laplace"]
+    payload, params = backend.encode(levels)
+    spoiled = bytearray(payload)
+    spoiled[-3:] = b"\xff\xff\xff"  # the last chunk's bytes
+    with pytest.raises(CdlDecodeError, match=r"cabac chunk 20\b") as whole:
+        backend.decode(bytes(spoiled), params, levels.size)
+    with pytest.raises(CdlDecodeError, match=r"cabac chunk 20\b") as blocks:
+        list(backend.decode_blocks(bytes(spoiled), params, levels.size, None, 3000))
+    assert str(whole.value) == str(blocks.value)
+
+
+QUANTS = [
+    ({"scheme": "uniform", "step": 0.013}, "float32"),
+    ({"scheme": "uniform", "axis": 0, "steps": list(np.linspace(0.001, 0.2, 61))}, "bfloat16"),
+    ({"scheme": "uniform", "axis": 1, "steps": list(np.linspace(0.01, 0.02, 331))}, "float16"),
+    ({"scheme": "dependent", "step": 0.02, "states": 8}, "float32"),
+    ({"scheme": "dependent", "axis": 0, "steps": list(np.linspace(0.001, 0.2, 61)), "states": 4}, "float32"),
+    ({"scheme": "integer"}, "int32"),
+]
+
+
+@pytest.mark.parametrize("quant,dtype", QUANTS)
+@pytest.mark.parametrize("block", [1, 100, 331, 4000, None])
+def test_dequantizer_in_blocks_equals_dequantize(quant, dtype, block):
+    levels = laplace(61 * 331, 20.0, 3)
+    whole = dequantize(levels, quant, (61, 331), dtype, "t")
+    parts = Dequantizer(quant, (61, 331), dtype, "t")
+    for start in range(0, levels.size, block or levels.size):
+        parts.add(levels[start:start + (block or levels.size)])
+    assert parts.result().tobytes() == whole.tobytes()
+
+
+def test_dependent_blocks_carry_the_trellis_state():
+    levels = laplace(999, 5.0, 4)
+    whole = dequantize_dependent(levels, 8)
+    first, state = dequantize_dependent(levels[:500], 8, with_state=True)
+    rest = dequantize_dependent(levels[500:], 8, state)
+    np.testing.assert_array_equal(np.concatenate([first, rest]), whole)
+
+
+def _entry(levels, backend, quant, dtype, shape):
+    payload, params = backends.get(backend).encode(levels)
+    entry = TensorEntry("w", shape, dtype, "levels", quant, backend, params, levels.size)
+    entry.length = len(payload)
+    return entry, payload
+
+
+def _narrowest(levels):
+    for kind in (np.int8, np.int16, np.int32):
+        if levels.size and np.iinfo(kind).min <= levels.min() and levels.max() <= np.iinfo(kind).max:
+            return levels.astype(kind)
+    return levels
+
+
+@pytest.mark.parametrize("backend", ["raw", "huffman", "cabac"])
+@pytest.mark.parametrize("quant,dtype", QUANTS)
+@pytest.mark.parametrize("scale", [2.0, 300.0, 1e5])
+def test_decoded_tensor_in_blocks_equals_the_whole_tensor_path(monkeypatch, backend, quant, dtype, scale):
+    """Values and kept levels (narrowest type, widened from int8 when a later block needs it) are
+    those of one whole-tensor decode, for every backend, scheme and level range."""
+    levels = laplace(61 * 331, scale, 5).clip(-2**30, 2**30)
+    if quant["scheme"] == "integer":
+        levels = levels.clip(-2**31, 2**31 - 1)
+    levels[-1] = levels.max() + 1 if scale < 100 else levels[-1]  # widest value in the last block
+    entry, payload = _entry(levels, backend, quant, dtype, (61, 331))
+    check_decodable(entry, Limits())
+    monkeypatch.setattr(backend_base, "DECODE_BLOCK", None)  # one block: the whole-tensor path
+    whole = decoded_record(entry, payload)
+    monkeypatch.setattr(backend_base, "DECODE_BLOCK", 1000)
+    blocks = decoded_record(entry, payload)
+    assert whole.array.tobytes() == blocks.array.tobytes()
+    assert whole.array.tobytes() == dequantize(levels, quant, (61, 331), dtype, "w").tobytes()
+    assert blocks.levels.dtype == _narrowest(levels).dtype
+    np.testing.assert_array_equal(blocks.levels, levels)
+
+
+def test_a_backend_without_blocks_still_decodes():
+    class Whole:
+        name = "whole"
+
+        def decode(self, payload, params, count, shape=None):
+            return np.frombuffer(payload, np.int64).copy()
+
+    parts = list(backend_base.level_blocks(Whole(), np.arange(5, dtype=np.int64).tobytes(), b"", 5))
+    assert len(parts) == 1 and parts[0].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_decoding_a_tensor_holds_one_block_of_levels_not_the_tensor():
+    """tracemalloc (numpy reports its buffers to it) over the decode of 8 M levels to bfloat16: the
+    values (16 MB), the payload's padded copy and a block or two of int64 levels (8 MB each); the
+    whole-tensor path held 64 MB of int64 levels besides the values."""
+    n = 1 << 23
+    levels = laplace(n, 4.0, 6)
+    entry, payload = _entry(levels, "cabac", {"scheme": "uniform", "step": 0.01}, "bfloat16", (2048, 4096))
+    check_decodable(entry, Limits())
+    decoded_record(entry, payload, keep_levels=False, parallel_backend=False)  # compile and warm up
+    tracemalloc.start()
+    try:
+        record = decoded_record(entry, payload, keep_levels=False, parallel_backend=False)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert record.array.nbytes == 2 * n
+    bound = record.array.nbytes + len(payload) + 3 * backend_base.DECODE_BLOCK * 8
+    print(f"peak {peak / 1e6:.1f} MB, bound {bound / 1e6:.1f} MB")
+    assert peak <= bound, (peak, bound)
+    assert bound < record.array.nbytes + 8 * n  # the bound is below what whole int64 levels took
