@@ -180,3 +180,20 @@ def test_decoding_a_tensor_holds_one_block_of_levels_not_the_tensor():
     print(f"peak {peak / 1e6:.1f} MB, bound {bound / 1e6:.1f} MB")
     assert peak <= bound, (peak, bound)
     assert bound < record.array.nbytes + 8 * n  # the bound is below what whole int64 levels took
+
+
+@pytest.mark.parametrize("name", ["laplace", "wide", "byte", "sparse"])
+def test_encoders_count_in_blocks_with_the_same_bytes(monkeypatch, name):
+    """Histograms (huffman) and byte-aligned offsets (raw) are taken block by block, so that no int64
+    copy of a whole tensor is made: the coded bytes do not depend on the block."""
+    import cdlcodec.backends.raw as raw
+    import cdlcodec.backends.stats as stats
+
+    levels = LEVELS[name]
+    coded = {}
+    for block in (1 << 20, 1000, 7):
+        monkeypatch.setattr(stats, "COUNT_BLOCK", block)
+        monkeypatch.setattr(raw, "COUNT_BLOCK", block)
+        coded[block] = [backends.get(b).encode(levels) for b in ("raw", "huffman")]
+        assert stats.histogram(levels)[1].sum() == levels.size
+    assert coded[1000] == coded[1 << 20] == coded[7]

@@ -38,7 +38,7 @@ import numpy as np
 from ..errors import CdlDecodeError, CdlInputError
 from . import huffman_kernels as hk
 from .base import MAX_ABS_LEVEL, EncodeHint, check_count, gathered
-from .stats import DENSE_RANGE_LIMIT, as_levels
+from .stats import DENSE_RANGE_LIMIT, as_levels, dense_counts
 from .varint import read_svarint, write_svarint
 
 MAX_CODE_LEN = hk.MAX_CODE_LEN
@@ -229,7 +229,7 @@ class _Plan:
             return
         span = hi - lo + 1
         if span <= max(DENSE_RANGE_LIMIT, 2 * arr.size):
-            full = np.bincount(arr - lo, minlength=span)
+            full = dense_counts(arr, lo, span)
             present = np.flatnonzero(full)
             values = present.astype(np.int64) + lo
             counts = full[present].astype(np.int64)

@@ -23,7 +23,7 @@ import numpy as np
 from ..errors import CdlDecodeError
 from ..jit import njit
 from .base import MAX_ABS_LEVEL, EncodeHint, gathered
-from .stats import as_levels
+from .stats import COUNT_BLOCK, as_levels
 from .varint import read_svarint, write_svarint
 
 MAX_WIDTH = 32
@@ -88,8 +88,10 @@ class RawBackend:
         if width == 0:
             return b"", params
         if width in (8, 16, 32):  # byte-aligned: a plain little-endian array
-            payload = (arr - base).astype(f"<u{width // 8}").tobytes()
-            return payload, params
+            out = np.empty(arr.size, dtype=f"<u{width // 8}")
+            for start in range(0, arr.size, COUNT_BLOCK):  # no int64 `arr - base` of the whole tensor
+                out[start:start + COUNT_BLOCK] = arr[start:start + COUNT_BLOCK] - base
+            return out.tobytes(), params
         out = np.zeros((arr.size * width + 7) // 8, dtype=np.uint8)
         _pack_kernel(arr, np.int64(base), np.int64(width), out)
         return out.tobytes(), params

@@ -47,6 +47,19 @@ def as_levels(levels, what: str = "levels") -> np.ndarray:
     return arr
 
 
+# Levels histogrammed at a time: `levels - min` exists for one block, never for a whole tensor (a
+# 131 M-parameter tensor's int64 copy is 1 GB).
+COUNT_BLOCK = 1 << 20
+
+
+def dense_counts(arr: np.ndarray, lo: int, span: int) -> np.ndarray:
+    """How often each of lo .. lo + span - 1 occurs in `arr` (int64 counts, np.bincount's)."""
+    counts = np.zeros(span, np.int64)
+    for start in range(0, arr.size, COUNT_BLOCK):
+        counts += np.bincount(arr[start:start + COUNT_BLOCK] - lo, minlength=span)
+    return counts
+
+
 def histogram(levels) -> tuple[np.ndarray, np.ndarray]:
     """Distinct values (ascending, int64) and how often each occurs (int64) in `levels`."""
     arr = as_levels(levels)
@@ -55,7 +68,7 @@ def histogram(levels) -> tuple[np.ndarray, np.ndarray]:
     lo, hi = int(arr.min()), int(arr.max())
     span = hi - lo + 1
     if span <= max(DENSE_RANGE_LIMIT, 2 * arr.size):
-        counts = np.bincount(arr - lo, minlength=span)
+        counts = dense_counts(arr, lo, span)
         present = np.flatnonzero(counts)
         return present.astype(np.int64) + lo, counts[present].astype(np.int64)
     values, counts = np.unique(arr, return_counts=True)
