@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--train-samples", type=int, default=None, help="first N training digits only (quick trials)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a TrainConfig field of the CDL / R-CDL runs (repeatable)")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch and numba threads per process")
     parser.add_argument("--summarize", nargs="+", metavar="LOG", help="only summarise the JSON lines of earlier runs")
     args = parser.parse_args()
     if args.summarize:
@@ -55,6 +55,11 @@ def main() -> None:
         summarize(rows)
         return
     torch.set_num_threads(args.threads)
+    try:   # numba's parallel kernels too: on a loaded machine two threads wait on each other
+        import numba
+        numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+    except ImportError:
+        pass
 
     from cdlcodec.cdl.train import TrainConfig, train_model
     from cdlcodec.data.mnist import load_mnist_5k

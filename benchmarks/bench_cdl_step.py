@@ -58,7 +58,7 @@ class Runner:
                 calibrate(self.model, x[:batch_size], step_init=cfg.step_init)
             rescale_sharpness(self.model, cfg.sharpness_constant)
             set_generator(self.model, torch.Generator().manual_seed(seed + 1))
-            set_entropy_tracking(self.model, self.gamma > 0)
+            set_entropy_tracking(self.model, self.gamma > 0, weights=self.lam > 0)
         groups = cdl_param_groups(self.model, lr_w=cfg.lr, lr_q=cfg.lr_q, lr_s=cfg.lr_s,
                                   lr_alpha=cfg.lr_alpha, lr_beta=cfg.lr_beta,
                                   sharpness_reference=cfg.alpha0)

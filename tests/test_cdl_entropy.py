@@ -69,3 +69,39 @@ def test_local_huffman_code_length():
     h = empirical_entropy_bits(levels) * levels.size
     assert h <= huffman_code_bits(levels) < h + levels.size
     assert math.isclose(empirical_entropy_bits(np.arange(16)), 4.0)
+
+
+@pytest.mark.parametrize("mode", ["rcdl", "cdl"])
+def test_tracked_weight_entropy_equals_a_separate_pass(mode):
+    """With weight entropy tracking (one quantizer pass gives the quantized weights and the MPMF), the
+    eq. 30 loss, its gradients and the CDL samples are those of a separate MPMF pass; the tracked
+    value is taken once, so a second loss without a new forward computes it afresh."""
+    from cdlcodec.cdl.convert import calibrate, convert, set_entropy_tracking, set_generator, weight_quantizers
+    from cdlcodec.cdl.loss import cdl_loss
+    from cdlcodec.models import build
+
+    torch.manual_seed(0)
+    x, y = torch.rand(8, 1, 28, 28), torch.arange(8) % 10
+    results = []
+    for tracked in (False, True):
+        torch.manual_seed(1)
+        model = convert(build("lenet5"), bits=4, mode=mode)
+        calibrate(model, x, step_init="mse")
+        set_generator(model, torch.Generator().manual_seed(2))
+        set_entropy_tracking(model, True, weights=tracked)
+        model.train()
+        logits = model(x)
+        layers = weight_quantizers(model)
+        assert all((m.last_entropy_bits is not None) == tracked for _, m in layers)
+        parts = cdl_loss(model, logits, y, lam=1e-4, gamma=1e-4)
+        parts.total.backward()
+        assert all(m.last_entropy_bits is None for _, m in layers)         # taken by the loss
+        results.append((parts.total.detach(), [p.grad.clone() for p in model.parameters()]))
+        if tracked:
+            again = cdl_loss(model, model.fc3.weight.new_zeros(8, 10), y, lam=1e-4)
+            separate = sum(m.weight_entropy_bits() for _, m in layers)
+            torch.testing.assert_close(again.weight_bits, float(separate.detach()))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-6, atol=0)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -392,7 +392,12 @@ def project_parameters(model: nn.Module) -> None:
             m.beta.clamp_(min=MIN_POSITIVE)
 
 
-def set_entropy_tracking(model: nn.Module, enabled: bool) -> None:
+def set_entropy_tracking(model: nn.Module, enabled: bool, *, weights: bool = False) -> None:
+    """Activation quantizers (`enabled`) and weight layers (`weights`) keep the entropy of their last
+    training forward for the loss (eq. 27-29): one quantizer pass gives both values and MPMF."""
     for _, a in activation_quantizers(model):
         a.track_entropy = enabled
         a.last_entropy_bits = None
+    for _, m in weight_quantizers(model):
+        m.track_entropy = weights
+        m.last_entropy_bits = None

@@ -86,7 +86,7 @@ def finetune(model: nn.Module, loader: Iterable, loss_fn: Callable, epochs: int 
     groups = cdl_param_groups(model, lr_w=lr, lr_q=lr_q, lr_s=lr_s, lr_alpha=lr_alpha, lr_beta=lr_beta,
                               sharpness_reference=500.0 if sharpness_constant is not None else None)
     opt = (optimizer or torch.optim.Adam)(groups)
-    set_entropy_tracking(model, gamma > 0)
+    set_entropy_tracking(model, gamma > 0, weights=lam > 0)
     model.train()
     steps, history, start = 0, [], time.perf_counter()
     try:

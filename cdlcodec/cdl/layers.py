@@ -76,6 +76,10 @@ class _WeightQuantized:
             q0 = initial_step(self.weight.abs().mean().item(), bits)
         self.q = nn.Parameter(torch.tensor(q0, dtype=torch.float32))
         self.alpha = nn.Parameter(torch.tensor(float(alpha0), dtype=torch.float32))
+        # With `track_entropy` set, each training forward also stores H(w_l) in bits from the same
+        # pass over the CPMFs (eq. 26); the loss takes it (once) instead of a second quantizer call.
+        self.track_entropy = False
+        self.last_entropy_bits: torch.Tensor | None = None
 
     @property
     def bounds(self) -> tuple[int, int]:
@@ -85,6 +89,11 @@ class _WeightQuantized:
         lo, hi = self.bounds
         if not self.training:
             return hard_quantize(self.weight, self.q, lo, hi)
+        if self.track_entropy:
+            w, pmf = quantize_with_mpmf(self.weight, self.q, self.alpha, lo, hi, sample=self.mode == "cdl",
+                                        generator=self.generator)
+            self.last_entropy_bits = self.weight.numel() * entropy_bits(pmf)
+            return w
         if self.mode == "rcdl":
             return soft_quantize(self.weight, self.q, self.alpha, lo, hi)
         return sample_quantize(self.weight, self.q, self.alpha, lo, hi, generator=self.generator)

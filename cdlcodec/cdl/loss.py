@@ -25,12 +25,18 @@ class LossParts:
 
 
 def weight_entropy_bits(model: nn.Module) -> tuple[torch.Tensor, int]:
-    """(H(w) = Σ_l |w_l|·H(MPMF_l) in bits, Σ_l |w_l|), eq. 26-27; differentiable."""
+    """(H(w) = Σ_l |w_l|·H(MPMF_l) in bits, Σ_l |w_l|), eq. 26-27; differentiable. A layer tracking
+    its entropy gives the value of its last training forward (taken once), others compute it."""
     layers = weight_quantizers(model)
     if not layers:
         return torch.zeros(()), 0
-    total = sum(m.weight_entropy_bits() for _, m in layers)
+    total = sum(_take_tracked(m) for _, m in layers)
     return total, sum(m.weight.numel() for _, m in layers)
+
+
+def _take_tracked(layer: nn.Module) -> torch.Tensor:
+    bits, layer.last_entropy_bits = layer.last_entropy_bits, None
+    return bits if bits is not None else layer.weight_entropy_bits()
 
 
 def activation_entropy_bits(model: nn.Module) -> tuple[torch.Tensor, int]:

@@ -302,7 +302,7 @@ def train_model(model: nn.Module, x_train, y_train, x_test, y_test, config: Trai
                 anneal = SharpnessAnneal(config.sharpness_start, config.sharpness_constant, steps,
                                          config.anneal_fraction)
         set_generator(model, torch.Generator().manual_seed(config.seed + 1))
-        set_entropy_tracking(model, config.gamma > 0)
+        set_entropy_tracking(model, config.gamma > 0, weights=config.lam > 0)
     total_steps, seconds, train_acc = _fit(model, x, y, config, config.epochs, gen, config.mode, history, anneal)
     set_entropy_tracking(model, False)
     model.eval()
