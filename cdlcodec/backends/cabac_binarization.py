@@ -25,8 +25,11 @@ the matrix form of the tensor, when the stream has a row length). Context design
 One routine, `code_level`, walks these bins for every use. Its first argument `op` says what a
 bin does: OP_ENCODE (write it), OP_DECODE (read it; the walk then follows the decoded bits),
 OP_COST (add its cost and adapt the context, as the encoder would) or OP_PEEK (add its cost
-only). Because `code_level` is inlined with a constant `op`, each use compiles to a specialised
-loop, yet the binarization and context choice exist exactly once.
+only). `code_level` is inlined into each kernel, so the binarization and context choice exist
+exactly once in the source. Compiling an inlined copy is what a first encode waits for (numba's
+inliner copies the callee's IR block by block, seconds per copy), so there are few copies: one
+decoder (a constant OP_DECODE), one encoder kernel whose run-time op also serves the cost
+estimates of the settings search, and one rate model for RD quantizers.
 
 Rate model API for an RD quantizer (DeepCABAC eq. 11, L_ik = rate of level k at weight i), all
 numba functions that can be called from other njit code while scanning a tensor:
@@ -77,15 +80,22 @@ CHECK_VALUE = 0xB5E3
 # The coder's hot state travels as three values (x, rng, pos): x is `low` when encoding, `code`
 # when decoding and the cost accumulator when estimating; pos is the decoder's input position
 # (passed through unchanged by the other uses).
+#
+# `decoding` is a constant (DECODING in the decoder, ENCODER_SIDE elsewhere), so numba drops the
+# branches of the other side before compiling; `op` may then be a run-time value on the encoder
+# side (OP_ENCODE, OP_COST or OP_PEEK), which lets one compiled kernel serve the encoder and its
+# cost estimates (see _code_chunk and _rate: a first encode compiles each once, not per op).
+DECODING, ENCODER_SIDE = True, False
+
 
 @njit(cache=True, inline="always")
-def _bin(op, x, rng, pos, st, buf, ctx, ci, bit, fast, slow):
+def _bin(decoding, op, x, rng, pos, st, buf, ctx, ci, bit, fast, slow):
     """One context-coded bin; returns (bit, x, rng, pos)."""
     p = ctx_prob(ctx, ci)
-    if op == OP_ENCODE:
-        x, rng = enc_bin(st, buf, x, rng, p, bit)
-    elif op == OP_DECODE:
+    if decoding:
         bit, x, rng, pos = dec_bin(st, buf, x, rng, pos, p)
+    elif op == OP_ENCODE:
+        x, rng = enc_bin(st, buf, x, rng, p, bit)
     else:
         x += bin_cost(p, bit, COST_TABLE)
     if op != OP_PEEK:
@@ -94,17 +104,17 @@ def _bin(op, x, rng, pos, st, buf, ctx, ci, bit, fast, slow):
 
 
 @njit(cache=True, inline="always")
-def _bypass(op, x, rng, pos, st, buf, value, nbits):
+def _bypass(decoding, op, x, rng, pos, st, buf, value, nbits):
     """nbits (0..31) equiprobable bins, most significant first; returns (value, x, rng, pos)."""
     result = 0
     while nbits > 0:
         m = nbits if nbits < 8 else 8
         nbits -= m
         part = (value >> nbits) & ((1 << m) - 1)
-        if op == OP_ENCODE:
-            x, rng = enc_bypass(st, buf, x, rng, part, m)
-        elif op == OP_DECODE:
+        if decoding:
             part, x, rng, pos = dec_bypass(st, buf, x, rng, pos, m)
+        elif op == OP_ENCODE:
+            x, rng = enc_bypass(st, buf, x, rng, part, m)
         else:
             x += m << COST_FRAC_BITS
         result = (result << m) | part
@@ -119,7 +129,7 @@ def _sign_class(v):
 
 
 @njit(cache=True, inline="always")
-def code_level(op, x, rng, pos, k, a, b, u, mode, n_gt, ctx, st, buf, fast, slow):
+def code_level(decoding, op, x, rng, pos, k, a, b, u, mode, n_gt, ctx, st, buf, fast, slow):
     """Walk the bins of level k (see module docstring); returns (level, x, rng, pos) where level is k,
     or the decoded level for OP_DECODE (then k is ignored). Decode errors set st[ERR], level 0."""
     sa = _sign_class(a)
@@ -138,15 +148,18 @@ def code_level(op, x, rng, pos, k, a, b, u, mode, n_gt, ctx, st, buf, fast, slow
         g = 0 if s == 0 else (1 if s <= 2 else 2)
     mag = abs(k)
 
-    sig, x, rng, pos = _bin(op, x, rng, pos, st, buf, ctx, SIG_BASE + sa * N_SIG_MAG + m, 1 if k != 0 else 0, fast, slow)
+    sig, x, rng, pos = _bin(decoding, op, x, rng, pos, st, buf, ctx, SIG_BASE + sa * N_SIG_MAG + m, 1 if k != 0 else 0,
+                            fast, slow)
     if sig == 0:
         return 0, x, rng, pos
-    neg, x, rng, pos = _bin(op, x, rng, pos, st, buf, ctx, SIGN_BASE + sa * 3 + s2, 1 if k < 0 else 0, fast, slow)
+    neg, x, rng, pos = _bin(decoding, op, x, rng, pos, st, buf, ctx, SIGN_BASE + sa * 3 + s2, 1 if k < 0 else 0,
+                            fast, slow)
 
     gbase = GT_BASE + neg * (MAX_GT * N_GT_CLASS) + g
     val = 1
     for j in range(n_gt):
-        gt, x, rng, pos = _bin(op, x, rng, pos, st, buf, ctx, gbase + j * N_GT_CLASS, 1 if mag > val else 0, fast, slow)
+        gt, x, rng, pos = _bin(decoding, op, x, rng, pos, st, buf, ctx, gbase + j * N_GT_CLASS, 1 if mag > val else 0,
+                               fast, slow)
         if gt == 0:
             return (-val if neg else val), x, rng, pos
         val += 1
@@ -161,11 +174,11 @@ def code_level(op, x, rng, pos, k, a, b, u, mode, n_gt, ctx, st, buf, fast, slow
         if j >= MAX_PREFIX:
             st[ERR] = ERR_PREFIX
             return 0, x, rng, pos
-        more, x, rng, pos = _bin(op, x, rng, pos, st, buf, ctx, EG_BASE + j, 1 if j < nb else 0, fast, slow)
+        more, x, rng, pos = _bin(decoding, op, x, rng, pos, st, buf, ctx, EG_BASE + j, 1 if j < nb else 0, fast, slow)
         if more == 0:
             break
         j += 1
-    low_bits, x, rng, pos = _bypass(op, x, rng, pos, st, buf, v, j)
+    low_bits, x, rng, pos = _bypass(decoding, op, x, rng, pos, st, buf, v, j)
     mag = n_gt + ((1 << j) | low_bits)
     if mag > MAX_ABS_LEVEL:
         st[ERR] = ERR_LEVEL
@@ -188,20 +201,31 @@ def neighbours(levels, i, start, row_len):
 # therefore allocate nothing; the wrappers below allocate the coder state and contexts.
 
 @njit(cache=True, _nrt=False, nogil=True)
-def _encode_chunk(levels, s, e, n_gt, mode, row_len, fast, slow, buf, pos, st, ctx):
-    enc_init(st, pos, buf.shape[0])
+def _code_chunk(op, levels, s, e, n_gt, mode, row_len, fast, slow, buf, pos, st, ctx):
+    """Levels s..e-1 as one chunk: op = OP_ENCODE writes them into buf from pos and returns the end
+    position (-1 when buf is full); op = OP_COST returns their estimated cost (1/65536 bit, check
+    bins included) and writes nothing. op is a run-time value, so this kernel, the encoder's
+    biggest, compiles once for both (a first encode needs both: the settings search, then the
+    stream); the branch on op is the same for every bin and costs the encoder a few per cent."""
     reset_contexts(ctx)
-    x = st[LOW]
-    rng = st[RANGE]
+    if op == OP_ENCODE:
+        enc_init(st, pos, buf.shape[0])
+        x = st[LOW]
+        rng = st[RANGE]
+    else:
+        x = np.int64(CHECK_BITS << COST_FRAC_BITS)
+        rng = np.int64(0)
     a = np.int64(0)
     b = np.int64(0)
     for i in range(s, e):
         u = levels[i - row_len] if row_len > 0 and i - row_len >= s else 0
         k = levels[i]
-        _, x, rng, _ = code_level(OP_ENCODE, x, rng, 0, k, a, b, u, mode, n_gt, ctx, st, buf, fast, slow)
+        _, x, rng, _ = code_level(ENCODER_SIDE, op, x, rng, pos, k, a, b, u, mode, n_gt, ctx, st, buf, fast, slow)
         b = a
         a = k
-    _, x, rng, _ = _bypass(OP_ENCODE, x, rng, 0, st, buf, CHECK_VALUE, CHECK_BITS)
+    if op != OP_ENCODE:
+        return x
+    _, x, rng, _ = _bypass(ENCODER_SIDE, op, x, rng, pos, st, buf, CHECK_VALUE, CHECK_BITS)
     end = enc_finish(st, buf, pos, x, rng)
     if st[ERR] != ERR_NONE:
         return -1
@@ -215,10 +239,11 @@ def encode_chunks(levels, chunk_size, n_gt, mode, row_len, fast, slow, buf, chun
     n = levels.shape[0]
     st = np.zeros(STATE_SIZE, dtype=np.int64)
     ctx = new_contexts(N_CONTEXTS)
-    pos = np.int64(0)  # not a literal 0: numba would compile the whole chunk encoder twice (for 0 and int64)
+    op = np.int64(OP_ENCODE)  # int64s, not literals: one compiled _code_chunk serves cost_chunks too
+    pos = np.int64(0)
     for c in range(chunk_ends.shape[0]):
         s = c * chunk_size
-        pos = _encode_chunk(levels, s, min(n, s + chunk_size), n_gt, mode, row_len, fast, slow, buf, pos, st, ctx)
+        pos = _code_chunk(op, levels, s, min(n, s + chunk_size), n_gt, mode, row_len, fast, slow, buf, pos, st, ctx)
         if pos < 0:
             return -1
         chunk_ends[c] = pos
@@ -237,13 +262,13 @@ def _decode_chunk(buf, start, end, out, s, e, n_gt, mode, row_len, fast, slow, s
     b = np.int64(0)
     for i in range(s, e):
         u = out[i - row_len] if row_len > 0 and i - row_len >= s else 0
-        k, x, rng, pos = code_level(OP_DECODE, x, rng, pos, 0, a, b, u, mode, n_gt, ctx, st, buf, fast, slow)
+        k, x, rng, pos = code_level(DECODING, OP_DECODE, x, rng, pos, 0, a, b, u, mode, n_gt, ctx, st, buf, fast, slow)
         if st[ERR] != ERR_NONE:
             return st[ERR]
         out[i] = k
         b = a
         a = k
-    check, x, rng, pos = _bypass(OP_DECODE, x, rng, pos, st, buf, 0, CHECK_BITS)
+    check, x, rng, pos = _bypass(DECODING, OP_DECODE, x, rng, pos, st, buf, 0, CHECK_BITS)
     if check != CHECK_VALUE and st[ERR] == ERR_NONE:
         st[ERR] = ERR_CHECK
     dec_finish(st, pos)
@@ -282,22 +307,6 @@ def decode_chunks_parallel(buf, offsets, chunk_size, n_gt, mode, row_len, fast, 
                                 n_gt, mode, row_len, fast, slow, states[c], contexts[c])
 
 
-@njit(cache=True, _nrt=False, nogil=True)
-def _cost_chunk(levels, s, e, n_gt, mode, row_len, fast, slow, st, ctx):
-    reset_contexts(ctx)
-    x = np.int64(CHECK_BITS << COST_FRAC_BITS)
-    rng = np.int64(0)
-    a = np.int64(0)
-    b = np.int64(0)
-    for i in range(s, e):
-        u = levels[i - row_len] if row_len > 0 and i - row_len >= s else 0
-        k = levels[i]
-        _, x, rng, _ = code_level(OP_COST, x, rng, 0, k, a, b, u, mode, n_gt, ctx, st, st, fast, slow)
-        b = a
-        a = k
-    return x
-
-
 @njit(cache=True, nogil=True)
 def cost_chunks(levels, chunk_size, n_gt, mode, row_len, fast, slow, limit):
     """Estimated cost (1/65536 bit) of the first `limit` levels, chunked and adapted as the encoder
@@ -306,10 +315,13 @@ def cost_chunks(levels, chunk_size, n_gt, mode, row_len, fast, slow, limit):
     st = np.zeros(STATE_SIZE, dtype=np.int64)
     ctx = new_contexts(N_CONTEXTS)
     total = 0
-    s = np.int64(0)  # as in encode_chunks: one compiled _cost_chunk, not one for the literal 0 too
+    op = np.int64(OP_COST)  # int64s, not literals, and a uint8 buf: the _code_chunk that encode_chunks compiles
+    pos = np.int64(0)
+    unused = np.zeros(1, dtype=np.uint8)
+    s = np.int64(0)
     while s < n:
         e = min(n, s + chunk_size)
-        total += _cost_chunk(levels, s, e, n_gt, mode, row_len, fast, slow, st, ctx)
+        total += _code_chunk(op, levels, s, e, n_gt, mode, row_len, fast, slow, unused, pos, st, ctx)
         s = e
     return total
 
@@ -317,14 +329,21 @@ def cost_chunks(levels, chunk_size, n_gt, mode, row_len, fast, slow, limit):
 # --- rate model for RD quantization -------------------------------------------------------------
 
 @njit(cache=True, _nrt=False, nogil=True)
+def _rate(op, ctx, st, k, a, b, u, mode, n_gt, fast, slow):
+    """Cost of level k (1/65536 bit); op = OP_COST also adapts ctx, OP_PEEK leaves it. A run-time
+    op: rate_cost and rate_update share this one compiled walk of the bins."""
+    _, cost, _, _ = code_level(ENCODER_SIDE, op, np.int64(0), np.int64(0), np.int64(0), k, a, b, u, mode, n_gt, ctx, st, st,
+                               fast, slow)
+    return cost
+
+
+@njit(cache=True, _nrt=False, nogil=True)
 def rate_cost(ctx, st, k, a, b, u, mode, n_gt, fast, slow):
     """Cost of coding level k next (1/65536 bit) in state ctx; ctx is not changed."""
-    _, cost, _, _ = code_level(OP_PEEK, np.int64(0), np.int64(0), 0, k, a, b, u, mode, n_gt, ctx, st, st, fast, slow)
-    return cost
+    return _rate(np.int64(OP_PEEK), ctx, st, k, a, b, u, mode, n_gt, fast, slow)
 
 
 @njit(cache=True, _nrt=False, nogil=True)
 def rate_update(ctx, st, k, a, b, u, mode, n_gt, fast, slow):
     """Adapt ctx as the encoder does after coding level k; returns k's cost (1/65536 bit)."""
-    _, cost, _, _ = code_level(OP_COST, np.int64(0), np.int64(0), 0, k, a, b, u, mode, n_gt, ctx, st, st, fast, slow)
-    return cost
+    return _rate(np.int64(OP_COST), ctx, st, k, a, b, u, mode, n_gt, fast, slow)
