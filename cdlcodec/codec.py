@@ -411,10 +411,10 @@ def check_decodable(entry: TensorEntry, limits: Limits) -> None:
             raise type(exc)(f"tensor {entry.name!r}: {exc}") from exc
 
 
-def decode_entry(reader: ContainerReader, entry: TensorEntry) -> TensorRecord:
+def decode_entry(reader: ContainerReader, entry: TensorEntry, *, keep_levels: bool = True) -> TensorRecord:
     """One tensor back in storage form (exact for lossless tensors, level x step for quantized ones)."""
     check_decodable(entry, reader.limits)
-    return decoded_record(entry, reader.read_payload(entry))
+    return decoded_record(entry, reader.read_payload(entry), keep_levels=keep_levels)
 
 
 def decoded_record(entry: TensorEntry, payload: bytes, *, keep_levels: bool = True,

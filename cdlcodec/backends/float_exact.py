@@ -33,7 +33,28 @@ payload = directory || chunk 0 || chunk 1 || ...
   next word w is read: x_k = x_k << 16 | w. After the last symbol every word has been read and
   every state equals 2**16 (anything else is a corrupt stream).
 
-Chunks are independent (they share only the tables), so they can be decoded in parallel.
+Version 2 (bfloat16 and float16 only; the encoder writes it where it is smaller than version 1)
+-------------------------------------------------------------------------------------------------
+Element u (16 bits) is cut into a 10-bit symbol S = bits 14..5 (bfloat16: the exponent and the top
+2 mantissa bits, which depend on the exponent in trained weights) and 6 raw bits R = bit 15 << 5 |
+bits 4..0. Each chunk carries its own frequency table (a tensor's statistics drift along it, e.g.
+an embedding's rows; a table costs ~0.1 % of a 2**18-element chunk).
+params  = version:u8 (2) || chunk_log2:u8 (10..24) || dtype:u8 (0 bfloat16, 1 float16)
+          || scale_bits:u8 (12..15); no trailing bytes.
+payload = directory || chunk 0 || chunk 1 || ...; directory: for each chunk, u32 LE, the byte
+  length of its table and rANS stream together. A chunk of n elements: table || rANS stream || R
+  plane.
+  table: first:u16 LE || last:u16 LE (first <= last <= 1023) || for each symbol s = first..last
+    uvarint(f_s); the frequencies sum to 2**scale_bits (symbols outside first..last: 0).
+  rANS stream: as in version 1 with 2**scale_bits in place of 4096 (slot = x mod 2**scale_bits,
+    x = f_s * (x >> scale_bits) + slot - c_s), n symbols S.
+  R plane: ceil(6n / 8) bytes; element i's R in bits 6i..6i+5 of the plane read as one
+    little-endian integer (bit b of the plane is bit b % 8 of byte b // 8); the bits after the last
+    element are zero.
+  The payload ends exactly after the last chunk.
+
+Chunks are independent (in version 1 they share only the tables), so they can be decoded in
+parallel.
 """
 from __future__ import annotations
 
@@ -45,7 +66,11 @@ from .varint import read_uvarint, write_uvarint
 
 NAME = "float"
 VERSION = 1
+PACKED_VERSION = 2
 CHUNK_LOG2 = 18
+V1_SCALE_BITS = 12
+PACKED_SCALE_BITS = 12
+PACKED_SYMBOLS = 1024
 DTYPES = {"bfloat16": (0, np.dtype("<u2")), "float16": (1, np.dtype("<u2")), "float32": (2, np.dtype("<u4"))}
 N_PLANES = {"bfloat16": 2, "float16": 2, "float32": 4}
 VERBATIM, CONSTANT, RANS = 0, 1, 2
@@ -55,6 +80,7 @@ VERBATIM, CONSTANT, RANS = 0, 1, 2
 MANTISSA_MIN_SAVING = 1 / 16
 _BITMAP_BYTES = 32
 _MIN_RANS_CHUNK_BYTES = 4 + fk.STATE_BYTES  # its directory entry and its states
+_LAYOUT = {"bfloat16": fk.BYTE16, "float16": fk.BYTE16, "float32": fk.BYTE32}
 
 
 def supports(dtype: str) -> bool:
@@ -94,11 +120,11 @@ def _plan_plane(plane: np.ndarray, chunk: int, min_saving: float) -> tuple[bytes
         # rANS spends at least the entropy: this plane cannot save min_saving. (The float estimate
         # only skips planes far above the limit; the choice near it is made on exact byte counts.)
         return bytes([VERBATIM]), None
-    freq = fk.normalize_counts(counts)
+    freq = fk.normalize_counts(counts, V1_SCALE_BITS)
     streams = []
     buf = np.empty(min(plane.size, chunk) * 2 + 64, np.uint8)
     for start in range(0, plane.size, chunk):
-        n = fk.encode_rans(np.ascontiguousarray(plane[start:start + chunk]), freq, buf)
+        n = fk.encode_rans(np.ascontiguousarray(plane[start:start + chunk]), freq, V1_SCALE_BITS, buf)
         streams.append(buf[:n].tobytes())
     descriptor = _rans_table(freq)
     if len(descriptor) + sum(len(s) + 4 for s in streams) >= plane.size * (1 - min_saving):
@@ -107,11 +133,55 @@ def _plan_plane(plane: np.ndarray, chunk: int, min_saving: float) -> tuple[bytes
 
 
 def encode(array: np.ndarray, dtype: str) -> tuple[bytes, bytes]:
-    """(payload, params) coding the storage array of a bfloat16/float16/float32 tensor exactly."""
+    """(payload, params) coding the storage array of a bfloat16/float16/float32 tensor exactly: the
+    smaller of version 1 and (16-bit types) version 2, version 1 on a tie."""
     if dtype not in DTYPES:
         raise CdlInputError(f"the exact float coder handles {', '.join(DTYPES)}, not {dtype}")
-    code, storage = DTYPES[dtype]
-    bits = np.ascontiguousarray(array).view(storage).ravel()
+    bits = np.ascontiguousarray(array).view(DTYPES[dtype][1]).ravel()
+    best = _encode_planes(bits, dtype)
+    if dtype != "float32" and bits.size:
+        packed = _encode_packed(bits, dtype)
+        if len(packed[0]) + len(packed[1]) < len(best[0]) + len(best[1]):
+            best = packed
+    return best
+
+
+def _encode_packed(bits: np.ndarray, dtype: str) -> tuple[bytes, bytes]:
+    """Version 2: per chunk a table, the rANS stream of the 10-bit symbols and the packed 6-bit rest."""
+    wide = bits.astype(np.uint32)
+    symbols = ((wide >> 5) & 0x3FF).astype(np.uint16)
+    rest = ((wide >> 10) & 0x20) | (wide & 0x1F)
+    chunk = 1 << CHUNK_LOG2
+    directory, body = bytearray(), []
+    buf = np.empty(min(bits.size, chunk) * 2 + 64, np.uint8)
+    for start in range(0, bits.size, chunk):
+        sym = symbols[start:start + chunk]
+        freq = fk.normalize_counts(np.bincount(sym, minlength=PACKED_SYMBOLS).astype(np.int64), PACKED_SCALE_BITS)
+        used = np.flatnonzero(freq)
+        first, last = int(used[0]), int(used[-1])
+        table = first.to_bytes(2, "little") + last.to_bytes(2, "little") \
+            + b"".join(write_uvarint(int(f)) for f in freq[first:last + 1])
+        stream = buf[:fk.encode_rans(sym, freq, PACKED_SCALE_BITS, buf)].tobytes()
+        directory += (len(table) + len(stream)).to_bytes(4, "little")
+        body += [table, stream, _pack6(rest[start:start + chunk])]
+    params = bytes([PACKED_VERSION, CHUNK_LOG2, DTYPES[dtype][0], PACKED_SCALE_BITS])
+    return bytes(directory) + b"".join(body), params
+
+
+def _pack6(values: np.ndarray) -> bytes:
+    """6-bit values, element i in bits 6i..6i+5 of a little-endian bit string (zero-padded)."""
+    n = values.size
+    quartets = np.zeros(-(-n // 4) * 4, np.uint32)
+    quartets[:n] = values
+    q = quartets.reshape(-1, 4)
+    word = q[:, 0] | (q[:, 1] << 6) | (q[:, 2] << 12) | (q[:, 3] << 18)
+    return np.stack([word & 0xFF, (word >> 8) & 0xFF, word >> 16], axis=1).astype(np.uint8).tobytes()[:(6 * n + 7) // 8]
+
+
+def _encode_planes(bits: np.ndarray, dtype: str) -> tuple[bytes, bytes]:
+    """Version 1: byte planes, the exponent plane rANS-coded, the others verbatim where coding them
+    does not pay."""
+    code = DTYPES[dtype][0]
     planes = _split(bits, dtype)
     chunk = 1 << CHUNK_LOG2
     params = bytearray([VERSION, CHUNK_LOG2, code])
@@ -134,10 +204,11 @@ def encode(array: np.ndarray, dtype: str) -> tuple[bytes, bytes]:
 # --- decoding --------------------------------------------------------------------------------------
 
 def _parse_params(params: bytes, dtype: str | None):
-    """(chunk_log2, dtype, [(mode, value or freq array)] per plane); CdlDecodeError when malformed."""
+    """(chunk_log2, dtype, [(mode, value or freq array)] per plane) of version 1, or (chunk_log2,
+    dtype, scale_bits) of version 2; CdlDecodeError when malformed."""
     if len(params) < 3:
         raise CdlDecodeError("float: coder parameters are truncated")
-    if params[0] != VERSION:
+    if params[0] not in (VERSION, PACKED_VERSION):
         raise CdlDecodeError(f"float: unknown coder version {params[0]}")
     chunk_log2 = params[1]
     if not 10 <= chunk_log2 <= 24:
@@ -145,6 +216,12 @@ def _parse_params(params: bytes, dtype: str | None):
     names = [name for name, (code, _) in DTYPES.items() if code == params[2]]
     if not names or (dtype is not None and names[0] != dtype):
         raise CdlDecodeError(f"float: parameters are for dtype code {params[2]}, not {dtype}")
+    if params[0] == PACKED_VERSION:
+        if names[0] == "float32":
+            raise CdlDecodeError("float: version 2 codes 16-bit types only")
+        if len(params) != 4 or not 12 <= params[3] <= 15:
+            raise CdlDecodeError("float: version 2 parameters need a scale of 12..15 bits and nothing after it")
+        return chunk_log2, names[0], params[3]
     pos, planes = 3, []
     for _ in range(N_PLANES[names[0]]):
         if pos >= len(params):
@@ -167,8 +244,8 @@ def _parse_params(params: bytes, dtype: str | None):
             for s in np.flatnonzero(present):
                 freq[s], pos = read_uvarint(params, pos)
             if np.count_nonzero(present) < 2 or freq.min(initial=0) < 0 or np.any(freq[present == 1] < 1) \
-                    or int(freq.sum()) != fk.SCALE:
-                raise CdlDecodeError(f"float: a rANS table needs >= 2 symbols with frequencies summing to {fk.SCALE}")
+                    or int(freq.sum()) != 1 << V1_SCALE_BITS:
+                raise CdlDecodeError(f"float: a rANS table needs >= 2 symbols with frequencies summing to {1 << V1_SCALE_BITS}")
             planes.append((RANS, freq))
         else:
             raise CdlDecodeError(f"float: unknown plane mode {mode}")
@@ -181,7 +258,10 @@ def max_count(payload_len: int, params: bytes, dtype: str) -> int | None:
     """The most elements a payload can honestly hold (checked before allocating): one byte per
     element with a verbatim plane; with only rANS and constant planes, each chunk needs at least its
     directory entry and states; all-constant planes are a constant tensor (no payload, no bound)."""
-    chunk_log2, _, planes = _parse_params(bytes(params), dtype)
+    params = bytes(params)
+    chunk_log2, _, planes = _parse_params(params, dtype)
+    if params[0] == PACKED_VERSION:  # every element has 6 raw bits in the payload
+        return payload_len * 8 // 6
     return _bound(payload_len, chunk_log2, [m for m, _ in planes])
 
 
@@ -200,10 +280,12 @@ def decode(payload: bytes, params: bytes, count: int, dtype: str) -> np.ndarray:
         raise CdlDecodeError(f"float: cannot code dtype {dtype}")
     if count < 0:
         raise CdlDecodeError(f"float: negative element count {count}")
-    chunk_log2, _, planes = _parse_params(params, dtype)
-    bound = _bound(len(payload), chunk_log2, [m for m, _ in planes])
+    bound = max_count(len(payload), params, dtype)
     if bound is not None and count > bound:  # before allocating anything proportional to count
         raise CdlDecodeError(f"float: {count:,} elements cannot come from a {len(payload):,}-byte payload")
+    if params[0] == PACKED_VERSION:
+        return _decode_packed(np.frombuffer(payload, np.uint8), params, count)
+    chunk_log2, _, planes = _parse_params(params, dtype)
     chunk = 1 << chunk_log2
     n_chunks = -(-count // chunk)
     n_rans = sum(m == RANS for m, _ in planes)
@@ -215,11 +297,12 @@ def decode(payload: bytes, params: bytes, count: int, dtype: str) -> np.ndarray:
     expected = dir_len + int(lengths.sum()) + count * sum(m == VERBATIM for m, _ in planes)
     if expected != data.size:
         raise CdlDecodeError(f"float: payload is {data.size} bytes, its directory describes {expected}")
-    tables = [fk.decode_table(v) if m == RANS else None for m, v in planes]
+    tables = [fk.decode_tables(v, V1_SCALE_BITS) if m == RANS else None for m, v in planes]
     out = np.empty(count, DTYPES[dtype][1])
     # the usual case (trained weights): one pass, no scratch
     fused = [m for m, _ in planes] == [RANS] + [VERBATIM] * (len(planes) - 1)
     scratch = np.empty((len(planes), 0 if fused else min(chunk, count)), np.uint8)
+    layout = _LAYOUT[dtype] if fused else fk.NONE
     merge = fk.merge32 if dtype == "float32" else fk.merge16
     pos = dir_len
     for c in range(n_chunks):
@@ -227,7 +310,7 @@ def decode(payload: bytes, params: bytes, count: int, dtype: str) -> np.ndarray:
         n = min(chunk, count - start)
         if fused:
             length = int(lengths[c, 0])
-            status = fk.decode_fused(data, pos, length, n, tables[0], pos + length, dtype == "float32", out, start)
+            status = fk.decode_chunk(data, pos, length, n, *tables[0], V1_SCALE_BITS, layout, pos + length, out, start)
             if status != fk.OK:
                 raise CdlDecodeError(f"float: chunk {c}, plane 0: {fk.MESSAGES[status]}")
             pos += length + n * (len(planes) - 1)
@@ -242,12 +325,57 @@ def decode(payload: bytes, params: bytes, count: int, dtype: str) -> np.ndarray:
             else:
                 length = int(lengths[c, r])
                 r += 1
-                status = fk.decode_rans(data, pos, length, n, tables[p], scratch[p])
+                status = fk.decode_chunk(data, pos, length, n, *tables[p], V1_SCALE_BITS, layout, 0, scratch[p], 0)
                 if status != fk.OK:
                     raise CdlDecodeError(f"float: chunk {c}, plane {p}: {fk.MESSAGES[status]}")
                 pos += length
         merge(scratch, out, start, n)
     return out
+
+
+def _decode_packed(data: np.ndarray, params: bytes, count: int) -> np.ndarray:
+    """Version 2 (see the module docstring); max_count has bounded `count` by the payload."""
+    chunk_log2, scale_bits = params[1], params[3]
+    chunk = 1 << chunk_log2
+    n_chunks = -(-count // chunk)
+    dir_len = 4 * n_chunks
+    if dir_len > data.size:
+        raise CdlDecodeError("float: payload is shorter than its chunk directory")
+    lengths = data[:dir_len].view("<u4").astype(np.int64)
+    raw_bytes = [(6 * min(chunk, count - c * chunk) + 7) // 8 for c in range(n_chunks)]
+    expected = dir_len + int(lengths.sum()) + sum(raw_bytes)
+    if expected != data.size:
+        raise CdlDecodeError(f"float: payload is {data.size} bytes, its directory describes {expected}")
+    out = np.empty(count, np.dtype("<u2"))
+    pos = dir_len
+    for c in range(n_chunks):
+        n, end = min(chunk, count - c * chunk), pos + int(lengths[c])
+        freq, stream = _read_table(data, pos, end, scale_bits, c)
+        raw = end + raw_bytes[c] - 1
+        if n % 4 and data[raw] >> ((6 * n) % 8 or 8):
+            raise CdlDecodeError(f"float: chunk {c}: padding bits after the last element are not zero")
+        status = fk.decode_chunk(data, stream, end - stream, n, *fk.decode_tables(freq, scale_bits), scale_bits,
+                                 fk.PACKED6, end, out, c * chunk)
+        if status != fk.OK:
+            raise CdlDecodeError(f"float: chunk {c}: {fk.MESSAGES[status]}")
+        pos = end + raw_bytes[c]
+    return out
+
+
+def _read_table(data: np.ndarray, pos: int, end: int, scale_bits: int, c: int) -> tuple[np.ndarray, int]:
+    """(frequencies of the 1024 symbols, where the rANS stream starts) for a chunk's table."""
+    if pos + 4 > end:
+        raise CdlDecodeError(f"float: chunk {c}: table is truncated")
+    first, last = int(data[pos]) | int(data[pos + 1]) << 8, int(data[pos + 2]) | int(data[pos + 3]) << 8
+    if not first <= last < PACKED_SYMBOLS:
+        raise CdlDecodeError(f"float: chunk {c}: table symbols {first}..{last} outside 0..{PACKED_SYMBOLS - 1}")
+    freq = np.zeros(PACKED_SYMBOLS, np.int64)
+    pos = fk.read_frequencies(data, pos + 4, end, freq, first, last)
+    if pos < 0:
+        raise CdlDecodeError(f"float: chunk {c}: table is truncated or malformed")
+    if int(freq.sum()) != 1 << scale_bits or freq.max() >= 1 << 16:
+        raise CdlDecodeError(f"float: chunk {c}: table frequencies do not sum to {1 << scale_bits}")
+    return freq, pos
 
 
 __all__ = ["NAME", "supports", "encode", "decode", "max_count"]

@@ -3,21 +3,25 @@
 Written once in the subset of Python that numba compiles (cdlcodec.jit): without numba the same
 functions run as plain Python, so both produce the same bytes by construction.
 
-rANS (range asymmetric numeral systems) parameters: 12-bit probabilities (frequencies sum to
-SCALE = 4096), 32-bit states kept in [2**16, 2**32), 16-bit renormalisation words. Element j of a
-chunk uses state j % 4, so four independent dependency chains keep the CPU's pipelines busy.
+rANS (range asymmetric numeral systems) parameters: frequencies summing to 2**scale_bits (12 for
+the byte planes of version 1, 12..15 for version 2's 10-bit symbols), 32-bit states kept in
+[2**16, 2**32), 16-bit renormalisation words. Element j of a chunk uses state j % 4, so four
+independent dependency chains keep the CPU's pipelines busy.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from ..jit import njit
+from .varint import get_uvarint
 
-SCALE_BITS = 12
-SCALE = 1 << SCALE_BITS
 LOW = 1 << 16          # states live in [LOW, 2**32)
 N_STATES = 4
 STATE_BYTES = 4 * N_STATES
+U1, U2, U3 = np.uint64(1), np.uint64(2), np.uint64(3)
+W = np.uint64(0xFFFF)
+# decode_chunk layouts: how a coded symbol and an element's raw bits make its bit pattern
+NONE, BYTE16, BYTE32, PACKED6 = 0, 1, 2, 3
 
 # decode_rans status codes (negative: the stream is corrupt)
 OK = 0
@@ -38,74 +42,65 @@ def histogram(plane):
 
 
 @njit(cache=True, nogil=True)
-def normalize_counts(counts):
-    """Frequencies (int64, summing to SCALE) for byte counts with at least two non-zero entries:
-    round(c * SCALE / n), at least 1 for every present symbol; the rounding surplus or deficit is
-    settled on the largest frequencies (ties: lowest symbol). Integers only, so deterministic."""
+def normalize_counts(counts, scale_bits):
+    """Frequencies (int64, summing to 2**scale_bits) for counts with at least one non-zero entry:
+    round(c * 2**scale_bits / n), at least 1 for every present symbol; the rounding surplus or
+    deficit is settled on the largest frequencies (ties: lowest symbol). Integers only, so
+    deterministic."""
+    scale = 1 << scale_bits
     n = 0
-    for s in range(256):
+    for s in range(counts.size):
         n += counts[s]
-    freq = np.zeros(256, np.int64)
+    freq = np.zeros(counts.size, np.int64)
     total = 0
-    for s in range(256):
+    for s in range(counts.size):
         if counts[s] > 0:
-            f = (2 * counts[s] * SCALE + n) // (2 * n)
+            f = (2 * counts[s] * scale + n) // (2 * n)
             if f < 1:
                 f = 1
             freq[s] = f
             total += f
-    while total != SCALE:
+    while total != scale:
         best = -1
-        for s in range(256):
-            if freq[s] > 1 or (total < SCALE and freq[s] > 0):
+        for s in range(counts.size):
+            if freq[s] > 1 or (total < scale and freq[s] > 0):
                 if best < 0 or freq[s] > freq[best]:
                     best = s
-        if total < SCALE:
-            freq[best] += SCALE - total
-            total = SCALE
+        if total < scale:
+            freq[best] += scale - total
+            total = scale
         else:
-            take = min(total - SCALE, freq[best] - 1)
+            take = min(total - scale, freq[best] - 1)
             freq[best] -= take
             total -= take
     return freq
 
 
 @njit(cache=True, nogil=True)
-def encode_rans(symbols, freq, out):
-    """Code `symbols` (uint8) with frequencies `freq` into `out` (at least 16 + 4 * len + 16 bytes).
-    Returns the stream length: 4 states (u32 LE), then the 16-bit words (LE) the decoder reads."""
-    cum = np.zeros(257, np.int64)
-    for s in range(256):
+def encode_rans(symbols, freq, scale_bits, out):
+    """Code `symbols` (indices into `freq`, whose entries sum to 2**scale_bits) into `out` (at least
+    16 + 2 * len bytes). Returns the stream length: 4 states (u32 LE), then the 16-bit words (LE)
+    the decoder reads."""
+    cum = np.zeros(freq.size + 1, np.int64)
+    for s in range(freq.size):
         cum[s + 1] = cum[s] + freq[s]
     n = symbols.size
     words = np.empty(n + N_STATES, np.uint16)  # at most one word per symbol
     nw = 0
-    x0 = np.int64(LOW)
-    x1 = np.int64(LOW)
-    x2 = np.int64(LOW)
-    x3 = np.int64(LOW)
+    st = np.full(N_STATES, LOW, np.int64)
     for j in range(n - 1, -1, -1):
         s = symbols[j]
         f = freq[s]
-        k = j & 3
-        x = x0 if k == 0 else (x1 if k == 1 else (x2 if k == 2 else x3))
-        if x >= (f << (32 - SCALE_BITS)):
+        x = st[j & 3]
+        if x >= (f << (32 - scale_bits)):
             words[nw] = x & 0xFFFF
             nw += 1
             x >>= 16
-        x = ((x // f) << SCALE_BITS) + (x % f) + cum[s]
-        if k == 0:
-            x0 = x
-        elif k == 1:
-            x1 = x
-        elif k == 2:
-            x2 = x
-        else:
-            x3 = x
+        st[j & 3] = ((x // f) << scale_bits) + (x % f) + cum[s]
     pos = 0
-    for x in (x0, x1, x2, x3):
+    for k in range(N_STATES):
         for b in range(4):
-            out[pos] = (x >> (8 * b)) & 0xFF
+            out[pos] = (st[k] >> (8 * b)) & 0xFF
             pos += 1
     for i in range(nw - 1, -1, -1):
         out[pos] = words[i] & 0xFF
@@ -115,155 +110,183 @@ def encode_rans(symbols, freq, out):
 
 
 @njit(cache=True, nogil=True)
-def decode_table(freq):
-    """One int64 per slot: symbol | frequency << 8 | (slot - cumulative frequency) << 24, so that a
-    decoding step costs a single table load."""
-    table = np.empty(SCALE, np.int64)
-    c = 0
-    for s in range(256):
-        for i in range(freq[s]):
-            table[c + i] = s | (freq[s] << 8) | (i << 24)
-        c += freq[s]
-    return table
+def read_frequencies(data, pos, end, freq, first, last):
+    """freq[first..last] from the uvarints at data[pos:end]; returns the position after them, or a
+    negative varint error (truncated at `end`, or malformed)."""
+    view = data[:end]
+    for s in range(first, last + 1):
+        freq[s], pos = get_uvarint(view, pos)
+        if pos < 0:
+            return pos
+    return pos
 
 
 @njit(cache=True, nogil=True)
-def decode_rans(data, start, length, n, table, out):
-    """Decode n symbols from data[start:start+length] into out[0:n]. Never reads outside that
-    range; returns OK or a negative status."""
+def decode_tables(freq, scale_bits):
+    """(step, symbol) per slot of 2**scale_bits: step = frequency | (slot - cumulative frequency) << 16
+    (uint32) and the symbol (uint16), so that a decoding step costs two independent loads."""
+    step = np.empty(1 << scale_bits, np.uint32)
+    symbol = np.empty(1 << scale_bits, np.uint16)
+    c = 0
+    for s in range(freq.size):
+        for i in range(freq[s]):
+            step[c + i] = freq[s] | (i << 16)
+            symbol[c + i] = s
+        c += freq[s]
+    return step, symbol
+
+
+@njit(cache=True, nogil=True)
+def _start(data, start, length):
+    """The four initial states of the stream at data[start:start+length], or a negative status."""
     if length < STATE_BYTES or (length - STATE_BYTES) % 2:
-        return ERR_OVERRUN
+        return ERR_OVERRUN, np.int64(0), np.int64(0), np.int64(0)
     st = np.zeros(N_STATES, np.int64)
     for k in range(N_STATES):
-        x = np.int64(0)
         for b in range(4):
-            x |= np.int64(data[start + 4 * k + b]) << (8 * b)
-        if x < LOW:
-            return ERR_BAD_STATE
-        st[k] = x
-    x0, x1, x2, x3 = st[0], st[1], st[2], st[3]
-    pos = start + STATE_BYTES
-    end = start + length
-    mask = SCALE - 1
-    j = 0
-    while j + 4 <= n:  # the four states unrolled: four independent dependency chains
-        for k in range(4):
-            x = x0 if k == 0 else (x1 if k == 1 else (x2 if k == 2 else x3))
-            e = table[x & mask]
-            x = ((e >> 8) & 0xFFFF) * (x >> SCALE_BITS) + (e >> 24)
-            if x < LOW:
-                if pos + 2 > end:
-                    return ERR_OVERRUN
-                x = (x << 16) | np.int64(data[pos]) | (np.int64(data[pos + 1]) << 8)
-                pos += 2
-            out[j + k] = e & 0xFF
-            if k == 0:
-                x0 = x
-            elif k == 1:
-                x1 = x
-            elif k == 2:
-                x2 = x
-            else:
-                x3 = x
-        j += 4
-    st[0], st[1], st[2], st[3] = x0, x1, x2, x3
-    while j < n:
-        x = st[j & 3]
-        e = table[x & mask]
-        x = ((e >> 8) & 0xFFFF) * (x >> SCALE_BITS) + (e >> 24)
-        if x < LOW:
-            if pos + 2 > end:
-                return ERR_OVERRUN
-            x = (x << 16) | np.int64(data[pos]) | (np.int64(data[pos + 1]) << 8)
-            pos += 2
-        st[j & 3] = x
-        out[j] = e & 0xFF
-        j += 1
-    if pos != end:
-        return ERR_BAD_END
-    for k in range(N_STATES):
-        if st[k] != LOW:
-            return ERR_BAD_END
-    return OK
+            st[k] |= np.int64(data[start + 4 * k + b]) << (8 * b)
+        if st[k] < LOW:
+            return ERR_BAD_STATE, np.int64(0), np.int64(0), np.int64(0)
+    return st[0], st[1], st[2], st[3]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _words(data, pos, end):
+    """The (up to) four 16-bit words at data[pos:end] as one uint64, word i in bits 16i..16i+15;
+    zeros past `end` (a corrupt stream is caught after the loop, when pos has run past end)."""
+    if pos + 8 <= end:
+        p = np.uint64(pos)  # unsigned indices: no negative-index wraparound; the 8 loads become one
+        return (np.uint64(data[p]) | (np.uint64(data[p + U1]) << np.uint64(8))
+                | (np.uint64(data[p + U2]) << np.uint64(16)) | (np.uint64(data[p + U3]) << np.uint64(24))
+                | (np.uint64(data[p + np.uint64(4)]) << np.uint64(32))
+                | (np.uint64(data[p + np.uint64(5)]) << np.uint64(40))
+                | (np.uint64(data[p + np.uint64(6)]) << np.uint64(48))
+                | (np.uint64(data[p + np.uint64(7)]) << np.uint64(56)))
+    q = np.uint64(0)
+    for b in range(max(end - pos, 0)):
+        q |= np.uint64(data[pos + b]) << np.uint64(8 * b)
+    return q
 
 
 @njit(cache=True, nogil=True)
-def _assemble(data, raw, n, j, exponent, wide):
-    """Element j's bit pattern from its plane-0 symbol and its verbatim planes at data[raw:] (each
-    n bytes long): 3 of them for float32 (`wide`), 1 for the 16-bit types (merge32 / merge16)."""
+def _element(symbol, data, raw, n, j, layout):
+    """Element j's bit pattern from its coded symbol and its raw bits at data[raw:]:
+    BYTE16 one byte per element (sign, bits 6..0; symbol = bits 14..7), BYTE32 three planes of n
+    bytes (sign and bits 22..16, 15..8, 7..0; symbol = bits 30..23), PACKED6 6 bits per element,
+    little-endian bit order (sign, bits 4..0; symbol = bits 14..5)."""
+    if layout == PACKED6:
+        b = 6 * j
+        r = (np.int64(data[raw + (b >> 3)]) | (np.int64(data[raw + min((b >> 3) + 1, (6 * n - 1) >> 3)]) << 8))
+        r = (r >> (b & 7)) & 0x3F
+        return ((r & 0x20) << 10) | (symbol << 5) | (r & 0x1F)
     r = np.int64(data[raw + j])
-    if wide:
-        return ((r & 0x80) << 24) | (exponent << 23) | ((r & 0x7F) << 16) | (np.int64(data[raw + n + j]) << 8) \
+    if layout == BYTE32:
+        return ((r & 0x80) << 24) | (symbol << 23) | ((r & 0x7F) << 16) | (np.int64(data[raw + n + j]) << 8) \
             | np.int64(data[raw + 2 * n + j])
-    return ((r & 0x80) << 8) | (exponent << 7) | (r & 0x7F)
+    return ((r & 0x80) << 8) | (symbol << 7) | (r & 0x7F)
 
 
-@njit(cache=True, nogil=True)
-def decode_fused(data, start, length, n, table, raw, wide, out, out_start):
-    """The common case in one pass: plane 0 rANS-coded in data[start:start+length], the other planes
-    verbatim from data[raw], merged straight into out[out_start:out_start+n] (the result of
-    decode_rans + merge16/merge32, without intermediate planes). Returns OK or a negative status."""
-    if length < STATE_BYTES or (length - STATE_BYTES) % 2:
-        return ERR_OVERRUN
-    x0, x1, x2, x3 = np.int64(0), np.int64(0), np.int64(0), np.int64(0)
-    for b in range(4):
-        x0 |= np.int64(data[start + b]) << (8 * b)
-        x1 |= np.int64(data[start + 4 + b]) << (8 * b)
-        x2 |= np.int64(data[start + 8 + b]) << (8 * b)
-        x3 |= np.int64(data[start + 12 + b]) << (8 * b)
-    if min(x0, x1, x2, x3) < LOW:
-        return ERR_BAD_STATE
+@njit(cache=True, nogil=True, boundscheck=False)
+def decode_chunk(data, start, length, n, step, symbol, scale_bits, layout, raw, out, out_start):
+    """Decode one chunk: n symbols from the rANS stream at data[start:start+length] (tables from
+    decode_tables), each merged with its raw bits at data[raw:] (`layout`, see _element) into
+    out[out_start:out_start+n]. Never reads outside the stream or the raw planes; returns OK or a
+    negative status. layout NONE writes the symbols themselves (a plane decoded on its own)."""
+    # one copy of the loop per layout, each compiled with its layout a constant (no branch on it
+    # inside the loop)
+    if layout == PACKED6:
+        return _decode(data, start, length, n, step, symbol, scale_bits, PACKED6, raw, out, out_start)
+    if layout == BYTE16:
+        return _decode(data, start, length, n, step, symbol, scale_bits, BYTE16, raw, out, out_start)
+    if layout == BYTE32:
+        return _decode(data, start, length, n, step, symbol, scale_bits, BYTE32, raw, out, out_start)
+    return _decode(data, start, length, n, step, symbol, scale_bits, NONE, raw, out, out_start)
+
+
+@njit(cache=True, nogil=True, boundscheck=False, inline="always")
+def _decode(data, start, length, n, step, symbol, scale_bits, layout, raw, out, out_start):
+    x0, x1, x2, x3 = _start(data, start, length)
+    if x0 < 0:
+        return x0
     pos = start + STATE_BYTES
     end = start + length
-    mask = SCALE - 1
+    mask = (1 << scale_bits) - 1
     j = 0
-    while j + 4 <= n:  # written out four times: numba compiles helper calls here poorly
-        e = table[x0 & mask]
-        x0 = ((e >> 8) & 0xFFFF) * (x0 >> SCALE_BITS) + (e >> 24)
-        if x0 < LOW:
-            if pos + 2 > end:
-                return ERR_OVERRUN
-            x0 = (x0 << 16) | np.int64(data[pos]) | (np.int64(data[pos + 1]) << 8)
-            pos += 2
-        out[out_start + j + 0] = _assemble(data, raw, n, j + 0, e & 0xFF, wide)
-        e = table[x1 & mask]
-        x1 = ((e >> 8) & 0xFFFF) * (x1 >> SCALE_BITS) + (e >> 24)
-        if x1 < LOW:
-            if pos + 2 > end:
-                return ERR_OVERRUN
-            x1 = (x1 << 16) | np.int64(data[pos]) | (np.int64(data[pos + 1]) << 8)
-            pos += 2
-        out[out_start + j + 1] = _assemble(data, raw, n, j + 1, e & 0xFF, wide)
-        e = table[x2 & mask]
-        x2 = ((e >> 8) & 0xFFFF) * (x2 >> SCALE_BITS) + (e >> 24)
-        if x2 < LOW:
-            if pos + 2 > end:
-                return ERR_OVERRUN
-            x2 = (x2 << 16) | np.int64(data[pos]) | (np.int64(data[pos + 1]) << 8)
-            pos += 2
-        out[out_start + j + 2] = _assemble(data, raw, n, j + 2, e & 0xFF, wide)
-        e = table[x3 & mask]
-        x3 = ((e >> 8) & 0xFFFF) * (x3 >> SCALE_BITS) + (e >> 24)
-        if x3 < LOW:
-            if pos + 2 > end:
-                return ERR_OVERRUN
-            x3 = (x3 << 16) | np.int64(data[pos]) | (np.int64(data[pos + 1]) << 8)
-            pos += 2
-        out[out_start + j + 3] = _assemble(data, raw, n, j + 3, e & 0xFF, wide)
+    # Four states decoded side by side with no data-dependent branch: the renormalisation is
+    # arithmetic (shift by 0 or 16, word masked in or out) and the words come from one load per
+    # quartet, so the CPU overlaps the four dependency chains.
+    while j + 4 <= n:
+        i0 = np.uint64(x0 & mask)
+        i1 = np.uint64(x1 & mask)
+        i2 = np.uint64(x2 & mask)
+        i3 = np.uint64(x3 & mask)
+        e0 = np.int64(step[i0])
+        e1 = np.int64(step[i1])
+        e2 = np.int64(step[i2])
+        e3 = np.int64(step[i3])
+        x0 = (e0 & 0xFFFF) * (x0 >> scale_bits) + (e0 >> 16)
+        x1 = (e1 & 0xFFFF) * (x1 >> scale_bits) + (e1 >> 16)
+        x2 = (e2 & 0xFFFF) * (x2 >> scale_bits) + (e2 >> 16)
+        x3 = (e3 & 0xFFFF) * (x3 >> scale_bits) + (e3 >> 16)
+        q = _words(data, pos, end)
+        r0 = np.int64(x0 < LOW)
+        r1 = np.int64(x1 < LOW)
+        r2 = np.int64(x2 < LOW)
+        r3 = np.int64(x3 < LOW)
+        s1 = r0
+        s2 = s1 + r1
+        s3 = s2 + r2
+        x0 = (x0 << (16 * r0)) | (np.int64(q & W) & -r0)
+        x1 = (x1 << (16 * r1)) | (np.int64((q >> np.uint64(16 * s1)) & W) & -r1)
+        x2 = (x2 << (16 * r2)) | (np.int64((q >> np.uint64(16 * s2)) & W) & -r2)
+        x3 = (x3 << (16 * r3)) | (np.int64((q >> np.uint64(16 * s3)) & W) & -r3)
+        pos += 2 * (s3 + r3)
+        o = np.uint64(out_start + j)
+        if layout == PACKED6:  # a quartet's 24 bits in 3 bytes
+            rq = np.uint64(raw + 3 * (j >> 2))
+            g = np.int64(np.uint32(data[rq]) | (np.uint32(data[rq + U1]) << np.uint32(8))
+                         | (np.uint32(data[rq + U2]) << np.uint32(16)))
+            out[o] = ((g & 0x20) << 10) | (np.int64(symbol[i0]) << 5) | (g & 0x1F)
+            out[o + U1] = ((g & 0x800) << 4) | (np.int64(symbol[i1]) << 5) | ((g >> 6) & 0x1F)
+            out[o + U2] = ((g >> 2) & 0x8000) | (np.int64(symbol[i2]) << 5) | ((g >> 12) & 0x1F)
+            out[o + U3] = ((g >> 8) & 0x8000) | (np.int64(symbol[i3]) << 5) | ((g >> 18) & 0x1F)
+        elif layout == BYTE16:
+            rj = np.uint64(raw + j)
+            b = np.int64(np.uint32(data[rj]) | (np.uint32(data[rj + U1]) << np.uint32(8))
+                         | (np.uint32(data[rj + U2]) << np.uint32(16)) | (np.uint32(data[rj + U3]) << np.uint32(24)))
+            out[o] = ((b & 0x80) << 8) | (np.int64(symbol[i0]) << 7) | (b & 0x7F)
+            out[o + U1] = (b & 0x8000) | (np.int64(symbol[i1]) << 7) | ((b >> 8) & 0x7F)
+            out[o + U2] = ((b >> 8) & 0x8000) | (np.int64(symbol[i2]) << 7) | ((b >> 16) & 0x7F)
+            out[o + U3] = ((b >> 16) & 0x8000) | (np.int64(symbol[i3]) << 7) | ((b >> 24) & 0x7F)
+        elif layout == NONE:
+            out[o] = symbol[i0]
+            out[o + U1] = symbol[i1]
+            out[o + U2] = symbol[i2]
+            out[o + U3] = symbol[i3]
+        else:
+            out[o] = _element(np.int64(symbol[i0]), data, raw, n, j, layout)
+            out[o + U1] = _element(np.int64(symbol[i1]), data, raw, n, j + 1, layout)
+            out[o + U2] = _element(np.int64(symbol[i2]), data, raw, n, j + 2, layout)
+            out[o + U3] = _element(np.int64(symbol[i3]), data, raw, n, j + 3, layout)
         j += 4
     st = np.array([x0, x1, x2, x3])
-    while j < n:
+    while j < n:  # the last n % 4 symbols, one at a time
         x = st[j & 3]
-        e = table[x & mask]
-        x = ((e >> 8) & 0xFFFF) * (x >> SCALE_BITS) + (e >> 24)
+        i = x & mask
+        e = np.int64(step[i])
+        x = (e & 0xFFFF) * (x >> scale_bits) + (e >> 16)
         if x < LOW:
-            if pos + 2 > end:
-                return ERR_OVERRUN
-            x = (x << 16) | np.int64(data[pos]) | (np.int64(data[pos + 1]) << 8)
+            q = _words(data, pos, end)
+            x = (x << 16) | np.int64(q & W)
             pos += 2
         st[j & 3] = x
-        out[out_start + j] = _assemble(data, raw, n, j, e & 0xFF, wide)
+        if layout == NONE:
+            out[out_start + j] = symbol[i]
+        else:
+            out[out_start + j] = _element(np.int64(symbol[i]), data, raw, n, j, layout)
         j += 1
+    if pos > end:
+        return ERR_OVERRUN
     if pos != end:
         return ERR_BAD_END
     for k in range(N_STATES):
