@@ -153,9 +153,24 @@ def _write_decoded(reader, lazy: ModelFile, output: str, threads, quiet: bool, w
         return lazy
     # QDQ needs the levels of every tensor at once; the torch writers serialize a whole state_dict
     keep_levels = writer_options.get("weights") == "qdq"
-    records = list(iter_decoded(reader, threads=threads, keep_levels=keep_levels, quiet=quiet))
+    # with levels, each record keeps only them (~1 byte a weight), its values made again if the writer asks
+    records = [_values_from_levels(r) if keep_levels else r
+               for r in iter_decoded(reader, threads=threads, keep_levels=keep_levels, quiet=quiet)]
     write_model(output, ModelFile(records, lazy.sections, lazy.metadata), **writer_options)
     return lazy
+
+
+def _values_from_levels(record):
+    """`record` holding only its kept levels, its values dequantized from them when asked for."""
+    from functools import partial
+
+    from .io.lazy import LazyTensorRecord
+    from .quantizers import dequantize
+
+    if record.levels is None:
+        return record
+    load = partial(dequantize, record.levels, record.quant, record.shape, record.dtype, record.name)
+    return LazyTensorRecord(record.name, record.dtype, record.shape, load, levels=record.levels, quant=record.quant)
 
 
 def _lazily_decoded(path: str, reader, limits: Limits):
@@ -170,9 +185,9 @@ def _lazily_decoded(path: str, reader, limits: Limits):
 
     def values(entry):
         if source["reader"] is not None:
-            return decode_entry(source["reader"], entry).array
+            return decode_entry(source["reader"], entry, keep_levels=False).array
         with ContainerReader(path, limits) as again:
-            return decode_entry(again, entry).array
+            return decode_entry(again, entry, keep_levels=False).array
 
     records = [LazyTensorRecord(e.name, e.dtype, e.shape, partial(values, e), quant=e.quant) for e in reader.tensors]
     sections = [(s.name, s.kind, reader.read_section(s)) for s in reader.sections]

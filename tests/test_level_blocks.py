@@ -197,3 +197,19 @@ def test_encoders_count_in_blocks_with_the_same_bytes(monkeypatch, name):
         coded[block] = [backends.get(b).encode(levels) for b in ("raw", "huffman")]
         assert stats.histogram(levels)[1].sum() == levels.size
     assert coded[1000] == coded[1 << 20] == coded[7]
+
+
+@pytest.mark.parametrize("quant,dtype", QUANTS)
+def test_qdq_decode_keeps_levels_and_makes_the_values_again(quant, dtype):
+    """decode --weights qdq holds each tensor's narrow levels, not its values: they are made again,
+    the same bytes, when the writer asks for them (a tensor it does not turn into integers)."""
+    from cdlcodec.api import _values_from_levels
+    from cdlcodec.io.lazy import LazyTensorRecord
+
+    levels = laplace(61 * 331, 30.0, 7)
+    entry, payload = _entry(levels, "cabac", quant, dtype, (61, 331))
+    check_decodable(entry, Limits())
+    record = decoded_record(entry, payload)
+    held = _values_from_levels(record)
+    assert isinstance(held, LazyTensorRecord) and held.levels is record.levels and held.levels.dtype == np.int16
+    assert held.array.tobytes() == record.array.tobytes()
