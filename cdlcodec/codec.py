@@ -122,13 +122,16 @@ IN_FLIGHT_ELEMENTS = 20_000_000
 
 
 def ordered_map(work, items: Iterable, threads: int, *, prepare=None, size=None,
-                budget: int = IN_FLIGHT_ELEMENTS) -> Iterator:
+                budget: int = IN_FLIGHT_ELEMENTS, ahead: int = 0) -> Iterator:
     """work(prepare(item)) for each item, results in the items' order. prepare runs in the caller's
     thread, in order (reading, quantizing: anything with state); work runs on up to `threads` threads
     at once. A bounded window: an item is started only while fewer than `threads` are in flight and
     their size(item) (elements) plus its own stays within `budget` (a lone item always starts), so
-    memory holds a few tensors, never the model. An exception is raised when its item's turn comes, so
-    the first failing tensor in file order is the one reported."""
+    memory holds a few tensors, never the model. `ahead` more items may wait for a free thread,
+    holding only what prepare made of them (a payload): a thread that finishes takes the next at once
+    instead of idling while the caller consumes a result; the budget then counts the items that can
+    run together, the new one and the `threads - 1` largest in flight. An exception is raised when its
+    item's turn comes, so the first failing tensor in file order is the one reported."""
     prepare = prepare or (lambda item: item)
     if threads <= 1:
         for item in items:
@@ -140,13 +143,18 @@ def ordered_map(work, items: Iterable, threads: int, *, prepare=None, size=None,
     try:
         for item in items:
             need = size(item)
-            while pending and (len(pending) >= threads or sum(n for _, n in pending) + need > budget):
+            while pending and (len(pending) >= threads + ahead or _largest(pending, threads - 1) + need > budget):
                 yield pending.popleft()[0].result()
             pending.append((pool.submit(work, prepare(item)), need))
         while pending:
             yield pending.popleft()[0].result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _largest(pending: deque, k: int) -> int:
+    """The sum of the k largest sizes in flight."""
+    return sum(sorted((n for _, n in pending), reverse=True)[:k])
 
 
 @dataclass
@@ -525,7 +533,9 @@ def iter_decoded(reader: ContainerReader, entries: Iterable[TensorEntry] | None 
     parallel_backend = threads > 1 and len(entries) == 1
     work = partial(_decoded_pair, keep_levels=keep_levels, parallel_backend=parallel_backend)
     with Progress(sum(e.count for e in entries) or 1, "decoding", quiet=quiet) as bar:
-        for record in ordered_map(work, entries, 1 if parallel_backend else threads, size=_count,
+        # one payload read ahead: a thread that finishes a tensor starts the next while this thread
+        # writes the finished one out
+        for record in ordered_map(work, entries, 1 if parallel_backend else threads, size=_count, ahead=1,
                                   prepare=lambda entry: (entry, reader.read_payload(entry))):
             bar.update(record.numel)
             yield record

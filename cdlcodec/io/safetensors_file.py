@@ -128,6 +128,9 @@ def _header_blob(plan: list[tuple[str, str, tuple[int, ...]]], metadata: dict[st
     return blob + b" " * (-len(blob) % 8)  # the reference pads the header to 8-byte alignment
 
 
+WRITEBACK_MIN_BYTES = 1 << 20  # smaller tensors are left to the final fsync
+
+
 class SafetensorsWriter:
     """A .safetensors file written tensor by tensor, atomically.
 
@@ -141,6 +144,7 @@ class SafetensorsWriter:
         self._plan = [(name, dtype, tuple(shape)) for name, dtype, shape in plan]
         blob = _header_blob(self._plan, metadata)
         self._next = 0
+        self._written = 8 + len(blob)  # bytes handed to the file so far
         self._atomic = atomic_open(path)
         self._fh = self._atomic.__enter__()
         try:
@@ -158,8 +162,23 @@ class SafetensorsWriter:
             raise CdlInputError(f"tensor {record.name!r} ({record.dtype}, {record.shape}) is not the planned "
                                 f"{name!r} ({dtype}, {shape})")
         # Raw bytes through a flat uint8 view: memoryview.cast refuses zero-size shapes.
-        self._fh.write(np.ascontiguousarray(record.array, dtype=_STORAGE[dtype]).reshape(-1).view(np.uint8))
+        data = np.ascontiguousarray(record.array, dtype=_STORAGE[dtype]).reshape(-1).view(np.uint8)
+        self._fh.write(data)
         self._next += 1
+        self._start_writeback(self._written, data.size)
+        self._written += data.size
+
+    def _start_writeback(self, offset: int, length: int) -> None:
+        """Start writing these bytes to disk now, without waiting (Linux: posix_fadvise DONTNEED starts
+        the writeback of dirty pages): the fsync that completes the file then waits for the last
+        tensors, not for the whole model after the decoding is done. No-op elsewhere."""
+        if length < WRITEBACK_MIN_BYTES or not hasattr(os, "posix_fadvise"):
+            return
+        self._fh.flush()
+        try:
+            os.posix_fadvise(self._fh.fileno(), offset, length, os.POSIX_FADV_DONTNEED)
+        except OSError:  # a file system that does not take advice: the fsync does it all
+            pass
 
     def close(self) -> None:
         if self._next != len(self._plan):
