@@ -173,11 +173,12 @@ def _numba_forward(flat, q, a, lo, hi, k, windowed, uniforms, want_sums):
     E = _numba_exp(_kernels, t, q, a, lo, hi, k, windowed)
     sums = _kernels.forward(t, q, a, lo, hi, k, windowed, E, _kernels.level_constants(q, a, k), u,
                             uniforms is not None, bool(want_sums), _kernels.chunk_count(t.size), y, stats)
+    # With the MPMF, E is kept for the backward (8 bytes per element), which would otherwise redo the exps.
     return (torch.from_numpy(y), torch.from_numpy(stats),
-            torch.from_numpy(sums) if want_sums else None)
+            torch.from_numpy(sums) if want_sums else None, torch.from_numpy(E) if want_sums else None)
 
 
-def _numba_backward(flat, q, a, lo, hi, k, windowed, stats, grad_y, grad_sums):
+def _numba_backward(flat, q, a, lo, hi, k, windowed, stats, grad_y, grad_sums, exps=None):
     from . import _kernels
 
     t = flat.detach().numpy()
@@ -186,7 +187,10 @@ def _numba_backward(flat, q, a, lo, hi, k, windowed, stats, grad_y, grad_sums):
     gy = (grad_y.detach().reshape(-1).to(flat.dtype).contiguous().numpy() if grad_y is not None
           else np.zeros(1, t.dtype))
     gs = grad_sums.detach().to(torch.float64).contiguous().numpy() if grad_sums is not None else np.zeros(1)
-    E = _numba_exp(_kernels, t, q, a, lo, hi, k, windowed) if grad_sums is not None else np.zeros(1)
+    if grad_sums is None:
+        E = np.zeros(1)
+    else:
+        E = exps.numpy() if exps is not None else _numba_exp(_kernels, t, q, a, lo, hi, k, windowed)
     g_q, g_a = _kernels.backward(t, q, a, lo, hi, k, windowed, stats.numpy(), E,
                                  _kernels.level_constants(q, a, k), gy, grad_y is not None, gs,
                                  grad_sums is not None, _kernels.chunk_count(t.size), g_theta)
@@ -213,13 +217,15 @@ class QuantizeFunction(torch.autograd.Function):
         flat = theta.detach().contiguous().reshape(-1)
         uniforms = _uniforms(theta, generator) if sample else None
         numba = _use_numba(theta)
+        exps = None
         if numba:
-            y, stats, sums = _numba_forward(flat, step.detach(), sharpness.detach(), lo, hi, k, windowed,
-                                            uniforms, with_mpmf)
+            y, stats, sums, exps = _numba_forward(flat, step.detach(), sharpness.detach(), lo, hi, k, windowed,
+                                                  uniforms, with_mpmf)
         else:
             y, stats, sums = _torch_kernels.forward(flat, step, sharpness, lo, hi, k, windowed, uniforms,
                                                     with_mpmf)
         ctx.save_for_backward(theta, step, sharpness, stats)
+        ctx.exps = exps
         ctx.config = (lo, hi, k, windowed, numba)
         y = y.reshape(theta.shape)
         if not with_mpmf:
@@ -235,7 +241,7 @@ class QuantizeFunction(torch.autograd.Function):
         flat = theta.detach().contiguous().reshape(-1)
         if numba:
             g_theta, g_q, g_a = _numba_backward(flat, step.detach(), sharpness.detach(), lo, hi, k, windowed,
-                                                stats, grad_y, grad_sums)
+                                                stats, grad_y, grad_sums, ctx.exps)
         else:
             g_theta, g_q, g_a = _torch_kernels.backward(flat, step, sharpness, lo, hi, k, windowed, stats,
                                                         grad_y, grad_sums)
