@@ -89,12 +89,16 @@ def _integer_role(record: TensorRecord) -> str:
 
 
 def code_levels(levels: np.ndarray, backend: str, hint: EncodeHint | None = None) -> tuple[str, bytes, bytes]:
-    """Entropy-code int64 levels with one backend, or with every available one for 'auto' (smallest wins)."""
+    """Entropy-code integer levels with one backend, or with every available one for 'auto' (smallest
+    wins). Narrow levels (int8/16/32) go as they are to the backends that take them (narrow_levels),
+    as int64 to any other."""
     names = backends.available() if backend == "auto" else [backend]
     best, refusals = None, []
     for name in names:
+        coder = backends.get(name)
+        as_is = levels.dtype == np.int64 or getattr(coder, "narrow_levels", False)
         try:
-            payload, params = backends.get(name).encode(levels, hint)
+            payload, params = coder.encode(levels if as_is else levels.astype(np.int64), hint)
         except CdlInputError as exc:
             if backend != "auto":
                 raise
@@ -115,9 +119,10 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-# Elements in flight at once (beyond one tensor, which is always allowed): coding or decoding holds
-# about 18 bytes a parameter (int64 levels, a backend's temporaries, the input or output values), so
-# parallel work stays within about 360 MB above one tensor's working set; big tensors go one at a time.
+# Elements in flight at once (beyond one tensor, which is always allowed): coding or decoding holds up
+# to about 18 bytes a parameter (levels, a backend's temporaries, the input or output values; less where
+# levels are narrow and read in blocks), so parallel work stays within about 360 MB above one tensor's
+# working set; big tensors go one at a time.
 IN_FLIGHT_ELEMENTS = 20_000_000
 
 
@@ -352,13 +357,14 @@ def _quantize_by_rows(quantizer, rec: TensorRecord, backend: str) -> tuple[np.nd
     and steps as in one piece."""
     row = rec.numel // rec.shape[0]
     rows = max(1, QUANTIZE_BLOCK_ELEMENTS // row)
-    array, levels, steps, quant = rec.array, np.empty(rec.numel, dtype=np.int64), [], {}
+    # the levels are held in the narrowest integer type (the backends read them in int64 blocks)
+    array, levels, steps, quant = rec.array, _NarrowLevels(rec.numel), [], {}
     for first in range(0, rec.shape[0], rows):
         block = TensorRecord(rec.name, array[first:first + rows], rec.dtype)
         block_levels, quant, _ = _quantize(quantizer, block, backend)
-        levels[first * row:first * row + block_levels.size] = block_levels
+        levels.add(block_levels.reshape(-1))
         steps.extend(quant["steps"])
-    return levels, {**quant, "steps": steps}, None
+    return levels.result(), {**quant, "steps": steps}, None
 
 
 _EXACT_IN_FLOAT32 = ("float16", "bfloat16", "float32")

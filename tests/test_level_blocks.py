@@ -182,21 +182,40 @@ def test_decoding_a_tensor_holds_one_block_of_levels_not_the_tensor():
     assert bound < record.array.nbytes + 8 * n  # the bound is below what whole int64 levels took
 
 
-@pytest.mark.parametrize("name", ["laplace", "wide", "byte", "sparse"])
-def test_encoders_count_in_blocks_with_the_same_bytes(monkeypatch, name):
-    """Histograms (huffman) and byte-aligned offsets (raw) are taken block by block, so that no int64
-    copy of a whole tensor is made: the coded bytes do not depend on the block."""
+@pytest.mark.parametrize("name", ["laplace", "wide", "byte", "sparse", "constant", "empty"])
+def test_encoders_work_in_blocks_on_narrow_levels_with_the_same_bytes(monkeypatch, name):
+    """Encoders take int8/16/32 levels as they are and read them in int64 blocks (histograms, raw
+    offsets and bit packing, huffman's bit writer, cabac's whole chunks), so that no int64 copy of a
+    whole tensor is made: the coded bytes depend neither on the block nor on the levels' dtype."""
+    import cdlcodec.backends.cabac as cabac
     import cdlcodec.backends.raw as raw
     import cdlcodec.backends.stats as stats
 
-    levels = LEVELS[name]
-    coded = {}
-    for block in (1 << 20, 1000, 7):
-        monkeypatch.setattr(stats, "COUNT_BLOCK", block)
-        monkeypatch.setattr(raw, "COUNT_BLOCK", block)
-        coded[block] = [backends.get(b).encode(levels) for b in ("raw", "huffman")]
-        assert stats.histogram(levels)[1].sum() == levels.size
-    assert coded[1000] == coded[1 << 20] == coded[7]
+    levels = LEVELS[name] if name != "sparse" else LEVELS[name].clip(-2**15, 2**15 - 1)
+    coders = {"raw": backends.get("raw"), "huffman": backends.get("huffman"), "cabac": CabacBackend(),
+              "cabac-777": CabacBackend(chunk_size=777)}
+    want = {c: coder.encode(levels) for c, coder in coders.items()}
+    for block in (1000, 7, 777 * 3):
+        for module in (stats, raw, cabac):
+            monkeypatch.setattr(module, "COUNT_BLOCK", block)
+        for kind in (np.int64, np.int32, np.int16):
+            narrow = levels.astype(kind)
+            if not np.array_equal(narrow, levels):
+                continue
+            for c, coder in coders.items():
+                assert coder.encode(narrow) == want[c], (c, block, kind)
+    np.testing.assert_array_equal(CabacBackend().decode(*want["cabac"], levels.size), levels)
+
+
+def test_narrow_levels_are_checked_like_int64_ones():
+    from cdlcodec.backends.stats import as_coded_levels
+    from cdlcodec.errors import CdlInputError
+
+    narrow = np.array([1, -5, 7], np.int16)
+    assert as_coded_levels(narrow) is narrow  # held as they are
+    with pytest.raises(CdlInputError, match="supported range"):
+        as_coded_levels(np.array([0, -2**31], np.int32))
+    assert as_coded_levels(np.array([1, 2], np.uint8)).dtype == np.int64
 
 
 @pytest.mark.parametrize("quant,dtype", QUANTS)
@@ -213,3 +232,50 @@ def test_qdq_decode_keeps_levels_and_makes_the_values_again(quant, dtype):
     held = _values_from_levels(record)
     assert isinstance(held, LazyTensorRecord) and held.levels is record.levels and held.levels.dtype == np.int16
     assert held.array.tobytes() == record.array.tobytes()
+
+
+def test_a_backend_without_narrow_levels_is_given_int64():
+    from cdlcodec.codec import code_levels
+
+    seen = []
+
+    class Plugin:
+        name = "plugin"
+
+        def encode(self, levels, hint=None):
+            seen.append(levels.dtype)
+            return levels.tobytes(), b""
+
+    real_get = backends.get
+    levels = np.array([3, -1, 2], np.int16)
+    try:
+        backends.get = lambda name: Plugin() if name == "plugin" else real_get(name)
+        assert code_levels(levels, "plugin")[1] == levels.astype(np.int64).tobytes()
+        assert code_levels(levels, "raw") == code_levels(levels.astype(np.int64), "raw")
+    finally:
+        backends.get = real_get
+    assert seen == [np.int64]
+
+
+def test_encoding_a_tensor_holds_narrow_levels_not_int64(tmp_path):
+    """tracemalloc over encode_records of one 2048 x 4096 float32 tensor with the data-free default
+    (per-channel steps, every backend tried): the levels are held as int16 and every backend reads
+    them in blocks; the int64 levels alone took 64 MB, the huffman histogram's copy another 64."""
+    from cdlcodec.codec import EncodeOptions, encode_records
+    from cdlcodec.fidelity.encode import data_free_default
+    from cdlcodec.records import TensorRecord
+
+    n = 1 << 23
+    weights = (np.random.default_rng(8).laplace(0, 0.02, n).astype(np.float32)).reshape(2048, 4096)
+    options = EncodeOptions(quantizer=data_free_default(), quiet=True, threads=1)
+    records = [TensorRecord("w", weights, "float32")]
+    encode_records(records, str(tmp_path / "warm.cdl"), options)  # compile and warm up
+    tracemalloc.start()
+    try:
+        encode_records(records, str(tmp_path / "w.cdl"), options)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    print(f"peak {peak / 1e6:.1f} MB")
+    assert (tmp_path / "w.cdl").read_bytes() == (tmp_path / "warm.cdl").read_bytes()
+    assert peak < 8 * n, peak

@@ -32,6 +32,9 @@ class EncodeHint:
 
 class Backend(Protocol):
     name: str  # registry name, stored in the container ("raw", "huffman", "cabac")
+    # Optional, False if absent: encode also takes int8/int16/int32 levels (a big tensor's levels held
+    # narrow) and reads them in int64 blocks; other backends are given int64 levels.
+    narrow_levels: bool
 
     def encode(self, levels: np.ndarray, hint: EncodeHint | None = None) -> tuple[bytes, bytes]:
         """levels: 1-D int64 array. Returns (payload, params)."""

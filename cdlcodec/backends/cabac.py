@@ -27,7 +27,7 @@ import numpy as np
 
 from ..errors import CdlDecodeError, CdlInputError
 from .base import MAX_ABS_LEVEL, EncodeHint, check_count, gathered
-from .stats import as_levels
+from .stats import COUNT_BLOCK, as_coded_levels, as_levels, int64_blocks
 from .varint import read_uvarint, write_uvarint  # the same LEB128 integers as the raw and huffman params
 from .cabac_binarization import (
     MAX_GT, MODE_PREV, MODE_PREV2, MODE_PREV2_ROW, cost_chunks, decode_chunks_parallel,
@@ -144,6 +144,7 @@ class CabacBackend:
     """
 
     name = "cabac"
+    narrow_levels = True  # encode takes int8/16/32 levels as they are (stats.as_coded_levels)
 
     def __init__(self, n_gt: int | None = None, mode: int | None = None, rate_idx: int | None = None,
                  chunk_size: int | None = None, parallel: bool = True):
@@ -168,7 +169,8 @@ class CabacBackend:
         Unset choices are made by the estimated cost (cost_chunks) of the first RATE_SAMPLE levels:
         first the estimator rates under the baseline context design, then the design itself
         (baseline, or two previous levels + previous row when the tensor has rows)."""
-        row_len = _row_len(hint.shape if hint is not None else None, levels.size)
+        count, levels = levels.size, np.asarray(levels[:RATE_SAMPLE], dtype=np.int64)  # all the costs look at
+        row_len = _row_len(hint.shape if hint is not None else None, count)
         if row_len >= self.chunk_size:
             row_len = 0
         mode = self.mode
@@ -179,12 +181,12 @@ class CabacBackend:
         rate_idx = self.rate_idx
         if rate_idx is None:
             rate_idx = 0
-            if levels.size:
+            if count:
                 costs = [self._cost(levels, probe_mode, probe_row, r, RATE_SAMPLE) for r in range(len(RATE_PAIRS))]
                 rate_idx = int(np.argmin(costs))
         if mode is None:
             mode = MODE_PREV
-            if row_len and levels.size:
+            if row_len and count:
                 base = self._cost(levels, MODE_PREV, 0, rate_idx, RATE_SAMPLE)
                 if self._cost(levels, MODE_PREV2_ROW, row_len, rate_idx, RATE_SAMPLE) < base:
                     mode = MODE_PREV2_ROW
@@ -205,25 +207,35 @@ class CabacBackend:
 
     # --- protocol -----------------------------------------------------------------------------
     def encode(self, levels, hint: EncodeHint | None = None) -> tuple[bytes, bytes]:
-        levels = as_levels(levels)
+        levels = as_coded_levels(levels)
         n = levels.size
         mode, row_len, rate_idx = self._settings(levels, hint)
         fast, slow = (int(v) for v in RATE_PAIRS[rate_idx])
         n_chunks = -(-n // self.chunk_size)
-        chunk_ends = np.zeros(n_chunks, dtype=np.int64)
-        capacity = 64 + 16 * n_chunks + n + n // 2
-        while True:
-            buf = np.empty(capacity, dtype=np.uint8)
-            total = encode_chunks(levels, self.chunk_size, self.n_gt, mode, row_len, fast, slow, buf, chunk_ends)
-            if total >= 0:
-                break
-            capacity *= 4
-        lengths = np.diff(np.concatenate(([0], chunk_ends)))
+        # whole chunks at a time (each codes on its own), from int64 copies of narrow levels: no int64
+        # copy nor output buffer for the whole tensor
+        pieces, lengths = [], []
+        for _, block in int64_blocks(levels, max(1, COUNT_BLOCK // self.chunk_size) * self.chunk_size):
+            piece, ends = self._encode_chunks(block, mode, row_len, fast, slow)
+            pieces.append(piece)
+            lengths.extend(np.diff(ends, prepend=0).tolist())
         params = bytearray([FORMAT_VERSION, self.n_gt, mode, rate_idx])
         params += write_uvarint(self.chunk_size) + write_uvarint(row_len) + write_uvarint(n_chunks)
         for length in lengths:
             params += write_uvarint(int(length))
-        return buf[:total].tobytes(), bytes(params)
+        return b"".join(pieces), bytes(params)
+
+    def _encode_chunks(self, levels: np.ndarray, mode: int, row_len: int, fast: int, slow: int) -> tuple[bytes, np.ndarray]:
+        """The coded chunks of int64 `levels` back to back, and each chunk's end offset."""
+        n = levels.size
+        chunk_ends = np.zeros(-(-n // self.chunk_size), dtype=np.int64)
+        capacity = 64 + 16 * chunk_ends.size + n + n // 2
+        while True:
+            buf = np.empty(capacity, dtype=np.uint8)
+            total = encode_chunks(levels, self.chunk_size, self.n_gt, mode, row_len, fast, slow, buf, chunk_ends)
+            if total >= 0:
+                return buf[:total].tobytes(), chunk_ends
+            capacity *= 4
 
     def max_count(self, payload_len: int, params: bytes) -> int:
         return _max_levels(_parse_params(params, payload_len))

@@ -38,7 +38,7 @@ import numpy as np
 from ..errors import CdlDecodeError, CdlInputError
 from . import huffman_kernels as hk
 from .base import MAX_ABS_LEVEL, EncodeHint, check_count, gathered
-from .stats import DENSE_RANGE_LIMIT, as_levels, dense_counts
+from .stats import DENSE_RANGE_LIMIT, as_coded_levels, dense_counts, int64_blocks
 from .varint import read_svarint, write_svarint
 
 MAX_CODE_LEN = hk.MAX_CODE_LEN
@@ -133,7 +133,19 @@ def encode_symbols(symbols, lengths) -> bytes:
     nbits = hk.payload_bits(sym, np.int64(0), ln)
     if nbits < 0:
         raise CdlInputError("a symbol is outside the alphabet or has no code (length 0)")
-    return hk.encode_kernel(sym, np.int64(0), hk.canonical_codes(ln), ln, np.int64((nbits + 7) // 8)).tobytes()
+    return _encoded(sym, 0, hk.canonical_codes(ln), ln, (nbits + 7) // 8)
+
+
+def _encoded(symbols: np.ndarray, base: int, codes: np.ndarray, lengths: np.ndarray, nbytes: int) -> bytes:
+    """The code words of every (symbol - base), MSB-first, zero padded: `nbytes` bytes. Written block
+    by block from int64 copies of the symbols, which may be narrow (no int64 copy of a whole tensor)."""
+    out = np.zeros(nbytes, np.uint8)
+    packed = hk.packed_codes(codes, lengths)
+    state = np.zeros(hk.WRITER_STATE, np.int64)
+    for _, block in int64_blocks(symbols):
+        hk.encode_run(block, np.int64(base), packed, out, state)
+    hk.encode_end(out, state)
+    return out.tobytes()
 
 
 def _decoded_blocks(payload, values, lengths, count: int, what: str, block: int | None):
@@ -216,7 +228,7 @@ class _Plan:
     __slots__ = ("arr", "kind", "values", "lengths", "params", "payload_bits", "dense_base", "index")
 
     def __init__(self, levels, hint: EncodeHint | None):
-        arr = as_levels(levels)
+        arr = as_coded_levels(levels)
         self.arr = arr
         self.payload_bits = 0
         self.index = None
@@ -283,14 +295,15 @@ class _Plan:
             full_lengths = np.zeros(span, np.uint8)
             full_codes[self.values - lo] = codes
             full_lengths[self.values - lo] = self.lengths
-            return hk.encode_kernel(self.arr, np.int64(lo), full_codes, full_lengths, nbytes).tobytes()
-        return hk.encode_kernel(self.index, np.int64(0), codes, self.lengths, nbytes).tobytes()
+            return _encoded(self.arr, lo, full_codes, full_lengths, nbytes)
+        return _encoded(self.index, 0, codes, self.lengths, nbytes)
 
 
 class HuffmanBackend:
     """Static canonical Huffman per tensor (see module docstring for the byte layout)."""
 
     name = "huffman"
+    narrow_levels = True  # encode takes int8/16/32 levels as they are (stats.as_coded_levels)
 
     def encode(self, levels, hint: EncodeHint | None = None) -> tuple[bytes, bytes]:
         plan = _Plan(levels, hint)

@@ -255,16 +255,26 @@ def payload_bits(symbols, base, lengths):
     return total
 
 
+WRITER_STATE = 3  # a bit writer between encode_run calls: pending bits, how many, next byte to write
+
+
 @njit(cache=True, nogil=True)
-def encode_kernel(symbols, base, codes, lengths, nbytes):
-    """Write the code word of every (symbol - base) MSB-first; caller checked every symbol has a code."""
-    out = np.zeros(nbytes, np.uint8)
-    packed = np.empty(codes.size, np.int64)  # code << 5 | length: one table load per symbol
+def packed_codes(codes, lengths):
+    """code << 5 | length of every symbol: one table load per symbol in encode_run."""
+    packed = np.empty(codes.size, np.int64)
     for i in range(codes.size):
         packed[i] = (codes[i] << 5) | np.int64(lengths[i])
-    acc = 0   # pending bits, right-aligned; fewer than 56 of them
-    nacc = 0
-    pos = 0
+    return packed
+
+
+@njit(cache=True, nogil=True)
+def encode_run(symbols, base, packed, out, state):
+    """Write the code word of every (symbol - base) MSB-first into `out`, continuing the bit writer
+    `state` (zeros at the payload's start; updated); caller checked every symbol has a code.
+    encode_end writes the last bits."""
+    acc = state[0]   # pending bits, right-aligned; fewer than 56 of them
+    nacc = state[1]
+    pos = state[2]
     for i in range(symbols.size):
         entry = packed[symbols[i] - base]
         length = entry & 31
@@ -279,13 +289,23 @@ def encode_kernel(symbols, base, codes, lengths, nbytes):
             out[pos + 3] = word & 0xFF
             pos += 4
             acc &= (np.int64(1) << nacc) - 1
+    state[0] = acc
+    state[1] = nacc
+    state[2] = pos
+
+
+@njit(cache=True, nogil=True)
+def encode_end(out, state):
+    """The pending bits of the writer `state`, zero padded to a whole byte."""
+    acc = state[0]
+    nacc = state[1]
+    pos = state[2]
     while nacc >= 8:
         nacc -= 8
         out[pos] = (acc >> nacc) & 0xFF
         pos += 1
     if nacc > 0:
         out[pos] = (acc << (8 - nacc)) & 0xFF
-    return out
 
 
 @njit(cache=True, nogil=True)

@@ -23,7 +23,7 @@ import numpy as np
 from ..errors import CdlDecodeError
 from ..jit import njit
 from .base import MAX_ABS_LEVEL, EncodeHint, gathered
-from .stats import COUNT_BLOCK, as_levels
+from .stats import COUNT_BLOCK, as_coded_levels, int64_blocks
 from .varint import read_svarint, write_svarint
 
 MAX_WIDTH = 32
@@ -77,9 +77,10 @@ class RawBackend:
     """Fixed-width bit-packed levels (see module docstring for the byte layout)."""
 
     name = "raw"
+    narrow_levels = True  # encode takes int8/16/32 levels as they are (stats.as_coded_levels)
 
     def encode(self, levels, hint: EncodeHint | None = None) -> tuple[bytes, bytes]:
-        arr = as_levels(levels)
+        arr = as_coded_levels(levels)
         if arr.size == 0:
             return b"", bytes([0]) + write_svarint(0)
         base = int(arr.min())
@@ -87,13 +88,17 @@ class RawBackend:
         params = bytes([width]) + write_svarint(base)
         if width == 0:
             return b"", params
+        # block by block (no int64 copy of the whole tensor); a block of a multiple of 8 levels ends on a byte
+        block = max(8, COUNT_BLOCK // 8 * 8)
         if width in (8, 16, 32):  # byte-aligned: a plain little-endian array
             out = np.empty(arr.size, dtype=f"<u{width // 8}")
-            for start in range(0, arr.size, COUNT_BLOCK):  # no int64 `arr - base` of the whole tensor
-                out[start:start + COUNT_BLOCK] = arr[start:start + COUNT_BLOCK] - base
+            for start, values in int64_blocks(arr, block):
+                out[start:start + values.size] = values - base
             return out.tobytes(), params
         out = np.zeros((arr.size * width + 7) // 8, dtype=np.uint8)
-        _pack_kernel(arr, np.int64(base), np.int64(width), out)
+        for start, values in int64_blocks(arr, block):
+            first = start * width // 8
+            _pack_kernel(values, np.int64(base), np.int64(width), out[first:first + (values.size * width + 7) // 8])
         return out.tobytes(), params
 
     @staticmethod
@@ -159,7 +164,7 @@ class RawBackend:
 
     def estimate_bits(self, levels, hint: EncodeHint | None = None) -> float:
         """Exact size of encode's output (payload + params) in bits."""
-        arr = as_levels(levels)
+        arr = as_coded_levels(levels)
         if arr.size == 0:
             return 16.0
         base = int(arr.min())

@@ -55,9 +55,32 @@ COUNT_BLOCK = 1 << 20
 def dense_counts(arr: np.ndarray, lo: int, span: int) -> np.ndarray:
     """How often each of lo .. lo + span - 1 occurs in `arr` (int64 counts, np.bincount's)."""
     counts = np.zeros(span, np.int64)
-    for start in range(0, arr.size, COUNT_BLOCK):
-        counts += np.bincount(arr[start:start + COUNT_BLOCK] - lo, minlength=span)
+    for _, block in int64_blocks(arr):
+        counts += np.bincount(block - lo, minlength=span)
     return counts
+
+
+NARROW_LEVELS = (np.dtype(np.int8), np.dtype(np.int16), np.dtype(np.int32))
+
+
+def as_coded_levels(levels, what: str = "levels") -> np.ndarray:
+    """`as_levels` for an encoder, except that int8 / int16 / int32 levels stay as they are (a big
+    tensor's levels are held narrow: an int64 copy of 131 M levels is 1 GB); the encoder reads
+    them in int64 blocks (int64_blocks)."""
+    arr = np.asarray(levels)
+    if arr.ndim == 1 and arr.dtype in NARROW_LEVELS:
+        if arr.size and int(arr.min()) < -MAX_ABS_LEVEL:  # int32's -2**31
+            raise CdlInputError(f"{what} range [{int(arr.min())}, {int(arr.max())}] exceeds the supported range "
+                                f"±{MAX_ABS_LEVEL}")
+        return np.ascontiguousarray(arr)
+    return as_levels(arr, what)
+
+
+def int64_blocks(arr: np.ndarray, block: int | None = None):
+    """(start, arr[start:start + block] as int64) over `arr`, blocks of COUNT_BLOCK by default."""
+    block = block or COUNT_BLOCK
+    for start in range(0, arr.size, block):
+        yield start, np.asarray(arr[start:start + block], dtype=np.int64)
 
 
 def histogram(levels) -> tuple[np.ndarray, np.ndarray]:
@@ -93,6 +116,8 @@ def order0_entropy_bits(levels) -> float:
 
 __all__ = [
     "as_levels",
+    "as_coded_levels",
+    "int64_blocks",
     "histogram",
     "entropy_bits_from_counts",
     "order0_entropy_bits",
