@@ -48,8 +48,8 @@ def _weights(dtype: str, n: int, seed: int = 0) -> np.ndarray:
     return bits
 
 
-def _round_trip(bits: np.ndarray, dtype: str) -> tuple[bytes, bytes]:
-    payload, params = fe.encode(bits, dtype)
+def _round_trip(bits: np.ndarray, dtype: str, encoder=fe.encode) -> tuple[bytes, bytes]:
+    payload, params = encoder(bits, dtype) if encoder is fe.encode else encoder(bits.view(STORAGE[dtype]), dtype)
     back = fe.decode(payload, params, bits.size, dtype)
     assert back.dtype == np.dtype(STORAGE[dtype]).newbyteorder("<") and back.tobytes() == bits.tobytes()
     return payload, params
@@ -88,6 +88,44 @@ def test_any_bit_patterns_round_trip(dtype, data):
     top = np.iinfo(STORAGE[dtype]).max
     values = data.draw(st.lists(st.one_of(st.integers(0, top), st.sampled_from(SPECIALS[dtype])), max_size=300))
     _round_trip(np.array(values, dtype=STORAGE[dtype]), dtype)
+    if dtype != "float32" and values:  # version 2 as well, whichever the encoder would choose
+        _round_trip(np.array(values, dtype=STORAGE[dtype]), dtype, fe._encode_packed)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6, 7, 14, 1001, 4099])
+def test_version_2_round_trip_with_special_values(monkeypatch, dtype, n):
+    monkeypatch.setattr(fe, "CHUNK_LOG2", 10)  # 4099 elements: five chunks, the last of 3 elements
+    bits = _weights(dtype, n, seed=n)
+    payload, params = _round_trip(bits, dtype, fe._encode_packed)
+    assert params == bytes([2, 10, fe.DTYPES[dtype][0], fe.PACKED_SCALE_BITS])
+    assert fe.max_count(len(payload), params, dtype) >= n
+
+
+def test_trained_bfloat16_weights_take_version_2_where_it_is_smaller():
+    bits = _weights("bfloat16", 60000, seed=9)
+    payload, params = _round_trip(bits, "bfloat16")
+    v1 = fe._encode_planes(bits, "bfloat16")
+    assert params[0] == 2 and len(payload) + len(params) < len(v1[0]) + len(v1[1])
+    # the exponent and the mantissa's top 2 bits (entropy ~ their order-0 entropy) + 6 raw bits
+    symbols = (bits.astype(np.int64) >> 5) & 0x3FF
+    p = np.bincount(symbols) / bits.size
+    entropy = -(p[p > 0] * np.log2(p[p > 0])).sum()
+    assert len(payload) * 8 / bits.size < entropy + 6 + 0.1
+    small = _weights("bfloat16", 14)  # a table costs more than it saves: version 1
+    assert fe.encode(small, "bfloat16")[1][0] == 1
+
+
+def test_version_2_nonzero_padding_bits_are_refused():
+    bits = _weights("bfloat16", 5, seed=1)  # 30 raw bits in 4 bytes: the last 2 bits are padding
+    payload, params = fe._encode_packed(bits, "bfloat16")
+    bad = bytearray(payload)
+    bad[-1] |= 0x80
+    with pytest.raises(CdlDecodeError, match="padding"):
+        fe.decode(bytes(bad), params, 5, "bfloat16")
+    for wrong in (bytes([2, 18, 0, 11]), bytes([2, 18, 0, 16]), bytes([2, 18, 0, 12, 0]), bytes([2, 18, 2, 12])):
+        with pytest.raises(CdlDecodeError):
+            fe.decode(payload, wrong, 5, "bfloat16")
 
 
 _CHILD = r"""
@@ -102,6 +140,9 @@ for dtype, values in json.loads(sys.stdin.read()).items():
     bits = np.array(values, dtype={"float32": np.uint32}.get(dtype, np.uint16))
     payload, params = fe.encode(bits, dtype)
     out[dtype] = [payload.hex(), params.hex(), fe.decode(payload, params, bits.size, dtype).tolist()]
+    if dtype != "float32":
+        payload, params = fe._encode_packed(bits, dtype)
+        out[dtype + " v2"] = [payload.hex(), params.hex(), fe.decode(payload, params, bits.size, dtype).tolist()]
 print(json.dumps(out))
 """
 
@@ -116,13 +157,17 @@ def test_without_numba_the_same_bytes():
         payload, params = fe.encode(np.array(values, dtype=STORAGE[dtype]), dtype)
         assert result[dtype][:2] == [payload.hex(), params.hex()], dtype
         assert result[dtype][2] == values, dtype
+        if dtype != "float32":
+            payload, params = fe._encode_packed(np.array(values, dtype=STORAGE[dtype]), dtype)
+            assert result[dtype + " v2"] == [payload.hex(), params.hex(), values], dtype
 
 
-@pytest.mark.parametrize("dtype", sorted(STORAGE))
-def test_corrupt_payloads_and_params_give_clean_errors(dtype):
+@pytest.mark.parametrize("dtype, encoder", [(d, fe.encode) for d in sorted(STORAGE)]
+                         + [(d, fe._encode_packed) for d in ("bfloat16", "float16")])
+def test_corrupt_payloads_and_params_give_clean_errors(dtype, encoder):
     rng = np.random.default_rng(11)
-    bits = _weights(dtype, 3000, seed=7)
-    payload, params = fe.encode(bits, dtype)
+    bits = _weights(dtype, 3001, seed=7)
+    payload, params = encoder(bits, dtype)
     for _ in range(150):
         p, q = bytearray(payload), bytearray(params)
         target = p if rng.random() < 0.7 or not q else q

@@ -44,8 +44,9 @@ params  = version:u8 (2) || chunk_log2:u8 (10..24) || dtype:u8 (0 bfloat16, 1 fl
 payload = directory || chunk 0 || chunk 1 || ...; directory: for each chunk, u32 LE, the byte
   length of its table and rANS stream together. A chunk of n elements: table || rANS stream || R
   plane.
-  table: first:u16 LE || last:u16 LE (first <= last <= 1023) || for each symbol s = first..last
-    uvarint(f_s); the frequencies sum to 2**scale_bits (symbols outside first..last: 0).
+  table: uvarint(number of symbols present), then for each present symbol s in ascending order
+    uvarint(s - previous present symbol - 1; the first: s) || uvarint(f_s), f_s >= 1, s <= 1023;
+    the frequencies sum to 2**scale_bits (absent symbols: 0).
   rANS stream: as in version 1 with 2**scale_bits in place of 4096 (slot = x mod 2**scale_bits,
     x = f_s * (x >> scale_bits) + slot - c_s), n symbols S.
   R plane: ceil(6n / 8) bytes; element i's R in bits 6i..6i+5 of the plane read as one
@@ -158,9 +159,9 @@ def _encode_packed(bits: np.ndarray, dtype: str) -> tuple[bytes, bytes]:
         sym = symbols[start:start + chunk]
         freq = fk.normalize_counts(np.bincount(sym, minlength=PACKED_SYMBOLS).astype(np.int64), PACKED_SCALE_BITS)
         used = np.flatnonzero(freq)
-        first, last = int(used[0]), int(used[-1])
-        table = first.to_bytes(2, "little") + last.to_bytes(2, "little") \
-            + b"".join(write_uvarint(int(f)) for f in freq[first:last + 1])
+        gaps = np.diff(used, prepend=-1) - 1
+        table = write_uvarint(used.size) + b"".join(write_uvarint(int(g)) + write_uvarint(int(freq[s]))
+                                                    for g, s in zip(gaps, used))
         stream = buf[:fk.encode_rans(sym, freq, PACKED_SCALE_BITS, buf)].tobytes()
         directory += (len(table) + len(stream)).to_bytes(4, "little")
         body += [table, stream, _pack6(rest[start:start + chunk])]
@@ -364,16 +365,11 @@ def _decode_packed(data: np.ndarray, params: bytes, count: int) -> np.ndarray:
 
 def _read_table(data: np.ndarray, pos: int, end: int, scale_bits: int, c: int) -> tuple[np.ndarray, int]:
     """(frequencies of the 1024 symbols, where the rANS stream starts) for a chunk's table."""
-    if pos + 4 > end:
-        raise CdlDecodeError(f"float: chunk {c}: table is truncated")
-    first, last = int(data[pos]) | int(data[pos + 1]) << 8, int(data[pos + 2]) | int(data[pos + 3]) << 8
-    if not first <= last < PACKED_SYMBOLS:
-        raise CdlDecodeError(f"float: chunk {c}: table symbols {first}..{last} outside 0..{PACKED_SYMBOLS - 1}")
     freq = np.zeros(PACKED_SYMBOLS, np.int64)
-    pos = fk.read_frequencies(data, pos + 4, end, freq, first, last)
+    pos = fk.read_frequencies(data, pos, end, freq)
     if pos < 0:
         raise CdlDecodeError(f"float: chunk {c}: table is truncated or malformed")
-    if int(freq.sum()) != 1 << scale_bits or freq.max() >= 1 << 16:
+    if int(freq.sum()) != 1 << scale_bits:
         raise CdlDecodeError(f"float: chunk {c}: table frequencies do not sum to {1 << scale_bits}")
     return freq, pos
 

@@ -28,6 +28,7 @@ OK = 0
 ERR_OVERRUN = -1       # the stream ends before its symbols do
 ERR_BAD_STATE = -2     # an initial state outside [LOW, 2**32)
 ERR_BAD_END = -3       # words left over, or the final states are not the encoder's starting states
+ERR_TABLE = -4         # a version 2 table names a symbol past 1023 or a zero frequency
 MESSAGES = {ERR_OVERRUN: "stream ends before its symbols do", ERR_BAD_STATE: "initial state out of range",
             ERR_BAD_END: "stream does not end where its symbols do"}
 
@@ -110,14 +111,27 @@ def encode_rans(symbols, freq, scale_bits, out):
 
 
 @njit(cache=True, nogil=True)
-def read_frequencies(data, pos, end, freq, first, last):
-    """freq[first..last] from the uvarints at data[pos:end]; returns the position after them, or a
-    negative varint error (truncated at `end`, or malformed)."""
+def read_frequencies(data, pos, end, freq):
+    """A version 2 table at data[pos:end] (uvarint count, then per present symbol in ascending order
+    uvarint(gap to the previous present symbol, the first counted from -1, minus 1) and
+    uvarint(frequency >= 1)) into freq; returns the position after it, or a negative status: a
+    varint error (truncated at `end`, or malformed) or ERR_TABLE."""
     view = data[:end]
-    for s in range(first, last + 1):
-        freq[s], pos = get_uvarint(view, pos)
+    count, pos = get_uvarint(view, pos)
+    if pos < 0:
+        return pos
+    symbol = -1
+    for _ in range(count):
+        gap, pos = get_uvarint(view, pos)
         if pos < 0:
             return pos
+        f, pos = get_uvarint(view, pos)
+        if pos < 0:
+            return pos
+        symbol += gap + 1
+        if symbol >= freq.size or f < 1:
+            return ERR_TABLE
+        freq[symbol] = f
     return pos
 
 
