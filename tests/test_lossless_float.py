@@ -271,16 +271,26 @@ def test_cli_lossless_end_to_end(tmp_path):
     assert not (tmp_path / "n.cdl").exists()
 
 
-def test_golden_lossless_container(tmp_path):
-    golden, inputs = GOLDEN / "lossless_container.cdl", GOLDEN / "lossless_input.safetensors"
+def _v2_records():
+    """bfloat16 weights that the coder's version 2 takes (a tail of 2 elements in the last quartet)."""
+    w = (np.random.default_rng(26).standard_normal((37, 166)) * 0.04).astype(np.float32)
+    return [TensorRecord("w.bf16", (w.view(np.uint32) >> 16).astype(np.uint16).reshape(37, 166), "bfloat16")]
+
+
+@pytest.mark.parametrize("name, make", [("lossless", _records), ("lossless_v2", _v2_records)])
+def test_golden_lossless_container(tmp_path, name, make):
+    golden, inputs = GOLDEN / f"{name}_container.cdl", GOLDEN / f"{name}_input.safetensors"
     if REGENERATE:
-        write_safetensors_tensors(str(inputs), [(r.name, r.array, r.dtype) for r in _records()])
+        write_safetensors_tensors(str(inputs), [(r.name, r.array, r.dtype) for r in make()])
     records = [TensorRecord(n, a, d) for n, a, d in read_safetensors_tensors(str(inputs))]
     out = golden if REGENERATE else tmp_path / "out.cdl"
     encode_records(records, str(out), EncodeOptions(lossless=True, quiet=True), {"cdlcodec.version": "golden"})
     assert out.read_bytes() == golden.read_bytes(), "exact float coder output changed: a format event"
     for rec, back in zip(records, decode_container(str(golden)).records):
         assert back.array.tobytes() == rec.array.tobytes(), rec.name
+    with ContainerReader(str(golden)) as reader:  # which coder versions the file pins
+        versions = sorted({e.backend_params[0] for e in reader.tensors if e.encoding == "exact"})
+    assert versions == ([1] if name == "lossless" else [2])
 
 
 def test_a_1_0_reader_refuses_exact_tensors_cleanly(tmp_path, monkeypatch):
