@@ -81,7 +81,6 @@ VERBATIM, CONSTANT, RANS = 0, 1, 2
 MANTISSA_MIN_SAVING = 1 / 16
 _BITMAP_BYTES = 32
 _MIN_RANS_CHUNK_BYTES = 4 + fk.STATE_BYTES  # its directory entry and its states
-_LAYOUT = {"bfloat16": fk.BYTE16, "float16": fk.BYTE16, "float32": fk.BYTE32}
 
 
 def supports(dtype: str) -> bool:
@@ -303,7 +302,6 @@ def decode(payload: bytes, params: bytes, count: int, dtype: str) -> np.ndarray:
     # the usual case (trained weights): one pass, no scratch
     fused = [m for m, _ in planes] == [RANS] + [VERBATIM] * (len(planes) - 1)
     scratch = np.empty((len(planes), 0 if fused else min(chunk, count)), np.uint8)
-    layout = _LAYOUT[dtype] if fused else fk.NONE
     merge = fk.merge32 if dtype == "float32" else fk.merge16
     pos = dir_len
     for c in range(n_chunks):
@@ -311,7 +309,11 @@ def decode(payload: bytes, params: bytes, count: int, dtype: str) -> np.ndarray:
         n = min(chunk, count - start)
         if fused:
             length = int(lengths[c, 0])
-            status = fk.decode_chunk(data, pos, length, n, *tables[0], V1_SCALE_BITS, layout, pos + length, out, start)
+            if dtype == "float32":
+                status = fk.decode_chunk32(data, pos, length, n, *tables[0], V1_SCALE_BITS, pos + length, out, start)
+            else:
+                status = fk.decode_chunk16(data, pos, length, n, *tables[0], V1_SCALE_BITS, False, pos + length, out,
+                                           start)
             if status != fk.OK:
                 raise CdlDecodeError(f"float: chunk {c}, plane 0: {fk.MESSAGES[status]}")
             pos += length + n * (len(planes) - 1)
@@ -326,7 +328,7 @@ def decode(payload: bytes, params: bytes, count: int, dtype: str) -> np.ndarray:
             else:
                 length = int(lengths[c, r])
                 r += 1
-                status = fk.decode_chunk(data, pos, length, n, *tables[p], V1_SCALE_BITS, layout, 0, scratch[p], 0)
+                status = fk.decode_plane(data, pos, length, n, *tables[p], V1_SCALE_BITS, scratch[p])
                 if status != fk.OK:
                     raise CdlDecodeError(f"float: chunk {c}, plane {p}: {fk.MESSAGES[status]}")
                 pos += length
@@ -355,8 +357,8 @@ def _decode_packed(data: np.ndarray, params: bytes, count: int) -> np.ndarray:
         raw = end + raw_bytes[c] - 1
         if n % 4 and data[raw] >> ((6 * n) % 8 or 8):
             raise CdlDecodeError(f"float: chunk {c}: padding bits after the last element are not zero")
-        status = fk.decode_chunk(data, stream, end - stream, n, *fk.decode_tables(freq, scale_bits), scale_bits,
-                                 fk.PACKED6, end, out, c * chunk)
+        status = fk.decode_chunk16(data, stream, end - stream, n, *fk.decode_tables(freq, scale_bits), scale_bits,
+                                   True, end, out, c * chunk)
         if status != fk.OK:
             raise CdlDecodeError(f"float: chunk {c}: {fk.MESSAGES[status]}")
         pos = end + raw_bytes[c]

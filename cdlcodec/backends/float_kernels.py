@@ -200,25 +200,36 @@ def _element(symbol, data, raw, n, j, layout):
     return ((r & 0x80) << 8) | (symbol << 7) | (r & 0x7F)
 
 
+# Entry points of the decoding loop (_decode), each compiling its own copies with the layout a
+# constant (no branch on it inside the loop), and only the copies its output type needs: numba
+# compiles a kernel on first use, so fewer copies start faster.
+
 @njit(cache=True, nogil=True, boundscheck=False)
-def decode_chunk(data, start, length, n, step, symbol, scale_bits, layout, raw, out, out_start):
-    """Decode one chunk: n symbols from the rANS stream at data[start:start+length] (tables from
-    decode_tables), each merged with its raw bits at data[raw:] (`layout`, see _element) into
-    out[out_start:out_start+n]. Never reads outside the stream or the raw planes; returns OK or a
-    negative status. layout NONE writes the symbols themselves (a plane decoded on its own)."""
-    # one copy of the loop per layout, each compiled with its layout a constant (no branch on it
-    # inside the loop)
-    if layout == PACKED6:
+def decode_chunk16(data, start, length, n, step, symbol, scale_bits, packed, raw, out, out_start):
+    """A chunk of a 16-bit type into the uint16 `out`: PACKED6 (version 2) or BYTE16 raw bits."""
+    if packed:
         return _decode(data, start, length, n, step, symbol, scale_bits, PACKED6, raw, out, out_start)
-    if layout == BYTE16:
-        return _decode(data, start, length, n, step, symbol, scale_bits, BYTE16, raw, out, out_start)
-    if layout == BYTE32:
-        return _decode(data, start, length, n, step, symbol, scale_bits, BYTE32, raw, out, out_start)
-    return _decode(data, start, length, n, step, symbol, scale_bits, NONE, raw, out, out_start)
+    return _decode(data, start, length, n, step, symbol, scale_bits, BYTE16, raw, out, out_start)
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def decode_chunk32(data, start, length, n, step, symbol, scale_bits, raw, out, out_start):
+    """A float32 chunk (BYTE32 raw planes) into the uint32 `out`."""
+    return _decode(data, start, length, n, step, symbol, scale_bits, BYTE32, raw, out, out_start)
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def decode_plane(data, start, length, n, step, symbol, scale_bits, out):
+    """A byte plane decoded on its own (the symbols themselves) into the uint8 `out`."""
+    return _decode(data, start, length, n, step, symbol, scale_bits, NONE, 0, out, 0)
 
 
 @njit(cache=True, nogil=True, boundscheck=False, inline="always")
 def _decode(data, start, length, n, step, symbol, scale_bits, layout, raw, out, out_start):
+    """Decode one chunk: n symbols from the rANS stream at data[start:start+length] (tables from
+    decode_tables), each merged with its raw bits at data[raw:] (`layout`, see _element) into
+    out[out_start:out_start+n]. Never reads outside the stream or the raw planes; returns OK or a
+    negative status. layout NONE writes the symbols themselves."""
     x0, x1, x2, x3 = _start(data, start, length)
     if x0 < 0:
         return x0
