@@ -195,3 +195,25 @@ def test_a_model_in_memory_cannot_have_external_data(tmp_path):
     src, _ = external_model(tmp_path / "in", extras=False)
     with pytest.raises(CdlInputError, match="given as bytes"):
         read_onnx_bytes(src.read_bytes(), "exported model")
+
+
+def test_external_data_in_and_out(tmp_path, monkeypatch):
+    """A model read from external data and decoded beyond the (lowered) 2 GB threshold is written with
+    external data again, its own file beside it, and runs as the original does."""
+    import warnings
+
+    import cdlcodec.io.onnx_writer as writer
+
+    monkeypatch.setattr(writer, "EXTERNAL_DATA_THRESHOLD", 4_000)  # the real one is protobuf's 2 GB
+    monkeypatch.setattr(writer, "STREAM_MIN_ELEMENTS", 1_000)  # w1 (2,048 values) goes external
+    src, _ = external_model(tmp_path / "in")
+    cdl, out = tmp_path / "m.cdl", tmp_path / "out" / "big.onnx"
+    out.parent.mkdir()
+    encode(str(src), str(cdl), lossless=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        decode(str(cdl), str(out))
+    header = onnx.load(str(out), load_external_data=False)
+    assert {e.value for t in header.graph.initializer for e in t.external_data if e.key == "location"} == {"big.onnx.data"}
+    assert sorted(p.name for p in out.parent.iterdir()) == ["big.onnx", "big.onnx.data"]
+    np.testing.assert_array_equal(run(out), run(src))
