@@ -247,3 +247,49 @@ def test_big_tables_can_take_trellis_coded_quantization(tmp_path):
     assert quant["table"]["scheme"] == "dependent"
     decoded = {r.name: r.array for r in decode_container(out).records}
     assert np.abs(decoded["table"] - table).max() <= 2 * quant["table"]["step"]
+
+
+def test_a_kept_decision_keeps_half_its_margin():
+    """Not flipping is not enough: a calibration decision that lost more than half its margin says
+    held-apart inputs nearer the boundary would flip."""
+    from cdlcodec.fidelity.decisions import changed_samples
+
+    kinds = {0: ("argmax", -1)}
+    ref = [[np.array([[0.0, 1.0, 0.2]])], [np.array([[3.0, 0.0, 0.0]])]]
+    assert changed_samples(ref, [[np.array([[0.0, 0.7, 0.2]])], [np.array([[3.0, 0.0, 0.0]])]], kinds) == 0
+    assert changed_samples(ref, [[np.array([[0.0, 0.55, 0.2]])], [np.array([[3.0, 0.0, 0.0]])]], kinds) == 1
+    # moving the other way by as much is as telling: the rounding moves margins by that much
+    assert changed_samples(ref, [[np.array([[0.0, 1.45, 0.2]])], [np.array([[3.0, 0.0, 0.0]])]], kinds) == 1
+
+
+def test_near_ties_are_not_promised():
+    """A margin under 1 % of the output's median margin is a tie the original model does not decide."""
+    from cdlcodec.fidelity.decisions import changed_samples
+
+    kinds = {0: ("threshold", 0)}
+    ref = [[np.array([[p]])] for p in (0.9, 0.1, 0.95, 0.501)]
+    dec = [[np.array([[p]])] for p in (0.9, 0.1, 0.95, 0.499)]
+    assert changed_samples(ref, dec, kinds) == 0
+    dec[0] = [np.array([[0.6]])]
+    assert changed_samples(ref, dec, kinds) == 1
+
+
+def test_plain_vector_outputs_are_read_by_width(tmp_path):
+    """An output with no softmax/sigmoid: a few values are logits (argmax), one value in [0, 1] is a
+    probability (side of 0.5), a wide vector is an embedding (each sample's nearest other sample)."""
+    from cdlcodec.fidelity.decisions import changed_samples, decision_kinds
+
+    proto = onnx.load(_mlp(str(tmp_path / "m.onnx")))
+    assert decision_kinds(proto) == {0: ("vector", 0)}
+    kinds = {0: ("vector", 0)}
+    logits = [[np.array([[2.0, 1.0, 0.0]])], [np.array([[0.0, 3.0, 1.0]])]]
+    assert changed_samples(logits, [[np.array([[1.0, 2.0, 0.0]])], logits[1]], kinds) == 1
+    probs = [[np.array([[0.8]])], [np.array([[0.1]])], [np.array([[0.7]])]]
+    assert changed_samples(probs, [[np.array([[0.4]])], probs[1], probs[2]], kinds) == 1
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((6, 32))
+    emb = [[base[i:i + 1]] for i in range(6)]
+    assert changed_samples(emb, [[e[0] * 1.5] for e in emb], kinds) == 0  # scale does not move a cosine
+    swapped = [[e[0].copy()] for e in emb]
+    swapped[0][0][:] = base[1] + 0.01 * base[0]  # sample 0 now sits on sample 1: every neighbour of 0 and 1 moves
+    assert changed_samples(emb, swapped, kinds) >= 2

@@ -30,7 +30,7 @@ from ..records import ModelFile, TensorRecord
 from .allocate import (EXACT, REF_REL, Candidate, DeployGrid, Plan, TensorCurve, plan_for_budget, steps_for,
                        tensor_curve)
 from .dependent import RowTrellis, dependent_levels, table_sample
-from .decisions import changed_samples, decision_kinds, squashing_nodes
+from .decisions import changed_samples, decision_kinds, describe_decisions, squashing_nodes
 from .gptq import gptq_levels, inverse_cholesky
 from .inputs import Inputs, generate_inputs, load_calibration
 from .measures import Target, rel_mse
@@ -242,6 +242,9 @@ class _Search:
         self.view = [self.n_real + self.runner.probes.index(logits[j]) if logits.get(j) in self.runner.probes else j
                      for j in range(self.n_real)]
         self.kinds = decision_kinds(stripped) if options.same_decisions else {}
+        if self.kinds:
+            self.log("decisions kept on every calibration sample, each with at least half its margin: "
+                     + describe_decisions(self.kinds, [o.name for o in stripped.graph.output]))
         # GPTQ fits its compensation to the activations it sees; with a few thousand activation rows per
         # layer it overfits them, so the search scores its plans on samples GPTQ did not see. GPTQ
         # gains more from data than the score loses: 3/4 fit, 1/4 score (MiniLM: ~1 % fewer bits
