@@ -116,6 +116,34 @@ def test_trained_bfloat16_weights_take_version_2_where_it_is_smaller():
     assert fe.encode(small, "bfloat16")[1][0] == 1
 
 
+def _repeated_values(dtype: str) -> np.ndarray:
+    """A DFT basis (Silero VAD's STFT weights are one): few distinct values, repeated in patterns."""
+    from cdlcodec.dtypes import from_float64
+
+    basis = np.cos(np.outer(np.arange(130), np.arange(128)) * 2 * np.pi / 128)
+    return np.ascontiguousarray(from_float64(basis, dtype)).view(STORAGE[dtype]).ravel()
+
+
+@pytest.mark.parametrize("dtype", sorted(STORAGE))
+def test_repeated_values_take_the_dictionary_coder(dtype):
+    bits = _repeated_values(dtype)
+    payload, params = _round_trip(bits, dtype)
+    planes = fe._encode_planes(bits, dtype)
+    assert params[0] == 3 and len(payload) < 0.5 * len(planes[0])
+    assert fe.max_count(len(payload), params, dtype) is None  # bounded by the decoded-size limit
+    for count in (bits.size - 1, bits.size + 1):  # the stream must hold exactly `count` elements
+        with pytest.raises(CdlDecodeError, match="elements"):
+            fe.decode(payload, params, count, dtype)
+    for bad in (payload[:-1], payload + b"\0", payload[:12] + b"\xff" + payload[13:]):
+        with pytest.raises(CdlDecodeError):
+            fe.decode(bad, params, bits.size, dtype)
+    for wrong in (params[:2], params + b"\0", bytes([3, params[1], 27]), bytes([3, 9, params[2]])):
+        with pytest.raises(CdlDecodeError):
+            fe.decode(payload, wrong, bits.size, dtype)
+    # trained-weight-like data never reaches the (slow) dictionary coder
+    assert fe.encode(_weights(dtype, 5000), dtype)[1][0] in (1, 2)
+
+
 def test_version_2_nonzero_padding_bits_are_refused():
     bits = _weights("bfloat16", 5, seed=1)  # 30 raw bits in 4 bytes: the last 2 bits are padding
     payload, params = fe._encode_packed(bits, "bfloat16")
@@ -277,7 +305,14 @@ def _v2_records():
     return [TensorRecord("w.bf16", (w.view(np.uint32) >> 16).astype(np.uint16).reshape(37, 166), "bfloat16")]
 
 
-@pytest.mark.parametrize("name, make", [("lossless", _records), ("lossless_v2", _v2_records)])
+def _v3_records():
+    """Repeated values (a DFT basis) that the coder's version 3 (lzma) takes, beside trained weights."""
+    return [TensorRecord("stft.basis", _repeated_values("float32").view(np.float32).reshape(130, 128), "float32"),
+            *_v2_records()]
+
+
+@pytest.mark.parametrize("name, make", [("lossless", _records), ("lossless_v2", _v2_records),
+                                        ("lossless_v3", _v3_records)])
 def test_golden_lossless_container(tmp_path, name, make):
     golden, inputs = GOLDEN / f"{name}_container.cdl", GOLDEN / f"{name}_input.safetensors"
     if REGENERATE:
@@ -290,7 +325,7 @@ def test_golden_lossless_container(tmp_path, name, make):
         assert back.array.tobytes() == rec.array.tobytes(), rec.name
     with ContainerReader(str(golden)) as reader:  # which coder versions the file pins
         versions = sorted({e.backend_params[0] for e in reader.tensors if e.encoding == "exact"})
-    assert versions == ([1] if name == "lossless" else [2])
+    assert versions == {"lossless": [1], "lossless_v2": [2], "lossless_v3": [2, 3]}[name]
 
 
 def test_a_1_0_reader_refuses_exact_tensors_cleanly(tmp_path, monkeypatch):

@@ -54,10 +54,21 @@ payload = directory || chunk 0 || chunk 1 || ...; directory: for each chunk, u32
     element are zero.
   The payload ends exactly after the last chunk.
 
+Version 3 (any of the three types; for tensors of repeated values, e.g. a DFT basis, that a
+dictionary coder matches and a per-element coder cannot)
+---------------------------------------------------------------------------------------------
+params  = version:u8 (3) || dtype:u8 (0, 1, 2 as above) || dict_log2:u8 (12..26)
+payload = an .xz stream (no integrity check; the container's CRC covers the payload) of the
+  elements' little-endian bytes, one LZMA2 filter whose dictionary is at most 2**dict_log2 bytes.
+  It decompresses to exactly count x element-size bytes and ends there.
+
 Chunks are independent (in version 1 they share only the tables), so they can be decoded in
 parallel.
 """
 from __future__ import annotations
+
+import lzma
+import zlib
 
 import numpy as np
 
@@ -72,6 +83,10 @@ CHUNK_LOG2 = 18
 V1_SCALE_BITS = 12
 PACKED_SCALE_BITS = 12
 PACKED_SYMBOLS = 1024
+DICTIONARY_VERSION = 3
+# The dictionary coder (lzma, slow) is tried only where zlib's fastest level already beats the
+# planes, i.e. where values repeat; trained weights never get there.
+_DICTIONARY_PROBE_LEVEL = 1
 DTYPES = {"bfloat16": (0, np.dtype("<u2")), "float16": (1, np.dtype("<u2")), "float32": (2, np.dtype("<u4"))}
 N_PLANES = {"bfloat16": 2, "float16": 2, "float32": 4}
 VERBATIM, CONSTANT, RANS = 0, 1, 2
@@ -143,7 +158,21 @@ def encode(array: np.ndarray, dtype: str) -> tuple[bytes, bytes]:
         packed = _encode_packed(bits, dtype)
         if len(packed[0]) + len(packed[1]) < len(best[0]) + len(best[1]):
             best = packed
+    if bits.size and len(zlib.compress(bits.tobytes(), _DICTIONARY_PROBE_LEVEL)) < len(best[0]):
+        dictionary = _encode_dictionary(bits, dtype)
+        if len(dictionary[0]) + len(dictionary[1]) < len(best[0]) + len(best[1]):
+            best = dictionary
     return best
+
+
+def _encode_dictionary(bits: np.ndarray, dtype: str) -> tuple[bytes, bytes]:
+    """Version 3: the elements' bytes as an .xz stream (LZMA2 at preset 9, dictionary no larger than
+    the tensor, so that decoding needs no more memory than that)."""
+    raw = bits.astype(DTYPES[dtype][1], copy=False).tobytes()
+    dict_log2 = max(12, min(26, (len(raw) - 1).bit_length()))
+    payload = lzma.compress(raw, format=lzma.FORMAT_XZ, check=lzma.CHECK_NONE,
+                            filters=[{"id": lzma.FILTER_LZMA2, "preset": 9, "dict_size": 1 << dict_log2}])
+    return payload, bytes([DICTIONARY_VERSION, DTYPES[dtype][0], dict_log2])
 
 
 def _encode_packed(bits: np.ndarray, dtype: str) -> tuple[bytes, bytes]:
@@ -208,6 +237,13 @@ def _parse_params(params: bytes, dtype: str | None):
     dtype, scale_bits) of version 2; CdlDecodeError when malformed."""
     if len(params) < 3:
         raise CdlDecodeError("float: coder parameters are truncated")
+    if params[0] == DICTIONARY_VERSION:
+        names = [name for name, (code, _) in DTYPES.items() if code == params[1]]
+        if not names or (dtype is not None and names[0] != dtype):
+            raise CdlDecodeError(f"float: parameters are for dtype code {params[1]}, not {dtype}")
+        if len(params) != 3 or not 12 <= params[2] <= 26:
+            raise CdlDecodeError("float: version 3 parameters need a dictionary of 2**12..2**26 bytes and nothing after it")
+        return None, names[0], params[2]
     if params[0] not in (VERSION, PACKED_VERSION):
         raise CdlDecodeError(f"float: unknown coder version {params[0]}")
     chunk_log2 = params[1]
@@ -262,6 +298,8 @@ def max_count(payload_len: int, params: bytes, dtype: str) -> int | None:
     chunk_log2, _, planes = _parse_params(params, dtype)
     if params[0] == PACKED_VERSION:  # every element has 6 raw bits in the payload
         return payload_len * 8 // 6
+    if params[0] == DICTIONARY_VERSION:  # LZMA's ratio has no useful bound: the decoded-size limit
+        return None
     return _bound(payload_len, chunk_log2, [m for m, _ in planes])
 
 
@@ -285,6 +323,8 @@ def decode(payload: bytes, params: bytes, count: int, dtype: str) -> np.ndarray:
         raise CdlDecodeError(f"float: {count:,} elements cannot come from a {len(payload):,}-byte payload")
     if params[0] == PACKED_VERSION:
         return _decode_packed(np.frombuffer(payload, np.uint8), params, count)
+    if params[0] == DICTIONARY_VERSION:
+        return _decode_dictionary(payload, params, count, dtype)
     chunk_log2, _, planes = _parse_params(params, dtype)
     chunk = 1 << chunk_log2
     n_chunks = -(-count // chunk)
@@ -363,6 +403,24 @@ def _decode_packed(data: np.ndarray, params: bytes, count: int) -> np.ndarray:
             raise CdlDecodeError(f"float: chunk {c}: {fk.MESSAGES[status]}")
         pos = end + raw_bytes[c]
     return out
+
+
+def _decode_dictionary(payload: bytes, params: bytes, count: int, dtype: str) -> np.ndarray:
+    """Version 3: never more than the tensor's bytes out, nor more than its dictionary in memory."""
+    storage = DTYPES[dtype][1]
+    size = count * storage.itemsize
+    decompressor = lzma.LZMADecompressor(lzma.FORMAT_XZ, memlimit=(1 << params[2]) + (16 << 20))
+    try:
+        raw = decompressor.decompress(bytes(payload), max_length=size)
+        if len(raw) == size and not decompressor.eof:  # the stream's end may follow the last byte
+            extra = decompressor.decompress(b"", max_length=1)
+            if extra:
+                raise CdlDecodeError(f"float: dictionary stream holds more than {count:,} elements")
+    except (lzma.LZMAError, EOFError) as exc:
+        raise CdlDecodeError(f"float: dictionary stream is corrupt ({exc})") from exc
+    if len(raw) != size or not decompressor.eof or decompressor.unused_data:
+        raise CdlDecodeError(f"float: dictionary stream does not hold exactly {count:,} elements")
+    return np.frombuffer(raw, storage).copy()
 
 
 def _read_table(data: np.ndarray, pos: int, end: int, scale_bits: int, c: int) -> tuple[np.ndarray, int]:
