@@ -56,8 +56,9 @@ FLAGS = {"rel_step": "--rel-step", "step": "--step", "bits": "--bits", "lam": "-
 @click.option("--no-gptq", is_flag=True, help="With a fidelity target: round to nearest instead of "
                                               "error-compensating (GPTQ) rounding of MatMul/Gemm weights.")
 @click.option("--same-decisions", is_flag=True,
-              help="With a fidelity target: also no calibration sample's decision may change (argmax of a "
-                   "softmax output, side of 0.5 of a sigmoid output). Part of the default target.")
+              help="With a fidelity target: also every calibration decision is kept with at least half its "
+                   "margin (argmax of softmax outputs or logits, side of 0.5 of probabilities, nearest other "
+                   "sample of embeddings; docs/fidelity.md). Part of the default target.")
 @click.option("--lossless", is_flag=True,
               help="Quantize nothing: every tensor is stored exactly, bit for bit (float tensors with the exact "
                    "float coder where it is smaller, docs/backends.md).")
@@ -78,7 +79,7 @@ def command(model, output, rel_step, step, bits, backend, keep, arch, lam, granu
 
     Models with a graph (ONNX) are by default encoded to a fidelity target: per-tensor steps chosen
     by output sensitivity so that the decoded model, run with onnxruntime, keeps mean output cosine
-    >= 0.999 and every decision on the calibration inputs (docs/fidelity.md); weights, biases and
+    >= 0.999 and every decision on the calibration inputs with half its margin (docs/fidelity.md); weights, biases and
     norms are told apart by the graph, not by their rank. A bare state_dict has nothing to run: it gets the conservative
     data-free default (per output channel, step 0.02 x std) and the result is reported as unverified.
     """
