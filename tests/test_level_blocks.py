@@ -279,3 +279,13 @@ def test_encoding_a_tensor_holds_narrow_levels_not_int64(tmp_path):
     print(f"peak {peak / 1e6:.1f} MB")
     assert (tmp_path / "w.cdl").read_bytes() == (tmp_path / "warm.cdl").read_bytes()
     assert peak < 8 * n, peak
+
+
+def test_qdq_writer_streams_the_kept_levels_without_a_copy():
+    from cdlcodec.io.onnx_writer import INT4, INT8, INT16, _integer_array
+
+    kept = np.array([-8, 7, -1, 0, 3], np.int8)
+    assert _integer_array(kept, INT8) is kept
+    assert _integer_array(kept, INT16).tobytes() == kept.astype("<i2").tobytes()
+    packed = _integer_array(kept, INT4)  # low nibble first, the odd one padded with 0
+    assert packed.tolist() == [0x78, 0x0F, 0x03]

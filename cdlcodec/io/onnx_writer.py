@@ -422,18 +422,20 @@ def _integer_type(levels: np.ndarray, opset: int, int4: bool) -> int | None:
     return None
 
 
-def _pack_int4(levels: np.ndarray) -> bytes:
+def _pack_int4(levels: np.ndarray) -> np.ndarray:
     """Two signed 4-bit values per byte, the first in the low nibble (ONNX INT4 layout)."""
-    nibbles = (levels.astype(np.int64) & 0xF).astype(np.uint8)
+    nibbles = (levels.astype(np.int8) & 0xF).astype(np.uint8)  # int4 levels: exact in int8
     if nibbles.size % 2:
         nibbles = np.concatenate([nibbles, np.zeros(1, np.uint8)])
-    return (nibbles[0::2] | (nibbles[1::2] << 4)).tobytes()
+    return nibbles[0::2] | (nibbles[1::2] << 4)
 
 
-def _integer_bytes(levels: np.ndarray, kind: int) -> bytes:
+def _integer_array(levels: np.ndarray, kind: int) -> np.ndarray:
+    """The levels as ONNX stores integer type `kind` (little-endian; int4 packed): the kept levels
+    themselves, not a copy, when they already have that type (the streamed writer reads them as they are)."""
     if kind == INT4:
         return _pack_int4(levels)
-    return levels.astype({INT8: "i1", INT16: "<i2", INT32: "<i4"}[kind]).tobytes()
+    return np.ascontiguousarray(levels, dtype={INT8: "i1", INT16: "<i2", INT32: "<i4"}[kind])
 
 
 def _scale_tensor(helper, name: str, rec: TensorRecord, scale_type: int, broadcast_rank: int | None = None):
@@ -576,9 +578,9 @@ def _dequantize_node(helper, names: _Names, output: str, rec: TensorRecord, plan
         ints = _raw_tensor(name, kind, rec.shape, b"")
         ints.ClearField("raw_data")  # no data until _write_streamed asks for it
         nbytes = (rec.numel + 1) // 2 if kind == INT4 else rec.numel * {INT8: 1, INT16: 2, INT32: 4}[kind]
-        _stream_later(ints, streamed, nbytes, lambda: _integer_bytes(rec.levels, kind))
+        _stream_later(ints, streamed, nbytes, lambda: _integer_array(rec.levels, kind))
     else:
-        ints = _raw_tensor(name, kind, rec.shape, _integer_bytes(rec.levels, kind))
+        ints = _raw_tensor(name, kind, rec.shape, _integer_array(rec.levels, kind).tobytes())
     scale = _scale_tensor(helper, names.fresh(f"{output}_scale"), rec, scale_type, len(rec.shape) if cast else None)
     if cast:
         floats = names.fresh(f"{output}_levels")
