@@ -132,7 +132,7 @@ def main(argv=None) -> None:
         if only and label not in only:
             continue
         rows.append(measure(label, os.path.join(args.models, name), conversion, args.repeat))
-        print(f"done: {label} {conversion}", file=sys.stderr, flush=True)
+        print(f"done: {table(rows[-1:]).splitlines()[-1]}", file=sys.stderr, flush=True)  # a long run's rows so far
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average {load:.1f} "
           f"at the end, Python {platform.python_version()}\n")
