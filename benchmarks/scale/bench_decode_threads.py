@@ -11,9 +11,11 @@ process start-up (imports, numba's kernel loading) is measured apart: a CLI deco
 
 A shared machine hides a 2-thread speed-up (with the kernel's per-session autogroups, a busy
 machine gives a 2-thread process the CPU share of a 1-thread one), so the wall-time ratio is printed
-with the load average, and beside it the wall time an idle 2-core machine would need by the CPU
-accounting: start-up + the 1-thread CPU for one thread; start-up + max(calling thread, all CPU / 2)
-for two (the calling thread cannot go faster than its own work; everything else shares two cores).
+with the load average, and beside it the speed-up the CPU accounting allows on an idle 2-core
+machine, an upper bound: start-up + the 1-thread CPU for one thread against start-up +
+max(calling thread, all CPU / 2) for two (the calling thread cannot go faster than its own work;
+everything else shares two cores). Waits for the GIL and the memory bandwidth two cores share are
+not CPU time: the bound cannot see them.
 """
 from __future__ import annotations
 
@@ -77,7 +79,7 @@ def main() -> None:
     print(f"\n{a.tensors} float32 tensors of {a.rows}x{a.cols} ({params / 1e6:.0f} M params); {os.cpu_count()} cores")
     print(f"process start-up (CLI decode of one tensor, less its share): {startup:.2f} s CPU")
     print("| run | wall 1 thread | wall 2 threads | measured speed-up | CPU 1 / 2 threads | calling thread (2) | "
-          "idle 2-core estimate, in process | idle estimate, CLI with start-up | load |")
+          "idle 2-core bound, in process | idle bound, CLI with start-up | load |")
     print("|---|---|---|---|---|---|---|---|---|")
     for i in range(0, len(runs), 2):
         (_, r1), (_, r2) = runs[i], runs[i + 1]
