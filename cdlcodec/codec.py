@@ -30,7 +30,7 @@ from .formats.container import ContainerReader, ContainerWriter, Limits, TensorE
 from .io.lazy import materialized, release
 from .progress import Progress
 from .quantizers import Dequantizer
-from .quantizers.params import QUANTIZED_SCHEMES, from_json
+from .quantizers.params import QUANTIZED_SCHEMES, UniformParams, from_json
 from .quantizers.base import Quantizer, make, parameter_error
 from .records import ModelFile, TensorRecord
 
@@ -324,6 +324,8 @@ def _quantize(quantizer, rec: TensorRecord, backend: str) -> tuple[np.ndarray, d
     """
     if _rows_independent(quantizer, rec):
         return _quantize_by_rows(quantizer, rec, backend)
+    if _elementwise(quantizer, rec):
+        return _quantize_in_blocks(quantizer, rec)
     w32 = to_float32(rec.array, rec.dtype)
     # float16 / bfloat16 / float32 values are exact in float32: widen that copy rather than convert twice
     values64 = w32.astype(np.float64) if rec.dtype in _EXACT_IN_FLOAT32 else to_float64(rec.array, rec.dtype)
@@ -365,6 +367,27 @@ def _quantize_by_rows(quantizer, rec: TensorRecord, backend: str) -> tuple[np.nd
         levels.add(block_levels.reshape(-1))
         steps.extend(quant["steps"])
     return levels.result(), {**quant, "steps": steps}, None
+
+
+def _elementwise(quantizer, rec: TensorRecord) -> bool:
+    """One step for the whole tensor (from its float32 values) and rounding element by element."""
+    from .quantizers.uniform import UniformQuantizer
+
+    return type(quantizer) is UniformQuantizer and rec.dtype in _EXACT_IN_FLOAT32 and rec.numel > QUANTIZE_BLOCK_ELEMENTS
+
+
+def _quantize_in_blocks(quantizer, rec: TensorRecord) -> tuple[np.ndarray, dict, None]:
+    """_quantize of a tensor with one step, its float64 values and levels made block by block (the
+    levels held narrow): the same levels and step as in one piece, without a float64 copy and int64
+    levels of the whole tensor."""
+    w32 = to_float32(rec.array, rec.dtype)
+    if not np.all(np.isfinite(w32)):
+        raise _not_finite(rec.name)
+    step = quantizer.step_for(w32)
+    flat, levels = w32.reshape(-1), _NarrowLevels(rec.numel)
+    for start in range(0, flat.size, QUANTIZE_BLOCK_ELEMENTS):
+        levels.add(quantizer.levels_for(flat[start:start + QUANTIZE_BLOCK_ELEMENTS].astype(np.float64), step))
+    return levels.result(), UniformParams(step).to_json(), None
 
 
 _EXACT_IN_FLOAT32 = ("float16", "bfloat16", "float32")

@@ -289,3 +289,36 @@ def test_qdq_writer_streams_the_kept_levels_without_a_copy():
     assert _integer_array(kept, INT16).tobytes() == kept.astype("<i2").tobytes()
     packed = _integer_array(kept, INT4)  # low nibble first, the odd one padded with 0
     assert packed.tolist() == [0x78, 0x0F, 0x03]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("rule", [{"rel_step": 0.05}, {"step": 0.004}, {"rel_step": 1e-9}])
+def test_one_step_quantization_in_blocks_is_the_one_piece_result(monkeypatch, dtype, rule):
+    """A per-tensor step (--rel-step, --step) is found once, then the float64 values and the levels
+    are made block by block and held narrow: the same levels, step and errors as in one piece."""
+    import cdlcodec.codec as codec
+    from cdlcodec.dtypes import from_float64
+    from cdlcodec.errors import CdlInputError
+    from cdlcodec.quantizers import make
+    from cdlcodec.records import TensorRecord
+
+    w = from_float64(np.random.default_rng(9).laplace(0, 0.02, (37, 41)), dtype)
+    record, quantizer = TensorRecord("w", w, dtype), make("uniform", **rule)
+    assert not codec._elementwise(quantizer, record)
+    try:
+        whole = codec._quantize(quantizer, record, "auto")
+    except CdlInputError as exc:
+        whole = exc
+    monkeypatch.setattr(codec, "QUANTIZE_BLOCK_ELEMENTS", 5 * 41 + 3)
+    assert codec._elementwise(quantizer, record)
+    if isinstance(whole, CdlInputError):  # a step too small: the same refusal
+        with pytest.raises(CdlInputError) as blocks:
+            codec._quantize(quantizer, record, "auto")
+        assert str(blocks.value) == str(whole)
+        return
+    blocks = codec._quantize(quantizer, record, "auto")
+    assert blocks[1] == whole[1] and blocks[0].dtype != np.int64
+    np.testing.assert_array_equal(blocks[0], whole[0])
+    w.reshape(-1)[300] = from_float64(np.array([np.nan]), dtype)[0]  # NaN in a later block: refused by name
+    with pytest.raises(CdlInputError, match="tensor 'w' holds NaN"):
+        codec._quantize(quantizer, record, "auto")

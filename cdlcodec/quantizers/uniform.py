@@ -75,6 +75,11 @@ class UniformQuantizer(Quantizer):
         if not np.all(np.isfinite(w32)):
             raise CdlInputError("tensor holds NaN or infinite values; keep it lossless with --keep")
         step = self.step_for(w32)
+        return self.levels_for(values64, step), UniformParams(step).to_json()
+
+    def levels_for(self, values64: np.ndarray, step: float) -> np.ndarray:
+        """The int64 levels (flat) of `values64` at `step`: element by element, so a big tensor can be
+        quantized in blocks once its step is known (codec)."""
         scaled = np.rint(values64 / step)
         limit = 2**31 - 1
         if scaled.size and np.max(np.abs(scaled)) > limit:
@@ -83,7 +88,7 @@ class UniformQuantizer(Quantizer):
         if self.bits is not None:
             hi = 2 ** (self.bits - 1) - 1
             np.clip(levels, -hi, hi, out=levels)
-        return levels.ravel(), UniformParams(step).to_json()
+        return levels.ravel()
 
 
 OUTLIER_RATIO = 16.0  # max|w| / std above which one max-abs step per tensor wastes the levels
