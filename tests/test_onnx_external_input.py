@@ -217,3 +217,35 @@ def test_external_data_in_and_out(tmp_path, monkeypatch):
     assert {e.value for t in header.graph.initializer for e in t.external_data if e.key == "location"} == {"big.onnx.data"}
     assert sorted(p.name for p in out.parent.iterdir()) == ["big.onnx", "big.onnx.data"]
     np.testing.assert_array_equal(run(out), run(src))
+
+
+def test_any_reference_is_read_exactly_or_refused_cleanly(tmp_path):
+    """Random offsets, lengths and names: the tensor's exact bytes or a CdlInputError, nothing else."""
+    src, original = external_model(tmp_path / "in", extras=False)
+    (tmp_path / "in" / "sub").mkdir()
+    want = numpy_helper.to_array(next(t for t in original.graph.initializer if t.name == "w1"))
+    header = onnx.load(str(src), load_external_data=False)
+    offset = int(next(e.value for t in header.graph.initializer if t.name == "w1"
+                      for e in t.external_data if e.key == "offset"))
+    rng = np.random.default_rng(15)
+    names = ["model.onnx.data", "./model.onnx.data", "sub/../model.onnx.data", "sub", "model.onnx", "",
+             "model.onnx.data/", "\u00e9.data", "a:b", "model.onnx.data\x00x"]
+    numbers = [None, "0", str(offset), "8192", "-1", "1e3", " 12", "99999999999999999999", "0x10", str(offset + 4)]
+    data, accepted = (tmp_path / "in" / "model.onnx.data").read_bytes(), set()
+    for _ in range(200):
+        changes = {"location": names[rng.integers(len(names))], "offset": numbers[rng.integers(len(numbers))],
+                   "length": numbers[rng.integers(len(numbers))]}
+        rewrite(src, "w1", **changes)
+        try:
+            records = read_onnx(str(src)).records
+        except CdlInputError:
+            continue
+        got = next(r for r in records if r.name == "w1").array
+        start = int(changes["offset"] or 0)  # a reference may point at other bytes of the file: those
+        assert got.shape == want.shape and got.tobytes() == data[start:start + want.nbytes], changes
+        accepted.add(start)
+    assert accepted  # not only refusals
+    rewrite(src, "w1", location="model.onnx.data", offset=str(offset + 4), length="8192")  # other bytes, in range
+    assert next(r for r in read_onnx(str(src)).records if r.name == "w1").array.tobytes() == data[offset + 4:offset + 8196]
+    rewrite(src, "w1", location="model.onnx.data", offset=str(offset), length="8192")
+    assert next(r for r in read_onnx(str(src)).records if r.name == "w1").array.tobytes() == want.tobytes()
