@@ -302,10 +302,15 @@ def test_rate_model_replays_the_encoder():
         before = ctx.copy()
         peek = rate_cost(ctx, scratch, levels[i], a, b, u, mode, n_gt, fast, slow)
         np.testing.assert_array_equal(ctx, before)          # peeking changes nothing
-        total += rate_update(ctx, scratch, levels[i], a, b, u, mode, n_gt, fast, slow)
+        total += rate_update(ctx, scratch, levels, 0, i, i + 1, row_len, mode, n_gt, fast, slow)
         assert peek > 0
     kernel_total = cost_chunks(levels, 1 << 20, n_gt, mode, row_len, fast, slow, levels.size)
     assert total + (16 << COST_FRAC_BITS) == kernel_total   # same walk, same contexts
+    # a chunk that starts inside the array: its first levels have no neighbours before `start`
+    ctx = new_contexts(N_CONTEXTS)
+    tail = rate_update(ctx, scratch, levels, 3000, 3000, levels.size, row_len, mode, n_gt, fast, slow)
+    assert tail + (16 << COST_FRAC_BITS) == cost_chunks(levels[3000:].copy(), 1 << 20, n_gt, mode, row_len, fast, slow,
+                                                        levels.size)
     payload, _ = backend.encode(levels, EncodeHint(shape=(rows, cols)))
     assert abs(total / (1 << COST_FRAC_BITS) - 8 * len(payload)) < 0.005 * 8 * len(payload) + 48
 

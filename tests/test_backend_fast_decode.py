@@ -133,10 +133,8 @@ def test_contexts_cache_their_clamped_probability():
     ctx = new_contexts(N_CONTEXTS)
     st_ = np.zeros(STATE_SIZE, np.int64)
     for fast, slow in RATE_PAIRS[:3]:
-        a = b = 0
-        for k in np.rint(rng.laplace(0, 2, 3000)).astype(np.int64):
-            rate_update(ctx, st_, k, a, b, 0, 1, 4, int(fast), int(slow))
-            a, b = k, a
+        levels = np.rint(rng.laplace(0, 2, 3000)).astype(np.int64)
+        rate_update(ctx, st_, levels, 0, 0, levels.size, 0, 1, 4, int(fast), int(slow))
         mean = (ctx[:, CTX_FAST] + ctx[:, CTX_SLOW]) >> (STATE_BITS + 1 - PROB_BITS)
         np.testing.assert_array_equal(ctx[:, CTX_PROB], np.clip(mean, 1, (1 << PROB_BITS) - 1))
 

@@ -1,4 +1,5 @@
-"""Cold start (issue 18): each kernel compiles once per use, not once more for a literal argument.
+"""Cold start (issue 18): each kernel compiles once per use, not once more for a literal argument,
+and an encode compiles only what it runs.
 
 numba types a call argument that is a literal int (`pos = 0` before a loop, `f(x, 1)`) as
 Literal[int](0) and compiles the callee for it, then again for int64 when the variable changes: the
@@ -52,3 +53,29 @@ def test_no_kernel_is_compiled_twice_for_a_literal(tmp_path):
                                text=True, env=env, timeout=900)
     assert child.returncode == 0, child.stderr[-3000:]
     assert json.loads(child.stdout.strip().splitlines()[-1]) == {}
+
+
+_TRELLIS_CHILD = r"""
+import gc, json
+import numpy as np
+from numba.core.dispatcher import Dispatcher
+from cdlcodec.quantizers import make
+
+w = (np.random.default_rng(0).standard_normal((40, 60)) * 0.1).astype(np.float32)
+make("trellis", lam=0.0, rel_step=0.1).quantize(w.astype(np.float64), w)
+compiled = sorted(obj.py_func.__module__ + "." + obj.__name__ for obj in gc.get_objects()
+                  if isinstance(obj, Dispatcher) and obj.overloads)
+print(json.dumps(compiled))
+"""
+
+
+@pytest.mark.skipif(not HAVE_NUMBA, reason="numba is not installed: nothing is compiled")
+def test_a_trellis_without_rate_term_compiles_no_rate_model():
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        child = subprocess.run([sys.executable, "-c", _TRELLIS_CHILD], capture_output=True, text=True, env=env,
+                               timeout=600)
+    assert child.returncode == 0, child.stderr[-3000:]
+    compiled = json.loads(child.stdout.strip().splitlines()[-1])
+    assert "cdlcodec.quantizers.trellis.viterbi_scan_distortion" in compiled
+    assert not [name for name in compiled if "cabac_binarization" in name], compiled  # no rate model

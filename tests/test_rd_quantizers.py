@@ -124,6 +124,23 @@ def test_trellis_beats_uniform_at_equal_rate(tmp_path, states):
     assert np.array_equal(out.array, (m.reshape(w.shape) * out.quant["step"]).astype(np.float32))
 
 
+def test_trellis_without_a_rate_term_matches_the_rated_search_at_lambda_zero():
+    # λ = 0 runs a kernel without the rate model (so a first --trellis encode does not compile it);
+    # its levels must be those of the rated search with λ = 0, blocks and chunks included
+    from cdlcodec.quantizers.params import state_machine
+    from cdlcodec.quantizers.channel import MAX_LEVEL
+    from cdlcodec.quantizers.trellis import BLOCK, viterbi_scan
+
+    w = _laplace((300, 500), seed=6)   # 150,000 weights: several blocks and three chunks of 2**16
+    levels, quant = TrellisQuantizer(lam=0.0, rel_step=0.3, states=8).quantize(w.astype(np.float64), w)
+    next_state, qid = state_machine(8)
+    rated = np.zeros(w.size, np.int64)
+    viterbi_scan((w.astype(np.float64) / quant["step"]).ravel(), np.ones(w.size), 0.0, np.int64(MAX_LEVEL), next_state,
+                 qid, 1 << 16, 10, 0, 4, 7, BLOCK, rated)
+    assert np.array_equal(levels, rated)
+    assert np.count_nonzero(levels) > w.size // 4
+
+
 def test_rd_encode_decode_and_cli_errors(tmp_path, run_cli):
     import torch
 

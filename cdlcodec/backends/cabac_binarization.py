@@ -29,20 +29,24 @@ only). `code_level` is inlined into each kernel, so the binarization and context
 exactly once in the source. Compiling an inlined copy is what a first encode waits for (numba's
 inliner copies the callee's IR block by block, seconds per copy), so there are few copies: one
 decoder (a constant OP_DECODE), one encoder kernel whose run-time op also serves the cost
-estimates of the settings search, and one rate model for RD quantizers.
+estimates of the settings search and the rate model's updates, and the rate model's peek.
 
 Rate model API for an RD quantizer (DeepCABAC eq. 11, L_ik = rate of level k at weight i), all
 numba functions that can be called from other njit code while scanning a tensor:
 
     ctx = new_contexts(N_CONTEXTS)                       # fresh state for a tensor / chunk
-    st = np.zeros(STATE_SIZE, np.int64)                  # scratch (cost accumulator)
+    st = np.zeros(STATE_SIZE, np.int64)                  # scratch
     a, b, u = neighbours(levels, i, chunk_start, row_len)
-    bits_q16 = rate_cost(ctx, st, k, a, b, u, mode, n_gt, fast, slow)   # cost of k, 1/65536 bit
-    rate_update(ctx, st, k, a, b, u, mode, n_gt, fast, slow)            # after choosing k
+    bits_q16 = rate_cost(ctx, st, k, a, b, u, mode, n_gt, fast, slow)     # cost of k, 1/65536 bit
+    levels[i] = k                                                         # after choosing k:
+    rate_update(ctx, st, levels, chunk_start, i, i + 1, row_len, mode, n_gt, fast, slow)
 
-with (fast, slow) = RATE_PAIRS[rate_idx]. rate_cost does not change ctx; rate_update adapts it
-exactly as the encoder will, so a quantizer that calls it for each chosen level sees the rates the
-real encoder will spend (up to the range coder's rounding, a fraction of a percent).
+with (fast, slow) = RATE_PAIRS[rate_idx]. rate_cost does not change ctx; rate_update adapts it to
+levels s..e-1 (the levels before s from chunk_start on being their neighbours) exactly as the
+encoder will, so a quantizer that calls it for the chosen levels sees the rates the real encoder
+will spend (up to the range coder's rounding, a fraction of a percent). rate_update runs the
+encoder's own chunk kernel (nothing more to compile); rate_cost, called for every candidate of
+every level, is a kernel of its own, specialised to peeking.
 """
 from __future__ import annotations
 
@@ -83,8 +87,8 @@ CHECK_VALUE = 0xB5E3
 #
 # `decoding` is a constant (DECODING in the decoder, ENCODER_SIDE elsewhere), so numba drops the
 # branches of the other side before compiling; `op` may then be a run-time value on the encoder
-# side (OP_ENCODE, OP_COST or OP_PEEK), which lets one compiled kernel serve the encoder and its
-# cost estimates (see _code_chunk and _rate: a first encode compiles each once, not per op).
+# side (OP_ENCODE or OP_COST), which lets one compiled kernel serve the encoder and its cost
+# estimates (_code_chunk: a first encode compiles it once, not once per op).
 DECODING, ENCODER_SIDE = True, False
 
 
@@ -201,24 +205,25 @@ def neighbours(levels, i, start, row_len):
 # therefore allocate nothing; the wrappers below allocate the coder state and contexts.
 
 @njit(cache=True, _nrt=False, nogil=True)
-def _code_chunk(op, levels, s, e, n_gt, mode, row_len, fast, slow, buf, pos, st, ctx):
-    """Levels s..e-1 as one chunk: op = OP_ENCODE writes them into buf from pos and returns the end
-    position (-1 when buf is full); op = OP_COST returns their estimated cost (1/65536 bit, check
-    bins included) and writes nothing. op is a run-time value, so this kernel, the encoder's
-    biggest, compiles once for both (a first encode needs both: the settings search, then the
-    stream); the branch on op is the same for every bin and costs the encoder a few per cent."""
-    reset_contexts(ctx)
+def _code_chunk(op, levels, start, s, e, n_gt, mode, row_len, fast, slow, buf, pos, st, ctx):
+    """Levels s..e-1 of the chunk that starts at `start` (a level's neighbours are the levels before
+    it from `start` on), with contexts ctx as they are. op = OP_ENCODE writes a whole chunk
+    (s = start) into buf from pos and returns the end position (-1 when buf is full); OP_COST
+    returns the levels' estimated cost (1/65536 bit) and adapts ctx as the encoder would. op is a
+    run-time value, so this kernel compiles once for the encoder, the cost scan of its settings
+    search and rate_update; the branch on op is the same for every bin and costs the encoder a few
+    per cent at most."""
     if op == OP_ENCODE:
         enc_init(st, pos, buf.shape[0])
         x = st[LOW]
         rng = st[RANGE]
     else:
-        x = np.int64(CHECK_BITS << COST_FRAC_BITS)
+        x = np.int64(0)
         rng = np.int64(0)
-    a = np.int64(0)
-    b = np.int64(0)
+    a = levels[s - 1] if s - 1 >= start else 0
+    b = levels[s - 2] if s - 2 >= start else 0
     for i in range(s, e):
-        u = levels[i - row_len] if row_len > 0 and i - row_len >= s else 0
+        u = levels[i - row_len] if row_len > 0 and i - row_len >= start else 0
         k = levels[i]
         _, x, rng, _ = code_level(ENCODER_SIDE, op, x, rng, pos, k, a, b, u, mode, n_gt, ctx, st, buf, fast, slow)
         b = a
@@ -239,11 +244,13 @@ def encode_chunks(levels, chunk_size, n_gt, mode, row_len, fast, slow, buf, chun
     n = levels.shape[0]
     st = np.zeros(STATE_SIZE, dtype=np.int64)
     ctx = new_contexts(N_CONTEXTS)
-    op = np.int64(OP_ENCODE)  # int64s, not literals: one compiled _code_chunk serves cost_chunks too
+    op = np.int64(OP_ENCODE)  # int64s, not literals: one compiled _code_chunk serves every use
     pos = np.int64(0)
     for c in range(chunk_ends.shape[0]):
         s = c * chunk_size
-        pos = _code_chunk(op, levels, s, min(n, s + chunk_size), n_gt, mode, row_len, fast, slow, buf, pos, st, ctx)
+        reset_contexts(ctx)
+        pos = _code_chunk(op, levels, s, s, min(n, s + chunk_size), n_gt, mode, row_len, fast, slow, buf, pos, st,
+                          ctx)
         if pos < 0:
             return -1
         chunk_ends[c] = pos
@@ -321,7 +328,9 @@ def cost_chunks(levels, chunk_size, n_gt, mode, row_len, fast, slow, limit):
     s = np.int64(0)
     while s < n:
         e = min(n, s + chunk_size)
-        total += _code_chunk(op, levels, s, e, n_gt, mode, row_len, fast, slow, unused, pos, st, ctx)
+        reset_contexts(ctx)
+        total += _code_chunk(op, levels, s, s, e, n_gt, mode, row_len, fast, slow, unused, pos, st, ctx)
+        total += CHECK_BITS << COST_FRAC_BITS
         s = e
     return total
 
@@ -329,21 +338,18 @@ def cost_chunks(levels, chunk_size, n_gt, mode, row_len, fast, slow, limit):
 # --- rate model for RD quantization -------------------------------------------------------------
 
 @njit(cache=True, _nrt=False, nogil=True)
-def _rate(op, ctx, st, k, a, b, u, mode, n_gt, fast, slow):
-    """Cost of level k (1/65536 bit); op = OP_COST also adapts ctx, OP_PEEK leaves it. A run-time
-    op: rate_cost and rate_update share this one compiled walk of the bins."""
-    _, cost, _, _ = code_level(ENCODER_SIDE, op, np.int64(0), np.int64(0), np.int64(0), k, a, b, u, mode, n_gt, ctx, st, st,
-                               fast, slow)
+def rate_cost(ctx, st, k, a, b, u, mode, n_gt, fast, slow):
+    """Cost of coding level k next (1/65536 bit) after neighbours a, b, u (see neighbours) in state
+    ctx; ctx is not changed. A constant op: called per candidate, it is worth its own compile."""
+    _, cost, _, _ = code_level(ENCODER_SIDE, OP_PEEK, np.int64(0), np.int64(0), np.int64(0), k, a, b, u, mode, n_gt,
+                               ctx, st, st, fast, slow)
     return cost
 
 
 @njit(cache=True, _nrt=False, nogil=True)
-def rate_cost(ctx, st, k, a, b, u, mode, n_gt, fast, slow):
-    """Cost of coding level k next (1/65536 bit) in state ctx; ctx is not changed."""
-    return _rate(np.int64(OP_PEEK), ctx, st, k, a, b, u, mode, n_gt, fast, slow)
-
-
-@njit(cache=True, _nrt=False, nogil=True)
-def rate_update(ctx, st, k, a, b, u, mode, n_gt, fast, slow):
-    """Adapt ctx as the encoder does after coding level k; returns k's cost (1/65536 bit)."""
-    return _rate(np.int64(OP_COST), ctx, st, k, a, b, u, mode, n_gt, fast, slow)
+def rate_update(ctx, st, levels, start, s, e, row_len, mode, n_gt, fast, slow):
+    """Adapt ctx as the encoder does after coding levels s..e-1 of the chunk starting at `start`;
+    returns their cost (1/65536 bit)."""
+    # st's bytes stand in for the encoder's output buffer, which a cost never touches
+    return _code_chunk(np.int64(OP_COST), levels, start, s, e, n_gt, mode, row_len, fast, slow,
+                       st.view(np.uint8), np.int64(0), st, ctx)

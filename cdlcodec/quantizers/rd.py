@@ -116,7 +116,7 @@ def rd_cabac_scan(r, weight, lam, limit, chunk_size, n_gt, mode, row_len, fast, 
     scale = 1.0 / float(1 << COST_FRAC_BITS)
     st = np.zeros(STATE_SIZE, dtype=np.int64)
     zero = np.int64(0)
-    s = 0
+    s = np.int64(0)
     while s < n:
         e = min(n, s + chunk_size)
         ctx = new_contexts(N_CONTEXTS)
@@ -138,7 +138,7 @@ def rd_cabac_scan(r, weight, lam, limit, chunk_size, n_gt, mode, row_len, fast, 
                 if c2 < best_cost:
                     best, best_cost = zero, c2
             out[i] = best
-            rate_update(ctx, st, best, a, b, u, mode, n_gt, fast, slow)
+            rate_update(ctx, st, out, s, i, i + 1, row_len, mode, n_gt, fast, slow)
         s = e
     return out
 

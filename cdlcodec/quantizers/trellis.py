@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..backends import EncodeHint
+from ..backends import EncodeHint, get as get_backend
 from ..backends.cabac_binarization import N_CONTEXTS, rate_cost, rate_update
 from ..backends.cabac_coder import COST_FRAC_BITS, STATE_SIZE, new_contexts
 from ..errors import CdlInputError
@@ -85,9 +85,10 @@ def level_candidates(x, q, cand):
     cand[2] = 0
 
 
-@njit(cache=True)
-def viterbi_scan(r, weight, lam, limit, next_state, qid, chunk_size, n_gt, mode, fast, slow, block, out):
-    """Trellis search (see module docstring). r = w/Δ; levels written to `out`."""
+@njit(cache=True, inline="always")
+def _viterbi(r, weight, lam, limit, next_state, qid, chunk_size, n_gt, mode, fast, slow, block, out, rated):
+    """Trellis search (see module docstring). r = w/Δ; levels written to `out`. `rated` is a constant:
+    without the rate term numba drops the rate model's calls, so they are not compiled either."""
     n = r.shape[0]
     ns = qid.shape[0]
     scale = 1.0 / float(1 << COST_FRAC_BITS)
@@ -101,11 +102,11 @@ def viterbi_scan(r, weight, lam, limit, next_state, qid, chunk_size, n_gt, mode,
     back = np.zeros((block, ns), dtype=np.int64)
     lev = np.zeros((block, ns), dtype=np.int64)
     cand = np.zeros(3, dtype=np.int64)
-    no_row = np.int64(0)  # no row neighbour u here; an int64, so rate_cost/rate_update compile once (not for a literal 0)
+    no_row = np.int64(0)  # no row neighbour u here; int64s, not literals: rate_cost/rate_update compile once
     start_state = 0
     chunk_start = 0
     ctx = new_contexts(N_CONTEXTS)
-    s0 = 0
+    s0 = np.int64(0)  # not a literal 0: the rate_update below would compile for it too
     while s0 < n:
         if s0 >= chunk_start + chunk_size:
             chunk_start += chunk_size
@@ -136,7 +137,7 @@ def viterbi_scan(r, weight, lam, limit, next_state, qid, chunk_size, n_gt, mode,
                         continue
                     d = x - recon_multiple(k, q)
                     cost = J[s] + weight[i] * d * d
-                    if lam > 0:
+                    if rated:
                         cost += lam * scale * rate_cost(ctx, st, k, pa[s], pb[s], no_row, mode, n_gt, fast, slow)
                     t = next_state[s, k & 1]
                     if cost < J2[t]:
@@ -158,12 +159,24 @@ def viterbi_scan(r, weight, lam, limit, next_state, qid, chunk_size, n_gt, mode,
         for i in range(e0 - 1, s0 - 1, -1):
             out[i] = lev[i - s0, s]
             s = back[i - s0, s]
-        for i in range(s0, e0):   # adapt the contexts to the decided levels, as the encoder will
-            a = out[i - 1] if i - 1 >= chunk_start else 0
-            b = out[i - 2] if i - 2 >= chunk_start else 0
-            rate_update(ctx, st, out[i], a, b, no_row, mode, n_gt, fast, slow)
+        if rated:  # adapt the contexts to the decided levels, as the encoder will
+            rate_update(ctx, st, out, chunk_start, s0, e0, no_row, mode, n_gt, fast, slow)
         s0 = e0
     return out
+
+
+@njit(cache=True)
+def viterbi_scan(r, weight, lam, limit, next_state, qid, chunk_size, n_gt, mode, fast, slow, block, out):
+    """The trellis search with the rate term λ·R (λ > 0), R from the cabac rate model."""
+    return _viterbi(r, weight, lam, limit, next_state, qid, chunk_size, n_gt, mode, fast, slow, block, out, True)
+
+
+@njit(cache=True)
+def viterbi_scan_distortion(r, weight, limit, next_state, qid, chunk_size, block, out):
+    """The trellis search without a rate term (λ = 0): the trellis levels nearest the weights."""
+    unused = np.int64(0)
+    return _viterbi(r, weight, 0.0, limit, next_state, qid, chunk_size, unused, unused, unused, unused, block, out,
+                    False)
 
 
 @dataclass(frozen=True)
@@ -226,8 +239,12 @@ class TrellisQuantizer(Quantizer):
         out = np.zeros(r.size, dtype=np.int64)
         if r.size == 0:
             return out, quant
-        nearest = np.rint(r / 2).astype(np.int64)
-        chunk, n_gt, mode, _row, fast, slow = cabac_settings(nearest, tuple(w32.shape))
-        viterbi_scan(r, weight, float(self.lam), np.int64(limit), next_state, qid, chunk, n_gt, mode,
-                     fast, slow, BLOCK, out)
+        if self.lam > 0:
+            nearest = np.rint(r / 2).astype(np.int64)
+            chunk, n_gt, mode, _row, fast, slow = cabac_settings(nearest, tuple(w32.shape))
+            viterbi_scan(r, weight, float(self.lam), np.int64(limit), next_state, qid, chunk, n_gt, mode,
+                         fast, slow, BLOCK, out)
+        else:  # no rate model to set up (nor compile); blocks still end at the cabac chunks, as above
+            viterbi_scan_distortion(r, weight, np.int64(limit), next_state, qid, get_backend("cabac").chunk_size,
+                                    BLOCK, out)
         return out, quant
