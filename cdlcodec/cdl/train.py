@@ -69,8 +69,8 @@ class TrainConfig:
     # about its learning rate per step, so α/β (≈500) get base rates on their own scale.
     # η_q = η_s = 0.003, not 0.01: at 0.01 the steps of LeNet-5's 8-bit first/last layers and of its
     # fully connected activations move 1.7-3.3 % of their value per Adam step, so the grid jitters
-    # under the weights; from scratch (8 epochs, 2 seeds) 0.003 gained 1.4-1.9 points for CDL and
-    # 0.7-1.7 for R-CDL, 0.03 collapsed CDL (benchmarks/results/cdl_scratch.md).
+    # under the weights; from scratch (LeNet-5, 8 epochs, 6 seeds) 0.003 gained 1.3 points for CDL
+    # and 1.2 for R-CDL on average, 0.03 collapsed CDL (benchmarks/results/cdl_scratch.md).
     lr_q: float = 0.003
     lr_s: float = 0.003
     lr_alpha: float = 100.0
