@@ -258,8 +258,8 @@ def test_a_kept_decision_keeps_half_its_margin():
     ref = [[np.array([[0.0, 1.0, 0.2]])], [np.array([[3.0, 0.0, 0.0]])]]
     assert changed_samples(ref, [[np.array([[0.0, 0.7, 0.2]])], [np.array([[3.0, 0.0, 0.0]])]], kinds) == 0
     assert changed_samples(ref, [[np.array([[0.0, 0.55, 0.2]])], [np.array([[3.0, 0.0, 0.0]])]], kinds) == 1
-    # moving the other way by as much is as telling: the rounding moves margins by that much
-    assert changed_samples(ref, [[np.array([[0.0, 1.45, 0.2]])], [np.array([[3.0, 0.0, 0.0]])]], kinds) == 1
+    assert changed_samples(ref, [[np.array([[0.0, 1.9, 0.2]])], [np.array([[3.0, 0.0, 0.0]])]], kinds) == 0  # surer
+    assert changed_samples(ref, [[np.array([[0.0, 0.5, 0.7]])], [np.array([[3.0, 0.0, 0.0]])]], kinds) == 1  # flipped
 
 
 def test_near_ties_are_not_promised():
