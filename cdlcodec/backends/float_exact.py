@@ -84,8 +84,8 @@ V1_SCALE_BITS = 12
 PACKED_SCALE_BITS = 12
 PACKED_SYMBOLS = 1024
 DICTIONARY_VERSION = 3
-# The dictionary coder (lzma, slow) is tried only where zlib's fastest level, on the tensor's first
-# elements, already beats the other versions' bytes per element, i.e. where values repeat; trained
+# The dictionary coder (lzma, slow) is tried only where zlib's fastest level, on a sample of the
+# tensor, already beats the other versions' bytes per element, i.e. where values repeat; trained
 # weights never get there (and the probe costs them a few percent of the encoding time).
 _DICTIONARY_PROBE_LEVEL = 1
 _DICTIONARY_PROBE_ELEMENTS = 1 << 14
@@ -160,13 +160,22 @@ def encode(array: np.ndarray, dtype: str) -> tuple[bytes, bytes]:
         packed = _encode_packed(bits, dtype)
         if len(packed[0]) + len(packed[1]) < len(best[0]) + len(best[1]):
             best = packed
-    probe = bits[:_DICTIONARY_PROBE_ELEMENTS]
+    probe = _probe_sample(bits)
     probe_bytes = len(zlib.compress(probe.tobytes(), _DICTIONARY_PROBE_LEVEL)) if probe.size else 0
     if probe.size and probe_bytes * bits.size < len(best[0]) * probe.size:
         dictionary = _encode_dictionary(bits, dtype)
         if len(dictionary[0]) + len(dictionary[1]) < len(best[0]) + len(best[1]):
             best = dictionary
     return best
+
+
+def _probe_sample(bits: np.ndarray) -> np.ndarray:
+    """16 blocks of 1,024 elements spread over the tensor (all of a smaller one): a prefix can
+    mislead, e.g. an embedding's first rows are unused tokens of near-identical values."""
+    if bits.size <= _DICTIONARY_PROBE_ELEMENTS:
+        return bits
+    starts = np.linspace(0, bits.size - 1024, 16).astype(np.int64)
+    return np.concatenate([bits[s:s + 1024] for s in starts])
 
 
 def _encode_dictionary(bits: np.ndarray, dtype: str) -> tuple[bytes, bytes]:
