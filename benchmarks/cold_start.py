@@ -9,6 +9,12 @@ the child) are both shown: on a shared machine the CPU time is what the command 
 
     python benchmarks/cold_start.py                       # this interpreter's cdlcodec
     python benchmarks/cold_start.py --python core/bin/python --no-demo --format safetensors   # a core venv
+    python benchmarks/cold_start.py --backends cabac --trellis --no-demo --before-tree DIR    # A/B
+
+--trellis adds `encode --backend cabac --trellis` without and with `--lambda 0.05`. --before-tree
+runs every command also with an older source tree first on the path (laid out as installed:
+`mkdir DIR && git archive REV cdlcodec formats cli | tar -x -C DIR && mv DIR/formats DIR/cli
+DIR/cdlcodec/`), each with its own fresh cache, before and after side by side under the same load.
 """
 from __future__ import annotations
 
@@ -38,9 +44,12 @@ else:
 """
 
 
-def timed(python: str, args: list[str], cache: str, cwd: str) -> tuple[float, float]:
-    """(wall seconds, CPU seconds) of `python -m cdlcodec ARGS` with numba's cache in `cache`."""
+def timed(python: str, args: list[str], cache: str, cwd: str, tree: str | None = None) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of `python -m cdlcodec ARGS` with numba's cache in `cache` (and
+    the source tree `tree` first on the path)."""
     env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+    if tree:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [tree, env.get("PYTHONPATH")]))
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run([python, "-m", "cdlcodec", *args], capture_output=True, text=True, env=env, cwd=cwd)
@@ -51,9 +60,9 @@ def timed(python: str, args: list[str], cache: str, cwd: str) -> tuple[float, fl
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def cold_and_warm(python: str, args: list[str], work: str) -> list[float]:
+def cold_and_warm(python: str, args: list[str], work: str, tree: str | None = None) -> list[float]:
     with tempfile.TemporaryDirectory() as cache:
-        return [*timed(python, args, cache, work), *timed(python, args, cache, work)]
+        return [*timed(python, args, cache, work, tree), *timed(python, args, cache, work, tree)]
 
 
 def main() -> None:
@@ -63,26 +72,38 @@ def main() -> None:
     parser.add_argument("--no-demo", action="store_true", help="skip `cdlcodec demo` (needs torch)")
     parser.add_argument("--format", choices=("pt", "safetensors"), default="pt",
                         help="the model file to encode (a core install without torch reads only safetensors)")
+    parser.add_argument("--trellis", action="store_true", help="also time first --trellis encodes (cabac)")
+    parser.add_argument("--before-tree", help="an older source tree to time side by side (see above)")
     opts = parser.parse_args()
-
     rows = []
+    trees = [("before", os.path.abspath(opts.before_tree)), ("after", None)] if opts.before_tree else [("", None)]
+
+    def measure(name, args, work):
+        for label, tree in trees:  # before and after back to back, under the same load
+            rows.append((name, label, cold_and_warm(opts.python, args, work, tree)))
+
     with tempfile.TemporaryDirectory() as work:
         model = Path(work, f"lenet.{opts.format}")
         subprocess.run([sys.executable, "-c", _WRITE_MODEL.format(path=str(model))], check=True)
         for backend in opts.backends.split(","):
             cdl = f"{backend}.cdl"
-            rows.append((f"encode --backend {backend}",
-                         cold_and_warm(opts.python, ["encode", str(model), "-o", cdl, "--backend", backend, "-q"], work)))
-            rows.append((f"decode ({backend}) to .safetensors",
-                         cold_and_warm(opts.python, ["decode", cdl, "-o", f"{backend}.safetensors", "-q"], work)))
+            measure(f"encode --backend {backend}", ["encode", str(model), "-o", cdl, "--backend", backend, "-q"], work)
+            measure(f"decode ({backend}) to .safetensors", ["decode", cdl, "-o", f"{backend}.safetensors", "-q"], work)
+        if opts.trellis:
+            for extra in ([], ["--lambda", "0.05"]):
+                measure(" ".join(["encode --backend cabac --trellis", *extra]),
+                        ["encode", str(model), "-o", "trellis.cdl", "--backend", "cabac", "--trellis", *extra, "-q"],
+                        work)
         if not opts.no_demo:
-            rows.append(("demo", cold_and_warm(opts.python, ["demo", "--quiet"], work)))
+            measure("demo", ["demo", "--quiet"], work)
 
     print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end\n")
-    print("| command | cold wall | cold CPU | warm wall | warm CPU |")
-    print("|---|---:|---:|---:|---:|")
-    for name, (cold_wall, cold_cpu, warm_wall, warm_cpu) in rows:
-        print(f"| `cdlcodec {name}` | {cold_wall:.1f} s | {cold_cpu:.1f} s | {warm_wall:.1f} s | {warm_cpu:.1f} s |")
+    tree_column = bool(opts.before_tree)
+    print("| command |" + (" tree |" if tree_column else "") + " cold wall | cold CPU | warm wall | warm CPU |")
+    print("|---|" + ("---|" if tree_column else "") + "---:|---:|---:|---:|")
+    for name, label, (cold_wall, cold_cpu, warm_wall, warm_cpu) in rows:
+        print(f"| `cdlcodec {name}` |" + (f" {label} |" if tree_column else "")
+              + f" {cold_wall:.1f} s | {cold_cpu:.1f} s | {warm_wall:.1f} s | {warm_cpu:.1f} s |")
 
 
 if __name__ == "__main__":
