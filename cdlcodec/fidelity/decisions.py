@@ -9,8 +9,8 @@ logits (argmax), more are an embedding, which decides for each sample which othe
 run is most similar to it (cosine): the retrieval a sentence or image embedding is used for.
 
 Not flipping a calibration decision is not enough: an unseen input nearer the boundary still flips
-(the former rule kept every calibration decision and changed 1-2 of 64 held-apart samples on three
-real models). So a decision counts as kept only when it keeps at least half of its margin, which
+(keeping only the side of every calibration decision, silero-vad still flipped 1 of 64 held-apart
+speech decisions). So a decision counts as kept only when it keeps at least half of its margin, which
 keeps the rounding's pull towards every boundary well inside the margins seen. (Holding the margin
 from growing by as much too cost 2-16 % more bits for no held-apart change: BENCHMARKS.md.) Ties (margins
 under TIE of the output's median margin) decide nothing and are not held.
