@@ -236,7 +236,7 @@ def _decode(data, start, length, n, step, symbol, scale_bits, layout, raw, out, 
     pos = start + STATE_BYTES
     end = start + length
     mask = (1 << scale_bits) - 1
-    j = 0
+    j = np.int64(0)  # not a literal 0: _element would be compiled once more for it (tests/test_cold_start.py)
     # Four states decoded side by side with no data-dependent branch: the renormalisation is
     # arithmetic (shift by 0 or 16, word masked in or out) and the words come from one load per
     # quartet, so the CPU overlaps the four dependency chains.
