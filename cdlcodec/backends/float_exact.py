@@ -190,14 +190,12 @@ def _encode_dictionary(bits: np.ndarray, dtype: str) -> tuple[bytes, bytes]:
 
 def _encode_packed(bits: np.ndarray, dtype: str) -> tuple[bytes, bytes]:
     """Version 2: per chunk a table, the rANS stream of the 10-bit symbols and the packed 6-bit rest."""
-    wide = bits.astype(np.uint32)
-    symbols = ((wide >> 5) & 0x3FF).astype(np.uint16)
-    rest = ((wide >> 10) & 0x20) | (wide & 0x1F)
     chunk = 1 << CHUNK_LOG2
     directory, body = bytearray(), []
     buf = np.empty(min(bits.size, chunk) * 2 + 64, np.uint8)
-    for start in range(0, bits.size, chunk):
-        sym = symbols[start:start + chunk]
+    for start in range(0, bits.size, chunk):  # split chunk by chunk: no whole-tensor temporaries
+        wide = bits[start:start + chunk].astype(np.uint32)
+        sym = ((wide >> 5) & 0x3FF).astype(np.uint16)
         freq = fk.normalize_counts(np.bincount(sym, minlength=PACKED_SYMBOLS).astype(np.int64), PACKED_SCALE_BITS)
         used = np.flatnonzero(freq)
         gaps = np.diff(used, prepend=-1) - 1
@@ -205,7 +203,7 @@ def _encode_packed(bits: np.ndarray, dtype: str) -> tuple[bytes, bytes]:
                                                     for g, s in zip(gaps, used))
         stream = buf[:fk.encode_rans(sym, freq, PACKED_SCALE_BITS, buf)].tobytes()
         directory += (len(table) + len(stream)).to_bytes(4, "little")
-        body += [table, stream, _pack6(rest[start:start + chunk])]
+        body += [table, stream, _pack6(((wide >> 10) & 0x20) | (wide & 0x1F))]
     params = bytes([PACKED_VERSION, CHUNK_LOG2, DTYPES[dtype][0], PACKED_SCALE_BITS])
     return bytes(directory) + b"".join(body), params
 
@@ -251,28 +249,24 @@ def _parse_params(params: bytes, dtype: str | None):
     if len(params) < 3:
         raise CdlDecodeError("float: coder parameters are truncated")
     if params[0] == DICTIONARY_VERSION:
-        names = [name for name, (code, _) in DTYPES.items() if code == params[1]]
-        if not names or (dtype is not None and names[0] != dtype):
-            raise CdlDecodeError(f"float: parameters are for dtype code {params[1]}, not {dtype}")
+        name = _dtype_named(params[1], dtype)
         if len(params) != 3 or not 12 <= params[2] <= 26:
             raise CdlDecodeError("float: version 3 parameters need a dictionary of 2**12..2**26 bytes and nothing after it")
-        return None, names[0], params[2]
+        return None, name, params[2]
     if params[0] not in (VERSION, PACKED_VERSION):
         raise CdlDecodeError(f"float: unknown coder version {params[0]}")
     chunk_log2 = params[1]
     if not 10 <= chunk_log2 <= 24:
         raise CdlDecodeError(f"float: chunk size 2**{chunk_log2} outside 2**10..2**24")
-    names = [name for name, (code, _) in DTYPES.items() if code == params[2]]
-    if not names or (dtype is not None and names[0] != dtype):
-        raise CdlDecodeError(f"float: parameters are for dtype code {params[2]}, not {dtype}")
+    name = _dtype_named(params[2], dtype)
     if params[0] == PACKED_VERSION:
-        if names[0] == "float32":
+        if name == "float32":
             raise CdlDecodeError("float: version 2 codes 16-bit types only")
         if len(params) != 4 or not 12 <= params[3] <= 15:
             raise CdlDecodeError("float: version 2 parameters need a scale of 12..15 bits and nothing after it")
-        return chunk_log2, names[0], params[3]
+        return chunk_log2, name, params[3]
     pos, planes = 3, []
-    for _ in range(N_PLANES[names[0]]):
+    for _ in range(N_PLANES[name]):
         if pos >= len(params):
             raise CdlDecodeError("float: coder parameters are truncated")
         mode = params[pos]
@@ -300,7 +294,15 @@ def _parse_params(params: bytes, dtype: str | None):
             raise CdlDecodeError(f"float: unknown plane mode {mode}")
     if pos != len(params):
         raise CdlDecodeError("float: trailing bytes after the coder parameters")
-    return chunk_log2, names[0], planes
+    return chunk_log2, name, planes
+
+
+def _dtype_named(code: int, dtype: str | None) -> str:
+    """The dtype of a params' dtype code, which must be `dtype` when that is given."""
+    names = [name for name, (c, _) in DTYPES.items() if c == code]
+    if not names or (dtype is not None and names[0] != dtype):
+        raise CdlDecodeError(f"float: parameters are for dtype code {code}, not {dtype}")
+    return names[0]
 
 
 def max_count(payload_len: int, params: bytes, dtype: str) -> int | None:
@@ -308,11 +310,16 @@ def max_count(payload_len: int, params: bytes, dtype: str) -> int | None:
     element with a verbatim plane; with only rANS and constant planes, each chunk needs at least its
     directory entry and states; all-constant planes are a constant tensor (no payload, no bound)."""
     params = bytes(params)
-    chunk_log2, _, planes = _parse_params(params, dtype)
-    if params[0] == PACKED_VERSION:  # every element has 6 raw bits in the payload
+    return _count_bound(payload_len, params[0], _parse_params(params, dtype))
+
+
+def _count_bound(payload_len: int, version: int, parsed) -> int | None:
+    """max_count from already parsed params."""
+    if version == PACKED_VERSION:  # every element has 6 raw bits in the payload
         return payload_len * 8 // 6
-    if params[0] == DICTIONARY_VERSION:  # LZMA's ratio has no useful bound: the decoded-size limit
+    if version == DICTIONARY_VERSION:  # LZMA's ratio has no useful bound: the decoded-size limit
         return None
+    chunk_log2, _, planes = parsed
     return _bound(payload_len, chunk_log2, [m for m, _ in planes])
 
 
@@ -331,14 +338,15 @@ def decode(payload: bytes, params: bytes, count: int, dtype: str) -> np.ndarray:
         raise CdlDecodeError(f"float: cannot code dtype {dtype}")
     if count < 0:
         raise CdlDecodeError(f"float: negative element count {count}")
-    bound = max_count(len(payload), params, dtype)
+    parsed = _parse_params(params, dtype)
+    bound = _count_bound(len(payload), params[0], parsed)
     if bound is not None and count > bound:  # before allocating anything proportional to count
         raise CdlDecodeError(f"float: {count:,} elements cannot come from a {len(payload):,}-byte payload")
     if params[0] == PACKED_VERSION:
         return _decode_packed(np.frombuffer(payload, np.uint8), params, count)
     if params[0] == DICTIONARY_VERSION:
         return _decode_dictionary(payload, params, count, dtype)
-    chunk_log2, _, planes = _parse_params(params, dtype)
+    chunk_log2, _, planes = parsed
     chunk = 1 << chunk_log2
     n_chunks = -(-count // chunk)
     n_rans = sum(m == RANS for m, _ in planes)
