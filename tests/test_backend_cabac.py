@@ -302,8 +302,9 @@ def test_rate_model_replays_the_encoder():
         before = ctx.copy()
         peek = rate_cost(ctx, scratch, levels[i], a, b, u, mode, n_gt, fast, slow)
         np.testing.assert_array_equal(ctx, before)          # peeking changes nothing
-        total += rate_update(ctx, scratch, levels, 0, i, i + 1, row_len, mode, n_gt, fast, slow)
-        assert peek > 0
+        cost = rate_update(ctx, scratch, levels, 0, i, i + 1, row_len, mode, n_gt, fast, slow)
+        assert peek == cost > 0   # a level's bins use distinct contexts: peek = the encoder's cost
+        total += cost
     kernel_total = cost_chunks(levels, 1 << 20, n_gt, mode, row_len, fast, slow, levels.size)
     assert total + (16 << COST_FRAC_BITS) == kernel_total   # same walk, same contexts
     # a chunk that starts inside the array: its first levels have no neighbours before `start`
@@ -313,6 +314,28 @@ def test_rate_model_replays_the_encoder():
                                                         levels.size)
     payload, _ = backend.encode(levels, EncodeHint(shape=(rows, cols)))
     assert abs(total / (1 << COST_FRAC_BITS) - 8 * len(payload)) < 0.005 * 8 * len(payload) + 48
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2])
+def test_rate_cost_equals_the_encoders_walk_for_every_kind_of_level(mode):
+    """rate_cost sums the bins' costs itself (not through code_level, for a fast first compile): it
+    must equal the encoder's own walk of one level (OP_COST through rate_update) for zero, sign,
+    gt ladder, Exp-Golomb prefix and suffix, every neighbourhood class and n_gt, in any context state."""
+    rng = np.random.default_rng(mode)
+    mags = sorted({*range(0, 40), *(2**j + d for j in range(5, 21) for d in (-1, 0, 1)), MAX_ABS_LEVEL})
+    ks = np.array([s * m for m in mags for s in ((1, -1) if m else (1,))], np.int64)
+    neigh = [(0, 0, 0), (1, 0, 0), (-1, 2, -1), (0, -1, 1), (3, -5, 0), (-2, 0, 7), (0, 0, -1), (40, 1, 2)]
+    scratch = np.zeros(STATE_SIZE, np.int64)
+    row_len = np.int64(3)  # levels [u, b, a, k]: u is k's row neighbour
+    for n_gt in (0, 1, 2, 4, MAX_GT):
+        ctx = new_contexts(N_CONTEXTS)
+        ctx[:, 3] = rng.integers(1, 1 << 15, N_CONTEXTS)  # CTX_PROB: the only field a cost reads
+        for a, b, u in neigh:
+            for k in ks:
+                levels = np.array([u, b, a, k], np.int64)
+                peek = rate_cost(ctx, scratch, k, np.int64(a), np.int64(b), np.int64(u), mode, n_gt, 4, 7)
+                walked = rate_update(ctx.copy(), scratch, levels, 0, 3, 4, row_len, mode, n_gt, 4, 7)
+                assert peek == walked, (n_gt, a, b, u, int(k))
 
 
 def test_smaller_than_order0_entropy_on_laplace():

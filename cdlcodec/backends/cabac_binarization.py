@@ -25,11 +25,13 @@ the matrix form of the tensor, when the stream has a row length). Context design
 One routine, `code_level`, walks these bins for every use. Its first argument `op` says what a
 bin does: OP_ENCODE (write it), OP_DECODE (read it; the walk then follows the decoded bits),
 OP_COST (add its cost and adapt the context, as the encoder would) or OP_PEEK (add its cost
-only). `code_level` is inlined into each kernel, so the binarization and context choice exist
-exactly once in the source. Compiling an inlined copy is what a first encode waits for (numba's
-inliner copies the callee's IR block by block, seconds per copy), so there are few copies: one
-decoder (a constant OP_DECODE), one encoder kernel whose run-time op also serves the cost
-estimates of the settings search and the rate model's updates, and the rate model's peek.
+only). `code_level` is inlined into each kernel, so the binarization exists once in the source
+for the coder (the context choice, `neighbourhood_classes`, once for every use). Compiling an
+inlined copy is what a first encode waits for (numba's inliner copies the callee's IR block by
+block, seconds per copy), so there are two copies: one decoder (a constant OP_DECODE) and one
+encoder kernel whose run-time op also serves the cost estimates of the settings search and the
+rate model's updates. The rate model's peek (`rate_cost`) sums the same bins' costs in a small
+kernel of its own, tested equal to code_level's OP_PEEK.
 
 Rate model API for an RD quantizer (DeepCABAC eq. 11, L_ik = rate of level k at weight i), all
 numba functions that can be called from other njit code while scanning a tensor:
@@ -46,7 +48,8 @@ levels s..e-1 (the levels before s from chunk_start on being their neighbours) e
 encoder will, so a quantizer that calls it for the chosen levels sees the rates the real encoder
 will spend (up to the range coder's rounding, a fraction of a percent). rate_update runs the
 encoder's own chunk kernel (nothing more to compile); rate_cost, called for every candidate of
-every level, is a kernel of its own, specialised to peeking.
+every level, is a small kernel of its own that sums the bins' costs directly (an inlined
+code_level would cost a first RD encode seconds of compiling; tests pin it to code_level).
 """
 from __future__ import annotations
 
@@ -133,9 +136,10 @@ def _sign_class(v):
 
 
 @njit(cache=True, inline="always")
-def code_level(decoding, op, x, rng, pos, k, a, b, u, mode, n_gt, ctx, st, buf, fast, slow):
-    """Walk the bins of level k (see module docstring); returns (level, x, rng, pos) where level is k,
-    or the decoded level for OP_DECODE (then k is ignored). Decode errors set st[ERR], level 0."""
+def neighbourhood_classes(a, b, u, mode):
+    """(sa, s2, m, g) of neighbours a, b, u under context design `mode`: sa and s2 pick the sig and
+    sign contexts' sign classes, m the sig context's magnitude, g the gt contexts' magnitude class.
+    The one place the context choice is made (code_level and peek_cost both use it)."""
     sa = _sign_class(a)
     if mode == MODE_PREV:
         m = 0
@@ -150,6 +154,14 @@ def code_level(decoding, op, x, rng, pos, k, a, b, u, mode, n_gt, ctx, st, buf, 
             s2 = _sign_class(b)
         m = s if s < 2 else 2
         g = 0 if s == 0 else (1 if s <= 2 else 2)
+    return sa, s2, m, g
+
+
+@njit(cache=True, inline="always")
+def code_level(decoding, op, x, rng, pos, k, a, b, u, mode, n_gt, ctx, st, buf, fast, slow):
+    """Walk the bins of level k (see module docstring); returns (level, x, rng, pos) where level is k,
+    or the decoded level for OP_DECODE (then k is ignored). Decode errors set st[ERR], level 0."""
+    sa, s2, m, g = neighbourhood_classes(a, b, u, mode)
     mag = abs(k)
 
     sig, x, rng, pos = _bin(decoding, op, x, rng, pos, st, buf, ctx, SIG_BASE + sa * N_SIG_MAG + m, 1 if k != 0 else 0,
@@ -337,12 +349,45 @@ def cost_chunks(levels, chunk_size, n_gt, mode, row_len, fast, slow, limit):
 
 # --- rate model for RD quantization -------------------------------------------------------------
 
+@njit(cache=True, inline="always")
+def _peek(ctx, ci, bit):
+    return bin_cost(ctx_prob(ctx, ci), bit, COST_TABLE)
+
+
 @njit(cache=True, _nrt=False, nogil=True)
 def rate_cost(ctx, st, k, a, b, u, mode, n_gt, fast, slow):
     """Cost of coding level k next (1/65536 bit) after neighbours a, b, u (see neighbours) in state
-    ctx; ctx is not changed. A constant op: called per candidate, it is worth its own compile."""
-    _, cost, _, _ = code_level(ENCODER_SIDE, OP_PEEK, np.int64(0), np.int64(0), np.int64(0), k, a, b, u, mode, n_gt,
-                               ctx, st, st, fast, slow)
+    ctx; ctx is not changed (code_level's OP_PEEK, errors flagged in st the same way).
+
+    The bins of code_level costed directly rather than through an inlined code_level: compiling
+    that copy took 4-6 s of a first `--trellis --lambda` or `--lambda` encode (numba's IR inliner),
+    this takes a fraction of a second. The contexts come from neighbourhood_classes as in
+    code_level; tests check the two give the same cost for every kind of level, design and n_gt.
+    (fast, slow: unused by a peek, kept for the rate model's uniform signature.)"""
+    sa, s2, m, g = neighbourhood_classes(a, b, u, mode)
+    sig_ci = SIG_BASE + sa * N_SIG_MAG + m
+    if k == 0:
+        return _peek(ctx, sig_ci, 0)
+    neg = 1 if k < 0 else 0
+    cost = _peek(ctx, sig_ci, 1) + _peek(ctx, SIGN_BASE + sa * 3 + s2, neg)
+    mag = abs(k)
+    gbase = GT_BASE + neg * (MAX_GT * N_GT_CLASS) + g
+    for j in range(n_gt):  # gt_j = |k| > j + 1; the first 0 ends the level
+        if mag <= j + 1:
+            return cost + _peek(ctx, gbase + j * N_GT_CLASS, 0)
+        cost += _peek(ctx, gbase + j * N_GT_CLASS, 1)
+    v = mag - n_gt  # Exp-Golomb-0 of v >= 1: nb prefix ones, a zero, nb bypass bins
+    nb = 0
+    while (v >> (nb + 1)) > 0:
+        nb += 1
+    for j in range(min(nb, MAX_PREFIX)):
+        cost += _peek(ctx, EG_BASE + j, 1)
+    if nb >= MAX_PREFIX:
+        st[ERR] = ERR_PREFIX
+        return cost
+    cost += _peek(ctx, EG_BASE + nb, 0) + (nb << COST_FRAC_BITS)
+    if mag > MAX_ABS_LEVEL:
+        st[ERR] = ERR_LEVEL
     return cost
 
 
