@@ -369,3 +369,45 @@ def test_crc_valid_hostile_containers_with_exact_tensors_give_only_cdl_errors(tm
         assert outcome in ("decoded", "refused"), f"case {case}: {outcome}\n{detail}"
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
     assert outcomes.get("decoded", 0) >= 10 and outcomes.get("refused", 0) >= 150, outcomes
+
+
+def _v2_with_table(bits: np.ndarray, table: bytes) -> tuple[bytes, bytes]:
+    """A one-chunk version 2 payload of `bits` whose table is replaced by `table` (stream and raw
+    bits kept)."""
+    from cdlcodec.backends import float_kernels as fk
+
+    payload, params = fe._encode_packed(bits, "bfloat16")
+    data = np.frombuffer(payload, np.uint8)
+    end = 4 + int(data[:4].view("<u4")[0])
+    stream = fk.read_frequencies(data, 4, end, np.zeros(1024, np.int64))
+    body = table + payload[stream:]
+    return (end - stream + len(table)).to_bytes(4, "little") + body, params
+
+
+def test_frequencies_whose_sum_wraps_around_are_refused():
+    """Three frequencies 2**63 - 1, 2**63 - 1, 4098 sum to 4096 in int64: the decoder used to build its
+    tables from them and write far outside them (a crash); each frequency is now bounded first."""
+    from cdlcodec.backends.varint import write_uvarint
+
+    bits = _weights("bfloat16", 4096, seed=3)
+    huge = [2**63 - 1, 2**63 - 1, 4098]
+    table = write_uvarint(3) + b"".join(write_uvarint(0) + write_uvarint(f) for f in huge)
+    payload, params = _v2_with_table(bits, table)
+    with pytest.raises(CdlDecodeError, match="table"):
+        fe.decode(payload, params, bits.size, "bfloat16")
+    # version 1: the same frequencies in the plane descriptor
+    v1 = bytes([1, 18, 0, 2]) + bytes([0b111]) + bytes(31) + b"".join(write_uvarint(f) for f in huge) + bytes([0])
+    with pytest.raises(CdlDecodeError, match="rANS table"):
+        fe.decode(bytes(4 + 16 + 64), v1, 64, "bfloat16")
+
+
+@pytest.mark.parametrize("n", [4, 5, 17, 1000, 4099, (1 << 18) + 7])
+def test_version_2_decodes_at_every_length_and_near_the_payload_end(monkeypatch, n):
+    """The fast loop stops 8 bytes before the payload's end and the old loop finishes: lengths around
+    quartets and chunks, several chunks, the last chunk's raw bits at the very end."""
+    monkeypatch.setattr(fe, "CHUNK_LOG2", 12)
+    bits = _weights("bfloat16", n, seed=n)
+    payload, params = fe._encode_packed(bits, "bfloat16")
+    assert fe.decode(payload, params, n, "bfloat16").tobytes() == bits.tobytes()
+    v1 = fe._encode_planes(bits, "bfloat16")
+    assert fe.decode(*v1, n, "bfloat16").tobytes() == bits.tobytes()

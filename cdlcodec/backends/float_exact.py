@@ -286,8 +286,9 @@ def _parse_params(params: bytes, dtype: str | None):
             freq = np.zeros(256, np.int64)
             for s in np.flatnonzero(present):
                 freq[s], pos = read_uvarint(params, pos)
-            if np.count_nonzero(present) < 2 or freq.min(initial=0) < 0 or np.any(freq[present == 1] < 1) \
-                    or int(freq.sum()) != 1 << V1_SCALE_BITS:
+            # each frequency bounded first: a sum of huge ones could wrap around to 4096 in int64
+            if np.count_nonzero(present) < 2 or np.any(freq[present == 1] < 1) \
+                    or np.any(freq > 1 << V1_SCALE_BITS) or int(freq.sum()) != 1 << V1_SCALE_BITS:
                 raise CdlDecodeError(f"float: a rANS table needs >= 2 symbols with frequencies summing to {1 << V1_SCALE_BITS}")
             planes.append((RANS, freq))
         else:
@@ -411,18 +412,11 @@ def _decode_packed(data: np.ndarray, params: bytes, count: int) -> np.ndarray:
     if expected != data.size:
         raise CdlDecodeError(f"float: payload is {data.size} bytes, its directory describes {expected}")
     out = np.empty(count, np.dtype("<u2"))
-    pos = dir_len
-    for c in range(n_chunks):
-        n, end = min(chunk, count - c * chunk), pos + int(lengths[c])
-        freq, stream = _read_table(data, pos, end, scale_bits, c)
-        raw = end + raw_bytes[c] - 1
-        if n % 4 and data[raw] >> ((6 * n) % 8 or 8):
-            raise CdlDecodeError(f"float: chunk {c}: padding bits after the last element are not zero")
-        status = fk.decode_chunk16(data, stream, end - stream, n, *fk.decode_tables(freq, scale_bits), scale_bits,
-                                   True, end, out, c * chunk)
-        if status != fk.OK:
-            raise CdlDecodeError(f"float: chunk {c}: {fk.MESSAGES[status]}")
-        pos = end + raw_bytes[c]
+    status, c = fk.decode_packed(data, np.int64(dir_len), np.int64(count), np.int64(chunk_log2), np.int64(scale_bits),
+                                 out)
+    if status != fk.OK:
+        message = fk.MESSAGES[status].replace("2**scale_bits", str(1 << scale_bits))
+        raise CdlDecodeError(f"float: chunk {c}: {message}")
     return out
 
 

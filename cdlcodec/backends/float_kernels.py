@@ -20,6 +20,7 @@ N_STATES = 4
 STATE_BYTES = 4 * N_STATES
 U1, U2, U3 = np.uint64(1), np.uint64(2), np.uint64(3)
 W = np.uint64(0xFFFF)
+ULOW = np.uint64(LOW)
 # decode_chunk layouts: how a coded symbol and an element's raw bits make its bit pattern
 NONE, BYTE16, BYTE32, PACKED6 = 0, 1, 2, 3
 
@@ -28,9 +29,15 @@ OK = 0
 ERR_OVERRUN = -1       # the stream ends before its symbols do
 ERR_BAD_STATE = -2     # an initial state outside [LOW, 2**32)
 ERR_BAD_END = -3       # words left over, or the final states are not the encoder's starting states
-ERR_TABLE = -4         # a version 2 table names a symbol past 1023 or a zero frequency
+ERR_TABLE = -4         # a version 2 table names a symbol past 1023, or a frequency of 0 or > 2**15
+ERR_TABLE_SUM = -5     # a version 2 table's frequencies do not sum to 2**scale_bits
+ERR_PADDING = -6       # version 2: bits after a chunk's last raw element are not zero
 MESSAGES = {ERR_OVERRUN: "stream ends before its symbols do", ERR_BAD_STATE: "initial state out of range",
-            ERR_BAD_END: "stream does not end where its symbols do"}
+            ERR_BAD_END: "stream does not end where its symbols do",
+            ERR_TABLE: "table is truncated or malformed", ERR_TABLE_SUM: "table frequencies do not sum to 2**scale_bits",
+            ERR_PADDING: "padding bits after the last element are not zero"}
+MAX_FREQUENCY = 1 << 15  # the largest scale (version 2: 12..15 bits)
+PACKED_SYMBOLS = 1024
 
 
 @njit(cache=True, nogil=True)
@@ -129,7 +136,7 @@ def read_frequencies(data, pos, end, freq):
         if pos < 0:
             return pos
         symbol += gap + 1
-        if symbol >= freq.size or f < 1:
+        if symbol >= freq.size or f < 1 or f > MAX_FREQUENCY:  # the bound: no int64 sum can wrap around
             return ERR_TABLE
         freq[symbol] = f
     return pos
@@ -224,6 +231,159 @@ def decode_plane(data, start, length, n, step, symbol, scale_bits, out):
     return _decode(data, start, length, n, step, symbol, scale_bits, NONE, 0, out, 0)
 
 
+@njit(cache=True, nogil=True, boundscheck=False)
+def decode_packed(data, dir_len, count, chunk_log2, scale_bits, out):
+    """Every chunk of a version 2 payload into the uint16 `out` (count elements) in one call: tables,
+    padding check and rANS decode, with no Python between chunks (a chunk's table used to be read
+    and built by a Python call each). The caller has checked that the directory at data[:dir_len]
+    describes exactly data.size bytes. Returns (OK, 0) or (negative status, chunk index)."""
+    chunk = np.int64(1) << chunk_log2
+    n_chunks = (count + chunk - 1) >> chunk_log2
+    scale = np.int64(1) << scale_bits
+    freq = np.zeros(PACKED_SYMBOLS, np.int64)
+    step = np.empty(scale, np.uint32)
+    symbol = np.empty(scale, np.uint16)
+    pos = dir_len
+    for c in range(n_chunks):
+        n = min(chunk, count - c * chunk)
+        end = pos + (np.int64(data[4 * c]) | (np.int64(data[4 * c + 1]) << 8) | (np.int64(data[4 * c + 2]) << 16)
+                     | (np.int64(data[4 * c + 3]) << 24))
+        raw_bytes = (6 * n + 7) >> 3
+        freq[:] = 0
+        stream = read_frequencies(data, pos, end, freq)
+        if stream < 0:
+            return ERR_TABLE, c
+        total = np.int64(0)
+        for s in range(PACKED_SYMBOLS):
+            total += freq[s]
+        if total != scale:
+            return ERR_TABLE_SUM, c
+        if n % 4 and np.int64(data[end + raw_bytes - 1]) >> ((6 * n) % 8 or 8):
+            return ERR_PADDING, c
+        _fill_tables(freq, step, symbol)
+        status = _decode(data, stream, end - stream, n, step, symbol, scale_bits, PACKED6, end, out, c * chunk)
+        if status != OK:
+            return status, c
+        pos = end + raw_bytes
+    return OK, np.int64(0)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _fill_tables(freq, step, symbol):
+    """decode_tables into given arrays (frequencies summing to their size)."""
+    c = 0
+    for s in range(freq.size):
+        for i in range(freq[s]):
+            step[c + i] = freq[s] | (i << 16)
+            symbol[c + i] = s
+        c += freq[s]
+
+
+@njit(cache=True, nogil=True, boundscheck=False, inline="always")
+def _quartets(data, pos, x0, x1, x2, x3, n, step, symbol, scale_bits, layout, raw, out, out_start):
+    """_decode's main loop: whole quartets of the chunk while the 8 bytes of words at pos lie inside
+    `data` (a quartet reads at most 4 words), so no word needs a bounds test. Words past the stream's
+    end (the raw bits that follow it) are read only from a corrupt stream, which _decode then rejects
+    (pos > end). Returns (j, pos, x0..x3) as int64 for the loops that finish the chunk.
+
+    All in uint64 (no negative-index fix-ups, no sign extensions), renormalisation as selects,
+    the output and raw indices as running counters: fewer instructions and spills per symbol
+    than one loop that also handles the stream's last words (1.9 -> 1.55 ns per bfloat16 weight)."""
+    u0, u1, u2, u3 = np.uint64(x0), np.uint64(x1), np.uint64(x2), np.uint64(x3)
+    o = np.uint64(out_start)
+    if layout == NONE or pos + 8 > data.size or n < 4:
+        return np.int64(0), np.int64(pos), x0, x1, x2, x3
+    p = np.uint64(pos)
+    limit = np.uint64(data.size - 8)
+    mask = np.uint64((1 << scale_bits) - 1)
+    sh = np.uint64(scale_bits)
+    o_end = np.uint64(out_start + (n & ~3))
+    r = np.uint64(raw)  # PACKED6: the quartet's 3 raw bytes; BYTE16/BYTE32: its first element's byte
+    plane = np.uint64(n)  # BYTE32: distance between its raw planes
+    while o < o_end and p <= limit:
+        stop = min(o_end, o + ((limit - p) >> U3) * np.uint64(4) + np.uint64(4))  # quartets with safe words
+        while o < stop:
+            i0 = u0 & mask
+            i1 = u1 & mask
+            i2 = u2 & mask
+            i3 = u3 & mask
+            e0 = np.uint64(step[i0])
+            e1 = np.uint64(step[i1])
+            e2 = np.uint64(step[i2])
+            e3 = np.uint64(step[i3])
+            if layout == PACKED6:
+                g = np.uint64(data[r]) | (np.uint64(data[r + U1]) << np.uint64(8)) \
+                    | (np.uint64(data[r + U2]) << np.uint64(16))
+                out[o] = ((g & np.uint64(0x20)) << np.uint64(10)) | (np.uint64(symbol[i0]) << np.uint64(5)) \
+                    | (g & np.uint64(0x1F))
+                out[o + U1] = ((g & np.uint64(0x800)) << np.uint64(4)) | (np.uint64(symbol[i1]) << np.uint64(5)) \
+                    | ((g >> np.uint64(6)) & np.uint64(0x1F))
+                out[o + U2] = ((g >> U2) & np.uint64(0x8000)) | (np.uint64(symbol[i2]) << np.uint64(5)) \
+                    | ((g >> np.uint64(12)) & np.uint64(0x1F))
+                out[o + U3] = ((g >> np.uint64(8)) & np.uint64(0x8000)) | (np.uint64(symbol[i3]) << np.uint64(5)) \
+                    | ((g >> np.uint64(18)) & np.uint64(0x1F))
+                r += U3
+            elif layout == BYTE16:
+                b = np.uint64(data[r]) | (np.uint64(data[r + U1]) << np.uint64(8)) \
+                    | (np.uint64(data[r + U2]) << np.uint64(16)) | (np.uint64(data[r + U3]) << np.uint64(24))
+                out[o] = ((b & np.uint64(0x80)) << np.uint64(8)) | (np.uint64(symbol[i0]) << np.uint64(7)) \
+                    | (b & np.uint64(0x7F))
+                out[o + U1] = (b & np.uint64(0x8000)) | (np.uint64(symbol[i1]) << np.uint64(7)) \
+                    | ((b >> np.uint64(8)) & np.uint64(0x7F))
+                out[o + U2] = ((b >> np.uint64(8)) & np.uint64(0x8000)) | (np.uint64(symbol[i2]) << np.uint64(7)) \
+                    | ((b >> np.uint64(16)) & np.uint64(0x7F))
+                out[o + U3] = ((b >> np.uint64(16)) & np.uint64(0x8000)) | (np.uint64(symbol[i3]) << np.uint64(7)) \
+                    | ((b >> np.uint64(24)) & np.uint64(0x7F))
+                r += np.uint64(4)
+            else:  # BYTE32
+                out[o] = _element32(symbol[i0], data, r, plane)
+                out[o + U1] = _element32(symbol[i1], data, r + U1, plane)
+                out[o + U2] = _element32(symbol[i2], data, r + U2, plane)
+                out[o + U3] = _element32(symbol[i3], data, r + U3, plane)
+                r += np.uint64(4)
+            u0 = (e0 & W) * (u0 >> sh) + (e0 >> np.uint64(16))
+            u1 = (e1 & W) * (u1 >> sh) + (e1 >> np.uint64(16))
+            u2 = (e2 & W) * (u2 >> sh) + (e2 >> np.uint64(16))
+            u3 = (e3 & W) * (u3 >> sh) + (e3 >> np.uint64(16))
+            q = _word8(data, p)
+            u0, q, c0 = _renorm(u0, q)
+            u1, q, c1 = _renorm(u1, q)
+            u2, q, c2 = _renorm(u2, q)
+            u3, q, c3 = _renorm(u3, q)
+            p += (c0 + c1 + c2 + c3) << U1
+            o += np.uint64(4)
+    return np.int64(o) - out_start, np.int64(p), np.int64(u0), np.int64(u1), np.int64(u2), np.int64(u3)
+
+
+@njit(cache=True, nogil=True, boundscheck=False, inline="always")
+def _word8(data, p):
+    """The 8 bytes at data[p:p+8] as one little-endian uint64 (the caller checked the bound)."""
+    return (np.uint64(data[p]) | (np.uint64(data[p + U1]) << np.uint64(8))
+            | (np.uint64(data[p + U2]) << np.uint64(16)) | (np.uint64(data[p + U3]) << np.uint64(24))
+            | (np.uint64(data[p + np.uint64(4)]) << np.uint64(32))
+            | (np.uint64(data[p + np.uint64(5)]) << np.uint64(40))
+            | (np.uint64(data[p + np.uint64(6)]) << np.uint64(48))
+            | (np.uint64(data[p + np.uint64(7)]) << np.uint64(56)))
+
+
+@njit(cache=True, nogil=True, boundscheck=False, inline="always")
+def _renorm(x, q):
+    """(x, q, 1) with x refilled by q's lowest word and q shifted past it when x < LOW, else (x, q, 0):
+    selects, no branch."""
+    low = x < ULOW
+    refilled = (x << np.uint64(16)) | (q & W)
+    return (refilled if low else x), ((q >> np.uint64(16)) if low else q), np.uint64(low)
+
+
+@njit(cache=True, nogil=True, boundscheck=False, inline="always")
+def _element32(symbol, data, r, plane):
+    """A float32 bit pattern from its symbol (bits 30..23) and its bytes in the three raw planes."""
+    b = np.uint64(data[r])
+    return ((b & np.uint64(0x80)) << np.uint64(24)) | (np.uint64(symbol) << np.uint64(23)) \
+        | ((b & np.uint64(0x7F)) << np.uint64(16)) | (np.uint64(data[r + plane]) << np.uint64(8)) \
+        | np.uint64(data[r + plane + plane])
+
+
 @njit(cache=True, nogil=True, boundscheck=False, inline="always")
 def _decode(data, start, length, n, step, symbol, scale_bits, layout, raw, out, out_start):
     """Decode one chunk: n symbols from the rANS stream at data[start:start+length] (tables from
@@ -233,10 +393,11 @@ def _decode(data, start, length, n, step, symbol, scale_bits, layout, raw, out, 
     x0, x1, x2, x3 = _start(data, start, length)
     if x0 < 0:
         return x0
-    pos = start + STATE_BYTES
     end = start + length
     mask = (1 << scale_bits) - 1
-    j = np.int64(0)  # not a literal 0: _element would be compiled once more for it (tests/test_cold_start.py)
+    # the bulk of the chunk; the loop below finishes the quartets whose words lie near data's end
+    j, pos, x0, x1, x2, x3 = _quartets(data, start + STATE_BYTES, x0, x1, x2, x3, n, step, symbol, scale_bits,
+                                       layout, raw, out, out_start)
     # Four states decoded side by side with no data-dependent branch: the renormalisation is
     # arithmetic (shift by 0 or 16, word masked in or out) and the words come from one load per
     # quartet, so the CPU overlaps the four dependency chains.
