@@ -404,3 +404,30 @@ def test_too_many_distinct_levels_is_a_clean_error(monkeypatch):
     with pytest.raises(CdlInputError, match="raw backend"):
         BACKEND.encode(levels)
     assert BACKEND.estimate_bits(levels[:16]) < float("inf")
+
+
+@pytest.mark.parametrize("scale", [0.7, 4.0, 60.0])
+def test_fast_reader_matches_in_whole_and_in_blocks(scale):
+    """decode_run's branch-free reader (4 lookups per refill, long code words in between) gives the
+    levels of the whole array and of every block split, and hands over to the careful loop near the
+    payload's end."""
+    levels = np.rint(np.random.default_rng(int(scale * 10)).laplace(0.0, scale, 50_003)).astype(np.int64)
+    payload, params = BACKEND.encode(levels)
+    assert np.array_equal(BACKEND.decode(payload, params, levels.size), levels)
+    for block in (1, 15, 16, 17, 1000, 32768):
+        blocks = list(BACKEND.decode_blocks(payload, params, levels.size, block=block))
+        assert np.array_equal(np.concatenate(blocks), levels), block
+
+
+def test_fast_reader_corrupt_streams_fail_cleanly():
+    levels = np.rint(np.random.default_rng(5).laplace(0.0, 30.0, 20_000)).astype(np.int64)
+    payload, params = BACKEND.encode(levels)
+    rng = np.random.default_rng(6)
+    for _ in range(200):
+        bad = bytearray(payload)
+        for pos in rng.integers(0, len(bad), 3):
+            bad[pos] = rng.integers(0, 256)
+        decode_or_error(bytes(bad), params, levels.size)
+    for cut in (1, 9, 17, len(payload) // 2):
+        with pytest.raises(CdlDecodeError):
+            BACKEND.decode(payload[:-cut], params, levels.size)
