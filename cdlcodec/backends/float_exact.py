@@ -74,7 +74,7 @@ import numpy as np
 
 from ..errors import CdlDecodeError, CdlInputError
 from . import float_kernels as fk
-from .varint import read_uvarint, write_uvarint
+from .varint import write_uvarint
 
 NAME = "float"
 VERSION = 1
@@ -96,7 +96,6 @@ VERBATIM, CONSTANT, RANS = 0, 1, 2
 # per element, e.g. the zero low planes of upcast weights): trained weights' mantissas are nearly
 # uniform and coding them for a fraction of a percent would halve the decoding speed.
 MANTISSA_MIN_SAVING = 1 / 16
-_BITMAP_BYTES = 32
 _MIN_RANS_CHUNK_BYTES = 4 + fk.STATE_BYTES  # its directory entry and its states
 
 
@@ -265,7 +264,7 @@ def _parse_params(params: bytes, dtype: str | None):
         if len(params) != 4 or not 12 <= params[3] <= 15:
             raise CdlDecodeError("float: version 2 parameters need a scale of 12..15 bits and nothing after it")
         return chunk_log2, name, params[3]
-    pos, planes = 3, []
+    pos, planes, table_bytes = 3, [], None
     for _ in range(N_PLANES[name]):
         if pos >= len(params):
             raise CdlDecodeError("float: coder parameters are truncated")
@@ -279,17 +278,14 @@ def _parse_params(params: bytes, dtype: str | None):
             planes.append((CONSTANT, params[pos]))
             pos += 1
         elif mode == RANS:
-            if pos + _BITMAP_BYTES > len(params):
-                raise CdlDecodeError("float: coder parameters are truncated")
-            present = np.unpackbits(np.frombuffer(params, np.uint8, _BITMAP_BYTES, pos), bitorder="little")
-            pos += _BITMAP_BYTES
+            if table_bytes is None:
+                table_bytes = np.frombuffer(params, np.uint8)
             freq = np.zeros(256, np.int64)
-            for s in np.flatnonzero(present):
-                freq[s], pos = read_uvarint(params, pos)
-            # each frequency bounded first: a sum of huge ones could wrap around to 4096 in int64
-            if np.count_nonzero(present) < 2 or np.any(freq[present == 1] < 1) \
-                    or np.any(freq > 1 << V1_SCALE_BITS) or int(freq.sum()) != 1 << V1_SCALE_BITS:
-                raise CdlDecodeError(f"float: a rANS table needs >= 2 symbols with frequencies summing to {1 << V1_SCALE_BITS}")
+            pos, present = fk.read_plane_table(table_bytes, pos, freq)
+            # each frequency within 1..4096 (checked there): no sum of them can wrap around
+            if pos < 0 or present < 2 or int(freq.sum()) != 1 << V1_SCALE_BITS:
+                raise CdlDecodeError(f"float: a rANS table needs >= 2 symbols with frequencies 1..{1 << V1_SCALE_BITS} "
+                                     f"summing to {1 << V1_SCALE_BITS}")
             planes.append((RANS, freq))
         else:
             raise CdlDecodeError(f"float: unknown plane mode {mode}")

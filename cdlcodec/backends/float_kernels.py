@@ -143,6 +143,27 @@ def read_frequencies(data, pos, end, freq):
 
 
 @njit(cache=True, nogil=True)
+def read_plane_table(params, pos, freq):
+    """A version 1 RANS plane descriptor after its mode byte, at params[pos:]: a 32-byte bitmap of
+    the symbols present, then uvarint(frequency) for each, into freq (256 zeros). Returns (position
+    after it, number of symbols present), or (ERR_TABLE, 0) when it is truncated or malformed or
+    a frequency lies outside 1..2**12. (One call instead of a Python varint read per symbol: a
+    small tensor's decode was mostly this.)"""
+    if pos + 32 > params.size:
+        return ERR_TABLE, 0
+    p = pos + 32
+    present = 0
+    for s in range(256):
+        if (params[pos + (s >> 3)] >> (s & 7)) & 1:
+            f, p = get_uvarint(params, p)
+            if p < 0 or f < 1 or f > 4096:
+                return ERR_TABLE, 0
+            freq[s] = f
+            present += 1
+    return p, present
+
+
+@njit(cache=True, nogil=True)
 def decode_tables(freq, scale_bits):
     """(step, symbol) per slot of 2**scale_bits: step = frequency | (slot - cumulative frequency) << 16
     (uint32) and the symbol (uint16), so that a decoding step costs two independent loads."""
