@@ -481,7 +481,7 @@ def decode_run(data, n_real, state, primary_bits, prim_val, prim_len, multi_val,
     return 0
 
 
-FAST_LOOKUPS = 4  # multi-symbol lookups after each refill of _fast_run: 4 windows of <= 14 bits fit in 56
+FAST_LOOKUPS = 4  # multi-symbol lookups after each refill of _fast_run (written out 4 times there): 4 windows of <= 14 bits fit in 56
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -491,6 +491,22 @@ def _be64(data, p):
             | (np.uint64(data[p + np.uint64(2)]) << np.uint64(40)) | (np.uint64(data[p + np.uint64(3)]) << np.uint64(32))
             | (np.uint64(data[p + np.uint64(4)]) << np.uint64(24)) | (np.uint64(data[p + np.uint64(5)]) << np.uint64(16))
             | (np.uint64(data[p + np.uint64(6)]) << np.uint64(8)) | np.uint64(data[p + np.uint64(7)]))
+
+
+@njit(cache=True, nogil=True, boundscheck=False, inline="always")
+def _lookup(ub, nb, i, shift, slots, multi_val, multi_len, out):
+    """One multi-symbol lookup of _fast_run: all MULTI_SYMBOLS slots written at out[i:], (ub, nb,
+    i) advanced by its code words, and its count."""
+    peek = ub >> shift
+    entry = np.uint64(multi_len[peek])
+    slot = peek * slots
+    out[i] = multi_val[slot]
+    out[i + np.uint64(1)] = multi_val[slot + np.uint64(1)]
+    out[i + np.uint64(2)] = multi_val[slot + np.uint64(2)]
+    out[i + np.uint64(3)] = multi_val[slot + np.uint64(3)]
+    length = entry & np.uint64(255)
+    n = entry >> np.uint64(8)
+    return ub << length, nb - length, i + n, n
 
 
 @njit(cache=True, nogil=True, boundscheck=False, inline="always")
@@ -521,34 +537,27 @@ def _fast_run(data, buf, nbits, pos, primary_bits, multi_val, multi_len, first_c
         ub |= _be64(data, p) >> nb
         p += (np.uint64(63) - nb) >> np.uint64(3)
         nb |= np.uint64(56)
-        for _ in range(FAST_LOOKUPS):
-            peek = ub >> shift
-            entry = np.uint64(multi_len[peek])
-            n = entry >> np.uint64(8)
-            if n == np.uint64(0):  # a code word longer than the window (rare): canonical search
-                ub |= _be64(data, p) >> nb  # >= 56 bits again, for a code word of up to 24
-                p += (np.uint64(63) - nb) >> np.uint64(3)
-                nb |= np.uint64(56)
-                length = np.uint64(0)
-                for ln in range(primary_bits + 1, max_len + 1):
-                    d = np.int64(ub >> np.uint64(64 - ln)) - first_code[ln]
-                    if d >= 0 and d < len_count[ln]:
-                        out[i] = sorted_vals[len_offset[ln] + d]
-                        length = np.uint64(ln)
-                        break
-                if length == np.uint64(0):
-                    return ERR_INVALID_CODE, np.int64(0), buf, nbits, pos
-                i += np.uint64(1)
-                ub <<= length
-                nb -= length
-                break  # the next lookup needs a refill first
-            slot = peek * slots
-            out[i] = multi_val[slot]
-            out[i + np.uint64(1)] = multi_val[slot + np.uint64(1)]
-            out[i + np.uint64(2)] = multi_val[slot + np.uint64(2)]
-            out[i + np.uint64(3)] = multi_val[slot + np.uint64(3)]
-            i += n
-            length = entry & np.uint64(255)
+        # Straight-line lookups (FAST_LOOKUPS = 4). A window that starts with a code word longer
+        # than itself has count 0 and length 0: it takes nothing, and neither do the lookups after
+        # it (its junk values are overwritten), so only the last count needs testing.
+        ub, nb, i, n = _lookup(ub, nb, i, shift, slots, multi_val, multi_len, out)
+        ub, nb, i, n = _lookup(ub, nb, i, shift, slots, multi_val, multi_len, out)
+        ub, nb, i, n = _lookup(ub, nb, i, shift, slots, multi_val, multi_len, out)
+        ub, nb, i, n = _lookup(ub, nb, i, shift, slots, multi_val, multi_len, out)
+        if n == np.uint64(0):  # a code word longer than the window (rare): canonical search
+            ub |= _be64(data, p) >> nb  # >= 56 bits again, for a code word of up to 24
+            p += (np.uint64(63) - nb) >> np.uint64(3)
+            nb |= np.uint64(56)
+            length = np.uint64(0)
+            for ln in range(primary_bits + 1, max_len + 1):
+                d = np.int64(ub >> np.uint64(64 - ln)) - first_code[ln]
+                if d >= 0 and d < len_count[ln]:
+                    out[i] = sorted_vals[len_offset[ln] + d]
+                    length = np.uint64(ln)
+                    break
+            if length == np.uint64(0):
+                return ERR_INVALID_CODE, np.int64(0), buf, nbits, pos
+            i += np.uint64(1)
             ub <<= length
             nb -= length
     if nb == np.uint64(0):
