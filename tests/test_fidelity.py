@@ -262,6 +262,27 @@ def test_a_kept_decision_keeps_half_its_margin():
     assert changed_samples(ref, [[np.array([[0.0, 0.5, 0.7]])], [np.array([[3.0, 0.0, 0.0]])]], kinds) == 1  # flipped
 
 
+def test_margin_shortfall_is_the_worst_lost_share_and_agrees_with_the_check():
+    """The search aims at the margin bound with this figure, so it must say what the pass/fail check says."""
+    from cdlcodec.fidelity.decisions import changed_samples, margin_shortfall
+    from cdlcodec.fidelity.measures import Target
+    from cdlcodec.fidelity.search import evaluate
+
+    kinds = {0: ("argmax", -1)}
+    ref = [[np.array([[0.0, 1.0, 0.2]])], [np.array([[3.0, 0.0, 0.0]])]]  # margins 0.8 and 3.0
+    second = [np.array([[2.4, 0.0, 0.0]])]                                # keeps 80 % of its margin
+    cases = [([0.0, 0.7, 0.2], 1 - 0.5 / 0.8, True), ([0.0, 0.55, 0.2], 1 - 0.35 / 0.8, False),
+             ([0.0, 1.9, 0.2], 0.2, True),  # surer: the other sample's loss is the worst
+             ([0.0, 0.5, 0.7], 1 + 0.2 / 0.8, False)]  # flipped: more than all of it lost
+    for first, shortfall, kept in cases:
+        dec = [[np.array([first])], second]
+        assert margin_shortfall(ref, dec, kinds) == pytest.approx(shortfall)
+        assert (changed_samples(ref, dec, kinds) == 0) == kept
+        scored = evaluate(Target("cosine", 0.5), kinds, ref, dec)
+        assert scored.met == kept
+        assert scored.ratio == pytest.approx(shortfall / 0.5, rel=0.05) and (scored.ratio <= 1.0) == kept
+
+
 def test_near_ties_are_not_promised():
     """A margin under 1 % of the output's median margin is a tie the original model does not decide."""
     from cdlcodec.fidelity.decisions import changed_samples

@@ -86,15 +86,32 @@ def changed_samples(reference, decoded, kinds: dict[int, tuple[str, int]]) -> in
     """How many samples have at least one decision that flipped or kept less than half its margin
     (outputs with more than MAX_DECISIONS decisions per sample are not checked)."""
     changed = np.zeros(len(reference), dtype=bool)
+    for margins, tie in _checked(reference, decoded, kinds):
+        for i, (m, dm) in enumerate(margins):
+            changed[i] |= not _kept(m, dm, tie)
+    return int(changed.sum())
+
+
+def margin_shortfall(reference, decoded, kinds: dict[int, tuple[str, int]]) -> float:
+    """The worst decision's lost share of its margin, 1 - decoded margin / original margin, over every
+    checked decision (0: every margin kept or grown; above 1: a decision flipped). All decisions are
+    kept when it is at most 1 - KEEP_MARGIN. A continuous figure, so that a search can aim at the
+    bound instead of only learning pass or fail (the margins move roughly with the output error)."""
+    worst = 0.0
+    for margins, tie in _checked(reference, decoded, kinds):
+        for m, dm in margins:
+            worst = max(worst, _shortfall(m, dm, tie))
+    return worst
+
+
+def _checked(reference, decoded, kinds):
+    """(per-sample margins, tie level) of every output whose decisions are checked."""
     for j, kind_axis in kinds.items():
         margins = _margins([r[j] for r in reference], [d[j] for d in decoded], *kind_axis)
         if margins is None:
             continue
         live = np.concatenate([np.abs(m[m != 0]) for m, _ in margins])
-        tie = TIE * float(np.median(live)) if live.size else 0.0
-        for i, (m, dm) in enumerate(margins):
-            changed[i] |= not _kept(m, dm, tie)
-    return int(changed.sum())
+        yield margins, (TIE * float(np.median(live)) if live.size else 0.0)
 
 
 def _margins(reference: list, decoded: list, kind: str, axis: int):
@@ -125,14 +142,20 @@ def _margins(reference: list, decoded: list, kind: str, axis: int):
             for r, d in zip(reference, decoded)]
 
 
-def _kept(margin: np.ndarray, decoded_margin: np.ndarray, tie: float = 0.0) -> bool:
-    """Every decision on the same side as before with at least KEEP_MARGIN of its margin (a decision
-    may grow more certain); ties (a margin at or under `tie`) decide nothing and are skipped."""
+def _shortfall(margin: np.ndarray, decoded_margin: np.ndarray, tie: float = 0.0) -> float:
+    """max over live decisions of 1 - decoded/original margin (a flip is above 1); ties (a margin
+    at or under `tie`) decide nothing and are skipped."""
     margin, decoded_margin = np.ravel(margin), np.ravel(decoded_margin)
     live = np.abs(margin) > tie
-    m, dm = margin[live], decoded_margin[live]
-    slack = 1e-9 * np.abs(m)  # float error in a margin that sits exactly on the bound
-    return bool(np.all(np.sign(dm) == np.sign(m)) and np.all(np.abs(dm) >= KEEP_MARGIN * np.abs(m) - slack))
+    if not live.any():
+        return 0.0
+    return float(np.max(1.0 - decoded_margin[live] / margin[live]))
+
+
+def _kept(margin: np.ndarray, decoded_margin: np.ndarray, tie: float = 0.0) -> bool:
+    """Every decision on the same side as before with at least KEEP_MARGIN of its margin (a decision
+    may grow more certain); 1e-9 of slack for float error in a margin exactly on the bound."""
+    return _shortfall(margin, decoded_margin, tie) <= (1.0 - KEEP_MARGIN) + 1e-9
 
 
 def _argmax_margins(r: np.ndarray, d: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:

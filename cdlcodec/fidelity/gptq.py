@@ -26,16 +26,18 @@ def inverse_cholesky(h: np.ndarray, damp: float = DAMP) -> np.ndarray:
     h[:, dead] = 0.0
     h[dead, dead] = 1.0
     mean = float(np.mean(np.diag(h))) or 1.0
+    # With J the reversal, cholesky(J·H·J) = L gives H⁻¹ = UᵀU for U = J·L⁻¹·J (upper triangular):
+    # one factorisation and one inverse, where factoring H⁻¹ itself takes two and a product.
+    flipped = h[::-1, ::-1]
     for attempt in range(6):  # raise the dampening until H is numerically positive definite
         try:
-            lower = np.linalg.cholesky(h + (damp * 10 ** attempt) * mean * np.eye(h.shape[0]))
+            lower = np.linalg.cholesky(flipped + (damp * 10 ** attempt) * mean * np.eye(h.shape[0]))
             break
         except np.linalg.LinAlgError:
             continue
     else:
         return np.eye(h.shape[0])
-    lower_inv = np.linalg.inv(lower)
-    return np.linalg.cholesky(lower_inv.T @ lower_inv).T
+    return np.ascontiguousarray(np.triu(np.linalg.inv(lower)[::-1, ::-1]))
 
 
 def gptq_levels(w: np.ndarray, u: np.ndarray, steps: np.ndarray, limit: int = 2**31 - 1,
