@@ -154,8 +154,9 @@ def _decoded_blocks(payload, values, lengths, count: int, what: str, block: int 
     n_real = len(payload)
     if count > 8 * n_real:  # every code word is at least one bit: reject before allocating
         raise CdlDecodeError(f"{what}: payload of {n_real} bytes cannot hold {count} levels")
-    data = np.zeros(n_real + 16, np.uint8)  # zeros after the payload: decode_run's fast reader reads 16 bytes ahead
+    data = np.empty(n_real + 16, np.uint8)  # 16 zeros after the payload: decode_run's fast reader reads ahead
     data[:n_real] = np.frombuffer(payload, np.uint8)
+    data[n_real:] = 0
     prim_val, prim_len, first_code, len_count, len_offset, sorted_vals, max_len = hk.build_decode_tables(
         values, lengths, np.int64(hk.PRIMARY_BITS))
     multi_val, multi_len = hk.build_multi_table(prim_val, prim_len, np.int64(hk.PRIMARY_BITS))
