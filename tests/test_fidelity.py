@@ -283,6 +283,21 @@ def test_margin_shortfall_is_the_worst_lost_share_and_agrees_with_the_check():
         assert scored.ratio == pytest.approx(shortfall / 0.5, rel=0.05) and (scored.ratio <= 1.0) == kept
 
 
+def test_only_decisions_a_check_can_read_are_held():
+    """A dense sigmoid map decides nothing checkable (some pixel always sits at 0.5); a probability
+    per sample, logits and an embedding do."""
+    from cdlcodec.fidelity.decisions import MAX_DECISIONS, checkable
+
+    rng = np.random.default_rng(0)
+    side = int(np.sqrt(MAX_DECISIONS)) * 2
+    reference = [[rng.random((1, 1, side, side)), rng.random((1, 1)), rng.standard_normal((1, 10)),
+                  rng.standard_normal((1, 3)) * 5 + 3, rng.standard_normal((1, 32))] for _ in range(4)]
+    kinds = {0: ("threshold", 0), 1: ("vector", 0), 2: ("vector", 0), 3: ("vector", 0), 4: ("vector", 0)}
+    assert sorted(checkable(kinds, reference)) == [1, 2, 3, 4]
+    out_of_range = [[r[0], r[1] + 2.0] for r in reference]  # one value outside [0, 1]: no probability
+    assert checkable({1: ("vector", 0)}, out_of_range) == {}
+
+
 def test_near_ties_are_not_promised():
     """A margin under 1 % of the output's median margin is a tie the original model does not decide."""
     from cdlcodec.fidelity.decisions import changed_samples

@@ -104,6 +104,13 @@ def margin_shortfall(reference, decoded, kinds: dict[int, tuple[str, int]]) -> f
     return worst
 
 
+def checkable(kinds: dict[int, tuple[str, int]], reference) -> dict[int, tuple[str, int]]:
+    """The outputs among `kinds` whose decisions `reference` (a run of the original model) lets a
+    check read: not dense maps, not single values that are no probability."""
+    return {j: kind for j, kind in kinds.items()
+            if _margins([r[j] for r in reference], [r[j] for r in reference], *kind) is not None}
+
+
 def _checked(reference, decoded, kinds):
     """(per-sample margins, tie level) of every output whose decisions are checked."""
     for j, kind_axis in kinds.items():

@@ -30,7 +30,7 @@ from ..records import ModelFile, TensorRecord
 from .allocate import (EXACT, REF_REL, Candidate, DeployGrid, Plan, TensorCurve, plan_for_budget, steps_for,
                        tensor_curve)
 from .dependent import RowTrellis, dependent_levels, table_sample
-from .decisions import KEEP_MARGIN, decision_kinds, describe_decisions, margin_shortfall, squashing_nodes
+from .decisions import KEEP_MARGIN, checkable, decision_kinds, describe_decisions, margin_shortfall, squashing_nodes
 from .gptq import gptq_levels, inverse_cholesky
 from .inputs import Inputs, generate_inputs, load_calibration
 from .measures import Target, rel_mse
@@ -246,10 +246,6 @@ class _Search:
         self.n_real = len(stripped.graph.output)
         self.view = [self.n_real + self.runner.probes.index(logits[j]) if logits.get(j) in self.runner.probes else j
                      for j in range(self.n_real)]
-        self.kinds = decision_kinds(stripped) if options.same_decisions else {}
-        if self.kinds:
-            self.log("decisions kept on every calibration sample, each with at least half its margin: "
-                     + describe_decisions(self.kinds, [o.name for o in stripped.graph.output]))
         # GPTQ fits its compensation to the activations it sees; with a few thousand activation rows per
         # layer it overfits them, so the search scores its plans on samples GPTQ did not see. GPTQ
         # gains more from data than the score loses: 3/4 fit, 1/4 score (MiniLM: ~1 % fewer bits
@@ -261,6 +257,14 @@ class _Search:
         self.log(f"running the original model on {self.inputs.describe()}")
         self.reference = self.runner.run({})
         self.runs = 1
+        # Only decisions a check can read count (a 196,608-pixel map does not): with any, plans run on all samples.
+        kinds = decision_kinds(stripped) if options.same_decisions else {}
+        self.kinds = checkable(kinds, self._real(self.reference))
+        if self.kinds:
+            self.log("decisions kept on every calibration sample, each with at least half its margin: "
+                     + describe_decisions(self.kinds, [o.name for o in stripped.graph.output]))
+        elif kinds:
+            self.log("no output decides anything a check can read (dense maps): the target's measure alone is held")
         hessians = self._hessians(layout, init_to_record) if layout else {}
         self.grid = DeployGrid(options.deploy, stripped) if options.deploy else None
         self.rounder = _Rounder(self.records, hessians, options.gptq, self.grid)
