@@ -211,3 +211,51 @@ def test_lenet5_cdl_step_on_torch_path(mode):
     for _, a in activation_quantizers(model):
         for p in (a.s, a.beta):
             assert p.grad is not None and torch.isfinite(p.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("alpha,bits,q,window,signed", [
+    (20.0, 4, 0.3, 5, False),          # activation window, A = 1.8
+    (89.0, 4, 0.3, 5, False),          # activation window at the default sharpness, A = 8
+    (800.0, 4, 0.1, None, True),       # weights, αq² = 8: the 5-level weight window
+    (3200.0, 8, 0.05, None, True),     # 8-bit weights
+    (1900.0, 4, 0.1, None, True),      # weights, αq² = 19: still 5 levels
+    (14000.0, 4, 0.1, 5, False),       # activations at A = 140, just under the products' limit (A·4 ≤ 600)
+])
+def test_numba_five_level_kernels_match_general_ones(monkeypatch, dtype, alpha, bits, q, window, signed):
+    """The branch-free kernels for 5-level windows (forward5 / backward5, own exp) give the values
+    and gradients of the general numba kernels: Qd, Qp picks (identical levels), the MPMF and its
+    gradient, with exact zeros, both alphabet edges, clipped values and a NaN in the input."""
+    lo, hi = alphabet_bounds(bits, signed)
+    assert effective_window(torch.tensor(q), torch.tensor(alpha), lo, hi, window) == (5, True)
+    g = torch.Generator().manual_seed(11)
+    theta = torch.randn(5000, generator=g, dtype=torch.float64) * q * (hi - lo) / 3
+    theta[::7] = 0.0
+    theta[1::11] = torch.linspace(lo - 3, hi + 3, theta[1::11].numel(), dtype=torch.float64) * q
+    theta[5] = float("nan")
+    theta = theta.to(dtype).requires_grad_()
+    step = torch.tensor(q, dtype=dtype, requires_grad=True)
+    sharp = torch.tensor(alpha, dtype=dtype, requires_grad=True)
+    weights = torch.linspace(-1, 2, theta.numel(), dtype=dtype)
+    level_weights = torch.linspace(0.5, -1.5, hi - lo + 1, dtype=dtype)
+
+    def run():
+        out = []
+        with kernel_path("numba"):
+            for sample in (False, True):
+                y, p = quantize_with_mpmf(theta, step, sharp, lo, hi, window, sample=sample,
+                                          generator=torch.Generator().manual_seed(9))
+                loss = (torch.nan_to_num(y) * weights).sum() + (p * level_weights).sum()
+                grads = torch.autograd.grad(loss, (theta, step, sharp))
+                y2 = soft_quantize(theta, step, sharp, lo, hi, window)
+                grads2 = torch.autograd.grad((torch.nan_to_num(y2) * weights).sum(), (theta, step, sharp))
+                out += [y.detach(), p.detach(), *grads, *grads2]
+        return out
+
+    fast = run()
+    monkeypatch.setattr(quantizer, "_five", lambda *args: False)
+    general = run()
+    tol = dict(rtol=1e-11, atol=1e-13) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    for a, b in zip(fast, general):
+        torch.testing.assert_close(a, b, equal_nan=True, **tol)
+    assert torch.equal(torch.nan_to_num(fast[8]), torch.nan_to_num(general[8]))   # the Qp levels

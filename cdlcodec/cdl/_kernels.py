@@ -16,7 +16,9 @@ from ..optional import require
 
 # Plain Python would take hours per epoch here, so unlike the coders' kernels these need numba.
 require("numba", "CDL training")
-from numba import njit, prange  # noqa: E402
+from llvmlite import ir  # noqa: E402
+from numba import njit, prange, types  # noqa: E402
+from numba.extending import intrinsic  # noqa: E402
 
 
 @njit(cache=True, inline="always")
@@ -233,6 +235,322 @@ def backward(theta, q, a, lo, hi, k, windowed, stats, E, consts, grad_y, has_gra
             grad_theta[i] = 2.0 * a * q * b1
             cq += G * level_mean + 2.0 * a * ((t - 2.0 * mean) * b1 - q * b2)
             ca += 2.0 * q * (t - mean) * b1 - q * q * b2
+        partial[0, c] = cq
+        partial[1, c] = ca
+    return partial[0].sum(), partial[1].sum()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Windows of 5 levels (every activation quantizer, Section VI-B-1, and weights at 20/3 ≤ αq² < 20,
+# the default sharpness): the values of `forward` / `backward`, written branch-free so that LLVM
+# vectorises the loop over elements (the K-level walk with a scratch array cost ~15-20 ns per
+# element; these loops ~3-6 ns, exp included). What kept loops scalar, measured: indices that might
+# be negative (numba's wraparound), hence loops over block slices from 0; gathers (grad_sums[k0 + j])
+# inside the arithmetic loop, hence `_window_grads`; an exp inside it, hence `_exps5`. Elements the
+# products do not cover (|w| > 1/2: clipped values; NaN) are redone by `_cpmf` after each block;
+# MPMF sums are scattered in a scalar loop after it.
+
+_BLOCK5 = 512
+
+
+@intrinsic
+def _float_from_bits(typingctx, bits):
+    """The float64 whose IEEE bits are the int64 `bits` (an LLVM bitcast, so loops stay vectorisable)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.DoubleType())
+    return types.float64(types.int64), codegen
+
+
+_LOG2E = 1.4426950408889634
+_LN2_HI = 0.693147180369123816490   # Cody-Waite split of ln 2: k·_LN2_HI is exact for |k| < 2^20
+_LN2_LO = 1.90821492927058770002e-10
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _exp(x):
+    """exp(x) for |x| ≤ 700 without a libm call (numba has no vectorised exp without SVML; a scalar
+    exp per element cost more than the rest of the kernel): x = k·ln2 + r, |r| ≤ ln2/2, a degree-13
+    Taylor polynomial for e^r (truncation < 1e-17 relative), times 2^k built from its bits. Within
+    2 ulp of libm's exp."""
+    k = np.rint(x * _LOG2E)
+    r = (x - k * _LN2_HI) - k * _LN2_LO
+    p = 1.0 / 6227020800.0
+    p = p * r + 1.0 / 479001600.0
+    p = p * r + 1.0 / 39916800.0
+    p = p * r + 1.0 / 3628800.0
+    p = p * r + 1.0 / 362880.0
+    p = p * r + 1.0 / 40320.0
+    p = p * r + 1.0 / 5040.0
+    p = p * r + 1.0 / 720.0
+    p = p * r + 1.0 / 120.0
+    p = p * r + 1.0 / 24.0
+    p = p * r + 1.0 / 6.0
+    p = p * r + 0.5
+    p = p * r + 1.0
+    p = p * r + 1.0
+    return p * _float_from_bits((np.int64(k) + 1023) << 52)
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _cpmf5(t, q, lo, hi, E, c1, c2, c3, c4):
+    """`_cpmf` for K = 5, windowed, valid where |w| ≤ 1/2 (A·4 ≤ _PRODUCT_LIMIT checked by the
+    caller): (e0..e4, k0, j0, n, w, s0, s1, s2, s3), k0 and j0 (nearest level's index) as floats.
+    e_j = E^o·exp(-A·o²), o = j - j0, picked by selects among the nine products (E from `_exps5`)."""
+    ratio = t / q
+    r = np.rint(ratio)
+    n = r if r >= lo else float(lo)          # NaN goes to lo, as in _place
+    n = n if n <= hi else float(hi)
+    c = r if r >= lo + 2 else float(lo + 2)
+    c = c if c <= hi - 2 else float(hi - 2)
+    k0 = c - 2.0
+    j0 = n - k0
+    w = ratio - n
+    ei = 1.0 / E
+    e2 = E * E
+    i2 = ei * ei
+    pp1 = E * c1
+    pp2 = e2 * c2
+    pp3 = e2 * E * c3
+    pp4 = e2 * e2 * c4
+    pm1 = ei * c1
+    pm2 = i2 * c2
+    pm3 = i2 * ei * c3
+    pm4 = i2 * i2 * c4
+    g1 = j0 >= 1.0
+    g2 = j0 >= 2.0
+    g3 = j0 >= 3.0
+    g4 = j0 >= 4.0
+    x0 = pm4 if g4 else (pm3 if g3 else (pm2 if g2 else (pm1 if g1 else 1.0)))
+    x1 = pm3 if g4 else (pm2 if g3 else (pm1 if g2 else (1.0 if g1 else pp1)))
+    x2 = pm2 if g4 else (pm1 if g3 else (1.0 if g2 else (pp1 if g1 else pp2)))
+    x3 = pm1 if g4 else (1.0 if g3 else (pp1 if g2 else (pp2 if g1 else pp3)))
+    x4 = 1.0 if g4 else (pp1 if g3 else (pp2 if g2 else (pp3 if g1 else pp4)))
+    o0 = -j0
+    o1 = 1.0 - j0
+    o2 = 2.0 - j0
+    o3 = 3.0 - j0
+    o4 = 4.0 - j0
+    # Sums in the order of _cpmf (j = 0 … 4).
+    s0 = x0 + x1 + x2 + x3 + x4
+    y0 = x0 * o0
+    y1 = x1 * o1
+    y2 = x2 * o2
+    y3 = x3 * o3
+    y4 = x4 * o4
+    s1 = y0 + y1 + y2 + y3 + y4
+    s2 = y0 * o0 + y1 * o1 + y2 * o2 + y3 * o3 + y4 * o4
+    s3 = y0 * o0 * o0 + y1 * o1 * o1 + y2 * o2 * o2 + y3 * o3 * o3 + y4 * o4 * o4
+    return x0, x1, x2, x3, x4, k0, j0, n, w, s0, s1, s2, s3
+
+
+@njit(cache=True, error_model="numpy")
+def _exps5(th, q, A, lo, hi, eb):
+    """eb[i] = E_i = exp(2A·w_i) (1 where |w| > 1/2), as exp_args + exp give, for one block: a loop
+    of its own (inside the arithmetic loop the exp cost four times as much)."""
+    for i in range(th.size):
+        _, _, w = _place(th[i], q, lo, hi, 5, False)
+        eb[i] = _exp(2.0 * A * w if abs(w) <= 0.5 else 0.0)
+
+
+@njit(cache=True, error_model="numpy")
+def _forward5_block(th, eb, u, y, st_l, st_v, st_m, p0, p1, p2, p3, p4, kb, q, A, lo, hi, c1, c2, c3, c4,
+                    sample, want_sums):
+    """The vectorised loop of `forward5` over one block (arrays sliced to it: indices from 0, so
+    no negative-index wraparound keeps LLVM from vectorising); returns how many elements it left
+    for `_cpmf` (|w| > 1/2 or NaN)."""
+    _exps5(th, q, A, lo, hi, eb)
+    bad = 0
+    for i in range(th.size):
+        x0, x1, x2, x3, x4, k0, j0, n, w, s0, s1, s2, s3 = _cpmf5(th[i], q, lo, hi, eb[i], c1, c2, c3, c4)
+        level_mean, var, m3, inv_s0 = _moments(n, s0, s1, s2, s3)
+        st_l[i] = level_mean
+        st_v[i] = var
+        st_m[i] = m3
+        if sample:
+            # _pick without branches: the first j whose cumulative sum reaches the target is the
+            # number of partial sums (j < 4) below it, the sums being nondecreasing.
+            target = u[i] * s0
+            a0 = x0
+            a1 = a0 + x1
+            a2 = a1 + x2
+            a3 = a2 + x3
+            pick = ((1.0 if a0 < target else 0.0) + (1.0 if a1 < target else 0.0)
+                    + (1.0 if a2 < target else 0.0) + (1.0 if a3 < target else 0.0))
+            y[i] = (k0 + pick) * q
+        else:
+            y[i] = q * level_mean
+        if want_sums:
+            p0[i] = x0 * inv_s0
+            p1[i] = x1 * inv_s0
+            p2[i] = x2 * inv_s0
+            p3[i] = x3 * inv_s0
+            p4[i] = x4 * inv_s0
+            kb[i] = int(k0) - lo
+        bad += 0 if abs(w) <= 0.5 else 1
+    return bad
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def forward5(theta, q, a, lo, hi, consts, uniforms, sample, want_sums, chunks, y, st_l, st_v, st_m):
+    """`forward` for windowed K = 5 (consts from level_constants(q, a, 5)); stats in three rows."""
+    size = hi - lo + 1
+    partial = np.zeros((chunks, size))
+    n_all = theta.size
+    per = (n_all + chunks - 1) // chunks
+    A = a * q * q
+    c1, c2, c3, c4 = consts[5], consts[6], consts[7], consts[8]
+    for c in prange(chunks):
+        # Four histograms taken in turn: consecutive elements often share bins (half are zeros), and
+        # one histogram made every add wait for the previous one's store.
+        hist = np.zeros((4, size))
+        e = np.empty(5)
+        eb = np.empty(_BLOCK5)
+        pb = np.empty((5, _BLOCK5))
+        kb = np.empty(_BLOCK5, dtype=np.int64)
+        stop = min(n_all, (c + 1) * per)
+        for b0 in range(c * per, stop, _BLOCK5):
+            b1 = min(stop, b0 + _BLOCK5)
+            m = b1 - b0
+            bad = _forward5_block(theta[b0:b1], eb, uniforms[b0:b1] if sample else uniforms,
+                                  y[b0:b1], st_l[b0:b1], st_v[b0:b1], st_m[b0:b1], pb[0, :m], pb[1, :m],
+                                  pb[2, :m], pb[3, :m], pb[4, :m], kb[:m], q, A, lo, hi, c1, c2, c3, c4,
+                                  sample, want_sums)
+            if bad > 0:
+                for i in range(b0, b1):
+                    t = theta[i]
+                    _, _, w = _place(t, q, lo, hi, 5, True)
+                    if abs(w) <= 0.5:
+                        continue
+                    k0i, n, s0, s1, s2, s3 = _cpmf(t, q, A, lo, hi, 5, True, 1.0, consts, e)  # E unused
+                    level_mean, var, m3, inv_s0 = _moments(n, s0, s1, s2, s3)
+                    st_l[i] = level_mean
+                    st_v[i] = var
+                    st_m[i] = m3
+                    y[i] = (k0i + _pick(e, 5, uniforms[i] * s0)) * q if sample else q * level_mean
+                    if want_sums:
+                        for jj in range(5):
+                            pb[jj, i - b0] = e[jj] * inv_s0
+                        kb[i - b0] = k0i - lo
+            if want_sums:
+                for j in range(m):
+                    h = hist[j & 3]
+                    kk = kb[j]
+                    h[kk] += pb[0, j]
+                    h[kk + 1] += pb[1, j]
+                    h[kk + 2] += pb[2, j]
+                    h[kk + 3] += pb[3, j]
+                    h[kk + 4] += pb[4, j]
+        for j in range(size):
+            partial[c, j] = (hist[0, j] + hist[1, j]) + (hist[2, j] + hist[3, j])
+    return partial.sum(axis=0)
+
+
+@njit(cache=True, error_model="numpy")
+def _window_grads(th, q, lo, hi, kb, gb, grad_sums):
+    """gb[j, i] = grad_sums[k0_i + j - lo]: the window's level gradients, gathered in a loop of their
+    own (gathers inside the arithmetic loop kept LLVM from vectorising it, and its selects then
+    became mispredicted branches)."""
+    for i in range(th.size):
+        r = np.rint(th[i] / q)
+        c = r if r >= lo + 2 else float(lo + 2)
+        c = c if c <= hi - 2 else float(hi - 2)
+        kb[i] = int(c) - 2 - lo
+    for i in range(th.size):
+        base = kb[i]
+        for j in range(5):
+            gb[j, i] = grad_sums[base + j]
+
+
+@njit(cache=True, error_model="numpy")
+def _backward5_block(th, eb, st_l, st_v, st_m, gy, has_grad_y, grad_sums, has_grad_sums, gt, bq, ba, q, a, lo,
+                     hi, c1, c2, c3, c4, kb, gb):
+    """The vectorised loop of `backward5` over one block (sliced arrays, as `_forward5_block`):
+    fills gt and the per-element ∂/∂q, ∂/∂α terms bq, ba; returns the count left for `_cpmf`."""
+    bad = 0
+    if has_grad_sums:
+        _window_grads(th, q, lo, hi, kb, gb, grad_sums)
+        _exps5(th, q, a * q * q, lo, hi, eb)
+    for i in range(th.size):
+        t = th[i]
+        level_mean = st_l[i]
+        G = gy[i] if has_grad_y else 0.0
+        v1 = G * q * st_v[i]
+        v2 = G * q * st_m[i]
+        if has_grad_sums:
+            # _mpmf_covariances with the five levels unrolled, the same sums in the same order.
+            x0, x1, x2, x3, x4, k0, j0, n, w, s0, s1, s2, s3 = _cpmf5(t, q, lo, hi, eb[i], c1, c2, c3, c4)
+            g0 = gb[0, i]
+            g1 = gb[1, i]
+            g2 = gb[2, i]
+            g3 = gb[3, i]
+            g4 = gb[4, i]
+            inv_s0 = 1.0 / s0
+            eg = (x0 * g0 + x1 * g1 + x2 * g2 + x3 * g3 + x4 * g4) * inv_s0
+            d0 = k0 - level_mean
+            d1 = k0 + 1.0 - level_mean
+            d2 = k0 + 2.0 - level_mean
+            d3 = k0 + 3.0 - level_mean
+            d4 = k0 + 4.0 - level_mean
+            r0 = x0 * (g0 - eg)
+            r1 = x1 * (g1 - eg)
+            r2 = x2 * (g2 - eg)
+            r3 = x3 * (g3 - eg)
+            r4 = x4 * (g4 - eg)
+            v1 += (r0 * d0 + r1 * d1 + r2 * d2 + r3 * d3 + r4 * d4) * inv_s0
+            v2 += (r0 * d0 * d0 + r1 * d1 * d1 + r2 * d2 * d2 + r3 * d3 * d3 + r4 * d4 * d4) * inv_s0
+            bad += 0 if abs(w) <= 0.5 else 1
+        mean = q * level_mean
+        gt[i] = 2.0 * a * q * v1
+        bq[i] = G * level_mean + 2.0 * a * ((t - 2.0 * mean) * v1 - q * v2)
+        ba[i] = 2.0 * q * (t - mean) * v1 - q * q * v2
+    return bad
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def backward5(theta, q, a, lo, hi, st_l, st_v, st_m, consts, grad_y, has_grad_y, grad_sums,
+              has_grad_sums, chunks, grad_theta):
+    """`backward` for windowed K = 5; per chunk the same sums in the same order."""
+    n_all = theta.size
+    per = (n_all + chunks - 1) // chunks
+    A = a * q * q
+    c1, c2, c3, c4 = consts[5], consts[6], consts[7], consts[8]
+    partial = np.zeros((2, chunks))
+    for c in prange(chunks):
+        e = np.empty(5)
+        eb = np.empty(_BLOCK5)
+        bq = np.empty(_BLOCK5)
+        ba = np.empty(_BLOCK5)
+        kb = np.empty(_BLOCK5, dtype=np.int64)
+        gb = np.empty((5, _BLOCK5))
+        cq = 0.0
+        ca = 0.0
+        stop = min(n_all, (c + 1) * per)
+        for b0 in range(c * per, stop, _BLOCK5):
+            b1 = min(stop, b0 + _BLOCK5)
+            m = b1 - b0
+            bad = _backward5_block(theta[b0:b1], eb, st_l[b0:b1], st_v[b0:b1], st_m[b0:b1],
+                                   grad_y[b0:b1] if has_grad_y else grad_y,
+                                   has_grad_y, grad_sums, has_grad_sums, grad_theta[b0:b1], bq[:m], ba[:m],
+                                   q, a, lo, hi, c1, c2, c3, c4, kb, gb)
+            if bad > 0:
+                for i in range(b0, b1):
+                    t = theta[i]
+                    _, _, w = _place(t, q, lo, hi, 5, True)
+                    if abs(w) <= 0.5:
+                        continue
+                    level_mean = st_l[i]
+                    G = grad_y[i] if has_grad_y else 0.0
+                    k0i, _, s0, _, _, _ = _cpmf(t, q, A, lo, hi, 5, True, 1.0, consts, e)  # E unused
+                    cv1, cv2 = _mpmf_covariances(e, 5, k0i, 1.0 / s0, level_mean, grad_sums, lo)
+                    v1 = G * q * st_v[i] + cv1
+                    v2 = G * q * st_m[i] + cv2
+                    mean = q * level_mean
+                    grad_theta[i] = 2.0 * a * q * v1
+                    bq[i - b0] = G * level_mean + 2.0 * a * ((t - 2.0 * mean) * v1 - q * v2)
+                    ba[i - b0] = 2.0 * q * (t - mean) * v1 - q * q * v2
+            for j in range(m):
+                cq += bq[j]
+                ca += ba[j]
         partial[0, c] = cq
         partial[1, c] = ca
     return partial[0].sum(), partial[1].sum()

@@ -162,6 +162,11 @@ def _numba_exp(kernels, t, q, a, lo, hi, k, windowed):
     return x
 
 
+def _five(kernels, q, a, k, windowed) -> bool:
+    """The branch-free kernels for windows of 5 levels apply (activations; weights at αq² ≥ 20/3)."""
+    return windowed and k == 5 and a * q * q * (k - 1) <= kernels._PRODUCT_LIMIT
+
+
 def _numba_forward(flat, q, a, lo, hi, k, windowed, uniforms, want_sums):
     from . import _kernels
 
@@ -170,9 +175,15 @@ def _numba_forward(flat, q, a, lo, hi, k, windowed, uniforms, want_sums):
     y = np.empty_like(t)
     stats = np.empty((3, t.size), dtype=t.dtype)
     u = uniforms.cpu().numpy() if uniforms is not None else np.zeros(1)
+    consts = _kernels.level_constants(q, a, k)
+    if _five(_kernels, q, a, k, windowed):     # takes its exps itself: no E kept for the backward
+        sums = _kernels.forward5(t, q, a, lo, hi, consts, u, uniforms is not None, bool(want_sums),
+                                 _kernels.chunk_count(t.size), y, stats[0], stats[1], stats[2])
+        return (torch.from_numpy(y), torch.from_numpy(stats), torch.from_numpy(sums) if want_sums else None,
+                None)
     E = _numba_exp(_kernels, t, q, a, lo, hi, k, windowed)
-    sums = _kernels.forward(t, q, a, lo, hi, k, windowed, E, _kernels.level_constants(q, a, k), u,
-                            uniforms is not None, bool(want_sums), _kernels.chunk_count(t.size), y, stats)
+    sums = _kernels.forward(t, q, a, lo, hi, k, windowed, E, consts, u, uniforms is not None,
+                            bool(want_sums), _kernels.chunk_count(t.size), y, stats)
     # With the MPMF, E is kept for the backward (8 bytes per element), which would otherwise redo the exps.
     return (torch.from_numpy(y), torch.from_numpy(stats),
             torch.from_numpy(sums) if want_sums else None, torch.from_numpy(E) if want_sums else None)
@@ -187,13 +198,18 @@ def _numba_backward(flat, q, a, lo, hi, k, windowed, stats, grad_y, grad_sums, e
     gy = (grad_y.detach().reshape(-1).to(flat.dtype).contiguous().numpy() if grad_y is not None
           else np.zeros(1, t.dtype))
     gs = grad_sums.detach().to(torch.float64).contiguous().numpy() if grad_sums is not None else np.zeros(1)
-    if grad_sums is None:
-        E = np.zeros(1)
+    st = stats.numpy()
+    consts = _kernels.level_constants(q, a, k)
+    if _five(_kernels, q, a, k, windowed):
+        g_q, g_a = _kernels.backward5(t, q, a, lo, hi, st[0], st[1], st[2], consts, gy, grad_y is not None,
+                                      gs, grad_sums is not None, _kernels.chunk_count(t.size), g_theta)
     else:
-        E = exps.numpy() if exps is not None else _numba_exp(_kernels, t, q, a, lo, hi, k, windowed)
-    g_q, g_a = _kernels.backward(t, q, a, lo, hi, k, windowed, stats.numpy(), E,
-                                 _kernels.level_constants(q, a, k), gy, grad_y is not None, gs,
-                                 grad_sums is not None, _kernels.chunk_count(t.size), g_theta)
+        if grad_sums is None:
+            E = np.zeros(1)
+        else:
+            E = exps.numpy() if exps is not None else _numba_exp(_kernels, t, q, a, lo, hi, k, windowed)
+        g_q, g_a = _kernels.backward(t, q, a, lo, hi, k, windowed, st, E, consts, gy, grad_y is not None, gs,
+                                     grad_sums is not None, _kernels.chunk_count(t.size), g_theta)
     return (torch.from_numpy(g_theta), torch.tensor(g_q, dtype=torch.float64),
             torch.tensor(g_a, dtype=torch.float64))
 
