@@ -86,6 +86,23 @@ def test_gptq_lowers_output_error_at_the_same_step():
     assert np.max(np.abs(levels - nearest)) <= 3  # compensation moves levels, it does not scramble them
 
 
+def test_gptq_compiled_rows_equal_the_python_loop(monkeypatch):
+    """The compiled row loop is the same arithmetic: identical levels, per-tensor and per-channel steps,
+    across a block boundary, with clamping."""
+    from cdlcodec.fidelity import gptq
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((700, 150)) @ (np.eye(150) + 0.3 * rng.standard_normal((150, 150)))
+    w = rng.standard_normal((150, 20)) * 0.1
+    u = inverse_cholesky(x.T @ x)
+    cases = [(0.02, 2**31 - 1), (rng.uniform(0.01, 0.05, 20), 2**31 - 1), (0.005, 7)]
+    compiled = [gptq_levels(w, u, step, limit=limit) for step, limit in cases]
+    monkeypatch.setattr(gptq, "HAVE_NUMBA", False)
+    for (step, limit), got in zip(cases, compiled):
+        assert np.array_equal(got, gptq_levels(w, u, step, limit=limit))
+    assert np.abs(compiled[2]).max() == 7
+
+
 def test_encode_to_target_meets_it_and_records_it(mlp, tmp_path):
     path, calib = mlp
     out = str(tmp_path / "m.cdl")
@@ -174,7 +191,7 @@ def test_dense_maps_are_not_decision_checked():
     assert changed_samples([[r[0][:, :8]] for r in ref], [[d[0][:, :8]] for d in dec], {0: ("threshold", 0)}) == 1
 
 
-def test_gptq_with_trellis_coded_rows():
+def test_gptq_with_trellis_coded_rows(monkeypatch):
     """GPTQ over trellis-coded rows: the levels are a valid dependent-scheme scan of the whole
     tensor (the decoder's dequantization gives what GPTQ compensated for) and the output error is
     lower than trellis coding without compensation at the same step."""
@@ -193,11 +210,19 @@ def test_gptq_with_trellis_coded_rows():
             compensated_for.append(recon)
             return levels, recon
 
+    from cdlcodec.fidelity import gptq
+
+    u = inverse_cholesky(x.T @ x)
     trellis = Recording(w, step)
-    levels = gptq_levels(w, inverse_cholesky(x.T @ x), step, trellis=trellis).ravel()
+    monkeypatch.setattr(gptq, "HAVE_NUMBA", False)  # the Python row loop, which calls next() per row
+    levels = gptq_levels(w, u, step, trellis=trellis).ravel()
     q = dequantize_dependent(levels, trellis.quant()["states"]).reshape(40, 16) * step
     # the trellis state runs on across rows as the decoder's scan does
     assert np.array_equal(np.concatenate(compensated_for), q.ravel())
+    monkeypatch.undo()
+    compiled = Recording(w, step)
+    assert np.array_equal(gptq_levels(w, u, step, trellis=compiled).ravel(), levels)  # compiled rows: the same
+    assert compiled.state == trellis.state
     plain_levels, _, plain = dependent_levels(w, step)
     assert np.linalg.norm(x @ (w - q)) < 0.85 * np.linalg.norm(x @ (w - plain))
     assert np.max(np.abs(q - w)) < 6 * step  # compensation moves values, it does not scramble them

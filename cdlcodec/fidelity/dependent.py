@@ -34,8 +34,9 @@ def trellis_stretch(x, start, lam, cost_lo, cost, next_state, qid, levels, recon
     big = cost.max() + 2.0
     J = np.empty(ns)
     J2 = np.empty(ns)
-    back = np.empty((BLOCK, ns), dtype=np.int64)
-    lev = np.empty((BLOCK, ns), dtype=np.int64)
+    rows = min(BLOCK, n)  # a GPTQ row is a few hundred values: no 2 x 256 KB of survivors per call
+    back = np.empty((rows, ns), dtype=np.int64)
+    lev = np.empty((rows, ns), dtype=np.int64)
     cand = np.empty(3, dtype=np.int64)
     state = start
     s0 = 0
