@@ -407,11 +407,12 @@ def test_too_many_distinct_levels_is_a_clean_error(monkeypatch):
 
 
 @pytest.mark.parametrize("scale", [0.7, 4.0, 60.0])
-def test_fast_reader_matches_in_whole_and_in_blocks(scale):
+@pytest.mark.parametrize("spread", [1, 70_001])  # int16 tables with a 12-bit window / int32 with 11 bits
+def test_fast_reader_matches_in_whole_and_in_blocks(scale, spread):
     """decode_run's branch-free reader (4 lookups per refill, long code words in between) gives the
     levels of the whole array and of every block split, and hands over to the careful loop near the
     payload's end."""
-    levels = np.rint(np.random.default_rng(int(scale * 10)).laplace(0.0, scale, 50_003)).astype(np.int64)
+    levels = np.rint(np.random.default_rng(int(scale * 10)).laplace(0.0, scale, 50_003)).astype(np.int64) * spread
     payload, params = BACKEND.encode(levels)
     assert np.array_equal(BACKEND.decode(payload, params, levels.size), levels)
     for block in (1, 15, 16, 17, 1000, 32768):

@@ -157,14 +157,19 @@ def _decoded_blocks(payload, values, lengths, count: int, what: str, block: int 
     data = np.empty(n_real + 16, np.uint8)  # 16 zeros after the payload: decode_run's fast reader reads ahead
     data[:n_real] = np.frombuffer(payload, np.uint8)
     data[n_real:] = 0
+    # int16 tables and a wider window where the values allow (huffman_kernels.NARROW_PRIMARY_BITS)
+    narrow = -(1 << 15) <= int(values.min()) and int(values.max()) < 1 << 15
+    primary = np.int64(hk.NARROW_PRIMARY_BITS if narrow else hk.PRIMARY_BITS)
     prim_val, prim_len, first_code, len_count, len_offset, sorted_vals, max_len = hk.build_decode_tables(
-        values, lengths, np.int64(hk.PRIMARY_BITS))
-    multi_val, multi_len = hk.build_multi_table(prim_val, prim_len, np.int64(hk.PRIMARY_BITS))
+        values, lengths, primary)
+    multi_val, multi_len = hk.build_multi_table(prim_val, prim_len, primary)
+    if narrow:
+        multi_val, multi_len = multi_val.astype(np.int16), multi_len.astype(np.uint16)
     state = np.zeros(hk.READER_STATE, np.int64)
     block = count if block is None else max(1, block)
     for start in range(0, count, block):
         out = np.empty(min(block, count - start), np.int64)
-        status = hk.decode_run(data, np.int64(n_real), state, np.int64(hk.PRIMARY_BITS), prim_val, prim_len,
+        status = hk.decode_run(data, np.int64(n_real), state, primary, prim_val, prim_len,
                                multi_val, multi_len, first_code, len_count, len_offset, sorted_vals,
                                np.int64(max_len), out)
         if status == 0 and start + out.size == count:
