@@ -22,16 +22,16 @@ the matrix form of the tensor, when the stream has a row length). Context design
                     gt additionally by a 4-way magnitude class of |a| + |b|.
     2  "prev2+row"  as 1 with u added to the magnitude sum and u's class replacing b's for sign.
 
-One routine, `code_level`, walks these bins for every use. Its first argument `op` says what a
+One walk, `code_level`, goes through these bins for every use. Its first argument `op` says what a
 bin does: OP_ENCODE (write it), OP_DECODE (read it; the walk then follows the decoded bits),
 OP_COST (add its cost and adapt the context, as the encoder would) or OP_PEEK (add its cost
-only). `code_level` is inlined into each kernel, so the binarization exists once in the source
-for the coder (the context choice, `neighbourhood_classes`, once for every use). Compiling an
-inlined copy is what a first encode waits for (numba's inliner copies the callee's IR block by
-block, seconds per copy), so there are two copies: one decoder (a constant OP_DECODE) and one
-encoder kernel whose run-time op also serves the cost estimates of the settings search and the
-rate model's updates. The rate model's peek (`rate_cost`) sums the same bins' costs in a small
-kernel of its own, tested equal to code_level's OP_PEEK.
+only). The walk is inlined into each kernel, so the binarization exists once in the source (the
+context choice, `neighbourhood_classes`, once for every use). Compiling an inlined copy is what a
+first encode waits for (numba's inliner copies the callee's IR block by block, seconds per copy),
+so there are two copies: the decoder's (`decode_level`: the same source built with the decoder's
+bin functions, see _side) and one encoder-side kernel whose run-time op also serves the cost
+estimates of the settings search and the rate model's updates. The rate model's peek
+(`rate_cost`) sums the same bins' costs in a small kernel of its own, tested equal to the walk.
 
 Rate model API for an RD quantizer (DeepCABAC eq. 11, L_ik = rate of level k at weight i), all
 numba functions that can be called from other njit code while scanning a tensor:
@@ -88,20 +88,20 @@ CHECK_VALUE = 0xB5E3
 # when decoding and the cost accumulator when estimating; pos is the decoder's input position
 # (passed through unchanged by the other uses).
 #
-# `decoding` is a constant (DECODING in the decoder, ENCODER_SIDE elsewhere), so numba drops the
-# branches of the other side before compiling; `op` may then be a run-time value on the encoder
-# side (OP_ENCODE or OP_COST), which lets one compiled kernel serve the encoder and its cost
-# estimates (_code_chunk: a first encode compiles it once, not once per op).
-DECODING, ENCODER_SIDE = True, False
+# The walk (code_level) and the bypass loop are written once and built twice by _side: with the
+# decoder's bin functions and with the encoder side's. numba inlines a callee's whole IR before it
+# can prune branches, so a walk that carried both sides would copy the decoder's bins into every
+# encoder-side kernel (a third more compile time for a first encode) and the encoder's into the
+# decoder. On the encoder side `op` may be a run-time value (OP_ENCODE or OP_COST), which lets one
+# compiled kernel serve the encoder and its cost estimates (_code_chunk: a first encode compiles
+# it once, not once per op).
 
-
-@njit(cache=True, inline="always")
-def _bin(decoding, op, x, rng, pos, st, buf, ctx, ci, bit, fast, slow):
-    """One context-coded bin; returns (bit, x, rng, pos)."""
+@njit(inline="always")
+def _enc_side_bin(op, x, rng, pos, st, buf, ctx, ci, bit, fast, slow):
+    """One context-coded bin on the encoder side: write it (OP_ENCODE) or add its cost (OP_COST,
+    OP_PEEK); the context adapts except for OP_PEEK. Returns (bit, x, rng, pos)."""
     p = ctx_prob(ctx, ci)
-    if decoding:
-        bit, x, rng, pos = dec_bin(st, buf, x, rng, pos, p)
-    elif op == OP_ENCODE:
+    if op == OP_ENCODE:
         x, rng = enc_bin(st, buf, x, rng, p, bit)
     else:
         x += bin_cost(p, bit, COST_TABLE)
@@ -110,22 +110,30 @@ def _bin(decoding, op, x, rng, pos, st, buf, ctx, ci, bit, fast, slow):
     return bit, x, rng, pos
 
 
-@njit(cache=True, inline="always")
-def _bypass(decoding, op, x, rng, pos, st, buf, value, nbits):
-    """nbits (0..31) equiprobable bins, most significant first; returns (value, x, rng, pos)."""
-    result = 0
-    while nbits > 0:
-        m = nbits if nbits < 8 else 8
-        nbits -= m
-        part = (value >> nbits) & ((1 << m) - 1)
-        if decoding:
-            part, x, rng, pos = dec_bypass(st, buf, x, rng, pos, m)
-        elif op == OP_ENCODE:
-            x, rng = enc_bypass(st, buf, x, rng, part, m)
-        else:
-            x += m << COST_FRAC_BITS
-        result = (result << m) | part
-    return result, x, rng, pos
+@njit(inline="always")
+def _dec_side_bin(op, x, rng, pos, st, buf, ctx, ci, bit, fast, slow):
+    """One context-coded bin read by the decoder (op is OP_DECODE, `bit` ignored); returns
+    (bit, x, rng, pos)."""
+    p = ctx_prob(ctx, ci)
+    bit, x, rng, pos = dec_bin(st, buf, x, rng, pos, p)
+    ctx_update(ctx, ci, bit, fast, slow, WARM_SHIFT)
+    return bit, x, rng, pos
+
+
+@njit(inline="always")
+def _enc_side_bypass(op, x, rng, pos, st, buf, part, m):
+    """m (1..8) equiprobable bins holding `part`, written or costed; returns (part, x, rng, pos)."""
+    if op == OP_ENCODE:
+        x, rng = enc_bypass(st, buf, x, rng, part, m)
+    else:
+        x += m << COST_FRAC_BITS
+    return part, x, rng, pos
+
+
+@njit(inline="always")
+def _dec_side_bypass(op, x, rng, pos, st, buf, part, m):
+    """m (1..8) equiprobable bins read by the decoder; returns (value, x, rng, pos)."""
+    return dec_bypass(st, buf, x, rng, pos, m)
 
 
 @njit(cache=True, inline="always")
@@ -139,7 +147,7 @@ def _sign_class(v):
 def neighbourhood_classes(a, b, u, mode):
     """(sa, s2, m, g) of neighbours a, b, u under context design `mode`: sa and s2 pick the sig and
     sign contexts' sign classes, m the sig context's magnitude, g the gt contexts' magnitude class.
-    The one place the context choice is made (code_level and peek_cost both use it)."""
+    The one place the context choice is made (code_level, decode_level and rate_cost use it)."""
     sa = _sign_class(a)
     if mode == MODE_PREV:
         m = 0
@@ -157,49 +165,70 @@ def neighbourhood_classes(a, b, u, mode):
     return sa, s2, m, g
 
 
-@njit(cache=True, inline="always")
-def code_level(decoding, op, x, rng, pos, k, a, b, u, mode, n_gt, ctx, st, buf, fast, slow):
-    """Walk the bins of level k (see module docstring); returns (level, x, rng, pos) where level is k,
-    or the decoded level for OP_DECODE (then k is ignored). Decode errors set st[ERR], level 0."""
-    sa, s2, m, g = neighbourhood_classes(a, b, u, mode)
-    mag = abs(k)
+def _side(bin_, bypass_bins):
+    """(bypass, code_level) built on one side's bin functions (the source of both, written once)."""
 
-    sig, x, rng, pos = _bin(decoding, op, x, rng, pos, st, buf, ctx, SIG_BASE + sa * N_SIG_MAG + m, 1 if k != 0 else 0,
-                            fast, slow)
-    if sig == 0:
-        return 0, x, rng, pos
-    neg, x, rng, pos = _bin(decoding, op, x, rng, pos, st, buf, ctx, SIGN_BASE + sa * 3 + s2, 1 if k < 0 else 0,
-                            fast, slow)
+    def bypass(op, x, rng, pos, st, buf, value, nbits):
+        """nbits (0..31) equiprobable bins, most significant first; returns (value, x, rng, pos)."""
+        result = 0
+        while nbits > 0:
+            m = nbits if nbits < 8 else 8
+            nbits -= m
+            part = (value >> nbits) & ((1 << m) - 1)
+            part, x, rng, pos = bypass_bins(op, x, rng, pos, st, buf, part, m)
+            result = (result << m) | part
+        return result, x, rng, pos
 
-    gbase = GT_BASE + neg * (MAX_GT * N_GT_CLASS) + g
-    val = 1
-    for j in range(n_gt):
-        gt, x, rng, pos = _bin(decoding, op, x, rng, pos, st, buf, ctx, gbase + j * N_GT_CLASS, 1 if mag > val else 0,
-                               fast, slow)
-        if gt == 0:
-            return (-val if neg else val), x, rng, pos
-        val += 1
+    bypass = njit(inline="always")(bypass)
 
-    # Remainder |k| - n - 1 as Exp-Golomb order 0 of v = |k| - n >= 1.
-    v = mag - n_gt
-    nb = 0
-    while (v >> (nb + 1)) > 0:
-        nb += 1
-    j = 0
-    while True:
-        if j >= MAX_PREFIX:
-            st[ERR] = ERR_PREFIX
+    def code_level(op, x, rng, pos, k, a, b, u, mode, n_gt, ctx, st, buf, fast, slow):
+        """Walk the bins of level k (see module docstring); returns (level, x, rng, pos) where level is k,
+        or the decoded level for OP_DECODE (then k is ignored). Decode errors set st[ERR], level 0."""
+        sa, s2, m, g = neighbourhood_classes(a, b, u, mode)
+        mag = abs(k)
+
+        sig, x, rng, pos = bin_(op, x, rng, pos, st, buf, ctx, SIG_BASE + sa * N_SIG_MAG + m, 1 if k != 0 else 0,
+                                fast, slow)
+        if sig == 0:
             return 0, x, rng, pos
-        more, x, rng, pos = _bin(decoding, op, x, rng, pos, st, buf, ctx, EG_BASE + j, 1 if j < nb else 0, fast, slow)
-        if more == 0:
-            break
-        j += 1
-    low_bits, x, rng, pos = _bypass(decoding, op, x, rng, pos, st, buf, v, j)
-    mag = n_gt + ((1 << j) | low_bits)
-    if mag > MAX_ABS_LEVEL:
-        st[ERR] = ERR_LEVEL
-        return 0, x, rng, pos
-    return (-mag if neg else mag), x, rng, pos
+        neg, x, rng, pos = bin_(op, x, rng, pos, st, buf, ctx, SIGN_BASE + sa * 3 + s2, 1 if k < 0 else 0,
+                                fast, slow)
+
+        gbase = GT_BASE + neg * (MAX_GT * N_GT_CLASS) + g
+        val = 1
+        for j in range(n_gt):
+            gt, x, rng, pos = bin_(op, x, rng, pos, st, buf, ctx, gbase + j * N_GT_CLASS, 1 if mag > val else 0,
+                                   fast, slow)
+            if gt == 0:
+                return (-val if neg else val), x, rng, pos
+            val += 1
+
+        # Remainder |k| - n - 1 as Exp-Golomb order 0 of v = |k| - n >= 1.
+        v = mag - n_gt
+        nb = 0
+        while (v >> (nb + 1)) > 0:
+            nb += 1
+        j = 0
+        while True:
+            if j >= MAX_PREFIX:
+                st[ERR] = ERR_PREFIX
+                return 0, x, rng, pos
+            more, x, rng, pos = bin_(op, x, rng, pos, st, buf, ctx, EG_BASE + j, 1 if j < nb else 0, fast, slow)
+            if more == 0:
+                break
+            j += 1
+        low_bits, x, rng, pos = bypass(op, x, rng, pos, st, buf, v, j)
+        mag = n_gt + ((1 << j) | low_bits)
+        if mag > MAX_ABS_LEVEL:
+            st[ERR] = ERR_LEVEL
+            return 0, x, rng, pos
+        return (-mag if neg else mag), x, rng, pos
+
+    return bypass, njit(inline="always")(code_level)
+
+
+_enc_bypass, code_level = _side(_enc_side_bin, _enc_side_bypass)   # OP_ENCODE, OP_COST, OP_PEEK
+_dec_bypass, decode_level = _side(_dec_side_bin, _dec_side_bypass)  # OP_DECODE
 
 
 @njit(cache=True, inline="always")
@@ -237,12 +266,12 @@ def _code_chunk(op, levels, start, s, e, n_gt, mode, row_len, fast, slow, buf, p
     for i in range(s, e):
         u = levels[i - row_len] if row_len > 0 and i - row_len >= start else 0
         k = levels[i]
-        _, x, rng, _ = code_level(ENCODER_SIDE, op, x, rng, pos, k, a, b, u, mode, n_gt, ctx, st, buf, fast, slow)
+        _, x, rng, _ = code_level(op, x, rng, pos, k, a, b, u, mode, n_gt, ctx, st, buf, fast, slow)
         b = a
         a = k
     if op != OP_ENCODE:
         return x
-    _, x, rng, _ = _bypass(ENCODER_SIDE, op, x, rng, pos, st, buf, CHECK_VALUE, CHECK_BITS)
+    _, x, rng, _ = _enc_bypass(op, x, rng, pos, st, buf, CHECK_VALUE, CHECK_BITS)
     end = enc_finish(st, buf, pos, x, rng)
     if st[ERR] != ERR_NONE:
         return -1
@@ -281,13 +310,13 @@ def _decode_chunk(buf, start, end, out, s, e, n_gt, mode, row_len, fast, slow, s
     b = np.int64(0)
     for i in range(s, e):
         u = out[i - row_len] if row_len > 0 and i - row_len >= s else 0
-        k, x, rng, pos = code_level(DECODING, OP_DECODE, x, rng, pos, 0, a, b, u, mode, n_gt, ctx, st, buf, fast, slow)
+        k, x, rng, pos = decode_level(OP_DECODE, x, rng, pos, 0, a, b, u, mode, n_gt, ctx, st, buf, fast, slow)
         if st[ERR] != ERR_NONE:
             return st[ERR]
         out[i] = k
         b = a
         a = k
-    check, x, rng, pos = _bypass(DECODING, OP_DECODE, x, rng, pos, st, buf, 0, CHECK_BITS)
+    check, x, rng, pos = _dec_bypass(OP_DECODE, x, rng, pos, st, buf, 0, CHECK_BITS)
     if check != CHECK_VALUE and st[ERR] == ERR_NONE:
         st[ERR] = ERR_CHECK
     dec_finish(st, pos)
