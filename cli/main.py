@@ -14,6 +14,7 @@ import pkgutil
 import signal
 import sys
 import threading
+import types
 
 import click
 
@@ -69,12 +70,27 @@ def _terminate_like_interrupt():
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
+def _call(fn, *args, **kwargs):
+    return fn(*args, **kwargs)
+
+
+# CPython 3.11+ keeps frames in 16 KB data-stack chunks and frees a chunk as soon as the frame at its
+# base returns, so a deep recursion that keeps crossing a chunk boundary maps and unmaps 16 KB each
+# time: numba's inliner (copy.deepcopy of IR) did that 2.8 M times in a first `encode --trellis
+# --lambda`, 10 s of system time on a loaded machine (BENCHMARKS.md, cold start). A frame that
+# reserves 64 Ki stack slots gets a fresh 1 MB chunk of its own, and what it calls runs in that
+# chunk's free half, far from any boundary. The reserved slots are never written, so no memory is
+# touched; on other Pythons it is an ordinary call with a large frame.
+_call_on_roomy_stack = types.FunctionType(_call.__code__.replace(co_stacksize=1 << 16), globals(),
+                                          "_call_on_roomy_stack")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the group and turns library errors into one clean line and exit status 2."""
     try:
         with _terminate_like_interrupt():
             # Without standalone mode click returns ctx.exit()'s code instead of exiting with it.
-            status = cli.main(args=argv, prog_name="cdlcodec", standalone_mode=False)
+            status = _call_on_roomy_stack(cli.main, args=argv, prog_name="cdlcodec", standalone_mode=False)
         if isinstance(status, int) and not isinstance(status, bool) and status != 0:
             sys.exit(status)
     except click.exceptions.Exit as exc:

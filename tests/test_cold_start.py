@@ -79,3 +79,34 @@ def test_a_trellis_without_rate_term_compiles_no_rate_model():
     compiled = json.loads(child.stdout.strip().splitlines()[-1])
     assert "cdlcodec.quantizers.trellis.viterbi_scan_distortion" in compiled
     assert not [name for name in compiled if "cabac_binarization" in name], compiled  # no rate model
+
+
+def _recurse(n):
+    return 0 if n == 0 else 1 + _recurse(n - 1)
+
+
+def _deep_recursions(times=2000, depth=300):
+    """Minor page faults of `times` recursions `depth` frames deep (about 45 KB of frames each)."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(times):
+        _recurse(depth)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11) or not sys.platform.startswith("linux"),
+                    reason="CPython 3.11+ data-stack chunks; page-fault counts from Linux getrusage")
+def test_commands_run_where_deep_recursion_does_not_map_fresh_stack_chunks():
+    """The CLI runs each command in a frame that reserves a large data-stack chunk, so a recursion that
+    goes deep and returns, again and again (numba's inliner deep-copying IR), stays inside it instead
+    of mapping and unmapping a fresh 16 KB chunk each time (10 s of system time in a first
+    `encode --trellis --lambda` on a loaded machine). Counted in page faults, not timed."""
+    from cdlcodec.cli import main as cli_main
+
+    assert cli_main._call_on_roomy_stack(lambda a, b=0: a + b, 1, b=2) == 3  # arguments and result pass through
+    with pytest.raises(KeyError):
+        cli_main._call_on_roomy_stack({}.__getitem__, "x")
+    outside = _deep_recursions()
+    inside = cli_main._call_on_roomy_stack(_deep_recursions)
+    assert outside >= 2000 and inside < outside / 10, (outside, inside)
