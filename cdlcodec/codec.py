@@ -23,7 +23,7 @@ import numpy as np
 
 from . import __version__, backends
 from .backends import EncodeHint, MAX_ABS_LEVEL
-from .backends.base import check_count, level_blocks
+from .backends.base import DECODE_BLOCK, check_count, level_blocks
 from .dtypes import storage_dtype, to_float32, to_float64
 from .errors import CdlDecodeError, CdlFormatError, CdlInputError
 from .formats.container import ContainerReader, ContainerWriter, Limits, TensorEntry, decoded_size
@@ -490,9 +490,58 @@ def decoded_record(entry: TensorEntry, payload: bytes, *, keep_levels: bool = Tr
                        quant=entry.quant)
 
 
-def _level_blocks(backend, entry: TensorEntry, payload: bytes) -> Iterator[np.ndarray]:
+def _levels_backend(entry: TensorEntry, parallel_backend: bool):
+    backend = backends.get_for_decoding(entry.backend)
+    if not parallel_backend and getattr(backend, "parallel", False):
+        backend = _single_core(backend)
+    return backend
+
+
+def _counted_blocks(entry: TensorEntry, payload: bytes, parallel_backend: bool,
+                    block_size: int = DECODE_BLOCK) -> Iterator[np.ndarray]:
+    """A "levels" entry's level blocks, exactly entry.count levels in all (CdlDecodeError otherwise)."""
+    filled = 0
+    for block in _level_blocks(_levels_backend(entry, parallel_backend), entry, payload, block_size):
+        if filled + block.size > entry.count:
+            raise CdlDecodeError(f"tensor {entry.name!r}: decoded the wrong number of levels")
+        filled += block.size
+        yield block
+        del block  # not held while the next block is decoded
+    if filled != entry.count:
+        raise CdlDecodeError(f"tensor {entry.name!r}: decoded the wrong number of levels")
+
+
+def level_range(entry: TensorEntry, payload: bytes, *, parallel_backend: bool = True,
+                block_size: int = DECODE_BLOCK) -> tuple[int, int]:
+    """(smallest, largest) level of a checked "levels" entry ((0, 0) when empty), decoded block by block
+    and kept nowhere: the ONNX QDQ writer decides every tensor's integer type from these before it
+    decodes each tensor again (bounded_level_blocks) as it writes it, so no model's levels are ever held."""
+    lo, hi = 0, 0
+    first = True
+    for block in _counted_blocks(entry, payload, parallel_backend, block_size):
+        if block.size:
+            b_lo, b_hi = int(block.min()), int(block.max())
+            lo, hi = (b_lo, b_hi) if first else (min(lo, b_lo), max(hi, b_hi))
+            first = False
+        del block  # not held while the next block is decoded
+    return lo, hi
+
+
+def bounded_level_blocks(entry: TensorEntry, payload: bytes, bounds: tuple[int, int], *,
+                         parallel_backend: bool = True, block_size: int = DECODE_BLOCK) -> Iterator[np.ndarray]:
+    """The level blocks of a checked "levels" entry (no values made, nothing dequantized), every level
+    within `bounds` (its level_range; CdlDecodeError otherwise, so a caller may narrow them safely)."""
+    lo, hi = bounds
+    for block in _counted_blocks(entry, payload, parallel_backend, block_size):
+        if block.size and (int(block.min()) < lo or int(block.max()) > hi):
+            raise CdlDecodeError(f"tensor {entry.name!r}: levels outside {lo}..{hi} (decoded differently twice)")
+        yield block
+        del block
+
+
+def _level_blocks(backend, entry: TensorEntry, payload: bytes, block_size: int = DECODE_BLOCK) -> Iterator[np.ndarray]:
     """The backend's levels of `entry` block by block, its errors naming the tensor."""
-    blocks = level_blocks(backend, payload, entry.backend_params, entry.count, entry.shape)
+    blocks = level_blocks(backend, payload, entry.backend_params, entry.count, entry.shape, block_size)
     while True:
         try:
             block = next(blocks)
@@ -505,6 +554,7 @@ def _level_blocks(backend, entry: TensorEntry, payload: bytes) -> Iterator[np.nd
         if not isinstance(block, np.ndarray):
             raise CdlDecodeError(f"tensor {entry.name!r}: decoded the wrong number of levels")
         yield block
+        del block
 
 
 class _NarrowLevels:
@@ -568,6 +618,27 @@ def iter_decoded(reader: ContainerReader, entries: Iterable[TensorEntry] | None 
                                   prepare=lambda entry: (entry, reader.read_payload(entry))):
             bar.update(record.numel)
             yield record
+
+
+def iter_level_ranges(reader: ContainerReader, entries: Iterable[TensorEntry], *, threads: int | None = 1,
+                      quiet: bool = True, block_size: int = DECODE_BLOCK) -> Iterator[tuple[TensorEntry, tuple[int, int]]]:
+    """(entry, level_range) for each of `entries` ("levels" entries that passed check_decodable), in
+    order, up to `threads` tensors at once as iter_decoded does; nothing but the two integers is kept
+    (each thread holds a payload and a block of `block_size` levels)."""
+    entries = list(entries)
+    threads = threads or default_threads()
+    parallel_backend = threads > 1 and len(entries) == 1
+    work = partial(_range_pair, parallel_backend=parallel_backend, block_size=block_size)
+    with Progress(sum(e.count for e in entries) or 1, "reading levels", quiet=quiet) as bar:
+        for entry, bounds in ordered_map(work, entries, 1 if parallel_backend else threads, size=_count, ahead=1,
+                                         prepare=lambda entry: (entry, reader.read_payload(entry))):
+            bar.update(entry.count)
+            yield entry, bounds
+
+
+def _range_pair(pair: tuple[TensorEntry, bytes], parallel_backend: bool,
+                block_size: int) -> tuple[TensorEntry, tuple[int, int]]:
+    return pair[0], level_range(*pair, parallel_backend=parallel_backend, block_size=block_size)
 
 
 def _numel(record: TensorRecord) -> int:

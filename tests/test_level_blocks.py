@@ -218,20 +218,44 @@ def test_narrow_levels_are_checked_like_int64_ones():
     assert as_coded_levels(np.array([1, 2], np.uint8)).dtype == np.int64
 
 
-@pytest.mark.parametrize("quant,dtype", QUANTS)
-def test_qdq_decode_keeps_levels_and_makes_the_values_again(quant, dtype):
-    """decode --weights qdq holds each tensor's narrow levels, not its values: they are made again,
-    the same bytes, when the writer asks for them (a tensor it does not turn into integers)."""
-    from cdlcodec.api import _values_from_levels
-    from cdlcodec.io.lazy import LazyTensorRecord
+@pytest.mark.parametrize("backend", ["raw", "huffman", "cabac"])
+@pytest.mark.parametrize("scale", [0.0, 2.0, 300.0, 1e5])
+def test_level_range_and_bounded_blocks_are_the_kept_levels(backend, scale):
+    """decode --weights qdq reads each tensor's level range in one pass (nothing kept), then its levels
+    again block by block, nothing dequantized: the range and the levels are the whole decode's."""
+    from cdlcodec.codec import bounded_level_blocks, level_range
+    from cdlcodec.io.lazy import LazyLevels
 
-    levels = laplace(61 * 331, 30.0, 7)
-    entry, payload = _entry(levels, "cabac", quant, dtype, (61, 331))
+    levels = laplace(61 * 331, scale, 5).clip(-2**30, 2**30)
+    entry, payload = _entry(levels, backend, QUANTS[0][0], "float32", (61, 331))
     check_decodable(entry, Limits())
-    record = decoded_record(entry, payload)
-    held = _values_from_levels(record)
-    assert isinstance(held, LazyTensorRecord) and held.levels is record.levels and held.levels.dtype == np.int16
-    assert held.array.tobytes() == record.array.tobytes()
+    kept = decoded_record(entry, payload).levels
+    bounds = level_range(entry, payload, parallel_backend=False)
+    assert bounds == (int(levels.min()), int(levels.max()))
+    parts = list(bounded_level_blocks(entry, payload, bounds, parallel_backend=False, block_size=1000))
+    np.testing.assert_array_equal(np.concatenate(parts), levels)
+    lazy = LazyLevels(levels.size, *bounds, lambda: bounded_level_blocks(entry, payload, bounds, block_size=999))
+    assert (lazy.size, lazy.min(), lazy.max(), lazy.dtype) == (kept.size, kept.min(), kept.max(), kept.dtype)
+    assert lazy.read().tobytes() == kept.tobytes()
+    assert lazy.read(np.int64).tobytes() == levels.tobytes()
+
+
+def test_bounded_blocks_refuse_levels_past_their_range():
+    """A level outside the range read before is an error, never an integer wrapped into a narrow type."""
+    from cdlcodec.codec import bounded_level_blocks
+
+    levels = laplace(5000, 20.0, 3)
+    entry, payload = _entry(levels, "huffman", QUANTS[0][0], "float32", (5000,))
+    with pytest.raises(CdlDecodeError, match="levels outside"):
+        list(bounded_level_blocks(entry, payload, (int(levels.min()), int(levels.max()) - 1)))
+    assert level_range_of_empty() == (0, 0)
+
+
+def level_range_of_empty():
+    from cdlcodec.codec import level_range
+
+    entry, payload = _entry(np.zeros(0, np.int64), "raw", QUANTS[0][0], "float32", (0, 4))
+    return level_range(entry, payload)
 
 
 def test_a_backend_without_narrow_levels_is_given_int64():
@@ -291,6 +315,22 @@ def test_qdq_writer_streams_the_kept_levels_without_a_copy():
     assert packed.tolist() == [0x78, 0x0F, 0x03]
 
 
+@pytest.mark.parametrize("cuts", [[5], [1, 4], [2, 3], [1, 1, 3], [3, 0, 2], [0, 5]])
+def test_qdq_writer_streams_lazy_levels_block_by_block(cuts):
+    """LazyLevels go to the file block by block, int4 nibbles paired across the blocks' ends: the same
+    bytes as the whole array's."""
+    from cdlcodec.io.lazy import LazyLevels
+    from cdlcodec.io.onnx_writer import INT4, INT8, INT16, INT32, _integer_array, _integer_pieces
+
+    levels = np.array([-8, 7, -1, 0, 3], np.int64)
+    ends = np.cumsum(cuts)[:-1]
+    lazy = LazyLevels(levels.size, -8, 7, lambda: iter(np.split(levels, ends)))
+    for kind in (INT4, INT8, INT16, INT32):
+        pieces = list(_integer_pieces(lazy, kind))
+        assert b"".join(np.ascontiguousarray(p).tobytes() for p in pieces) == _integer_array(levels, kind).tobytes()
+        assert max(p.size for p in pieces) <= max(cuts)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("rule", [{"rel_step": 0.05}, {"step": 0.004}, {"rel_step": 1e-9}])
 def test_one_step_quantization_in_blocks_is_the_one_piece_result(monkeypatch, dtype, rule):
@@ -322,3 +362,31 @@ def test_one_step_quantization_in_blocks_is_the_one_piece_result(monkeypatch, dt
     w.reshape(-1)[300] = from_float64(np.array([np.nan]), dtype)[0]  # NaN in a later block: refused by name
     with pytest.raises(CdlInputError, match="tensor 'w' holds NaN"):
         codec._quantize(quantizer, record, "auto")
+
+
+@pytest.mark.parametrize("rule,options", [
+    ({"bits": 4}, {}), ({"bits": 4}, {"matmul_nbits": True}), ({"bits": 4}, {"int4": False}),
+    ({"bits": 8}, {"matmul_nbits": True}), ({"rel_step": 0.002}, {}), ({"rel_step": 0.002}, {"keep_opset": True}),
+])
+def test_qdq_decode_with_lazy_levels_writes_the_kept_levels_file(tmp_path, monkeypatch, rule, options):
+    """decode --weights qdq (level ranges first, then each tensor's levels again in small blocks, int4
+    nibbles paired across the blocks' ends) writes the same bytes as the writer given every tensor's
+    kept levels at once (decode_container), for int4, int8, int16, --keep-opset and MatMulNBits."""
+    import warnings
+
+    import cdlcodec.api as api
+    from cdlcodec.api import decode, encode
+    from cdlcodec.codec import decode_container
+    from cdlcodec.io.onnx_writer import OnnxOutputNote, write_onnx
+    from cdlcodec.quantizers.uniform import UniformQuantizer
+    from onnx_models import mlp
+
+    src = mlp(str(tmp_path / "m.onnx"), n_in=96, hidden=129, n_out=37)  # w1: 12,384 levels, streamed
+    cdl = str(tmp_path / "m.cdl")
+    encode(src, cdl, quantizer=UniformQuantizer(**({"rel_step": None} | rule)), backend="huffman")
+    monkeypatch.setattr(api, "QDQ_DECODE_BLOCK", 1001)  # huffman: blocks of 1,001 levels, odd sizes
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OnnxOutputNote)
+        write_onnx(str(tmp_path / "kept.onnx"), decode_container(cdl), weights="qdq", **options)
+        decode(cdl, str(tmp_path / "lazy.onnx"), weights="qdq", threads=2, **options)
+    assert (tmp_path / "lazy.onnx").read_bytes() == (tmp_path / "kept.onnx").read_bytes()

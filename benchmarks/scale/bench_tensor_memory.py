@@ -1,7 +1,8 @@
 """Peak memory of decoding (and encoding) one big tensor: before/after side by side (issues 14 and 15).
 
 Usage: python benchmarks/scale/bench_tensor_memory.py [--baseline DIR] [--current DIR] [--minilm minilm.onnx]
-           [--lenet lenet5.onnx] [--rows 32000] [--cols 4096] [--skip-synthetic] [--markdown out.md]
+           [--lenet lenet5.onnx] [--minilm-encode "--rel-step 0.05"]... [--rows 32000] [--cols 4096]
+           [--skip-synthetic] [--markdown out.md]
 
 Every measurement is a `cdlcodec` subprocess under /usr/bin/time -v (maximum resident set size),
 once with this checkout and, with --baseline, once with another tree of the package (e.g. an older
@@ -10,9 +11,10 @@ DIR/cdlcodec/formats -> ../formats and DIR/cdlcodec/cli -> ../cli), the two taki
 
 - LeNet-5 `decode -o x.onnx` (and `--weights qdq`): the interpreter, the imports and the numba
   kernels (the baseline that the model-dependent part is measured from);
-- MiniLM (`encode --rel-step 0.05`, then `decode -o x.onnx` and `--weights qdq`): the peak, the peak
-  minus the LeNet-5 baseline of the same kind, and that increment over the decoded file's size and
-  over the fp32 model's (#14: <= 1.3x the decoded model);
+- MiniLM (`encode --rel-step 0.05`, or each --minilm-encode's options, e.g. "--deploy int8 --rel-step
+  0.01"; then `decode -o x.onnx` and `--weights qdq`): the peak, the peak minus the LeNet-5 baseline of
+  the same kind, and that increment over the decoded file's size and over the fp32 model's (#14:
+  <= 1.3x the decoded model);
 - a synthetic .safetensors with one rows x cols bfloat16 tensor (Laplace weights, written to a temporary
   folder and deleted at the end): `encode` (data-free default) and `decode -o x.safetensors`, against
   500 MB + 3 x the tensor (#15).
@@ -62,6 +64,8 @@ def main() -> None:
                                                     "numba's caches steady while others edit the checkout")
     ap.add_argument("--minilm", default="/work/bench/models/minilm.onnx")
     ap.add_argument("--lenet", default="/work/bench/models/lenet5.onnx")
+    ap.add_argument("--minilm-encode", action="append", default=None,
+                    help='encode options for MiniLM (repeatable; default "--rel-step 0.05")')
     ap.add_argument("--rows", type=int, default=32000)
     ap.add_argument("--cols", type=int, default=4096)
     ap.add_argument("--skip-synthetic", action="store_true")
@@ -94,21 +98,23 @@ def main() -> None:
                 row(f"LeNet-5 decode --weights {weights} (import baseline)", base[weights])
         if os.path.exists(a.minilm):
             model_bytes = os.path.getsize(a.minilm)
-            for label, tree in trees.items():
-                peak_rss(["encode", a.minilm, "--rel-step", "0.05", "-q", "-o", path(label, "minilm.cdl")], tree)
-            for weights in ("float", "qdq"):
-                peaks = measure(trees, lambda t: ["decode", path(t, "minilm.cdl"), "-o", path(t, f"{weights}.onnx"),
-                                                  "-q", "--weights", weights])
-                note = ""
-                if base:  # the increment over LeNet-5's decode, against the decoded file (and the fp32 model)
-                    out_bytes = os.path.getsize(path(next(iter(trees)), f"{weights}.onnx"))
-                    note = ", ".join(f"{t}: +{(peaks[t] - base[weights][t]) / 1e6:.0f} MB = "
-                                     f"{(peaks[t] - base[weights][t]) / out_bytes:.2f}x the {out_bytes / 1e6:.0f} MB "
-                                     f"decoded file ({(peaks[t] - base[weights][t]) / model_bytes:.2f}x the fp32 model)"
-                                     for t in trees)
-                row(f"MiniLM decode --weights {weights}", peaks, note)
-                same.append((f"MiniLM {weights} .onnx", [path(t, f"{weights}.onnx") for t in trees]))
-            same.append(("MiniLM .cdl", [path(t, "minilm.cdl") for t in trees]))
+            for k, options in enumerate(a.minilm_encode or ["--rel-step 0.05"]):
+                tag = f"minilm{k}"
+                for label, tree in trees.items():
+                    peak_rss(["encode", a.minilm, *options.split(), "-q", "-o", path(label, f"{tag}.cdl")], tree)
+                for weights in ("float", "qdq"):
+                    peaks = measure(trees, lambda t: ["decode", path(t, f"{tag}.cdl"), "-o",
+                                                      path(t, f"{tag}_{weights}.onnx"), "-q", "--weights", weights])
+                    note = ""
+                    if base:  # the increment over LeNet-5's decode, against the decoded file (and the fp32 model)
+                        out_bytes = os.path.getsize(path(next(iter(trees)), f"{tag}_{weights}.onnx"))
+                        note = ", ".join(f"{t}: +{(peaks[t] - base[weights][t]) / 1e6:.0f} MB = "
+                                         f"{(peaks[t] - base[weights][t]) / out_bytes:.2f}x the {out_bytes / 1e6:.0f} MB "
+                                         f"decoded file ({(peaks[t] - base[weights][t]) / model_bytes:.2f}x the fp32 model)"
+                                         for t in trees)
+                    row(f"MiniLM `encode {options}`, decode --weights {weights}", peaks, note)
+                    same.append((f"MiniLM ({options}) {weights} .onnx", [path(t, f"{tag}_{weights}.onnx") for t in trees]))
+                same.append((f"MiniLM ({options}) .cdl", [path(t, f"{tag}.cdl") for t in trees]))
         if not a.skip_synthetic:
             src = os.path.join(work, "big.safetensors")
             write_checkpoint(src, 1, a.rows, a.cols, "bfloat16")

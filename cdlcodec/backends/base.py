@@ -65,14 +65,15 @@ class Backend(Protocol):
 DECODE_BLOCK = 1 << 20
 
 
-def level_blocks(backend, payload: bytes, params: bytes, count: int, shape=None) -> Iterator[np.ndarray]:
-    """`backend`'s levels in blocks of about DECODE_BLOCK; a whole array from a (plug-in) backend
+def level_blocks(backend, payload: bytes, params: bytes, count: int, shape=None,
+                 block: int = DECODE_BLOCK) -> Iterator[np.ndarray]:
+    """`backend`'s levels in blocks of about `block`; a whole array from a (plug-in) backend
     without decode_blocks."""
     blocks = getattr(backend, "decode_blocks", None)
     if blocks is None:
         yield backend.decode(payload, params, count, shape)
     else:
-        yield from blocks(payload, params, count, shape, DECODE_BLOCK)
+        yield from blocks(payload, params, count, shape, block)
 
 
 def gathered(blocks: Iterator[np.ndarray], count: int) -> np.ndarray:

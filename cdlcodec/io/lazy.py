@@ -12,7 +12,7 @@ from __future__ import annotations
 import ctypes
 import math
 import mmap
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -48,6 +48,54 @@ class LazyTensorRecord(TensorRecord):
 
     def __repr__(self) -> str:
         return f"LazyTensorRecord({self.name!r}, {self.dtype}, {self._shape})"
+
+
+class LazyLevels:
+    """A coded tensor's levels known by their range: size, min() and max() answer without the levels
+    (as an array's would); blocks() decodes them again on every call, block by block (integer blocks
+    within the range), and read(dtype) gathers those into one array of that type. Nothing is kept, so
+    a writer that decides types for the whole model first (ONNX QDQ) holds one block of levels."""
+
+    def __init__(self, size: int, lo: int, hi: int, blocks: Callable[[], Iterator[np.ndarray]]):
+        self.size, self.lo, self.hi, self.blocks = int(size), int(lo), int(hi), blocks
+
+    def min(self) -> int:
+        return self.lo
+
+    def max(self) -> int:
+        return self.hi
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The narrowest signed integer type that holds them (what read() gives by default)."""
+        return next(np.dtype(k) for k in (np.int8, np.int16, np.int32, np.int64)
+                    if np.iinfo(k).min <= self.lo and self.hi <= np.iinfo(k).max)
+
+    def read(self, dtype=None) -> np.ndarray:
+        dtype = np.dtype(dtype) if dtype is not None else self.dtype
+        info = np.iinfo(dtype)
+        if self.lo < info.min or self.hi > info.max:
+            raise ValueError(f"levels {self.lo}..{self.hi} do not fit {dtype}")  # a caller's bug, never input
+        out, filled = np.empty(self.size, dtype), 0
+        for block in self.blocks():
+            if filled + block.size > self.size:
+                raise ValueError("more levels than announced")
+            out[filled:filled + block.size] = block
+            filled += block.size
+        if filled != self.size:
+            raise ValueError("fewer levels than announced")
+        return out
+
+    def __repr__(self) -> str:
+        return f"LazyLevels({self.size}, {self.lo}..{self.hi})"
+
+
+def level_array(levels, dtype=None) -> np.ndarray:
+    """The levels of a record (an array or LazyLevels) as an array, in `dtype` if given (no copy when an
+    array already is)."""
+    if isinstance(levels, LazyLevels):
+        return levels.read(dtype)
+    return levels if dtype is None else np.ascontiguousarray(levels, dtype=dtype)
 
 
 def mapped_array(path: str, offset: int, shape, dtype) -> np.ndarray:

@@ -35,6 +35,7 @@ from ..errors import CdlFormatError, CdlInputError
 from ..quantizers.params import ChannelParams, UniformParams, from_json, steps_of
 from ..records import ModelFile, TensorRecord
 from .cdl_checkpoint import ACTIVATIONS_SECTION
+from .lazy import LazyLevels, level_array
 from .onnx_model import (ONNX_TO_DTYPE, FLOAT_ONNX_TYPES, graph_section, iter_graphs,
                          reference_of, _onnx)
 
@@ -134,11 +135,26 @@ _GRAPH_FIELD, _INITIALIZER_FIELD, _RAW_DATA_FIELD = b"\x3a", b"\x2a", b"\x4a"  #
 
 
 def _stream_later(tensor, streamed: dict, nbytes: int, produce) -> None:
-    """Leave `tensor` without data (name, type and dims only); its bytes come from produce() when written."""
+    """Leave `tensor` without data (name, type and dims only); its bytes come from produce() when written:
+    an array, or an iterator of arrays whose bytes follow each other (one piece held at a time)."""
     if tensor.HasField("data_location"):  # a container reference: what _set_data leaves, without the data
         del tensor.external_data[:]
         tensor.data_location = 0
     streamed[tensor.name] = (nbytes, produce)
+
+
+def _write_produced(fh, name: str, nbytes: int, produce) -> None:
+    """Write what produce() gives (an array or arrays in pieces), exactly the `nbytes` announced."""
+    produced = produce()
+    written = 0
+    for piece in ((produced,) if isinstance(produced, np.ndarray) else produced):
+        data = memoryview(np.ascontiguousarray(piece)).cast("B")
+        written += data.nbytes
+        if written > nbytes:
+            break
+        fh.write(data)
+    if written != nbytes:  # a bug, never input: the recorded lengths would be wrong (the file is discarded)
+        raise AssertionError(f"tensor {name!r}: {written} bytes or more, {nbytes} announced")
 
 
 def _varint(n: int) -> bytes:
@@ -168,10 +184,7 @@ def _write_external_data(path: str, proto, streamed: dict) -> str:
             fh.write(b"\0" * padding)
             offset += padding
             nbytes, produce = streamed[tensor.name]
-            data = memoryview(produce()).cast("B")
-            if data.nbytes != nbytes:  # a bug, never input: the recorded lengths would be wrong
-                raise AssertionError(f"tensor {tensor.name!r}: {data.nbytes} bytes, {nbytes} announced")
-            fh.write(data)
+            _write_produced(fh, tensor.name, nbytes, produce)
             del tensor.external_data[:]
             tensor.data_location = 1  # TensorProto.EXTERNAL
             for key, value in (("location", location), ("offset", str(offset)), ("length", str(nbytes))):
@@ -217,12 +230,9 @@ def _write_streamed(fh, proto, streamed: dict, external: bool = False) -> None:
             fh.write(tensor.SerializeToString())
             continue
         nbytes, produce = streamed[tensor.name]
-        data = memoryview(produce()).cast("B")
-        if data.nbytes != nbytes:  # a bug, never input: the announced lengths would be wrong
-            raise AssertionError(f"tensor {tensor.name!r}: {data.nbytes} bytes, {nbytes} announced")
         fh.write(head)
         fh.write(_RAW_DATA_FIELD + _varint(nbytes))
-        fh.write(data)
+        _write_produced(fh, tensor.name, nbytes, produce)
 
 
 def _checkable(proto, streamed: dict):
@@ -432,10 +442,33 @@ def _pack_int4(levels: np.ndarray) -> np.ndarray:
 
 def _integer_array(levels: np.ndarray, kind: int) -> np.ndarray:
     """The levels as ONNX stores integer type `kind` (little-endian; int4 packed): the kept levels
-    themselves, not a copy, when they already have that type (the streamed writer reads them as they are)."""
+    themselves, not a copy, when they already have that type (the streamed writer reads them as they are);
+    LazyLevels are decoded straight into that type."""
     if kind == INT4:
-        return _pack_int4(levels)
-    return np.ascontiguousarray(levels, dtype={INT8: "i1", INT16: "<i2", INT32: "<i4"}[kind])
+        return _pack_int4(level_array(levels, np.int8))
+    return level_array(levels, {INT8: "i1", INT16: "<i2", INT32: "<i4"}[kind])
+
+
+_INT_DTYPES = {INT4: np.int8, INT8: np.dtype("i1"), INT16: np.dtype("<i2"), INT32: np.dtype("<i4")}
+
+
+def _integer_pieces(levels, kind: int):
+    """_integer_array's bytes in pieces: LazyLevels block by block as they are decoded (int4: packed
+    across the blocks' ends), an array whole."""
+    if not isinstance(levels, LazyLevels):
+        yield _integer_array(levels, kind)
+        return
+    odd = np.zeros(0, np.int8)  # int4: a level waiting for the next block's first one (its high nibble)
+    for block in levels.blocks():
+        block = block.astype(_INT_DTYPES[kind])  # within the levels' range, which fits `kind`
+        if kind == INT4:
+            block = np.concatenate([odd, block]) if odd.size else block
+            even = block.size - block.size % 2
+            odd = block[even:]
+            block = _pack_int4(block[:even])
+        yield block
+    if odd.size:
+        yield _pack_int4(odd)
 
 
 def _scale_tensor(helper, name: str, rec: TensorRecord, scale_type: int, broadcast_rank: int | None = None):
@@ -578,7 +611,7 @@ def _dequantize_node(helper, names: _Names, output: str, rec: TensorRecord, plan
         ints = _raw_tensor(name, kind, rec.shape, b"")
         ints.ClearField("raw_data")  # no data until _write_streamed asks for it
         nbytes = (rec.numel + 1) // 2 if kind == INT4 else rec.numel * {INT8: 1, INT16: 2, INT32: 4}[kind]
-        _stream_later(ints, streamed, nbytes, lambda: _integer_array(rec.levels, kind))
+        _stream_later(ints, streamed, nbytes, lambda: _integer_pieces(rec.levels, kind))
     else:
         ints = _raw_tensor(name, kind, rec.shape, _integer_array(rec.levels, kind).tobytes())
     scale = _scale_tensor(helper, names.fresh(f"{output}_scale"), rec, scale_type, len(rec.shape) if cast else None)
@@ -654,7 +687,7 @@ def _nbits_tensors(rec: TensorRecord, bits: int) -> tuple[np.ndarray, np.ndarray
     blocks = -(-k // block)
     zero = 1 << (bits - 1)
     columns = np.full((n, blocks * block), zero, np.uint8)
-    columns[:, :k] = (rec.levels.reshape(k, n).T.astype(np.int16) + zero).astype(np.uint8)  # no int8 wrap
+    columns[:, :k] = (level_array(rec.levels).reshape(k, n).T.astype(np.int16) + zero).astype(np.uint8)  # no int8 wrap
     if bits == 4:
         pairs = columns.reshape(n, blocks, block // 2, 2)
         packed = pairs[..., 0] | (pairs[..., 1] << 4)
