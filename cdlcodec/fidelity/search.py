@@ -42,6 +42,7 @@ SENSITIVITY_SAMPLES = 16   # samples used to measure each tensor's sensitivity
 MIN_SPLIT = 8              # fewer calibration samples: GPTQ and the search share them
 # Trellis-coded candidates: their Viterbi search runs only compiled (as plain Python it would take hours).
 DEPENDENT = HAVE_NUMBA
+CLOSE_BITS = 0.01          # with decisions checked, the search stops when a failing plan is this close in size
 ALL_SAMPLE_RUNS = 5        # runs on every calibration sample at most, after the search
 MAX_CALIBRATION = 128      # samples used from a calibration file (the first ones); half fit GPTQ, half score plans
 DEFAULT_TARGET = Target("cosine", 0.999)
@@ -361,6 +362,7 @@ class _Search:
         total = _total(self.model)
         scored: dict[tuple, Scored] = {}
         tried: list[tuple[float, float]] = []
+        plans: list[tuple[Plan, Scored]] = []
         best: tuple[float, Plan, Scored] | None = None
         budget, result, evaluations = _initial_budget(self.target), None, 0
         for _ in range(4 * SEARCH_RUNS):
@@ -373,10 +375,17 @@ class _Search:
                          f"{scored[key].describe(self.target.measure)}")
             result = scored[key]
             tried.append((budget, result.ratio))
+            plans.append((plan, result))
             if result.met and (best is None or plan.bits < best[1].bits):
                 best = (budget, plan, result)
             if best is not None and 0.9 <= best[2].ratio <= 1.0:
                 break  # close enough below the target: more runs would gain little
+            if self.kinds and best is not None:
+                # A margin can jump from kept to flipped between two close budgets: stop once a
+                # failing plan is within CLOSE_BITS of the best passing one's size.
+                above = [p for p, r in plans if not r.met and p.bits < best[1].bits]
+                if above and best[1].bits - max(p.bits for p in above) <= CLOSE_BITS * best[1].bits:
+                    break
             if best is None and self.kinds:  # margins move like the output error, √budget: aim at 0.9 of the bound
                 budget = budget * min(max((0.9 / result.ratio) ** 2, 1 / 64.0), 1 / 3.0)
             else:
