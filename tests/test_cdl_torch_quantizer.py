@@ -225,7 +225,7 @@ def test_lenet5_cdl_step_on_torch_path(mode):
 def test_numba_five_level_kernels_match_general_ones(monkeypatch, dtype, alpha, bits, q, window, signed):
     """The branch-free kernels for 5-level windows (forward5 / backward5, own exp) give the values
     and gradients of the general numba kernels: Qd, Qp picks (identical levels), the MPMF and its
-    gradient, with exact zeros, both alphabet edges, clipped values and a NaN in the input."""
+    gradient, with exact zeros, both alphabet edges, clipped values (near and far) and a NaN."""
     lo, hi = alphabet_bounds(bits, signed)
     assert effective_window(torch.tensor(q), torch.tensor(alpha), lo, hi, window) == (5, True)
     g = torch.Generator().manual_seed(11)
@@ -233,6 +233,7 @@ def test_numba_five_level_kernels_match_general_ones(monkeypatch, dtype, alpha, 
     theta[::7] = 0.0
     theta[1::11] = torch.linspace(lo - 3, hi + 3, theta[1::11].numel(), dtype=torch.float64) * q
     theta[5] = float("nan")
+    theta[2], theta[3], theta[4] = 1e4 * q, -1e4 * q, (hi + 0.7) * q   # far clipped: 2A·w beyond exp's range
     theta = theta.to(dtype).requires_grad_()
     step = torch.tensor(q, dtype=dtype, requires_grad=True)
     sharp = torch.tensor(alpha, dtype=dtype, requires_grad=True)
