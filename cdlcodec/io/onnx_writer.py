@@ -23,6 +23,7 @@ Needs numpy and onnx only (never torch), so an edge device can turn a .cdl file 
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from collections import Counter
@@ -110,7 +111,7 @@ def _build(model: ModelFile, weights: str, int4: bool, keep_opset: bool, matmul_
     records = {r.name: r for r in model.records}
     if weights == "qdq":
         if matmul_nbits:
-            _apply_matmul_nbits(proto, records, int4)
+            _apply_matmul_nbits(proto, records, int4, streamed)
         proto = _qdq_opset(proto, records, int4 and not keep_opset, keep_opset)
         _apply_qdq(proto, records, int4 and not keep_opset, streamed)
     _fill_float(proto, records, streamed=streamed)
@@ -633,11 +634,12 @@ def _dequantize_node(helper, names: _Names, output: str, rec: TensorRecord, plan
 NBITS_BLOCKS = (256, 128, 64, 32, 16)  # block sizes onnxruntime's MatMulNBits kernels support
 
 
-def _apply_matmul_nbits(proto, records: dict[str, TensorRecord], int4: bool) -> None:
+def _apply_matmul_nbits(proto, records: dict[str, TensorRecord], int4: bool, streamed: dict | None = None) -> None:
     """MatMul(A, W) with W a quantized float32 [K, N] initializer (one step, or one per output column)
     whose levels fit 4 (int4 allowed) or 8 bits, used by nothing else -> MatMulNBits(A, B, scales) with
     accuracy_level 0: float activations, the same product as DequantizeLinear -> MatMul, and an
-    integer kernel under onnxruntime's default options. Other weights are left to _apply_qdq."""
+    integer kernel under onnxruntime's default options. Other weights are left to _apply_qdq. With
+    `streamed`, the large B tensors are packed when written (_write_streamed), one at a time."""
     from onnx import helper
 
     names = _Names(proto)
@@ -659,10 +661,17 @@ def _apply_matmul_nbits(proto, records: dict[str, TensorRecord], int4: bool) -> 
                      and rec.levels.max() < (1 << (b - 1))), None)
         if bits is None:
             continue
-        packed, scales, block = _nbits_tensors(rec, bits)
-        b = _raw_tensor(names.fresh(f"{init.name}_nbits"), 2, packed.shape, packed.tobytes())
-        s = _raw_tensor(names.fresh(f"{init.name}_nbits_scales"), 1, scales.shape, scales.tobytes())
         k, n = rec.shape
+        block, blocks = _nbits_layout(k, bits)
+        scales = _nbits_scales(rec, blocks)
+        dims = (n, blocks, block * bits // 8)
+        if streamed is not None and rec.numel >= STREAM_MIN_ELEMENTS:
+            b = _raw_tensor(names.fresh(f"{init.name}_nbits"), 2, dims, b"")
+            b.ClearField("raw_data")  # no data until _write_streamed asks for it
+            _stream_later(b, streamed, math.prod(dims), lambda rec=rec, bits=bits: _nbits_packed(rec, bits))
+        else:
+            b = _raw_tensor(names.fresh(f"{init.name}_nbits"), 2, dims, _nbits_packed(rec, bits).tobytes())
+        s = _raw_tensor(names.fresh(f"{init.name}_nbits_scales"), 1, scales.shape, scales.tobytes())
         graph.node[index].CopyFrom(helper.make_node(
             "MatMulNBits", [node.input[0], b.name, s.name], list(node.output),
             name=node.name or names.fresh("MatMulNBits"), domain="com.microsoft",
@@ -679,12 +688,17 @@ def _apply_matmul_nbits(proto, records: dict[str, TensorRecord], int4: bool) -> 
         _note(f"{converted} MatMul node(s) became com.microsoft MatMulNBits (onnxruntime only; float activations)")
 
 
-def _nbits_tensors(rec: TensorRecord, bits: int) -> tuple[np.ndarray, np.ndarray, int]:
+def _nbits_layout(k: int, bits: int) -> tuple[int, int]:
+    """(block size, blocks per column) of MatMulNBits' B for K = k: the supported block size with the fewest bytes."""
+    block = min(NBITS_BLOCKS, key=lambda bs: (-(-k // bs) * (bs * bits // 8 + 4), -bs))
+    return block, -(-k // block)
+
+
+def _nbits_packed(rec: TensorRecord, bits: int) -> np.ndarray:
     """MatMulNBits' B [N, blocks, block*bits/8] (uint8, level + 2^(bits-1), column n of W in row n, K padded
-    with zero levels; 4 bits: low nibble first) and scales [N * blocks] (float32; each column's step)."""
+    with zero levels; 4 bits: low nibble first)."""
     k, n = rec.shape
-    block = min(NBITS_BLOCKS, key=lambda bs: (-(-k // bs) * (bs * bits // 8 + 4), -bs))  # fewest bytes
-    blocks = -(-k // block)
+    block, blocks = _nbits_layout(k, bits)
     zero = 1 << (bits - 1)
     columns = np.full((n, blocks * block), zero, np.uint8)
     columns[:, :k] = (level_array(rec.levels).reshape(k, n).T.astype(np.int16) + zero).astype(np.uint8)  # no int8 wrap
@@ -693,8 +707,14 @@ def _nbits_tensors(rec: TensorRecord, bits: int) -> tuple[np.ndarray, np.ndarray
         packed = pairs[..., 0] | (pairs[..., 1] << 4)
     else:
         packed = columns.reshape(n, blocks, block)
+    return np.ascontiguousarray(packed)
+
+
+def _nbits_scales(rec: TensorRecord, blocks: int) -> np.ndarray:
+    """MatMulNBits' scales [N * blocks] (float32; each column's step, once per block)."""
+    n = rec.shape[1]
     steps = np.broadcast_to(np.asarray(steps_of(_quant_params(rec)), np.float64), (n,))
-    return np.ascontiguousarray(packed), np.repeat(steps, blocks).astype(np.float32), block
+    return np.repeat(steps, blocks).astype(np.float32)
 
 
 # ------------------------------------------------------------------------------------------------
