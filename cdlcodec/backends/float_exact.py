@@ -370,8 +370,8 @@ def decode(payload: bytes, params: bytes, count: int, dtype: str) -> np.ndarray:
             if dtype == "float32":
                 status = fk.decode_chunk32(data, pos, length, n, *tables[0], V1_SCALE_BITS, pos + length, out, start)
             else:
-                status = fk.decode_chunk16(data, pos, length, n, *tables[0], V1_SCALE_BITS, False, pos + length, out,
-                                           start)
+                status = fk.decode_chunk_byte16(data, pos, length, n, *tables[0], V1_SCALE_BITS, pos + length, out,
+                                                start)
             if status != fk.OK:
                 raise CdlDecodeError(f"float: chunk {c}, plane 0: {fk.MESSAGES[status]}")
             pos += length + n * (len(planes) - 1)

@@ -428,15 +428,15 @@ def decode_run(data, n_real, state, primary_bits, prim_val, prim_len, multi_val,
     """Decode out.size symbols into `out`, continuing from the bit reader `state` (zeros at the
     payload's start; updated); returns 0 or a negative error code. decode_end checks the payload's end.
 
-    `data` is the payload followed by at least 8 zero bytes. The bit buffer holds `nbits` unread bits
-    and is refilled 32 bits at a time whenever fewer than 32 remain, so a whole code word (<= 24 bits)
-    is always present. Reading past the real payload is detected at the next refill (the loops are
-    bounded by the count in any case).
-
-    While at least MULTI_SYMBOLS symbols remain, one lookup in the multi-symbol table emits every
-    code word inside the next primary_bits bits (up to MULTI_SYMBOLS; all slots are written, the
-    unused ones are overwritten by the next lookup); the last few symbols, and code words longer
-    than the window, take the one-symbol path.
+    `data` is the payload followed by at least 8 zero bytes (16 for the fast reader to reach its
+    end). The bulk goes through _fast_run: multi-symbol lookups, one lookup emitting every code
+    word inside the next primary_bits bits (up to MULTI_SYMBOLS; all slots are written, the unused
+    ones are overwritten by the next lookup). What it leaves, the last symbols and those in the
+    payload's last 16 bytes, takes the one-symbol path: the bit buffer holds `nbits` unread bits and
+    is refilled 32 bits at a time whenever fewer than 32 remain, so a whole code word (<= 24 bits)
+    is always present; reading past the real payload is detected at the next refill (the loop is
+    bounded by the count in any case). (A tested multi-symbol loop between the two only made the
+    kernel longer to compile.)
     """
     status, i, buf, nbits, pos = _fast_run(data, state[0], state[1], state[2], primary_bits, multi_val, multi_len,
                                            first_code, len_count, len_offset, sorted_vals, max_len, out)
@@ -444,28 +444,6 @@ def decode_run(data, n_real, state, primary_bits, prim_val, prim_len, multi_val,
         return status
     count = out.shape[0]
     limit = n_real + 4
-    while i <= count - MULTI_SYMBOLS:
-        if nbits < 32:
-            if pos >= limit:
-                return ERR_PAYLOAD_OVERRUN
-            buf, nbits, pos = _refill(data, pos, buf, nbits)
-        peek = np.uint64(_top_bits(buf, primary_bits))
-        entry = np.int64(multi_len[peek])
-        if entry >> 8:
-            slot = peek * np.uint64(MULTI_SYMBOLS)
-            for j in range(MULTI_SYMBOLS):
-                out[i + j] = multi_val[slot + np.uint64(j)]
-            i += entry >> 8
-            length = entry & 255
-        else:
-            value, length = _one_symbol(buf, primary_bits, prim_val, prim_len, first_code, len_count,
-                                        len_offset, sorted_vals, max_len)
-            if length == 0:
-                return ERR_INVALID_CODE
-            out[i] = value
-            i += 1
-        buf <<= length
-        nbits -= length
     while i < count:
         if nbits < 32:
             if pos >= limit:
