@@ -96,8 +96,8 @@ def _worker(rank: int, store_path: str, args) -> None:
     if args.grad_hook != "none":
         grad_state = CO3State(fmt=args.grad_hook.split("-")[1], gamma=0.7)
         ddp.register_comm_hook(grad_state, co3_hook)
-    opt = torch.optim.Adam(cdl_param_groups(model, lr_w=2e-3, lr_q=0.01, lr_s=0.01, lr_alpha=100.0, lr_beta=100.0,
-                                            sharpness_reference=500.0))
+    opt = torch.optim.Adam(cdl_param_groups(model, lr_w=2e-3, lr_q=config.lr_q, lr_s=config.lr_s, lr_alpha=100.0,
+                                            lr_beta=100.0, sharpness_reference=500.0))   # the train defaults
     xs, ys = torch.from_numpy(xtr[rank::WORLD]), torch.from_numpy(ytr[rank::WORLD])
     gen = torch.Generator().manual_seed(0)
     steps = args.epochs * ((len(ys) + config.batch_size - 1) // config.batch_size)

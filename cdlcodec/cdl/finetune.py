@@ -54,14 +54,17 @@ def _to(value, device):
 
 
 def finetune(model: nn.Module, loader: Iterable, loss_fn: Callable, epochs: int = 1, *, lam: float = 0.0,
-             gamma: float = 0.0, lr: float = 1e-3, lr_q: float = 0.01, lr_s: float = 0.01,
+             gamma: float = 0.0, lr: float = 1e-3, lr_q: float = 0.003, lr_s: float = 0.003,
              lr_alpha: float = 100.0, lr_beta: float = 100.0, sharpness_constant: float | None = 8.0,
              step_init: str = "mse", optimizer: Callable | None = None,
              on_step: Callable | None = None) -> FinetuneResult:
     """Train converted `model` for `epochs` passes over `loader` ((inputs, targets) batches).
 
     lam, gamma: prices of one bit of H(w) and of H(x) (eq. 30). lr: the weights' rate; lr_q ...
-    lr_beta: the base rates of eq. 39. sharpness_constant: α0 = c/q0², β0 = c/s0² at calibration
+    lr_beta: the base rates of eq. 39 (lr_q = lr_s = 0.003 as `cdlcodec train`; fine-tuning LeNet-5
+    2 epochs after 2 FP epochs, 5 seeds x 3 recipes, 0.003 scored +0.09 points over 0.01 on average,
+    BENCHMARKS.md "ResNet-20 fine-tune (#17)").
+    sharpness_constant: α0 = c/q0², β0 = c/s0² at calibration
     (None keeps α0 = β0 from `convert`); step_init: "mse" or "paper" (`calibrate`). optimizer: a
     factory taking parameter groups (default torch.optim.Adam). on_step(step, parts): called after
     each step with its cdlcodec.cdl.loss.LossParts (`cross_entropy` holds your loss's value).
