@@ -37,7 +37,8 @@ ADAPTERS = {
     "torch": Adapter("torch_checkpoint:read_torch", "torch_checkpoint:write_torch", needs_torch=True),
     "safetensors": Adapter("safetensors_file:read_safetensors", "safetensors_file:write_safetensors",
                            stream_writer="safetensors_file:SafetensorsWriter"),
-    "onnx": Adapter("onnx_model:read_onnx", "onnx_writer:write_onnx", options=("weights", "int4", "keep_opset", "matmul_nbits")),
+    "onnx": Adapter("onnx_model:read_onnx", "onnx_writer:write_onnx",
+                    options=("weights", "int4", "keep_opset", "matmul_nbits", "matmul_integer")),
     "torch.export": Adapter("torch_export:read_torch_export", "torch_export:write_torch_export", needs_torch=True),
     # a folder of safetensors shards with its *.safetensors.index.json (read from the folder or the index file)
     FOLDER_KIND: Adapter("sharded:read_sharded", "sharded:write_sharded"),
