@@ -354,3 +354,21 @@ def test_plain_vector_outputs_are_read_by_width(tmp_path):
     swapped = [[e[0].copy()] for e in emb]
     swapped[0][0][:] = base[1] + 0.01 * base[0]  # sample 0 now sits on sample 1: every neighbour of 0 and 1 moves
     assert changed_samples(emb, swapped, kinds) >= 2
+
+
+def test_fidelity_encodes_are_the_same_bytes_on_any_thread_count(tmp_path):
+    """Tensors are rounded on several threads at once (curves, sensitivities, each plan); the plan and
+    the file must not depend on how many."""
+    from cdlcodec.codec import EncodeOptions
+    from cdlcodec.fidelity.encode import encode_model
+
+    path = _embedding_model(str(tmp_path / "e.onnx"), vocab=512, n_out=24)
+    rng = np.random.default_rng(4)
+    np.savez(tmp_path / "c.npz", ids=rng.integers(0, 512, (40, 12)).astype(np.int64))
+    model = read_model(path)
+    files = []
+    for threads in (1, 2, 3):
+        out = str(tmp_path / f"t{threads}.cdl")
+        encode_model(model, out, EncodeOptions(quiet=True, threads=threads), None, str(tmp_path / "c.npz"))
+        files.append(open(out, "rb").read())
+    assert files[0] == files[1] == files[2]

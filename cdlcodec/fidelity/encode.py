@@ -76,7 +76,8 @@ def encode_model(model, output: str, options: EncodeOptions, target: tuple[str, 
     # The default promises more than a cosine: no calibration sample's decision (a class, a
     # character, a speech/no-speech call) changes. An explicit target adds that check on request.
     fidelity = FidelityOptions(target or DEFAULT_TARGET, None, gptq=gptq, quiet=options.quiet,
-                               keep=options.keep, same_decisions=same_decisions or target is None, deploy=deploy)
+                               keep=options.keep, same_decisions=same_decisions or target is None, deploy=deploy,
+                               threads=options.threads)
     if explicit and not has_onnx_graph(model) and onnxruntime_available():
         from .program import encode_program_to_target, has_program
 

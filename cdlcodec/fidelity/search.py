@@ -17,6 +17,7 @@ import math
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -63,6 +64,7 @@ class FidelityOptions:
     keep: tuple[str, ...] = ()      # name patterns stored exactly (as encode --keep)
     same_decisions: bool = False    # also: no calibration sample's decision (argmax / sigmoid side) changes
     deploy: str | None = None       # "int8" / "int4": quantized weights on a per-channel symmetric grid of that width
+    threads: int | None = None      # tensors rounded at once (None: every core), as encode --threads
 
     def describe(self) -> str:
         return describe_target(self.target, self.same_decisions, self.deploy)
@@ -127,13 +129,30 @@ class _Rounder:
             self._w64[name] = to_float64(np.asarray(r.array), r.dtype)
         return self._w64[name]
 
+    def _key(self, name: str, cand: Candidate, compensate: bool) -> tuple:
+        return name, cand, compensate and self.use_gptq and name in self.hessians  # else both round alike
+
     def get(self, name: str, cand: Candidate, compensate: bool = True):
         """(levels, quant, decoded values); GPTQ rounding where an H is known and `compensate`."""
-        compensate = compensate and self.use_gptq and name in self.hessians  # else both round alike: one entry
-        key = (name, cand, compensate)
+        key = self._key(name, cand, compensate)
         if key not in self._cache:
-            self._cache[key] = self._round(name, cand, compensate)
+            self._cache[key] = self._round(*key)
         return self._cache[key]
+
+    def prefetch(self, wanted, threads: int) -> None:
+        """Round every (name, candidate, compensate) of `wanted` not cached yet, on `threads` threads
+        (GPTQ's and the trellis's kernels and the BLAS updates release the GIL). The results are what
+        `get` would compute one by one: rounding one tensor does not depend on another."""
+        todo = [key for key in dict.fromkeys(self._key(*w) for w in wanted) if key not in self._cache and not key[1].exact]
+        if threads <= 1 or len(todo) <= 1:
+            return
+        for name, _, _ in todo:
+            self.weights(name)
+        shared = {id(self.hessians[name][0]): name for name, _, compensate in todo if compensate}
+        with ThreadPoolExecutor(min(threads, len(todo))) as pool:
+            list(pool.map(self.inverse, shared.values()))  # each H factored once, before the tensors it feeds
+            for key, result in zip(todo, pool.map(lambda key: self._round(*key), todo)):
+                self._cache[key] = result
 
     def inverse(self, name: str) -> np.ndarray:
         """GPTQ's factor of H⁻¹ for `name`; weights fed by one activation (a layer's query, key and
@@ -218,7 +237,10 @@ class _Search:
         from ..io.onnx_model import reference_of, stripped_graph
         from .runner import OnnxRunner
 
+        from ..codec import default_threads
+
         self.model, self.options, self.target = model, options, options.target
+        self.threads = options.threads or default_threads()
         self.log = _Log(options.quiet)
         self.start = time.perf_counter()
         stripped = stripped_graph(model)
@@ -282,6 +304,7 @@ class _Search:
         return evaluate(self.target, self.kinds, reference, decoded)
 
     def _run(self, plan: Plan, part: slice = slice(None)):
+        self.rounder.prefetch([(name, cand, True) for name, cand in plan.choice.items()], self.threads)
         overrides = {name: self.rounder.get(name, cand)[2] for name, cand in plan.choice.items() if not cand.exact}
         self.runs += 1
         return self._real(self.runner.run(overrides, part=part))
@@ -317,12 +340,15 @@ class _Search:
         self.log(f"measuring the output sensitivity of {len(self.names)} tensors on {n_sens} samples")
         reference = self._distortion_view(self.reference[part])
         for name in self.names:
+            self.rounder.weights(name)
+        with ThreadPoolExecutor(self.threads) as pool:  # each curve on its own: rounding and trellis kernels release the GIL
+            curves = list(pool.map(self._curve, self.names))
+        ref, ref_dependent = Candidate(REF_REL, None), Candidate(REF_REL, None, True)
+        self.rounder.prefetch([(c.name, cand, compensate) for c in curves for compensate in (True, False)
+                               for cand in ((ref, ref_dependent) if any(x.dependent for x in c.candidates) else (ref,))],
+                              self.threads)
+        for name, curve in zip(self.names, curves):
             w = self.rounder.weights(name)
-            if self.grid is not None:  # only steps on the deploy grid (and exact storage)
-                curve = self.grid.curve(name, w, self.records[name].dtype, 8 * self.records[name].array.dtype.itemsize)
-            else:
-                curve = tensor_curve(name, w, self.axes.get(name) if self.roles[name] == "weight" else None,
-                                     8 * self.records[name].array.dtype.itemsize, dependent=self._trellis_pays(name))
             curve.sensitivity = self._sensitivity(name, w, Candidate(REF_REL, None), reference, part)
             if any(c.dependent for c in curve.candidates):
                 # Measured apart: on outlier-heavy convolutions the trellis's errors land where rounding's
@@ -330,6 +356,14 @@ class _Search:
                 curve.sensitivity_dependent = self._sensitivity(name, w, Candidate(REF_REL, None, True), reference,
                                                                 part)
             self.curves.append(curve)
+
+    def _curve(self, name: str) -> TensorCurve:
+        w = self.rounder.weights(name)
+        bits = 8 * self.records[name].array.dtype.itemsize
+        if self.grid is not None:  # only steps on the deploy grid (and exact storage)
+            return self.grid.curve(name, w, self.records[name].dtype, bits)
+        return tensor_curve(name, w, self.axes.get(name) if self.roles[name] == "weight" else None, bits,
+                            dependent=self._trellis_pays(name))
 
     def _trellis_pays(self, name: str) -> bool:
         """Trellis candidates where its scan runs across the outputs a weight feeds: Gather tables (along
