@@ -309,6 +309,131 @@ def _fill_tables(freq, step, symbol):
 
 @njit(cache=True, nogil=True, boundscheck=False, inline="always")
 def _quartets(data, pos, x0, x1, x2, x3, n, step, symbol, scale_bits, layout, raw, out, out_start):
+    """The per-layout quartet loop (_quartets_packed6 and the others: one branch-free copy each, so
+    that a kernel compiles only its own layout's loop, not all four)."""
+    if layout == PACKED6:
+        return _quartets_packed6(data, pos, x0, x1, x2, x3, n, step, symbol, scale_bits, raw, out, out_start)
+    if layout == BYTE16:
+        return _quartets_byte16(data, pos, x0, x1, x2, x3, n, step, symbol, scale_bits, raw, out, out_start)
+    if layout == BYTE32:
+        return _quartets_byte32(data, pos, x0, x1, x2, x3, n, step, symbol, scale_bits, raw, out, out_start)
+    return _quartets_none(data, pos, x0, x1, x2, x3, n, step, symbol, scale_bits, raw, out, out_start)
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _quartets_packed6(data, pos, x0, x1, x2, x3, n, step, symbol, scale_bits, raw, out, out_start):
+    """_decode's main loop: whole quartets of the chunk while the 8 bytes of words at pos lie inside
+    `data` (a quartet reads at most 4 words), so no word needs a bounds test. Words past the stream's
+    end (the raw bits that follow it) are read only from a corrupt stream, which _decode then rejects
+    (pos > end). Returns (j, pos, x0..x3) as int64 for the loops that finish the chunk.
+
+    All in uint64 (no negative-index fix-ups, no sign extensions), renormalisation as selects,
+    the output and raw indices as running counters: fewer instructions and spills per symbol
+    than one loop that also handles the stream's last words (1.9 -> 1.55 ns per bfloat16 weight)."""
+    u0, u1, u2, u3 = np.uint64(x0), np.uint64(x1), np.uint64(x2), np.uint64(x3)
+    o = np.uint64(out_start)
+    if pos + 8 > data.size or n < 4:
+        return np.int64(0), np.int64(pos), x0, x1, x2, x3
+    p = np.uint64(pos)
+    limit = np.uint64(data.size - 8)
+    mask = np.uint64((1 << scale_bits) - 1)
+    sh = np.uint64(scale_bits)
+    o_end = np.uint64(out_start + (n & ~3))
+    r = np.uint64(raw)  # PACKED6: the quartet's 3 raw bytes; BYTE16/BYTE32: its first element's byte
+    while o < o_end and p <= limit:
+        stop = min(o_end, o + ((limit - p) >> U3) * np.uint64(4) + np.uint64(4))  # quartets with safe words
+        while o < stop:
+            i0 = u0 & mask
+            i1 = u1 & mask
+            i2 = u2 & mask
+            i3 = u3 & mask
+            e0 = np.uint64(step[i0])
+            e1 = np.uint64(step[i1])
+            e2 = np.uint64(step[i2])
+            e3 = np.uint64(step[i3])
+            g = np.uint64(data[r]) | (np.uint64(data[r + U1]) << np.uint64(8)) \
+                | (np.uint64(data[r + U2]) << np.uint64(16))
+            out[o] = ((g & np.uint64(0x20)) << np.uint64(10)) | (np.uint64(symbol[i0]) << np.uint64(5)) \
+                | (g & np.uint64(0x1F))
+            out[o + U1] = ((g & np.uint64(0x800)) << np.uint64(4)) | (np.uint64(symbol[i1]) << np.uint64(5)) \
+                | ((g >> np.uint64(6)) & np.uint64(0x1F))
+            out[o + U2] = ((g >> U2) & np.uint64(0x8000)) | (np.uint64(symbol[i2]) << np.uint64(5)) \
+                | ((g >> np.uint64(12)) & np.uint64(0x1F))
+            out[o + U3] = ((g >> np.uint64(8)) & np.uint64(0x8000)) | (np.uint64(symbol[i3]) << np.uint64(5)) \
+                | ((g >> np.uint64(18)) & np.uint64(0x1F))
+            r += U3
+            u0 = (e0 & W) * (u0 >> sh) + (e0 >> np.uint64(16))
+            u1 = (e1 & W) * (u1 >> sh) + (e1 >> np.uint64(16))
+            u2 = (e2 & W) * (u2 >> sh) + (e2 >> np.uint64(16))
+            u3 = (e3 & W) * (u3 >> sh) + (e3 >> np.uint64(16))
+            q = _word8(data, p)
+            u0, q, c0 = _renorm(u0, q)
+            u1, q, c1 = _renorm(u1, q)
+            u2, q, c2 = _renorm(u2, q)
+            u3, q, c3 = _renorm(u3, q)
+            p += (c0 + c1 + c2 + c3) << U1
+            o += np.uint64(4)
+    return np.int64(o) - out_start, np.int64(p), np.int64(u0), np.int64(u1), np.int64(u2), np.int64(u3)
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _quartets_byte16(data, pos, x0, x1, x2, x3, n, step, symbol, scale_bits, raw, out, out_start):
+    """_decode's main loop: whole quartets of the chunk while the 8 bytes of words at pos lie inside
+    `data` (a quartet reads at most 4 words), so no word needs a bounds test. Words past the stream's
+    end (the raw bits that follow it) are read only from a corrupt stream, which _decode then rejects
+    (pos > end). Returns (j, pos, x0..x3) as int64 for the loops that finish the chunk.
+
+    All in uint64 (no negative-index fix-ups, no sign extensions), renormalisation as selects,
+    the output and raw indices as running counters: fewer instructions and spills per symbol
+    than one loop that also handles the stream's last words (1.9 -> 1.55 ns per bfloat16 weight)."""
+    u0, u1, u2, u3 = np.uint64(x0), np.uint64(x1), np.uint64(x2), np.uint64(x3)
+    o = np.uint64(out_start)
+    if pos + 8 > data.size or n < 4:
+        return np.int64(0), np.int64(pos), x0, x1, x2, x3
+    p = np.uint64(pos)
+    limit = np.uint64(data.size - 8)
+    mask = np.uint64((1 << scale_bits) - 1)
+    sh = np.uint64(scale_bits)
+    o_end = np.uint64(out_start + (n & ~3))
+    r = np.uint64(raw)  # PACKED6: the quartet's 3 raw bytes; BYTE16/BYTE32: its first element's byte
+    while o < o_end and p <= limit:
+        stop = min(o_end, o + ((limit - p) >> U3) * np.uint64(4) + np.uint64(4))  # quartets with safe words
+        while o < stop:
+            i0 = u0 & mask
+            i1 = u1 & mask
+            i2 = u2 & mask
+            i3 = u3 & mask
+            e0 = np.uint64(step[i0])
+            e1 = np.uint64(step[i1])
+            e2 = np.uint64(step[i2])
+            e3 = np.uint64(step[i3])
+            b = np.uint64(data[r]) | (np.uint64(data[r + U1]) << np.uint64(8)) \
+                | (np.uint64(data[r + U2]) << np.uint64(16)) | (np.uint64(data[r + U3]) << np.uint64(24))
+            out[o] = ((b & np.uint64(0x80)) << np.uint64(8)) | (np.uint64(symbol[i0]) << np.uint64(7)) \
+                | (b & np.uint64(0x7F))
+            out[o + U1] = (b & np.uint64(0x8000)) | (np.uint64(symbol[i1]) << np.uint64(7)) \
+                | ((b >> np.uint64(8)) & np.uint64(0x7F))
+            out[o + U2] = ((b >> np.uint64(8)) & np.uint64(0x8000)) | (np.uint64(symbol[i2]) << np.uint64(7)) \
+                | ((b >> np.uint64(16)) & np.uint64(0x7F))
+            out[o + U3] = ((b >> np.uint64(16)) & np.uint64(0x8000)) | (np.uint64(symbol[i3]) << np.uint64(7)) \
+                | ((b >> np.uint64(24)) & np.uint64(0x7F))
+            r += np.uint64(4)
+            u0 = (e0 & W) * (u0 >> sh) + (e0 >> np.uint64(16))
+            u1 = (e1 & W) * (u1 >> sh) + (e1 >> np.uint64(16))
+            u2 = (e2 & W) * (u2 >> sh) + (e2 >> np.uint64(16))
+            u3 = (e3 & W) * (u3 >> sh) + (e3 >> np.uint64(16))
+            q = _word8(data, p)
+            u0, q, c0 = _renorm(u0, q)
+            u1, q, c1 = _renorm(u1, q)
+            u2, q, c2 = _renorm(u2, q)
+            u3, q, c3 = _renorm(u3, q)
+            p += (c0 + c1 + c2 + c3) << U1
+            o += np.uint64(4)
+    return np.int64(o) - out_start, np.int64(p), np.int64(u0), np.int64(u1), np.int64(u2), np.int64(u3)
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _quartets_byte32(data, pos, x0, x1, x2, x3, n, step, symbol, scale_bits, raw, out, out_start):
     """_decode's main loop: whole quartets of the chunk while the 8 bytes of words at pos lie inside
     `data` (a quartet reads at most 4 words), so no word needs a bounds test. Words past the stream's
     end (the raw bits that follow it) are read only from a corrupt stream, which _decode then rejects
@@ -339,41 +464,59 @@ def _quartets(data, pos, x0, x1, x2, x3, n, step, symbol, scale_bits, layout, ra
             e1 = np.uint64(step[i1])
             e2 = np.uint64(step[i2])
             e3 = np.uint64(step[i3])
-            if layout == PACKED6:
-                g = np.uint64(data[r]) | (np.uint64(data[r + U1]) << np.uint64(8)) \
-                    | (np.uint64(data[r + U2]) << np.uint64(16))
-                out[o] = ((g & np.uint64(0x20)) << np.uint64(10)) | (np.uint64(symbol[i0]) << np.uint64(5)) \
-                    | (g & np.uint64(0x1F))
-                out[o + U1] = ((g & np.uint64(0x800)) << np.uint64(4)) | (np.uint64(symbol[i1]) << np.uint64(5)) \
-                    | ((g >> np.uint64(6)) & np.uint64(0x1F))
-                out[o + U2] = ((g >> U2) & np.uint64(0x8000)) | (np.uint64(symbol[i2]) << np.uint64(5)) \
-                    | ((g >> np.uint64(12)) & np.uint64(0x1F))
-                out[o + U3] = ((g >> np.uint64(8)) & np.uint64(0x8000)) | (np.uint64(symbol[i3]) << np.uint64(5)) \
-                    | ((g >> np.uint64(18)) & np.uint64(0x1F))
-                r += U3
-            elif layout == BYTE16:
-                b = np.uint64(data[r]) | (np.uint64(data[r + U1]) << np.uint64(8)) \
-                    | (np.uint64(data[r + U2]) << np.uint64(16)) | (np.uint64(data[r + U3]) << np.uint64(24))
-                out[o] = ((b & np.uint64(0x80)) << np.uint64(8)) | (np.uint64(symbol[i0]) << np.uint64(7)) \
-                    | (b & np.uint64(0x7F))
-                out[o + U1] = (b & np.uint64(0x8000)) | (np.uint64(symbol[i1]) << np.uint64(7)) \
-                    | ((b >> np.uint64(8)) & np.uint64(0x7F))
-                out[o + U2] = ((b >> np.uint64(8)) & np.uint64(0x8000)) | (np.uint64(symbol[i2]) << np.uint64(7)) \
-                    | ((b >> np.uint64(16)) & np.uint64(0x7F))
-                out[o + U3] = ((b >> np.uint64(16)) & np.uint64(0x8000)) | (np.uint64(symbol[i3]) << np.uint64(7)) \
-                    | ((b >> np.uint64(24)) & np.uint64(0x7F))
-                r += np.uint64(4)
-            elif layout == NONE:
-                out[o] = symbol[i0]
-                out[o + U1] = symbol[i1]
-                out[o + U2] = symbol[i2]
-                out[o + U3] = symbol[i3]
-            else:  # BYTE32
-                out[o] = _element32(symbol[i0], data, r, plane)
-                out[o + U1] = _element32(symbol[i1], data, r + U1, plane)
-                out[o + U2] = _element32(symbol[i2], data, r + U2, plane)
-                out[o + U3] = _element32(symbol[i3], data, r + U3, plane)
-                r += np.uint64(4)
+            out[o] = _element32(symbol[i0], data, r, plane)
+            out[o + U1] = _element32(symbol[i1], data, r + U1, plane)
+            out[o + U2] = _element32(symbol[i2], data, r + U2, plane)
+            out[o + U3] = _element32(symbol[i3], data, r + U3, plane)
+            r += np.uint64(4)
+            u0 = (e0 & W) * (u0 >> sh) + (e0 >> np.uint64(16))
+            u1 = (e1 & W) * (u1 >> sh) + (e1 >> np.uint64(16))
+            u2 = (e2 & W) * (u2 >> sh) + (e2 >> np.uint64(16))
+            u3 = (e3 & W) * (u3 >> sh) + (e3 >> np.uint64(16))
+            q = _word8(data, p)
+            u0, q, c0 = _renorm(u0, q)
+            u1, q, c1 = _renorm(u1, q)
+            u2, q, c2 = _renorm(u2, q)
+            u3, q, c3 = _renorm(u3, q)
+            p += (c0 + c1 + c2 + c3) << U1
+            o += np.uint64(4)
+    return np.int64(o) - out_start, np.int64(p), np.int64(u0), np.int64(u1), np.int64(u2), np.int64(u3)
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _quartets_none(data, pos, x0, x1, x2, x3, n, step, symbol, scale_bits, raw, out, out_start):
+    """_decode's main loop: whole quartets of the chunk while the 8 bytes of words at pos lie inside
+    `data` (a quartet reads at most 4 words), so no word needs a bounds test. Words past the stream's
+    end (the raw bits that follow it) are read only from a corrupt stream, which _decode then rejects
+    (pos > end). Returns (j, pos, x0..x3) as int64 for the loops that finish the chunk.
+
+    All in uint64 (no negative-index fix-ups, no sign extensions), renormalisation as selects,
+    the output and raw indices as running counters: fewer instructions and spills per symbol
+    than one loop that also handles the stream's last words (1.9 -> 1.55 ns per bfloat16 weight)."""
+    u0, u1, u2, u3 = np.uint64(x0), np.uint64(x1), np.uint64(x2), np.uint64(x3)
+    o = np.uint64(out_start)
+    if pos + 8 > data.size or n < 4:
+        return np.int64(0), np.int64(pos), x0, x1, x2, x3
+    p = np.uint64(pos)
+    limit = np.uint64(data.size - 8)
+    mask = np.uint64((1 << scale_bits) - 1)
+    sh = np.uint64(scale_bits)
+    o_end = np.uint64(out_start + (n & ~3))
+    while o < o_end and p <= limit:
+        stop = min(o_end, o + ((limit - p) >> U3) * np.uint64(4) + np.uint64(4))  # quartets with safe words
+        while o < stop:
+            i0 = u0 & mask
+            i1 = u1 & mask
+            i2 = u2 & mask
+            i3 = u3 & mask
+            e0 = np.uint64(step[i0])
+            e1 = np.uint64(step[i1])
+            e2 = np.uint64(step[i2])
+            e3 = np.uint64(step[i3])
+            out[o] = symbol[i0]
+            out[o + U1] = symbol[i1]
+            out[o + U2] = symbol[i2]
+            out[o + U3] = symbol[i3]
             u0 = (e0 & W) * (u0 >> sh) + (e0 >> np.uint64(16))
             u1 = (e1 & W) * (u1 >> sh) + (e1 >> np.uint64(16))
             u2 = (e2 & W) * (u2 >> sh) + (e2 >> np.uint64(16))
