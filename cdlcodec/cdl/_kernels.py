@@ -5,8 +5,10 @@ to the nearest level, central moments in level units, the B1/B2 form of the back
 loops: each element's CPMF is walked level by level in a K-entry scratch array, so no
 [elements, levels] array is ever allocated. `_place` picks the levels: the whole alphabet, or
 a window of K levels around the nearest one, moved inward at the edges (Section VI-B-1). Tests
-check both implementations and the torch reference (quantizer.cpmf) agree. Floating point here only
-shapes training gradients, never coded bytes.
+check both implementations and the torch reference (quantizer.cpmf) agree. Windows of exactly 5
+levels (activations; weights at the default sharpness) have branch-free kernels of their own that
+LLVM vectorises (`forward5` / `backward5`, below; chosen by quantizer._five). Floating point here
+only shapes training gradients, never coded bytes.
 """
 from __future__ import annotations
 
