@@ -372,3 +372,31 @@ def test_fidelity_encodes_are_the_same_bytes_on_any_thread_count(tmp_path):
         encode_model(model, out, EncodeOptions(quiet=True, threads=threads), None, str(tmp_path / "c.npz"))
         files.append(open(out, "rb").read())
     assert files[0] == files[1] == files[2]
+
+
+def test_the_default_is_stricter_where_no_decision_can_be_checked(tmp_path):
+    """A raw [batch, boxes, values] head decides nothing a check can read (its threshold is in the
+    user's code): the default then holds cosine 0.9999 instead of 0.999, and says so in the file."""
+    from cdlcodec.codec import EncodeOptions
+    from cdlcodec.fidelity.encode import encode_model
+
+    rng = np.random.default_rng(6)
+    w = (rng.standard_normal((16, 6)) / 4).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "head",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 40, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 40, 6])],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "head.onnx"))
+    np.savez(tmp_path / "c.npz", x=rng.standard_normal((24, 40, 16)).astype(np.float32))
+    out = str(tmp_path / "head.cdl")
+    _, report = encode_model(read_model(str(tmp_path / "head.onnx")), out, EncodeOptions(quiet=True), None,
+                             str(tmp_path / "c.npz"))
+    assert report.target.value == 0.9999 and report.checked >= 0.9999
+    with ContainerReader(out) as reader:
+        assert reader.metadata["fidelity.target"].startswith("cosine >= 0.9999")
+    # an explicit target is kept as asked
+    _, report = encode_model(read_model(str(tmp_path / "head.onnx")), out + "2", EncodeOptions(quiet=True),
+                             ("cosine", 0.999), str(tmp_path / "c.npz"))
+    assert report.target.value == 0.999

@@ -27,7 +27,7 @@ from baselines import Evaluator, load_bench  # noqa: E402
 from cdlcodec.codec import decode_container  # noqa: E402
 from cdlcodec.dtypes import to_float64  # noqa: E402
 from cdlcodec.fidelity.measures import Target  # noqa: E402
-from cdlcodec.fidelity.search import FidelityOptions, encode_to_target  # noqa: E402
+from cdlcodec.fidelity.search import UNCHECKED_DEFAULT, FidelityOptions, encode_to_target  # noqa: E402
 from cdlcodec.io.model_files import read_model  # noqa: E402
 
 
@@ -64,9 +64,12 @@ def run(bench: Path, name: str, target: float, gptq: bool, tmp: Path, only: str 
             continue
         path = tmp / f"{name}_{label}.cdl"
         start = time.perf_counter()
+        # the default as `cdlcodec encode` runs it: stricter where no decision can be checked
+        unchecked = UNCHECKED_DEFAULT if label == "default" else None
         summary, report = encode_to_target(source, str(path), FidelityOptions(Target("cosine", tgt), str(calib),
                                                                                 gptq=gptq, quiet=True,
-                                                                                same_decisions=decisions))
+                                                                                same_decisions=decisions,
+                                                                                unchecked_target=unchecked))
         seconds = time.perf_counter() - start
         cos, task = evaluate_container(ev, str(path))
         payload = payload_bytes(str(path))
@@ -76,7 +79,8 @@ def run(bench: Path, name: str, target: float, gptq: bool, tmp: Path, only: str 
                       "encode_seconds": seconds, "model_runs": report.runs}
         print(f"{name:12s} {label:8s} cos>={tgt}: {out[label]['bits_per_param']:.3f} bits/param "
               f"({out[label]['weights_bits_per_param']:.3f} in tensor payloads), "
-              f"calib {report.checked:.5f}, held-apart {cos:.5f}, {task}, {seconds:.0f} s", flush=True)
+              f"calib {report.checked:.5f}, held-apart {cos:.5f}, {task}, {seconds:.0f} s"
+              f" [target {report.describe_target()}]", flush=True)
     return out
 
 

@@ -10,7 +10,7 @@ from ..codec import EncodeOptions, EncodeSummary, encode_records
 from ..errors import CdlInputError
 from .inputs import Inputs
 from .measures import Target
-from .search import DEFAULT_TARGET, MAX_CALIBRATION, FidelityOptions, FidelityReport, encode_to_target
+from .search import DEFAULT_TARGET, MAX_CALIBRATION, UNCHECKED_DEFAULT, FidelityOptions, FidelityReport, encode_to_target
 
 
 # Nothing can be checked without a graph to run, so the default is conservative: one step per output
@@ -77,7 +77,7 @@ def encode_model(model, output: str, options: EncodeOptions, target: tuple[str, 
     # character, a speech/no-speech call) changes. An explicit target adds that check on request.
     fidelity = FidelityOptions(target or DEFAULT_TARGET, None, gptq=gptq, quiet=options.quiet,
                                keep=options.keep, same_decisions=same_decisions or target is None, deploy=deploy,
-                               threads=options.threads)
+                               threads=options.threads, unchecked_target=None if target else UNCHECKED_DEFAULT)
     if explicit and not has_onnx_graph(model) and onnxruntime_available():
         from .program import encode_program_to_target, has_program
 

@@ -166,6 +166,7 @@ def encode_program_to_target(model: ModelFile, output: str, options, encode_opti
     # Constants the tracer made are not the program's tensors: the plan must leave them exact.
     keep = tuple(options.keep) + tuple(glob.escape(n) for n in foreign)
     quantizer, report, _ = fidelity_plan(translation, replace(options, calibration=inputs, keep=keep))
+    options = replace(options, target=report.target)  # the default's stricter target where it applied
     encode_options = replace(encode_options, quantizer=quantizer)
     summary = encode_records(model.records, output, encode_options, {**model.metadata, **report.metadata()},
                              model.sections)
