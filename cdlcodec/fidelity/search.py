@@ -40,6 +40,7 @@ from .roles import gemm_layout, graph_roles, output_axes
 MIN_ELEMENTS = 16          # smaller tensors are stored exactly: their bits do not matter
 SEARCH_RUNS = 8            # model runs at most for the budget search
 SENSITIVITY_SAMPLES = 16   # samples used to measure each tensor's sensitivity
+SENSITIVITY_FLOOR = 1e-3   # no tensor counts as less sensitive than this share of the median tensor
 MIN_SPLIT = 8              # fewer calibration samples: GPTQ and the search share them
 # Trellis-coded candidates: their Viterbi search runs only compiled (as plain Python it would take hours).
 DEPENDENT = HAVE_NUMBA
@@ -367,6 +368,15 @@ class _Search:
                 curve.sensitivity_dependent = self._sensitivity(name, w, Candidate(REF_REL, None, True), reference,
                                                                 part)
             self.curves.append(curve)
+        # "No effect measured" is not "free": at the reference step a tensor's rounding can vanish in the
+        # activations (ocr_det: two 144-value depthwise kernels measured 0), while the coarsest step the
+        # allocator would then give it moves the output (cosine stuck at 0.99982 however fine the rest).
+        measured = [x for c in self.curves for x in (c.sensitivity, c.sensitivity_dependent) if x > 0]
+        floor = SENSITIVITY_FLOOR * float(np.median(measured)) if measured else 1.0
+        for c in self.curves:
+            c.sensitivity = max(c.sensitivity, floor)
+            if any(x.dependent for x in c.candidates):
+                c.sensitivity_dependent = max(c.sensitivity_dependent, floor)
 
     def _curve(self, name: str) -> TensorCurve:
         w = self.rounder.weights(name)
