@@ -362,30 +362,15 @@ def _quartets_packed6(data, pos, x0, x1, x2, x3, n, step, symbol, scale_bits, ra
             out[o + U3] = ((g >> np.uint64(8)) & np.uint64(0x8000)) | (np.uint64(symbol[i3]) << np.uint64(5)) \
                 | ((g >> np.uint64(18)) & np.uint64(0x1F))
             r += U3
-            u0 = (e0 & W) * (u0 >> sh) + (e0 >> np.uint64(16))
-            u1 = (e1 & W) * (u1 >> sh) + (e1 >> np.uint64(16))
-            u2 = (e2 & W) * (u2 >> sh) + (e2 >> np.uint64(16))
-            u3 = (e3 & W) * (u3 >> sh) + (e3 >> np.uint64(16))
-            q = _word8(data, p)
-            u0, q, c0 = _renorm(u0, q)
-            u1, q, c1 = _renorm(u1, q)
-            u2, q, c2 = _renorm(u2, q)
-            u3, q, c3 = _renorm(u3, q)
-            p += (c0 + c1 + c2 + c3) << U1
+            u0, u1, u2, u3, p = _advance(data, p, u0, u1, u2, u3, e0, e1, e2, e3, sh)
             o += np.uint64(4)
     return np.int64(o) - out_start, np.int64(p), np.int64(u0), np.int64(u1), np.int64(u2), np.int64(u3)
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
 def _quartets_byte16(data, pos, x0, x1, x2, x3, n, step, symbol, scale_bits, raw, out, out_start):
-    """_decode's main loop: whole quartets of the chunk while the 8 bytes of words at pos lie inside
-    `data` (a quartet reads at most 4 words), so no word needs a bounds test. Words past the stream's
-    end (the raw bits that follow it) are read only from a corrupt stream, which _decode then rejects
-    (pos > end). Returns (j, pos, x0..x3) as int64 for the loops that finish the chunk.
-
-    All in uint64 (no negative-index fix-ups, no sign extensions), renormalisation as selects,
-    the output and raw indices as running counters: fewer instructions and spills per symbol
-    than one loop that also handles the stream's last words (1.9 -> 1.55 ns per bfloat16 weight)."""
+    """_quartets_packed6's loop for another output layout (one loop per layout: the element
+    assembly is inlined, no layout test per symbol)."""
     u0, u1, u2, u3 = np.uint64(x0), np.uint64(x1), np.uint64(x2), np.uint64(x3)
     o = np.uint64(out_start)
     if pos + 8 > data.size or n < 4:
@@ -418,30 +403,15 @@ def _quartets_byte16(data, pos, x0, x1, x2, x3, n, step, symbol, scale_bits, raw
             out[o + U3] = ((b >> np.uint64(16)) & np.uint64(0x8000)) | (np.uint64(symbol[i3]) << np.uint64(7)) \
                 | ((b >> np.uint64(24)) & np.uint64(0x7F))
             r += np.uint64(4)
-            u0 = (e0 & W) * (u0 >> sh) + (e0 >> np.uint64(16))
-            u1 = (e1 & W) * (u1 >> sh) + (e1 >> np.uint64(16))
-            u2 = (e2 & W) * (u2 >> sh) + (e2 >> np.uint64(16))
-            u3 = (e3 & W) * (u3 >> sh) + (e3 >> np.uint64(16))
-            q = _word8(data, p)
-            u0, q, c0 = _renorm(u0, q)
-            u1, q, c1 = _renorm(u1, q)
-            u2, q, c2 = _renorm(u2, q)
-            u3, q, c3 = _renorm(u3, q)
-            p += (c0 + c1 + c2 + c3) << U1
+            u0, u1, u2, u3, p = _advance(data, p, u0, u1, u2, u3, e0, e1, e2, e3, sh)
             o += np.uint64(4)
     return np.int64(o) - out_start, np.int64(p), np.int64(u0), np.int64(u1), np.int64(u2), np.int64(u3)
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
 def _quartets_byte32(data, pos, x0, x1, x2, x3, n, step, symbol, scale_bits, raw, out, out_start):
-    """_decode's main loop: whole quartets of the chunk while the 8 bytes of words at pos lie inside
-    `data` (a quartet reads at most 4 words), so no word needs a bounds test. Words past the stream's
-    end (the raw bits that follow it) are read only from a corrupt stream, which _decode then rejects
-    (pos > end). Returns (j, pos, x0..x3) as int64 for the loops that finish the chunk.
-
-    All in uint64 (no negative-index fix-ups, no sign extensions), renormalisation as selects,
-    the output and raw indices as running counters: fewer instructions and spills per symbol
-    than one loop that also handles the stream's last words (1.9 -> 1.55 ns per bfloat16 weight)."""
+    """_quartets_packed6's loop for another output layout (one loop per layout: the element
+    assembly is inlined, no layout test per symbol)."""
     u0, u1, u2, u3 = np.uint64(x0), np.uint64(x1), np.uint64(x2), np.uint64(x3)
     o = np.uint64(out_start)
     if pos + 8 > data.size or n < 4:
@@ -469,30 +439,15 @@ def _quartets_byte32(data, pos, x0, x1, x2, x3, n, step, symbol, scale_bits, raw
             out[o + U2] = _element32(symbol[i2], data, r + U2, plane)
             out[o + U3] = _element32(symbol[i3], data, r + U3, plane)
             r += np.uint64(4)
-            u0 = (e0 & W) * (u0 >> sh) + (e0 >> np.uint64(16))
-            u1 = (e1 & W) * (u1 >> sh) + (e1 >> np.uint64(16))
-            u2 = (e2 & W) * (u2 >> sh) + (e2 >> np.uint64(16))
-            u3 = (e3 & W) * (u3 >> sh) + (e3 >> np.uint64(16))
-            q = _word8(data, p)
-            u0, q, c0 = _renorm(u0, q)
-            u1, q, c1 = _renorm(u1, q)
-            u2, q, c2 = _renorm(u2, q)
-            u3, q, c3 = _renorm(u3, q)
-            p += (c0 + c1 + c2 + c3) << U1
+            u0, u1, u2, u3, p = _advance(data, p, u0, u1, u2, u3, e0, e1, e2, e3, sh)
             o += np.uint64(4)
     return np.int64(o) - out_start, np.int64(p), np.int64(u0), np.int64(u1), np.int64(u2), np.int64(u3)
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
 def _quartets_none(data, pos, x0, x1, x2, x3, n, step, symbol, scale_bits, raw, out, out_start):
-    """_decode's main loop: whole quartets of the chunk while the 8 bytes of words at pos lie inside
-    `data` (a quartet reads at most 4 words), so no word needs a bounds test. Words past the stream's
-    end (the raw bits that follow it) are read only from a corrupt stream, which _decode then rejects
-    (pos > end). Returns (j, pos, x0..x3) as int64 for the loops that finish the chunk.
-
-    All in uint64 (no negative-index fix-ups, no sign extensions), renormalisation as selects,
-    the output and raw indices as running counters: fewer instructions and spills per symbol
-    than one loop that also handles the stream's last words (1.9 -> 1.55 ns per bfloat16 weight)."""
+    """_quartets_packed6's loop for another output layout (one loop per layout: the element
+    assembly is inlined, no layout test per symbol)."""
     u0, u1, u2, u3 = np.uint64(x0), np.uint64(x1), np.uint64(x2), np.uint64(x3)
     o = np.uint64(out_start)
     if pos + 8 > data.size or n < 4:
@@ -517,18 +472,25 @@ def _quartets_none(data, pos, x0, x1, x2, x3, n, step, symbol, scale_bits, raw, 
             out[o + U1] = symbol[i1]
             out[o + U2] = symbol[i2]
             out[o + U3] = symbol[i3]
-            u0 = (e0 & W) * (u0 >> sh) + (e0 >> np.uint64(16))
-            u1 = (e1 & W) * (u1 >> sh) + (e1 >> np.uint64(16))
-            u2 = (e2 & W) * (u2 >> sh) + (e2 >> np.uint64(16))
-            u3 = (e3 & W) * (u3 >> sh) + (e3 >> np.uint64(16))
-            q = _word8(data, p)
-            u0, q, c0 = _renorm(u0, q)
-            u1, q, c1 = _renorm(u1, q)
-            u2, q, c2 = _renorm(u2, q)
-            u3, q, c3 = _renorm(u3, q)
-            p += (c0 + c1 + c2 + c3) << U1
+            u0, u1, u2, u3, p = _advance(data, p, u0, u1, u2, u3, e0, e1, e2, e3, sh)
             o += np.uint64(4)
     return np.int64(o) - out_start, np.int64(p), np.int64(u0), np.int64(u1), np.int64(u2), np.int64(u3)
+
+
+@njit(cache=True, nogil=True, boundscheck=False, inline="always")
+def _advance(data, p, u0, u1, u2, u3, e0, e1, e2, e3, sh):
+    """The four rANS states past the symbols whose table entries are e0..e3 (frequency in the low 16
+    bits, start above), refilled from the words at p as they need: (u0, u1, u2, u3, p)."""
+    u0 = (e0 & W) * (u0 >> sh) + (e0 >> np.uint64(16))
+    u1 = (e1 & W) * (u1 >> sh) + (e1 >> np.uint64(16))
+    u2 = (e2 & W) * (u2 >> sh) + (e2 >> np.uint64(16))
+    u3 = (e3 & W) * (u3 >> sh) + (e3 >> np.uint64(16))
+    q = _word8(data, p)
+    u0, q, c0 = _renorm(u0, q)
+    u1, q, c1 = _renorm(u1, q)
+    u2, q, c2 = _renorm(u2, q)
+    u3, q, c3 = _renorm(u3, q)
+    return u0, u1, u2, u3, p + ((c0 + c1 + c2 + c3) << U1)
 
 
 @njit(cache=True, nogil=True, boundscheck=False, inline="always")
