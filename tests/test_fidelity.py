@@ -1,7 +1,6 @@
 """Encoding to a fidelity target: graph roles, inputs, GPTQ rounding, the verified search."""
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
