@@ -334,23 +334,12 @@ def _quartets_packed6(data, pos, x0, x1, x2, x3, n, step, symbol, scale_bits, ra
     o = np.uint64(out_start)
     if pos + 8 > data.size or n < 4:
         return np.int64(0), np.int64(pos), x0, x1, x2, x3
-    p = np.uint64(pos)
-    limit = np.uint64(data.size - 8)
-    mask = np.uint64((1 << scale_bits) - 1)
-    sh = np.uint64(scale_bits)
-    o_end = np.uint64(out_start + (n & ~3))
+    p, limit, mask, sh, o_end = _loop_constants(data, pos, n, scale_bits, out_start)
     r = np.uint64(raw)  # PACKED6: the quartet's 3 raw bytes; BYTE16/BYTE32: its first element's byte
     while o < o_end and p <= limit:
         stop = min(o_end, o + ((limit - p) >> U3) * np.uint64(4) + np.uint64(4))  # quartets with safe words
         while o < stop:
-            i0 = u0 & mask
-            i1 = u1 & mask
-            i2 = u2 & mask
-            i3 = u3 & mask
-            e0 = np.uint64(step[i0])
-            e1 = np.uint64(step[i1])
-            e2 = np.uint64(step[i2])
-            e3 = np.uint64(step[i3])
+            i0, i1, i2, i3, e0, e1, e2, e3 = _lookup(u0, u1, u2, u3, mask, step)
             g = np.uint64(data[r]) | (np.uint64(data[r + U1]) << np.uint64(8)) \
                 | (np.uint64(data[r + U2]) << np.uint64(16))
             out[o] = ((g & np.uint64(0x20)) << np.uint64(10)) | (np.uint64(symbol[i0]) << np.uint64(5)) \
@@ -375,23 +364,12 @@ def _quartets_byte16(data, pos, x0, x1, x2, x3, n, step, symbol, scale_bits, raw
     o = np.uint64(out_start)
     if pos + 8 > data.size or n < 4:
         return np.int64(0), np.int64(pos), x0, x1, x2, x3
-    p = np.uint64(pos)
-    limit = np.uint64(data.size - 8)
-    mask = np.uint64((1 << scale_bits) - 1)
-    sh = np.uint64(scale_bits)
-    o_end = np.uint64(out_start + (n & ~3))
+    p, limit, mask, sh, o_end = _loop_constants(data, pos, n, scale_bits, out_start)
     r = np.uint64(raw)  # PACKED6: the quartet's 3 raw bytes; BYTE16/BYTE32: its first element's byte
     while o < o_end and p <= limit:
         stop = min(o_end, o + ((limit - p) >> U3) * np.uint64(4) + np.uint64(4))  # quartets with safe words
         while o < stop:
-            i0 = u0 & mask
-            i1 = u1 & mask
-            i2 = u2 & mask
-            i3 = u3 & mask
-            e0 = np.uint64(step[i0])
-            e1 = np.uint64(step[i1])
-            e2 = np.uint64(step[i2])
-            e3 = np.uint64(step[i3])
+            i0, i1, i2, i3, e0, e1, e2, e3 = _lookup(u0, u1, u2, u3, mask, step)
             b = np.uint64(data[r]) | (np.uint64(data[r + U1]) << np.uint64(8)) \
                 | (np.uint64(data[r + U2]) << np.uint64(16)) | (np.uint64(data[r + U3]) << np.uint64(24))
             out[o] = ((b & np.uint64(0x80)) << np.uint64(8)) | (np.uint64(symbol[i0]) << np.uint64(7)) \
@@ -416,24 +394,13 @@ def _quartets_byte32(data, pos, x0, x1, x2, x3, n, step, symbol, scale_bits, raw
     o = np.uint64(out_start)
     if pos + 8 > data.size or n < 4:
         return np.int64(0), np.int64(pos), x0, x1, x2, x3
-    p = np.uint64(pos)
-    limit = np.uint64(data.size - 8)
-    mask = np.uint64((1 << scale_bits) - 1)
-    sh = np.uint64(scale_bits)
-    o_end = np.uint64(out_start + (n & ~3))
+    p, limit, mask, sh, o_end = _loop_constants(data, pos, n, scale_bits, out_start)
     r = np.uint64(raw)  # PACKED6: the quartet's 3 raw bytes; BYTE16/BYTE32: its first element's byte
     plane = np.uint64(n)  # BYTE32: distance between its raw planes
     while o < o_end and p <= limit:
         stop = min(o_end, o + ((limit - p) >> U3) * np.uint64(4) + np.uint64(4))  # quartets with safe words
         while o < stop:
-            i0 = u0 & mask
-            i1 = u1 & mask
-            i2 = u2 & mask
-            i3 = u3 & mask
-            e0 = np.uint64(step[i0])
-            e1 = np.uint64(step[i1])
-            e2 = np.uint64(step[i2])
-            e3 = np.uint64(step[i3])
+            i0, i1, i2, i3, e0, e1, e2, e3 = _lookup(u0, u1, u2, u3, mask, step)
             out[o] = _element32(symbol[i0], data, r, plane)
             out[o + U1] = _element32(symbol[i1], data, r + U1, plane)
             out[o + U2] = _element32(symbol[i2], data, r + U2, plane)
@@ -452,22 +419,11 @@ def _quartets_none(data, pos, x0, x1, x2, x3, n, step, symbol, scale_bits, raw, 
     o = np.uint64(out_start)
     if pos + 8 > data.size or n < 4:
         return np.int64(0), np.int64(pos), x0, x1, x2, x3
-    p = np.uint64(pos)
-    limit = np.uint64(data.size - 8)
-    mask = np.uint64((1 << scale_bits) - 1)
-    sh = np.uint64(scale_bits)
-    o_end = np.uint64(out_start + (n & ~3))
+    p, limit, mask, sh, o_end = _loop_constants(data, pos, n, scale_bits, out_start)
     while o < o_end and p <= limit:
         stop = min(o_end, o + ((limit - p) >> U3) * np.uint64(4) + np.uint64(4))  # quartets with safe words
         while o < stop:
-            i0 = u0 & mask
-            i1 = u1 & mask
-            i2 = u2 & mask
-            i3 = u3 & mask
-            e0 = np.uint64(step[i0])
-            e1 = np.uint64(step[i1])
-            e2 = np.uint64(step[i2])
-            e3 = np.uint64(step[i3])
+            i0, i1, i2, i3, e0, e1, e2, e3 = _lookup(u0, u1, u2, u3, mask, step)
             out[o] = symbol[i0]
             out[o + U1] = symbol[i1]
             out[o + U2] = symbol[i2]
@@ -475,6 +431,20 @@ def _quartets_none(data, pos, x0, x1, x2, x3, n, step, symbol, scale_bits, raw, 
             u0, u1, u2, u3, p = _advance(data, p, u0, u1, u2, u3, e0, e1, e2, e3, sh)
             o += np.uint64(4)
     return np.int64(o) - out_start, np.int64(p), np.int64(u0), np.int64(u1), np.int64(u2), np.int64(u3)
+
+
+@njit(cache=True, nogil=True, boundscheck=False, inline="always")
+def _loop_constants(data, pos, n, scale_bits, out_start):
+    """A quartet loop's (pos, last safe word position, slot mask, scale shift, end of its whole quartets)."""
+    return (np.uint64(pos), np.uint64(data.size - 8), np.uint64((1 << scale_bits) - 1), np.uint64(scale_bits),
+            np.uint64(out_start + (n & ~3)))
+
+
+@njit(cache=True, nogil=True, boundscheck=False, inline="always")
+def _lookup(u0, u1, u2, u3, mask, step):
+    """The four states' slots and their table entries: (i0..i3, e0..e3)."""
+    i0, i1, i2, i3 = u0 & mask, u1 & mask, u2 & mask, u3 & mask
+    return i0, i1, i2, i3, np.uint64(step[i0]), np.uint64(step[i1]), np.uint64(step[i2]), np.uint64(step[i3])
 
 
 @njit(cache=True, nogil=True, boundscheck=False, inline="always")
