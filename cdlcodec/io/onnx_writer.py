@@ -643,6 +643,21 @@ def _dequantize_node(helper, names: _Names, output: str, rec: TensorRecord, plan
 NBITS_BLOCKS = (256, 128, 64, 32, 16)  # block sizes onnxruntime's MatMulNBits kernels support
 
 
+def _coded_matmul_weight(node, inits: dict, uses: Counter, records: dict[str, TensorRecord]):
+    """(initializer, record) when `node` is a MatMul(A, W) whose W is a coded float32 [K, N] initializer
+    (one step, or one per output column) used by nothing else: what MatMulNBits and MatMulInteger can
+    take over; (None, None) otherwise."""
+    if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+        return None, None
+    init = inits.get(node.input[1])
+    if init is None or uses[init.name] != 1 or init.data_type != 1 or len(init.dims) != 2:
+        return None, None
+    rec = _record_for(init, records)
+    if not (_quantized(rec) and rec.levels.size) or _quant_params(rec).axis not in (None, 1):
+        return None, None
+    return init, rec
+
+
 def _apply_matmul_nbits(proto, records: dict[str, TensorRecord], int4: bool, streamed: dict | None = None) -> None:
     """MatMul(A, W) with W a quantized float32 [K, N] initializer (one step, or one per output column)
     whose levels fit 4 (int4 allowed) or 8 bits, used by nothing else -> MatMulNBits(A, B, scales) with
@@ -658,13 +673,8 @@ def _apply_matmul_nbits(proto, records: dict[str, TensorRecord], int4: bool, str
     inits = {t.name: t for t in graph.initializer}
     taken = set()
     for index, node in enumerate(graph.node):
-        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
-            continue
-        init = inits.get(node.input[1])
-        if init is None or uses[init.name] != 1 or init.data_type != 1 or len(init.dims) != 2:
-            continue
-        rec = _record_for(init, records)
-        if not (_quantized(rec) and rec.levels.size) or _quant_params(rec).axis not in (None, 1):
+        init, rec = _coded_matmul_weight(node, inits, uses, records)
+        if rec is None:
             continue
         bits = next((b for b in ((4, 8) if int4 else (8,)) if -(1 << (b - 1)) <= rec.levels.min()
                      and rec.levels.max() < (1 << (b - 1))), None)
@@ -716,13 +726,8 @@ def _apply_matmul_integer(proto, records: dict[str, TensorRecord], streamed: dic
     inits = {t.name: t for t in graph.initializer}
     nodes, added, taken = [], [], set()
     for node in graph.node:
-        init = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
-        rec = None
-        if (init is not None and node.domain in ("", "ai.onnx") and uses[init.name] == 1 and init.data_type == 1
-                and len(init.dims) == 2):
-            rec = _record_for(init, records)
-        if not (_quantized(rec) and rec.levels.size and _quant_params(rec).axis in (None, 1)
-                and -128 <= rec.levels.min() and rec.levels.max() <= 127):
+        init, rec = _coded_matmul_weight(node, inits, uses, records)
+        if rec is None or not (-128 <= rec.levels.min() and rec.levels.max() <= 127):
             nodes.append(node)
             continue
         ints = _integer_tensor(names.fresh(f"{init.name}_quantized"), rec, INT8, streamed)
