@@ -398,9 +398,19 @@ def _forward5_block(th, eb, u, y, st_l, st_v, st_m, p0, p1, p2, p3, p4, kb, q, A
     return bad
 
 
+@njit(cache=True, error_model="numpy")
+def _copy_row(src, dst):
+    """dst[i] = src[i] (converted to dst's dtype)."""
+    for i in range(src.size):
+        dst[i] = src[i]
+
+
 @njit(cache=True, parallel=True, error_model="numpy")
-def forward5(theta, q, a, lo, hi, consts, uniforms, sample, want_sums, chunks, y, st_l, st_v, st_m):
-    """`forward` for windowed K = 5 (consts from level_constants(q, a, 5)); stats in three rows."""
+def forward5(theta, q, a, lo, hi, consts, uniforms, sample, want_sums, chunks, y, st_l, st_v, st_m, keep, kept):
+    """`forward` for windowed K = 5 (consts from level_constants(q, a, 5)); stats in three rows.
+    With `want_sums` and `keep`, kept[j, i] = P(k0_i + j | θ_i) (shape [5, n], any float dtype) for
+    `backward5`, which then skips the exps and the CPMF of its MPMF gradient."""
+    keep = keep and want_sums
     size = hi - lo + 1
     partial = np.zeros((chunks, size))
     n_all = theta.size
@@ -439,6 +449,9 @@ def forward5(theta, q, a, lo, hi, consts, uniforms, sample, want_sums, chunks, y
                         for jj in range(5):
                             pb[jj, i - b0] = e[jj] * inv_s0
                         kb[i - b0] = k0i - lo
+            if keep:      # a copy loop of its own: stores inside the block's loop kept it from vectorising
+                for jj in range(5):
+                    _copy_row(pb[jj, :m], kept[jj, b0:b1])
             if want_sums:
                 for j in range(m):
                     h = hist[j & 3]
@@ -514,10 +527,57 @@ def _backward5_block(th, eb, st_l, st_v, st_m, gy, has_grad_y, grad_sums, has_gr
     return bad
 
 
+@njit(cache=True, error_model="numpy")
+def _backward5_kept_block(th, p0, p1, p2, p3, p4, st_l, st_v, st_m, gy, has_grad_y, grad_sums, gt, bq, ba, q,
+                          a, lo, hi, kb, gb):
+    """`_backward5_block` with the MPMF gradient, from the forward's kept probabilities p_j (no exps,
+    no CPMF): Cov(g, l) = Σ_j p_j (g_j - E[g]) d_j and Cov(g, (l - L)²) likewise with d_j², d_j the
+    level minus the mean. Returns the count of non-finite θ, left for `_cpmf`."""
+    _window_grads(th, q, lo, hi, kb, gb, grad_sums)
+    bad = 0
+    for i in range(th.size):
+        t = th[i]
+        level_mean = st_l[i]
+        G = gy[i] if has_grad_y else 0.0
+        v1 = G * q * st_v[i]
+        v2 = G * q * st_m[i]
+        x0 = float(p0[i])
+        x1 = float(p1[i])
+        x2 = float(p2[i])
+        x3 = float(p3[i])
+        x4 = float(p4[i])
+        g0 = gb[0, i]
+        g1 = gb[1, i]
+        g2 = gb[2, i]
+        g3 = gb[3, i]
+        g4 = gb[4, i]
+        eg = x0 * g0 + x1 * g1 + x2 * g2 + x3 * g3 + x4 * g4
+        d0 = float(kb[i] + lo) - level_mean
+        d1 = d0 + 1.0
+        d2 = d0 + 2.0
+        d3 = d0 + 3.0
+        d4 = d0 + 4.0
+        r0 = x0 * (g0 - eg)
+        r1 = x1 * (g1 - eg)
+        r2 = x2 * (g2 - eg)
+        r3 = x3 * (g3 - eg)
+        r4 = x4 * (g4 - eg)
+        v1 += r0 * d0 + r1 * d1 + r2 * d2 + r3 * d3 + r4 * d4
+        v2 += r0 * d0 * d0 + r1 * d1 * d1 + r2 * d2 * d2 + r3 * d3 * d3 + r4 * d4 * d4
+        bad += 0 if abs(t / q) < np.inf else 1
+        mean = q * level_mean
+        gt[i] = 2.0 * a * q * v1
+        bq[i] = G * level_mean + 2.0 * a * ((t - 2.0 * mean) * v1 - q * v2)
+        ba[i] = 2.0 * q * (t - mean) * v1 - q * q * v2
+    return bad
+
+
 @njit(cache=True, parallel=True, error_model="numpy")
 def backward5(theta, q, a, lo, hi, st_l, st_v, st_m, consts, grad_y, has_grad_y, grad_sums,
-              has_grad_sums, chunks, grad_theta):
-    """`backward` for windowed K = 5; per chunk the same sums in the same order."""
+              has_grad_sums, chunks, grad_theta, has_kept, kept):
+    """`backward` for windowed K = 5; per chunk the same sums in the same order. With `has_kept`
+    the MPMF gradient reads the CPMFs forward5 kept (`kept`) instead of recomputing them."""
+    use_kept = has_kept and has_grad_sums
     n_all = theta.size
     per = (n_all + chunks - 1) // chunks
     A = a * q * q
@@ -536,10 +596,16 @@ def backward5(theta, q, a, lo, hi, st_l, st_v, st_m, consts, grad_y, has_grad_y,
         for b0 in range(c * per, stop, _BLOCK5):
             b1 = min(stop, b0 + _BLOCK5)
             m = b1 - b0
-            bad = _backward5_block(theta[b0:b1], eb, st_l[b0:b1], st_v[b0:b1], st_m[b0:b1],
-                                   grad_y[b0:b1] if has_grad_y else grad_y,
-                                   has_grad_y, grad_sums, has_grad_sums, grad_theta[b0:b1], bq[:m], ba[:m],
-                                   q, a, lo, hi, c1, c2, c3, c4, kb, gb)
+            if use_kept:
+                bad = _backward5_kept_block(theta[b0:b1], kept[0, b0:b1], kept[1, b0:b1], kept[2, b0:b1],
+                                            kept[3, b0:b1], kept[4, b0:b1], st_l[b0:b1], st_v[b0:b1],
+                                            st_m[b0:b1], grad_y[b0:b1] if has_grad_y else grad_y, has_grad_y,
+                                            grad_sums, grad_theta[b0:b1], bq[:m], ba[:m], q, a, lo, hi, kb, gb)
+            else:
+                bad = _backward5_block(theta[b0:b1], eb, st_l[b0:b1], st_v[b0:b1], st_m[b0:b1],
+                                       grad_y[b0:b1] if has_grad_y else grad_y,
+                                       has_grad_y, grad_sums, has_grad_sums, grad_theta[b0:b1], bq[:m], ba[:m],
+                                       q, a, lo, hi, c1, c2, c3, c4, kb, gb)
             if bad > 0:
                 for i in range(b0, b1):
                     t = theta[i]

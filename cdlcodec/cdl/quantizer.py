@@ -177,10 +177,14 @@ def _numba_forward(flat, q, a, lo, hi, k, windowed, uniforms, want_sums):
     u = uniforms.cpu().numpy() if uniforms is not None else np.zeros(1)
     consts = _kernels.level_constants(q, a, k)
     if _five(_kernels, q, a, k, windowed):     # takes its exps itself: no E kept for the backward
+        # With the MPMF, the window's CPMF is kept ([5, elements] in θ's dtype, like the stats) so the
+        # backward's MPMF gradient needs no exps and no CPMF of its own.
+        kept = np.empty((5, t.size if want_sums else 1), dtype=t.dtype)
         sums = _kernels.forward5(t, q, a, lo, hi, consts, u, uniforms is not None, bool(want_sums),
-                                 _kernels.chunk_count(t.size), y, stats[0], stats[1], stats[2])
+                                 _kernels.chunk_count(t.size), y, stats[0], stats[1], stats[2],
+                                 bool(want_sums), kept)
         return (torch.from_numpy(y), torch.from_numpy(stats), torch.from_numpy(sums) if want_sums else None,
-                None)
+                torch.from_numpy(kept) if want_sums else None)
     E = _numba_exp(_kernels, t, q, a, lo, hi, k, windowed)
     sums = _kernels.forward(t, q, a, lo, hi, k, windowed, E, consts, u, uniforms is not None,
                             bool(want_sums), _kernels.chunk_count(t.size), y, stats)
@@ -201,8 +205,10 @@ def _numba_backward(flat, q, a, lo, hi, k, windowed, stats, grad_y, grad_sums, e
     st = stats.numpy()
     consts = _kernels.level_constants(q, a, k)
     if _five(_kernels, q, a, k, windowed):
+        kept = exps.numpy() if exps is not None else np.zeros((5, 1), dtype=t.dtype)
         g_q, g_a = _kernels.backward5(t, q, a, lo, hi, st[0], st[1], st[2], consts, gy, grad_y is not None,
-                                      gs, grad_sums is not None, _kernels.chunk_count(t.size), g_theta)
+                                      gs, grad_sums is not None, _kernels.chunk_count(t.size), g_theta,
+                                      exps is not None, kept)
     else:
         if grad_sums is None:
             E = np.zeros(1)
