@@ -105,3 +105,45 @@ def test_tracked_weight_entropy_equals_a_separate_pass(mode):
     torch.testing.assert_close(loss_a, loss_b, rtol=1e-6, atol=0)
     for a, b in zip(grads_a, grads_b):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("window,signed,bits,alpha", [(5, False, 4, 89.0), (None, True, 4, 800.0),
+                                                      (None, True, 8, 3200.0)])
+def test_quantize_with_entropy_bits_matches_the_autograd_chain(dtype, window, signed, bits, alpha):
+    """quantize_with_entropy_bits (one autograd node for scale·H) gives the value of
+    scale * entropy_bits(quantize_with_mpmf(...)[1]) bit for bit and its gradients in θ, step and
+    sharpness (float64 to 1e-12 relative), with empty bins (p < 1e-30) in the alphabet; gradcheck."""
+    from cdlcodec.cdl.entropy import _SumsEntropyBits, quantize_with_entropy_bits
+    from cdlcodec.cdl.quantizer import quantize_with_mpmf
+
+    lo, hi = alphabet_bounds(bits, signed)
+    q = 0.1 if window is None else 0.3
+    g = torch.Generator().manual_seed(3)
+    theta = (torch.randn(3000, generator=g, dtype=torch.float64) * q * 2).to(dtype)
+    if not signed:
+        theta = theta.abs()
+        theta[::3] = 0.0
+    theta.requires_grad_()
+    step = torch.tensor(q, dtype=dtype, requires_grad=True)
+    sharp = torch.tensor(alpha, dtype=dtype, requires_grad=True)
+    scale = 784
+    out = []
+    for fused in (False, True):
+        if fused:
+            y, bits_ = quantize_with_entropy_bits(theta, step, sharp, lo, hi, window, scale)
+        else:
+            y, pmf = quantize_with_mpmf(theta, step, sharp, lo, hi, window)
+            if bits == 8 or not signed:      # empty bins: the clamp's zero-gradient side is exercised
+                assert (pmf == 0).any()
+            bits_ = scale * entropy_bits(pmf)
+        grads = torch.autograd.grad(bits_ * 3.0 + (y * y).sum(), (theta, step, sharp))
+        out.append((bits_.detach(), y.detach(), grads))
+    (b0, y0, g0), (b1, y1, g1) = out
+    assert torch.equal(b0, b1) and torch.equal(y0, y1)
+    tol = dict(rtol=1e-12, atol=1e-15) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, **tol)
+    if dtype == torch.float64:
+        sums = torch.rand(12, dtype=torch.float64, generator=g) * 50 + 0.1   # (at p = 0, H is not differentiable)
+        assert torch.autograd.gradcheck(lambda s: _SumsEntropyBits.apply(s, 60, 7.0), (sums.requires_grad_(),))

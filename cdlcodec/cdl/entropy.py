@@ -14,7 +14,7 @@ from ..optional import require
 require("torch", "CDL training")
 import torch
 
-from .quantizer import cpmf, quantize_with_mpmf
+from .quantizer import QuantizeFunction, cpmf, quantize_with_mpmf
 
 _LOG2 = math.log(2.0)
 
@@ -45,3 +45,37 @@ def entropy_bits(pmf: torch.Tensor) -> torch.Tensor:
     """Shannon entropy in bits of a PMF (zero-probability bins contribute 0)."""
     p = pmf.clamp_min(1e-30)
     return -(pmf * torch.log(p)).sum() / _LOG2
+
+
+_MIN_P = 1e-30   # entropy_bits' clamp
+
+
+class _SumsEntropyBits(torch.autograd.Function):
+    """scale · H(sums / count) in bits as one autograd node: the values of
+    `scale * entropy_bits(sums / count)` (the same operations in the same order), and the gradient
+    of that chain in closed form, ∂/∂sums_k = -scale·(log max(p_k, 1e-30) + [p_k ≥ 1e-30]) / (count·ln 2),
+    instead of the six small autograd nodes of the chain (a training step runs one per quantizer)."""
+
+    @staticmethod
+    def forward(ctx, sums, count, scale):
+        pmf = sums / count
+        logp = torch.log(pmf.clamp_min(_MIN_P))
+        ctx.save_for_backward(pmf, logp)
+        ctx.count, ctx.scale = count, scale
+        return scale * (-(pmf * logp).sum() / _LOG2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pmf, logp = ctx.saved_tensors
+        inside = (pmf >= _MIN_P).to(pmf.dtype)       # clamp_min passes the gradient where p ≥ its bound
+        return (logp + inside) * (grad * (-ctx.scale / (_LOG2 * ctx.count))), None, None
+
+
+def quantize_with_entropy_bits(theta: torch.Tensor, step: torch.Tensor, sharpness: torch.Tensor, lo: int, hi: int,
+                               window: int | None, scale: float, *, sample: bool = False,
+                               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Qd(θ) or a Qp sample, scale · H(MPMF) in bits): `quantize_with_mpmf` followed by
+    `scale * entropy_bits(pmf)` (eq. 26 / 28 with scale = |w_l| or |x_l|), the same values, with
+    the entropy as one autograd node."""
+    y, sums = QuantizeFunction.apply(theta, step, sharpness, lo, hi, window, sample, generator, True)
+    return y, _SumsEntropyBits.apply(sums, max(theta.numel(), 1), scale)

@@ -19,9 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .entropy import entropy_bits, mpmf
-from .quantizer import (alphabet_bounds, hard_quantize, quantize_with_mpmf, sample_quantize,
-                        soft_quantize)
+from .entropy import entropy_bits, mpmf, quantize_with_entropy_bits
+from .quantizer import alphabet_bounds, hard_quantize, sample_quantize, soft_quantize
 
 MODES = ("cdl", "rcdl")
 ACTIVATION_WINDOW = 5      # Section VI-B-1: the CPMF of an activation is kept on its 5 nearest levels
@@ -90,9 +89,9 @@ class _WeightQuantized:
         if not self.training:
             return hard_quantize(self.weight, self.q, lo, hi)
         if self.track_entropy:
-            w, pmf = quantize_with_mpmf(self.weight, self.q, self.alpha, lo, hi, sample=self.mode == "cdl",
-                                        generator=self.generator)
-            self.last_entropy_bits = self.weight.numel() * entropy_bits(pmf)
+            w, self.last_entropy_bits = quantize_with_entropy_bits(
+                self.weight, self.q, self.alpha, lo, hi, None, self.weight.numel(), sample=self.mode == "cdl",
+                generator=self.generator)
             return w
         if self.mode == "rcdl":
             return soft_quantize(self.weight, self.q, self.alpha, lo, hi)
@@ -195,9 +194,9 @@ class ActivationQuantizer(nn.Module):
             return hard_quantize(x, self.s, lo, hi)
         if self.track_entropy:
             # One pass over the CPMFs gives both the quantized values and the MPMF (eq. 28).
-            y, pmf = quantize_with_mpmf(x, self.s, self.beta, lo, hi, self.window,
-                                        sample=self.mode == "cdl", generator=self.generator)
-            self.last_entropy_bits = self.numel_per_sample * entropy_bits(pmf)
+            y, self.last_entropy_bits = quantize_with_entropy_bits(
+                x, self.s, self.beta, lo, hi, self.window, self.numel_per_sample, sample=self.mode == "cdl",
+                generator=self.generator)
             return y
         if self.mode == "rcdl":
             return soft_quantize(x, self.s, self.beta, lo, hi, self.window)
