@@ -62,7 +62,11 @@ class Runner:
         groups = cdl_param_groups(self.model, lr_w=cfg.lr, lr_q=cfg.lr_q, lr_s=cfg.lr_s,
                                   lr_alpha=cfg.lr_alpha, lr_beta=cfg.lr_beta,
                                   sharpness_reference=cfg.alpha0)
-        self.opt = torch.optim.Adam(groups)
+        try:     # what train._fit uses (a tree from before CDLAdam: torch.optim.Adam, the same values)
+            from cdlcodec.cdl.optim import CDLAdam as adam
+        except ImportError:
+            adam = torch.optim.Adam
+        self.opt = adam(groups)
         self.model.train()
         self.x, self.y, self.bs = x, y, batch_size
         self.order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))

@@ -137,3 +137,48 @@ def test_sharpness_anneal_floors_alpha_and_beta_on_a_geometric_ramp():
     for _, a in activation_quantizers(model):
         assert float(a.beta * a.s ** 2) == pytest.approx(2.0, rel=1e-5)
     assert float(fc2.alpha) == kept and float(relu4.beta * relu4.s ** 2) == pytest.approx(2.0, rel=1e-5)
+
+
+@pytest.mark.parametrize("skip_some", [False, True])
+def test_cdl_adam_equals_torch_adam(skip_some):
+    """CDLAdam (the one-value groups of eq. 39 updated as one vector) moves every parameter and its
+    state exactly as torch.optim.Adam does (bit for bit, 25 steps of a converted LeNet-5's groups,
+    with some gradients missing on some steps), and their state_dicts load into each other."""
+    import copy
+    from cdlcodec.cdl.convert import calibrate, convert
+    from cdlcodec.cdl.optim import CDLAdam, cdl_param_groups
+    from cdlcodec.models import build
+
+    torch.manual_seed(0)
+    model = convert(build("lenet5"), bits=4, mode="rcdl")
+    calibrate(model, torch.rand(8, 1, 28, 28))
+    twin = copy.deepcopy(model)
+
+    def groups(m):
+        return cdl_param_groups(m, lr_w=2e-3, lr_q=3e-3, lr_s=3e-3, lr_alpha=0.05, lr_beta=0.05,
+                                sharpness_reference=500.0)
+
+    opts = (torch.optim.Adam(groups(model)), CDLAdam(groups(twin)))
+    assert sum(len(g["params"]) == 1 for g in opts[1].param_groups) >= 18
+    fused_sizes = []
+    fused_step = opts[1]._fused_step
+    opts[1]._fused_step = lambda gs: (fused_sizes.append(len(gs)), fused_step(gs))
+    g = torch.Generator().manual_seed(1)
+    for step in range(25):
+        grads = [torch.randn(p.shape, generator=g) * 10.0 ** float(torch.randint(-4, 2, (), generator=g))
+                 for p in model.parameters()]
+        for m in (model, twin):
+            for i, (p, gr) in enumerate(zip(m.parameters(), grads)):
+                p.grad = None if skip_some and (i + step) % 5 == 0 else gr.clone()
+        for opt in opts:
+            opt.step()
+        for a, b in zip(model.parameters(), twin.parameters()):
+            assert torch.equal(a, b)
+    assert len(fused_sizes) == 25 and min(fused_sizes) >= 10      # the vector path ran every step
+    sa, sb = opts[0].state_dict(), opts[1].state_dict()
+    assert sa["state"].keys() == sb["state"].keys()
+    for k in sa["state"]:
+        for name in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(sa["state"][k][name], sb["state"][k][name]), (k, name)
+    CDLAdam(groups(copy.deepcopy(model))).load_state_dict(sa)
+    torch.optim.Adam(groups(copy.deepcopy(twin))).load_state_dict(sb)

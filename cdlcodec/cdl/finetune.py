@@ -31,7 +31,7 @@ from ..errors import CdlInputError
 from .convert import (activation_quantizers, calibrate, project_parameters, rescale_sharpness,
                       set_entropy_tracking, weight_quantizers)
 from .loss import cdl_loss
-from .optim import cdl_param_groups
+from .optim import CDLAdam, cdl_param_groups
 
 
 @dataclass
@@ -66,7 +66,7 @@ def finetune(model: nn.Module, loader: Iterable, loss_fn: Callable, epochs: int 
     BENCHMARKS.md "ResNet-20 fine-tune (#17)").
     sharpness_constant: α0 = c/q0², β0 = c/s0² at calibration
     (None keeps α0 = β0 from `convert`); step_init: "mse" or "paper" (`calibrate`). optimizer: a
-    factory taking parameter groups (default torch.optim.Adam). on_step(step, parts): called after
+    factory taking parameter groups (default `optim.CDLAdam`: torch.optim.Adam's values). on_step(step, parts): called after
     each step with its cdlcodec.cdl.loss.LossParts (`cross_entropy` holds your loss's value).
     Batches are moved to the device of the model's first parameter.
     """
@@ -88,7 +88,7 @@ def finetune(model: nn.Module, loader: Iterable, loss_fn: Callable, epochs: int 
             rescale_sharpness(model, sharpness_constant)
     groups = cdl_param_groups(model, lr_w=lr, lr_q=lr_q, lr_s=lr_s, lr_alpha=lr_alpha, lr_beta=lr_beta,
                               sharpness_reference=500.0 if sharpness_constant is not None else None)
-    opt = (optimizer or torch.optim.Adam)(groups)
+    opt = (optimizer or CDLAdam)(groups)
     set_entropy_tracking(model, gamma > 0, weights=lam > 0)
     model.train()
     steps, history, start = 0, [], time.perf_counter()

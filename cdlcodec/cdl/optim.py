@@ -19,7 +19,9 @@ import math
 
 from ..optional import require
 require("torch", "CDL training")
+import torch
 from torch import nn
+from torch.optim.optimizer import _get_scalar_dtype
 
 from .convert import activation_quantizers, weight_quantizers
 
@@ -48,3 +50,87 @@ def cdl_param_groups(model: nn.Module, *, lr_w: float, lr_q: float, lr_s: float,
     if rest:
         groups.insert(0, {"params": rest, "lr": lr_w})
     return groups
+
+
+class CDLAdam(torch.optim.Adam):
+    """torch.optim.Adam whose one-value (0-dim) parameter groups (eq. 39 gives every step and sharpness a
+    group of its own: 18 in LeNet-5) are updated as one vector: a handful of tensor operations per
+    step instead of a dozen per group. The values are Adam's bit for bit (the same float32
+    operations elementwise; the bias corrections per parameter in Python floats, as Adam computes
+    them), the state is Adam's (per parameter `step`, `exp_avg`, `exp_avg_sq`, so `state_dict`
+    loads into torch.optim.Adam and back), and every other group — or any option this vector form
+    does not cover (amsgrad, weight decay, maximize, foreach/fused/capturable/differentiable, a
+    tensor lr, other dtypes or devices) — goes through torch.optim.Adam itself."""
+
+    def _fusable(self, group, dtype, device) -> bool:
+        params = group["params"]
+        if len(params) != 1:
+            return False
+        p = params[0]
+        return (p.grad is not None and p.dim() == 0 and p.grad.dim() == 0 and p.dtype == dtype and p.device == device
+                and not p.grad.is_sparse and not torch.is_complex(p) and not isinstance(group["lr"], torch.Tensor)
+                and not group["amsgrad"] and not group["maximize"] and group["weight_decay"] == 0
+                and not group.get("foreach") and not group.get("fused") and not group["capturable"]
+                and not group["differentiable"] and not group.get("decoupled_weight_decay", False))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        first = next((g for g in self.param_groups if len(g["params"]) == 1), None)
+        fused, rest = [], []
+        if first is not None:
+            ref = first["params"][0]
+            key = (first["betas"], first["eps"])
+            plain = all(isinstance(b, float) for b in key[0]) and isinstance(key[1], float)
+            for g in self.param_groups:
+                ok = plain and (g["betas"], g["eps"]) == key and self._fusable(g, ref.dtype, ref.device)
+                (fused if ok else rest).append(g)
+        if len(fused) < 2:
+            rest, fused = self.param_groups, []
+        if fused:
+            self._fused_step(fused)
+        if any(p.grad is not None for g in rest for p in g["params"]):
+            groups = self.param_groups
+            self.param_groups = rest
+            try:
+                super().step()
+            finally:
+                self.param_groups = groups
+        return loss
+
+    def _fused_step(self, groups) -> None:
+        params = [g["params"][0] for g in groups]
+        beta1, beta2 = groups[0]["betas"]
+        eps = groups[0]["eps"]
+        states = []
+        for p in params:
+            state = self.state[p]
+            if len(state) == 0:     # as Adam's _init_group (not capturable, not fused)
+                state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            states.append(state)
+        steps = [s["step"] for s in states]
+        torch._foreach_add_(steps, 1)
+        exp_avgs = [s["exp_avg"] for s in states]
+        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+        grad = torch.stack([p.grad for p in params])
+        m = torch.stack(exp_avgs)
+        v = torch.stack(exp_avg_sqs)
+        value = torch.stack(params)
+        m.lerp_(grad, 1 - beta1)
+        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        neg_step, bc2_sqrt = [], []
+        for g, t in zip(groups, steps):
+            n = t.item()
+            neg_step.append(-(g["lr"] / (1 - beta1 ** n)))
+            bc2_sqrt.append((1 - beta2 ** n) ** 0.5)
+        denom = (v.sqrt() / torch.tensor(bc2_sqrt, dtype=v.dtype, device=v.device)).add_(eps)
+        # addcdiv_(exp_avg, denom, value=-step_size) computes self + (value · exp_avg) / denom
+        value = value + (torch.tensor(neg_step, dtype=m.dtype, device=m.device) * m) / denom
+        torch._foreach_copy_(exp_avgs, m.unbind())
+        torch._foreach_copy_(exp_avg_sqs, v.unbind())
+        torch._foreach_copy_(params, value.unbind())

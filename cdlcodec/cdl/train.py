@@ -38,7 +38,7 @@ from .convert import (STEP_INITS, activation_quantizers, calibrate, convert, pro
                       rescale_sharpness, set_entropy_tracking, set_generator, weight_quantizers)
 from .loss import cdl_loss
 from .metrics import activation_levels, average_bits, entropy_bits_per_weight, weight_levels
-from .optim import cdl_param_groups
+from .optim import CDLAdam, cdl_param_groups
 
 TRAIN_MODES = ("fp", "cdl", "rcdl")
 SHARPNESS_INITS = ("paper", "scaled")
@@ -184,7 +184,7 @@ def _fit(model: nn.Module, x, y, config: TrainConfig, epochs: int, gen, label: s
     groups = cdl_param_groups(model, lr_w=config.lr, lr_q=config.lr_q, lr_s=config.lr_s,
                               lr_alpha=config.lr_alpha, lr_beta=config.lr_beta,
                               sharpness_reference=config.alpha0 if config.sharpness_init == "scaled" else None)
-    opt = torch.optim.Adam(groups)
+    opt = CDLAdam(groups)     # torch.optim.Adam's values, its one-value groups updated as one vector
     steps_per_epoch = (len(y) + config.batch_size - 1) // config.batch_size
     total_steps = epochs * steps_per_epoch
     model.train()
