@@ -398,13 +398,6 @@ def _forward5_block(th, eb, u, y, st_l, st_v, st_m, p0, p1, p2, p3, p4, kb, q, A
     return bad
 
 
-@njit(cache=True, error_model="numpy")
-def _copy_row(src, dst):
-    """dst[i] = src[i] (converted to dst's dtype)."""
-    for i in range(src.size):
-        dst[i] = src[i]
-
-
 @njit(cache=True, parallel=True, error_model="numpy")
 def forward5(theta, q, a, lo, hi, consts, uniforms, sample, want_sums, chunks, y, st_l, st_v, st_m, keep, kept):
     """`forward` for windowed K = 5 (consts from level_constants(q, a, 5)); stats in three rows.
@@ -449,10 +442,26 @@ def forward5(theta, q, a, lo, hi, consts, uniforms, sample, want_sums, chunks, y
                         for jj in range(5):
                             pb[jj, i - b0] = e[jj] * inv_s0
                         kb[i - b0] = k0i - lo
-            if keep:      # a copy loop of its own: stores inside the block's loop kept it from vectorising
-                for jj in range(5):
-                    _copy_row(pb[jj, :m], kept[jj, b0:b1])
-            if want_sums:
+            if keep:      # kept in the scatter loop: stores inside the block's loop kept it from vectorising
+                for j in range(m):
+                    h = hist[j & 3]
+                    kk = kb[j]
+                    x0 = pb[0, j]
+                    x1 = pb[1, j]
+                    x2 = pb[2, j]
+                    x3 = pb[3, j]
+                    x4 = pb[4, j]
+                    h[kk] += x0
+                    h[kk + 1] += x1
+                    h[kk + 2] += x2
+                    h[kk + 3] += x3
+                    h[kk + 4] += x4
+                    kept[0, b0 + j] = x0
+                    kept[1, b0 + j] = x1
+                    kept[2, b0 + j] = x2
+                    kept[3, b0 + j] = x3
+                    kept[4, b0 + j] = x4
+            elif want_sums:
                 for j in range(m):
                     h = hist[j & 3]
                     kk = kb[j]
