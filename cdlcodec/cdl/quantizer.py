@@ -229,7 +229,9 @@ class QuantizeFunction(torch.autograd.Function):
     alphabet (eq. 25 before dividing by the count), from the same pass over the CPMFs, and one
     backward pass serves both outputs. Runs the numba kernels (cdl/_kernels.py) or the torch
     kernels (cdl/_torch_kernels.py), see `set_kernel_path`; results are on theta's device and dtype.
-    The forward keeps three numbers per element (level mean, variance, third moment), not the CPMF.
+    The forward keeps three numbers per element (level mean, variance, third moment); with the MPMF
+    also E = exp(2A·w) (general numba kernels) or the 5-level window's CPMF (forward5, θ's dtype),
+    so the MPMF gradient needs no exps in the backward.
     """
 
     @staticmethod
