@@ -16,7 +16,10 @@ from cdlcodec.backends.varint import write_uvarint as _varint
 from cdlcodec.backends.cabac_binarization import (
     MAX_GT, N_CONTEXTS, cost_chunks, neighbours, rate_cost, rate_update,
 )
-from cdlcodec.backends.cabac_coder import COST_FRAC_BITS, RATE_PAIRS, STATE_SIZE, new_contexts
+from cdlcodec.backends.cabac_coder import (
+    COST_FRAC_BITS, CTX_FAST, CTX_PROB, CTX_SLOW, DEC_FAST, DEC_FIELDS, DEC_PROB, DEC_SLOW, MAX_COUNT, RATE_PAIRS,
+    STATE_SIZE, WARM_SHIFT, ctx_update, dec_reset_contexts, dec_shift_table, dec_update, new_contexts,
+)
 from cdlcodec.errors import CdlDecodeError, CdlInputError
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
@@ -345,3 +348,24 @@ def test_smaller_than_order0_entropy_on_laplace():
     levels = np.rint(rng.laplace(0, 2, 200_000)).astype(np.int64)
     payload, params = roundtrip(CabacBackend(), levels)
     assert 8 * (len(payload) + len(params)) <= 1.006 * order0_entropy_bits(levels)
+
+
+@pytest.mark.parametrize("rate_idx", range(len(RATE_PAIRS)))
+def test_decoder_contexts_adapt_exactly_as_the_encoders(rate_idx):
+    """The decoder's flat contexts (warm-up state -> shift table) give the encoder's probability after
+    every update, through the warm-up and long after it, for runs of either bit and coin tosses."""
+    fast, slow = (int(v) for v in RATE_PAIRS[rate_idx])
+    rng = np.random.default_rng(rate_idx)
+    bits = np.concatenate([np.zeros(700, np.int64), np.ones(300, np.int64), (rng.random(3000) < 0.2).astype(np.int64),
+                           (rng.random(2000) < 0.5).astype(np.int64)])
+    enc = new_contexts(1)
+    dec = np.zeros(DEC_FIELDS, np.int64)
+    dec_reset_contexts(dec)
+    tab = np.zeros(MAX_COUNT + 1, np.int64)
+    dec_shift_table(tab, fast, slow, WARM_SHIFT)
+    assert dec[DEC_PROB] == enc[0, CTX_PROB]
+    for bit in bits:
+        ctx_update(enc, 0, int(bit), fast, slow, WARM_SHIFT)
+        dec_update(dec, tab, 0, int(bit))
+        assert dec[DEC_PROB] == enc[0, CTX_PROB]
+        assert (dec[DEC_FAST], dec[DEC_SLOW]) == (enc[0, CTX_FAST], enc[0, CTX_SLOW])

@@ -22,16 +22,17 @@ the matrix form of the tensor, when the stream has a row length). Context design
                     gt additionally by a 4-way magnitude class of |a| + |b|.
     2  "prev2+row"  as 1 with u added to the magnitude sum and u's class replacing b's for sign.
 
-One walk, `code_level`, goes through these bins for every use. Its first argument `op` says what a
-bin does: OP_ENCODE (write it), OP_DECODE (read it; the walk then follows the decoded bits),
-OP_COST (add its cost and adapt the context, as the encoder would) or OP_PEEK (add its cost
-only). The walk is inlined into each kernel, so the binarization exists once in the source (the
-context choice, `neighbourhood_classes`, once for every use). Compiling an inlined copy is what a
-first encode waits for (numba's inliner copies the callee's IR block by block, seconds per copy),
-so there are two copies: the decoder's (`decode_level`: the same source built with the decoder's
-bin functions, see _side) and one encoder-side kernel whose run-time op also serves the cost
-estimates of the settings search and the rate model's updates. The rate model's peek
-(`rate_cost`) sums the same bins' costs in a small kernel of its own, tested equal to the walk.
+One walk, `code_level`, goes through these bins on the encoder side. Its first argument `op` says
+what a bin does: OP_ENCODE (write it), OP_COST (add its cost and adapt the context, as the
+encoder would) or OP_PEEK (add its cost only). The walk is inlined into one encoder-side kernel
+whose run-time op also serves the cost estimates of the settings search and the rate model's
+updates (compiling an inlined copy is what a first encode waits for: numba's inliner copies the
+callee's IR block by block, seconds per copy). The decoder reads the same bins in a walk of its
+own (`_decode_chunk`: its bins carry a different coder state, see cabac_coder's decoder, and
+its gt flags run as a loop over context indices); every round-trip test pins the two walks to
+each other. The context choice, `neighbourhood_classes`, exists once for every use. The rate
+model's peek (`rate_cost`) sums the same bins' costs in a small kernel of its own, tested equal
+to the walk.
 
 Rate model API for an RD quantizer (DeepCABAC eq. 11, L_ik = rate of level k at weight i), all
 numba functions that can be called from other njit code while scanning a tensor:
@@ -58,12 +59,13 @@ from ..jit import njit, prange
 
 from .base import MAX_ABS_LEVEL
 from .cabac_coder import (
-    CODE, COST_FRAC_BITS, COST_TABLE, CTX_FIELDS, ERR, ERR_CHECK, ERR_LEVEL, ERR_NONE, ERR_PREFIX, ERR_UNPADDED, LOW,
-    RANGE, STATE_SIZE, WARM_SHIFT, bin_cost, ctx_prob, ctx_update, dec_bin, dec_bypass, dec_finish, dec_init, enc_bin,
-    enc_bypass, enc_finish, enc_init, new_contexts, reset_contexts,
+    COST_FRAC_BITS, COST_TABLE, DEC_FIELDS, ERR, ERR_BYPASS, ERR_CHECK, ERR_LEVEL, ERR_NONE, ERR_PREFIX, ERR_TRAILING,
+    ERR_UNPADDED, LOW, MAX_COUNT, RANGE, STATE_SIZE, WARM_SHIFT, bin_cost, ctx_prob, ctx_update, dec_bin, dec_bypass,
+    dec_consumed, dec_init, dec_reset_contexts, dec_shift_table, enc_bin, enc_bypass, enc_finish, enc_init,
+    new_contexts, reset_contexts,
 )
 
-OP_ENCODE, OP_DECODE, OP_COST, OP_PEEK = 0, 1, 2, 3
+OP_ENCODE, OP_DECODE, OP_COST, OP_PEEK = 0, 1, 2, 3   # OP_DECODE: the decoder has its own walk now
 
 MODE_PREV, MODE_PREV2, MODE_PREV2_ROW = 0, 1, 2
 MODE_NAMES = {MODE_PREV: "prev", MODE_PREV2: "prev2", MODE_PREV2_ROW: "prev2+row"}
@@ -84,17 +86,14 @@ CHECK_BITS = 16
 CHECK_VALUE = 0xB5E3
 
 
-# The coder's hot state travels as three values (x, rng, pos): x is `low` when encoding, `code`
-# when decoding and the cost accumulator when estimating; pos is the decoder's input position
-# (passed through unchanged by the other uses).
+# The encoder side's hot state travels as three values (x, rng, pos): x is `low` when encoding and
+# the cost accumulator when estimating; pos is passed through unchanged.
 #
-# The walk (code_level) and the bypass loop are written once and built twice by _side: with the
-# decoder's bin functions and with the encoder side's. numba inlines a callee's whole IR before it
-# can prune branches, so a walk that carried both sides would copy the decoder's bins into every
-# encoder-side kernel (a third more compile time for a first encode) and the encoder's into the
-# decoder. On the encoder side `op` may be a run-time value (OP_ENCODE or OP_COST), which lets one
-# compiled kernel serve the encoder and its cost estimates (_code_chunk: a first encode compiles
-# it once, not once per op).
+# The walk (code_level) and the bypass loop are built by _side on the encoder side's bin
+# functions (numba inlines a callee's whole IR before it can prune branches, so the decoder's
+# bins are kept out of it: they would cost a first encode compile time). `op` may be a run-time
+# value (OP_ENCODE or OP_COST), which lets one compiled kernel serve the encoder and its cost
+# estimates (_code_chunk: a first encode compiles it once, not once per op).
 
 @njit(inline="always")
 def _enc_side_bin(op, x, rng, pos, st, buf, ctx, ci, bit, fast, slow):
@@ -111,16 +110,6 @@ def _enc_side_bin(op, x, rng, pos, st, buf, ctx, ci, bit, fast, slow):
 
 
 @njit(inline="always")
-def _dec_side_bin(op, x, rng, pos, st, buf, ctx, ci, bit, fast, slow):
-    """One context-coded bin read by the decoder (op is OP_DECODE, `bit` ignored); returns
-    (bit, x, rng, pos)."""
-    p = ctx_prob(ctx, ci)
-    bit, x, rng, pos = dec_bin(st, buf, x, rng, pos, p)
-    ctx_update(ctx, ci, bit, fast, slow, WARM_SHIFT)
-    return bit, x, rng, pos
-
-
-@njit(inline="always")
 def _enc_side_bypass(op, x, rng, pos, st, buf, part, m):
     """m (1..8) equiprobable bins holding `part`, written or costed; returns (part, x, rng, pos)."""
     if op == OP_ENCODE:
@@ -128,12 +117,6 @@ def _enc_side_bypass(op, x, rng, pos, st, buf, part, m):
     else:
         x += m << COST_FRAC_BITS
     return part, x, rng, pos
-
-
-@njit(inline="always")
-def _dec_side_bypass(op, x, rng, pos, st, buf, part, m):
-    """m (1..8) equiprobable bins read by the decoder; returns (value, x, rng, pos)."""
-    return dec_bypass(st, buf, x, rng, pos, m)
 
 
 @njit(cache=True, inline="always")
@@ -147,7 +130,7 @@ def _sign_class(v):
 def neighbourhood_classes(a, b, u, mode):
     """(sa, s2, m, g) of neighbours a, b, u under context design `mode`: sa and s2 pick the sig and
     sign contexts' sign classes, m the sig context's magnitude, g the gt contexts' magnitude class.
-    The one place the context choice is made (code_level, decode_level and rate_cost use it)."""
+    The one place the context choice is made (code_level, _decode_chunk and rate_cost use it)."""
     sa = _sign_class(a)
     if mode == MODE_PREV:
         m = 0
@@ -166,7 +149,7 @@ def neighbourhood_classes(a, b, u, mode):
 
 
 def _side(bin_, bypass_bins):
-    """(bypass, code_level) built on one side's bin functions (the source of both, written once)."""
+    """(bypass, code_level) built on the encoder side's bin functions."""
 
     def bypass(op, x, rng, pos, st, buf, value, nbits):
         """nbits (0..31) equiprobable bins, most significant first; returns (value, x, rng, pos)."""
@@ -182,8 +165,8 @@ def _side(bin_, bypass_bins):
     bypass = njit(inline="always")(bypass)
 
     def code_level(op, x, rng, pos, k, a, b, u, mode, n_gt, ctx, st, buf, fast, slow):
-        """Walk the bins of level k (see module docstring); returns (level, x, rng, pos) where level is k,
-        or the decoded level for OP_DECODE (then k is ignored). Decode errors set st[ERR], level 0."""
+        """Walk the bins of level k (see module docstring); returns (level, x, rng, pos) where level is k.
+        A level past the Exp-Golomb prefix limit sets st[ERR] (level 0)."""
         sa, s2, m, g = neighbourhood_classes(a, b, u, mode)
         mag = abs(k)
 
@@ -228,7 +211,6 @@ def _side(bin_, bypass_bins):
 
 
 _enc_bypass, code_level = _side(_enc_side_bin, _enc_side_bypass)   # OP_ENCODE, OP_COST, OP_PEEK
-_dec_bypass, decode_level = _side(_dec_side_bin, _dec_side_bypass)  # OP_DECODE
 
 
 @njit(cache=True, inline="always")
@@ -298,29 +280,76 @@ def encode_chunks(levels, chunk_size, n_gt, mode, row_len, fast, slow, buf, chun
     return pos
 
 
+@njit(cache=True, inline="always")
+def _dec_bypass_bins(buf, end, v, rng, e, pos, nbits):
+    """nbits (0..31) equiprobable bins, most significant first; returns (value, v, rng, e, pos),
+    value -1 for an impossible one."""
+    result = np.int64(0)
+    while nbits > 0:
+        m = nbits if nbits < 8 else 8
+        nbits -= m
+        part, v, rng, e, pos = dec_bypass(buf, end, v, rng, e, pos, m)
+        if part < 0:
+            return part, v, rng, e, pos
+        result = (result << m) | part
+    return result, v, rng, e, pos
+
+
 @njit(cache=True, _nrt=False, nogil=True)
-def _decode_chunk(buf, start, end, out, s, e, n_gt, mode, row_len, fast, slow, st, ctx):
-    pos = dec_init(st, buf, start, end)
-    if st[ERR] != ERR_NONE:
-        return st[ERR]
-    reset_contexts(ctx)
-    x = st[CODE]
-    rng = st[RANGE]
+def _decode_chunk(buf, start, end, out, s, e_out, n_gt, mode, row_len, ctx, tab):
+    """Levels s..e_out-1 from the chunk buf[start:end]: the bins of code_level, read with the
+    decoder's own bin functions and contexts (cabac_coder); returns an error code (0 = fine)."""
+    err, v, rng, e, pos = dec_init(buf, start, end)
+    if err != ERR_NONE:
+        return err
+    dec_reset_contexts(ctx)
     a = np.int64(0)
     b = np.int64(0)
-    for i in range(s, e):
-        u = out[i - row_len] if row_len > 0 and i - row_len >= s else 0
-        k, x, rng, pos = decode_level(OP_DECODE, x, rng, pos, 0, a, b, u, mode, n_gt, ctx, st, buf, fast, slow)
-        if st[ERR] != ERR_NONE:
-            return st[ERR]
-        out[i] = k
+    gt_neg = np.int64(MAX_GT * N_GT_CLASS)
+    for i in range(s, e_out):
+        u = out[np.uint64(i - row_len)] if row_len > 0 and i - row_len >= s else 0
+        sa, s2, m, g = neighbourhood_classes(a, b, u, mode)
+        sig, v, rng, e, pos = dec_bin(buf, end, ctx, tab, SIG_BASE + sa * N_SIG_MAG + m, v, rng, e, pos)
+        k = np.int64(0)
+        if sig:
+            neg, v, rng, e, pos = dec_bin(buf, end, ctx, tab, SIGN_BASE + sa * 3 + s2, v, rng, e, pos)
+            ci0 = GT_BASE + neg * gt_neg + g
+            ci = ci0
+            ci_end = ci0 + n_gt * N_GT_CLASS
+            gt = np.int64(1)
+            while ci < ci_end:          # gt_j: |k| > j + 1; the first 0 ends the level
+                gt, v, rng, e, pos = dec_bin(buf, end, ctx, tab, ci, v, rng, e, pos)
+                if gt == 0:
+                    break
+                ci += N_GT_CLASS
+            mag = 1 + (ci - ci0) // N_GT_CLASS
+            if gt:
+                # remainder: Exp-Golomb order 0 of mag - n_gt (>= 1): prefix of ones, then bypass bins
+                j = 0
+                more = np.int64(1)
+                while more:
+                    if j >= MAX_PREFIX:
+                        return ERR_PREFIX
+                    more, v, rng, e, pos = dec_bin(buf, end, ctx, tab, EG_BASE + j, v, rng, e, pos)
+                    j += more
+                low_bits, v, rng, e, pos = _dec_bypass_bins(buf, end, v, rng, e, pos, j)
+                if low_bits < 0:
+                    return ERR_BYPASS
+                mag = n_gt + ((1 << j) | low_bits)
+                if mag > MAX_ABS_LEVEL:
+                    return ERR_LEVEL
+            k = -mag if neg else mag
+        out[np.uint64(i)] = k
         b = a
         a = k
-    check, x, rng, pos = _dec_bypass(OP_DECODE, x, rng, pos, st, buf, 0, CHECK_BITS)
-    if check != CHECK_VALUE and st[ERR] == ERR_NONE:
-        st[ERR] = ERR_CHECK
-    dec_finish(st, pos)
-    return st[ERR]
+    check, v, rng, e, pos = _dec_bypass_bins(buf, end, v, rng, e, pos, CHECK_BITS)
+    if check < 0:
+        return ERR_BYPASS
+    if check != CHECK_VALUE:
+        return ERR_CHECK
+    if end > dec_consumed(e, pos):
+        return ERR_TRAILING
+    return ERR_NONE
 
 
 @njit(cache=True, nogil=True)
@@ -331,12 +360,13 @@ def decode_chunks_serial(buf, offsets, chunk_size, n_gt, mode, row_len, fast, sl
     if offsets[offsets.shape[0] - 1] >= buf.shape[0]:
         errs[:] = ERR_UNPADDED
         return
-    st = np.zeros(STATE_SIZE, dtype=np.int64)
-    ctx = new_contexts(N_CONTEXTS)
+    ctx = np.empty(N_CONTEXTS * DEC_FIELDS, dtype=np.int64)
+    tab = np.empty(MAX_COUNT + 1, dtype=np.int64)
+    dec_shift_table(tab, fast, slow, WARM_SHIFT)
     for c in range(offsets.shape[0] - 1):
         s = c * chunk_size
         errs[c] = _decode_chunk(buf, offsets[c], offsets[c + 1], out, s, min(n, s + chunk_size),
-                                n_gt, mode, row_len, fast, slow, st, ctx)
+                                n_gt, mode, row_len, ctx, tab)
 
 
 @njit(cache=True, parallel=True, nogil=True)
@@ -347,12 +377,13 @@ def decode_chunks_parallel(buf, offsets, chunk_size, n_gt, mode, row_len, fast, 
     if offsets[n_chunks] >= buf.shape[0]:
         errs[:] = ERR_UNPADDED
         return
-    states = np.zeros((n_chunks, STATE_SIZE), dtype=np.int64)
-    contexts = np.zeros((n_chunks, N_CONTEXTS, CTX_FIELDS), dtype=np.int64)
+    contexts = np.zeros((n_chunks, N_CONTEXTS * DEC_FIELDS), dtype=np.int64)
+    tab = np.empty(MAX_COUNT + 1, dtype=np.int64)
+    dec_shift_table(tab, fast, slow, WARM_SHIFT)
     for c in prange(n_chunks):
         s = c * chunk_size
         errs[c] = _decode_chunk(buf, offsets[c], offsets[c + 1], out, s, min(n, s + chunk_size),
-                                n_gt, mode, row_len, fast, slow, states[c], contexts[c])
+                                n_gt, mode, row_len, contexts[c], tab)
 
 
 @njit(cache=True, nogil=True)

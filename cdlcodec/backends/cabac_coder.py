@@ -31,16 +31,26 @@ Decoder speed (none of this changes a coded byte)
 -------------------------------------------------
 Each context also caches the clamped probability the coder uses (CTX_PROB), recomputed when the
 context adapts, so the next bin with that context starts with one load instead of two loads, an
-add, a shift and a clamp on its critical path. The bin decision and the first renormalisation byte
-are branch-free (a bin value is a coin toss the branch predictor loses); the decoder reads its
-input position as a value, not through the state array, and its buffer extends at least one byte
-past the last chunk so that a byte can be loaded unconditionally and masked to zero past the end.
-Array indices on the hot path are unsigned, which spares numba's negative-index fix-up.
+add, a shift and a clamp on its critical path. The decoder (see "decoder" below) keeps its code
+value scaled by the bits it has read ahead, so renormalising is a leading-zero count and two
+shifts with no byte read, and bytes come in two at a time about once every 16 bins; the bin
+decision is branch-free (a bin value is a coin toss the branch predictor loses). It has contexts
+of its own (flat, with the warm-up count replaced by an index into a table of the shift pair),
+which evolve exactly as the encoder's. Array indices on the hot path are unsigned, which spares
+numba's negative-index fix-up.
 """
 from __future__ import annotations
 
 import numpy as np
-from ..jit import njit
+from ..jit import HAVE_NUMBA, njit
+
+if HAVE_NUMBA:
+    try:
+        from numba.cpython.unsafe.numbers import leading_zeros as _leading_zeros
+    except ImportError:  # pragma: no cover - an older or newer numba without this intrinsic
+        _leading_zeros = None
+else:
+    _leading_zeros = None
 
 # --- coder state layout: one small int64 array per coder -------------------------------------
 LOW, RANGE, CACHE, CACHE_SIZE, POS, END, SKIP, CODE, ERR, COST = range(10)
@@ -246,9 +256,24 @@ def enc_finish(st, buf, start, low, rng):
 
 
 # --- decoder ----------------------------------------------------------------------------------
+# The decoder keeps its code value scaled: v = code * 2**e + the next e bits of the stream, e a
+# multiple of 8 in [16, 32) between bins, so that
+#     code < bound  <=>  v < bound << e,
+# and renormalising `range` by s bits only lowers e (s <= 16: a bin leaves range >= 2**9): no byte
+# is read then. Bytes come in two at a time when e drops below 16 (every 2 to 6 bins). The
+# input position travels with (v, range, e) as a value; the bytes consumed are pos - e / 8.
+# `buf` must extend at least one byte past `end` (the last chunk's end): bytes at or past `end`
+# read as zero (the careful read near a chunk's end is branch-free, the bulk one plain).
+#
+# The decoder's contexts are its own: a flat int64 array, DEC_FIELDS values per context
+# (P(1) as the coder uses it, the two estimates, and a warm-up state that indexes a table of the
+# two shifts and the next state, dec_shift_table), so a bin's probability is one load and its
+# update loads one table entry. They evolve exactly as the encoder's (ctx_update).
 
-# The decoder's input position travels with (code, range) as a value. `buf` must extend at least
-# one byte past `end` (the last chunk's end): bytes at or past `end` read as zero without a branch.
+DEC_PROB, DEC_FAST, DEC_SLOW, DEC_STATE = 0, 1, 2, 3
+DEC_FIELDS = 4
+DEC_FILL = 16                       # refill when fewer extra bits than this are left
+
 
 @njit(cache=True, inline="always")
 def _read_byte(buf, pos, end):
@@ -256,68 +281,120 @@ def _read_byte(buf, pos, end):
 
 
 @njit(cache=True, _nrt=False, nogil=True)
-def dec_init(st, buf, start, end):
-    """Start a decoder on buf[start:end] (the caller checked end < len(buf)); returns the position
-    after the first four bytes (code and range are in st)."""
-    st[END] = end
-    st[RANGE] = MASK32
-    st[ERR] = ERR_NONE
-    st[COST] = 0
+def dec_shift_table(tab, fast, slow, warm):
+    """tab[c] = shift of the fast estimate | slow one << 8 | next warm-up state << 16, for the rate
+    pair (fast, slow): the shifts ctx_update uses at use count c. The state stops counting where
+    both shifts stop growing (the encoder's count goes on to MAX_COUNT with the same shifts)."""
+    for c in range(tab.shape[0]):
+        cap = warm[c]
+        nxt = c + 1 if cap < max(fast, slow) and c + 1 < tab.shape[0] else c
+        tab[c] = min(fast, cap) | (min(slow, cap) << 8) | (nxt << 16)
+
+
+@njit(cache=True, _nrt=False, nogil=True)
+def dec_reset_contexts(ctx):
+    """Every decoder context (flat, DEC_FIELDS values each) back to probability 1/2, state 0."""
+    for k in range(0, ctx.shape[0], DEC_FIELDS):
+        ctx[k + DEC_PROB] = 1 << (PROB_BITS - 1)
+        ctx[k + DEC_FAST] = 1 << (STATE_BITS - 1)
+        ctx[k + DEC_SLOW] = 1 << (STATE_BITS - 1)
+        ctx[k + DEC_STATE] = 0
+
+
+@njit(cache=True, inline="always")
+def dec_fill(buf, v, e, pos, end):
+    """Two more bytes into v when fewer than DEC_FILL extra bits are left; returns (v, e, pos).
+    (About one bin in 16 to 20 needs them: a branch costs less than loading and masking always.)"""
+    if e < DEC_FILL:
+        if pos + 1 < end:
+            w = (np.int64(buf[np.uint64(pos)]) << 8) | np.int64(buf[np.uint64(pos + 1)])
+        else:
+            w = (_read_byte(buf, pos, end) << 8) | _read_byte(buf, pos + 1, end)
+        v = (v << 16) | w
+        e += 16
+        pos += 2
+    return v, e, pos
+
+
+@njit(cache=True, inline="always")
+def dec_init(buf, start, end):
+    """Start a decoder on buf[start:end] (the caller checked end < len(buf)).
+    Returns (error, v, range, e, pos)."""
     code = 0
     pos = start
     for _ in range(4):
         code = (code << 8) | _read_byte(buf, pos, end)
         pos += 1
-    st[CODE] = code
-    st[POS] = pos
-    if code >= MASK32:
-        st[ERR] = ERR_BAD_START
-    return pos
+    err = ERR_BAD_START if code >= MASK32 else ERR_NONE
+    v, e, pos = dec_fill(buf, np.int64(code), np.int64(0), pos, end)
+    return err, v, np.int64(MASK32), e, pos
+
+
+if _leading_zeros is not None:
+    @njit(cache=True, inline="always")
+    def _renorm_shift(rng):
+        """Bits to shift range in [2**9, 2**32) by to bring it back to [2**24, 2**32): 0, 8 or 16,
+        from its leading zeros as a 32-bit value (one lzcnt and a mask)."""
+        return np.int64(_leading_zeros(np.uint32(rng))) & 24
+else:
+    @njit(cache=True, inline="always")
+    def _renorm_shift(rng):
+        """Bits to shift range in [2**9, 2**32) by to bring it back to [2**24, 2**32): 0, 8 or 16."""
+        return (np.int64(rng < TOP) + np.int64(rng < (1 << 16))) << 3
 
 
 @njit(cache=True, inline="always")
-def _renormalise(buf, code, rng, pos, end):
-    """Bring range back to [2**24, 2**32): the first byte without a branch, a rare second one with."""
-    need = np.int64(rng < TOP)
-    shift = need << 3
-    code = (code << shift) | (_read_byte(buf, pos, end) & -need)
-    rng <<= shift
-    pos += need
-    while rng < TOP:
-        rng <<= 8
-        code = (code << 8) | _read_byte(buf, pos, end)
-        pos += 1
-    return code, rng, pos
+def _dec_renormalise(rng, e):
+    """Bring range back to [2**24, 2**32) (one or two bytes' worth of shift); returns (range, e)."""
+    s = _renorm_shift(rng)
+    return rng << s, e - s
 
 
 @njit(cache=True, inline="always")
-def dec_bin(st, buf, code, rng, pos, p):
-    """Decode one regular bin with P(1) = p (15 bits); returns (bit, code, range, pos)."""
-    bound = (rng >> PROB_BITS) * p
-    bit = np.int64(code < bound)
-    code = code if bit else code - bound            # selects, not a branch: LLVM emits cmov
+def dec_update(ctx, tab, k, bit):
+    """Adapt the decoder context at flat offset k to `bit` exactly as ctx_update does."""
+    t = tab[np.uint64(ctx[np.uint64(k + DEC_STATE)])]
+    target = bit << STATE_BITS
+    pf = ctx[np.uint64(k + DEC_FAST)]
+    ps = ctx[np.uint64(k + DEC_SLOW)]
+    pf += (target - pf) >> (t & 63)
+    ps += (target - ps) >> ((t >> 8) & 63)
+    ctx[np.uint64(k + DEC_FAST)] = pf
+    ctx[np.uint64(k + DEC_SLOW)] = ps
+    ctx[np.uint64(k + DEC_STATE)] = t >> 16
+    ctx[np.uint64(k + DEC_PROB)] = _clamped_prob(pf, ps)
+
+
+@njit(cache=True, inline="always")
+def dec_bin(buf, end, ctx, tab, ci, v, rng, e, pos):
+    """Decode one regular bin with decoder context ci and adapt it; returns (bit, v, range, e, pos)."""
+    k = ci * DEC_FIELDS
+    bound = (rng >> PROB_BITS) * ctx[np.uint64(k + DEC_PROB)]
+    bit = np.int64((v >> e) < bound)               # code < bound (v >> e is ready before bound)
+    v = v if bit else v - (bound << e)              # selects, not a branch: LLVM emits cmov
     rng = bound if bit else rng - bound
-    code, rng, pos = _renormalise(buf, code, rng, pos, st[END])
-    return bit, code, rng, pos
+    rng, e = _dec_renormalise(rng, e)
+    v, e, pos = dec_fill(buf, v, e, pos, end)
+    dec_update(ctx, tab, k, bit)
+    return bit, v, rng, e, pos
 
 
 @njit(cache=True, inline="always")
-def dec_bypass(st, buf, code, rng, pos, nbits):
-    """Decode nbits (1..8) equiprobable bins; flags ERR_BYPASS on an impossible value.
-    Returns (value, code, range, pos)."""
+def dec_bypass(buf, end, v, rng, e, pos, nbits):
+    """Decode nbits (1..8) equiprobable bins; returns (value, v, range, e, pos), value -1 for an
+    impossible one (a corrupt stream)."""
     rng >>= nbits
-    value = code // rng
+    scaled = rng << e
+    value = v // scaled
     if value >= (1 << nbits):
-        st[ERR] = ERR_BYPASS
-        value = 0
-    code -= value * rng
-    code, rng, pos = _renormalise(buf, code, rng, pos, st[END])
-    return value, code, rng, pos
+        return np.int64(-1), v, rng, e, pos
+    v -= value * scaled
+    rng, e = _dec_renormalise(rng, e)
+    v, e, pos = dec_fill(buf, v, e, pos, end)
+    return value, v, rng, e, pos
 
 
-@njit(cache=True, _nrt=False, nogil=True)
-def dec_finish(st, pos):
-    """After the last bin: every byte of the chunk must have been needed."""
-    st[POS] = pos
-    if st[ERR] == ERR_NONE and st[END] > pos:
-        st[ERR] = ERR_TRAILING
+@njit(cache=True, inline="always")
+def dec_consumed(e, pos):
+    """Bytes of the stream the decoder has needed so far (the rest of v is read ahead)."""
+    return pos - (e >> 3)
