@@ -27,14 +27,22 @@ def _ort():
     return onnxruntime
 
 
-def make_session(proto):
+def make_session(proto, initializers=()):
+    """A session of `proto`; `initializers` (name, array) are used in place of the model's
+    initializers of those names (onnxruntime reads the arrays without copying them: they must stay
+    alive and unchanged as long as the session)."""
     ort = _ort()
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    values = [(name, ort.OrtValue.ortvalue_from_numpy(array)) for name, array in initializers]
+    for name, value in values:
+        options.add_initializer(name, value)
     try:
-        return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types
         raise CdlInputError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0][:300]}") from None
+    session.cdlcodec_initializers = values  # onnxruntime keeps pointers to them: they live as long as it
+    return session
 
 
 def feedable_weights(stripped_proto) -> dict[str, str]:
@@ -81,7 +89,16 @@ class OnnxRunner:
         have = {o.name for o in proto.graph.output}
         self.capture = [c for c in dict.fromkeys(capture) if c not in have]
         _add_outputs(proto, self.capture)
-        self.session = make_session(proto)
+        # The session takes the overridable weights from the records' own arrays instead of copying
+        # them out of the model (MiniLM: 86 MB less for the whole search; the same values).
+        records = {r.name: r for r in model.records}
+        self._shared = []
+        for rec, init in self.names.items():
+            array = np.asarray(records[rec].array)
+            if array.dtype == self._dtypes[rec] and tuple(array.shape) == tuple(types[init].dims):
+                self._shared.append((init, np.ascontiguousarray(array)))
+        self.session = make_session(proto, self._shared)
+        del proto
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._batched = self._can_batch(inputs)
 

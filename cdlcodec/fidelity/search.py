@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -25,12 +26,13 @@ import numpy as np
 from ..dtypes import to_float64
 from ..errors import CdlInputError
 from ..jit import HAVE_NUMBA
-from ..quantizers import dequantize
+from ..quantizers import Dequantizer
 from ..quantizers.base import Quantizer, make
 from ..records import ModelFile, TensorRecord
-from .allocate import (EXACT, REF_REL, Candidate, DeployGrid, Plan, TensorCurve, plan_for_budget, steps_for,
+from .allocate import (EXACT, REF_REL, Candidate, DeployGrid, Plan, TensorCurve, plan_for_budget, unit_steps,
                        tensor_curve)
-from .dependent import RowTrellis, dependent_levels, table_sample
+from .dependent import BLOCK as DEPENDENT_BLOCK
+from .dependent import TABLE_SAMPLE, RowTrellis, spread_stretches
 from .decisions import KEEP_MARGIN, checkable, decision_kinds, describe_decisions, margin_shortfall, squashing_nodes
 from .gptq import gptq_levels, inverse_cholesky
 from .inputs import Inputs, generate_inputs, load_calibration
@@ -118,33 +120,62 @@ class _Log:
 
 
 class _Rounder:
-    """Levels and decoded values of a tensor for a candidate, cached (the search revisits candidates)."""
+    """Levels of a tensor for a candidate, cached (the search revisits candidates).
+
+    Memory (MiniLM's default encode peaked at 3.4 GB when every (tensor, candidate) ever tried was kept
+    as int64 levels, decoded values and a float64 copy of the weights): levels are kept in the
+    narrowest integer type that holds them and decoded on demand (`values`, cheap), weights are
+    converted to float64 when a tensor is rounded, each H is dropped once factored, and `retain`
+    drops the entries the search can no longer choose. Dropping an entry costs only time: rounding
+    is deterministic, so a candidate rounded again gets the same levels."""
 
     def __init__(self, records: dict[str, TensorRecord], hessians: dict[str, tuple[np.ndarray, int]], use_gptq: bool,
                  grid: DeployGrid | None = None):
         self.records = records
-        self.hessians = hessians
         self.use_gptq = use_gptq
         self.grid = grid
-        self._w64: dict[str, np.ndarray] = {}
-        self._u: dict[int, np.ndarray] = {}  # id(H) -> its inverse Cholesky factor
-        self._cache: dict[tuple, tuple[np.ndarray, dict, np.ndarray]] = {}
+        # Weights fed by one activation (a layer's query, key and value) share one H
+        # (fidelity.search._hessians), so they share one factorisation too: one group per H.
+        self.in_axis: dict[str, int] = {name: in_axis for name, (_, in_axis) in hessians.items()}
+        groups: dict[int, int] = {}
+        self._group: dict[str, int] = {name: groups.setdefault(id(h), len(groups)) for name, (h, _) in hessians.items()}
+        self._h: dict[int, np.ndarray] = {self._group[name]: h for name, (h, _) in hessians.items()}
+        self._u: dict[int, np.ndarray] = {}  # group -> the inverse Cholesky factor of its H
+        self._units: dict[tuple, np.ndarray] = {}  # (name, channel axis) -> allocate.unit_steps
+        self._cache: dict[tuple, tuple[np.ndarray, dict]] = {}
 
     def weights(self, name: str) -> np.ndarray:
-        if name not in self._w64:
-            r = self.records[name]
-            self._w64[name] = to_float64(np.asarray(r.array), r.dtype)
-        return self._w64[name]
+        """The tensor in float64 (a fresh copy: kept only while it is used)."""
+        r = self.records[name]
+        return to_float64(np.asarray(r.array), r.dtype)
 
     def _key(self, name: str, cand: Candidate, compensate: bool) -> tuple:
-        return name, cand, compensate and self.use_gptq and name in self.hessians  # else both round alike
+        return name, cand, compensate and self.use_gptq and name in self.in_axis  # else both round alike
 
     def get(self, name: str, cand: Candidate, compensate: bool = True):
-        """(levels, quant, decoded values); GPTQ rounding where an H is known and `compensate`."""
+        """(levels, quant): levels flat in the narrowest integer type that holds them (None for
+        exact storage); GPTQ rounding where an H is known and `compensate`."""
         key = self._key(name, cand, compensate)
         if key not in self._cache:
             self._cache[key] = self._round(*key)
         return self._cache[key]
+
+    def values(self, name: str, cand: Candidate, compensate: bool = True) -> np.ndarray:
+        """The decoded values of `get`'s levels, exactly as the decoder forms them."""
+        rec = self.records[name]
+        if cand.exact:
+            return rec.array
+        levels, quant = self.get(name, cand, compensate)
+        return decoded_values(levels, quant, rec)
+
+    def retain(self, plans) -> None:
+        """Keep only the entries of `plans` (the candidates the search can still choose)."""
+        keep = {self._key(name, cand, True) for plan in plans for name, cand in plan.choice.items()}
+        for key in [key for key in self._cache if key not in keep]:
+            del self._cache[key]
+
+    def cached_bytes(self) -> int:
+        return sum(levels.nbytes for levels, _ in self._cache.values() if levels is not None)
 
     def prefetch(self, wanted, threads: int) -> None:
         """Round every (name, candidate, compensate) of `wanted` not cached yet, on `threads` threads
@@ -153,65 +184,147 @@ class _Rounder:
         todo = [key for key in dict.fromkeys(self._key(*w) for w in wanted) if key not in self._cache and not key[1].exact]
         if threads <= 1 or len(todo) <= 1:
             return
-        for name, _, _ in todo:
-            self.weights(name)
-        shared = {id(self.hessians[name][0]): name for name, _, compensate in todo if compensate}
+        shared = {self._group[name]: name for name, _, compensate in todo if compensate}
         with ThreadPoolExecutor(min(threads, len(todo))) as pool:
             list(pool.map(self.inverse, shared.values()))  # each H factored once, before the tensors it feeds
             for key, result in zip(todo, pool.map(lambda key: self._round(*key), todo)):
                 self._cache[key] = result
 
+    def factor_all(self) -> None:
+        """Factor every H now, one after another (each H dropped once factored, and one
+        factorisation's temporaries at a time: ~5 copies of an H), before any tensor is rounded."""
+        for name in {group: name for name, group in self._group.items()}.values():
+            self.inverse(name)
+
     def inverse(self, name: str) -> np.ndarray:
-        """GPTQ's factor of H⁻¹ for `name`; weights fed by one activation (a layer's query, key and
-        value) share one H (fidelity.search._hessians), so they share one factorisation too."""
-        h = self.hessians[name][0]
-        if id(h) not in self._u:
-            self._u[id(h)] = inverse_cholesky(h)
-        return self._u[id(h)]
+        """GPTQ's factor of H⁻¹ for `name` (shared by the weights fed by one activation); H itself is
+        not needed after it."""
+        group = self._group[name]
+        if group not in self._u:
+            self._u[group] = inverse_cholesky(self._h[group])
+            del self._h[group]
+        return self._u[group]
 
     def _round(self, name: str, cand: Candidate, compensate: bool):
         rec = self.records[name]
         if cand.exact:
-            return None, None, rec.array
+            return None, None
+        in_axis = self.in_axis.get(name) if self.use_gptq and compensate else None
+        if cand.dependent:
+            return self._round_dependent(rec, float(cand.rel * self._unit(name, None)), in_axis)
+        if in_axis is None and self.grid is None:
+            steps = cand.rel * self._unit(name, cand.channel_axis)  # allocate.steps_for
+            return self._nearest(rec, steps), _uniform(cand, steps)
         w = self.weights(name)
         on_grid = self.grid is not None and cand.channel_axis is not None and cand.channel_axis == self.grid.axis(name, w)
-        steps = self.grid.steps(name, w, cand.rel, rec.dtype) if on_grid else steps_for(w, cand)
+        steps = self.grid.steps(name, w, cand.rel, rec.dtype) if on_grid else cand.rel * self._unit(name, cand.channel_axis, w)
         limit = self.grid.bound if on_grid else 2**31 - 1
-        info = self.hessians.get(name) if self.use_gptq and compensate else None
-        if cand.dependent:
-            return self._round_dependent(rec, w, float(steps), info)
-        if info is not None:
-            in_axis = info[1]
+        if in_axis is not None:
             w2 = w if in_axis == 0 else w.T
             s2 = steps if in_axis == 0 else np.transpose(steps)
             flat_steps = np.asarray(s2, dtype=np.float64).reshape(-1)
             levels = gptq_levels(w2, self.inverse(name), flat_steps if flat_steps.size > 1 else float(flat_steps[0]),
                                  limit=limit)
             levels = levels if in_axis == 0 else levels.T
-        else:
-            levels = np.clip(np.rint(w / steps), -limit, limit)
-        if levels.size and np.max(np.abs(levels)) > 2**31 - 1:
+        else:  # np.clip(np.rint(w / steps), -limit, limit), in place (a big table's temporaries are its size)
+            levels = np.divide(w, steps, out=w)
+            np.rint(levels, out=levels)
+            np.clip(levels, -limit, limit, out=levels)
+        del w
+        if levels.size and max(levels.max(), -levels.min()) > 2**31 - 1:
             raise CdlInputError(f"tensor {name!r}: step too small")
-        levels = np.ascontiguousarray(levels, dtype=np.int64).ravel()
-        if cand.channel_axis is None:
-            quant = {"scheme": "uniform", "step": float(steps)}
-        else:
-            quant = {"scheme": "uniform", "axis": cand.channel_axis,
-                     "steps": [float(s) for s in np.asarray(steps).ravel()]}
-        values = dequantize(levels, quant, rec.shape, rec.dtype, name)
-        return levels, quant, values
+        return narrowest(levels), _uniform(cand, steps)
 
+    def _unit(self, name: str, axis: int | None, w: np.ndarray | None = None) -> np.ndarray:
+        """allocate.unit_steps of the tensor, once per tensor and axis (it takes float64 temporaries
+        of the tensor's size)."""
+        key = (name, axis)
+        if key not in self._units:
+            self._units[key] = unit_steps(self.weights(name) if w is None else w, axis)
+        return self._units[key]
 
-    def _round_dependent(self, rec: TensorRecord, w: np.ndarray, step: float, info):
+    def _nearest(self, rec: TensorRecord, steps) -> np.ndarray:
+        """np.clip(np.rint(w / steps), -limit, limit) (limit 2**31 - 1), a block of rows at a time:
+        the float64 temporaries are a block's, not a big table's."""
+        array = np.asarray(rec.array)
+        steps = np.asarray(steps)
+        levels = np.empty(array.shape, np.int32)  # within ±(2**31 - 1)
+        rows = max(1, ROUND_BLOCK // max(1, array.size // max(1, array.shape[0])))
+        for r0 in range(0, array.shape[0], rows):
+            part = to_float64(array[r0:r0 + rows], rec.dtype)
+            np.divide(part, steps[r0:r0 + rows] if steps.ndim and steps.shape[0] > 1 else steps, out=part)
+            np.rint(part, out=part)
+            np.clip(part, -(2**31 - 1), 2**31 - 1, out=part)
+            levels[r0:r0 + rows] = part
+        return narrowest(levels)
+
+    def _round_dependent(self, rec: TensorRecord, step: float, in_axis: int | None):
         """Trellis-coded levels; inside GPTQ's row loop when the tensor has an H and its rows are
-        consecutive stretches of the scan (MatMul weights [in, out])."""
-        if info is not None and info[1] == 0:
-            trellis = RowTrellis(table_sample(w), step)
-            levels = np.ascontiguousarray(gptq_levels(w, self.inverse(rec.name), step, trellis=trellis)).ravel()
-            quant = trellis.quant()
-        else:
-            levels, quant, _ = dependent_levels(w, step)
-        return levels, quant, dequantize(levels, quant, rec.shape, rec.dtype, rec.name)
+        consecutive stretches of the scan (MatMul weights [in, out]); elsewhere along the scan a
+        stretch at a time (dependent.dependent_levels's levels, without its temporaries)."""
+        flat = np.asarray(rec.array).reshape(-1)
+        trellis = RowTrellis(np.concatenate([to_float64(x, rec.dtype) for x in spread_stretches(flat, TABLE_SAMPLE)]),
+                             step)
+        if in_axis == 0:
+            levels = gptq_levels(self.weights(rec.name), self.inverse(rec.name), step, trellis=trellis)
+            return narrowest(levels), trellis.quant()
+        # The Viterbi search decides blocks of dependent.BLOCK positions, each from the state the last
+        # ended in: stretches that are whole blocks give the levels of one pass over the tensor.
+        stretch = DEPENDENT_STRETCH - DEPENDENT_STRETCH % DEPENDENT_BLOCK
+        parts = [narrowest(trellis.next(to_float64(flat[i:i + stretch], rec.dtype))[0])
+                 for i in range(0, flat.size, stretch)]
+        return narrowest(np.concatenate(parts)) if len(parts) != 1 else parts[0], trellis.quant()
+
+
+def _uniform(cand: Candidate, steps) -> dict:
+    if cand.channel_axis is None:
+        return {"scheme": "uniform", "step": float(steps)}
+    return {"scheme": "uniform", "axis": cand.channel_axis, "steps": [float(s) for s in np.asarray(steps).ravel()]}
+
+
+def release_freed_memory() -> None:
+    """Hand the heap pages freed so far back to the OS (glibc's malloc_trim; elsewhere nothing).
+    The search frees big short-lived arrays (a plan's decoded weights, onnxruntime's outputs) from
+    several threads; glibc keeps the freed pages, and on MiniLM the process then stays ~200 MB above
+    what it holds."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError, TypeError):  # not glibc (macOS, musl without it, Windows)
+        return None
+
+
+ROUND_BLOCK = 1 << 20         # values rounded to nearest at once (float64 temporaries of 8 MB)
+DEPENDENT_STRETCH = 1 << 20   # values trellis-coded at once outside GPTQ (bounds the float64 and int64 temporaries)
+DECODE_BLOCK = 1 << 20        # levels widened and dequantized at once
+
+
+def narrowest(levels: np.ndarray) -> np.ndarray:
+    """Integer levels (or integral floats) flat, C order, in the narrowest of int8 / int16 / int32 /
+    int64 that holds them: the values do not change, a cached plan takes 1-2 bytes a parameter."""
+    lo, hi = (int(levels.min()), int(levels.max())) if levels.size else (0, 0)
+    for kind in (np.int8, np.int16, np.int32, np.int64):
+        info = np.iinfo(kind)
+        if info.min <= lo and hi <= info.max:
+            return np.ascontiguousarray(levels, dtype=kind).reshape(-1)
+    raise CdlInputError("levels outside the int64 range")
+
+
+def decoded_values(levels: np.ndarray, quant: dict, rec: TensorRecord) -> np.ndarray:
+    """dequantize(levels as int64, ...), widening a block of levels at a time (the decoder's values
+    do not depend on how its levels come in blocks)."""
+    values = Dequantizer(quant, rec.shape, rec.dtype, rec.name)
+    for i in range(0, max(levels.size, 1), DECODE_BLOCK):
+        values.add(levels[i:i + DECODE_BLOCK].astype(np.int64))
+    return values.result()
 
 
 def _inputs_for(proto, options: FidelityOptions, log) -> Inputs:
@@ -303,6 +416,9 @@ class _Search:
         hessians = self._hessians(layout, init_to_record) if layout else {}
         self.grid = DeployGrid(options.deploy, stripped) if options.deploy else None
         self.rounder = _Rounder(self.records, hessians, options.gptq, self.grid)
+        del hessians
+        self.rounder.factor_all()
+        release_freed_memory()  # the session's build, the H sums and factors left ~70 MB of freed heap (MiniLM)
         self.curves: list[TensorCurve] = []
 
     # -- views of one run's outputs ---------------------------------------------------------------
@@ -317,9 +433,13 @@ class _Search:
 
     def _run(self, plan: Plan, part: slice = slice(None)):
         self.rounder.prefetch([(name, cand, True) for name, cand in plan.choice.items()], self.threads)
-        overrides = {name: self.rounder.get(name, cand)[2] for name, cand in plan.choice.items() if not cand.exact}
+        release_freed_memory()  # the rounding threads' temporaries, before the plan's decoded weights
+        overrides = {name: self.rounder.values(name, cand) for name, cand in plan.choice.items() if not cand.exact}
         self.runs += 1
-        return self._real(self.runner.run(overrides, part=part))
+        outputs = self._real(self.runner.run(overrides, part=part))
+        del overrides
+        release_freed_memory()
+        return outputs
 
     # -- the steps --------------------------------------------------------------------------------
     def _hessians(self, layout, init_to_record) -> dict[str, tuple[np.ndarray, int]]:
@@ -351,8 +471,6 @@ class _Search:
         n_sens = part.stop - part.start
         self.log(f"measuring the output sensitivity of {len(self.names)} tensors on {n_sens} samples")
         reference = self._distortion_view(self.reference[part])
-        for name in self.names:
-            self.rounder.weights(name)
         with ThreadPoolExecutor(self.threads) as pool:  # each curve on its own: rounding and trellis kernels release the GIL
             curves = list(pool.map(self._curve, self.names))
         ref, ref_dependent = Candidate(REF_REL, None), Candidate(REF_REL, None, True)
@@ -360,14 +478,14 @@ class _Search:
                                for cand in ((ref, ref_dependent) if any(x.dependent for x in c.candidates) else (ref,))],
                               self.threads)
         for name, curve in zip(self.names, curves):
-            w = self.rounder.weights(name)
-            curve.sensitivity = self._sensitivity(name, w, Candidate(REF_REL, None), reference, part)
+            curve.sensitivity = self._sensitivity(name, Candidate(REF_REL, None), reference, part)
             if any(c.dependent for c in curve.candidates):
                 # Measured apart: on outlier-heavy convolutions the trellis's errors land where rounding's
                 # do not (its rate term prices large levels), costing up to 20x more output per unit MSE.
-                curve.sensitivity_dependent = self._sensitivity(name, w, Candidate(REF_REL, None, True), reference,
-                                                                part)
+                curve.sensitivity_dependent = self._sensitivity(name, Candidate(REF_REL, None, True), reference, part)
             self.curves.append(curve)
+        self.rounder.retain([])  # the reference-step levels: the budget search starts afresh
+        release_freed_memory()
         # "No effect measured" is not "free": at the reference step a tensor's rounding can vanish in the
         # activations (ocr_det: two 144-value depthwise kernels measured 0), while the coarsest step the
         # allocator would then give it moves the output (cosine stuck at 0.99982 however fine the rest).
@@ -383,8 +501,10 @@ class _Search:
         bits = 8 * self.records[name].array.dtype.itemsize
         if self.grid is not None:  # only steps on the deploy grid (and exact storage)
             return self.grid.curve(name, w, self.records[name].dtype, bits)
-        return tensor_curve(name, w, self.axes.get(name) if self.roles[name] == "weight" else None, bits,
-                            dependent=self._trellis_pays(name))
+        axis = self.axes.get(name) if self.roles[name] == "weight" else None
+        for unit_axis in dict.fromkeys((None, axis)):  # while w is at hand: rounding then needs no float64 copy
+            self.rounder._unit(name, unit_axis, w)
+        return tensor_curve(name, w, axis, bits, dependent=self._trellis_pays(name))
 
     def _trellis_pays(self, name: str) -> bool:
         """Trellis candidates where its scan runs across the outputs a weight feeds: Gather tables (along
@@ -395,19 +515,22 @@ class _Search:
             return False
         if self.roles.get(name) == "embedding":
             return True
-        info = self.rounder.hessians.get(name)
-        return info is not None and info[1] == 0
+        return self.rounder.in_axis.get(name) == 0
 
-    def _sensitivity(self, name: str, w: np.ndarray, cand: Candidate, reference, part: slice) -> float:
+    def _sensitivity(self, name: str, cand: Candidate, reference, part: slice) -> float:
         """Output distortion of `name` rounded alone as `cand` rounds it (with GPTQ where it applies),
         per unit of the weight MSE the curves use for that family (rounding, or trellis coding, without
         compensation)."""
-        values = self.rounder.get(name, cand)[2]
-        d = rel_mse(reference, self._distortion_view(self.runner.run({name: values}, part=part)))
+        d = rel_mse(reference, self._distortion_view(self.runner.run({name: self.rounder.values(name, cand)},
+                                                                     part=part)))
         self.runs += 1
-        plain = self.rounder.get(name, cand, compensate=False)[2]
-        err = to_float64(plain, self.records[name].dtype) - w
-        ref_mse = float(np.mean(err * err)) or 1e-30
+        rec = self.records[name]
+        err = to_float64(self.rounder.values(name, cand, compensate=False), rec.dtype).reshape(-1)
+        weights = np.asarray(rec.array).reshape(-1)
+        for i in range(0, err.size, ROUND_BLOCK):  # err - w, without a float64 copy of a big table
+            np.subtract(err[i:i + ROUND_BLOCK], to_float64(weights[i:i + ROUND_BLOCK], rec.dtype),
+                        out=err[i:i + ROUND_BLOCK])
+        ref_mse = float(np.mean(np.multiply(err, err, out=err).reshape(rec.shape))) or 1e-30  # the shape summed before
         return max(d, 0.0) / ref_mse if math.isfinite(d) else 1e30
 
     def search_budget(self) -> tuple[float, Plan, "Scored"]:
@@ -433,6 +556,7 @@ class _Search:
             plans.append((plan, result))
             if result.met and (best is None or plan.bits < best[1].bits):
                 best = (budget, plan, result)
+            self.rounder.retain(_bracket(tried, [p for p, _ in plans], best and best[1]))
             if best is not None and 0.9 <= best[2].ratio <= 1.0:
                 break  # close enough below the target: more runs would gain little
             if self.kinds and best is not None:
@@ -482,15 +606,19 @@ class _Search:
         reference = self._real(self.reference)
         n = len(self.inputs.samples)
         tried: list[tuple[float, float]] = []
+        plans: list[Plan] = []
         best: tuple[Plan, Scored] | None = None
         for _ in range(ALL_SAMPLE_RUNS):
             result = self._evaluate(reference, self._run(plan))
             self.log(f"all {n} samples, budget {budget:.3g}: {plan.bits / _total(self.model):.3f} bits/param "
                      f"predicted, {result.describe(self.target.measure)}")
             tried.append((budget, result.ratio))
+            plans.append(plan)
             if result.met:
                 if best is None or plan.bits < best[0].bits:
                     best = (plan, result)
+            self.rounder.retain(_bracket(tried, plans, best and best[0]))
+            if result.met:
                 if result.ratio >= 0.75 or len(tried) == 1:
                     break  # near the bound (or the search's own plan holds): more runs would gain little
             failing = [(b, r) for b, r in tried if r > 1.0]
@@ -522,13 +650,28 @@ class _Search:
             report.steps[name] = "exact" if cand.exact else f"{cand.rel:.3g}×std" + (
                 f" per channel (axis {cand.channel_axis})" if cand.channel_axis is not None else "") + (
                 " trellis" if cand.dependent else "")
-        chosen = {name: self.rounder.get(name, cand)[:2] for name, cand in plan.choice.items() if not cand.exact}
+        chosen = {name: self.rounder.get(name, cand) for name, cand in plan.choice.items() if not cand.exact}
         return make("fidelity", chosen=chosen, target=self.options.describe()), report, self.inputs
 
 
 def squashed_outputs(stripped_proto) -> dict[int, str]:
     """Graph output index -> the input of the Softmax / LogSoftmax / Sigmoid that produces it."""
     return {j: name for j, (_, name, _) in squashing_nodes(stripped_proto).items()}
+
+
+def _bracket(tried: list[tuple[float, float]], plans: list[Plan], best: Plan | None) -> list[Plan]:
+    """The plans whose rounded tensors the budget search may still use: the best passing plan, the
+    last plan, and the two around the goal (the passing one of the largest budget, the failing one of
+    the smallest). A tensor's step only grows with the budget (the allocator's equal slope), so a plan
+    between those two reuses their candidates and none of the others'."""
+    keep = [plans[-1]] + ([best] if best is not None else [])
+    passing = [(b, i) for i, (b, r) in enumerate(tried) if r <= 1.0]
+    failing = [(b, i) for i, (b, r) in enumerate(tried) if r > 1.0]
+    if passing:
+        keep.append(plans[max(passing)[1]])
+    if failing:
+        keep.append(plans[min(failing)[1]])
+    return keep
 
 
 def _total(model: ModelFile) -> int:
@@ -592,7 +735,7 @@ class PlannedQuantizer(Quantizer):
         if record.name not in self.chosen:
             return None
         levels, quant = self.chosen[record.name]
-        return levels, quant, None
+        return levels.astype(np.int64), quant, None  # kept narrow until now (fidelity.search.narrowest)
 
 
 @dataclass
@@ -635,10 +778,23 @@ def _score(target: Target, kinds, reference, decoded) -> float:
 def check_container(path: str, model: ModelFile, inputs: Inputs, target: Target, kinds=None) -> float:
     """Decode the written container, run it with onnxruntime's default session, score it."""
     from ..codec import decode_container
-    from .scorer import OnnxScorer
 
-    scorer = OnnxScorer(model, inputs, target.measure)
-    return _score(target, kinds or {}, scorer.reference, scorer.outputs(decode_container(path)))
+    reference = _default_session_outputs(model, inputs)
+    release_freed_memory()
+    return _score(target, kinds or {}, reference, _default_session_outputs(decode_container(path), inputs))
+
+
+def _default_session_outputs(model: ModelFile, inputs: Inputs):
+    """OnnxScorer.run of the model's ONNX form (onnxruntime's default session, one sample at a time),
+    without holding the model proto while it runs: the session has its own copy of the weights."""
+    from ..io.onnx_writer import build_onnx
+    from .runner import _run, make_session
+
+    proto = build_onnx(model, weights="float")
+    del model  # a decoded model's records: the proto holds their values now
+    session = make_session(proto)
+    del proto
+    return [list(_run(session, feed, inputs.source)) for feed in inputs.samples]
 
 
 def encode_to_target(model: ModelFile, output: str, options: FidelityOptions, encode_options=None):
@@ -651,6 +807,7 @@ def encode_to_target(model: ModelFile, output: str, options: FidelityOptions, en
     encode_options = replace(encode_options or EncodeOptions(), quantizer=quantizer)
     summary = encode_records(model.records, output, encode_options, {**model.metadata, **report.metadata()},
                              model.sections)
+    del quantizer, encode_options  # the chosen levels are written: not held while the file is checked
     from ..io.onnx_model import stripped_graph
 
     kinds = decision_kinds(stripped_graph(model)) if options.same_decisions else {}
