@@ -399,3 +399,74 @@ def test_the_default_is_stricter_where_no_decision_can_be_checked(tmp_path):
     _, report = encode_model(read_model(str(tmp_path / "head.onnx")), out + "2", EncodeOptions(quiet=True),
                              ("cosine", 0.999), str(tmp_path / "c.npz"))
     assert report.target.value == 0.999
+
+
+def _detector_head(path, seed=7, grid=None):
+    """x[n, 40, 16] -> Concat(boxes = (x @ wb) * 300 on the pixel scale, scores = Sigmoid(x @ ws),
+    [grid]) along the last axis: a YOLOv8-style head whose class scores are tiny next to its boxes."""
+    rng = np.random.default_rng(seed)
+    arrays = {"wb": rng.standard_normal((16, 4)) / 4, "ws": rng.standard_normal((16, 6)) / 4,
+              "pixels": np.array(300.0)}
+    nodes = [helper.make_node("MatMul", ["x", "wb"], ["b0"]), helper.make_node("Mul", ["b0", "pixels"], ["boxes"]),
+             helper.make_node("MatMul", ["x", "ws"], ["logits"]), helper.make_node("Sigmoid", ["logits"], ["scores"])]
+    pieces = ["boxes", "scores"]
+    if grid is not None:  # a constant piece no weight reaches (an anchor grid)
+        arrays["grid"] = grid
+        nodes.append(helper.make_node("Expand", ["grid", "shape_of_x"], ["anchors"]))
+        nodes.insert(0, helper.make_node("Shape", ["x"], ["shape_x"]))
+        nodes.insert(1, helper.make_node("Slice", ["shape_x", "s0", "s2"], ["nb"]))
+        nodes.insert(2, helper.make_node("Concat", ["nb", "two"], ["shape_of_x"], axis=0))
+        arrays.update(s0=np.array([0], np.int64), s2=np.array([2], np.int64), two=np.array([2], np.int64))
+        pieces.append("anchors")
+    nodes += [helper.make_node("Concat", pieces, ["cat"], axis=2), helper.make_node("Identity", ["cat"], ["out"])]
+    inits = [numpy_helper.from_array(a.astype(np.float32) if a.dtype == np.float64 else a, n) for n, a in arrays.items()]
+    width = 10 + (0 if grid is None else grid.shape[-1])
+    graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 40, 16])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["n", 40, width])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+def test_outputs_concatenated_from_pieces_are_measured_piece_by_piece(tmp_path):
+    from cdlcodec.fidelity.pieces import output_parts
+
+    from cdlcodec.io.onnx_model import stripped_graph
+
+    grid = np.random.default_rng(0).standard_normal((40, 2)).astype(np.float32)
+    parts = output_parts(stripped_graph(read_model(_detector_head(str(tmp_path / "h.onnx"), grid=grid))))
+    # the constant anchor grid is left out; the sigmoid piece's sensitivity is read at its logits
+    assert parts.pieced == {0: ["boxes", "scores"]}
+    assert [parts.probes[k - 1] for k in parts.measured] == ["boxes", "scores"]
+    assert [parts.probes[k - 1] for k in parts.distortion] == ["boxes", "logits"]
+    # a plain output is measured as it is
+    plain = output_parts(stripped_graph(read_model(_mlp(str(tmp_path / "m.onnx")))))
+    assert plain.pieced == {} and plain.measured == [0] and plain.probes == []
+
+
+def test_small_pieces_of_a_concatenated_output_keep_the_target(tmp_path):
+    """The boxes (hundreds of pixels) would hide the class scores from a cosine of the whole output:
+    measured by pieces, the decoded scores themselves keep the default's cosine."""
+    import onnxruntime as ort
+
+    from cdlcodec.codec import EncodeOptions, decode_container
+    from cdlcodec.fidelity.encode import encode_model
+    from cdlcodec.fidelity.measures import cosine
+    from cdlcodec.io.onnx_writer import build_onnx
+
+    path = _detector_head(str(tmp_path / "head.onnx"))
+    x = np.random.default_rng(3).standard_normal((24, 40, 16)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", x=x)
+    out = str(tmp_path / "head.cdl")
+    _, report = encode_model(read_model(path), out, EncodeOptions(quiet=True), None, str(tmp_path / "c.npz"))
+    assert report.target.value == 0.9999
+
+    def scores(proto_bytes):
+        session = ort.InferenceSession(proto_bytes, providers=["CPUExecutionProvider"])
+        return [[session.run(None, {"x": x[i:i + 1]})[0][..., 4:]] for i in range(len(x))]
+
+    original = scores(open(path, "rb").read())
+    decoded = scores(build_onnx(decode_container(out), weights="float").SerializeToString())
+    assert cosine(original, decoded) >= 0.9999
+    assert cosine(original, decoded) < 1.0  # the scores' weights were quantized, not stored exactly

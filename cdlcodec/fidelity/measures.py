@@ -1,7 +1,8 @@
 """Output fidelity of a decoded model against the original, and the target an encode must meet.
 
 All measures compare two lists of output arrays per sample (the original model's and the decoded
-model's on the same inputs):
+model's on the same inputs; the encoder and the scorer pass the pieces of a concatenated output as
+outputs of their own, pieces.py):
 - cosine: per sample, each output flattened; the mean over outputs and samples (1 = identical);
   outputs holding one number per sample are compared as one vector across samples;
 - agreement: the fraction of samples whose top-1 class (argmax of the first output) is unchanged;

@@ -84,11 +84,11 @@ class OnnxRunner:
         # under a softmax); captured values only reach `on_capture`.
         have = {o.name for o in proto.graph.output}
         self.probes = [p for p in dict.fromkeys(probes) if p not in have]
-        _add_outputs(proto, self.probes)
+        add_outputs(proto, self.probes)
         self.n_outputs = len(proto.graph.output)
         have = {o.name for o in proto.graph.output}
         self.capture = [c for c in dict.fromkeys(capture) if c not in have]
-        _add_outputs(proto, self.capture)
+        add_outputs(proto, self.capture)
         # The session takes the overridable weights from the records' own arrays instead of copying
         # them out of the model (MiniLM: 86 MB less for the whole search; the same values).
         records = {r.name: r for r in model.records}
@@ -125,7 +125,7 @@ class OnnxRunner:
         records = [TensorRecord(r.name, overrides[r.name], r.dtype) if r.name in overrides else r
                    for r in self.model.records]
         proto = build_onnx(ModelFile(records, self.model.sections, self.model.metadata), weights="float")
-        _add_outputs(proto, self.probes)
+        add_outputs(proto, self.probes)
         return self._run_all(make_session(proto), {}, len(proto.graph.output), None, samples)
 
     def _run_all(self, session, weights, n_outputs, on_capture, samples):
@@ -160,11 +160,15 @@ class OnnxRunner:
         return results
 
 
-def _add_outputs(proto, names) -> None:
-    from onnx import TensorProto, helper
+def add_outputs(proto, names) -> None:
+    """Make inner values graph outputs too; untyped, so onnxruntime infers their types (a float16
+    model's values are float16)."""
+    from onnx import ValueInfoProto
 
+    have = {o.name for o in proto.graph.output}
     for name in names:
-        proto.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+        if name not in have:
+            proto.graph.output.add().CopyFrom(ValueInfoProto(name=name))
 
 
 def _run(session, feed, source: str):

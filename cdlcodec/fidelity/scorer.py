@@ -3,7 +3,8 @@
 What `cdlcodec eval --onnx` and `cdlcodec search --onnx` measure: the original model runs once on
 the calibration samples; every candidate container is decoded by the ordinary decoder, rebuilt into
 an ONNX model, run with onnxruntime's default session and compared with a fidelity measure
-(`measures.py`: cosine, top-1 agreement or relative output MSE).
+(`measures.py`: cosine, top-1 agreement or relative output MSE) on the values the encoder measures
+(an output assembled by Concat: its pieces, `pieces.py`).
 """
 from __future__ import annotations
 
@@ -19,11 +20,14 @@ class OnnxScorer:
 
     def __init__(self, model: ModelFile, inputs, measure: str):
         """`model`: records + ONNX graph section; `inputs`: a fidelity.inputs.Inputs."""
+        from ..io.onnx_model import stripped_graph
         from ..io.onnx_writer import build_onnx
+        from .pieces import output_parts
 
         if measure not in MEASURES:
             raise CdlInputError(f"unknown fidelity measure {measure!r} (known: {', '.join(MEASURES)})")
         self.model, self.inputs, self.measure = model, inputs, measure
+        self.parts = output_parts(stripped_graph(model))
         self.reference = self.run(build_onnx(model, weights="float"))
 
     @classmethod
@@ -49,8 +53,9 @@ class OnnxScorer:
 
     def run(self, proto):
         """Outputs of a complete ModelProto on the inputs (onnxruntime's default session)."""
-        from .runner import run_proto
+        from .runner import add_outputs, run_proto
 
+        add_outputs(proto, self.parts.probes)
         return run_proto(proto, self.inputs)
 
     def outputs(self, decoded: ModelFile):
@@ -61,7 +66,9 @@ class OnnxScorer:
 
     def score(self, decoded: ModelFile) -> float:
         """The measure of a decoded model against the original."""
-        return score(self.measure, self.reference, self.outputs(decoded))
+        positions = self.parts.positions(self.measure)
+        return score(self.measure, self.parts.view(self.reference, positions),
+                     self.parts.view(self.outputs(decoded), positions))
 
     def score_container(self, path: str) -> float:
         """Decode the container at `path` with the ordinary decoder and score it."""

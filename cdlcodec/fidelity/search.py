@@ -33,7 +33,8 @@ from .allocate import (EXACT, REF_REL, Candidate, DeployGrid, Plan, TensorCurve,
                        tensor_curve)
 from .dependent import BLOCK as DEPENDENT_BLOCK
 from .dependent import TABLE_SAMPLE, RowTrellis, spread_stretches
-from .decisions import KEEP_MARGIN, checkable, decision_kinds, describe_decisions, margin_shortfall, squashing_nodes
+from .decisions import KEEP_MARGIN, checkable, decision_kinds, describe_decisions, margin_shortfall
+from .pieces import OutputParts, output_parts
 from .gptq import gptq_levels, inverse_cholesky
 from .inputs import Inputs, generate_inputs, load_calibration
 from .measures import Target, rel_mse
@@ -381,14 +382,13 @@ class _Search:
                           if reference_of(init) is not None}
         layout = {init: spec for init, spec in (gemm_layout(stripped) if options.gptq else {}).items()
                   if init in init_to_record}
-        # Distortion is measured where the model is still linear-ish: a softmax or sigmoid output is
+        # The measure compares outputs, or the pieces a Concat assembles an output from (pieces.py);
+        # sensitivity is read where the model is still linear-ish: a softmax or sigmoid value is
         # replaced by its input (saturated probabilities hide how much a tensor's rounding moved the logits).
-        logits = squashed_outputs(stripped)
+        self.parts = output_parts(stripped)
         self.runner = OnnxRunner(model, stripped, self.inputs, capture=[act for _, act, _ in layout.values()],
-                                 probes=list(logits.values()))
+                                 probes=self.parts.probes)
         self.n_real = len(stripped.graph.output)
-        self.view = [self.n_real + self.runner.probes.index(logits[j]) if logits.get(j) in self.runner.probes else j
-                     for j in range(self.n_real)]
         # GPTQ fits its compensation to the activations it sees; with a few thousand activation rows per
         # layer it overfits them, so the search scores its plans on samples GPTQ did not see. GPTQ
         # gains more from data than the score loses: 3/4 fit, 1/4 score (MiniLM: ~1 % fewer bits
@@ -426,17 +426,18 @@ class _Search:
         return [s[:self.n_real] for s in outs]
 
     def _distortion_view(self, outs):
-        return [[s[k] for k in self.view] for s in outs]
+        return self.parts.view(outs, self.parts.distortion)
 
     def _evaluate(self, reference, decoded) -> "Scored":
-        return evaluate(self.target, self.kinds, reference, decoded)
+        """`reference`, `decoded`: runs' outputs and probes (the decisions read the outputs, the measure its parts)."""
+        return evaluate(self.target, self.kinds, reference, decoded, self.parts.positions(self.target.measure))
 
     def _run(self, plan: Plan, part: slice = slice(None)):
         self.rounder.prefetch([(name, cand, True) for name, cand in plan.choice.items()], self.threads)
         release_freed_memory()  # the rounding threads' temporaries, before the plan's decoded weights
         overrides = {name: self.rounder.values(name, cand) for name, cand in plan.choice.items() if not cand.exact}
         self.runs += 1
-        outputs = self._real(self.runner.run(overrides, part=part))
+        outputs = self.runner.run(overrides, part=part)
         del overrides
         release_freed_memory()
         return outputs
@@ -575,7 +576,7 @@ class _Search:
             self.log(f"no step plan tried meets {self.options.describe()} (best "
                      f"{result.describe(self.target.measure)}): storing the weights exactly")
             plan = self._exact_plan()
-            return 0.0, plan, self._evaluate(self._real(self.reference), self._run(plan))
+            return 0.0, plan, self._evaluate(self.reference, self._run(plan))
         return best
 
     def _evaluate_plan(self, plan: Plan) -> Scored:
@@ -585,13 +586,14 @@ class _Search:
         model on all samples. The measure must then hold on the held-back samples too (GPTQ's
         compensation looks better on the samples it was fitted on)."""
         if not self.kinds:
-            return self._evaluate(self._real(self.reference[self.check]), self._run(plan, self.check))
+            return self._evaluate(self.reference[self.check], self._run(plan, self.check))
         decoded = self._run(plan)
-        reference = self._real(self.reference)
+        reference = self.reference
         whole = self._evaluate(reference, decoded)
         if self.check == slice(None):
             return whole
-        held = evaluate(self.target, {}, reference[self.check], decoded[self.check])
+        held = evaluate(self.target, {}, reference[self.check], decoded[self.check],
+                        self.parts.positions(self.target.measure))
         return Scored(whole.value, max(whole.ratio, held.ratio), whole.met and held.met, whole.kept)
 
     @property
@@ -603,7 +605,7 @@ class _Search:
         """The figure stored in the file covers every calibration sample: when the samples GPTQ was
         fitted on miss the target that the held-back quarter met (rare: the fit favours them), lower
         the budget, aiming at the bound with the deficit moving at least like √budget."""
-        reference = self._real(self.reference)
+        reference = self.reference
         n = len(self.inputs.samples)
         tried: list[tuple[float, float]] = []
         plans: list[Plan] = []
@@ -652,11 +654,6 @@ class _Search:
                 " trellis" if cand.dependent else "")
         chosen = {name: self.rounder.get(name, cand) for name, cand in plan.choice.items() if not cand.exact}
         return make("fidelity", chosen=chosen, target=self.options.describe()), report, self.inputs
-
-
-def squashed_outputs(stripped_proto) -> dict[int, str]:
-    """Graph output index -> the input of the Softmax / LogSoftmax / Sigmoid that produces it."""
-    return {j: name for j, (_, name, _) in squashing_nodes(stripped_proto).items()}
 
 
 def _bracket(tried: list[tuple[float, float]], plans: list[Plan], best: Plan | None) -> list[Plan]:
@@ -752,8 +749,13 @@ class Scored:
         return f"{measure} {self.value:.6g}{kept}" + ("" if self.met else " (miss)")
 
 
-def evaluate(target: Target, kinds, reference, decoded) -> Scored:
-    value = target.score(reference, decoded)
+def evaluate(target: Target, kinds, reference, decoded, measured: list[int] | None = None) -> Scored:
+    """The target's measure over the values at `measured` of each sample's list (all when None) and,
+    with `kinds`, the margins of the decisions of the outputs they index."""
+    if measured is not None:
+        value = target.score([[s[k] for k in measured] for s in reference], [[s[k] for k in measured] for s in decoded])
+    else:
+        value = target.score(reference, decoded)
     ratio = _deficit(target, value) / _deficit(target, target.value)
     met = target.met(value)
     ratio = min(ratio, 1.0) if met else max(ratio, 1.0 + 1e-6)
@@ -766,31 +768,36 @@ def evaluate(target: Target, kinds, reference, decoded) -> Scored:
     return Scored(value, ratio, met and kept_all, 1.0 - shortfall)
 
 
-def _score(target: Target, kinds, reference, decoded) -> float:
+def _score(target: Target, kinds, reference, decoded, measured: list[int] | None = None) -> float:
     """The target's measure; a changed decision (when they are checked) makes it a miss."""
-    scored = evaluate(target, kinds, reference, decoded)
+    scored = evaluate(target, kinds, reference, decoded, measured)
     if scored.met or not target.met(scored.value):
         return scored.value  # the measure itself already says pass or miss
     miss = target.value * 1.0001 if target.measure == "rel_mse" else target.value - 1e-9
     return max(scored.value, miss) if target.measure == "rel_mse" else min(scored.value, miss)
 
 
-def check_container(path: str, model: ModelFile, inputs: Inputs, target: Target, kinds=None) -> float:
-    """Decode the written container, run it with onnxruntime's default session, score it."""
+def check_container(path: str, model: ModelFile, inputs: Inputs, target: Target, kinds=None,
+                    parts: OutputParts | None = None) -> float:
+    """Decode the written container, run it with onnxruntime's default session, score it (on the
+    values `parts` measures, as the search did)."""
     from ..codec import decode_container
 
-    reference = _default_session_outputs(model, inputs)
+    probes = parts.probes if parts is not None else []
+    reference = _default_session_outputs(model, inputs, probes)
     release_freed_memory()
-    return _score(target, kinds or {}, reference, _default_session_outputs(decode_container(path), inputs))
+    return _score(target, kinds or {}, reference, _default_session_outputs(decode_container(path), inputs, probes),
+                  parts.positions(target.measure) if parts is not None else None)
 
 
-def _default_session_outputs(model: ModelFile, inputs: Inputs):
+def _default_session_outputs(model: ModelFile, inputs: Inputs, probes: list[str] = ()):
     """OnnxScorer.run of the model's ONNX form (onnxruntime's default session, one sample at a time),
     without holding the model proto while it runs: the session has its own copy of the weights."""
     from ..io.onnx_writer import build_onnx
-    from .runner import _run, make_session
+    from .runner import _run, add_outputs, make_session
 
     proto = build_onnx(model, weights="float")
+    add_outputs(proto, probes)
     del model  # a decoded model's records: the proto holds their values now
     session = make_session(proto)
     del proto
@@ -810,8 +817,9 @@ def encode_to_target(model: ModelFile, output: str, options: FidelityOptions, en
     del quantizer, encode_options  # the chosen levels are written: not held while the file is checked
     from ..io.onnx_model import stripped_graph
 
-    kinds = decision_kinds(stripped_graph(model)) if options.same_decisions else {}
-    checked = check_container(output, model, inputs, options.target, kinds)
+    stripped = stripped_graph(model)
+    kinds = decision_kinds(stripped) if options.same_decisions else {}
+    checked = check_container(output, model, inputs, options.target, kinds, output_parts(stripped))
     return settle(output, options, checked, summary, report, start, "when decoded")
 
 
