@@ -470,3 +470,55 @@ def test_small_pieces_of_a_concatenated_output_keep_the_target(tmp_path):
     decoded = scores(build_onnx(decode_container(out), weights="float").SerializeToString())
     assert cosine(original, decoded) >= 0.9999
     assert cosine(original, decoded) < 1.0  # the scores' weights were quantized, not stored exactly
+
+
+def _one_hot_classifier(path, seed=8):
+    """bytes[n, 12] (int32) -> Equal(bytes, 0..15) one-hot -> MatMul -> logits: an integer input that
+    indexes no table (Magika's file-type model reads its bytes like this)."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(np.arange(16, dtype=np.int32).reshape(1, 1, 16), "symbols"),
+             numpy_helper.from_array(np.array([-1, 12 * 16], np.int64), "flat"),
+             numpy_helper.from_array((rng.standard_normal((12 * 16, 5)) / 8).astype(np.float32), "w")]
+    nodes = [helper.make_node("Unsqueeze", ["bytes", "axis2"], ["b3"]),
+             helper.make_node("Equal", ["b3", "symbols"], ["hot"]),
+             helper.make_node("Cast", ["hot"], ["hotf"], to=TensorProto.FLOAT),
+             helper.make_node("Reshape", ["hotf", "flat"], ["x"]),
+             helper.make_node("MatMul", ["x", "w"], ["logits"])]
+    inits.append(numpy_helper.from_array(np.array([2], np.int64), "axis2"))
+    graph = helper.make_graph(nodes, "onehot", [helper.make_tensor_value_info("bytes", TensorProto.INT32, ["n", 12])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+def test_without_inputs_to_vary_the_default_is_data_free_and_says_so(tmp_path, capsys):
+    """Integers that index no table are generated as zeros: every generated sample would be the same
+    input, so the encoder does not pretend to check on them."""
+    from cdlcodec.cli.main import main
+
+    def call(*args):
+        with pytest.raises(SystemExit) as exc:
+            main([str(a) for a in args])
+        return exc.value.code, capsys.readouterr().err
+
+    path = _one_hot_classifier(str(tmp_path / "onehot.onnx"))
+    out = str(tmp_path / "onehot.cdl")
+    code, err = call("encode", path, "-o", out)
+    assert code == 0, err
+    assert "no graph input can be generated at random" in err and "give --calibration" in err
+    with ContainerReader(out) as reader:
+        assert "fidelity.target" not in reader.metadata
+        (w,) = [e for e in reader.tensors if e.name == "w"]
+        assert w.encoding == "levels"
+    # an explicit target cannot be checked on one point: a clean error, nothing written
+    code, err = call("encode", path, "-o", out + "2", "--target-cosine", "0.99")
+    assert code != 0 and "cdlcodec: error:" in err and "give --calibration" in err
+    assert not (tmp_path / "onehot.cdl2").exists()
+    # with calibration data the search runs as usual
+    np.savez(tmp_path / "c.npz", bytes=np.random.default_rng(0).integers(0, 16, (24, 12)).astype(np.int32))
+    code, err = call("encode", path, "-o", out + "3", "--calibration", tmp_path / "c.npz")
+    assert code == 0, err
+    with ContainerReader(out + "3") as reader:
+        assert reader.metadata["fidelity.target"].startswith("cosine >= 0.999")

@@ -8,7 +8,7 @@ from dataclasses import replace
 from ..atomic import refuse_to_overwrite
 from ..codec import EncodeOptions, EncodeSummary, encode_records
 from ..errors import CdlInputError
-from .inputs import Inputs
+from .inputs import Inputs, generated_inputs_vary
 from .measures import Target
 from .search import DEFAULT_TARGET, MAX_CALIBRATION, UNCHECKED_DEFAULT, FidelityOptions, FidelityReport, encode_to_target
 
@@ -92,9 +92,18 @@ def encode_model(model, output: str, options: EncodeOptions, target: tuple[str, 
         if options.quantizer is None:
             options = replace(options, quantizer=data_free_default(deploy))
         return encode_records(model.records, output, options, model.metadata, model.sections), None
-    if calibration is not None and not isinstance(calibration, (str, os.PathLike)):
-        from ..io.onnx_model import stripped_graph
+    from ..io.onnx_model import stripped_graph
 
+    if calibration is None and not generated_inputs_vary(stripped_graph(model)):
+        # Nothing to vary the inputs by: a check would see one input, which proves nothing (inputs.py).
+        if explicit:
+            raise CdlInputError(f"cannot check a fidelity target for {what} without calibration data: no graph input "
+                                "can be generated at random (integers that index no table are fed as zeros); "
+                                "give --calibration DATA.npz")
+        if options.quantizer is None:
+            options = replace(options, quantizer=data_free_default(deploy))
+        return encode_records(model.records, output, options, model.metadata, model.sections), None
+    if calibration is not None and not isinstance(calibration, (str, os.PathLike)):
         calibration = Inputs.from_batches(stripped_graph(model), calibration, MAX_CALIBRATION)
     fidelity = replace(fidelity, calibration=calibration)
     return encode_to_target(model, output, fidelity, options)

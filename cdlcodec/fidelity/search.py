@@ -26,6 +26,7 @@ import numpy as np
 from ..dtypes import to_float64
 from ..errors import CdlInputError
 from ..jit import HAVE_NUMBA
+from ..progress import LINE_INTERVAL
 from ..quantizers import Dequantizer
 from ..quantizers.base import Quantizer, make
 from ..records import ModelFile, TensorRecord
@@ -478,7 +479,11 @@ class _Search:
         self.rounder.prefetch([(c.name, cand, compensate) for c in curves for compensate in (True, False)
                                for cand in ((ref, ref_dependent) if any(x.dependent for x in c.candidates) else (ref,))],
                               self.threads)
-        for name, curve in zip(self.names, curves):
+        shown = time.perf_counter()
+        for i, (name, curve) in enumerate(zip(self.names, curves)):
+            if time.perf_counter() - shown >= LINE_INTERVAL:  # a long phase shows it is alive
+                shown = time.perf_counter()
+                self.log(f"sensitivity: {i} of {len(curves)} tensors measured")
             curve.sensitivity = self._sensitivity(name, Candidate(REF_REL, None), reference, part)
             if any(c.dependent for c in curve.candidates):
                 # Measured apart: on outlier-heavy convolutions the trellis's errors land where rounding's

@@ -167,6 +167,10 @@ def _encode(model, output, options, arch, targets, calibration, no_gptq, same_de
             why, fix = "no graph to run the model with (a state_dict or .pt2 file)", "encode the ONNX model"
             if model.endswith(".onnx") and not onnxruntime_available():  # a core install: nothing runs the graph
                 why, fix = "onnxruntime is not installed here", 'pip install "cdlcodec[onnx]"'
+            elif model.endswith(".onnx"):  # fidelity/inputs.generated_inputs_vary
+                why = ("no calibration data, and no graph input can be generated at random (integers that index "
+                       "no table are fed as zeros), so a check would see one input")
+                fix = "give --calibration DATA.npz"
             click.echo(f"cdlcodec: note: {why}: the data-free default was used (per output channel, step 0.02 x the "
                        f"channel's std) and the decoded model is unverified; {fix} for a verified fidelity", err=True)
         return summary
