@@ -355,6 +355,30 @@ def test_plain_vector_outputs_are_read_by_width(tmp_path):
     assert changed_samples(emb, swapped, kinds) >= 2
 
 
+def test_wide_probability_rows_decide_by_argmax(tmp_path):
+    """A softmax spelled out (Exp / sum / Div) over 200 classes gives wide rows that sum to 1: they
+    are class probabilities (argmax), not an embedding whose nearest other sample decides; their
+    sensitivity is read at the logits under the Exp."""
+    from cdlcodec.fidelity.decisions import changed_samples
+    from cdlcodec.fidelity.pieces import _squashed_input
+
+    kinds = {0: ("vector", 0)}
+    rng = np.random.default_rng(2)
+    logits = rng.standard_normal((4, 200)) * 3
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    ref = [[probs[i:i + 1]] for i in range(4)]
+    blurred = [[0.95 * probs[i:i + 1] + 0.05 / 200] for i in range(4)]  # every top class keeps 95 % of its lead
+    assert changed_samples(ref, blurred, kinds) == 0
+    swapped = [[r[0].copy()] for r in ref]  # sample 0's two best classes trade places: its decision changed
+    order = np.argsort(probs[0])
+    swapped[0][0][0, order[-1]], swapped[0][0][0, order[-2]] = probs[0, order[-2]], probs[0, order[-1]]
+    assert changed_samples(ref, swapped, kinds) == 1
+    flipped = [[probs[i:i + 1][:, ::-1]] for i in range(4)]
+    assert changed_samples(ref, flipped, kinds) == 4
+    producers = {"e": helper.make_node("Exp", ["z"], ["e"]), "p": helper.make_node("Div", ["e", "s"], ["p"])}
+    assert _squashed_input("p", producers) == "z"
+
+
 def test_fidelity_encodes_are_the_same_bytes_on_any_thread_count(tmp_path):
     """Tensors are rounded on several threads at once (curves, sensitivities, each plan); the plan and
     the file must not depend on how many."""

@@ -3,10 +3,12 @@
 An output produced by a Softmax or LogSoftmax (through layout-only ops) decides by its argmax along
 the softmax axis (a class, or one character per position of an OCR line); an output produced by a
 Sigmoid decides by which side of 0.5 each value lies (speech or not, text pixel or not). An output
-that is one plain vector per sample ([batch, features], no squashing op) is read by its width: one
-value in [0, 1] is a probability (side of 0.5), a few values (under MIN_EMBEDDING) are a classifier's
-logits (argmax), more are an embedding, which decides for each sample which other sample of the same
-run is most similar to it (cosine): the retrieval a sentence or image embedding is used for.
+that is one plain vector per sample ([batch, features], no squashing op) is read by its values and
+width: one value in [0, 1] is a probability (side of 0.5); rows that are probability distributions
+(non-negative, summing to 1: a softmax written out as Exp / ReduceSum / Div, as in Magika's file-type
+model) or a few values (under MIN_EMBEDDING, a classifier's logits) decide by their argmax; wider
+ones are an embedding, which decides for each sample which other sample of the same run is most
+similar to it (cosine): the retrieval a sentence or image embedding is used for.
 
 Not flipping a calibration decision is not enough: an unseen input nearer the boundary still flips
 (keeping only the side of every calibration decision, silero-vad still flipped 1 of 64 held-apart
@@ -128,7 +130,9 @@ def _margins(reference: list, decoded: list, kind: str, axis: int):
         return None
     shape = np.shape(reference[0])
     if kind == "vector":
-        if len(shape) == 2 and shape[0] == 1 and shape[1] >= MIN_EMBEDDING:
+        if len(shape) == 2 and shape[1] >= 2 and all(_distribution(r) for r in reference):
+            kind, axis = "argmax", -1  # class probabilities (a softmax the graph spells out)
+        elif len(shape) == 2 and shape[0] == 1 and shape[1] >= MIN_EMBEDDING:
             return _neighbour_margins(reference, decoded)
         if len(shape) == 2 and shape[1] == 1 and all(0.0 <= float(np.min(r)) and float(np.max(r)) <= 1.0
                                                      for r in reference):
@@ -147,6 +151,12 @@ def _margins(reference: list, decoded: list, kind: str, axis: int):
         return None
     return [_argmax_margins(np.asarray(r, np.float64), np.asarray(d, np.float64), axis)
             for r, d in zip(reference, decoded)]
+
+
+def _distribution(rows) -> bool:
+    """Rows of non-negative values that each sum to 1 (to float32 rounding)."""
+    r = np.asarray(rows, np.float64)
+    return bool(np.all(r >= 0.0) and np.allclose(r.sum(axis=-1), 1.0, rtol=0.0, atol=1e-4))
 
 
 def _shortfall(margin: np.ndarray, decoded_margin: np.ndarray, tie: float = 0.0) -> float:

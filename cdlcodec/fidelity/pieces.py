@@ -12,8 +12,8 @@ perfect scores.
 The runs fetch the pieces as extra outputs (untyped, so that onnxruntime infers their types).
 `OutputParts.measured` lists, per measured value, its position in a run's outputs (the graph
 outputs first, then the probes); `distortion` is the same with every value produced by a Softmax,
-LogSoftmax or Sigmoid replaced by that op's input, where the sensitivity of a weight shows before
-saturation hides it.
+LogSoftmax or Sigmoid (or a softmax written out as Div(Exp(x), sum)) replaced by that op's input,
+where the sensitivity of a weight shows before saturation hides it.
 """
 from __future__ import annotations
 
@@ -96,8 +96,16 @@ def _pieces(value: str, producers, depth: int) -> list[str]:
 
 
 def _squashed_input(value: str, producers) -> str | None:
+    """The logits under a Softmax / LogSoftmax / Sigmoid producing `value`, or under a softmax spelled
+    out as Div(Exp(x), ...) (Magika's); None for any other value."""
     node = _through_layout(value, producers)
-    return node.input[0] if node is not None and node.op_type in _SQUASHING else None
+    if node is not None and node.op_type in _SQUASHING:
+        return node.input[0]
+    if node is not None and node.op_type == "Div":
+        numerator = producers.get(node.input[0])
+        if numerator is not None and numerator.op_type == "Exp":
+            return numerator.input[0]
+    return None
 
 
 def _reached_by_weights(stripped_proto) -> set[str]:
