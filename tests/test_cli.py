@@ -106,9 +106,18 @@ def test_keep_stores_matching_tensors_losslessly(tmp_path, capsys, state_dict_fi
 def test_checkpoint_wrappers_and_safetensors_input(tmp_path, capsys, small_state_dict):
     from safetensors.torch import save_file
 
-    for i, obj in enumerate([{"state_dict": small_state_dict, "epoch": 3}, {"model": small_state_dict}]):
+    optimizer = {"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": [{"lr": 0.1}]}
+    wrapped = [{"state_dict": small_state_dict, "epoch": 3}, {"model": small_state_dict},
+               {"step": 7, "model_state": small_state_dict, "optimizer_state": optimizer},  # Resemblyzer's layout
+               {"generator": small_state_dict, "optimizer": optimizer}]                  # the only one with tensors
+    for i, obj in enumerate(wrapped):
         torch.save(obj, tmp_path / f"w{i}.pt")
         assert call(capsys, "encode", tmp_path / f"w{i}.pt", "-o", tmp_path / f"w{i}.cdl", "-q")[0] == 0
+        assert call(capsys, "decode", tmp_path / f"w{i}.cdl", "-o", tmp_path / f"w{i}.dec.pt", "-q")[0] == 0
+        assert set(torch.load(tmp_path / f"w{i}.dec.pt", weights_only=True)) == set(small_state_dict)
+    torch.save({"generator": small_state_dict, "discriminator": small_state_dict}, tmp_path / "two.pt")
+    code, _, err = call(capsys, "encode", tmp_path / "two.pt", "-o", tmp_path / "two.cdl")
+    assert code != 0 and "'generator', 'discriminator'" in err and not (tmp_path / "two.cdl").exists()
     st = {k: v.contiguous() for k, v in small_state_dict.items()}
     save_file(st, str(tmp_path / "m.safetensors"))
     assert call(capsys, "encode", tmp_path / "m.safetensors", "-o", tmp_path / "s.cdl", "-q")[0] == 0

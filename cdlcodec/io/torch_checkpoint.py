@@ -1,7 +1,9 @@
 """torch checkpoints: state_dicts saved with torch.save, read with weights_only=True only.
 
-Accepted: a flat {name: tensor} state_dict, or a checkpoint that wraps one under "state_dict" or
-"model". Untrusted pickles are never executed: weights_only=True refuses anything but tensors and
+Accepted: a flat {name: tensor} state_dict, or a checkpoint that wraps one: under one of the names
+training scripts use ("state_dict", "model", "model_state", "model_state_dict", "net", ...), or as
+its only entry that maps names to tensors (Resemblyzer's {"step", "model_state", "optimizer_state"}
+was refused before). Untrusted pickles are never executed: weights_only=True refuses anything but tensors and
 plain containers, and we never fall back to unsafe loading.
 """
 from __future__ import annotations
@@ -67,21 +69,35 @@ def record_to_tensor(record: TensorRecord):
     return torch.from_numpy(np.array(record.array, copy=True))
 
 
+# Where training scripts keep the weights in a checkpoint, most usual first.
+STATE_DICT_KEYS = ("state_dict", "model", "model_state", "model_state_dict", "net", "network", "module",
+                   "params", "weights")
+
+
 def unwrap_state_dict(obj, path: str) -> dict:
     """The {name: tensor} mapping inside a loaded checkpoint."""
     import torch
 
+    def holds_tensors(value) -> bool:
+        return isinstance(value, dict) and any(isinstance(v, torch.Tensor) for v in value.values())
+
     if isinstance(obj, dict):
-        for key in ("state_dict", "model"):
-            inner = obj.get(key)
-            if isinstance(inner, dict) and any(isinstance(v, torch.Tensor) for v in inner.values()):
-                return inner
+        for key in STATE_DICT_KEYS:
+            if holds_tensors(obj.get(key)):
+                return obj[key]
         if any(isinstance(v, torch.Tensor) for v in obj.values()):
             return obj
+        # An optimizer's state keeps its tensors a level deeper ({"state": {0: {...}}}): not a candidate.
+        inner = [str(k) for k, v in obj.items() if holds_tensors(v)]
+        if len(inner) == 1:
+            return obj[next(k for k in obj if str(k) == inner[0])]
+        if inner:
+            raise CdlInputError(f"{path}: the checkpoint holds several mappings of tensors ({', '.join(map(repr, inner))}); "
+                                "save the one to encode on its own (torch.save(checkpoint[KEY], path))")
     if isinstance(obj, torch.nn.Module):  # unreachable with weights_only, kept for the message
         raise CdlInputError(f"{path}: holds a whole module; save its state_dict() instead")
     raise CdlInputError(f"{path}: no state_dict found (expected a mapping of names to tensors, "
-                        "or a checkpoint with a 'state_dict' or 'model' entry)")
+                        "or a checkpoint that holds one, e.g. under 'state_dict' or 'model')")
 
 
 def _looks_like_torch_file(path: str) -> bool:
