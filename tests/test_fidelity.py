@@ -546,3 +546,23 @@ def test_without_inputs_to_vary_the_default_is_data_free_and_says_so(tmp_path, c
     assert code == 0, err
     with ContainerReader(out + "3") as reader:
         assert reader.metadata["fidelity.target"].startswith("cosine >= 0.999")
+
+
+def test_float16_models_with_squashed_outputs_encode_by_default(tmp_path):
+    """The logits under a float16 softmax are fetched as an extra output: declared as float32 they made
+    onnxruntime refuse the graph ("Type Error ... does not match expected type (tensor(float16))")."""
+    from cdlcodec.codec import EncodeOptions
+    from cdlcodec.fidelity.encode import encode_model
+
+    rng = np.random.default_rng(4)
+    w = (rng.standard_normal((32, 10)) / 6).astype(np.float16)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["z"]), helper.make_node("Softmax", ["z"], ["p"], axis=-1)]
+    graph = helper.make_graph(nodes, "fp16", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["n", 32])],
+                              [helper.make_tensor_value_info("p", TensorProto.FLOAT16, ["n", 10])],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "fp16.onnx"))
+    _, report = encode_model(read_model(str(tmp_path / "fp16.onnx")), str(tmp_path / "fp16.cdl"),
+                             EncodeOptions(quiet=True), None)
+    assert report.checked >= 0.999
