@@ -115,6 +115,22 @@ def _moments(n, s0, s1, s2, s3):
     return n + u, var, m3, inv_s0
 
 
+@njit(cache=True)
+def entropy_bits_of_sums(sums, count, scale, min_p, factor):
+    """scale · H(sums / count) in bits (eq. 26 / 28, zero-probability bins contribute 0: p clamped
+    at min_p inside the log, as entropy.entropy_bits), in float64; fills factor[l] =
+    ∂(scale·H)/∂sums[l] = -scale·(log max(p_l, min_p) + [p_l ≥ min_p]) / (count·ln 2)."""
+    ln2 = np.log(2.0)
+    total = 0.0
+    c = -scale / (ln2 * count)
+    for j in range(sums.size):
+        p = sums[j] / count
+        logp = np.log(p if p >= min_p else min_p)
+        total += p * logp
+        factor[j] = (logp + (1.0 if p >= min_p else 0.0)) * c
+    return scale * (-total / ln2)
+
+
 def chunk_count(n: int) -> int:
     return max(1, min(64, n // 4096))
 
@@ -358,6 +374,13 @@ def _exps5(th, q, A, lo, hi, eb):
         x = x if x >= -700.0 else -700.0      # NaN too; its element is redone by _cpmf
         x = x if x <= 700.0 else 700.0
         eb[i] = _exp(x)
+
+
+@njit(cache=True, error_model="numpy")
+def _relu_mask(th, g):
+    """g[i] = 0 where relu(th[i]) <= 0: the ReLU's gradient (torch's threshold_backward on its output)."""
+    for i in range(th.size):
+        g[i] = 0.0 if th[i] <= 0.0 else g[i]
 
 
 @njit(cache=True, error_model="numpy")
@@ -632,6 +655,319 @@ def backward5(theta, q, a, lo, hi, st_l, st_v, st_m, consts, grad_y, has_grad_y,
                     bq[i - b0] = G * level_mean + 2.0 * a * ((t - 2.0 * mean) * v1 - q * v2)
                     ba[i - b0] = 2.0 * q * (t - mean) * v1 - q * q * v2
             for j in range(m):
+                cq += bq[j]
+                ca += ba[j]
+        partial[0, c] = cq
+        partial[1, c] = ca
+    return partial[0].sum(), partial[1].sum()
+
+
+# ---------------------------------------------------------------------------------------------------
+# An activation quantizer after a ReLU, fused (QuantizeFunction's `relu`): the values quantized are
+# relu(θ), and every θ ≤ 0 gives the same CPMF (that of 0). Those elements, often most of a ReLU's
+# output, are left out of the vectorised loops: each block of `forward5` is compacted to its
+# non-zero elements (`_compact_relu`), whose stats and kept CPMFs are stored compacted at the front
+# of the block's range ([b0, b0 + count)) with their offsets in the block (`nz_index`) and the count
+# per block (`nz_counts`); a zero element's output is written directly, its MPMF share added once
+# per call. `backward5_relu` reads the same layout: ∂/∂θ is 0 at the zeros (the ReLU's gradient) and
+# their share of ∂/∂q and ∂/∂α, linear in the incoming gradient, is taken from its sum over them.
+
+
+def block_count(n: int, chunks: int) -> int:
+    """Blocks of _BLOCK5 the 5-level kernels split n elements in `chunks` into (nz_counts' length)."""
+    per = (n + chunks - 1) // chunks
+    return chunks * ((per + _BLOCK5 - 1) // _BLOCK5)
+
+
+@njit(cache=True, error_model="numpy")
+def _compact_relu(th, tb, ib):
+    """tb[:count] = the elements of th with relu(θ) ≠ 0 (θ > 0 or NaN), ib[:count] their offsets;
+    returns count. Branch-free: each element is written, the cursor moves only past non-zeros."""
+    cnt = 0
+    for i in range(th.size):
+        v = th[i]
+        tb[cnt] = v
+        ib[cnt] = i
+        cnt += 0 if v <= 0.0 else 1
+    return cnt
+
+
+# A block with more than this share of non-zero values runs whole through the vectorised loops: the
+# compaction's gathers and scatters would cost more than the zeros they leave out.
+_DENSE_SHARE = 0.625
+
+
+@njit(cache=True, error_model="numpy")
+def _relu_values(th, out):
+    """out[i] = relu(th[i]) as torch.relu gives it (0 below zero; -0.0 and NaN unchanged)."""
+    for i in range(th.size):
+        v = th[i]
+        out[i] = 0.0 if v < 0.0 else v
+
+
+@njit(cache=True, error_model="numpy")
+def _zero_outputs(u, yv, sample, yz, t0, t1, t2, t3, k0z, s0z, q):
+    """The output of every element of a block as if it were a zero (the non-zeros are written over):
+    q·L(0), or the Qp sample of the zero CPMF at u[i] (`_forward5_block`'s pick with its partial sums)."""
+    if sample:
+        for i in range(yv.size):
+            target = u[i] * s0z
+            pick = ((1.0 if t0 < target else 0.0) + (1.0 if t1 < target else 0.0)
+                    + (1.0 if t2 < target else 0.0) + (1.0 if t3 < target else 0.0))
+            yv[i] = (k0z + pick) * q
+    else:
+        for i in range(yv.size):
+            yv[i] = yz
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def forward5_relu(theta, q, a, lo, hi, consts, uniforms, sample, want_sums, chunks, y, st_l, st_v, st_m, keep,
+                  kept, nz_index, nz_counts, values):
+    """`forward5` of relu(θ) (θ the ReLU's input), the zeros left out of the vectorised loop (see above):
+    y as forward5's, bit for bit; st_* and kept compacted per block; MPMF sums equal to rounding (the
+    zeros' share added once). A block more than _DENSE_SHARE non-zero runs whole (relu(θ) through the
+    loop, zeros included: count = block size, no offsets). values[b0:b0 + count] keeps the block's
+    values as the loop saw them, for backward5_relu."""
+    keep = keep and want_sums
+    size = hi - lo + 1
+    partial = np.zeros((chunks, size))
+    zeros = np.zeros(chunks, dtype=np.int64)
+    n_all = theta.size
+    per = (n_all + chunks - 1) // chunks
+    bpc = (per + _BLOCK5 - 1) // _BLOCK5
+    A = a * q * q
+    c1, c2, c3, c4 = consts[5], consts[6], consts[7], consts[8]
+    x0z, x1z, x2z, x3z, x4z, k0z, _, nz, _, s0z, s1z, s2z, s3z = _cpmf5(0.0, q, lo, hi, 1.0, c1, c2, c3, c4)
+    Lz, _, _, inv_sz = _moments(nz, s0z, s1z, s2z, s3z)
+    yz = q * Lz
+    t0 = x0z
+    t1 = t0 + x1z
+    t2 = t1 + x2z
+    t3 = t2 + x3z
+    for c in prange(chunks):
+        hist = np.zeros((4, size))
+        e = np.empty(5)
+        eb = np.empty(_BLOCK5)
+        pb = np.empty((5, _BLOCK5))
+        kb = np.empty(_BLOCK5, dtype=np.int64)
+        tb = np.empty(_BLOCK5, dtype=theta.dtype)
+        ib = np.empty(_BLOCK5, dtype=np.int32)
+        ub = np.empty(_BLOCK5)
+        yb = np.empty(_BLOCK5, dtype=y.dtype)
+        zc = 0
+        stop = min(n_all, (c + 1) * per)
+        for b0 in range(c * per, stop, _BLOCK5):
+            b1 = min(stop, b0 + _BLOCK5)
+            m = b1 - b0
+            cnt = _compact_relu(theta[b0:b1], tb, ib)
+            dense = cnt > _DENSE_SHARE * m
+            if dense:
+                _relu_values(theta[b0:b1], tb)
+                cnt = m
+            nz_counts[c * bpc + (b0 - c * per) // _BLOCK5] = cnt
+            zc += m - cnt
+            if cnt == 0:
+                _zero_outputs(uniforms[b0:b1] if sample else uniforms, y[b0:b1], sample, yz, t0, t1, t2, t3, k0z,
+                              s0z, q)
+                continue
+            for j in range(cnt):
+                values[b0 + j] = tb[j]
+            if dense:
+                yv = y[b0:b1]
+                uv = uniforms[b0:b1] if sample else uniforms
+            else:
+                _zero_outputs(uniforms[b0:b1] if sample else uniforms, y[b0:b1], sample, yz, t0, t1, t2, t3, k0z,
+                              s0z, q)
+                for j in range(cnt):
+                    nz_index[b0 + j] = ib[j]
+                if sample:
+                    for j in range(cnt):
+                        ub[j] = uniforms[b0 + ib[j]]
+                yv = yb[:cnt]
+                uv = ub[:cnt]
+            bad = _forward5_block(tb[:cnt], eb, uv, yv, st_l[b0:b0 + cnt], st_v[b0:b0 + cnt],
+                                  st_m[b0:b0 + cnt], pb[0, :cnt], pb[1, :cnt], pb[2, :cnt], pb[3, :cnt],
+                                  pb[4, :cnt], kb[:cnt], q, A, lo, hi, c1, c2, c3, c4, sample, want_sums)
+            if bad > 0:
+                for j in range(cnt):
+                    t = tb[j]
+                    _, _, w = _place(t, q, lo, hi, 5, True)
+                    if abs(w) < np.inf:
+                        continue
+                    k0i, n, s0, s1, s2, s3 = _cpmf(t, q, A, lo, hi, 5, True, 1.0, consts, e)  # E unused
+                    level_mean, var, m3, inv_s0 = _moments(n, s0, s1, s2, s3)
+                    st_l[b0 + j] = level_mean
+                    st_v[b0 + j] = var
+                    st_m[b0 + j] = m3
+                    yv[j] = (k0i + _pick(e, 5, uv[j] * s0)) * q if sample else q * level_mean
+                    if want_sums:
+                        for jj in range(5):
+                            pb[jj, j] = e[jj] * inv_s0
+                        kb[j] = k0i - lo
+            if not dense:
+                for j in range(cnt):
+                    y[b0 + ib[j]] = yb[j]
+            if keep:
+                for j in range(cnt):
+                    h = hist[j & 3]
+                    kk = kb[j]
+                    x0 = pb[0, j]
+                    x1 = pb[1, j]
+                    x2 = pb[2, j]
+                    x3 = pb[3, j]
+                    x4 = pb[4, j]
+                    h[kk] += x0
+                    h[kk + 1] += x1
+                    h[kk + 2] += x2
+                    h[kk + 3] += x3
+                    h[kk + 4] += x4
+                    kept[0, b0 + j] = x0
+                    kept[1, b0 + j] = x1
+                    kept[2, b0 + j] = x2
+                    kept[3, b0 + j] = x3
+                    kept[4, b0 + j] = x4
+            elif want_sums:
+                for j in range(cnt):
+                    h = hist[j & 3]
+                    kk = kb[j]
+                    h[kk] += pb[0, j]
+                    h[kk + 1] += pb[1, j]
+                    h[kk + 2] += pb[2, j]
+                    h[kk + 3] += pb[3, j]
+                    h[kk + 4] += pb[4, j]
+        for j in range(size):
+            partial[c, j] = (hist[0, j] + hist[1, j]) + (hist[2, j] + hist[3, j])
+        zeros[c] = zc
+    sums = partial.sum(axis=0)
+    if want_sums:
+        count = zeros.sum()
+        kz = int(k0z) - lo
+        sums[kz] += count * (x0z * inv_sz)
+        sums[kz + 1] += count * (x1z * inv_sz)
+        sums[kz + 2] += count * (x2z * inv_sz)
+        sums[kz + 3] += count * (x3z * inv_sz)
+        sums[kz + 4] += count * (x4z * inv_sz)
+    return sums
+
+
+@njit(cache=True, error_model="numpy")
+def _zero_fill(gt):
+    for i in range(gt.size):
+        gt[i] = 0.0
+
+
+@njit(cache=True, error_model="numpy", fastmath={"reassoc", "nsz"})
+def _zero_grad_sum(th, gy):
+    """Σ gy[i] over the block's zeros (θ ≤ 0). Reassociated (vectorised partial sums; the same
+    order at every call of the compiled kernel)."""
+    total = 0.0
+    for i in range(th.size):
+        total += gy[i] if th[i] <= 0.0 else 0.0
+    return total
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def backward5_relu(theta, q, a, lo, hi, st_l, st_v, st_m, consts, grad_y, has_grad_y, grad_sums,
+                   has_grad_sums, chunks, grad_theta, has_kept, kept, nz_index, nz_counts, values):
+    """`backward5` for `forward5_relu` (θ the ReLU's input, stats and kept compacted as it left them):
+    ∂/∂θ equal to F.relu followed by backward5 (0 at the zeros); ∂/∂q, ∂/∂α equal to rounding (the
+    zeros' share from Σ grad_y over them)."""
+    use_kept = has_kept and has_grad_sums
+    n_all = theta.size
+    per = (n_all + chunks - 1) // chunks
+    bpc = (per + _BLOCK5 - 1) // _BLOCK5
+    A = a * q * q
+    c1, c2, c3, c4 = consts[5], consts[6], consts[7], consts[8]
+    # The zero element: its stats as forward5_relu would have stored them (θ's dtype), its MPMF covariances.
+    ez = np.empty(5)
+    k0z, nz, sz, s1, s2, s3 = _cpmf(0.0, q, A, lo, hi, 5, True, 1.0, consts, ez)
+    Lz, Vz, Mz, inv_sz = _moments(nz, sz, s1, s2, s3)
+    zst = np.empty(3, dtype=st_l.dtype)
+    zst[0] = Lz
+    zst[1] = Vz
+    zst[2] = Mz
+    Lz = float(zst[0])
+    Vz = float(zst[1])
+    Mz = float(zst[2])
+    c1z = 0.0
+    c2z = 0.0
+    if has_grad_sums:
+        c1z, c2z = _mpmf_covariances(ez, 5, k0z, inv_sz, Lz, grad_sums, lo)
+    mean_z = q * Lz
+    # A zero's ∂/∂q and ∂/∂α terms are G·(…1) + (…0) (backward5's formulas at θ = 0).
+    aq1 = Lz + 2.0 * a * ((-2.0 * mean_z) * (q * Vz) - q * (q * Mz))
+    aq0 = 2.0 * a * ((-2.0 * mean_z) * c1z - q * c2z)
+    aa1 = 2.0 * q * (-mean_z) * (q * Vz) - q * q * (q * Mz)
+    aa0 = 2.0 * q * (-mean_z) * c1z - q * q * c2z
+    partial = np.zeros((2, chunks))
+    for c in prange(chunks):
+        e = np.empty(5)
+        eb = np.empty(_BLOCK5)
+        bq = np.empty(_BLOCK5)
+        ba = np.empty(_BLOCK5)
+        kb = np.empty(_BLOCK5, dtype=np.int64)
+        gb = np.empty((5, _BLOCK5))
+        gyb = np.empty(_BLOCK5, dtype=grad_y.dtype)
+        gtb = np.empty(_BLOCK5, dtype=grad_theta.dtype)
+        cq = 0.0
+        ca = 0.0
+        stop = min(n_all, (c + 1) * per)
+        for b0 in range(c * per, stop, _BLOCK5):
+            b1 = min(stop, b0 + _BLOCK5)
+            m = b1 - b0
+            cnt = nz_counts[c * bpc + (b0 - c * per) // _BLOCK5]
+            dense = cnt == m
+            th = values[b0:b0 + cnt]
+            if dense:    # the whole block (forward5_relu ran it whole): no offsets, the ReLU's mask after
+                gyv = grad_y[b0:b1] if has_grad_y else grad_y
+                gtv = grad_theta[b0:b1]
+            else:
+                _zero_fill(grad_theta[b0:b1])
+                nzc = m - cnt
+                gz = _zero_grad_sum(theta[b0:b1], grad_y[b0:b1]) if has_grad_y else 0.0
+                cq += gz * aq1 + nzc * aq0
+                ca += gz * aa1 + nzc * aa0
+                if cnt == 0:
+                    continue
+                if has_grad_y:
+                    for j in range(cnt):
+                        gyb[j] = grad_y[b0 + nz_index[b0 + j]]
+                gyv = gyb[:cnt]
+                gtv = gtb[:cnt]
+            if use_kept:
+                bad = _backward5_kept_block(th, kept[0, b0:b0 + cnt], kept[1, b0:b0 + cnt],
+                                            kept[2, b0:b0 + cnt], kept[3, b0:b0 + cnt], kept[4, b0:b0 + cnt],
+                                            st_l[b0:b0 + cnt], st_v[b0:b0 + cnt], st_m[b0:b0 + cnt], gyv,
+                                            has_grad_y, grad_sums, gtv, bq[:cnt], ba[:cnt], q, a, lo, hi, kb, gb)
+            else:
+                bad = _backward5_block(th, eb, st_l[b0:b0 + cnt], st_v[b0:b0 + cnt], st_m[b0:b0 + cnt],
+                                       gyv, has_grad_y, grad_sums, has_grad_sums, gtv, bq[:cnt],
+                                       ba[:cnt], q, a, lo, hi, c1, c2, c3, c4, kb, gb)
+            if bad > 0:
+                for j in range(cnt):
+                    t = th[j]
+                    _, _, w = _place(t, q, lo, hi, 5, True)
+                    if abs(w) < np.inf:
+                        continue
+                    level_mean = st_l[b0 + j]
+                    G = gyv[j] if has_grad_y else 0.0
+                    cv1 = 0.0
+                    cv2 = 0.0
+                    if has_grad_sums:
+                        k0i, _, s0, _, _, _ = _cpmf(t, q, A, lo, hi, 5, True, 1.0, consts, e)  # E unused
+                        cv1, cv2 = _mpmf_covariances(e, 5, k0i, 1.0 / s0, level_mean, grad_sums, lo)
+                    v1 = G * q * st_v[b0 + j] + cv1
+                    v2 = G * q * st_m[b0 + j] + cv2
+                    mean = q * level_mean
+                    gtv[j] = 2.0 * a * q * v1
+                    bq[j] = G * level_mean + 2.0 * a * ((t - 2.0 * mean) * v1 - q * v2)
+                    ba[j] = 2.0 * q * (t - mean) * v1 - q * q * v2
+            if dense:
+                _relu_mask(theta[b0:b1], gtv)
+            else:
+                for j in range(cnt):
+                    grad_theta[b0 + nz_index[b0 + j]] = gtb[j]
+            for j in range(cnt):
                 cq += bq[j]
                 ca += ba[j]
         partial[0, c] = cq

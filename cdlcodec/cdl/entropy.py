@@ -14,7 +14,7 @@ from ..optional import require
 require("torch", "CDL training")
 import torch
 
-from .quantizer import QuantizeFunction, cpmf, quantize_with_mpmf
+from .quantizer import MIN_P, QuantizeFunction, cpmf, quantize_with_mpmf
 
 _LOG2 = math.log(2.0)
 
@@ -47,7 +47,7 @@ def entropy_bits(pmf: torch.Tensor) -> torch.Tensor:
     return -(pmf * torch.log(p)).sum() / _LOG2
 
 
-_MIN_P = 1e-30   # entropy_bits' clamp
+_MIN_P = MIN_P   # entropy_bits' clamp
 
 
 class _SumsEntropyBits(torch.autograd.Function):
@@ -73,9 +73,10 @@ class _SumsEntropyBits(torch.autograd.Function):
 
 def quantize_with_entropy_bits(theta: torch.Tensor, step: torch.Tensor, sharpness: torch.Tensor, lo: int, hi: int,
                                window: int | None, scale: float, *, sample: bool = False,
-                               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                               generator: torch.Generator | None = None,
+                               relu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(Qd(θ) or a Qp sample, scale · H(MPMF) in bits): `quantize_with_mpmf` followed by
-    `scale * entropy_bits(pmf)` (eq. 26 / 28 with scale = |w_l| or |x_l|), the same values, with
-    the entropy as one autograd node."""
-    y, sums = QuantizeFunction.apply(theta, step, sharpness, lo, hi, window, sample, generator, True)
-    return y, _SumsEntropyBits.apply(sums, max(theta.numel(), 1), scale)
+    `scale * entropy_bits(pmf)` (eq. 26 / 28 with scale = |w_l| or |x_l|), the same values, from one
+    autograd node (QuantizeFunction with `entropy_scale`: _SumsEntropyBits' operations forward, its
+    closed-form gradient backward). With `relu` the values quantized are relu(θ) (QuantizeFunction)."""
+    return QuantizeFunction.apply(theta, step, sharpness, lo, hi, window, sample, generator, True, scale, relu)

@@ -182,25 +182,27 @@ class ActivationQuantizer(nn.Module):
         return alphabet_bounds(int(self.bits), signed=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(x)
         if x.dim() > 0:
             self.numel_per_sample = int(x[0].numel()) if x.dim() > 1 else 1
-        if self._calibrating:
+        lo, hi = self.bounds
+        if self._calibrating or not self.training:
+            x = F.relu(x)
+            if not self._calibrating:
+                return hard_quantize(x, self.s, lo, hi)
             self._mean_abs = float(x.detach().abs().mean())
             self._values = x.detach().clone() if self._keep_values else None
             return x
-        lo, hi = self.bounds
-        if not self.training:
-            return hard_quantize(x, self.s, lo, hi)
+        # Training: the ReLU runs inside the quantizer (relu=True: the same values and gradients as
+        # F.relu followed by the quantizer, without a pass and a tensor of its own).
         if self.track_entropy:
             # One pass over the CPMFs gives both the quantized values and the MPMF (eq. 28).
             y, self.last_entropy_bits = quantize_with_entropy_bits(
                 x, self.s, self.beta, lo, hi, self.window, self.numel_per_sample, sample=self.mode == "cdl",
-                generator=self.generator)
+                generator=self.generator, relu=True)
             return y
         if self.mode == "rcdl":
-            return soft_quantize(x, self.s, self.beta, lo, hi, self.window)
-        return sample_quantize(x, self.s, self.beta, lo, hi, self.window, generator=self.generator)
+            return soft_quantize(x, self.s, self.beta, lo, hi, self.window, relu=True)
+        return sample_quantize(x, self.s, self.beta, lo, hi, self.window, generator=self.generator, relu=True)
 
     def extra_repr(self) -> str:
         return f"bits={int(self.bits)}, mode={self.mode}, window={self.window}"

@@ -32,6 +32,7 @@ pays on a GPU is not measured yet.
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import numpy as np
@@ -70,6 +71,10 @@ def cpmf(theta: torch.Tensor, step: torch.Tensor, sharpness: torch.Tensor, lo: i
     return torch.softmax(logits, dim=-1), idx
 
 
+# entropy_bits' clamp and ln 2 (the entropy terms, eq. 26 / 28, taken inside QuantizeFunction)
+MIN_P = 1e-30
+LOG2 = math.log(2.0)
+
 # Kernel paths: "numba" (cdl/_kernels.py, CPU float32/float64 only) or "torch" (cdl/_torch_kernels.py,
 # any device). "auto" picks numba where it applies (faster on CPU, see benchmarks/bench_cdl_step.py)
 # and torch elsewhere. CDLCODEC_CDL_KERNELS sets the initial choice; set_kernel_path changes it.
@@ -94,6 +99,18 @@ def set_kernel_path(path: str) -> None:
 
 def get_kernel_path() -> str:
     return _kernel_path
+
+
+_KERNELS = None
+
+
+def _numba_kernels():
+    """cdl/_kernels.py, imported at first use (numba is optional; an import per call cost a few µs)."""
+    global _KERNELS
+    if _KERNELS is None:
+        from . import _kernels
+        _KERNELS = _kernels
+    return _KERNELS
 
 
 @functools.lru_cache(maxsize=1)
@@ -145,6 +162,27 @@ def effective_window(step: torch.Tensor, sharpness: torch.Tensor, lo: int, hi: i
     return (k, True) if k < size else (size, False)
 
 
+def _window_from_floats(step: torch.Tensor, sharpness: torch.Tensor, q: float, a: float, lo: int, hi: int,
+                        window: int | None) -> tuple[int, bool]:
+    """`effective_window` from the step and sharpness already read as floats (the numba path): αq² in
+    the tensors' dtype with numpy scalars (the same float operations), no tensor operations."""
+    size = hi - lo + 1
+    if window is not None:
+        return (window, True) if window < size else (size, False)
+    dtype = torch.promote_types(step.dtype, sharpness.dtype)
+    if dtype not in (torch.float32, torch.float64) or step.dtype != dtype:
+        return effective_window(step, sharpness, lo, hi, window)
+    dt = np.float32 if dtype == torch.float32 else np.float64
+    qq = dt(q)
+    spread = float(dt(a) * (qq * qq))
+    spread = spread if not spread < 0.0 else 0.0
+    h = 1
+    while 2 * h + 1 < size and spread * h * (h + 1) < _NEGLIGIBLE_LOGIT:
+        h += 1
+    k = 2 * h + 1
+    return (k, True) if k < size else (size, False)
+
+
 def _uniforms(theta: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One uniform per element for Qp (eq. 7), drawn from `generator` on its own device, so samples
     are reproducible from a generator on the tensor's device (or a CPU generator for any device)."""
@@ -162,29 +200,53 @@ def _numba_exp(kernels, t, q, a, lo, hi, k, windowed):
     return x
 
 
+_NO_UNIFORMS = np.zeros(1)
+
+
+def _grad_scalar(value: float, like: torch.Tensor) -> torch.Tensor:
+    """The gradient of a one-value parameter (step or sharpness) as a tensor of its dtype and shape."""
+    g = torch.scalar_tensor(value, dtype=like.dtype)
+    return g if like.dim() == 0 else g.reshape(like.shape)
+
+
 def _five(kernels, q, a, k, windowed) -> bool:
     """The branch-free kernels for windows of 5 levels apply (activations; weights at αq² ≥ 20/3)."""
     return windowed and k == 5 and a * q * q * (k - 1) <= kernels._PRODUCT_LIMIT
 
 
-def _numba_forward(flat, q, a, lo, hi, k, windowed, uniforms, want_sums):
-    from . import _kernels
+def _numba_forward(flat, q, a, lo, hi, k, windowed, uniforms, want_sums, relu=False, consts=None):
+    _kernels = _numba_kernels()
 
     t = flat.detach().numpy()
     q, a = float(q), float(a)
     y = np.empty_like(t)
     stats = np.empty((3, t.size), dtype=t.dtype)
-    u = uniforms.cpu().numpy() if uniforms is not None else np.zeros(1)
-    consts = _kernels.level_constants(q, a, k)
+    u = uniforms.cpu().numpy() if uniforms is not None else _NO_UNIFORMS
+    if consts is None:
+        consts = _kernels.level_constants(q, a, k)
     if _five(_kernels, q, a, k, windowed):     # takes its exps itself: no E kept for the backward
         # With the MPMF, the window's CPMF is kept ([5, elements] in θ's dtype, like the stats) so the
-        # backward's MPMF gradient needs no exps and no CPMF of its own.
+        # backward's MPMF gradient needs no exps and no CPMF of its own. `relu`: the kernel quantizes relu(θ).
         kept = np.empty((5, t.size if want_sums else 1), dtype=t.dtype)
-        sums = _kernels.forward5(t, q, a, lo, hi, consts, u, uniforms is not None, bool(want_sums),
-                                 _kernels.chunk_count(t.size), y, stats[0], stats[1], stats[2],
-                                 bool(want_sums), kept)
+        chunks = _kernels.chunk_count(t.size)
+        if relu:
+            # The ReLU's zeros are left out of the loops: stats and kept CPMFs are compacted per block,
+            # with the non-zeros' offsets and counts kept for backward5_relu.
+            nz_index = np.empty(t.size, dtype=np.int32)
+            nz_counts = np.empty(_kernels.block_count(t.size, chunks), dtype=np.int64)
+            values = np.empty_like(t)
+            sums = _kernels.forward5_relu(t, q, a, lo, hi, consts, u, uniforms is not None, bool(want_sums),
+                                          chunks, y, stats[0], stats[1], stats[2], bool(want_sums), kept,
+                                          nz_index, nz_counts, values)
+            keep = (kept if want_sums else None, nz_index, nz_counts, values)
+            return (torch.from_numpy(y), torch.from_numpy(stats),
+                    torch.from_numpy(sums) if want_sums else None, keep)
+        sums = _kernels.forward5(t, q, a, lo, hi, consts, u, uniforms is not None, bool(want_sums), chunks, y,
+                                 stats[0], stats[1], stats[2], bool(want_sums), kept)
         return (torch.from_numpy(y), torch.from_numpy(stats), torch.from_numpy(sums) if want_sums else None,
                 torch.from_numpy(kept) if want_sums else None)
+    if relu:
+        t = torch.relu(flat.detach()).numpy()
     E = _numba_exp(_kernels, t, q, a, lo, hi, k, windowed)
     sums = _kernels.forward(t, q, a, lo, hi, k, windowed, E, consts, u, uniforms is not None,
                             bool(want_sums), _kernels.chunk_count(t.size), y, stats)
@@ -193,31 +255,55 @@ def _numba_forward(flat, q, a, lo, hi, k, windowed, uniforms, want_sums):
             torch.from_numpy(sums) if want_sums else None, torch.from_numpy(E) if want_sums else None)
 
 
-def _numba_backward(flat, q, a, lo, hi, k, windowed, stats, grad_y, grad_sums, exps=None):
-    from . import _kernels
+def _numba_backward(flat, q, a, lo, hi, k, windowed, stats, grad_y, grad_sums, exps=None, relu=False,
+                    consts=None):
+    """(∂/∂θ as a tensor, ∂/∂q, ∂/∂α as floats); grad_sums a tensor or a float64 numpy array."""
+    _kernels = _numba_kernels()
 
     t = flat.detach().numpy()
     q, a = float(q), float(a)
     g_theta = np.empty_like(t)
-    gy = (grad_y.detach().reshape(-1).to(flat.dtype).contiguous().numpy() if grad_y is not None
-          else np.zeros(1, t.dtype))
-    gs = grad_sums.detach().to(torch.float64).contiguous().numpy() if grad_sums is not None else np.zeros(1)
+    if grad_y is None:
+        gy = np.zeros(1, t.dtype)
+    else:
+        gy = grad_y.detach().reshape(-1)
+        if gy.dtype != flat.dtype or not gy.is_contiguous():
+            gy = gy.to(flat.dtype).contiguous()
+        gy = gy.numpy()
+    if grad_sums is None:
+        gs = np.zeros(1)
+    elif isinstance(grad_sums, np.ndarray):
+        gs = grad_sums
+    else:
+        gs = grad_sums.detach().to(torch.float64).contiguous().numpy()
     st = stats.numpy()
-    consts = _kernels.level_constants(q, a, k)
+    if consts is None:
+        consts = _kernels.level_constants(q, a, k)
     if _five(_kernels, q, a, k, windowed):
+        chunks = _kernels.chunk_count(t.size)
+        if relu:
+            kept, nz_index, nz_counts, values = exps
+            has_kept = kept is not None
+            g_q, g_a = _kernels.backward5_relu(t, q, a, lo, hi, st[0], st[1], st[2], consts, gy, grad_y is not None,
+                                               gs, grad_sums is not None, chunks, g_theta, has_kept,
+                                               kept if has_kept else np.zeros((5, 1), dtype=t.dtype),
+                                               nz_index, nz_counts, values)
+            return torch.from_numpy(g_theta), g_q, g_a
         kept = exps.numpy() if exps is not None else np.zeros((5, 1), dtype=t.dtype)
         g_q, g_a = _kernels.backward5(t, q, a, lo, hi, st[0], st[1], st[2], consts, gy, grad_y is not None,
-                                      gs, grad_sums is not None, _kernels.chunk_count(t.size), g_theta,
-                                      exps is not None, kept)
+                                      gs, grad_sums is not None, chunks, g_theta, exps is not None, kept)
     else:
+        if relu:
+            t = torch.relu(flat.detach()).numpy()
         if grad_sums is None:
             E = np.zeros(1)
         else:
             E = exps.numpy() if exps is not None else _numba_exp(_kernels, t, q, a, lo, hi, k, windowed)
         g_q, g_a = _kernels.backward(t, q, a, lo, hi, k, windowed, st, E, consts, gy, grad_y is not None, gs,
                                      grad_sums is not None, _kernels.chunk_count(t.size), g_theta)
-    return (torch.from_numpy(g_theta), torch.tensor(g_q, dtype=torch.float64),
-            torch.tensor(g_a, dtype=torch.float64))
+        if relu:
+            _kernels._relu_mask(flat.detach().numpy(), g_theta)
+    return torch.from_numpy(g_theta), g_q, g_a
 
 
 class QuantizeFunction(torch.autograd.Function):
@@ -225,54 +311,101 @@ class QuantizeFunction(torch.autograd.Function):
 
     Arguments: theta (any shape), step (0-dim, q or s), sharpness (0-dim, α or β), lo, hi (alphabet
     indices), window (None = full alphabet), sample (bool), generator (torch.Generator or None),
-    with_mpmf (bool). With `with_mpmf` it returns (y, sums), sums[l] = Σ_i P(l | θ_i) over the
-    alphabet (eq. 25 before dividing by the count), from the same pass over the CPMFs, and one
-    backward pass serves both outputs. Runs the numba kernels (cdl/_kernels.py) or the torch
-    kernels (cdl/_torch_kernels.py), see `set_kernel_path`; results are on theta's device and dtype.
-    The forward keeps three numbers per element (level mean, variance, third moment); with the MPMF
-    also E = exp(2A·w) (general numba kernels) or the 5-level window's CPMF (forward5, θ's dtype),
-    so the MPMF gradient needs no exps in the backward.
+    with_mpmf (bool), entropy_scale (float or None), relu (bool). With `with_mpmf` it returns
+    (y, sums), sums[l] = Σ_i P(l | θ_i) over the alphabet (eq. 25 before dividing by the count), from
+    the same pass over the CPMFs, and one backward pass serves both outputs. With `entropy_scale` it
+    returns (y, scale · H(MPMF) in bits) instead (eq. 26 / 28; `entropy.quantize_with_entropy_bits`),
+    the entropy and its closed-form gradient taken inside this node (no autograd node of its own).
+    With `relu` the values quantized are relu(θ) (an activation quantizer after a ReLU, fused: θ is the
+    ReLU's input, and ∂/∂θ is zero where relu(θ) <= 0, as torch's ReLU backward gives).
+    Runs the numba kernels (cdl/_kernels.py) or the torch kernels (cdl/_torch_kernels.py), see
+    `set_kernel_path`; results are on theta's device and dtype. The forward keeps three numbers per
+    element (level mean, variance, third moment); with the MPMF also E = exp(2A·w) (general numba
+    kernels) or the 5-level window's CPMF (forward5, θ's dtype), so the MPMF gradient needs no exps
+    in the backward.
     """
 
     @staticmethod
-    def forward(ctx, theta, step, sharpness, lo, hi, window, sample, generator, with_mpmf=False):
+    def forward(ctx, theta, step, sharpness, lo, hi, window, sample, generator, with_mpmf=False,
+                entropy_scale=None, relu=False):
         ctx.set_materialize_grads(False)   # an unused output (y or sums) costs no backward work
-        k, windowed = effective_window(step, sharpness, lo, hi, window)
+        with_mpmf = with_mpmf or entropy_scale is not None
         flat = theta.detach().contiguous().reshape(-1)
         uniforms = _uniforms(theta, generator) if sample else None
         numba = _use_numba(theta)
         exps = None
+        ctx.entropy = None
         if numba:
-            y, stats, sums, exps = _numba_forward(flat, step.detach(), sharpness.detach(), lo, hi, k, windowed,
-                                                  uniforms, with_mpmf)
+            # The host-side glue kept small (a training step makes ~20 of these calls): step and
+            # sharpness read once, the level constants shared with the backward, H in float64 numpy.
+            _kernels = _numba_kernels()
+            qf, af = step.item(), sharpness.item()
+            k, windowed = _window_from_floats(step, sharpness, qf, af, lo, hi, window)
+            consts = _kernels.level_constants(qf, af, k)
+            y, stats, sums, exps = _numba_forward(flat, qf, af, lo, hi, k, windowed, uniforms, with_mpmf, relu,
+                                                  consts)
+            ctx.floats = (qf, af, consts)
+            if entropy_scale is not None:
+                factor = np.empty_like(sums)
+                bits = _kernels.entropy_bits_of_sums(sums.numpy(), max(theta.numel(), 1), float(entropy_scale),
+                                                     MIN_P, factor)
+                ctx.entropy = factor
+                ctx.save_for_backward(theta, step, sharpness, stats)
+                ctx.exps = exps
+                ctx.config = (lo, hi, k, windowed, numba, relu)
+                return y.reshape(theta.shape), torch.scalar_tensor(bits, dtype=theta.dtype)
         else:
-            y, stats, sums = _torch_kernels.forward(flat, step, sharpness, lo, hi, k, windowed, uniforms,
-                                                    with_mpmf)
+            k, windowed = effective_window(step, sharpness, lo, hi, window)
+            y, stats, sums = _torch_kernels.forward(torch.relu(flat) if relu else flat, step, sharpness, lo, hi,
+                                                    k, windowed, uniforms, with_mpmf)
         ctx.save_for_backward(theta, step, sharpness, stats)
         ctx.exps = exps
-        ctx.config = (lo, hi, k, windowed, numba)
+        ctx.config = (lo, hi, k, windowed, numba, relu)
         y = y.reshape(theta.shape)
         if not with_mpmf:
             return y
-        return y, sums.to(theta.dtype)
+        sums = sums.to(theta.dtype)
+        if entropy_scale is None:
+            return y, sums
+        # entropy._SumsEntropyBits' operations (the same values bit for bit).
+        count = max(theta.numel(), 1)
+        pmf = sums / count
+        logp = torch.log(pmf.clamp_min(MIN_P))
+        ctx.entropy = (pmf, logp, count, float(entropy_scale))
+        return y, entropy_scale * (-(pmf * logp).sum() / LOG2)
 
     @staticmethod
     def backward(ctx, grad_y, grad_sums=None):
         theta, step, sharpness, stats = ctx.saved_tensors
-        lo, hi, k, windowed, numba = ctx.config
+        lo, hi, k, windowed, numba, relu = ctx.config
         if grad_y is None and grad_sums is None:
-            return (None,) * 9
+            return (None,) * 11
+        if grad_sums is not None and ctx.entropy is not None:
+            # grad_sums is the gradient of scale·H: the sums' gradient in closed form (as _SumsEntropyBits).
+            if numba:
+                grad_sums = ctx.entropy * float(grad_sums)
+            else:
+                pmf, logp, count, scale = ctx.entropy
+                inside = (pmf >= MIN_P).to(pmf.dtype)
+                grad_sums = (logp + inside) * (grad_sums * (-scale / (LOG2 * count)))
         flat = theta.detach().contiguous().reshape(-1)
         if numba:
-            g_theta, g_q, g_a = _numba_backward(flat, step.detach(), sharpness.detach(), lo, hi, k, windowed,
-                                                stats, grad_y, grad_sums, ctx.exps)
+            qf, af, consts = ctx.floats
+            g_theta, g_q, g_a = _numba_backward(flat, qf, af, lo, hi, k, windowed, stats, grad_y, grad_sums,
+                                                ctx.exps, relu, consts)
+            return (g_theta.to(theta.dtype).reshape(theta.shape),
+                    _grad_scalar(g_q, step) if ctx.needs_input_grad[1] else None,
+                    _grad_scalar(g_a, sharpness) if ctx.needs_input_grad[2] else None,
+                    None, None, None, None, None, None, None, None)
         else:
-            g_theta, g_q, g_a = _torch_kernels.backward(flat, step, sharpness, lo, hi, k, windowed, stats,
-                                                        grad_y, grad_sums)
+            g_theta, g_q, g_a = _torch_kernels.backward(torch.relu(flat) if relu else flat, step, sharpness, lo,
+                                                        hi, k, windowed, stats, grad_y, grad_sums)
+            if relu:
+                g_theta = g_theta.masked_fill(flat.to(g_theta.device) <= 0, 0.0)
         return (g_theta.to(theta.dtype).reshape(theta.shape),
                 g_q.to(step.dtype).reshape(step.shape) if ctx.needs_input_grad[1] else None,
                 g_a.to(sharpness.dtype).reshape(sharpness.shape) if ctx.needs_input_grad[2] else None,
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
 
 
 def reference_soft_quantize(theta, step, sharpness, lo, hi, window=None):
@@ -282,14 +415,14 @@ def reference_soft_quantize(theta, step, sharpness, lo, hi, window=None):
     return (prob * idx * step).sum(-1)
 
 
-def soft_quantize(theta, step, sharpness, lo, hi, window=None):
-    """Qd(θ), eq. 8 / 15, with the analytic backward of Lemma 1."""
-    return QuantizeFunction.apply(theta, step, sharpness, lo, hi, window, False, None)
+def soft_quantize(theta, step, sharpness, lo, hi, window=None, *, relu=False):
+    """Qd(θ), eq. 8 / 15, with the analytic backward of Lemma 1; Qd(relu(θ)) with `relu`."""
+    return QuantizeFunction.apply(theta, step, sharpness, lo, hi, window, False, None, False, None, relu)
 
 
-def sample_quantize(theta, step, sharpness, lo, hi, window=None, generator=None):
-    """A sample of Qp(θ) (eq. 7) whose backward is Qd's (the proxy of eq. 18-24)."""
-    return QuantizeFunction.apply(theta, step, sharpness, lo, hi, window, True, generator)
+def sample_quantize(theta, step, sharpness, lo, hi, window=None, generator=None, *, relu=False):
+    """A sample of Qp(θ) (eq. 7) whose backward is Qd's (the proxy of eq. 18-24); of Qp(relu(θ)) with `relu`."""
+    return QuantizeFunction.apply(theta, step, sharpness, lo, hi, window, True, generator, False, None, relu)
 
 
 def quantize_with_mpmf(theta, step, sharpness, lo, hi, window=None, *, sample=False, generator=None):
