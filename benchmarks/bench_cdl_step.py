@@ -13,6 +13,7 @@ kernels, cdl/_kernels.py) and "torch" (cdl/_torch_kernels.py, what CUDA/MPS run)
 
     python benchmarks/bench_cdl_step.py [--steps 40] [--warmup 5] [--paths numba,torch]
                                         [--threads N] [--resnet] [--profile VARIANT] [--json out.json]
+                                        [--entropy 1e-5]
 """
 from __future__ import annotations
 
@@ -159,6 +160,7 @@ def _profile(runner, steps):
 
 
 def main(argv=None):
+    global ENTROPY
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=40, help="timed steps per variant (after warm-up)")
     ap.add_argument("--warmup", type=int, default=5)
@@ -169,7 +171,11 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=None, help="default: TrainConfig.batch_size")
     ap.add_argument("--profile", default=None, help="cProfile this variant's label after timing")
     ap.add_argument("--json", default=None, help="write the medians and ratios here")
+    ap.add_argument("--entropy", type=float, default=1e-5,
+                    help="λ = γ of the +H variants (default 1e-5; at this value LeNet-5 from scratch "
+                         "collapses, conv2's activations going to zero within ~30 steps: 1e-7 trains)")
     args = ap.parse_args(argv)
+    ENTROPY = args.entropy
 
     from cdlcodec.cdl.train import TrainConfig
     from cdlcodec.data.mnist import load_mnist_5k
@@ -191,7 +197,7 @@ def main(argv=None):
         print("resnet20: convert does not handle it yet; skipped")
     report = {"torch_threads": torch.get_num_threads(), "steps": args.steps, "batch_size": batch_size, "results": {}}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {batch_size}, "
-          f"median of {args.steps} steps after {args.warmup} warm-up")
+          f"median of {args.steps} steps after {args.warmup} warm-up, +H at λ = γ = {ENTROPY:g}")
     for arch in archs:
         medians = bench(arch, x, y, batch_size, paths, args.steps, args.warmup, args.rounds, args.profile)
         fp_wall, fp_cpu = medians["fp"]

@@ -105,3 +105,22 @@ def test_fused_relu_gradcheck():
                 lambda x_, s_, b_: quantize_with_entropy_bits(x_, s_, b_, 0, 15, 5, 10.0, relu=True), (x, s, b))
         finally:
             quantizer.set_kernel_path(saved)
+
+
+def test_project_parameters_clamps_steps_and_sharpnesses():
+    """project_parameters (one foreach clamp) gives what clamp_(min=MIN_POSITIVE) on each gives, NaN kept."""
+    from cdlcodec.cdl.convert import activation_quantizers, convert, project_parameters, weight_quantizers
+    from cdlcodec.cdl.layers import MIN_POSITIVE
+    from cdlcodec.models import build
+
+    model = convert(build("lenet5"))
+    values = [-1.0, 0.0, 2.5, float("nan"), -0.0, 1e-9, 3.0, -7.0]
+    params = [p for _, m in weight_quantizers(model) for p in (m.q, m.alpha)]
+    params += [p for _, a in activation_quantizers(model) for p in (a.s, a.beta)]
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            p.fill_(values[i % len(values)])
+    expected = [p.detach().clone().clamp_(min=MIN_POSITIVE) for p in params]
+    project_parameters(model)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.detach(), e, rtol=0, atol=0, equal_nan=True)

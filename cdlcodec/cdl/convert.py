@@ -382,14 +382,16 @@ def set_generator(model: nn.Module, generator: torch.Generator | None) -> None:
 
 @torch.no_grad()
 def project_parameters(model: nn.Module) -> None:
-    """Keep steps and sharpnesses positive after an optimizer step (projected gradient descent)."""
+    """Keep steps and sharpnesses positive after an optimizer step (projected gradient descent);
+    one foreach clamp over all of them (the values of clamp_ on each)."""
+    params = []
     for m in model.modules():
         if isinstance(m, WEIGHT_LAYERS):
-            m.q.clamp_(min=MIN_POSITIVE)
-            m.alpha.clamp_(min=MIN_POSITIVE)
+            params += (m.q, m.alpha)
         elif isinstance(m, ActivationQuantizer):
-            m.s.clamp_(min=MIN_POSITIVE)
-            m.beta.clamp_(min=MIN_POSITIVE)
+            params += (m.s, m.beta)
+    if params:
+        torch._foreach_clamp_min_(params, MIN_POSITIVE)
 
 
 def set_entropy_tracking(model: nn.Module, enabled: bool, *, weights: bool = False) -> None:
