@@ -10,7 +10,11 @@ from hypothesis import strategies as st
 from cdlcodec.backends import huffman_kernels as hk
 from cdlcodec.backends.base import MAX_ABS_LEVEL
 from cdlcodec.backends.cabac import CabacBackend
-from cdlcodec.backends.cabac_binarization import N_CONTEXTS, decode_chunks_serial, rate_update
+from cdlcodec.backends.cabac import _parse_params
+from cdlcodec.backends.cabac_binarization import (
+    N_CONTEXTS, chunk_decoders, decode_chunks_parallel, decode_chunks_serial, decode_prev_chunks_parallel,
+    decode_prev_chunks_serial, rate_update,
+)
 from cdlcodec.backends.cabac_coder import (
     CTX_FAST, CTX_PROB, CTX_SLOW, ERR_UNPADDED, PROB_BITS, RATE_PAIRS, STATE_BITS, STATE_SIZE, new_contexts,
 )
@@ -171,3 +175,47 @@ def test_cabac_edge_case_roundtrips(levels):
     be = CabacBackend(chunk_size=1 << 12)
     payload, params = be.encode(levels)
     np.testing.assert_array_equal(be.decode(payload, params, levels.size), levels)
+
+
+@pytest.mark.parametrize("n_gt", [0, 1, 3, 10, 32])
+def test_cabac_prev_walk_decodes_as_the_general_walk(n_gt):
+    """Mode 0 streams decode with a walk of their own (_decode_chunk_prev): the same levels and the
+    same error code as the general walk, chunk by chunk, on valid streams and on damaged ones."""
+    assert chunk_decoders(0) == (decode_prev_chunks_serial, decode_prev_chunks_parallel)
+    assert chunk_decoders(1) == chunk_decoders(2) == (decode_chunks_serial, decode_chunks_parallel)
+    rng = np.random.default_rng(n_gt)
+    levels = np.concatenate([np.rint(rng.laplace(0, s, 3000)).astype(np.int64) for s in (0.3, 1.0, 4.0, 300.0)]
+                            + [np.array([M, -M, 0, 1, -1, n_gt, -n_gt - 1, n_gt + 1], np.int64)])
+    payload, params = CabacBackend(mode=0, n_gt=n_gt, chunk_size=1000).encode(levels)
+    stream = _parse_params(params, len(payload))
+    assert stream.mode == 0 and stream.offsets.size > 10
+    fast, slow = (int(v) for v in RATE_PAIRS[stream.rate_idx])
+    args = (stream.chunk_size, n_gt, 0, stream.row_len, fast, slow)
+    damaged = [bytes(payload)]
+    for _ in range(12):  # bit flips and cut bytes: every error path of the walk
+        b = bytearray(payload)
+        b[int(rng.integers(len(b)))] ^= 1 << int(rng.integers(8))
+        damaged.append(bytes(b))
+    damaged.append(bytes(payload[:-1]) + b"\x00")
+    error_codes = set()
+    for data in damaged:
+        buf = np.frombuffer(data + b"\x00" * 8, np.uint8)
+        results = []
+        for kernel in (decode_chunks_serial, decode_prev_chunks_serial, decode_prev_chunks_parallel):
+            out = np.full(levels.size, 7, np.int64)
+            errs = np.zeros(stream.offsets.size - 1, np.int64)
+            kernel(buf, stream.offsets, *args, out, errs)
+            results.append((out, errs))
+        ok = results[0][1] == 0
+        error_codes.update(int(x) for x in results[0][1])
+        for out, errs in results[1:]:
+            np.testing.assert_array_equal(errs, results[0][1])
+            for c in np.flatnonzero(ok):  # a chunk's levels are defined when it decodes without error
+                np.testing.assert_array_equal(out[c * 1000:(c + 1) * 1000], results[0][0][c * 1000:(c + 1) * 1000])
+        if data == damaged[0]:
+            assert ok.all()
+            np.testing.assert_array_equal(results[1][0], levels)
+    assert error_codes - {0}, error_codes  # the damage reached the walks' error paths
+    errs = np.zeros(stream.offsets.size - 1, np.int64)
+    decode_prev_chunks_serial(np.frombuffer(payload, np.uint8), stream.offsets, *args, np.empty(levels.size, np.int64), errs)
+    assert (errs == ERR_UNPADDED).all()

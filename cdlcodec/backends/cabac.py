@@ -30,8 +30,7 @@ from .base import MAX_ABS_LEVEL, EncodeHint, check_count, gathered
 from .stats import COUNT_BLOCK, as_coded_levels, as_levels, int64_blocks
 from .varint import read_uvarint, write_uvarint  # the same LEB128 integers as the raw and huffman params
 from .cabac_binarization import (
-    MAX_GT, MODE_PREV, MODE_PREV2, MODE_PREV2_ROW, cost_chunks, decode_chunks_parallel,
-    decode_chunks_serial, encode_chunks,
+    MAX_GT, MODE_PREV, MODE_PREV2, MODE_PREV2_ROW, chunk_decoders, cost_chunks, encode_chunks,
 )
 from .cabac_coder import COST_FRAC_BITS, ERROR_TEXT, MAX_BINS_PER_BIT, RATE_PAIRS
 
@@ -272,13 +271,14 @@ class CabacBackend:
         errs = np.zeros(last - first, dtype=np.int64)
         fast, slow = (int(v) for v in RATE_PAIRS[stream.rate_idx])
         args = (chunk_size, stream.n_gt, stream.mode, stream.row_len, fast, slow)
+        serial_kernel, parallel_kernel = chunk_decoders(stream.mode)
         if parallel and last - first > 1:
             # in batches: the kernel holds coder state and contexts (7.7 kB) for every chunk it gets
             for a in range(0, last - first, PARALLEL_BATCH):
                 b = min(a + PARALLEL_BATCH, last - first)
-                decode_chunks_parallel(buf, offsets[a:b + 1], *args, out[a * chunk_size:], errs[a:b])
+                parallel_kernel(buf, offsets[a:b + 1], *args, out[a * chunk_size:], errs[a:b])
         else:
-            decode_chunks_serial(buf, offsets, *args, out, errs)
+            serial_kernel(buf, offsets, *args, out, errs)
         bad = np.flatnonzero(errs)
         if bad.size:
             c = int(bad[0])

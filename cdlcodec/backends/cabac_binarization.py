@@ -29,7 +29,9 @@ whose run-time op also serves the cost estimates of the settings search and the 
 updates (compiling an inlined copy is what a first encode waits for: numba's inliner copies the
 callee's IR block by block, seconds per copy). The decoder reads the same bins in a walk of its
 own (`_decode_chunk`: its bins carry a different coder state, see cabac_coder's decoder, and
-its gt flags run as a loop over context indices); every round-trip test pins the two walks to
+its gt flags run as a loop over context indices), and streams of design 0 ("prev") in a table
+walk without a branch on any bin's value (`_decode_chunk_prev`, chosen by `chunk_decoders`);
+every round-trip test pins the walks to the encoder's, and a test pins the two decoder walks to
 each other. The context choice, `neighbourhood_classes`, exists once for every use. The rate
 model's peek (`rate_cost`) sums the same bins' costs in a small kernel of its own, tested equal
 to the walk.
@@ -59,10 +61,10 @@ from ..jit import njit, prange
 
 from .base import MAX_ABS_LEVEL
 from .cabac_coder import (
-    COST_FRAC_BITS, COST_TABLE, DEC_FIELDS, ERR, ERR_BYPASS, ERR_CHECK, ERR_LEVEL, ERR_NONE, ERR_PREFIX, ERR_TRAILING,
-    ERR_UNPADDED, LOW, MAX_COUNT, RANGE, STATE_SIZE, WARM_SHIFT, bin_cost, ctx_prob, ctx_update, dec_bin, dec_bypass,
-    dec_consumed, dec_init, dec_reset_contexts, dec_shift_table, enc_bin, enc_bypass, enc_finish, enc_init,
-    new_contexts, reset_contexts,
+    COST_FRAC_BITS, COST_TABLE, DEC_FAST, DEC_FIELDS, DEC_PROB, DEC_SLOW, DEC_STATE, ERR, ERR_BYPASS, ERR_CHECK,
+    ERR_LEVEL, ERR_NONE, ERR_PREFIX, ERR_TRAILING, ERR_UNPADDED, LOW, MAX_COUNT, PROB_BITS, RANGE, STATE_BITS,
+    STATE_SIZE, WARM_SHIFT, bin_cost, ctx_prob, ctx_update, dec_bin, dec_bin_at, dec_bypass, dec_consumed, dec_init,
+    dec_reset_contexts, dec_shift_table, enc_bin, enc_bypass, enc_finish, enc_init, new_contexts, reset_contexts,
 )
 
 OP_ENCODE, OP_DECODE, OP_COST, OP_PEEK = 0, 1, 2, 3   # OP_DECODE: the decoder has its own walk now
@@ -352,6 +354,106 @@ def _decode_chunk(buf, start, end, out, s, e_out, n_gt, mode, row_len, ctx, tab)
     return ERR_NONE
 
 
+# --- the "prev" design's decoder walk: one bin per step, no branch on a bin's value ---------------
+# In mode 0 a bin's context decides the next bin's context, given the bin's value, and whether a
+# 0 ends the level (and which): sig(sa) -1-> sign(sa), -0-> level 0, next sig(0); sign(sa) -v->
+# gt_0 of sign v; gt_j -1-> gt_j+1, -0-> level +-(j + 1), next sig(1 or 2). So the walk can be a
+# table: every decoder context gets a row of PREV_ROW values, its DEC_FIELDS values and then
+# (next offset after a 1, next offset after a 0, the level a 0 ends, 1 if a 0 ends a level), and
+# each step decodes one bin, stores the level a 0 would end, advances the level index by (0 ends
+# a level) and picks the next row with a select. The branch on each bin's value that the general
+# walk mispredicts (sig, the end of the gt run: 0.7 a level at Laplace b = 1, 1.1 at b = 4) is
+# gone; the next context's load waits for the select instead. Past the last gt flag the next row
+# is one of two marker rows (sign +/-) after the contexts, where the Exp-Golomb remainder is read
+# as in the general walk. The warm-up shift table follows the marker rows in the same array.
+PREV_ROW = 8
+PREV_NEXT1, PREV_NEXT0, PREV_VALUE0, PREV_ENDS0 = DEC_FIELDS, DEC_FIELDS + 1, DEC_FIELDS + 2, DEC_FIELDS + 3
+PREV_EG = N_CONTEXTS * PREV_ROW               # marker rows: remainder of a positive, a negative level
+PREV_TAB = (N_CONTEXTS + 2) * PREV_ROW        # the warm-up shift table (dec_shift_table)
+PREV_SIZE = PREV_TAB + MAX_COUNT + 1
+
+
+@njit(cache=True, _nrt=False, nogil=True)
+def prev_walk_init(w, n_gt, fast, slow):
+    """The prev walk's array (PREV_SIZE values) for n_gt flags and the rate pair (fast, slow):
+    rows of the walk table, the marker rows and the shift table (contexts: _decode_chunk_prev)."""
+    w[:PREV_TAB] = 0
+    for sa in range(3):
+        ks = (SIG_BASE + sa * N_SIG_MAG) * PREV_ROW
+        kn = (SIGN_BASE + sa * 3) * PREV_ROW
+        w[ks + PREV_NEXT1] = kn
+        w[ks + PREV_NEXT0] = SIG_BASE * PREV_ROW
+        w[ks + PREV_ENDS0] = 1                         # ... level 0
+        for neg in range(2):
+            first = (GT_BASE + neg * MAX_GT * N_GT_CLASS) * PREV_ROW if n_gt > 0 else PREV_EG + neg * PREV_ROW
+            w[kn + (PREV_NEXT1 if neg else PREV_NEXT0)] = first
+    for neg in range(2):
+        after = (SIG_BASE + (1 if neg else 2) * N_SIG_MAG) * PREV_ROW
+        for j in range(n_gt):
+            kg = (GT_BASE + neg * MAX_GT * N_GT_CLASS + j * N_GT_CLASS) * PREV_ROW
+            w[kg + PREV_NEXT1] = kg + N_GT_CLASS * PREV_ROW if j + 1 < n_gt else PREV_EG + neg * PREV_ROW
+            w[kg + PREV_NEXT0] = after
+            w[kg + PREV_VALUE0] = -(j + 1) if neg else j + 1
+            w[kg + PREV_ENDS0] = 1
+    dec_shift_table(w[PREV_TAB:], fast, slow, WARM_SHIFT)
+
+
+@njit(cache=True, _nrt=False, nogil=True)
+def _decode_chunk_prev(buf, start, end, out, s, e_out, n_gt, w):
+    """_decode_chunk for the "prev" design (mode 0), the default for tensors without rows: the
+    same bins, contexts and errors, walked as a table (see above; w from prev_walk_init, its
+    contexts reset here). A test pins it to the general walk, damaged streams included."""
+    err, v, rng, e, pos = dec_init(buf, start, end)
+    if err != ERR_NONE:
+        return err
+    for ci in range(N_CONTEXTS):
+        k = ci * PREV_ROW
+        w[k + DEC_PROB] = 1 << (PROB_BITS - 1)
+        w[k + DEC_FAST] = 1 << (STATE_BITS - 1)
+        w[k + DEC_SLOW] = 1 << (STATE_BITS - 1)
+        w[k + DEC_STATE] = 0
+    k = np.int64(SIG_BASE * PREV_ROW)
+    i = np.uint64(s)
+    i_end = np.uint64(e_out)
+    while i < i_end:
+        if k < PREV_EG:
+            uk = np.uint64(k)
+            next1 = w[uk + np.uint64(PREV_NEXT1)]            # loaded before the bin: off its chain
+            next0 = w[uk + np.uint64(PREV_NEXT0)]
+            out[i] = w[uk + np.uint64(PREV_VALUE0)]         # the level, if this bin is a 0 that ends it
+            ends0 = w[uk + np.uint64(PREV_ENDS0)]
+            bit, v, rng, e, pos = dec_bin_at(buf, end, w, k, w, PREV_TAB, v, rng, e, pos)
+            i += np.uint64((1 - bit) & ends0)
+            k = next1 if bit else next0                     # a select of two loaded values (cmov)
+        else:
+            # remainder: Exp-Golomb order 0 of mag - n_gt (>= 1): prefix of ones, then bypass bins
+            neg = (k - PREV_EG) // PREV_ROW
+            j = 0
+            more = np.int64(1)
+            while more:
+                if j >= MAX_PREFIX:
+                    return ERR_PREFIX
+                more, v, rng, e, pos = dec_bin_at(buf, end, w, (EG_BASE + j) * PREV_ROW, w, PREV_TAB, v, rng, e, pos)
+                j += more
+            low_bits, v, rng, e, pos = _dec_bypass_bins(buf, end, v, rng, e, pos, j)
+            if low_bits < 0:
+                return ERR_BYPASS
+            mag = n_gt + ((1 << j) | low_bits)
+            if mag > MAX_ABS_LEVEL:
+                return ERR_LEVEL
+            out[i] = -mag if neg else mag
+            i += np.uint64(1)
+            k = (SIG_BASE + (1 if neg else 2) * N_SIG_MAG) * PREV_ROW
+    check, v, rng, e, pos = _dec_bypass_bins(buf, end, v, rng, e, pos, CHECK_BITS)
+    if check < 0:
+        return ERR_BYPASS
+    if check != CHECK_VALUE:
+        return ERR_CHECK
+    if end > dec_consumed(e, pos):
+        return ERR_TRAILING
+    return ERR_NONE
+
+
 @njit(cache=True, nogil=True)
 def decode_chunks_serial(buf, offsets, chunk_size, n_gt, mode, row_len, fast, slow, out, errs):
     """Decode chunk c from buf[offsets[c]:offsets[c+1]] into out; errs[c] = error code (0 = fine).
@@ -384,6 +486,48 @@ def decode_chunks_parallel(buf, offsets, chunk_size, n_gt, mode, row_len, fast, 
         s = c * chunk_size
         errs[c] = _decode_chunk(buf, offsets[c], offsets[c + 1], out, s, min(n, s + chunk_size),
                                 n_gt, mode, row_len, contexts[c], tab)
+
+
+@njit(cache=True, nogil=True)
+def decode_prev_chunks_serial(buf, offsets, chunk_size, n_gt, mode, row_len, fast, slow, out, errs):
+    """decode_chunks_serial for a mode 0 stream, with the prev walk (_decode_chunk_prev).
+    (mode and row_len: unused, for the same signature.)"""
+    n = out.shape[0]
+    if offsets[offsets.shape[0] - 1] >= buf.shape[0]:
+        errs[:] = ERR_UNPADDED
+        return
+    w = np.empty(PREV_SIZE, dtype=np.int64)
+    prev_walk_init(w, n_gt, fast, slow)
+    for c in range(offsets.shape[0] - 1):
+        s = c * chunk_size
+        errs[c] = _decode_chunk_prev(buf, offsets[c], offsets[c + 1], out, s, min(n, s + chunk_size), n_gt, w)
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def decode_prev_chunks_parallel(buf, offsets, chunk_size, n_gt, mode, row_len, fast, slow, out, errs):
+    """decode_chunks_parallel for a mode 0 stream, with the prev walk."""
+    n = out.shape[0]
+    n_chunks = offsets.shape[0] - 1
+    if offsets[n_chunks] >= buf.shape[0]:
+        errs[:] = ERR_UNPADDED
+        return
+    template = np.empty(PREV_SIZE, dtype=np.int64)
+    prev_walk_init(template, n_gt, fast, slow)
+    walks = np.empty((n_chunks, PREV_SIZE), dtype=np.int64)
+    for c in range(n_chunks):   # (a copy inside the prange body raced with the decoding: numba's parfor)
+        walks[c] = template
+    for c in prange(n_chunks):
+        s = c * chunk_size
+        errs[c] = _decode_chunk_prev(buf, offsets[c], offsets[c + 1], out, s, min(n, s + chunk_size), n_gt,
+                                     walks[c])
+
+
+def chunk_decoders(mode: int):
+    """(serial, parallel) chunk decode kernels for a stream of context design `mode` (same
+    arguments): mode 0 has a walk of its own, compiled only when a mode 0 stream is decoded."""
+    if mode == MODE_PREV:
+        return decode_prev_chunks_serial, decode_prev_chunks_parallel
+    return decode_chunks_serial, decode_chunks_parallel
 
 
 @njit(cache=True, nogil=True)

@@ -351,9 +351,11 @@ def _dec_renormalise(rng, e):
 
 
 @njit(cache=True, inline="always")
-def dec_update(ctx, tab, k, bit):
-    """Adapt the decoder context at flat offset k to `bit` exactly as ctx_update does."""
-    t = tab[np.uint64(ctx[np.uint64(k + DEC_STATE)])]
+def dec_adapt(ctx, k, tab, toff, bit):
+    """Adapt the decoder context at flat offset k of ctx to `bit` exactly as ctx_update does; its
+    warm-up table is tab[toff:] (tab may be ctx itself, the table stored after the contexts).
+    Returns the new P(1)."""
+    t = tab[np.uint64(toff + ctx[np.uint64(k + DEC_STATE)])]
     target = bit << STATE_BITS
     pf = ctx[np.uint64(k + DEC_FAST)]
     ps = ctx[np.uint64(k + DEC_SLOW)]
@@ -362,21 +364,35 @@ def dec_update(ctx, tab, k, bit):
     ctx[np.uint64(k + DEC_FAST)] = pf
     ctx[np.uint64(k + DEC_SLOW)] = ps
     ctx[np.uint64(k + DEC_STATE)] = t >> 16
-    ctx[np.uint64(k + DEC_PROB)] = _clamped_prob(pf, ps)
+    p = _clamped_prob(pf, ps)
+    ctx[np.uint64(k + DEC_PROB)] = p
+    return p
 
 
 @njit(cache=True, inline="always")
-def dec_bin(buf, end, ctx, tab, ci, v, rng, e, pos):
-    """Decode one regular bin with decoder context ci and adapt it; returns (bit, v, range, e, pos)."""
-    k = ci * DEC_FIELDS
+def dec_update(ctx, tab, k, bit):
+    """Adapt the decoder context at flat offset k to `bit` exactly as ctx_update does."""
+    dec_adapt(ctx, k, tab, 0, bit)
+
+
+@njit(cache=True, inline="always")
+def dec_bin_at(buf, end, ctx, k, tab, toff, v, rng, e, pos):
+    """Decode one regular bin with the decoder context at flat offset k of ctx (warm-up table
+    tab[toff:], see dec_adapt) and adapt it; returns (bit, v, range, e, pos)."""
     bound = (rng >> PROB_BITS) * ctx[np.uint64(k + DEC_PROB)]
     bit = np.int64((v >> e) < bound)               # code < bound (v >> e is ready before bound)
     v = v if bit else v - (bound << e)              # selects, not a branch: LLVM emits cmov
     rng = bound if bit else rng - bound
     rng, e = _dec_renormalise(rng, e)
     v, e, pos = dec_fill(buf, v, e, pos, end)
-    dec_update(ctx, tab, k, bit)
+    dec_adapt(ctx, k, tab, toff, bit)
     return bit, v, rng, e, pos
+
+
+@njit(cache=True, inline="always")
+def dec_bin(buf, end, ctx, tab, ci, v, rng, e, pos):
+    """Decode one regular bin with decoder context ci and adapt it; returns (bit, v, range, e, pos)."""
+    return dec_bin_at(buf, end, ctx, ci * DEC_FIELDS, tab, 0, v, rng, e, pos)
 
 
 @njit(cache=True, inline="always")
