@@ -566,3 +566,43 @@ def test_float16_models_with_squashed_outputs_encode_by_default(tmp_path):
     _, report = encode_model(read_model(str(tmp_path / "fp16.onnx")), str(tmp_path / "fp16.cdl"),
                              EncodeOptions(quiet=True), None)
     assert report.checked >= 0.999
+
+
+def test_a_model_that_cannot_run_on_generated_inputs_gets_the_data_free_default(tmp_path, capfd):
+    """An audio model declared [n, samples] runs a 400-sample convolution: 32 generated samples cannot
+    pass it. Without calibration data the default then says why and uses the data-free rule; an
+    explicit target is a clean error asking for calibration data; onnxruntime's own log stays quiet."""
+    from cdlcodec.cli.main import main
+
+    rng = np.random.default_rng(9)
+    inits = [numpy_helper.from_array((rng.standard_normal((8, 1, 400)) / 20).astype(np.float32), "w"),
+             numpy_helper.from_array((rng.standard_normal((8, 4)) / 4).astype(np.float32), "w2"),
+             numpy_helper.from_array(np.array([1], np.int64), "one"), numpy_helper.from_array(np.array([2], np.int64), "two")]
+    nodes = [helper.make_node("Unsqueeze", ["audio", "one"], ["a3"]), helper.make_node("Conv", ["a3", "w"], ["c"], strides=[160]),
+             helper.make_node("ReduceMean", ["c", "two"], ["m"], keepdims=0), helper.make_node("MatMul", ["m", "w2"], ["y"])]
+    graph = helper.make_graph(nodes, "audio", [helper.make_tensor_value_info("audio", TensorProto.FLOAT, ["n", "samples"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    path = str(tmp_path / "audio.onnx")
+    onnx.save(model, path)
+
+    def call(*args):
+        with pytest.raises(SystemExit) as exc:
+            main([str(a) for a in args])
+        return exc.value.code, capfd.readouterr().err  # file descriptor 2: onnxruntime logs there
+
+    code, err = call("encode", path, "-o", tmp_path / "a.cdl")
+    assert code == 0, err
+    assert "does not run on inputs generated from its declared shapes" in err and "data-free default" in err
+    assert "[E:onnxruntime" not in err
+    with ContainerReader(str(tmp_path / "a.cdl")) as reader:
+        assert "fidelity.target" not in reader.metadata
+    code, err = call("encode", path, "-o", tmp_path / "b.cdl", "--target-cosine", "0.99")
+    assert code == 2 and "cdlcodec: error: cannot check a fidelity target" in err and "--calibration" in err
+    assert not (tmp_path / "b.cdl").exists()
+    np.savez(tmp_path / "c.npz", audio=rng.standard_normal((24, 1600)).astype(np.float32))
+    code, err = call("encode", path, "-o", tmp_path / "c.cdl", "--calibration", tmp_path / "c.npz")
+    assert code == 0, err
+    with ContainerReader(str(tmp_path / "c.cdl")) as reader:
+        assert reader.metadata["fidelity.target"].startswith("cosine >= 0.999")

@@ -9,6 +9,7 @@ from ..atomic import refuse_to_overwrite
 from ..codec import EncodeOptions, EncodeSummary, encode_records
 from ..errors import CdlInputError
 from .inputs import Inputs, generated_inputs_vary
+from .runner import ModelRunError
 from .measures import Target
 from .search import DEFAULT_TARGET, MAX_CALIBRATION, UNCHECKED_DEFAULT, FidelityOptions, FidelityReport, encode_to_target
 
@@ -96,14 +97,35 @@ def encode_model(model, output: str, options: EncodeOptions, target: tuple[str, 
 
     if calibration is None and not generated_inputs_vary(stripped_graph(model)):
         # Nothing to vary the inputs by: a check would see one input, which proves nothing (inputs.py).
+        why = ("no calibration data, and no graph input can be generated at random (integers that index no table "
+               "are fed as zeros), so a check would see one input")
         if explicit:
-            raise CdlInputError(f"cannot check a fidelity target for {what} without calibration data: no graph input "
-                                "can be generated at random (integers that index no table are fed as zeros); "
-                                "give --calibration DATA.npz")
-        if options.quantizer is None:
-            options = replace(options, quantizer=data_free_default(deploy))
-        return encode_records(model.records, output, options, model.metadata, model.sections), None
+            raise CdlInputError(f"cannot check a fidelity target for {what}: {why}; give --calibration DATA.npz")
+        return _unverified(model, output, options, deploy, why)
     if calibration is not None and not isinstance(calibration, (str, os.PathLike)):
         calibration = Inputs.from_batches(stripped_graph(model), calibration, MAX_CALIBRATION)
     fidelity = replace(fidelity, calibration=calibration)
-    return encode_to_target(model, output, fidelity, options)
+    try:
+        return encode_to_target(model, output, fidelity, options)
+    except ModelRunError as exc:
+        if exc.source != "generated":
+            raise
+        # The declared shapes leave sizes open that the model cannot take as generated (an audio model
+        # fed 32 samples where its first convolution needs 400): nothing to check on without data.
+        why = f"the model does not run on inputs generated from its declared shapes ({exc.reason})"
+        if explicit:
+            raise CdlInputError(f"cannot check a fidelity target for {what}: {why}; give --calibration DATA.npz") from None
+        return _unverified(model, output, options, deploy, why)
+
+
+UNVERIFIED = ("the data-free default was used (per output channel, step 0.02 x the channel's std) and the "
+              "decoded model is unverified")
+
+
+def _unverified(model, output: str, options: EncodeOptions, deploy: str | None, why: str):
+    """An ONNX model encoded with the data-free rule, the reason in the summary's notes."""
+    if options.quantizer is None:
+        options = replace(options, quantizer=data_free_default(deploy))
+    summary = encode_records(model.records, output, options, model.metadata, model.sections)
+    summary.notes = (*summary.notes, f"{why}: {UNVERIFIED}; give --calibration DATA.npz for a verified fidelity")
+    return summary, None

@@ -33,7 +33,7 @@ def make_session(proto, initializers=()):
     alive and unchanged as long as the session)."""
     ort = _ort()
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: a failed run is reported as a CdlInputError, not as its log lines
     values = [(name, ort.OrtValue.ortvalue_from_numpy(array)) for name, array in initializers]
     for name, value in values:
         options.add_initializer(name, value)
@@ -171,12 +171,19 @@ def add_outputs(proto, names) -> None:
             proto.graph.output.add().CopyFrom(ValueInfoProto(name=name))
 
 
+class ModelRunError(CdlInputError):
+    """onnxruntime failed to run the model on the inputs (`source`: "calibration" or "generated")."""
+
+    def __init__(self, source: str, reason: str):
+        super().__init__(f"onnxruntime could not run the model on the {source} inputs: {reason}")
+        self.source, self.reason = source, reason
+
+
 def _run(session, feed, source: str):
     try:
         return session.run(None, feed)
     except Exception as exc:
-        raise CdlInputError(f"onnxruntime could not run the model on the {source} inputs: "
-                            f"{str(exc).splitlines()[0][:300]}") from None
+        raise ModelRunError(source, str(exc).splitlines()[0][:300]) from None
 
 
 def run_proto(proto, inputs: Inputs) -> list[list[np.ndarray]]:

@@ -154,25 +154,20 @@ def _encode(model, output, options, arch, targets, calibration, no_gptq, same_de
             deploy=None):
     """Encode to a fidelity target (or the default one), with --arch's graph, or as the options say."""
     if fidelity:
-        from cdlcodec.fidelity.encode import encode_path
+        from cdlcodec.fidelity.encode import UNVERIFIED, encode_path
 
         summary, report = encode_path(model, output, options, targets[0][1:] if targets else None, calibration,
                                       gptq=not no_gptq, explicit=bool(targets or calibration),
                                       same_decisions=same_decisions, deploy=deploy)
         if not quiet and report is not None:
             click.echo(report.summary_line())
-        elif not quiet and not summary.report:
+        elif not quiet and not summary.report and not any(UNVERIFIED in note for note in summary.notes):
             from cdlcodec.fidelity.encode import onnxruntime_available
 
             why, fix = "no graph to run the model with (a state_dict or .pt2 file)", "encode the ONNX model"
             if model.endswith(".onnx") and not onnxruntime_available():  # a core install: nothing runs the graph
                 why, fix = "onnxruntime is not installed here", 'pip install "cdlcodec[onnx]"'
-            elif model.endswith(".onnx"):  # fidelity/inputs.generated_inputs_vary
-                why = ("no calibration data, and no graph input can be generated at random (integers that index "
-                       "no table are fed as zeros), so a check would see one input")
-                fix = "give --calibration DATA.npz"
-            click.echo(f"cdlcodec: note: {why}: the data-free default was used (per output channel, step 0.02 x the "
-                       f"channel's std) and the decoded model is unverified; {fix} for a verified fidelity", err=True)
+            click.echo(f"cdlcodec: note: {why}: {UNVERIFIED}; {fix} for a verified fidelity", err=True)
         return summary
     from cdlcodec.api import encode_with_options
 
