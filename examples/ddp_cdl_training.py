@@ -68,7 +68,7 @@ def _worker(rank: int, store_path: str, args) -> None:
                                       weight_quantizers)
     from cdlcodec.cdl.train import SharpnessAnneal, TrainConfig, diagnose_collapse
     from cdlcodec.cdl.loss import cdl_loss
-    from cdlcodec.cdl.optim import cdl_param_groups
+    from cdlcodec.cdl.optim import CDLAdam, cdl_param_groups
     from cdlcodec.cdl.quantizer import hard_quantize
     from cdlcodec.data.mnist import load_mnist_5k
     from cdlcodec.distributed import CO3State, co3_hook, decode_tensor
@@ -96,7 +96,7 @@ def _worker(rank: int, store_path: str, args) -> None:
     if args.grad_hook != "none":
         grad_state = CO3State(fmt=args.grad_hook.split("-")[1], gamma=0.7)
         ddp.register_comm_hook(grad_state, co3_hook)
-    opt = torch.optim.Adam(cdl_param_groups(model, lr_w=2e-3, lr_q=config.lr_q, lr_s=config.lr_s, lr_alpha=100.0,
+    opt = CDLAdam(cdl_param_groups(model, lr_w=2e-3, lr_q=config.lr_q, lr_s=config.lr_s, lr_alpha=100.0,
                                             lr_beta=100.0, sharpness_reference=500.0))   # the train defaults
     xs, ys = torch.from_numpy(xtr[rank::WORLD]), torch.from_numpy(ytr[rank::WORLD])
     gen = torch.Generator().manual_seed(0)
