@@ -680,6 +680,16 @@ def block_count(n: int, chunks: int) -> int:
 
 
 @njit(cache=True, error_model="numpy")
+def _count_nonzero_relu(th):
+    """How many elements of th have relu(θ) ≠ 0 (θ > 0 or NaN): an integer sum, vectorised, so whole
+    blocks (dense or all zeros) skip the compaction loop."""
+    cnt = 0
+    for i in range(th.size):
+        cnt += 0 if th[i] <= 0.0 else 1
+    return cnt
+
+
+@njit(cache=True, error_model="numpy")
 def _compact_relu(th, tb, ib):
     """tb[:count] = the elements of th with relu(θ) ≠ 0 (θ > 0 or NaN), ib[:count] their offsets;
     returns count. Branch-free: each element is written, the cursor moves only past non-zeros."""
@@ -759,11 +769,13 @@ def forward5_relu(theta, q, a, lo, hi, consts, uniforms, sample, want_sums, chun
         for b0 in range(c * per, stop, _BLOCK5):
             b1 = min(stop, b0 + _BLOCK5)
             m = b1 - b0
-            cnt = _compact_relu(theta[b0:b1], tb, ib)
+            cnt = _count_nonzero_relu(theta[b0:b1])
             dense = cnt > _DENSE_SHARE * m
             if dense:
                 _relu_values(theta[b0:b1], tb)
                 cnt = m
+            elif cnt > 0:
+                _compact_relu(theta[b0:b1], tb, ib)
             nz_counts[c * bpc + (b0 - c * per) // _BLOCK5] = cnt
             zc += m - cnt
             if cnt == 0:
