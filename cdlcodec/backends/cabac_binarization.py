@@ -297,6 +297,19 @@ def _dec_bypass_bins(buf, end, v, rng, e, pos, nbits):
     return result, v, rng, e, pos
 
 
+@njit(cache=True, inline="always")
+def _chunk_end(buf, end, v, rng, e, pos):
+    """After a chunk's last level: its check bins, and every byte of it read (an error code)."""
+    check, v, rng, e, pos = _dec_bypass_bins(buf, end, v, rng, e, pos, CHECK_BITS)
+    if check < 0:
+        return ERR_BYPASS
+    if check != CHECK_VALUE:
+        return ERR_CHECK
+    if end > dec_consumed(e, pos):
+        return ERR_TRAILING
+    return ERR_NONE
+
+
 @njit(cache=True, _nrt=False, nogil=True)
 def _decode_chunk(buf, start, end, out, s, e_out, n_gt, mode, row_len, ctx, tab):
     """Levels s..e_out-1 from the chunk buf[start:end]: the bins of code_level, read with the
@@ -344,14 +357,7 @@ def _decode_chunk(buf, start, end, out, s, e_out, n_gt, mode, row_len, ctx, tab)
         out[np.uint64(i)] = k
         b = a
         a = k
-    check, v, rng, e, pos = _dec_bypass_bins(buf, end, v, rng, e, pos, CHECK_BITS)
-    if check < 0:
-        return ERR_BYPASS
-    if check != CHECK_VALUE:
-        return ERR_CHECK
-    if end > dec_consumed(e, pos):
-        return ERR_TRAILING
-    return ERR_NONE
+    return _chunk_end(buf, end, v, rng, e, pos)
 
 
 # --- the "prev" design's decoder walk: one bin per step, no branch on a bin's value ---------------
@@ -444,14 +450,7 @@ def _decode_chunk_prev(buf, start, end, out, s, e_out, n_gt, w):
             out[i] = -mag if neg else mag
             i += np.uint64(1)
             k = (SIG_BASE + (1 if neg else 2) * N_SIG_MAG) * PREV_ROW
-    check, v, rng, e, pos = _dec_bypass_bins(buf, end, v, rng, e, pos, CHECK_BITS)
-    if check < 0:
-        return ERR_BYPASS
-    if check != CHECK_VALUE:
-        return ERR_CHECK
-    if end > dec_consumed(e, pos):
-        return ERR_TRAILING
-    return ERR_NONE
+    return _chunk_end(buf, end, v, rng, e, pos)
 
 
 @njit(cache=True, nogil=True)
