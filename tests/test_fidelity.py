@@ -606,3 +606,36 @@ def test_a_model_that_cannot_run_on_generated_inputs_gets_the_data_free_default(
     assert code == 0, err
     with ContainerReader(str(tmp_path / "c.cdl")) as reader:
         assert reader.metadata["fidelity.target"].startswith("cosine >= 0.999")
+
+
+def test_outputs_alike_on_every_generated_input_mean_nothing_was_checked(tmp_path, capsys):
+    """A front end whose generated inputs are too short for one frame returns the same (empty) features
+    for all of them: "cosine 1" there is no check, so the default falls back and says so."""
+    from cdlcodec.cli.main import main
+    from cdlcodec.fidelity.inputs import outputs_alike
+
+    assert outputs_alike([[np.zeros(3)], [np.zeros(3)]]) and not outputs_alike([[np.zeros(3)], [np.ones(3)]])
+    rng = np.random.default_rng(10)
+    inits = [numpy_helper.from_array((rng.standard_normal((16, 8)) / 4).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([100], np.int64), "start"),
+             numpy_helper.from_array(np.array([400], np.int64), "stop"),
+             numpy_helper.from_array(np.array([1], np.int64), "axis")]
+    # samples 100..400 of each frame row, then mean over them: nothing of a 32-sample input is left
+    nodes = [helper.make_node("Slice", ["x", "start", "stop", "axis"], ["frame"]),
+             helper.make_node("ReduceSum", ["frame"], ["energy"], keepdims=1),
+             helper.make_node("Expand", ["energy", "shape16"], ["e16"]),
+             helper.make_node("MatMul", ["e16", "w"], ["y"])]
+    inits.append(numpy_helper.from_array(np.array([1, 16], np.int64), "shape16"))
+    graph = helper.make_graph(nodes, "frames", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", "samples"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = str(tmp_path / "frames.onnx")
+    onnx.save(model, path)
+    with pytest.raises(SystemExit) as exc:
+        main(["encode", path, "-o", str(tmp_path / "f.cdl")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 0, err
+    assert "outputs are the same for every generated input" in err and "data-free default" in err
+    with ContainerReader(str(tmp_path / "f.cdl")) as reader:
+        assert "fidelity.target" not in reader.metadata

@@ -8,7 +8,7 @@ from dataclasses import replace
 from ..atomic import refuse_to_overwrite
 from ..codec import EncodeOptions, EncodeSummary, encode_records
 from ..errors import CdlInputError
-from .inputs import Inputs, generated_inputs_vary
+from .inputs import Inputs, UncheckableInputs, generated_inputs_vary
 from .runner import ModelRunError
 from .measures import Target
 from .search import DEFAULT_TARGET, MAX_CALIBRATION, UNCHECKED_DEFAULT, FidelityOptions, FidelityReport, encode_to_target
@@ -113,6 +113,11 @@ def encode_model(model, output: str, options: EncodeOptions, target: tuple[str, 
         # The declared shapes leave sizes open that the model cannot take as generated (an audio model
         # fed 32 samples where its first convolution needs 400): nothing to check on without data.
         why = f"the model does not run on inputs generated from its declared shapes ({exc.reason})"
+        if explicit:
+            raise CdlInputError(f"cannot check a fidelity target for {what}: {why}; give --calibration DATA.npz") from None
+        return _unverified(model, output, options, deploy, why)
+    except UncheckableInputs as exc:
+        why = str(exc)
         if explicit:
             raise CdlInputError(f"cannot check a fidelity target for {what}: {why}; give --calibration DATA.npz") from None
         return _unverified(model, output, options, deploy, why)

@@ -156,6 +156,18 @@ def _gather_rows(proto) -> dict[str, int]:
     return out
 
 
+class UncheckableInputs(CdlInputError):
+    """Generated inputs that cannot show anything: the model's outputs are the same for all of them."""
+
+
+def outputs_alike(outputs: list[list[np.ndarray]]) -> bool:
+    """Whether every sample's outputs equal the first sample's, bit for bit (then a check on these
+    inputs measures nothing: an audio front end fed 32 generated samples, shorter than one frame, returns
+    the same empty features for every one, and 0.94 bits/param passed as "cosine 1")."""
+    first = outputs[0] if outputs else []
+    return all(len(s) == len(first) and all(np.array_equal(a, b) for a, b in zip(s, first)) for s in outputs[1:])
+
+
 def generated_inputs_vary(proto) -> bool:
     """Whether `generate_inputs` draws any input at random (a float, or an index into a table). When
     none is drawn (integers fed as zeros, masks as ones: Magika's byte input reaches its one-hot

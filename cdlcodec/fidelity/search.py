@@ -37,7 +37,7 @@ from .dependent import TABLE_SAMPLE, RowTrellis, spread_stretches
 from .decisions import KEEP_MARGIN, checkable, decision_kinds, describe_decisions, margin_shortfall
 from .pieces import OutputParts, output_parts
 from .gptq import gptq_levels, inverse_cholesky
-from .inputs import Inputs, generate_inputs, load_calibration
+from .inputs import Inputs, UncheckableInputs, generate_inputs, load_calibration, outputs_alike
 from .measures import Target, rel_mse
 from .roles import gemm_layout, graph_roles, output_axes
 
@@ -401,6 +401,9 @@ class _Search:
         self.log(f"running the original model on {self.inputs.describe()}")
         self.reference = self.runner.run({})
         self.runs = 1
+        if self.inputs.source == "generated" and outputs_alike(self._real(self.reference)):
+            raise UncheckableInputs("the model's outputs are the same for every generated input, so a check "
+                                    "would see nothing")
         # Only decisions a check can read count (a 196,608-pixel map does not): with any, plans run on all samples.
         kinds = decision_kinds(stripped) if options.same_decisions else {}
         self.kinds = checkable(kinds, self._real(self.reference))
