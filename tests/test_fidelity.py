@@ -639,3 +639,36 @@ def test_outputs_alike_on_every_generated_input_mean_nothing_was_checked(tmp_pat
     assert "outputs are the same for every generated input" in err and "data-free default" in err
     with ContainerReader(str(tmp_path / "f.cdl")) as reader:
         assert "fidelity.target" not in reader.metadata
+
+
+def test_onnxruntime_fused_ops_carry_weights(tmp_path):
+    """Files saved after onnxruntime's graph optimizations hold com.microsoft FusedConv / FusedMatMul
+    nodes: their kernels are weights (quantized, per output channel), not precision tensors."""
+    from cdlcodec.codec import EncodeOptions
+    from cdlcodec.fidelity.encode import encode_model
+    from cdlcodec.io.onnx_model import stripped_graph
+
+    rng = np.random.default_rng(11)
+    inits = [numpy_helper.from_array((rng.standard_normal((8, 3, 3, 3)) / 4).astype(np.float32), "k"),
+             numpy_helper.from_array((rng.standard_normal(8) / 10).astype(np.float32), "kb"),
+             numpy_helper.from_array((rng.standard_normal((5, 8)) / 3).astype(np.float32), "m")]
+    nodes = [helper.make_node("FusedConv", ["x", "k", "kb"], ["c"], domain="com.microsoft", activation="Relu",
+                              pads=[1, 1, 1, 1]),
+             helper.make_node("ReduceMean", ["c"], ["p"], axes=[2, 3], keepdims=0),
+             helper.make_node("FusedMatMul", ["p", "m"], ["y"], domain="com.microsoft", transB=1, alpha=1.0)]
+    graph = helper.make_graph(nodes, "fused", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 12, 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    path = str(tmp_path / "fused.onnx")
+    onnx.save(model, path)
+    stripped = stripped_graph(read_model(path))
+    assert graph_roles(stripped) == {"k": "weight", "kb": "precision", "m": "weight"}
+    assert output_axes(stripped) == {"k": 0, "m": 0}
+    np.savez(tmp_path / "c.npz", x=rng.standard_normal((24, 3, 12, 12)).astype(np.float32))
+    out = str(tmp_path / "fused.cdl")
+    _, report = encode_model(read_model(path), out, EncodeOptions(quiet=True), None, str(tmp_path / "c.npz"))
+    assert report.checked >= 0.999
+    with ContainerReader(out) as reader:
+        coded = {e.name: e.encoding for e in reader.tensors}
+    assert coded["k"] == "levels" and coded["m"] == "levels" and coded["kb"] == "plain"

@@ -3,7 +3,8 @@
 Shape alone misleads: an LSTM bias `B` is [2, 8·hidden] and a fixed transform basis looks like any
 convolution kernel. Roles decide what the encoder may quantize:
 - "weight": the multiplicative operand of Conv/ConvTranspose (input 1), Gemm (A or B), MatMul (either
-  side), LSTM/GRU/RNN (W and R), Einsum operands — quantized;
+  side), LSTM/GRU/RNN (W and R), Einsum operands, and onnxruntime's fused versions of these
+  (com.microsoft FusedConv, FusedMatMul, ...) — quantized;
 - "embedding": the table of a Gather — quantized (only the looked-up rows reach the output);
 - "precision": biases (Conv/Gemm C/LSTM B), normalisation scales and shifts, anything consumed by
   elementwise arithmetic, shape, or another op — kept exact (they are small and sensitive).
@@ -15,6 +16,10 @@ WEIGHT_SLOTS = {
     "Conv": (1,), "ConvTranspose": (1,), "Gemm": (0, 1), "MatMul": (0, 1), "LSTM": (1, 2), "GRU": (1, 2),
     "RNN": (1, 2), "Einsum": tuple(range(8)), "ConvInteger": (1,), "MatMulInteger": (1,),
 }
+# onnxruntime's own fused ops (domain com.microsoft), found in files saved after its graph optimizations:
+# an ORT-optimized MobileNetV2 has 35 FusedConv nodes, whose kernels were all stored exactly (19.1 bits/param).
+CONTRIB_WEIGHT_SLOTS = {"FusedConv": (1,), "NhwcConv": (1,), "FusedMatMul": (0, 1), "FusedGemm": (0, 1),
+                        "Attention": (1,)}
 EMBEDDING_SLOTS = {"Gather": (0,)}
 _RANK = {"precision": 0, "embedding": 1, "weight": 2}
 
@@ -60,6 +65,8 @@ def graph_roles(stripped_proto) -> dict[str, str]:
             if standard and node.op_type in PASS_THROUGH and (slot == 0 or node.op_type == "Concat"):
                 found += [r for r in (role_of_value(o, depth + 1) for o in node.output if o) if r]
             elif standard and slot in WEIGHT_SLOTS.get(node.op_type, ()):
+                found.append("weight")
+            elif node.domain == "com.microsoft" and slot in CONTRIB_WEIGHT_SLOTS.get(node.op_type, ()):
                 found.append("weight")
             elif standard and slot in EMBEDDING_SLOTS.get(node.op_type, ()):
                 found.append("embedding")
@@ -125,14 +132,18 @@ def output_axes(stripped_proto) -> dict[str, int]:
                 if ref is None:
                     continue
                 axis = None
-                if node.op_type == "Conv" and slot == 1:
+                if node.op_type in ("Conv", "FusedConv", "NhwcConv") and slot == 1:
                     axis = 0
                 elif node.op_type == "ConvTranspose" and slot == 1:
                     axis = 1
                 elif node.op_type == "MatMul" and slot == 1:
                     axis = dims[value] - 1
-                elif node.op_type == "Gemm" and slot == 1:
+                elif node.op_type in ("Gemm", "FusedGemm") and slot == 1:
                     axis = 0 if attrs.get("transB", 0) else 1
+                elif node.op_type == "FusedMatMul" and slot == 1:
+                    axis = dims[value] - (2 if attrs.get("transB", 0) else 1)
+                elif node.op_type == "Attention" and slot == 1:  # [hidden, 3 * hidden]: Q, K and V side by side
+                    axis = 1
                 elif node.op_type in ("LSTM", "GRU", "RNN") and slot in (1, 2):
                     axis = 1
                 if axis is not None and out.get(ref, axis) == axis:
