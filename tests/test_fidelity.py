@@ -672,3 +672,21 @@ def test_onnxruntime_fused_ops_carry_weights(tmp_path):
     with ContainerReader(out) as reader:
         coded = {e.name: e.encoding for e in reader.tensors}
     assert coded["k"] == "levels" and coded["m"] == "levels" and coded["kb"] == "plain"
+
+
+def test_the_scorer_of_eval_and_search_measures_the_same_pieces(tmp_path):
+    """`cdlcodec eval --onnx` / `search --onnx` score like the encoder: the class scores of a
+    concatenated head count on their own, so spoiling them is not hidden by the pixel-scale boxes."""
+    from cdlcodec.fidelity.scorer import OnnxScorer
+    from cdlcodec.records import ModelFile, TensorRecord
+
+    path = _detector_head(str(tmp_path / "head.onnx"))
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(5).standard_normal((8, 40, 16)).astype(np.float32))
+    scorer = OnnxScorer.from_files(path, str(tmp_path / "c.npz"), "cosine")
+    model = scorer.model
+    assert scorer.score(model) == pytest.approx(1.0)
+    spoiled = ModelFile([TensorRecord(r.name, -np.asarray(r.array), r.dtype) if r.name == "ws" else r
+                         for r in model.records], model.sections, model.metadata)
+    # the boxes (one piece) are untouched, the scores' logits flipped: the mean over the two pieces
+    # drops far below what the whole output's cosine (dominated by the boxes) would show
+    assert scorer.score(spoiled) < 0.9
