@@ -421,6 +421,57 @@ def _forward5_block(th, eb, u, y, st_l, st_v, st_m, p0, p1, p2, p3, p4, kb, q, A
     return bad
 
 
+@njit(cache=True, error_model="numpy")
+def _pair_sums(bq, ba, n):
+    """(Σ bq[:n], Σ ba[:n]) in eight interleaved partial sums each (element j into sum j mod 8, combined
+    pairwise at the end): a fixed order, so the result does not depend on the machine, and no longer one
+    chain of dependent adds per element (that chain cost ~4 cycles per element)."""
+    q0 = q1 = q2 = q3 = q4 = q5 = q6 = q7 = 0.0
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
+    n8 = n - n % 8
+    for j in range(0, n8, 8):
+        q0 += bq[j]
+        q1 += bq[j + 1]
+        q2 += bq[j + 2]
+        q3 += bq[j + 3]
+        q4 += bq[j + 4]
+        q5 += bq[j + 5]
+        q6 += bq[j + 6]
+        q7 += bq[j + 7]
+        a0 += ba[j]
+        a1 += ba[j + 1]
+        a2 += ba[j + 2]
+        a3 += ba[j + 3]
+        a4 += ba[j + 4]
+        a5 += ba[j + 5]
+        a6 += ba[j + 6]
+        a7 += ba[j + 7]
+    for j in range(n8, n):
+        q0 += bq[j]
+        a0 += ba[j]
+    return ((q0 + q1) + (q2 + q3)) + ((q4 + q5) + (q6 + q7)), ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+
+
+@njit(cache=True, error_model="numpy")
+def _copy_row(src, dst):
+    """dst[:] = src (converted to dst's dtype): one vectorised loop per row of the kept CPMFs."""
+    for i in range(dst.size):
+        dst[i] = src[i]
+
+
+@njit(cache=True, error_model="numpy")
+def _hist5(hist, kb, p0, p1, p2, p3, p4):
+    """The MPMF scatter of one block: hist[j & 3][kb[j] + o] += p_o[j] (four histograms in turn)."""
+    for j in range(kb.size):
+        h = hist[j & 3]
+        kk = kb[j]
+        h[kk] += p0[j]
+        h[kk + 1] += p1[j]
+        h[kk + 2] += p2[j]
+        h[kk + 3] += p3[j]
+        h[kk + 4] += p4[j]
+
+
 @njit(cache=True, parallel=True, error_model="numpy")
 def forward5(theta, q, a, lo, hi, consts, uniforms, sample, want_sums, chunks, y, st_l, st_v, st_m, keep, kept):
     """`forward` for windowed K = 5 (consts from level_constants(q, a, 5)); stats in three rows.
@@ -465,34 +516,11 @@ def forward5(theta, q, a, lo, hi, consts, uniforms, sample, want_sums, chunks, y
                         for jj in range(5):
                             pb[jj, i - b0] = e[jj] * inv_s0
                         kb[i - b0] = k0i - lo
-            if keep:      # kept in the scatter loop: stores inside the block's loop kept it from vectorising
-                for j in range(m):
-                    h = hist[j & 3]
-                    kk = kb[j]
-                    x0 = pb[0, j]
-                    x1 = pb[1, j]
-                    x2 = pb[2, j]
-                    x3 = pb[3, j]
-                    x4 = pb[4, j]
-                    h[kk] += x0
-                    h[kk + 1] += x1
-                    h[kk + 2] += x2
-                    h[kk + 3] += x3
-                    h[kk + 4] += x4
-                    kept[0, b0 + j] = x0
-                    kept[1, b0 + j] = x1
-                    kept[2, b0 + j] = x2
-                    kept[3, b0 + j] = x3
-                    kept[4, b0 + j] = x4
-            elif want_sums:
-                for j in range(m):
-                    h = hist[j & 3]
-                    kk = kb[j]
-                    h[kk] += pb[0, j]
-                    h[kk + 1] += pb[1, j]
-                    h[kk + 2] += pb[2, j]
-                    h[kk + 3] += pb[3, j]
-                    h[kk + 4] += pb[4, j]
+            if want_sums:
+                _hist5(hist, kb[:m], pb[0, :m], pb[1, :m], pb[2, :m], pb[3, :m], pb[4, :m])
+            if keep:      # stores of their own, vectorised (inside the block's loop they kept it scalar)
+                for jj in range(5):
+                    _copy_row(pb[jj, :m], kept[jj, b0:b1])
         for j in range(size):
             partial[c, j] = (hist[0, j] + hist[1, j]) + (hist[2, j] + hist[3, j])
     return partial.sum(axis=0)
@@ -654,9 +682,9 @@ def backward5(theta, q, a, lo, hi, st_l, st_v, st_m, consts, grad_y, has_grad_y,
                     grad_theta[i] = 2.0 * a * q * v1
                     bq[i - b0] = G * level_mean + 2.0 * a * ((t - 2.0 * mean) * v1 - q * v2)
                     ba[i - b0] = 2.0 * q * (t - mean) * v1 - q * q * v2
-            for j in range(m):
-                cq += bq[j]
-                ca += ba[j]
+            sq, sa = _pair_sums(bq, ba, m)
+            cq += sq
+            ca += sa
         partial[0, c] = cq
         partial[1, c] = ca
     return partial[0].sum(), partial[1].sum()
@@ -819,34 +847,11 @@ def forward5_relu(theta, q, a, lo, hi, consts, uniforms, sample, want_sums, chun
             if not dense:
                 for j in range(cnt):
                     y[b0 + ib[j]] = yb[j]
-            if keep:
-                for j in range(cnt):
-                    h = hist[j & 3]
-                    kk = kb[j]
-                    x0 = pb[0, j]
-                    x1 = pb[1, j]
-                    x2 = pb[2, j]
-                    x3 = pb[3, j]
-                    x4 = pb[4, j]
-                    h[kk] += x0
-                    h[kk + 1] += x1
-                    h[kk + 2] += x2
-                    h[kk + 3] += x3
-                    h[kk + 4] += x4
-                    kept[0, b0 + j] = x0
-                    kept[1, b0 + j] = x1
-                    kept[2, b0 + j] = x2
-                    kept[3, b0 + j] = x3
-                    kept[4, b0 + j] = x4
-            elif want_sums:
-                for j in range(cnt):
-                    h = hist[j & 3]
-                    kk = kb[j]
-                    h[kk] += pb[0, j]
-                    h[kk + 1] += pb[1, j]
-                    h[kk + 2] += pb[2, j]
-                    h[kk + 3] += pb[3, j]
-                    h[kk + 4] += pb[4, j]
+            if want_sums:
+                _hist5(hist, kb[:cnt], pb[0, :cnt], pb[1, :cnt], pb[2, :cnt], pb[3, :cnt], pb[4, :cnt])
+            if keep:      # stores of their own, vectorised (inside the block's loop they kept it scalar)
+                for jj in range(5):
+                    _copy_row(pb[jj, :cnt], kept[jj, b0:b0 + cnt])
         for j in range(size):
             partial[c, j] = (hist[0, j] + hist[1, j]) + (hist[2, j] + hist[3, j])
         zeros[c] = zc
@@ -979,9 +984,9 @@ def backward5_relu(theta, q, a, lo, hi, st_l, st_v, st_m, consts, grad_y, has_gr
             else:
                 for j in range(cnt):
                     grad_theta[b0 + nz_index[b0 + j]] = gtb[j]
-            for j in range(cnt):
-                cq += bq[j]
-                ca += ba[j]
+            sq, sa = _pair_sums(bq, ba, cnt)
+            cq += sq
+            ca += sa
         partial[0, c] = cq
         partial[1, c] = ca
     return partial[0].sum(), partial[1].sum()
