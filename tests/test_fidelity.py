@@ -690,3 +690,29 @@ def test_the_scorer_of_eval_and_search_measures_the_same_pieces(tmp_path):
     # the boxes (one piece) are untouched, the scores' logits flipped: the mean over the two pieces
     # drops far below what the whole output's cosine (dominated by the boxes) would show
     assert scorer.score(spoiled) < 0.9
+
+
+def test_a_graph_with_nothing_to_quantize_is_stored_exactly(tmp_path, capsys):
+    """Only tensors too small to quantize: the default writes every tensor exactly and says so
+    (it used to fail with "no weights to quantize")."""
+    from cdlcodec.cli.main import main
+    from cdlcodec.codec import decode_container
+
+    w, b = np.arange(6, dtype=np.float32).reshape(3, 2) / 7, np.ones(2, np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "b"], ["y"])],
+                              "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2])],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = str(tmp_path / "tiny.onnx")
+    onnx.save(model, path)
+    for args in ([], ["--target-cosine", "0.99"]):
+        with pytest.raises(SystemExit) as exc:
+            main(["encode", path, "-o", str(tmp_path / "t.cdl"), *args])
+        err = capsys.readouterr().err
+        assert exc.value.code == 0, err
+        assert "every tensor was stored exactly" in err and "unverified" not in err
+        decoded = {r.name: np.asarray(r.array) for r in decode_container(str(tmp_path / "t.cdl")).records}
+        assert np.array_equal(decoded["w"], w) and np.array_equal(decoded["b"], b)
+        (tmp_path / "t.cdl").unlink()

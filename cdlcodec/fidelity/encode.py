@@ -11,7 +11,8 @@ from ..errors import CdlInputError
 from .inputs import Inputs, UncheckableInputs, generated_inputs_vary
 from .runner import ModelRunError
 from .measures import Target
-from .search import DEFAULT_TARGET, MAX_CALIBRATION, UNCHECKED_DEFAULT, FidelityOptions, FidelityReport, encode_to_target
+from .search import (DEFAULT_TARGET, MAX_CALIBRATION, UNCHECKED_DEFAULT, FidelityOptions, FidelityReport,
+                     NothingToQuantize, encode_to_target)
 
 
 # Nothing can be checked without a graph to run, so the default is conservative: one step per output
@@ -107,6 +108,11 @@ def encode_model(model, output: str, options: EncodeOptions, target: tuple[str, 
     fidelity = replace(fidelity, calibration=calibration)
     try:
         return encode_to_target(model, output, fidelity, options)
+    except NothingToQuantize as exc:
+        # Every tensor is stored exactly (the float coder where it pays): the decoded model is the original.
+        summary = encode_records(model.records, output, replace(options, lossless=True), model.metadata, model.sections)
+        summary.notes = (*summary.notes, f"{exc}: {STORED_EXACTLY}")
+        return summary, None
     except ModelRunError as exc:
         if exc.source != "generated":
             raise
@@ -123,6 +129,7 @@ def encode_model(model, output: str, options: EncodeOptions, target: tuple[str, 
         return _unverified(model, output, options, deploy, why)
 
 
+STORED_EXACTLY = "every tensor was stored exactly, so the decoded model is the original"
 UNVERIFIED = ("the data-free default was used (per output channel, step 0.02 x the channel's std) and the "
               "decoded model is unverified")
 

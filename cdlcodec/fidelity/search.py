@@ -329,6 +329,10 @@ def decoded_values(levels: np.ndarray, quant: dict, rec: TensorRecord) -> np.nda
     return values.result()
 
 
+class NothingToQuantize(CdlInputError):
+    """The graph has no tensor the search may quantize: every target is met by storing it exactly."""
+
+
 def _inputs_for(proto, options: FidelityOptions, log) -> Inputs:
     if isinstance(options.calibration, Inputs):
         inputs = options.calibration
@@ -377,7 +381,8 @@ class _Search:
                       and r.array.ndim >= 2 and r.numel >= MIN_ELEMENTS
                       and np.all(np.isfinite(np.asarray(r.array, dtype=np.float64)))]
         if not self.names:
-            raise CdlInputError("the graph has no weights to quantize (no Conv/Gemm/MatMul/LSTM/Gather weights)")
+            raise NothingToQuantize("the graph has no weights to quantize (no Conv/Gemm/MatMul/LSTM/Gather weights "
+                                    f"of {MIN_ELEMENTS} or more values)")
         self.inputs = _inputs_for(stripped, options, self.log)
         init_to_record = {init.name: reference_of(init) for init in stripped.graph.initializer
                           if reference_of(init) is not None}

@@ -154,14 +154,15 @@ def _encode(model, output, options, arch, targets, calibration, no_gptq, same_de
             deploy=None):
     """Encode to a fidelity target (or the default one), with --arch's graph, or as the options say."""
     if fidelity:
-        from cdlcodec.fidelity.encode import UNVERIFIED, encode_path
+        from cdlcodec.fidelity.encode import STORED_EXACTLY, UNVERIFIED, encode_path
 
         summary, report = encode_path(model, output, options, targets[0][1:] if targets else None, calibration,
                                       gptq=not no_gptq, explicit=bool(targets or calibration),
                                       same_decisions=same_decisions, deploy=deploy)
         if not quiet and report is not None:
             click.echo(report.summary_line())
-        elif not quiet and not summary.report and not any(UNVERIFIED in note for note in summary.notes):
+        elif not quiet and not summary.report and not any(UNVERIFIED in note or STORED_EXACTLY in note
+                                                          for note in summary.notes):
             from cdlcodec.fidelity.encode import onnxruntime_available
 
             why, fix = "no graph to run the model with (a state_dict or .pt2 file)", "encode the ONNX model"
