@@ -716,3 +716,27 @@ def test_a_graph_with_nothing_to_quantize_is_stored_exactly(tmp_path, capsys):
         decoded = {r.name: np.asarray(r.array) for r in decode_container(str(tmp_path / "t.cdl")).records}
         assert np.array_equal(decoded["w"], w) and np.array_equal(decoded["b"], b)
         (tmp_path / "t.cdl").unlink()
+
+
+def test_a_graph_input_without_a_shape_gets_the_data_free_default(tmp_path, capsys):
+    from cdlcodec.cli.main import main
+
+    x = onnx.ValueInfoProto()
+    x.name = "x"
+    x.type.tensor_type.elem_type = TensorProto.FLOAT  # no shape declared
+    w = np.random.default_rng(12).standard_normal((32, 8)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "noshape", [x],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = str(tmp_path / "noshape.onnx")
+    onnx.save(model, path)
+    with pytest.raises(SystemExit) as exc:
+        main(["encode", path, "-o", str(tmp_path / "a.cdl")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 0 and "declares no shape" in err and "data-free default" in err
+    with pytest.raises(SystemExit) as exc:
+        main(["encode", path, "-o", str(tmp_path / "b.cdl"), "--target-cosine", "0.99"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "declares no shape" in err and "--calibration" in err
+    assert not (tmp_path / "b.cdl").exists()

@@ -192,12 +192,11 @@ def generate_inputs(proto, samples: int = GENERATED_SAMPLES, seed: int = 0) -> I
         for vi in graph_inputs(proto):
             elem, dims = _declared(vi)
             if dims is None:
-                raise CdlInputError(f"graph input {vi.name!r} declares no shape; give calibration data")
+                raise UncheckableInputs(f"graph input {vi.name!r} declares no shape, so no inputs can be generated")
             shape = [d if d else (1 if i == 0 else GENERATED_DIM) for i, d in enumerate(dims)]
             dtype = _ONNX_NUMPY.get(elem)
             if dtype is None:
-                raise CdlInputError(f"graph input {vi.name!r} has a type inputs cannot be generated for; "
-                                    "give calibration data")
+                raise UncheckableInputs(f"graph input {vi.name!r} has a type inputs cannot be generated for")
             if np.issubdtype(dtype, np.floating):
                 value = rng.standard_normal(shape).astype(dtype)
             elif vi.name in rows:
