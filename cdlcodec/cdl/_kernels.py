@@ -537,9 +537,12 @@ def _window_grads(th, q, lo, hi, kb, gb, grad_sums):
         c = c if c <= hi - 2 else float(hi - 2)
         kb[i] = int(c) - 2 - lo
     for i in range(th.size):
-        base = kb[i]
-        for j in range(5):
-            gb[j, i] = grad_sums[base + j]
+        base = np.uint64(kb[i])      # unsigned: no negative-index wraparound select per load
+        gb[0, i] = grad_sums[base]
+        gb[1, i] = grad_sums[base + np.uint64(1)]
+        gb[2, i] = grad_sums[base + np.uint64(2)]
+        gb[3, i] = grad_sums[base + np.uint64(3)]
+        gb[4, i] = grad_sums[base + np.uint64(4)]
 
 
 @njit(cache=True, error_model="numpy")
