@@ -464,12 +464,12 @@ def _hist5(hist, kb, p0, p1, p2, p3, p4):
     """The MPMF scatter of one block: hist[j & 3][kb[j] + o] += p_o[j] (four histograms in turn)."""
     for j in range(kb.size):
         h = hist[j & 3]
-        kk = kb[j]
+        kk = np.uint64(kb[j])      # unsigned: no negative-index wraparound select per add
         h[kk] += p0[j]
-        h[kk + 1] += p1[j]
-        h[kk + 2] += p2[j]
-        h[kk + 3] += p3[j]
-        h[kk + 4] += p4[j]
+        h[kk + np.uint64(1)] += p1[j]
+        h[kk + np.uint64(2)] += p2[j]
+        h[kk + np.uint64(3)] += p3[j]
+        h[kk + np.uint64(4)] += p4[j]
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
