@@ -425,6 +425,24 @@ def test_the_default_is_stricter_where_no_decision_can_be_checked(tmp_path):
     assert report.target.value == 0.999
 
 
+def _save(graph, path, opset: int = 17) -> str:
+    """`graph` as an ONNX model file (IR 8, the default domain at `opset`)."""
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def _cli(capture, *args) -> tuple[int, str]:
+    """(exit status, stderr) of `cdlcodec ARGS`; `capture`: capsys, or capfd to see what onnxruntime
+    writes to file descriptor 2 itself."""
+    from cdlcodec.cli.main import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in args])
+    return exc.value.code, capture.readouterr().err
+
+
 def _detector_head(path, seed=7, grid=None):
     """x[n, 40, 16] -> Concat(boxes = (x @ wb) * 300 on the pixel scale, scores = Sigmoid(x @ ws),
     [grid]) along the last axis: a YOLOv8-style head whose class scores are tiny next to its boxes."""
@@ -520,16 +538,9 @@ def _one_hot_classifier(path, seed=8):
 def test_without_inputs_to_vary_the_default_is_data_free_and_says_so(tmp_path, capsys):
     """Integers that index no table are generated as zeros: every generated sample would be the same
     input, so the encoder does not pretend to check on them."""
-    from cdlcodec.cli.main import main
-
-    def call(*args):
-        with pytest.raises(SystemExit) as exc:
-            main([str(a) for a in args])
-        return exc.value.code, capsys.readouterr().err
-
     path = _one_hot_classifier(str(tmp_path / "onehot.onnx"))
     out = str(tmp_path / "onehot.cdl")
-    code, err = call("encode", path, "-o", out)
+    code, err = _cli(capsys, "encode", path, "-o", out)
     assert code == 0, err
     assert "no graph input can be generated at random" in err and "give --calibration" in err
     with ContainerReader(out) as reader:
@@ -537,12 +548,12 @@ def test_without_inputs_to_vary_the_default_is_data_free_and_says_so(tmp_path, c
         (w,) = [e for e in reader.tensors if e.name == "w"]
         assert w.encoding == "levels"
     # an explicit target cannot be checked on one point: a clean error, nothing written
-    code, err = call("encode", path, "-o", out + "2", "--target-cosine", "0.99")
+    code, err = _cli(capsys, "encode", path, "-o", out + "2", "--target-cosine", "0.99")
     assert code != 0 and "cdlcodec: error:" in err and "give --calibration" in err
     assert not (tmp_path / "onehot.cdl2").exists()
     # with calibration data the search runs as usual
     np.savez(tmp_path / "c.npz", bytes=np.random.default_rng(0).integers(0, 16, (24, 12)).astype(np.int32))
-    code, err = call("encode", path, "-o", out + "3", "--calibration", tmp_path / "c.npz")
+    code, err = _cli(capsys, "encode", path, "-o", out + "3", "--calibration", tmp_path / "c.npz")
     assert code == 0, err
     with ContainerReader(out + "3") as reader:
         assert reader.metadata["fidelity.target"].startswith("cosine >= 0.999")
@@ -572,8 +583,6 @@ def test_a_model_that_cannot_run_on_generated_inputs_gets_the_data_free_default(
     """An audio model declared [n, samples] runs a 400-sample convolution: 32 generated samples cannot
     pass it. Without calibration data the default then says why and uses the data-free rule; an
     explicit target is a clean error asking for calibration data; onnxruntime's own log stays quiet."""
-    from cdlcodec.cli.main import main
-
     rng = np.random.default_rng(9)
     inits = [numpy_helper.from_array((rng.standard_normal((8, 1, 400)) / 20).astype(np.float32), "w"),
              numpy_helper.from_array((rng.standard_normal((8, 4)) / 4).astype(np.float32), "w2"),
@@ -582,27 +591,18 @@ def test_a_model_that_cannot_run_on_generated_inputs_gets_the_data_free_default(
              helper.make_node("ReduceMean", ["c", "two"], ["m"], keepdims=0), helper.make_node("MatMul", ["m", "w2"], ["y"])]
     graph = helper.make_graph(nodes, "audio", [helper.make_tensor_value_info("audio", TensorProto.FLOAT, ["n", "samples"])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 8
-    path = str(tmp_path / "audio.onnx")
-    onnx.save(model, path)
-
-    def call(*args):
-        with pytest.raises(SystemExit) as exc:
-            main([str(a) for a in args])
-        return exc.value.code, capfd.readouterr().err  # file descriptor 2: onnxruntime logs there
-
-    code, err = call("encode", path, "-o", tmp_path / "a.cdl")
+    path = _save(graph, tmp_path / "audio.onnx", opset=18)
+    code, err = _cli(capfd, "encode", path, "-o", tmp_path / "a.cdl")
     assert code == 0, err
     assert "does not run on inputs generated from its declared shapes" in err and "data-free default" in err
     assert "[E:onnxruntime" not in err
     with ContainerReader(str(tmp_path / "a.cdl")) as reader:
         assert "fidelity.target" not in reader.metadata
-    code, err = call("encode", path, "-o", tmp_path / "b.cdl", "--target-cosine", "0.99")
+    code, err = _cli(capfd, "encode", path, "-o", tmp_path / "b.cdl", "--target-cosine", "0.99")
     assert code == 2 and "cdlcodec: error: cannot check a fidelity target" in err and "--calibration" in err
     assert not (tmp_path / "b.cdl").exists()
     np.savez(tmp_path / "c.npz", audio=rng.standard_normal((24, 1600)).astype(np.float32))
-    code, err = call("encode", path, "-o", tmp_path / "c.cdl", "--calibration", tmp_path / "c.npz")
+    code, err = _cli(capfd, "encode", path, "-o", tmp_path / "c.cdl", "--calibration", tmp_path / "c.npz")
     assert code == 0, err
     with ContainerReader(str(tmp_path / "c.cdl")) as reader:
         assert reader.metadata["fidelity.target"].startswith("cosine >= 0.999")
@@ -611,7 +611,6 @@ def test_a_model_that_cannot_run_on_generated_inputs_gets_the_data_free_default(
 def test_outputs_alike_on_every_generated_input_mean_nothing_was_checked(tmp_path, capsys):
     """A front end whose generated inputs are too short for one frame returns the same (empty) features
     for all of them: "cosine 1" there is no check, so the default falls back and says so."""
-    from cdlcodec.cli.main import main
     from cdlcodec.fidelity.inputs import outputs_alike
 
     assert outputs_alike([[np.zeros(3)], [np.zeros(3)]]) and not outputs_alike([[np.zeros(3)], [np.ones(3)]])
@@ -628,14 +627,9 @@ def test_outputs_alike_on_every_generated_input_mean_nothing_was_checked(tmp_pat
     inits.append(numpy_helper.from_array(np.array([1, 16], np.int64), "shape16"))
     graph = helper.make_graph(nodes, "frames", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", "samples"])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path = str(tmp_path / "frames.onnx")
-    onnx.save(model, path)
-    with pytest.raises(SystemExit) as exc:
-        main(["encode", path, "-o", str(tmp_path / "f.cdl")])
-    err = capsys.readouterr().err
-    assert exc.value.code == 0, err
+    path = _save(graph, tmp_path / "frames.onnx")
+    code, err = _cli(capsys, "encode", path, "-o", str(tmp_path / "f.cdl"))
+    assert code == 0, err
     assert "outputs are the same for every generated input" in err and "data-free default" in err
     with ContainerReader(str(tmp_path / "f.cdl")) as reader:
         assert "fidelity.target" not in reader.metadata
@@ -695,7 +689,6 @@ def test_the_scorer_of_eval_and_search_measures_the_same_pieces(tmp_path):
 def test_a_graph_with_nothing_to_quantize_is_stored_exactly(tmp_path, capsys):
     """Only tensors too small to quantize: the default writes every tensor exactly and says so
     (it used to fail with "no weights to quantize")."""
-    from cdlcodec.cli.main import main
     from cdlcodec.codec import decode_container
 
     w, b = np.arange(6, dtype=np.float32).reshape(3, 2) / 7, np.ones(2, np.float32)
@@ -703,15 +696,10 @@ def test_a_graph_with_nothing_to_quantize_is_stored_exactly(tmp_path, capsys):
                               "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2])],
                               [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path = str(tmp_path / "tiny.onnx")
-    onnx.save(model, path)
+    path = _save(graph, tmp_path / "tiny.onnx")
     for args in ([], ["--target-cosine", "0.99"]):
-        with pytest.raises(SystemExit) as exc:
-            main(["encode", path, "-o", str(tmp_path / "t.cdl"), *args])
-        err = capsys.readouterr().err
-        assert exc.value.code == 0, err
+        code, err = _cli(capsys, "encode", path, "-o", tmp_path / "t.cdl", *args)
+        assert code == 0, err
         assert "every tensor was stored exactly" in err and "unverified" not in err
         decoded = {r.name: np.asarray(r.array) for r in decode_container(str(tmp_path / "t.cdl")).records}
         assert np.array_equal(decoded["w"], w) and np.array_equal(decoded["b"], b)
@@ -719,24 +707,15 @@ def test_a_graph_with_nothing_to_quantize_is_stored_exactly(tmp_path, capsys):
 
 
 def test_a_graph_input_without_a_shape_gets_the_data_free_default(tmp_path, capsys):
-    from cdlcodec.cli.main import main
-
     x = onnx.ValueInfoProto()
     x.name = "x"
     x.type.tensor_type.elem_type = TensorProto.FLOAT  # no shape declared
     w = np.random.default_rng(12).standard_normal((32, 8)).astype(np.float32)
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "noshape", [x],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(w, "w")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path = str(tmp_path / "noshape.onnx")
-    onnx.save(model, path)
-    with pytest.raises(SystemExit) as exc:
-        main(["encode", path, "-o", str(tmp_path / "a.cdl")])
-    err = capsys.readouterr().err
-    assert exc.value.code == 0 and "declares no shape" in err and "data-free default" in err
-    with pytest.raises(SystemExit) as exc:
-        main(["encode", path, "-o", str(tmp_path / "b.cdl"), "--target-cosine", "0.99"])
-    err = capsys.readouterr().err
-    assert exc.value.code == 2 and "declares no shape" in err and "--calibration" in err
+    path = _save(graph, tmp_path / "noshape.onnx")
+    code, err = _cli(capsys, "encode", path, "-o", str(tmp_path / "a.cdl"))
+    assert code == 0 and "declares no shape" in err and "data-free default" in err
+    code, err = _cli(capsys, "encode", path, "-o", str(tmp_path / "b.cdl"), "--target-cosine", "0.99")
+    assert code == 2 and "declares no shape" in err and "--calibration" in err
     assert not (tmp_path / "b.cdl").exists()
