@@ -102,3 +102,51 @@ def test_a_whole_module_is_refused_with_advice(tmp_path, cli):
             "torch.nn.modules.linear.Linear); save the model's state_dict() instead") in err
     assert err.rstrip().endswith("cdlcodec never unpickles code")
     assert "add_safe_globals" not in err  # never torch's advice on how to unpickle it anyway
+
+
+class _Hyperparameters:
+    """Stands for a training script's config object (a Lightning checkpoint's omegaconf containers):
+    unpickling it for real calls _touched and sets .seen; cdlcodec must do neither."""
+    seen = []
+
+    def __init__(self, **values):
+        self.values = values
+
+    def __reduce__(self):
+        return _touched, (self.values,)
+
+
+def _touched(values):
+    _Hyperparameters.seen.append(values)
+    return _Hyperparameters()
+
+
+def test_python_objects_next_to_the_weights_are_ignored_not_run(tmp_path, cli):
+    """pesto-pitch's mir-1k_g7.ckpt (a Lightning checkpoint, its hparams as omegaconf objects) was
+    refused ("it names omegaconf.listconfig.ListConfig"); its 22-tensor state_dict now encodes,
+    and no code named in the file runs."""
+    net = nn.Sequential(nn.Conv1d(1, 4, 5), nn.ReLU(), nn.Linear(8, 3))
+    state = net.state_dict()
+    torch.save({"epoch": 3, "state_dict": state, "hyper_parameters": _Hyperparameters(lr=1e-3, layers=[4, 3])},
+               tmp_path / "lightning.ckpt")
+    _Hyperparameters.seen.clear()
+    with pytest.warns(UserWarning, match=r"ignored the Python objects next to the weights \(.*_touched"):
+        code, _, err = cli("encode", tmp_path / "lightning.ckpt", "-o", tmp_path / "l.cdl", "-q")
+    assert code == 0, err
+    assert _Hyperparameters.seen == []  # the reduce function was never called
+    assert cli("decode", tmp_path / "l.cdl", "-o", tmp_path / "l.pt", "-q")[0] == 0
+    decoded = torch.load(tmp_path / "l.pt", weights_only=True)
+    assert sorted(decoded) == sorted(state)
+    for name, tensor in state.items():
+        assert torch.allclose(decoded[name], tensor, atol=0.02 * float(tensor.std()) + 1e-7), name
+
+
+def test_weights_inside_a_python_object_are_still_refused(tmp_path, cli):
+    """The placeholders drop an object's state: when the weights are in one (a whole module under
+    "model"), the file is refused as before, never encoded without them."""
+    torch.save({"epoch": 1, "model": nn.Linear(3, 2), "config": _Hyperparameters(lr=1.0)}, tmp_path / "m.pt")
+    _Hyperparameters.seen.clear()
+    code, _, err = cli("encode", tmp_path / "m.pt", "-o", tmp_path / "m.cdl", "-q")
+    assert code == 2 and err.count("\n") == 1, err
+    assert "refused to load: it holds a whole module or other Python objects" in err
+    assert _Hyperparameters.seen == [] and not (tmp_path / "m.cdl").exists()

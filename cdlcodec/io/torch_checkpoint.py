@@ -4,7 +4,9 @@ Accepted: a flat {name: tensor} state_dict, or a checkpoint that wraps one: unde
 training scripts use ("state_dict", "model", "model_state", "model_state_dict", "net", ...), or as
 its only entry that maps names to tensors (Resemblyzer's {"step", "model_state", "optimizer_state"}
 was refused before). Untrusted pickles are never executed: weights_only=True refuses anything but tensors and
-plain containers, and we never fall back to unsafe loading.
+plain containers, and we never fall back to unsafe loading. Python objects beside the weights (a
+Lightning checkpoint's hyper-parameters as omegaconf containers, an argparse.Namespace) are read
+as inert placeholders, never imported or run, and ignored (see _load_with_placeholders).
 """
 from __future__ import annotations
 
@@ -140,22 +142,21 @@ def read_torch_checkpoint(path: str) -> list[TensorRecord]:
 
     if not _looks_like_torch_file(path):
         raise CdlInputError(f"{path}: not a readable torch checkpoint (neither a zip archive nor a pickle)")
+    unreadable = (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, AttributeError, ImportError, KeyError,
+                  IndexError)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:  # zip checkpoints can be memory-mapped: tensors are paged in as they are encoded
-                obj, mapped = torch.load(path, map_location="cpu", weights_only=True, mmap=True), True
-            except RuntimeError as exc:
-                if "mmap" not in str(exc):
-                    raise
-                obj, mapped = torch.load(path, map_location="cpu", weights_only=True), False
+        obj, mapped = _load_weights_only(path)
     except pickle.UnpicklingError as exc:
-        raise CdlInputError(f"{path}: refused to load: it holds a whole module or other Python objects, not only "
-                            f"tensors ({unpickling_refusal(exc)}); save the model's state_dict() instead "
-                            "(torch.save(model.state_dict(), path)); cdlcodec never unpickles code") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, AttributeError, ImportError, KeyError, IndexError) as exc:
+        refusal = CdlInputError(f"{path}: refused to load: it holds a whole module or other Python objects, not only "
+                                f"tensors ({unpickling_refusal(exc)}); save the model's state_dict() instead "
+                                "(torch.save(model.state_dict(), path)); cdlcodec never unpickles code")
+        state, mapped = _load_with_placeholders(path, unreadable)
+        if state is None:
+            raise refusal from None
+    except unreadable as exc:
         raise CdlInputError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from None
-    state = unwrap_state_dict(obj, path)
+    else:
+        state = unwrap_state_dict(obj, path)
     records, skipped = [], []
     for name, value in state.items():
         if isinstance(value, torch.Tensor):
@@ -165,6 +166,55 @@ def read_torch_checkpoint(path: str) -> list[TensorRecord]:
     if skipped:
         warnings.warn(f"{path}: ignored {len(skipped)} non-tensor entries: {', '.join(skipped[:5])}")
     return records
+
+
+def _load_weights_only(path: str, placeholders=()):
+    """torch.load(weights_only=True), memory-mapped where the file allows (zip checkpoints: tensors
+    are paged in as they are encoded); `placeholders` are (class, "module.Name") pairs the loader may
+    also build. Returns (object, mapped)."""
+    import torch
+
+    with warnings.catch_warnings(), torch.serialization.safe_globals(list(placeholders)):
+        warnings.simplefilter("ignore")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True), True
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True), False
+
+
+def _placeholder(full_name: str) -> type:
+    """A class standing in for the pickled global `full_name`: built from any arguments and any
+    state, it keeps nothing and runs nothing (the real class is never imported)."""
+    return type("Unloaded", (), {
+        "__new__": lambda cls, *args, **kwargs: object.__new__(cls),
+        "__init__": lambda self, *args, **kwargs: None,
+        "__setstate__": lambda self, state: None,
+        "__repr__": lambda self: f"<{full_name}, not loaded>",
+        "__module__": __name__, "__qualname__": f"Unloaded[{full_name}]"})
+
+
+def _load_with_placeholders(path: str, unreadable: tuple):
+    """(state_dict, mapped) of a checkpoint whose weights are a plain state_dict next to pickled
+    Python objects (a Lightning checkpoint's hyper-parameters as omegaconf containers, an
+    argparse.Namespace): loaded again with weights_only=True, each global the loader refused
+    standing for an inert placeholder, so that no code from the file runs and no module it names
+    is imported. (None, False) when that finds no state_dict (the weights themselves are an object,
+    e.g. a whole nn.Module: its parameters are in the placeholder's state, which is dropped) or
+    the objects need more than a placeholder gives (appending to one)."""
+    import torch
+
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        obj, mapped = _load_weights_only(path, [(_placeholder(n), n) for n in names])
+        state = unwrap_state_dict(obj, path)
+    except (pickle.UnpicklingError, CdlInputError, TypeError, *unreadable):
+        return None, False
+    if names:
+        warnings.warn(f"{path}: ignored the Python objects next to the weights ({', '.join(names[:4])}"
+                      f"{', ...' if len(names) > 4 else ''}): read as inert placeholders, never imported or run")
+    return state, mapped
 
 
 def _lazy_record(name: str, tensor, mapped: bool) -> LazyTensorRecord:
