@@ -719,3 +719,41 @@ def test_a_graph_input_without_a_shape_gets_the_data_free_default(tmp_path, caps
     code, err = _cli(capsys, "encode", path, "-o", str(tmp_path / "b.cdl"), "--target-cosine", "0.99")
     assert code == 2 and "declares no shape" in err and "--calibration" in err
     assert not (tmp_path / "b.cdl").exists()
+
+
+def test_sensitivity_samples_stop_once_the_outputs_hold_enough_values():
+    from cdlcodec.fidelity.search import MIN_SENSITIVITY_SAMPLES, SENSITIVITY_SAMPLES, sensitivity_samples
+
+    def sample(*shapes):
+        return [[np.zeros(s, np.float32) for s in shapes]]
+
+    assert sensitivity_samples(sample((1, 10))) == SENSITIVITY_SAMPLES           # a classifier: every sample
+    assert sensitivity_samples(sample((1, 3549, 6))) == SENSITIVITY_SAMPLES      # 21k values per sample
+    assert sensitivity_samples(sample((1, 1, 384, 512))) == 6                    # 196,608 values: 6 hold 1 M
+    assert sensitivity_samples(sample((1, 7600, 10), (1, 7600, 32))) == MIN_SENSITIVITY_SAMPLES
+    assert sensitivity_samples([]) == SENSITIVITY_SAMPLES
+
+
+def test_big_output_maps_measure_sensitivity_on_fewer_samples(tmp_path, capsys):
+    """A convolution whose output map holds 256k values per sample: the sensitivity phase (one model run
+    per tensor) runs 4 samples, not 16; the file still meets the default and decodes to the same bytes
+    on a second encode (the count comes from the outputs, not from timing)."""
+    rng = np.random.default_rng(11)
+    w1 = (rng.standard_normal((8, 3, 3, 3)) / 4).astype(np.float32)
+    w2 = (rng.standard_normal((4, 8, 3, 3)) / 8).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w1"], ["h"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("Conv", ["r", "w2"], ["y"], pads=[1, 1, 1, 1])], "map",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 256, 256])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 256, 256])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    path = _save(graph, tmp_path / "map.onnx")
+    code, err = _cli(capsys, "encode", path, "-o", tmp_path / "a.cdl")
+    assert code == 0, err
+    assert "measuring the output sensitivity of 2 tensors on 4 samples" in err
+    with ContainerReader(str(tmp_path / "a.cdl")) as reader:
+        assert reader.metadata["fidelity.target"].startswith("cosine >= 0.9999")
+        assert float(reader.metadata["fidelity.achieved"]) >= 0.9999
+    code, err = _cli(capsys, "encode", path, "-o", tmp_path / "b.cdl")
+    assert code == 0, err
+    assert (tmp_path / "a.cdl").read_bytes() == (tmp_path / "b.cdl").read_bytes()

@@ -43,7 +43,13 @@ from .roles import gemm_layout, graph_roles, output_axes
 
 MIN_ELEMENTS = 16          # smaller tensors are stored exactly: their bits do not matter
 SEARCH_RUNS = 8            # model runs at most for the budget search
-SENSITIVITY_SAMPLES = 16   # samples used to measure each tensor's sensitivity
+SENSITIVITY_SAMPLES = 16   # samples used to measure each tensor's sensitivity (at most)
+# ... or fewer, down to MIN_SENSITIVITY_SAMPLES, once their outputs hold this many values: a detector or a
+# dense map gives hundreds of thousands per sample, and the phase (one model run per tensor) took 87 % of a
+# 1.8 M-parameter layout detector's encode at 16 samples; at 4 the plan and the real-input results were the
+# same (BENCHMARKS.md). Counted from the outputs, not timed, so the bytes do not depend on the machine.
+SENSITIVITY_VALUES = 1_000_000
+MIN_SENSITIVITY_SAMPLES = 4
 SENSITIVITY_FLOOR = 1e-3   # no tensor counts as less sensitive than this share of the median tensor
 MIN_SPLIT = 8              # fewer calibration samples: GPTQ and the search share them
 # Trellis-coded candidates: their Viterbi search runs only compiled (as plain Python it would take hours).
@@ -477,7 +483,8 @@ class _Search:
         the compensation hides is charged for what reaches the output, not for its raw weight error;
         measured on samples GPTQ was not fitted on (it would look better on its own data)."""
         start = self.check.start or 0
-        part = slice(start, min(start + SENSITIVITY_SAMPLES, len(self.inputs.samples)))
+        part = slice(start, min(start + sensitivity_samples(self._distortion_view(self.reference[start:start + 1])),
+                                len(self.inputs.samples)))
         n_sens = part.stop - part.start
         self.log(f"measuring the output sensitivity of {len(self.names)} tensors on {n_sens} samples")
         reference = self._distortion_view(self.reference[part])
@@ -667,6 +674,16 @@ class _Search:
                 " trellis" if cand.dependent else "")
         chosen = {name: self.rounder.get(name, cand) for name, cand in plan.choice.items() if not cand.exact}
         return make("fidelity", chosen=chosen, target=self.options.describe()), report, self.inputs
+
+
+def sensitivity_samples(first_sample) -> int:
+    """How many samples the sensitivity phase runs: SENSITIVITY_SAMPLES, or fewer (not below
+    MIN_SENSITIVITY_SAMPLES) when that many already give SENSITIVITY_VALUES output values.
+    `first_sample`: one sample's measured outputs (a list holding one list of arrays)."""
+    per_sample = sum(int(np.asarray(a).size) for a in first_sample[0]) if first_sample else 0
+    if per_sample <= 0:
+        return SENSITIVITY_SAMPLES
+    return max(MIN_SENSITIVITY_SAMPLES, min(SENSITIVITY_SAMPLES, -(-SENSITIVITY_VALUES // per_sample)))
 
 
 def _bracket(tried: list[tuple[float, float]], plans: list[Plan], best: Plan | None) -> list[Plan]:
