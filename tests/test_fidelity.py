@@ -757,3 +757,31 @@ def test_big_output_maps_measure_sensitivity_on_fewer_samples(tmp_path, capsys):
     code, err = _cli(capsys, "encode", path, "-o", tmp_path / "b.cdl")
     assert code == 0, err
     assert (tmp_path / "a.cdl").read_bytes() == (tmp_path / "b.cdl").read_bytes()
+
+
+def test_positive_scores_are_no_logits(tmp_path):
+    """DNSMOS (speechmos) returns [batch, 3] quality scores, raw 1-4: read as logits, the default held
+    only the order of the three scores in each sample and lowered its target to cosine 0.999, and
+    the MOS moved by up to 0.22 on real clips. A narrow output positive on every sample decides
+    nothing: the default holds cosine 0.9999; one with a value <= 0 is still a classifier's logits."""
+    from cdlcodec.codec import EncodeOptions
+    from cdlcodec.fidelity.decisions import changed_samples, checkable
+    from cdlcodec.fidelity.encode import encode_model
+
+    kinds = {0: ("vector", 0)}
+    scores = [[np.array([[3.1, 2.9, 3.0]])], [np.array([[1.2, 1.5, 1.1]])], [np.array([[2.0, 2.2, 2.1]])]]
+    assert checkable(kinds, scores) == {}
+    logits = [[np.array([[3.1, -0.4, 1.0]])], scores[1], scores[2]]
+    assert checkable(kinds, logits) == kinds
+    assert changed_samples(logits, [[np.array([[-0.5, 3.1, 1.0]])], scores[1], scores[2]], kinds) == 1
+
+    proto = onnx.load(_mlp(str(tmp_path / "m.onnx"), n_out=3))
+    proto.graph.node.append(helper.make_node("Add", ["logits", "offset"], ["scores"]))
+    proto.graph.initializer.append(numpy_helper.from_array(np.full(3, 3.0, np.float32), "offset"))
+    proto.graph.output[0].name = "scores"
+    onnx.save(proto, str(tmp_path / "scores.onnx"))
+    out = str(tmp_path / "scores.cdl")
+    _, report = encode_model(read_model(str(tmp_path / "scores.onnx")), out, EncodeOptions(quiet=True), None, None)
+    assert report.target.value == 0.9999 and report.checked >= 0.9999  # 0.999, "same decisions" before
+    with ContainerReader(out) as reader:
+        assert reader.metadata["fidelity.target"].startswith("cosine >= 0.9999")

@@ -6,7 +6,8 @@ Sigmoid decides by which side of 0.5 each value lies (speech or not, text pixel 
 that is one plain vector per sample ([batch, features], no squashing op) is read by its values and
 width: one value in [0, 1] is a probability (side of 0.5); rows that are probability distributions
 (non-negative, summing to 1: a softmax written out as Exp / ReduceSum / Div, as in Magika's file-type
-model) or a few values (under MIN_EMBEDDING, a classifier's logits) decide by their argmax; wider
+model) or a few values (under MIN_EMBEDDING, a classifier's logits) decide by their argmax, unless
+every value is positive on every sample (scores, not logits: they decide nothing); wider
 ones are an embedding, which decides for each sample which other sample of the same run is most
 similar to it (cosine): the retrieval a sentence or image embedding is used for.
 
@@ -28,6 +29,13 @@ _FLOATS = (1, 10, 11, 16)  # onnx FLOAT, FLOAT16, DOUBLE, BFLOAT16
 KEEP_MARGIN = 0.5
 # A plain [batch, features] output this wide is an embedding; narrower ones are logits.
 MIN_EMBEDDING = 16
+# Positive scores: a narrower plain output whose every value is positive on every sample is read as
+# regression scores that decide nothing, not as logits. Logits are shift-invariant under the softmax
+# and trained ones sit around 0 with both signs; scores (DNSMOS's [batch, 3] speech-quality MOS,
+# raw 1-4) do not, and reading them as logits held only the order of the three scores within each
+# sample while lowering the default target to cosine 0.999: DNSMOS's MOS moved by up to 0.22 on
+# real clips. Read as deciding nothing, the default holds cosine 0.9999 (up to 0.09). A classifier
+# wrongly read this way only gets the stricter target (more bits), never a looser one.
 
 
 def squashing_nodes(stripped_proto) -> dict[int, tuple[str, str, int]]:
@@ -137,6 +145,8 @@ def _margins(reference: list, decoded: list, kind: str, axis: int):
         if len(shape) == 2 and shape[1] == 1 and all(0.0 <= float(np.min(r)) and float(np.max(r)) <= 1.0
                                                      for r in reference):
             kind = "threshold"  # one value per sample in [0, 1]: a probability, decided at 0.5
+        elif shape[1] < MIN_EMBEDDING and all(float(np.min(r)) > 0.0 for r in reference):
+            return None  # every value positive on every sample: scores, not logits ("Positive scores" above)
         else:
             kind, axis = "argmax", -1  # a few values per sample: a classifier's logits
     if len(shape) == 0:
