@@ -85,10 +85,39 @@ _call_on_roomy_stack = types.FunctionType(_call.__code__.replace(co_stacksize=1 
                                           "_call_on_roomy_stack")
 
 
+@contextlib.contextmanager
+def _own_warnings_as_lines():
+    """Warnings cdlcodec itself raises (an ignored entry of a checkpoint, ...) print as one
+    "cdlcodec: warning: ..." line, like its errors, not as Python's "FILE:LINE: UserWarning: ..."
+    followed by the source line that raised it; other packages' warnings print as before."""
+    import warnings
+
+    import cdlcodec
+    import cdlcodec.cli
+    import cdlcodec.formats
+
+    roots = tuple(os.path.join(os.path.dirname(os.path.abspath(m.__file__)), "")
+                  for m in (cdlcodec, cdlcodec.formats, cdlcodec.cli))
+    previous = warnings.formatwarning
+
+    def formatted(message, category, filename, lineno, line=None):
+        if os.path.abspath(str(filename)).startswith(roots):
+            return f"cdlcodec: warning: {message}\n"
+        return previous(message, category, filename, lineno, line)
+
+    # the format, not the display: warnings recorded by catch_warnings(record=True) stay recorded
+    warnings.formatwarning = formatted
+    try:
+        yield
+    finally:
+        if warnings.formatwarning is formatted:
+            warnings.formatwarning = previous
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the group and turns library errors into one clean line and exit status 2."""
     try:
-        with _terminate_like_interrupt():
+        with _terminate_like_interrupt(), _own_warnings_as_lines():
             # Without standalone mode click returns ctx.exit()'s code instead of exiting with it.
             status = _call_on_roomy_stack(cli.main, args=argv, prog_name="cdlcodec", standalone_mode=False)
         if isinstance(status, int) and not isinstance(status, bool) and status != 0:

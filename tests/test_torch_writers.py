@@ -150,3 +150,12 @@ def test_weights_inside_a_python_object_are_still_refused(tmp_path, cli):
     assert code == 2 and err.count("\n") == 1, err
     assert "refused to load: it holds a whole module or other Python objects" in err
     assert _Hyperparameters.seen == [] and not (tmp_path / "m.cdl").exists()
+
+
+def test_warnings_about_the_input_are_one_line(tmp_path, run_cli):
+    """cdlcodec's own warnings print as "cdlcodec: warning: ..." lines, like its errors; they printed
+    as Python's "torch_checkpoint.py:167: UserWarning: ..." followed by the source line that raised them."""
+    torch.save({"w": torch.randn(4, 4), "name": "net", "epoch": 3}, tmp_path / "m.pt")
+    done = run_cli("encode", tmp_path / "m.pt", "-o", tmp_path / "m.cdl", "-q")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == f"cdlcodec: warning: {tmp_path / 'm.pt'}: ignored 2 non-tensor entries: name, epoch\n"

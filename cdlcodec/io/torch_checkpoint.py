@@ -211,7 +211,8 @@ def _load_with_placeholders(path: str, unreadable: tuple):
         state = unwrap_state_dict(obj, path)
     except (pickle.UnpicklingError, CdlInputError, TypeError, *unreadable):
         return None, False
-    if names:
+    if names:  # the file's own classes first (builtins a config refers to say little), in a fixed order
+        names = sorted(names, key=lambda n: (n.split(".")[0] in ("builtins", "collections", "typing"), n))
         warnings.warn(f"{path}: ignored the Python objects next to the weights ({', '.join(names[:4])}"
                       f"{', ...' if len(names) > 4 else ''}): read as inert placeholders, never imported or run")
     return state, mapped
