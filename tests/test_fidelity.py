@@ -320,6 +320,12 @@ def test_only_decisions_a_check_can_read_are_held():
     assert sorted(checkable(kinds, reference)) == [1, 2, 3, 4]
     out_of_range = [[r[0], r[1] + 2.0] for r in reference]  # one value outside [0, 1]: no probability
     assert checkable({1: ("vector", 0)}, out_of_range) == {}
+    # a few class probabilities (positive, each row summing to 1) decide by argmax; a few positive
+    # values that are no distribution are scores (DNSMOS's MOS) and decide nothing
+    probs = [[p / p.sum()] for p in (rng.random((1, 3)) + 0.01 for _ in range(4))]
+    assert checkable({0: ("vector", 0)}, probs) == {0: ("vector", 0)}
+    scores = [[rng.random((1, 3)) * 3 + 1] for _ in range(4)]
+    assert checkable({0: ("vector", 0)}, scores) == {}
 
 
 def test_near_ties_are_not_promised():

@@ -142,7 +142,7 @@ def _margins(reference: list, decoded: list, kind: str, axis: int):
             kind, axis = "argmax", -1  # class probabilities (a softmax the graph spells out)
         elif len(shape) == 2 and shape[0] == 1 and shape[1] >= MIN_EMBEDDING:
             return _neighbour_margins(reference, decoded)
-        if len(shape) == 2 and shape[1] == 1 and all(0.0 <= float(np.min(r)) and float(np.max(r)) <= 1.0
+        elif len(shape) == 2 and shape[1] == 1 and all(0.0 <= float(np.min(r)) and float(np.max(r)) <= 1.0
                                                      for r in reference):
             kind = "threshold"  # one value per sample in [0, 1]: a probability, decided at 0.5
         elif shape[1] < MIN_EMBEDDING and all(float(np.min(r)) > 0.0 for r in reference):
