@@ -159,3 +159,26 @@ def test_warnings_about_the_input_are_one_line(tmp_path, run_cli):
     done = run_cli("encode", tmp_path / "m.pt", "-o", tmp_path / "m.cdl", "-q")
     assert done.returncode == 0, done.stderr
     assert done.stderr == f"cdlcodec: warning: {tmp_path / 'm.pt'}: ignored 2 non-tensor entries: name, epoch\n"
+
+
+class _Shell:
+    """Pickles as os.system(command): what a hostile checkpoint puts beside real weights."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        import os
+        return os.system, (self.command,)
+
+
+def test_a_global_that_would_run_code_beside_the_weights_runs_nothing(tmp_path, cli):
+    """The placeholders for globals beside the weights never resolve what the file names: a checkpoint
+    whose extra entry unpickles as os.system(...) is refused and the command never runs."""
+    marker = tmp_path / "ran"
+    torch.save({"state_dict": nn.Linear(4, 2).state_dict(), "hook": _Shell(f"touch {marker}")},
+               tmp_path / "hostile.ckpt")
+    code, _, err = cli("encode", tmp_path / "hostile.ckpt", "-o", tmp_path / "h.cdl", "-q")
+    assert not marker.exists()
+    assert code == 2 and "refused to load" in err and "cdlcodec never unpickles code" in err, err
+    assert not (tmp_path / "h.cdl").exists()
