@@ -695,7 +695,9 @@ def container_summary(path: str, limits: Limits = Limits(), *, check_checksums: 
             "num_quantized_params": nq, "bits_per_param": 8.0 * reader.file_size / num if num else 0.0,
             "checksums": "verified" if check_checksums else "not checked",
             "metadata": dict(reader.metadata),
-            "sections": [{"name": s.name, "kind": s.kind, "bytes": s.length} for s in reader.sections],
+            "sections": [{"name": s.name, "kind": s.kind, "bytes": s.length,
+                          **({"compression": s.compression, "decompressed_bytes": s.size} if s.compression else {})}
+                         for s in reader.sections],
             "tensors": tensors,
         }
 

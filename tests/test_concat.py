@@ -148,7 +148,7 @@ def test_a_part_of_a_newer_minor_version_is_refused(tmp_path):
     _with_minor(tmp_path / "b.cdl", 7)
     with ContainerReader(tmp_path / "b.cdl") as reader:
         assert reader.version == (1, 7)  # readable: newer minor versions only add optional fields
-    with pytest.raises(CdlInputError, match=r"part .*b.cdl is format 1.7, newer than this writer's 1.1"):
+    with pytest.raises(CdlInputError, match=r"part .*b.cdl is format 1.7, newer than this writer's 1.2"):
         concat_containers([tmp_path / "a.cdl", tmp_path / "b.cdl"], tmp_path / "ab.cdl")
 
 

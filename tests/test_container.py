@@ -11,7 +11,8 @@ import pytest
 
 from cdlcodec.errors import CdlFormatError, CdlInputError
 from cdlcodec.formats.container import (END_MAGIC, FOOTER, MAGIC, PREFIX, ContainerReader,
-                                         ContainerWriter, Limits, TensorEntry)
+                                         ContainerWriter, FormatError, Limits, TensorEntry)
+from fuzz.fuzz_containers import build_container, split_container
 
 
 def _write_plain(path, tensors, metadata=None, sections=()):
@@ -211,3 +212,75 @@ def test_output_gets_ordinary_permissions(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(os.stat(tmp_path / "x.cdl").st_mode) == 0o644
+
+
+# --- zlib-compressed sections (format 1.2) ---------------------------------------------------------
+
+def _graph_like(n=4000):
+    """Bytes shaped like a stripped ONNX graph: repeated node and tensor names (compress well)."""
+    return b"".join(b"/model/layer%d/conv/Conv_output_0\x12cdl:layer%d.weight" % (i % 97, i % 97) for i in range(n // 40))
+
+
+def test_sections_are_stored_compressed_where_it_pays_and_read_back_exactly(tmp_path):
+    graph, noise = _graph_like(), np.random.default_rng(0).bytes(5000)
+    path = tmp_path / "s.cdl"
+    with ContainerWriter(path) as w:
+        w.add_section("model.onnx", "onnx", graph)
+        w.add_section("noise", "bytes", noise)              # incompressible: stored as it is
+        w.add_section("tiny", "json", b'{"a": 1}')          # too small to be worth a stream
+        w.add_section("raw.onnx", "onnx", graph, compress=False)
+    with ContainerReader(path) as r:
+        assert r.version == (1, 2)
+        by_name = {s.name: s for s in r.sections}
+        assert by_name["model.onnx"].compression == "zlib" and by_name["model.onnx"].size == len(graph)
+        assert by_name["model.onnx"].length < len(graph) // 4 and by_name["model.onnx"].kind == "onnx"
+        assert [by_name[n].compression for n in ("noise", "tiny", "raw.onnx")] == [None, None, None]
+        assert [r.read_section(by_name[n]) for n in ("model.onnx", "noise", "tiny", "raw.onnx")] == \
+            [graph, noise, b'{"a": 1}', graph]
+        r.check_checksums()
+    index, _, _ = split_container(path.read_bytes())
+    stored = {s["name"]: s for s in index["sections"]}
+    assert stored["model.onnx"]["kind"] == "zlib" and stored["model.onnx"]["content"] == "onnx"  # older readers refuse it
+    with ContainerWriter(tmp_path / "plain.cdl") as w:  # nothing compressed: still written as 1.0
+        w.add_section("noise", "bytes", noise)
+    with ContainerReader(tmp_path / "plain.cdl") as r:
+        assert r.version == (1, 0)
+
+
+def _zlib_container(tmp_path, entry_edit=None, blob=None):
+    graph = _graph_like()
+    packed = zlib.compress(graph, 9) if blob is None else blob
+    entry = {"name": "model.onnx", "kind": "zlib", "content": "onnx", "size": len(graph)}
+    if entry_edit:
+        entry_edit(entry)
+    index = {"format": "cdl", "metadata": {}, "tensors": [], "sections": [entry]}
+    path = tmp_path / "z.cdl"
+    path.write_bytes(build_container(index, [], [packed]))   # checksums valid: only the zlib layer lies
+    return path
+
+
+@pytest.mark.parametrize("edit, blob, message", [
+    (lambda e: e.update(size=e["size"] + 1), None, "does not hold exactly the stated"),
+    (lambda e: e.update(size=e["size"] - 1), None, "does not hold exactly the stated"),
+    (None, b"\x78\x9c" + b"\xff" * 300, "its zlib data is corrupt"),
+    (None, zlib.compress(_graph_like(), 9)[:-20], "does not hold exactly the stated"),
+    (None, zlib.compress(_graph_like(), 9) + b"trailing", "does not hold exactly the stated"),
+])
+def test_a_lying_zlib_section_is_a_clean_error_on_reading_it(tmp_path, edit, blob, message):
+    path = _zlib_container(tmp_path, edit, blob)
+    with ContainerReader(path) as r:
+        with pytest.raises(FormatError, match=message):
+            r.read_section(r.sections[0])
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda e: e.update(size=10 ** 9), "cannot hold the stated"),          # a bomb: refused unread
+    (lambda e: e.update(size=(1 << 30) + 1), "must be an integer in"),      # over Limits.max_section_bytes
+    (lambda e: e.pop("size"), "must be an integer in"),
+    (lambda e: e.update(content="zlib"), "unknown kind 'zlib'"),
+    (lambda e: e.update(content="python"), "unknown kind 'python'"),
+    (lambda e: e.pop("content"), "must be a string"),
+])
+def test_an_impossible_zlib_section_is_refused_when_the_file_is_opened(tmp_path, edit, message):
+    with pytest.raises(FormatError, match=message):
+        ContainerReader(_zlib_container(tmp_path, edit)).close()

@@ -177,6 +177,13 @@ def build_seeds() -> list[bytes]:
                           {"name": "blob", "kind": "bytes"}]}
     seeds.append(build_container(index, [np.zeros(9, np.float32).tobytes()],
                                  [_onnx_bytes(), b'{"a": [1, 2.5, {"b": null}]}', b"\x00\x01"]))
+    # format 1.2: sections stored as zlib streams (the graph of every ONNX encode since then)
+    graph, config = _onnx_bytes(), b'{"a": [1, 2.5, {"b": null}]}' * 20
+    index = {"format": "cdl", "metadata": {}, "tensors": [tensor_entry("w", (3, 3), "float32", encoding="plain")],
+             "sections": [{"name": "model.onnx", "kind": "zlib", "content": "onnx", "size": len(graph)},
+                          {"name": "config", "kind": "zlib", "content": "json", "size": len(config)}]}
+    seeds.append(build_container(index, [np.zeros(9, np.float32).tobytes()],
+                                 [zlib.compress(graph, 9), zlib.compress(config, 9)]))
     return seeds
 
 
@@ -389,7 +396,12 @@ def _mutate_index(r: random.Random, index: dict, tensors: list[bytes], sections:
         sections[i] = _bytes_mutation(r, sections[i])
     elif op == 3 and index["sections"]:
         i = r.randrange(len(index["sections"]))
-        index["sections"][i]["kind"] = r.choice(["onnx", "json", "bytes", "torch.export", "zip"])
+        section = index["sections"][i]
+        field = r.choice(["kind", "content", "size"])
+        if field == "size":  # a zlib section's stated length: off by a little, huge, or not a number
+            section["size"] = r.choice([0, 1, (section.get("size") or 0) + r.choice([-1, 1]), 1 << 30, 1 << 40, "9"])
+        else:
+            section[field] = r.choice(["onnx", "json", "bytes", "torch.export", "zip", "zlib"])
     elif op == 4:
         index["format"] = r.choice(["cdl", "CDL", None])
     elif index["tensors"]:
