@@ -141,10 +141,15 @@ def encode_decode(cdlcodec, model, work, name, extra=()):
     if enc.returncode != 0:
         raise SystemExit(f"{name}: encode failed: {enc.stderr.strip()[-500:]}")
     subprocess.run([cdlcodec, "decode", out, "-o", dec, "-q"], check=True)
+    bits, notes = encode_result(enc)
+    return dec, bits, seconds, notes
+
+
+def encode_result(enc):
+    """(bits/param, the fidelity and note lines) of a finished `cdlcodec encode` run."""
     summary = [line for line in enc.stdout.splitlines() if " -> " in line][-1]
     notes = [line for line in (enc.stdout + enc.stderr).splitlines() if line.startswith(("fidelity:", "cdlcodec: note"))]
-    bits = float(summary.split(" bits/param")[0].rsplit(" ", 1)[1])
-    return dec, bits, seconds, notes
+    return float(summary.split(" bits/param")[0].rsplit(" ", 1)[1]), notes
 
 
 def main():

@@ -41,6 +41,9 @@ import types
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from unseen_models import encode_result  # noqa: E402
+
 
 def module_classes(path, names, **env):
     """The classes NAMES of the source file PATH, without importing its package (whose imports
@@ -357,9 +360,7 @@ def encode_decode(cdlcodec, model, work, name, ext):
     if enc.returncode != 0:
         return None, None, seconds, [f"encode failed: {enc.stderr.strip()[-300:]}"]
     subprocess.run([cdlcodec, "decode", out, "-o", dec, "-q"], check=True)
-    summary = [line for line in enc.stdout.splitlines() if " -> " in line][-1]
-    notes = [line for line in (enc.stdout + enc.stderr).splitlines() if line.startswith(("fidelity:", "cdlcodec: note"))]
-    bits = float(summary.split(" bits/param")[0].rsplit(" ", 1)[1])
+    bits, notes = encode_result(enc)
     return dec, bits, seconds, notes
 
 

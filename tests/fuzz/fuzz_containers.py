@@ -399,7 +399,8 @@ def _mutate_index(r: random.Random, index: dict, tensors: list[bytes], sections:
         section = index["sections"][i]
         field = r.choice(["kind", "content", "size"])
         if field == "size":  # a zlib section's stated length: off by a little, huge, or not a number
-            section["size"] = r.choice([0, 1, (section.get("size") or 0) + r.choice([-1, 1]), 1 << 30, 1 << 40, "9"])
+            stated = section.get("size") if type(section.get("size")) is int else 0  # an earlier mutation may have made it "9"
+            section["size"] = r.choice([0, 1, stated + r.choice([-1, 1]), 1 << 30, 1 << 40, "9"])
         else:
             section[field] = r.choice(["onnx", "json", "bytes", "torch.export", "zip", "zlib"])
     elif op == 4:
