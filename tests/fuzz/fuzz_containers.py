@@ -178,7 +178,7 @@ def build_seeds() -> list[bytes]:
     seeds.append(build_container(index, [np.zeros(9, np.float32).tobytes()],
                                  [_onnx_bytes(), b'{"a": [1, 2.5, {"b": null}]}', b"\x00\x01"]))
     # format 1.2: sections stored as zlib streams (the graph of every ONNX encode since then)
-    graph, config = _onnx_bytes(), b'{"a": [1, 2.5, {"b": null}]}' * 20
+    graph, config = _onnx_bytes(), json.dumps({"a": [1, 2.5, {"b": None}] * 20}).encode()
     index = {"format": "cdl", "metadata": {}, "tensors": [tensor_entry("w", (3, 3), "float32", encoding="plain")],
              "sections": [{"name": "model.onnx", "kind": "zlib", "content": "onnx", "size": len(graph)},
                           {"name": "config", "kind": "zlib", "content": "json", "size": len(config)}]}
