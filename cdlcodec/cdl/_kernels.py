@@ -421,35 +421,31 @@ def _forward5_block(th, eb, u, y, st_l, st_v, st_m, p0, p1, p2, p3, p4, kb, q, A
     return bad
 
 
-@njit(cache=True, error_model="numpy")
-def _pair_sums(bq, ba, n):
-    """(Σ bq[:n], Σ ba[:n]) in eight interleaved partial sums each (element j into sum j mod 8, combined
-    pairwise at the end): a fixed order, so the result does not depend on the machine, and no longer one
-    chain of dependent adds per element (that chain cost ~4 cycles per element)."""
-    q0 = q1 = q2 = q3 = q4 = q5 = q6 = q7 = 0.0
-    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
+@njit(cache=True, error_model="numpy", inline="always")
+def _sum8(b, n):
+    """Σ b[:n] in eight interleaved partial sums (element j into sum j mod 8, combined pairwise at the
+    end): a fixed order, so the result does not depend on the machine, and no longer one chain of
+    dependent adds per element (that chain cost ~4 cycles per element)."""
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
     n8 = n - n % 8
     for j in range(0, n8, 8):
-        q0 += bq[j]
-        q1 += bq[j + 1]
-        q2 += bq[j + 2]
-        q3 += bq[j + 3]
-        q4 += bq[j + 4]
-        q5 += bq[j + 5]
-        q6 += bq[j + 6]
-        q7 += bq[j + 7]
-        a0 += ba[j]
-        a1 += ba[j + 1]
-        a2 += ba[j + 2]
-        a3 += ba[j + 3]
-        a4 += ba[j + 4]
-        a5 += ba[j + 5]
-        a6 += ba[j + 6]
-        a7 += ba[j + 7]
+        s0 += b[j]
+        s1 += b[j + 1]
+        s2 += b[j + 2]
+        s3 += b[j + 3]
+        s4 += b[j + 4]
+        s5 += b[j + 5]
+        s6 += b[j + 6]
+        s7 += b[j + 7]
     for j in range(n8, n):
-        q0 += bq[j]
-        a0 += ba[j]
-    return ((q0 + q1) + (q2 + q3)) + ((q4 + q5) + (q6 + q7)), ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+        s0 += b[j]
+    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+
+
+@njit(cache=True, error_model="numpy")
+def _pair_sums(bq, ba, n):
+    """(Σ bq[:n], Σ ba[:n]), each in `_sum8`'s fixed order: the 5-level backward kernels' ∂/∂q, ∂/∂α sums."""
+    return _sum8(bq, n), _sum8(ba, n)
 
 
 @njit(cache=True, error_model="numpy")
