@@ -145,7 +145,7 @@ def _margins(reference: list, decoded: list, kind: str, axis: int):
         elif len(shape) == 2 and shape[1] == 1 and all(0.0 <= float(np.min(r)) and float(np.max(r)) <= 1.0
                                                      for r in reference):
             kind = "threshold"  # one value per sample in [0, 1]: a probability, decided at 0.5
-        elif shape[1] < MIN_EMBEDDING and all(float(np.min(r)) > 0.0 for r in reference):
+        elif len(shape) == 2 and shape[1] < MIN_EMBEDDING and all(float(np.min(r)) > 0.0 for r in reference):
             return None  # every value positive on every sample: scores, not logits ("Positive scores" above)
         else:
             kind, axis = "argmax", -1  # a few values per sample: a classifier's logits
