@@ -121,6 +121,25 @@ def test_weight_window_matches_full_alphabet():
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
+def test_float32_weight_window_matches_full_alphabet():
+    """float32 values need less of the alphabet (levels under e^-24 of the nearest one are left out):
+    5 levels down to αq² = 4 (float64 needs 7 below 6.67), and the windowed float32 results equal the
+    full alphabet's computed in float64, to float32 precision, on both kernel paths."""
+    lo, hi = alphabet_bounds(8, True)
+    theta, step, sharp = _inputs(2000.0, 0.05, n=3000, seed=6, dtype=torch.float32)    # αq² = 5
+    assert effective_window(step, sharp, lo, hi, None, torch.float32) == (5, True)    # 2·3·5 ≥ 24
+    assert effective_window(step, sharp, lo, hi, None, torch.float64) == (7, True)    # 2·3·5 < 40
+    assert effective_window(step, sharp * 0.7, lo, hi, None, torch.float32) == (7, True)   # αq² = 3.5
+    weights = torch.linspace(-1, 2, theta.numel(), dtype=torch.float32)
+    as64 = [x.detach().double().requires_grad_() for x in (theta, step, sharp)]
+    full = _grads(lambda t, s, a: reference_soft_quantize(t, s, a, lo, hi), *as64, weights.double())
+    for path in ("numba", "torch"):
+        with kernel_path(path):
+            fast = _grads(lambda t, s, a: soft_quantize(t, s, a, lo, hi), theta, step, sharp, weights)
+        for a, b in zip(fast, full):
+            torch.testing.assert_close(a.double(), b, rtol=2e-5, atol=1e-6 * float(b.abs().max()))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_results_on_input_device_and_dtype(device):
     lo, hi = alphabet_bounds(4, False)
@@ -221,6 +240,7 @@ def test_lenet5_cdl_step_on_torch_path(mode):
     (3200.0, 8, 0.05, None, True),     # 8-bit weights
     (1900.0, 4, 0.1, None, True),      # weights, αq² = 19: still 5 levels
     (14000.0, 4, 0.1, 5, False),       # activations at A = 140, just under the products' limit (A·4 ≤ 600)
+    (2000.0, 4, 0.1, 5, False),        # A = 20: float32's limit (A·4 ≤ 80)
 ])
 def test_numba_five_level_kernels_match_general_ones(monkeypatch, dtype, alpha, bits, q, window, signed):
     """The branch-free kernels for 5-level windows (forward5 / backward5, own exp) give the values
@@ -266,7 +286,8 @@ def test_numba_five_level_kernels_match_general_ones(monkeypatch, dtype, alpha, 
 @pytest.mark.parametrize("alpha,bits,q,window,signed", [
     (89.0, 4, 0.3, 5, False),          # activation window at the default sharpness
     (800.0, 8, 0.1, None, True),       # 8-bit weights, αq² = 8
-    (14000.0, 4, 0.1, 5, False),       # A = 140, the products' limit
+    (14000.0, 4, 0.1, 5, False),       # A = 140, the products' limit in float64
+    (2000.0, 4, 0.1, 5, False),        # A = 20, the limit in float32
 ])
 def test_numba_five_level_backward_from_kept_cpmf_matches_recomputed(dtype, alpha, bits, q, window, signed):
     """backward5 from the CPMFs forward5 kept (the MPMF gradient without exps) gives the gradients of
@@ -275,6 +296,8 @@ def test_numba_five_level_backward_from_kept_cpmf_matches_recomputed(dtype, alph
     alphabet edges, clipped values (near and far), a NaN and ±inf."""
     np = pytest.importorskip("numpy")
     from cdlcodec.cdl import _kernels
+    if alpha * q * q * 4 > _kernels.FIVE_LEVEL_LIMITS[np.dtype(str(dtype).removeprefix("torch."))]:
+        pytest.skip("beyond the 5-level kernels' limit in this dtype (quantizer._five runs the general ones)")
     lo, hi = alphabet_bounds(bits, signed)
     g = torch.Generator().manual_seed(5)
     theta = torch.randn(6000, generator=g, dtype=torch.float64) * q * (hi - lo) / 3

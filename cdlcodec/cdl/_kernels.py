@@ -20,7 +20,23 @@ from ..optional import require
 require("numba", "CDL training")
 from llvmlite import ir  # noqa: E402
 from numba import njit, prange, types  # noqa: E402
-from numba.extending import intrinsic  # noqa: E402
+from numba.extending import intrinsic, overload  # noqa: E402
+
+
+# The 5-level kernels compute in θ's float type: float32 tensors in float32 (twice the lanes per
+# vector, about 1.5x faster loops; what the torch kernels do too), float64 in float64. A Python float
+# literal is a float64 in numba and would promote float32 arithmetic, so constants are written
+# `_as(x, c)`: c as a float of x's type (x a float or an array of floats).
+def _as(like, value):
+    raise NotImplementedError("numba-only: _as(like, value) is value in like's float type")
+
+
+@overload(_as, inline="always")
+def _as_impl(like, value):
+    kind = like.dtype if isinstance(like, types.Array) else like
+    if kind == types.float32:
+        return lambda like, value: np.float32(value)
+    return lambda like, value: np.float64(value)
 
 
 @njit(cache=True, inline="always")
@@ -46,6 +62,10 @@ def _place(t, q, lo, hi, k, windowed):
 
 # Above this A·(K-1) (A = αq²) the products below could overflow: every exp is taken directly.
 _PRODUCT_LIMIT = 600.0
+# The same bound for the 5-level loops, by θ's dtype (they compute in it): E^4 ≤ e^(4A) must stay
+# finite, e^600 in float64, e^80 in float32 (whose largest value is e^88.7). Above it the general
+# kernels (float64) run.
+FIVE_LEVEL_LIMITS = {np.dtype(np.float64): _PRODUCT_LIMIT, np.dtype(np.float32): 80.0}
 
 
 @njit(cache=True, parallel=True)
@@ -58,10 +78,15 @@ def exp_args(theta, q, a, lo, hi, k, windowed, x):
         x[i] = 2.0 * A * w if abs(w) <= 0.5 else 0.0
 
 
+_SQUARED_OFFSETS: dict[int, np.ndarray] = {}
+
+
 def level_constants(q: float, a: float, k: int) -> np.ndarray:
-    """c[o + k - 1] = exp(-A·o²) for offsets o = -(k-1) … k-1."""
-    o = np.arange(-(k - 1), k, dtype=np.float64)
-    return np.exp(-(a * q * q) * o * o)
+    """c[o + k - 1] = exp(-A·o²) for offsets o = -(k-1) … k-1 (one per quantizer call: o² kept per k)."""
+    squares = _SQUARED_OFFSETS.get(k)
+    if squares is None:
+        squares = _SQUARED_OFFSETS[k] = np.arange(-(k - 1), k, dtype=np.float64) ** 2
+    return np.exp(-(a * q * q) * squares)
 
 
 @njit(cache=True, inline="always")
@@ -107,11 +132,11 @@ def _cpmf(t, q, A, lo, hi, k, windowed, E, consts, e):
 @njit(cache=True, inline="always")
 def _moments(n, s0, s1, s2, s3):
     """(level mean L, variance, third central moment, 1/Σe) from the raw sums of `_cpmf`."""
-    inv_s0 = 1.0 / s0            # one division per element: divisions dominated the loop
+    inv_s0 = _as(s0, 1.0) / s0    # one division per element: divisions dominated the loop
     u = s1 * inv_s0
     m2 = s2 * inv_s0
-    var = max(m2 - u * u, 0.0)
-    m3 = s3 * inv_s0 - 3.0 * u * m2 + 2.0 * u * u * u
+    var = max(m2 - u * u, _as(s0, 0.0))
+    m3 = s3 * inv_s0 - _as(s0, 3.0) * u * m2 + _as(s0, 2.0) * u * u * u
     return n + u, var, m3, inv_s0
 
 
@@ -260,12 +285,15 @@ def backward(theta, q, a, lo, hi, k, windowed, stats, E, consts, grad_y, has_gra
 
 # ---------------------------------------------------------------------------------------------------
 # Windows of 5 levels (every activation quantizer, Section VI-B-1, and weights at 20/3 ≤ αq² < 20,
-# the default sharpness): the values of `forward` / `backward`, written branch-free so that LLVM
-# vectorises the loop over elements (the K-level walk with a scratch array cost ~15-20 ns per
-# element; these loops ~3-6 ns, exp included). What kept loops scalar, measured: indices that might
+# the default sharpness; float32 weights from αq² = 4, see quantizer._NEGLIGIBLE_LOGIT_FLOAT32): the
+# values of `forward` / `backward`, written branch-free so that LLVM vectorises the loop over
+# elements (the K-level walk with a scratch array cost ~15-20 ns per element; these loops ~3-6 ns
+# in float64, exp included). They compute in θ's float type (`_as`): float32 tensors get sixteen
+# lanes per vector, so every array a loop touches is 32-bit then (indices kb as int32 too; one
+# 64-bit array halved the vector width). What kept loops scalar, measured: indices that might
 # be negative (numba's wraparound), hence loops over block slices from 0; gathers (grad_sums[k0 + j])
 # inside the arithmetic loop, hence `_window_grads`; an exp inside it, hence `_exps5`. Elements the
-# products do not cover (NaN, ±inf) are redone by `_cpmf` after each block;
+# products do not cover (NaN, ±inf) are redone by `_cpmf` (float64) after each block;
 # MPMF sums are scattered in a scalar loop after it.
 
 _BLOCK5 = 512
@@ -309,21 +337,97 @@ def _exp(x):
     return p * _float_from_bits((np.int64(k) + 1023) << 52)
 
 
+@intrinsic
+def _float32_from_bits(typingctx, bits):
+    """The float32 whose IEEE bits are the int32 `bits` (as _float_from_bits)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.int32), codegen
+
+
+@intrinsic
+def _fma(typingctx, x, y, z):
+    """x·y + z with one rounding (llvm.fma: one vector instruction on CPUs with FMA)."""
+    def codegen(context, builder, signature, args):
+        fn = builder.module.declare_intrinsic("llvm.fma", [args[0].type] * 3)
+        return builder.call(fn, args)
+    return x(x, y, z), codegen
+
+
+_F32 = np.float32
+_LOG2E_32 = _F32(1.4426950408889634)
+_LN2_HI_32 = _F32(0.693359375)          # 9 significant bits: k·_LN2_HI_32 is exact for |k| < 2^15
+_LN2_LO_32 = _F32(-2.12194440e-4)
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _exp32(x):
+    """`_exp` in float32 for |x| ≤ 80 (callers clamp): a degree-7 Taylor polynomial on |r| ≤ ln2/2
+    (truncation < 6e-9 relative, under half a float32 ulp), 2^k from its bits."""
+    k = np.rint(x * _LOG2E_32)
+    r = (x - k * _LN2_HI_32) - k * _LN2_LO_32
+    p = _F32(1.0 / 5040.0)
+    p = p * r + _F32(1.0 / 720.0)
+    p = p * r + _F32(1.0 / 120.0)
+    p = p * r + _F32(1.0 / 24.0)
+    p = p * r + _F32(1.0 / 6.0)
+    p = p * r + _F32(0.5)
+    p = p * r + _F32(1.0)
+    p = p * r + _F32(1.0)
+    return p * _float32_from_bits((np.int32(k) + np.int32(127)) << np.int32(23))
+
+
+# |2A·w| is clamped to this before the exp of `_exps5` (float64, float32): within the exp's normal
+# range. Only clipped values (|w| > 1/2) reach it (FIVE_LEVEL_LIMITS keeps |2A·w| ≤ A ≤ 20 in
+# float32 otherwise); their overflowing products are never the ones selected.
+_EXP_BOUND = {types.float64: 700.0, types.float32: 80.0}
+
+
+def _exp_of(x):
+    raise NotImplementedError("numba-only: exp(x) in x's float type, x clamped to _EXP_BOUND")
+
+
+@overload(_exp_of, inline="always")
+def _exp_of_impl(x):
+    if x == types.float32:
+        return lambda x: _exp32(x)
+    return lambda x: _exp(x)
+
+
+def _exp_bound(x):
+    raise NotImplementedError("numba-only: _EXP_BOUND of x's float type")
+
+
+@overload(_exp_bound, inline="always")
+def _exp_bound_impl(x):
+    bound = _EXP_BOUND[types.float32 if x == types.float32 else types.float64]
+    if x == types.float32:
+        return lambda x: np.float32(bound)
+    return lambda x: np.float64(bound)
+
+
 @njit(cache=True, inline="always", error_model="numpy")
 def _cpmf5(t, q, lo, hi, E, c1, c2, c3, c4):
-    """`_cpmf` for K = 5, windowed, for finite θ (A·4 ≤ _PRODUCT_LIMIT checked by the caller; clipped
-    values too, see `_exps5`): (e0..e4, k0, j0, n, w, s0, s1, s2, s3), k0 and j0 (nearest level's index) as floats.
+    """`_cpmf` for K = 5, windowed, for finite θ (A·4 within FIVE_LEVEL_LIMITS of θ's dtype, checked
+    by the caller; clipped values too, see `_exps5`): (e0..e4, k0, j0, n, w, s0, s1, s2, s3), k0 and j0
+    (nearest level's index) as floats, all in θ's float type (t, q, E and the constants share it).
     e_j = E^o·exp(-A·o²), o = j - j0, picked by selects among the nine products (E from `_exps5`)."""
+    one = _as(t, 1.0)
+    two = _as(t, 2.0)
+    three = _as(t, 3.0)
+    four = _as(t, 4.0)
+    first = _as(t, lo + 2)
+    last = _as(t, hi - 2)
     ratio = t / q
     r = np.rint(ratio)
-    n = r if r >= lo else float(lo)          # NaN goes to lo, as in _place
-    n = n if n <= hi else float(hi)
-    c = r if r >= lo + 2 else float(lo + 2)
-    c = c if c <= hi - 2 else float(hi - 2)
-    k0 = c - 2.0
+    n = r if r >= _as(t, lo) else _as(t, lo)          # NaN goes to lo, as in _place
+    n = n if n <= _as(t, hi) else _as(t, hi)
+    c = r if r >= first else first
+    c = c if c <= last else last
+    k0 = c - two
     j0 = n - k0
     w = ratio - n
-    ei = 1.0 / E
+    ei = one / E
     e2 = E * E
     i2 = ei * ei
     pp1 = E * c1
@@ -334,20 +438,20 @@ def _cpmf5(t, q, lo, hi, E, c1, c2, c3, c4):
     pm2 = i2 * c2
     pm3 = i2 * ei * c3
     pm4 = i2 * i2 * c4
-    g1 = j0 >= 1.0
-    g2 = j0 >= 2.0
-    g3 = j0 >= 3.0
-    g4 = j0 >= 4.0
-    x0 = pm4 if g4 else (pm3 if g3 else (pm2 if g2 else (pm1 if g1 else 1.0)))
-    x1 = pm3 if g4 else (pm2 if g3 else (pm1 if g2 else (1.0 if g1 else pp1)))
-    x2 = pm2 if g4 else (pm1 if g3 else (1.0 if g2 else (pp1 if g1 else pp2)))
-    x3 = pm1 if g4 else (1.0 if g3 else (pp1 if g2 else (pp2 if g1 else pp3)))
-    x4 = 1.0 if g4 else (pp1 if g3 else (pp2 if g2 else (pp3 if g1 else pp4)))
+    g1 = j0 >= one
+    g2 = j0 >= two
+    g3 = j0 >= three
+    g4 = j0 >= four
+    x0 = pm4 if g4 else (pm3 if g3 else (pm2 if g2 else (pm1 if g1 else one)))
+    x1 = pm3 if g4 else (pm2 if g3 else (pm1 if g2 else (one if g1 else pp1)))
+    x2 = pm2 if g4 else (pm1 if g3 else (one if g2 else (pp1 if g1 else pp2)))
+    x3 = pm1 if g4 else (one if g3 else (pp1 if g2 else (pp2 if g1 else pp3)))
+    x4 = one if g4 else (pp1 if g3 else (pp2 if g2 else (pp3 if g1 else pp4)))
     o0 = -j0
-    o1 = 1.0 - j0
-    o2 = 2.0 - j0
-    o3 = 3.0 - j0
-    o4 = 4.0 - j0
+    o1 = one - j0
+    o2 = two - j0
+    o3 = three - j0
+    o4 = four - j0
     # Sums in the order of _cpmf (j = 0 … 4).
     s0 = x0 + x1 + x2 + x3 + x4
     y0 = x0 * o0
@@ -367,13 +471,24 @@ def _exps5(th, q, A, lo, hi, eb):
     exp cost four times as much). Clipped values (|w| > 1/2, a quarter to a third of ResNet-20's
     activations in the step benchmark) stay on the products: beyond the top level only E^-1…E^-4
     are used, below the bottom one only E^1…E^4, so e_j = exp(A·o·(2w - o)) ≤ 1 either way;
-    2A·w is clamped to ±700 (exp's range), which moves only terms below e^-700 of the largest."""
+    2A·w is clamped to ±_EXP_BOUND (±700 in float64, ±80 in float32: exp's normal range), which moves
+    only terms below e^-700 (e^-80) of the largest. In θ's float type (q and A share it)."""
+    two_a = _as(A, 2.0) * A
+    inv_q = _as(A, 1.0) / q
+    bound = _exp_bound(A)
+    flo = _as(A, lo)
+    fhi = _as(A, hi)
     for i in range(th.size):
-        _, _, w = _place(th[i], q, lo, hi, 5, False)
-        x = 2.0 * A * w
-        x = x if x >= -700.0 else -700.0      # NaN too; its element is redone by _cpmf
-        x = x if x <= 700.0 else 700.0
-        eb[i] = _exp(x)
+        t = th[i]
+        n = np.rint(t / q)       # _place's nearest level, in θ's float type
+        n = n if n >= flo else flo
+        n = n if n <= fhi else fhi
+        # w = θ/q - n as (θ - n·q)/q, θ - n·q with one rounding: in float32 θ/q itself is off by up to
+        # half an ulp of θ/q (1e-5 levels at level 200), which e^(2A·w) would turn into 2e-4 relative.
+        x = two_a * (_fma(-n, q, t) * inv_q)
+        x = x if x >= -bound else -bound      # NaN too; its element is redone by _cpmf
+        x = x if x <= bound else bound
+        eb[i] = _exp_of(x)
 
 
 @njit(cache=True, error_model="numpy")
@@ -405,8 +520,10 @@ def _forward5_block(th, eb, u, y, st_l, st_v, st_m, p0, p1, p2, p3, p4, kb, q, A
             a1 = a0 + x1
             a2 = a1 + x2
             a3 = a2 + x3
-            pick = ((1.0 if a0 < target else 0.0) + (1.0 if a1 < target else 0.0)
-                    + (1.0 if a2 < target else 0.0) + (1.0 if a3 < target else 0.0))
+            one = _as(s0, 1.0)
+            zero = _as(s0, 0.0)
+            pick = ((one if a0 < target else zero) + (one if a1 < target else zero)
+                    + (one if a2 < target else zero) + (one if a3 < target else zero))
             y[i] = (k0 + pick) * q
         else:
             y[i] = q * level_mean
@@ -416,7 +533,7 @@ def _forward5_block(th, eb, u, y, st_l, st_v, st_m, p0, p1, p2, p3, p4, kb, q, A
             p2[i] = x2 * inv_s0
             p3[i] = x3 * inv_s0
             p4[i] = x4 * inv_s0
-            kb[i] = int(k0) - lo
+            kb[i] = np.int32(k0 - _as(k0, lo))     # 32-bit like float32 θ: one vector width
         bad += 0 if abs(w) < np.inf else 1     # NaN / inf: `_cpmf`
     return bad
 
@@ -468,6 +585,29 @@ def _hist5(hist, kb, p0, p1, p2, p3, p4):
         h[kk + np.uint64(4)] += p4[j]
 
 
+def _level_constant(like, value):
+    raise NotImplementedError("numba-only: exp(-A·o²) for the 5-level loops, in like's float type")
+
+
+@overload(_level_constant, inline="always")
+def _level_constant_impl(like, value):
+    """In float32 a level constant under 1e-30 is taken as 0: its terms are below 1e-15 of the
+    nearest level's (A·o² > 69 with o ≥ 2), and a subnormal operand would only slow the products."""
+    kind = like.dtype if isinstance(like, types.Array) else like
+    if kind == types.float32:
+        return lambda like, value: np.float32(value) * np.float32(value >= 1e-30)
+    return lambda like, value: np.float64(value)
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _typed_scalars(theta, q, a, consts):
+    """(q, α, A = αq², exp(-A·o²) for o = 1 … 4) in θ's float type: what the 5-level loops compute with."""
+    qt = _as(theta, q)
+    at = _as(theta, a)
+    return (qt, at, at * qt * qt, _level_constant(theta, consts[5]), _level_constant(theta, consts[6]),
+            _level_constant(theta, consts[7]), _level_constant(theta, consts[8]))
+
+
 @njit(cache=True, parallel=True, error_model="numpy")
 def forward5(theta, q, a, lo, hi, consts, uniforms, sample, want_sums, chunks, y, st_l, st_v, st_m, keep, kept):
     """`forward` for windowed K = 5 (consts from level_constants(q, a, 5)); stats in three rows.
@@ -479,22 +619,22 @@ def forward5(theta, q, a, lo, hi, consts, uniforms, sample, want_sums, chunks, y
     n_all = theta.size
     per = (n_all + chunks - 1) // chunks
     A = a * q * q
-    c1, c2, c3, c4 = consts[5], consts[6], consts[7], consts[8]
+    qt, _, At, c1, c2, c3, c4 = _typed_scalars(theta, q, a, consts)
     for c in prange(chunks):
         # Four histograms taken in turn: consecutive elements often share bins (half are zeros), and
         # one histogram made every add wait for the previous one's store.
         hist = np.zeros((4, size))
         e = np.empty(5)
-        eb = np.empty(_BLOCK5)
-        pb = np.empty((5, _BLOCK5))
-        kb = np.empty(_BLOCK5, dtype=np.int64)
+        eb = np.empty(_BLOCK5, dtype=theta.dtype)
+        pb = np.empty((5, _BLOCK5), dtype=theta.dtype)
+        kb = np.empty(_BLOCK5, dtype=np.int32)
         stop = min(n_all, (c + 1) * per)
         for b0 in range(c * per, stop, _BLOCK5):
             b1 = min(stop, b0 + _BLOCK5)
             m = b1 - b0
             bad = _forward5_block(theta[b0:b1], eb, uniforms[b0:b1] if sample else uniforms,
                                   y[b0:b1], st_l[b0:b1], st_v[b0:b1], st_m[b0:b1], pb[0, :m], pb[1, :m],
-                                  pb[2, :m], pb[3, :m], pb[4, :m], kb[:m], q, A, lo, hi, c1, c2, c3, c4,
+                                  pb[2, :m], pb[3, :m], pb[4, :m], kb[:m], qt, At, lo, hi, c1, c2, c3, c4,
                                   sample, want_sums)
             if bad > 0:
                 for i in range(b0, b1):
@@ -527,11 +667,13 @@ def _window_grads(th, q, lo, hi, kb, gb, grad_sums):
     """gb[j, i] = grad_sums[k0_i + j - lo]: the window's level gradients, gathered in a loop of their
     own (gathers inside the arithmetic loop kept LLVM from vectorising it, and its selects then
     became mispredicted branches)."""
+    first = _as(q, lo + 2)
+    last = _as(q, hi - 2)
     for i in range(th.size):
         r = np.rint(th[i] / q)
-        c = r if r >= lo + 2 else float(lo + 2)
-        c = c if c <= hi - 2 else float(hi - 2)
-        kb[i] = int(c) - 2 - lo
+        c = r if r >= first else first
+        c = c if c <= last else last
+        kb[i] = np.int32(c - first)
     for i in range(th.size):
         base = np.uint64(kb[i])      # unsigned: no negative-index wraparound select per load
         gb[0, i] = grad_sums[base]
@@ -547,13 +689,15 @@ def _backward5_block(th, eb, st_l, st_v, st_m, gy, has_grad_y, grad_sums, has_gr
     """The vectorised loop of `backward5` over one block (sliced arrays, as `_forward5_block`):
     fills gt and the per-element ∂/∂q, ∂/∂α terms bq, ba; returns the count left for `_cpmf`."""
     bad = 0
+    one = _as(q, 1.0)
+    two = _as(q, 2.0)
     if has_grad_sums:
         _window_grads(th, q, lo, hi, kb, gb, grad_sums)
         _exps5(th, q, a * q * q, lo, hi, eb)
     for i in range(th.size):
         t = th[i]
         level_mean = st_l[i]
-        G = gy[i] if has_grad_y else 0.0
+        G = gy[i] if has_grad_y else _as(q, 0.0)
         v1 = G * q * st_v[i]
         v2 = G * q * st_m[i]
         if has_grad_sums:
@@ -564,13 +708,13 @@ def _backward5_block(th, eb, st_l, st_v, st_m, gy, has_grad_y, grad_sums, has_gr
             g2 = gb[2, i]
             g3 = gb[3, i]
             g4 = gb[4, i]
-            inv_s0 = 1.0 / s0
+            inv_s0 = one / s0
             eg = (x0 * g0 + x1 * g1 + x2 * g2 + x3 * g3 + x4 * g4) * inv_s0
             d0 = k0 - level_mean
-            d1 = k0 + 1.0 - level_mean
-            d2 = k0 + 2.0 - level_mean
-            d3 = k0 + 3.0 - level_mean
-            d4 = k0 + 4.0 - level_mean
+            d1 = k0 + one - level_mean
+            d2 = k0 + two - level_mean
+            d3 = k0 + _as(q, 3.0) - level_mean
+            d4 = k0 + _as(q, 4.0) - level_mean
             r0 = x0 * (g0 - eg)
             r1 = x1 * (g1 - eg)
             r2 = x2 * (g2 - eg)
@@ -580,9 +724,9 @@ def _backward5_block(th, eb, st_l, st_v, st_m, gy, has_grad_y, grad_sums, has_gr
             v2 += (r0 * d0 * d0 + r1 * d1 * d1 + r2 * d2 * d2 + r3 * d3 * d3 + r4 * d4 * d4) * inv_s0
             bad += 0 if abs(w) < np.inf else 1     # NaN / inf: `_cpmf`
         mean = q * level_mean
-        gt[i] = 2.0 * a * q * v1
-        bq[i] = G * level_mean + 2.0 * a * ((t - 2.0 * mean) * v1 - q * v2)
-        ba[i] = 2.0 * q * (t - mean) * v1 - q * q * v2
+        gt[i] = two * a * q * v1
+        bq[i] = G * level_mean + two * a * ((t - two * mean) * v1 - q * v2)
+        ba[i] = two * q * (t - mean) * v1 - q * q * v2
     return bad
 
 
@@ -594,28 +738,31 @@ def _backward5_kept_block(th, p0, p1, p2, p3, p4, st_l, st_v, st_m, gy, has_grad
     level minus the mean. Returns the count of non-finite θ, left for `_cpmf`."""
     _window_grads(th, q, lo, hi, kb, gb, grad_sums)
     bad = 0
+    one = _as(q, 1.0)
+    two = _as(q, 2.0)
+    flo = _as(q, lo)
     for i in range(th.size):
         t = th[i]
         level_mean = st_l[i]
-        G = gy[i] if has_grad_y else 0.0
+        G = gy[i] if has_grad_y else _as(q, 0.0)
         v1 = G * q * st_v[i]
         v2 = G * q * st_m[i]
-        x0 = float(p0[i])
-        x1 = float(p1[i])
-        x2 = float(p2[i])
-        x3 = float(p3[i])
-        x4 = float(p4[i])
+        x0 = p0[i]
+        x1 = p1[i]
+        x2 = p2[i]
+        x3 = p3[i]
+        x4 = p4[i]
         g0 = gb[0, i]
         g1 = gb[1, i]
         g2 = gb[2, i]
         g3 = gb[3, i]
         g4 = gb[4, i]
         eg = x0 * g0 + x1 * g1 + x2 * g2 + x3 * g3 + x4 * g4
-        d0 = float(kb[i] + lo) - level_mean
-        d1 = d0 + 1.0
-        d2 = d0 + 2.0
-        d3 = d0 + 3.0
-        d4 = d0 + 4.0
+        d0 = (_as(q, kb[i]) + flo) - level_mean
+        d1 = d0 + one
+        d2 = d0 + two
+        d3 = d0 + _as(q, 3.0)
+        d4 = d0 + _as(q, 4.0)
         r0 = x0 * (g0 - eg)
         r1 = x1 * (g1 - eg)
         r2 = x2 * (g2 - eg)
@@ -625,9 +772,9 @@ def _backward5_kept_block(th, p0, p1, p2, p3, p4, st_l, st_v, st_m, gy, has_grad
         v2 += r0 * d0 * d0 + r1 * d1 * d1 + r2 * d2 * d2 + r3 * d3 * d3 + r4 * d4 * d4
         bad += 0 if abs(t / q) < np.inf else 1
         mean = q * level_mean
-        gt[i] = 2.0 * a * q * v1
-        bq[i] = G * level_mean + 2.0 * a * ((t - 2.0 * mean) * v1 - q * v2)
-        ba[i] = 2.0 * q * (t - mean) * v1 - q * q * v2
+        gt[i] = two * a * q * v1
+        bq[i] = G * level_mean + two * a * ((t - two * mean) * v1 - q * v2)
+        ba[i] = two * q * (t - mean) * v1 - q * q * v2
     return bad
 
 
@@ -640,15 +787,15 @@ def backward5(theta, q, a, lo, hi, st_l, st_v, st_m, consts, grad_y, has_grad_y,
     n_all = theta.size
     per = (n_all + chunks - 1) // chunks
     A = a * q * q
-    c1, c2, c3, c4 = consts[5], consts[6], consts[7], consts[8]
+    qt, at, _, c1, c2, c3, c4 = _typed_scalars(theta, q, a, consts)
     partial = np.zeros((2, chunks))
     for c in prange(chunks):
         e = np.empty(5)
-        eb = np.empty(_BLOCK5)
-        bq = np.empty(_BLOCK5)
-        ba = np.empty(_BLOCK5)
-        kb = np.empty(_BLOCK5, dtype=np.int64)
-        gb = np.empty((5, _BLOCK5))
+        eb = np.empty(_BLOCK5, dtype=theta.dtype)
+        bq = np.empty(_BLOCK5, dtype=theta.dtype)
+        ba = np.empty(_BLOCK5, dtype=theta.dtype)
+        kb = np.empty(_BLOCK5, dtype=np.int32)
+        gb = np.empty((5, _BLOCK5), dtype=theta.dtype)
         cq = 0.0
         ca = 0.0
         stop = min(n_all, (c + 1) * per)
@@ -659,12 +806,12 @@ def backward5(theta, q, a, lo, hi, st_l, st_v, st_m, consts, grad_y, has_grad_y,
                 bad = _backward5_kept_block(theta[b0:b1], kept[0, b0:b1], kept[1, b0:b1], kept[2, b0:b1],
                                             kept[3, b0:b1], kept[4, b0:b1], st_l[b0:b1], st_v[b0:b1],
                                             st_m[b0:b1], grad_y[b0:b1] if has_grad_y else grad_y, has_grad_y,
-                                            grad_sums, grad_theta[b0:b1], bq[:m], ba[:m], q, a, lo, hi, kb, gb)
+                                            grad_sums, grad_theta[b0:b1], bq[:m], ba[:m], qt, at, lo, hi, kb, gb)
             else:
                 bad = _backward5_block(theta[b0:b1], eb, st_l[b0:b1], st_v[b0:b1], st_m[b0:b1],
                                        grad_y[b0:b1] if has_grad_y else grad_y,
                                        has_grad_y, grad_sums, has_grad_sums, grad_theta[b0:b1], bq[:m], ba[:m],
-                                       q, a, lo, hi, c1, c2, c3, c4, kb, gb)
+                                       qt, at, lo, hi, c1, c2, c3, c4, kb, gb)
             if bad > 0:
                 for i in range(b0, b1):
                     t = theta[i]
@@ -747,10 +894,12 @@ def _zero_outputs(u, yv, sample, yz, t0, t1, t2, t3, k0z, s0z, q):
     """The output of every element of a block as if it were a zero (the non-zeros are written over):
     q·L(0), or the Qp sample of the zero CPMF at u[i] (`_forward5_block`'s pick with its partial sums)."""
     if sample:
+        one = _as(q, 1.0)
+        zero = _as(q, 0.0)
         for i in range(yv.size):
             target = u[i] * s0z
-            pick = ((1.0 if t0 < target else 0.0) + (1.0 if t1 < target else 0.0)
-                    + (1.0 if t2 < target else 0.0) + (1.0 if t3 < target else 0.0))
+            pick = ((one if t0 < target else zero) + (one if t1 < target else zero)
+                    + (one if t2 < target else zero) + (one if t3 < target else zero))
             yv[i] = (k0z + pick) * q
     else:
         for i in range(yv.size):
@@ -773,10 +922,11 @@ def forward5_relu(theta, q, a, lo, hi, consts, uniforms, sample, want_sums, chun
     per = (n_all + chunks - 1) // chunks
     bpc = (per + _BLOCK5 - 1) // _BLOCK5
     A = a * q * q
-    c1, c2, c3, c4 = consts[5], consts[6], consts[7], consts[8]
-    x0z, x1z, x2z, x3z, x4z, k0z, _, nz, _, s0z, s1z, s2z, s3z = _cpmf5(0.0, q, lo, hi, 1.0, c1, c2, c3, c4)
+    qt, _, At, c1, c2, c3, c4 = _typed_scalars(theta, q, a, consts)
+    x0z, x1z, x2z, x3z, x4z, k0z, _, nz, _, s0z, s1z, s2z, s3z = _cpmf5(_as(qt, 0.0), qt, lo, hi, _as(qt, 1.0),
+                                                                     c1, c2, c3, c4)
     Lz, _, _, inv_sz = _moments(nz, s0z, s1z, s2z, s3z)
-    yz = q * Lz
+    yz = qt * Lz
     t0 = x0z
     t1 = t0 + x1z
     t2 = t1 + x2z
@@ -784,11 +934,9 @@ def forward5_relu(theta, q, a, lo, hi, consts, uniforms, sample, want_sums, chun
     for c in prange(chunks):
         hist = np.zeros((4, size))
         e = np.empty(5)
-        eb = np.empty(_BLOCK5)
-        pb = np.empty((5, _BLOCK5))
-        kb = np.empty(_BLOCK5, dtype=np.int64)
-        tb = np.empty(_BLOCK5, dtype=theta.dtype)
-        ib = np.empty(_BLOCK5, dtype=np.int32)
+        eb = np.empty(_BLOCK5, dtype=theta.dtype)
+        pb = np.empty((5, _BLOCK5), dtype=theta.dtype)
+        kb = np.empty(_BLOCK5, dtype=np.int32)
         ub = np.empty(_BLOCK5)
         yb = np.empty(_BLOCK5, dtype=y.dtype)
         zc = 0
@@ -798,35 +946,42 @@ def forward5_relu(theta, q, a, lo, hi, consts, uniforms, sample, want_sums, chun
             m = b1 - b0
             cnt = _count_nonzero_relu(theta[b0:b1])
             dense = cnt > _DENSE_SHARE * m
+            # The block's values as the loop sees them go straight to `values` (compacted at the front of
+            # its range, their offsets to nz_index), which backward5_relu reads.
             if dense:
-                _relu_values(theta[b0:b1], tb)
+                _relu_values(theta[b0:b1], values[b0:b1])
                 cnt = m
             elif cnt > 0:
-                _compact_relu(theta[b0:b1], tb, ib)
+                _compact_relu(theta[b0:b1], values[b0:b1], nz_index[b0:b1])
             nz_counts[c * bpc + (b0 - c * per) // _BLOCK5] = cnt
             zc += m - cnt
             if cnt == 0:
                 _zero_outputs(uniforms[b0:b1] if sample else uniforms, y[b0:b1], sample, yz, t0, t1, t2, t3, k0z,
-                              s0z, q)
+                              s0z, qt)
                 continue
-            for j in range(cnt):
-                values[b0 + j] = tb[j]
+            tb = values[b0:b0 + cnt]
             if dense:
                 yv = y[b0:b1]
                 uv = uniforms[b0:b1] if sample else uniforms
             else:
                 _zero_outputs(uniforms[b0:b1] if sample else uniforms, y[b0:b1], sample, yz, t0, t1, t2, t3, k0z,
-                              s0z, q)
-                for j in range(cnt):
-                    nz_index[b0 + j] = ib[j]
+                              s0z, qt)
                 if sample:
                     for j in range(cnt):
-                        ub[j] = uniforms[b0 + ib[j]]
+                        ub[j] = uniforms[b0 + nz_index[b0 + j]]
                 yv = yb[:cnt]
                 uv = ub[:cnt]
-            bad = _forward5_block(tb[:cnt], eb, uv, yv, st_l[b0:b0 + cnt], st_v[b0:b0 + cnt],
-                                  st_m[b0:b0 + cnt], pb[0, :cnt], pb[1, :cnt], pb[2, :cnt], pb[3, :cnt],
-                                  pb[4, :cnt], kb[:cnt], q, A, lo, hi, c1, c2, c3, c4, sample, want_sums)
+            # With `keep` the CPMF rows are written where backward5_relu reads them (θ's dtype, like pb).
+            src = kept if keep else pb
+            o = b0 if keep else 0
+            p0 = src[0, o:o + cnt]
+            p1 = src[1, o:o + cnt]
+            p2 = src[2, o:o + cnt]
+            p3 = src[3, o:o + cnt]
+            p4 = src[4, o:o + cnt]
+            bad = _forward5_block(tb, eb, uv, yv, st_l[b0:b0 + cnt], st_v[b0:b0 + cnt],
+                                  st_m[b0:b0 + cnt], p0, p1, p2, p3, p4, kb[:cnt], qt, At, lo, hi, c1, c2, c3,
+                                  c4, sample, want_sums)
             if bad > 0:
                 for j in range(cnt):
                     t = tb[j]
@@ -841,16 +996,13 @@ def forward5_relu(theta, q, a, lo, hi, consts, uniforms, sample, want_sums, chun
                     yv[j] = (k0i + _pick(e, 5, uv[j] * s0)) * q if sample else q * level_mean
                     if want_sums:
                         for jj in range(5):
-                            pb[jj, j] = e[jj] * inv_s0
+                            src[jj, o + j] = e[jj] * inv_s0
                         kb[j] = k0i - lo
             if not dense:
                 for j in range(cnt):
-                    y[b0 + ib[j]] = yb[j]
+                    y[b0 + nz_index[b0 + j]] = yb[j]
             if want_sums:
-                _hist5(hist, kb[:cnt], pb[0, :cnt], pb[1, :cnt], pb[2, :cnt], pb[3, :cnt], pb[4, :cnt])
-            if keep:      # stores of their own, vectorised (inside the block's loop they kept it scalar)
-                for jj in range(5):
-                    _copy_row(pb[jj, :cnt], kept[jj, b0:b0 + cnt])
+                _hist5(hist, kb[:cnt], p0, p1, p2, p3, p4)
         for j in range(size):
             partial[c, j] = (hist[0, j] + hist[1, j]) + (hist[2, j] + hist[3, j])
         zeros[c] = zc
@@ -893,11 +1045,11 @@ def backward5_relu(theta, q, a, lo, hi, st_l, st_v, st_m, consts, grad_y, has_gr
     per = (n_all + chunks - 1) // chunks
     bpc = (per + _BLOCK5 - 1) // _BLOCK5
     A = a * q * q
-    c1, c2, c3, c4 = consts[5], consts[6], consts[7], consts[8]
-    # The zero element: its stats as forward5_relu would have stored them (θ's dtype), its MPMF covariances.
-    ez = np.empty(5)
-    k0z, nz, sz, s1, s2, s3 = _cpmf(0.0, q, A, lo, hi, 5, True, 1.0, consts, ez)
-    Lz, Vz, Mz, inv_sz = _moments(nz, sz, s1, s2, s3)
+    qt, at, _, c1, c2, c3, c4 = _typed_scalars(theta, q, a, consts)
+    # The zero element: its stats as the 5-level loop computes and stores them (θ's type), its MPMF
+    # covariances (float64, from `_cpmf`).
+    _, _, _, _, _, _, _, nz, _, s0z, s1z, s2z, s3z = _cpmf5(_as(qt, 0.0), qt, lo, hi, _as(qt, 1.0), c1, c2, c3, c4)
+    Lz, Vz, Mz, _ = _moments(nz, s0z, s1z, s2z, s3z)
     zst = np.empty(3, dtype=st_l.dtype)
     zst[0] = Lz
     zst[1] = Vz
@@ -905,6 +1057,9 @@ def backward5_relu(theta, q, a, lo, hi, st_l, st_v, st_m, consts, grad_y, has_gr
     Lz = float(zst[0])
     Vz = float(zst[1])
     Mz = float(zst[2])
+    ez = np.empty(5)
+    k0z, _, sz, _, _, _ = _cpmf(0.0, q, A, lo, hi, 5, True, 1.0, consts, ez)
+    inv_sz = 1.0 / sz
     c1z = 0.0
     c2z = 0.0
     if has_grad_sums:
@@ -918,11 +1073,11 @@ def backward5_relu(theta, q, a, lo, hi, st_l, st_v, st_m, consts, grad_y, has_gr
     partial = np.zeros((2, chunks))
     for c in prange(chunks):
         e = np.empty(5)
-        eb = np.empty(_BLOCK5)
-        bq = np.empty(_BLOCK5)
-        ba = np.empty(_BLOCK5)
-        kb = np.empty(_BLOCK5, dtype=np.int64)
-        gb = np.empty((5, _BLOCK5))
+        eb = np.empty(_BLOCK5, dtype=theta.dtype)
+        bq = np.empty(_BLOCK5, dtype=theta.dtype)
+        ba = np.empty(_BLOCK5, dtype=theta.dtype)
+        kb = np.empty(_BLOCK5, dtype=np.int32)
+        gb = np.empty((5, _BLOCK5), dtype=theta.dtype)
         gyb = np.empty(_BLOCK5, dtype=grad_y.dtype)
         gtb = np.empty(_BLOCK5, dtype=grad_theta.dtype)
         cq = 0.0
@@ -954,11 +1109,11 @@ def backward5_relu(theta, q, a, lo, hi, st_l, st_v, st_m, consts, grad_y, has_gr
                 bad = _backward5_kept_block(th, kept[0, b0:b0 + cnt], kept[1, b0:b0 + cnt],
                                             kept[2, b0:b0 + cnt], kept[3, b0:b0 + cnt], kept[4, b0:b0 + cnt],
                                             st_l[b0:b0 + cnt], st_v[b0:b0 + cnt], st_m[b0:b0 + cnt], gyv,
-                                            has_grad_y, grad_sums, gtv, bq[:cnt], ba[:cnt], q, a, lo, hi, kb, gb)
+                                            has_grad_y, grad_sums, gtv, bq[:cnt], ba[:cnt], qt, at, lo, hi, kb, gb)
             else:
                 bad = _backward5_block(th, eb, st_l[b0:b0 + cnt], st_v[b0:b0 + cnt], st_m[b0:b0 + cnt],
                                        gyv, has_grad_y, grad_sums, has_grad_sums, gtv, bq[:cnt],
-                                       ba[:cnt], q, a, lo, hi, c1, c2, c3, c4, kb, gb)
+                                       ba[:cnt], qt, at, lo, hi, c1, c2, c3, c4, kb, gb)
             if bad > 0:
                 for j in range(cnt):
                     t = th[j]

@@ -85,8 +85,16 @@ if _kernel_path not in KERNEL_PATHS:
 
 # The window the full weight alphabet is computed over (window=None): levels whose logit is at least
 # this far below the nearest level's carry a relative probability under e^-40 ≈ 4e-18, which changes
-# no float64 result; with the default sharpness (αq² = 8) that is 5 levels instead of 2^b.
+# no float64 result; with the default sharpness (αq² = 8) that is 5 levels instead of 2^b. Values
+# computed in float32 (float32 θ, and float16/bfloat16 on the torch path) need e^-24 ≈ 4e-11, a
+# thousandth of float32's rounding: 5 levels down to αq² = 4 (where float64 needs 7 below 6.67).
 _NEGLIGIBLE_LOGIT = 40.0
+_NEGLIGIBLE_LOGIT_FLOAT32 = 24.0
+
+
+def _negligible_logit(dtype) -> float:
+    """_NEGLIGIBLE_LOGIT for values of `dtype` (a torch dtype; None: float64's)."""
+    return _NEGLIGIBLE_LOGIT if dtype is None or dtype == torch.float64 else _NEGLIGIBLE_LOGIT_FLOAT32
 
 
 def set_kernel_path(path: str) -> None:
@@ -141,29 +149,30 @@ def _use_numba(theta: torch.Tensor) -> bool:
 
 
 def effective_window(step: torch.Tensor, sharpness: torch.Tensor, lo: int, hi: int,
-                     window: int | None) -> tuple[int, bool]:
+                     window: int | None, dtype: torch.dtype | None = None) -> tuple[int, bool]:
     """(K, windowed): the levels each element's CPMF is computed over.
 
     An explicit `window` is used as given (activations, Section VI-B-1). window=None means the
     full alphabet (weights, eq. 12); it is computed over the 2h+1 levels around the nearest one,
     with h the smallest integer ≥ 1 for which every level left out has a logit at least
     _NEGLIGIBLE_LOGIT below the nearest level's (for |θ/q - n| ≤ 1/2 the first level left out,
-    at h+1 from n, is at least αq²·h(h+1) below), so results equal the full alphabet's to float64
-    precision. One host synchronisation (αq²) per call.
+    at h+1 from n, is at least αq²·h(h+1) below), so results equal the full alphabet's to the
+    precision of `dtype`, θ's (None: float64's). One host synchronisation (αq²) per call.
     """
     size = hi - lo + 1
     if window is not None:
         return (window, True) if window < size else (size, False)
     spread = float((sharpness.detach() * step.detach() ** 2).clamp_min(0))
+    negligible = _negligible_logit(dtype)
     h = 1
-    while 2 * h + 1 < size and spread * h * (h + 1) < _NEGLIGIBLE_LOGIT:
+    while 2 * h + 1 < size and spread * h * (h + 1) < negligible:
         h += 1
     k = 2 * h + 1
     return (k, True) if k < size else (size, False)
 
 
 def _window_from_floats(step: torch.Tensor, sharpness: torch.Tensor, q: float, a: float, lo: int, hi: int,
-                        window: int | None) -> tuple[int, bool]:
+                        window: int | None, theta_dtype: torch.dtype) -> tuple[int, bool]:
     """`effective_window` from the step and sharpness already read as floats (the numba path): αq² in
     the tensors' dtype with numpy scalars (the same float operations), no tensor operations."""
     size = hi - lo + 1
@@ -171,13 +180,14 @@ def _window_from_floats(step: torch.Tensor, sharpness: torch.Tensor, q: float, a
         return (window, True) if window < size else (size, False)
     dtype = torch.promote_types(step.dtype, sharpness.dtype)
     if dtype not in (torch.float32, torch.float64) or step.dtype != dtype:
-        return effective_window(step, sharpness, lo, hi, window)
+        return effective_window(step, sharpness, lo, hi, window, theta_dtype)
     dt = np.float32 if dtype == torch.float32 else np.float64
     qq = dt(q)
     spread = float(dt(a) * (qq * qq))
     spread = spread if not spread < 0.0 else 0.0
+    negligible = _negligible_logit(theta_dtype)
     h = 1
-    while 2 * h + 1 < size and spread * h * (h + 1) < _NEGLIGIBLE_LOGIT:
+    while 2 * h + 1 < size and spread * h * (h + 1) < negligible:
         h += 1
     k = 2 * h + 1
     return (k, True) if k < size else (size, False)
@@ -209,25 +219,24 @@ def _grad_scalar(value: float, like: torch.Tensor) -> torch.Tensor:
     return g if like.dim() == 0 else g.reshape(like.shape)
 
 
-def _five(kernels, q, a, k, windowed) -> bool:
-    """The branch-free kernels for windows of 5 levels apply (activations; weights at αq² ≥ 20/3)."""
-    return windowed and k == 5 and a * q * q * (k - 1) <= kernels._PRODUCT_LIMIT
+def _five(kernels, q, a, k, windowed, dtype) -> bool:
+    """The branch-free kernels for windows of 5 levels apply (activations; weights at αq² ≥ 20/3) and
+    their products stay finite in `dtype`, the numpy dtype they compute in (A ≤ 20 in float32)."""
+    return windowed and k == 5 and a * q * q * (k - 1) <= kernels.FIVE_LEVEL_LIMITS[dtype]
 
 
-def _numba_forward(flat, q, a, lo, hi, k, windowed, uniforms, want_sums, relu=False, consts=None):
+def _numba_forward(t, q, a, lo, hi, k, windowed, u, sample, want_sums, relu, consts):
+    """The numba forward on θ's values `t` (a flat numpy array): (y, stats [3, n], MPMF sums or None,
+    what the backward reuses), all numpy arrays; no tensor operations (a training step makes ~20 of
+    these calls, so the host-side glue is kept to numpy allocations and one kernel call)."""
     _kernels = _numba_kernels()
-
-    t = flat.detach().numpy()
-    q, a = float(q), float(a)
     y = np.empty_like(t)
-    stats = np.empty((3, t.size), dtype=t.dtype)
-    u = uniforms.cpu().numpy() if uniforms is not None else _NO_UNIFORMS
-    if consts is None:
-        consts = _kernels.level_constants(q, a, k)
-    if _five(_kernels, q, a, k, windowed):     # takes its exps itself: no E kept for the backward
-        # With the MPMF, the window's CPMF is kept ([5, elements] in θ's dtype, like the stats) so the
-        # backward's MPMF gradient needs no exps and no CPMF of its own. `relu`: the kernel quantizes relu(θ).
-        kept = np.empty((5, t.size if want_sums else 1), dtype=t.dtype)
+    if _five(_kernels, q, a, k, windowed, t.dtype):     # takes its exps itself: no E kept for the backward
+        # One allocation for the stats and, with the MPMF, the window's CPMF kept for the backward
+        # ([5, elements] in θ's dtype, like the stats), so its MPMF gradient needs no exps and no CPMF of
+        # its own. `relu`: the kernel quantizes relu(θ).
+        rows = np.empty((8 if want_sums else 4, t.size), dtype=t.dtype)
+        stats, kept = rows[:3], rows[3:]
         chunks = _kernels.chunk_count(t.size)
         if relu:
             # The ReLU's zeros are left out of the loops: stats and kept CPMFs are compacted per block,
@@ -235,75 +244,60 @@ def _numba_forward(flat, q, a, lo, hi, k, windowed, uniforms, want_sums, relu=Fa
             nz_index = np.empty(t.size, dtype=np.int32)
             nz_counts = np.empty(_kernels.block_count(t.size, chunks), dtype=np.int64)
             values = np.empty_like(t)
-            sums = _kernels.forward5_relu(t, q, a, lo, hi, consts, u, uniforms is not None, bool(want_sums),
-                                          chunks, y, stats[0], stats[1], stats[2], bool(want_sums), kept,
-                                          nz_index, nz_counts, values)
-            keep = (kept if want_sums else None, nz_index, nz_counts, values)
-            return (torch.from_numpy(y), torch.from_numpy(stats),
-                    torch.from_numpy(sums) if want_sums else None, keep)
-        sums = _kernels.forward5(t, q, a, lo, hi, consts, u, uniforms is not None, bool(want_sums), chunks, y,
-                                 stats[0], stats[1], stats[2], bool(want_sums), kept)
-        return (torch.from_numpy(y), torch.from_numpy(stats), torch.from_numpy(sums) if want_sums else None,
-                torch.from_numpy(kept) if want_sums else None)
+            sums = _kernels.forward5_relu(t, q, a, lo, hi, consts, u, sample, want_sums, chunks, y, stats[0],
+                                          stats[1], stats[2], want_sums, kept, nz_index, nz_counts, values)
+            return y, stats, sums if want_sums else None, (kept if want_sums else None, nz_index, nz_counts, values)
+        sums = _kernels.forward5(t, q, a, lo, hi, consts, u, sample, want_sums, chunks, y, stats[0], stats[1],
+                                 stats[2], want_sums, kept)
+        return y, stats, sums if want_sums else None, kept if want_sums else None
     if relu:
-        t = torch.relu(flat.detach()).numpy()
+        t = torch.relu(torch.from_numpy(t)).numpy()
+    stats = np.empty((3, t.size), dtype=t.dtype)
     E = _numba_exp(_kernels, t, q, a, lo, hi, k, windowed)
-    sums = _kernels.forward(t, q, a, lo, hi, k, windowed, E, consts, u, uniforms is not None,
-                            bool(want_sums), _kernels.chunk_count(t.size), y, stats)
+    sums = _kernels.forward(t, q, a, lo, hi, k, windowed, E, consts, u, sample, want_sums,
+                            _kernels.chunk_count(t.size), y, stats)
     # With the MPMF, E is kept for the backward (8 bytes per element), which would otherwise redo the exps.
-    return (torch.from_numpy(y), torch.from_numpy(stats),
-            torch.from_numpy(sums) if want_sums else None, torch.from_numpy(E) if want_sums else None)
+    return y, stats, sums if want_sums else None, E if want_sums else None
 
 
-def _numba_backward(flat, q, a, lo, hi, k, windowed, stats, grad_y, grad_sums, exps=None, relu=False,
-                    consts=None):
-    """(∂/∂θ as a tensor, ∂/∂q, ∂/∂α as floats); grad_sums a tensor or a float64 numpy array."""
+def _numba_backward(t, q, a, lo, hi, k, windowed, stats, gy, has_grad_y, gs, has_grad_sums, exps, relu, consts):
+    """(∂/∂θ, ∂/∂q, ∂/∂α) from the numba kernels: a numpy array of θ's shape-less values and two floats.
+    `gy`: ∂/∂y as a flat numpy array of θ's dtype; `gs`: ∂/∂sums (float64); placeholders when absent."""
     _kernels = _numba_kernels()
-
-    t = flat.detach().numpy()
-    q, a = float(q), float(a)
     g_theta = np.empty_like(t)
-    if grad_y is None:
-        gy = np.zeros(1, t.dtype)
-    else:
-        gy = grad_y.detach().reshape(-1)
-        if gy.dtype != flat.dtype or not gy.is_contiguous():
-            gy = gy.to(flat.dtype).contiguous()
-        gy = gy.numpy()
-    if grad_sums is None:
-        gs = np.zeros(1)
-    elif isinstance(grad_sums, np.ndarray):
-        gs = grad_sums
-    else:
-        gs = grad_sums.detach().to(torch.float64).contiguous().numpy()
-    st = stats.numpy()
-    if consts is None:
-        consts = _kernels.level_constants(q, a, k)
-    if _five(_kernels, q, a, k, windowed):
+    if _five(_kernels, q, a, k, windowed, t.dtype):
         chunks = _kernels.chunk_count(t.size)
         if relu:
             kept, nz_index, nz_counts, values = exps
             has_kept = kept is not None
-            g_q, g_a = _kernels.backward5_relu(t, q, a, lo, hi, st[0], st[1], st[2], consts, gy, grad_y is not None,
-                                               gs, grad_sums is not None, chunks, g_theta, has_kept,
+            g_q, g_a = _kernels.backward5_relu(t, q, a, lo, hi, stats[0], stats[1], stats[2], consts, gy, has_grad_y,
+                                               gs, has_grad_sums, chunks, g_theta, has_kept,
                                                kept if has_kept else np.zeros((5, 1), dtype=t.dtype),
                                                nz_index, nz_counts, values)
-            return torch.from_numpy(g_theta), g_q, g_a
-        kept = exps.numpy() if exps is not None else np.zeros((5, 1), dtype=t.dtype)
-        g_q, g_a = _kernels.backward5(t, q, a, lo, hi, st[0], st[1], st[2], consts, gy, grad_y is not None,
-                                      gs, grad_sums is not None, chunks, g_theta, exps is not None, kept)
+            return g_theta, g_q, g_a
+        has_kept = exps is not None
+        g_q, g_a = _kernels.backward5(t, q, a, lo, hi, stats[0], stats[1], stats[2], consts, gy, has_grad_y, gs,
+                                      has_grad_sums, chunks, g_theta, has_kept,
+                                      exps if has_kept else np.zeros((5, 1), dtype=t.dtype))
+        return g_theta, g_q, g_a
+    x = torch.relu(torch.from_numpy(t)).numpy() if relu else t
+    if not has_grad_sums:
+        E = np.zeros(1)
     else:
-        if relu:
-            t = torch.relu(flat.detach()).numpy()
-        if grad_sums is None:
-            E = np.zeros(1)
-        else:
-            E = exps.numpy() if exps is not None else _numba_exp(_kernels, t, q, a, lo, hi, k, windowed)
-        g_q, g_a = _kernels.backward(t, q, a, lo, hi, k, windowed, st, E, consts, gy, grad_y is not None, gs,
-                                     grad_sums is not None, _kernels.chunk_count(t.size), g_theta)
-        if relu:
-            _kernels._relu_mask(flat.detach().numpy(), g_theta)
-    return torch.from_numpy(g_theta), g_q, g_a
+        E = exps if exps is not None else _numba_exp(_kernels, x, q, a, lo, hi, k, windowed)
+    g_q, g_a = _kernels.backward(x, q, a, lo, hi, k, windowed, stats, E, consts, gy, has_grad_y, gs,
+                                 has_grad_sums, _kernels.chunk_count(t.size), g_theta)
+    if relu:
+        _kernels._relu_mask(t, g_theta)
+    return g_theta, g_q, g_a
+
+
+def _flat_values(tensor: torch.Tensor) -> np.ndarray:
+    """A CPU tensor's values as a flat numpy array (a view when it is contiguous)."""
+    values = tensor.detach()
+    if not values.is_contiguous():
+        values = values.contiguous()
+    return values.numpy().reshape(-1)
 
 
 class QuantizeFunction(torch.autograd.Function):
@@ -330,37 +324,17 @@ class QuantizeFunction(torch.autograd.Function):
                 entropy_scale=None, relu=False):
         ctx.set_materialize_grads(False)   # an unused output (y or sums) costs no backward work
         with_mpmf = with_mpmf or entropy_scale is not None
-        flat = theta.detach().contiguous().reshape(-1)
         uniforms = _uniforms(theta, generator) if sample else None
-        numba = _use_numba(theta)
-        exps = None
         ctx.entropy = None
-        if numba:
-            # The host-side glue kept small (a training step makes ~20 of these calls): step and
-            # sharpness read once, the level constants shared with the backward, H in float64 numpy.
-            _kernels = _numba_kernels()
-            qf, af = step.item(), sharpness.item()
-            k, windowed = _window_from_floats(step, sharpness, qf, af, lo, hi, window)
-            consts = _kernels.level_constants(qf, af, k)
-            y, stats, sums, exps = _numba_forward(flat, qf, af, lo, hi, k, windowed, uniforms, with_mpmf, relu,
-                                                  consts)
-            ctx.floats = (qf, af, consts)
-            if entropy_scale is not None:
-                factor = np.empty_like(sums)
-                bits = _kernels.entropy_bits_of_sums(sums.numpy(), max(theta.numel(), 1), float(entropy_scale),
-                                                     MIN_P, factor)
-                ctx.entropy = factor
-                ctx.save_for_backward(theta, step, sharpness, stats)
-                ctx.exps = exps
-                ctx.config = (lo, hi, k, windowed, numba, relu)
-                return y.reshape(theta.shape), torch.scalar_tensor(bits, dtype=theta.dtype)
-        else:
-            k, windowed = effective_window(step, sharpness, lo, hi, window)
-            y, stats, sums = _torch_kernels.forward(torch.relu(flat) if relu else flat, step, sharpness, lo, hi,
-                                                    k, windowed, uniforms, with_mpmf)
+        if _use_numba(theta):
+            return _forward_numba(ctx, theta, step, sharpness, lo, hi, window, uniforms, with_mpmf, entropy_scale,
+                                  relu)
+        flat = theta.detach().contiguous().reshape(-1)
+        k, windowed = effective_window(step, sharpness, lo, hi, window, _torch_kernels.compute_dtype(theta.dtype))
+        y, stats, sums = _torch_kernels.forward(torch.relu(flat) if relu else flat, step, sharpness, lo, hi,
+                                                k, windowed, uniforms, with_mpmf)
         ctx.save_for_backward(theta, step, sharpness, stats)
-        ctx.exps = exps
-        ctx.config = (lo, hi, k, windowed, numba, relu)
+        ctx.config = (lo, hi, k, windowed, False, relu)
         y = y.reshape(theta.shape)
         if not with_mpmf:
             return y
@@ -376,36 +350,77 @@ class QuantizeFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, grad_sums=None):
-        theta, step, sharpness, stats = ctx.saved_tensors
         lo, hi, k, windowed, numba, relu = ctx.config
         if grad_y is None and grad_sums is None:
             return (None,) * 11
+        if numba:
+            return _backward_numba(ctx, grad_y, grad_sums)
+        theta, step, sharpness, stats = ctx.saved_tensors
         if grad_sums is not None and ctx.entropy is not None:
             # grad_sums is the gradient of scale·H: the sums' gradient in closed form (as _SumsEntropyBits).
-            if numba:
-                grad_sums = ctx.entropy * float(grad_sums)
-            else:
-                pmf, logp, count, scale = ctx.entropy
-                inside = (pmf >= MIN_P).to(pmf.dtype)
-                grad_sums = (logp + inside) * (grad_sums * (-scale / (LOG2 * count)))
+            pmf, logp, count, scale = ctx.entropy
+            inside = (pmf >= MIN_P).to(pmf.dtype)
+            grad_sums = (logp + inside) * (grad_sums * (-scale / (LOG2 * count)))
         flat = theta.detach().contiguous().reshape(-1)
-        if numba:
-            qf, af, consts = ctx.floats
-            g_theta, g_q, g_a = _numba_backward(flat, qf, af, lo, hi, k, windowed, stats, grad_y, grad_sums,
-                                                ctx.exps, relu, consts)
-            return (g_theta.to(theta.dtype).reshape(theta.shape),
-                    _grad_scalar(g_q, step) if ctx.needs_input_grad[1] else None,
-                    _grad_scalar(g_a, sharpness) if ctx.needs_input_grad[2] else None,
-                    None, None, None, None, None, None, None, None)
-        else:
-            g_theta, g_q, g_a = _torch_kernels.backward(torch.relu(flat) if relu else flat, step, sharpness, lo,
-                                                        hi, k, windowed, stats, grad_y, grad_sums)
-            if relu:
-                g_theta = g_theta.masked_fill(flat.to(g_theta.device) <= 0, 0.0)
+        g_theta, g_q, g_a = _torch_kernels.backward(torch.relu(flat) if relu else flat, step, sharpness, lo,
+                                                    hi, k, windowed, stats, grad_y, grad_sums)
+        if relu:
+            g_theta = g_theta.masked_fill(flat.to(g_theta.device) <= 0, 0.0)
         return (g_theta.to(theta.dtype).reshape(theta.shape),
                 g_q.to(step.dtype).reshape(step.shape) if ctx.needs_input_grad[1] else None,
                 g_a.to(sharpness.dtype).reshape(sharpness.shape) if ctx.needs_input_grad[2] else None,
                 None, None, None, None, None, None, None, None)
+
+
+def _forward_numba(ctx, theta, step, sharpness, lo, hi, window, uniforms, with_mpmf, entropy_scale, relu):
+    """QuantizeFunction.forward on the numba kernels. The host-side glue is kept small (a training step
+    makes ~20 of these calls): step and sharpness read once, numpy arrays throughout (stats and the
+    arrays the backward reuses stay numpy on ctx), H and its gradient factor in float64 numpy."""
+    kernels = _numba_kernels()
+    qf, af = step.item(), sharpness.item()
+    k, windowed = _window_from_floats(step, sharpness, qf, af, lo, hi, window, theta.dtype)
+    consts = kernels.level_constants(qf, af, k)
+    t = _flat_values(theta)
+    u = uniforms.cpu().numpy() if uniforms is not None else _NO_UNIFORMS
+    y, stats, sums, reuse = _numba_forward(t, qf, af, lo, hi, k, windowed, u, uniforms is not None, with_mpmf, relu,
+                                           consts)
+    ctx.save_for_backward(theta, step, sharpness)
+    ctx.numba = (qf, af, consts, stats, reuse)
+    ctx.config = (lo, hi, k, windowed, True, relu)
+    y = torch.from_numpy(y.reshape(theta.shape))
+    if entropy_scale is not None:
+        factor = np.empty_like(sums)
+        bits = kernels.entropy_bits_of_sums(sums, max(t.size, 1), float(entropy_scale), MIN_P, factor)
+        ctx.entropy = factor
+        return y, torch.scalar_tensor(bits, dtype=theta.dtype)
+    if not with_mpmf:
+        return y
+    return y, torch.from_numpy(sums).to(theta.dtype)
+
+
+def _backward_numba(ctx, grad_y, grad_sums):
+    """QuantizeFunction.backward on the numba kernels (see _forward_numba)."""
+    theta, step, sharpness = ctx.saved_tensors
+    lo, hi, k, windowed, _, relu = ctx.config
+    qf, af, consts, stats, reuse = ctx.numba
+    t = _flat_values(theta)
+    if grad_y is None:
+        gy = np.zeros(1, t.dtype)
+    else:
+        gy = _flat_values(grad_y if grad_y.dtype == theta.dtype else grad_y.to(theta.dtype))
+    if grad_sums is None:
+        gs = np.zeros(1)
+    elif ctx.entropy is not None:
+        # grad_sums is the gradient of scale·H: the sums' gradient in closed form (as _SumsEntropyBits).
+        gs = ctx.entropy * float(grad_sums)
+    else:
+        gs = _flat_values(grad_sums.to(torch.float64))
+    g_theta, g_q, g_a = _numba_backward(t, qf, af, lo, hi, k, windowed, stats, gy, grad_y is not None, gs,
+                                        grad_sums is not None, reuse, relu, consts)
+    return (torch.from_numpy(g_theta.reshape(theta.shape)),
+            _grad_scalar(g_q, step) if ctx.needs_input_grad[1] else None,
+            _grad_scalar(g_a, sharpness) if ctx.needs_input_grad[2] else None,
+            None, None, None, None, None, None, None, None)
 
 
 def reference_soft_quantize(theta, step, sharpness, lo, hi, window=None):
