@@ -240,7 +240,7 @@ def test_lenet5_cdl_step_on_torch_path(mode):
     (3200.0, 8, 0.05, None, True),     # 8-bit weights
     (1900.0, 4, 0.1, None, True),      # weights, αq² = 19: still 5 levels
     (14000.0, 4, 0.1, 5, False),       # activations at A = 140, just under the products' limit (A·4 ≤ 600)
-    (2000.0, 4, 0.1, 5, False),        # A = 20: float32's limit (A·4 ≤ 80)
+    (8000.0, 4, 0.1, 5, False),        # A = 80: float32's limit (A·4 ≤ 320)
 ])
 def test_numba_five_level_kernels_match_general_ones(monkeypatch, dtype, alpha, bits, q, window, signed):
     """The branch-free kernels for 5-level windows (forward5 / backward5, own exp) give the values
@@ -287,7 +287,7 @@ def test_numba_five_level_kernels_match_general_ones(monkeypatch, dtype, alpha, 
     (89.0, 4, 0.3, 5, False),          # activation window at the default sharpness
     (800.0, 8, 0.1, None, True),       # 8-bit weights, αq² = 8
     (14000.0, 4, 0.1, 5, False),       # A = 140, the products' limit in float64
-    (2000.0, 4, 0.1, 5, False),        # A = 20, the limit in float32
+    (8000.0, 4, 0.1, 5, False),        # A = 80, the limit in float32
 ])
 def test_numba_five_level_backward_from_kept_cpmf_matches_recomputed(dtype, alpha, bits, q, window, signed):
     """backward5 from the CPMFs forward5 kept (the MPMF gradient without exps) gives the gradients of

@@ -62,10 +62,10 @@ def _place(t, q, lo, hi, k, windowed):
 
 # Above this A·(K-1) (A = αq²) the products below could overflow: every exp is taken directly.
 _PRODUCT_LIMIT = 600.0
-# The same bound for the 5-level loops, by θ's dtype (they compute in it): E^4 ≤ e^(4A) must stay
-# finite, e^600 in float64, e^80 in float32 (whose largest value is e^88.7). Above it the general
-# kernels (float64) run.
-FIVE_LEVEL_LIMITS = {np.dtype(np.float64): _PRODUCT_LIMIT, np.dtype(np.float32): 80.0}
+# The same bound for the 5-level loops, by θ's dtype (they compute in it): E = e^(2A·w) ≤ e^A and
+# c1 = e^-A must be normal numbers, which float32 allows to A = 87 (A·4 ≤ 320: A ≤ 80). Above it the
+# general kernels (float64) run.
+FIVE_LEVEL_LIMITS = {np.dtype(np.float64): _PRODUCT_LIMIT, np.dtype(np.float32): 320.0}
 
 
 @njit(cache=True, parallel=True)
@@ -378,7 +378,7 @@ def _exp32(x):
 
 
 # |2A·w| is clamped to this before the exp of `_exps5` (float64, float32): within the exp's normal
-# range. Only clipped values (|w| > 1/2) reach it (FIVE_LEVEL_LIMITS keeps |2A·w| ≤ A ≤ 20 in
+# range. Only clipped values (|w| > 1/2) reach it (FIVE_LEVEL_LIMITS keeps |2A·w| ≤ A ≤ 80 in
 # float32 otherwise); their overflowing products are never the ones selected.
 _EXP_BOUND = {types.float64: 700.0, types.float32: 80.0}
 
@@ -407,11 +407,14 @@ def _exp_bound_impl(x):
 
 
 @njit(cache=True, inline="always", error_model="numpy")
-def _cpmf5(t, q, lo, hi, E, c1, c2, c3, c4):
+def _cpmf5(t, q, lo, hi, E, c1, d2, d3, d4):
     """`_cpmf` for K = 5, windowed, for finite θ (A·4 within FIVE_LEVEL_LIMITS of θ's dtype, checked
     by the caller; clipped values too, see `_exps5`): (e0..e4, k0, j0, n, w, s0, s1, s2, s3), k0 and j0
     (nearest level's index) as floats, all in θ's float type (t, q, E and the constants share it).
-    e_j = E^o·exp(-A·o²), o = j - j0, picked by selects among the nine products (E from `_exps5`)."""
+    e_j = exp(A·o·(2w - o)), o = j - j0, picked by selects among the nine products (E = exp(2A·w) from
+    `_exps5`), written (E·c1)^o·d_o and (c1/E)^|o|·d_|o| with c1 = e^-A and d_o = e^(-A·o(o-1)): every
+    factor is at most 1 for |w| ≤ 1/2, so no product overflows however sharp the CPMF (E^o·e^(-A·o²)
+    overflowed float32 beyond A = 22); terms that underflow are below e^-88 of the nearest level's."""
     one = _as(t, 1.0)
     two = _as(t, 2.0)
     three = _as(t, 3.0)
@@ -427,17 +430,18 @@ def _cpmf5(t, q, lo, hi, E, c1, c2, c3, c4):
     k0 = c - two
     j0 = n - k0
     w = ratio - n
-    ei = one / E
-    e2 = E * E
-    i2 = ei * ei
-    pp1 = E * c1
-    pp2 = e2 * c2
-    pp3 = e2 * E * c3
-    pp4 = e2 * e2 * c4
-    pm1 = ei * c1
-    pm2 = i2 * c2
-    pm3 = i2 * ei * c3
-    pm4 = i2 * i2 * c4
+    ep = E * c1              # e^(A(2w - 1)): the level above the nearest one
+    em = c1 / E              # e^(-A(2w + 1)): the level below
+    ep2 = ep * ep
+    em2 = em * em
+    pp1 = ep
+    pp2 = ep2 * d2
+    pp3 = ep2 * ep * d3
+    pp4 = ep2 * ep2 * d4
+    pm1 = em
+    pm2 = em2 * d2
+    pm3 = em2 * em * d3
+    pm4 = em2 * em2 * d4
     g1 = j0 >= one
     g2 = j0 >= two
     g3 = j0 >= three
@@ -499,7 +503,7 @@ def _relu_mask(th, g):
 
 
 @njit(cache=True, error_model="numpy")
-def _forward5_block(th, eb, u, y, st_l, st_v, st_m, p0, p1, p2, p3, p4, kb, q, A, lo, hi, c1, c2, c3, c4,
+def _forward5_block(th, eb, u, y, st_l, st_v, st_m, p0, p1, p2, p3, p4, kb, q, A, lo, hi, c1, d2, d3, d4,
                     sample, want_sums):
     """The vectorised loop of `forward5` over one block (arrays sliced to it: indices from 0, so
     no negative-index wraparound keeps LLVM from vectorising); returns how many elements it left
@@ -507,7 +511,7 @@ def _forward5_block(th, eb, u, y, st_l, st_v, st_m, p0, p1, p2, p3, p4, kb, q, A
     _exps5(th, q, A, lo, hi, eb)
     bad = 0
     for i in range(th.size):
-        x0, x1, x2, x3, x4, k0, j0, n, w, s0, s1, s2, s3 = _cpmf5(th[i], q, lo, hi, eb[i], c1, c2, c3, c4)
+        x0, x1, x2, x3, x4, k0, j0, n, w, s0, s1, s2, s3 = _cpmf5(th[i], q, lo, hi, eb[i], c1, d2, d3, d4)
         level_mean, var, m3, inv_s0 = _moments(n, s0, s1, s2, s3)
         st_l[i] = level_mean
         st_v[i] = var
@@ -591,8 +595,8 @@ def _level_constant(like, value):
 
 @overload(_level_constant, inline="always")
 def _level_constant_impl(like, value):
-    """In float32 a level constant under 1e-30 is taken as 0: its terms are below 1e-15 of the
-    nearest level's (A·o² > 69 with o ≥ 2), and a subnormal operand would only slow the products."""
+    """In float32 a constant under 1e-30 is taken as 0: the terms it scales are below 1e-30 of the
+    nearest level's (every other factor is at most 1), and a subnormal operand would only slow them."""
     kind = like.dtype if isinstance(like, types.Array) else like
     if kind == types.float32:
         return lambda like, value: np.float32(value) * np.float32(value >= 1e-30)
@@ -600,12 +604,15 @@ def _level_constant_impl(like, value):
 
 
 @njit(cache=True, inline="always", error_model="numpy")
-def _typed_scalars(theta, q, a, consts):
-    """(q, α, A = αq², exp(-A·o²) for o = 1 … 4) in θ's float type: what the 5-level loops compute with."""
+def _typed_scalars(theta, q, a):
+    """(q, α, A = αq², c1 = e^-A, d_o = e^(-A·o(o-1)) for o = 2, 3, 4) in θ's float type: what the
+    5-level loops compute with (`_cpmf5`); the exponentials taken in float64. c1 pairs with E, which
+    can be as large as e^A, so it is kept however small (A ≤ 80 in float32: still a normal number)."""
     qt = _as(theta, q)
     at = _as(theta, a)
-    return (qt, at, at * qt * qt, _level_constant(theta, consts[5]), _level_constant(theta, consts[6]),
-            _level_constant(theta, consts[7]), _level_constant(theta, consts[8]))
+    A = a * q * q
+    return (qt, at, at * qt * qt, _as(theta, np.exp(-A)), _level_constant(theta, np.exp(-2.0 * A)),
+            _level_constant(theta, np.exp(-6.0 * A)), _level_constant(theta, np.exp(-12.0 * A)))
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
@@ -619,7 +626,7 @@ def forward5(theta, q, a, lo, hi, consts, uniforms, sample, want_sums, chunks, y
     n_all = theta.size
     per = (n_all + chunks - 1) // chunks
     A = a * q * q
-    qt, _, At, c1, c2, c3, c4 = _typed_scalars(theta, q, a, consts)
+    qt, _, At, c1, d2, d3, d4 = _typed_scalars(theta, q, a)
     for c in prange(chunks):
         # Four histograms taken in turn: consecutive elements often share bins (half are zeros), and
         # one histogram made every add wait for the previous one's store.
@@ -634,7 +641,7 @@ def forward5(theta, q, a, lo, hi, consts, uniforms, sample, want_sums, chunks, y
             m = b1 - b0
             bad = _forward5_block(theta[b0:b1], eb, uniforms[b0:b1] if sample else uniforms,
                                   y[b0:b1], st_l[b0:b1], st_v[b0:b1], st_m[b0:b1], pb[0, :m], pb[1, :m],
-                                  pb[2, :m], pb[3, :m], pb[4, :m], kb[:m], qt, At, lo, hi, c1, c2, c3, c4,
+                                  pb[2, :m], pb[3, :m], pb[4, :m], kb[:m], qt, At, lo, hi, c1, d2, d3, d4,
                                   sample, want_sums)
             if bad > 0:
                 for i in range(b0, b1):
@@ -685,7 +692,7 @@ def _window_grads(th, q, lo, hi, kb, gb, grad_sums):
 
 @njit(cache=True, error_model="numpy")
 def _backward5_block(th, eb, st_l, st_v, st_m, gy, has_grad_y, grad_sums, has_grad_sums, gt, bq, ba, q, a, lo,
-                     hi, c1, c2, c3, c4, kb, gb):
+                     hi, c1, d2, d3, d4, kb, gb):
     """The vectorised loop of `backward5` over one block (sliced arrays, as `_forward5_block`):
     fills gt and the per-element ∂/∂q, ∂/∂α terms bq, ba; returns the count left for `_cpmf`."""
     bad = 0
@@ -702,7 +709,7 @@ def _backward5_block(th, eb, st_l, st_v, st_m, gy, has_grad_y, grad_sums, has_gr
         v2 = G * q * st_m[i]
         if has_grad_sums:
             # _mpmf_covariances with the five levels unrolled, the same sums in the same order.
-            x0, x1, x2, x3, x4, k0, j0, n, w, s0, s1, s2, s3 = _cpmf5(t, q, lo, hi, eb[i], c1, c2, c3, c4)
+            x0, x1, x2, x3, x4, k0, j0, n, w, s0, s1, s2, s3 = _cpmf5(t, q, lo, hi, eb[i], c1, d2, d3, d4)
             g0 = gb[0, i]
             g1 = gb[1, i]
             g2 = gb[2, i]
@@ -710,18 +717,19 @@ def _backward5_block(th, eb, st_l, st_v, st_m, gy, has_grad_y, grad_sums, has_gr
             g4 = gb[4, i]
             inv_s0 = one / s0
             eg = (x0 * g0 + x1 * g1 + x2 * g2 + x3 * g3 + x4 * g4) * inv_s0
-            d0 = k0 - level_mean
-            d1 = k0 + one - level_mean
-            d2 = k0 + two - level_mean
-            d3 = k0 + _as(q, 3.0) - level_mean
-            d4 = k0 + _as(q, 4.0) - level_mean
+            # level minus the mean (l0..l4: d2..d4 name the level constants here)
+            l0 = k0 - level_mean
+            l1 = k0 + one - level_mean
+            l2 = k0 + two - level_mean
+            l3 = k0 + _as(q, 3.0) - level_mean
+            l4 = k0 + _as(q, 4.0) - level_mean
             r0 = x0 * (g0 - eg)
             r1 = x1 * (g1 - eg)
             r2 = x2 * (g2 - eg)
             r3 = x3 * (g3 - eg)
             r4 = x4 * (g4 - eg)
-            v1 += (r0 * d0 + r1 * d1 + r2 * d2 + r3 * d3 + r4 * d4) * inv_s0
-            v2 += (r0 * d0 * d0 + r1 * d1 * d1 + r2 * d2 * d2 + r3 * d3 * d3 + r4 * d4 * d4) * inv_s0
+            v1 += (r0 * l0 + r1 * l1 + r2 * l2 + r3 * l3 + r4 * l4) * inv_s0
+            v2 += (r0 * l0 * l0 + r1 * l1 * l1 + r2 * l2 * l2 + r3 * l3 * l3 + r4 * l4 * l4) * inv_s0
             bad += 0 if abs(w) < np.inf else 1     # NaN / inf: `_cpmf`
         mean = q * level_mean
         gt[i] = two * a * q * v1
@@ -787,7 +795,7 @@ def backward5(theta, q, a, lo, hi, st_l, st_v, st_m, consts, grad_y, has_grad_y,
     n_all = theta.size
     per = (n_all + chunks - 1) // chunks
     A = a * q * q
-    qt, at, _, c1, c2, c3, c4 = _typed_scalars(theta, q, a, consts)
+    qt, at, _, c1, d2, d3, d4 = _typed_scalars(theta, q, a)
     partial = np.zeros((2, chunks))
     for c in prange(chunks):
         e = np.empty(5)
@@ -811,7 +819,7 @@ def backward5(theta, q, a, lo, hi, st_l, st_v, st_m, consts, grad_y, has_grad_y,
                 bad = _backward5_block(theta[b0:b1], eb, st_l[b0:b1], st_v[b0:b1], st_m[b0:b1],
                                        grad_y[b0:b1] if has_grad_y else grad_y,
                                        has_grad_y, grad_sums, has_grad_sums, grad_theta[b0:b1], bq[:m], ba[:m],
-                                       qt, at, lo, hi, c1, c2, c3, c4, kb, gb)
+                                       qt, at, lo, hi, c1, d2, d3, d4, kb, gb)
             if bad > 0:
                 for i in range(b0, b1):
                     t = theta[i]
@@ -922,9 +930,9 @@ def forward5_relu(theta, q, a, lo, hi, consts, uniforms, sample, want_sums, chun
     per = (n_all + chunks - 1) // chunks
     bpc = (per + _BLOCK5 - 1) // _BLOCK5
     A = a * q * q
-    qt, _, At, c1, c2, c3, c4 = _typed_scalars(theta, q, a, consts)
+    qt, _, At, c1, d2, d3, d4 = _typed_scalars(theta, q, a)
     x0z, x1z, x2z, x3z, x4z, k0z, _, nz, _, s0z, s1z, s2z, s3z = _cpmf5(_as(qt, 0.0), qt, lo, hi, _as(qt, 1.0),
-                                                                     c1, c2, c3, c4)
+                                                                     c1, d2, d3, d4)
     Lz, _, _, inv_sz = _moments(nz, s0z, s1z, s2z, s3z)
     yz = qt * Lz
     t0 = x0z
@@ -980,8 +988,8 @@ def forward5_relu(theta, q, a, lo, hi, consts, uniforms, sample, want_sums, chun
             p3 = src[3, o:o + cnt]
             p4 = src[4, o:o + cnt]
             bad = _forward5_block(tb, eb, uv, yv, st_l[b0:b0 + cnt], st_v[b0:b0 + cnt],
-                                  st_m[b0:b0 + cnt], p0, p1, p2, p3, p4, kb[:cnt], qt, At, lo, hi, c1, c2, c3,
-                                  c4, sample, want_sums)
+                                  st_m[b0:b0 + cnt], p0, p1, p2, p3, p4, kb[:cnt], qt, At, lo, hi, c1, d2, d3,
+                                  d4, sample, want_sums)
             if bad > 0:
                 for j in range(cnt):
                     t = tb[j]
@@ -1045,10 +1053,10 @@ def backward5_relu(theta, q, a, lo, hi, st_l, st_v, st_m, consts, grad_y, has_gr
     per = (n_all + chunks - 1) // chunks
     bpc = (per + _BLOCK5 - 1) // _BLOCK5
     A = a * q * q
-    qt, at, _, c1, c2, c3, c4 = _typed_scalars(theta, q, a, consts)
+    qt, at, _, c1, d2, d3, d4 = _typed_scalars(theta, q, a)
     # The zero element: its stats as the 5-level loop computes and stores them (θ's type), its MPMF
     # covariances (float64, from `_cpmf`).
-    _, _, _, _, _, _, _, nz, _, s0z, s1z, s2z, s3z = _cpmf5(_as(qt, 0.0), qt, lo, hi, _as(qt, 1.0), c1, c2, c3, c4)
+    _, _, _, _, _, _, _, nz, _, s0z, s1z, s2z, s3z = _cpmf5(_as(qt, 0.0), qt, lo, hi, _as(qt, 1.0), c1, d2, d3, d4)
     Lz, Vz, Mz, _ = _moments(nz, s0z, s1z, s2z, s3z)
     zst = np.empty(3, dtype=st_l.dtype)
     zst[0] = Lz
@@ -1113,7 +1121,7 @@ def backward5_relu(theta, q, a, lo, hi, st_l, st_v, st_m, consts, grad_y, has_gr
             else:
                 bad = _backward5_block(th, eb, st_l[b0:b0 + cnt], st_v[b0:b0 + cnt], st_m[b0:b0 + cnt],
                                        gyv, has_grad_y, grad_sums, has_grad_sums, gtv, bq[:cnt],
-                                       ba[:cnt], qt, at, lo, hi, c1, c2, c3, c4, kb, gb)
+                                       ba[:cnt], qt, at, lo, hi, c1, d2, d3, d4, kb, gb)
             if bad > 0:
                 for j in range(cnt):
                     t = th[j]

@@ -221,7 +221,7 @@ def _grad_scalar(value: float, like: torch.Tensor) -> torch.Tensor:
 
 def _five(kernels, q, a, k, windowed, dtype) -> bool:
     """The branch-free kernels for windows of 5 levels apply (activations; weights at αq² ≥ 20/3) and
-    their products stay finite in `dtype`, the numpy dtype they compute in (A ≤ 20 in float32)."""
+    their products stay finite in `dtype`, the numpy dtype they compute in (A ≤ 80 in float32)."""
     return windowed and k == 5 and a * q * q * (k - 1) <= kernels.FIVE_LEVEL_LIMITS[dtype]
 
 
