@@ -62,10 +62,7 @@ def _place(t, q, lo, hi, k, windowed):
 
 # Above this A·(K-1) (A = αq²) the products below could overflow: every exp is taken directly.
 _PRODUCT_LIMIT = 600.0
-# The same bound for the 5-level loops, by θ's dtype (they compute in it): E = e^(2A·w) ≤ e^A and
-# c1 = e^-A must be normal numbers, which float32 allows to A = 87 (A·4 ≤ 320: A ≤ 80). Above it the
-# general kernels (float64) run.
-FIVE_LEVEL_LIMITS = {np.dtype(np.float64): _PRODUCT_LIMIT, np.dtype(np.float32): 320.0}
+# The 5-level loops have no such bound: their products are of factors ≤ 1 (`_cpmf5`).
 
 
 @njit(cache=True, parallel=True)
@@ -377,9 +374,7 @@ def _exp32(x):
     return p * _float32_from_bits((np.int32(k) + np.int32(127)) << np.int32(23))
 
 
-# |2A·w| is clamped to this before the exp of `_exps5` (float64, float32): within the exp's normal
-# range. Only clipped values (|w| > 1/2) reach it (FIVE_LEVEL_LIMITS keeps |2A·w| ≤ A ≤ 80 in
-# float32 otherwise); their overflowing products are never the ones selected.
+# The exps' arguments in `_neighbour_exps` are clamped to ± this (float64, float32): exp's normal range.
 _EXP_BOUND = {types.float64: 700.0, types.float32: 80.0}
 
 
@@ -407,14 +402,13 @@ def _exp_bound_impl(x):
 
 
 @njit(cache=True, inline="always", error_model="numpy")
-def _cpmf5(t, q, lo, hi, E, c1, d2, d3, d4):
-    """`_cpmf` for K = 5, windowed, for finite θ (A·4 within FIVE_LEVEL_LIMITS of θ's dtype, checked
-    by the caller; clipped values too, see `_exps5`): (e0..e4, k0, j0, n, w, s0, s1, s2, s3), k0 and j0
-    (nearest level's index) as floats, all in θ's float type (t, q, E and the constants share it).
-    e_j = exp(A·o·(2w - o)), o = j - j0, picked by selects among the nine products (E = exp(2A·w) from
-    `_exps5`), written (E·c1)^o·d_o and (c1/E)^|o|·d_|o| with c1 = e^-A and d_o = e^(-A·o(o-1)): every
-    factor is at most 1 for |w| ≤ 1/2, so no product overflows however sharp the CPMF (E^o·e^(-A·o²)
-    overflowed float32 beyond A = 22); terms that underflow are below e^-88 of the nearest level's."""
+def _cpmf5(t, q, lo, hi, ep, em, d2, d3, d4):
+    """`_cpmf` for K = 5, windowed, for finite θ (clipped values too, see `_exps5`): (e0..e4, k0, j0,
+    n, w, s0, s1, s2, s3), k0 and j0 (nearest level's index) as floats, all in θ's float type (t, q,
+    ep, em and the constants share it). e_j = exp(A·o·(2w - o)), o = j - j0, picked by selects among
+    the nine products ep^o·d_o and em^|o|·d_|o| (ep, em from `_neighbour_exps`, d_o = e^(-A·o(o-1))):
+    every factor is at most 1 for |w| ≤ 1/2, so no product overflows however sharp the CPMF (the
+    former E^o·e^(-A·o²) overflowed float32 beyond A = 22); terms that underflow are negligible."""
     one = _as(t, 1.0)
     two = _as(t, 2.0)
     three = _as(t, 3.0)
@@ -430,8 +424,6 @@ def _cpmf5(t, q, lo, hi, E, c1, d2, d3, d4):
     k0 = c - two
     j0 = n - k0
     w = ratio - n
-    ep = E * c1              # e^(A(2w - 1)): the level above the nearest one
-    em = c1 / E              # e^(-A(2w + 1)): the level below
     ep2 = ep * ep
     em2 = em * em
     pp1 = ep
@@ -469,15 +461,30 @@ def _cpmf5(t, q, lo, hi, E, c1, d2, d3, d4):
     return x0, x1, x2, x3, x4, k0, j0, n, w, s0, s1, s2, s3
 
 
+@njit(cache=True, inline="always", error_model="numpy")
+def _neighbour_exps(w, A, bound):
+    """(e^(A(2w - 1)), e^(-A(2w + 1))): the CPMF of the levels just above and below the nearest one
+    relative to it (at most 1 for |w| ≤ 1/2, whatever A). 2w ∓ 1 is exact where it matters (Sterbenz,
+    |w| ≥ 1/4), so each argument has one rounding. Arguments are clamped to ±bound (exp's normal
+    range; NaN to -bound, its element is redone by `_cpmf`): only clipped values (|w| > 1/2) or terms
+    under e^-bound of the nearest level's are moved."""
+    one = _as(A, 1.0)
+    xp = A * (w + w - one)
+    xm = -(A * (w + w + one))
+    xp = xp if xp >= -bound else -bound
+    xp = xp if xp <= bound else bound
+    xm = xm if xm >= -bound else -bound
+    xm = xm if xm <= bound else bound
+    return _exp_of(xp), _exp_of(xm)
+
+
 @njit(cache=True, error_model="numpy")
-def _exps5(th, q, A, lo, hi, eb):
-    """eb[i] = E_i = exp(2A·w_i) for one block, in a loop of its own (inside the arithmetic loop the
-    exp cost four times as much). Clipped values (|w| > 1/2, a quarter to a third of ResNet-20's
-    activations in the step benchmark) stay on the products: beyond the top level only E^-1…E^-4
-    are used, below the bottom one only E^1…E^4, so e_j = exp(A·o·(2w - o)) ≤ 1 either way;
-    2A·w is clamped to ±_EXP_BOUND (±700 in float64, ±80 in float32: exp's normal range), which moves
-    only terms below e^-700 (e^-80) of the largest. In θ's float type (q and A share it)."""
-    two_a = _as(A, 2.0) * A
+def _exps5(th, q, A, lo, hi, ep, em):
+    """(ep[i], em[i]) = `_neighbour_exps` of each element of one block, in a loop of their own (inside
+    the arithmetic loop the exps cost four times as much). Clipped values (|w| > 1/2, a quarter to a
+    third of ResNet-20's activations in the step benchmark) stay on the products: beyond the top level
+    only em is used, below the bottom one only ep, and those are ≤ 1. In θ's float type (q and A
+    share it)."""
     inv_q = _as(A, 1.0) / q
     bound = _exp_bound(A)
     flo = _as(A, lo)
@@ -488,11 +495,19 @@ def _exps5(th, q, A, lo, hi, eb):
         n = n if n >= flo else flo
         n = n if n <= fhi else fhi
         # w = θ/q - n as (θ - n·q)/q, θ - n·q with one rounding: in float32 θ/q itself is off by up to
-        # half an ulp of θ/q (1e-5 levels at level 200), which e^(2A·w) would turn into 2e-4 relative.
-        x = two_a * (_fma(-n, q, t) * inv_q)
-        x = x if x >= -bound else -bound      # NaN too; its element is redone by _cpmf
-        x = x if x <= bound else bound
-        eb[i] = _exp_of(x)
+        # half an ulp of θ/q (1e-5 levels at level 200), which the exps would turn into 2e-4 relative.
+        ep[i], em[i] = _neighbour_exps(_fma(-n, q, t) * inv_q, A, bound)
+
+
+@njit(cache=True, error_model="numpy")
+def _zero_cpmf5(like, q, A, lo, hi, d2, d3, d4):
+    """`_cpmf5` of θ = 0 (like's float type) as the 5-level loops compute it, its exps from `_exps5`:
+    the fused-ReLU kernels give their zeros exactly what an unfused zero gets."""
+    z = np.zeros(1, dtype=like.dtype)
+    ep = np.empty(1, dtype=like.dtype)
+    em = np.empty(1, dtype=like.dtype)
+    _exps5(z, q, A, lo, hi, ep, em)
+    return _cpmf5(z[0], q, lo, hi, ep[0], em[0], d2, d3, d4)
 
 
 @njit(cache=True, error_model="numpy")
@@ -503,15 +518,17 @@ def _relu_mask(th, g):
 
 
 @njit(cache=True, error_model="numpy")
-def _forward5_block(th, eb, u, y, st_l, st_v, st_m, p0, p1, p2, p3, p4, kb, q, A, lo, hi, c1, d2, d3, d4,
+def _forward5_block(th, eb, u, y, st_l, st_v, st_m, p0, p1, p2, p3, p4, kb, q, A, lo, hi, d2, d3, d4,
                     sample, want_sums):
     """The vectorised loop of `forward5` over one block (arrays sliced to it: indices from 0, so
     no negative-index wraparound keeps LLVM from vectorising); returns how many elements it left
     for `_cpmf` (|w| > 1/2 or NaN)."""
-    _exps5(th, q, A, lo, hi, eb)
+    ep = eb[0]
+    em = eb[1]
+    _exps5(th, q, A, lo, hi, ep, em)
     bad = 0
     for i in range(th.size):
-        x0, x1, x2, x3, x4, k0, j0, n, w, s0, s1, s2, s3 = _cpmf5(th[i], q, lo, hi, eb[i], c1, d2, d3, d4)
+        x0, x1, x2, x3, x4, k0, j0, n, w, s0, s1, s2, s3 = _cpmf5(th[i], q, lo, hi, ep[i], em[i], d2, d3, d4)
         level_mean, var, m3, inv_s0 = _moments(n, s0, s1, s2, s3)
         st_l[i] = level_mean
         st_v[i] = var
@@ -605,13 +622,12 @@ def _level_constant_impl(like, value):
 
 @njit(cache=True, inline="always", error_model="numpy")
 def _typed_scalars(theta, q, a):
-    """(q, α, A = αq², c1 = e^-A, d_o = e^(-A·o(o-1)) for o = 2, 3, 4) in θ's float type: what the
-    5-level loops compute with (`_cpmf5`); the exponentials taken in float64. c1 pairs with E, which
-    can be as large as e^A, so it is kept however small (A ≤ 80 in float32: still a normal number)."""
+    """(q, α, A = αq², d_o = e^(-A·o(o-1)) for o = 2, 3, 4) in θ's float type: what the 5-level loops
+    compute with (`_cpmf5`); the exponentials taken in float64."""
     qt = _as(theta, q)
     at = _as(theta, a)
     A = a * q * q
-    return (qt, at, at * qt * qt, _as(theta, np.exp(-A)), _level_constant(theta, np.exp(-2.0 * A)),
+    return (qt, at, at * qt * qt, _level_constant(theta, np.exp(-2.0 * A)),
             _level_constant(theta, np.exp(-6.0 * A)), _level_constant(theta, np.exp(-12.0 * A)))
 
 
@@ -626,13 +642,13 @@ def forward5(theta, q, a, lo, hi, consts, uniforms, sample, want_sums, chunks, y
     n_all = theta.size
     per = (n_all + chunks - 1) // chunks
     A = a * q * q
-    qt, _, At, c1, d2, d3, d4 = _typed_scalars(theta, q, a)
+    qt, _, At, d2, d3, d4 = _typed_scalars(theta, q, a)
     for c in prange(chunks):
         # Four histograms taken in turn: consecutive elements often share bins (half are zeros), and
         # one histogram made every add wait for the previous one's store.
         hist = np.zeros((4, size))
         e = np.empty(5)
-        eb = np.empty(_BLOCK5, dtype=theta.dtype)
+        eb = np.empty((2, _BLOCK5), dtype=theta.dtype)
         pb = np.empty((5, _BLOCK5), dtype=theta.dtype)
         kb = np.empty(_BLOCK5, dtype=np.int32)
         stop = min(n_all, (c + 1) * per)
@@ -641,7 +657,7 @@ def forward5(theta, q, a, lo, hi, consts, uniforms, sample, want_sums, chunks, y
             m = b1 - b0
             bad = _forward5_block(theta[b0:b1], eb, uniforms[b0:b1] if sample else uniforms,
                                   y[b0:b1], st_l[b0:b1], st_v[b0:b1], st_m[b0:b1], pb[0, :m], pb[1, :m],
-                                  pb[2, :m], pb[3, :m], pb[4, :m], kb[:m], qt, At, lo, hi, c1, d2, d3, d4,
+                                  pb[2, :m], pb[3, :m], pb[4, :m], kb[:m], qt, At, lo, hi, d2, d3, d4,
                                   sample, want_sums)
             if bad > 0:
                 for i in range(b0, b1):
@@ -692,15 +708,17 @@ def _window_grads(th, q, lo, hi, kb, gb, grad_sums):
 
 @njit(cache=True, error_model="numpy")
 def _backward5_block(th, eb, st_l, st_v, st_m, gy, has_grad_y, grad_sums, has_grad_sums, gt, bq, ba, q, a, lo,
-                     hi, c1, d2, d3, d4, kb, gb):
+                     hi, d2, d3, d4, kb, gb):
     """The vectorised loop of `backward5` over one block (sliced arrays, as `_forward5_block`):
     fills gt and the per-element ∂/∂q, ∂/∂α terms bq, ba; returns the count left for `_cpmf`."""
     bad = 0
     one = _as(q, 1.0)
     two = _as(q, 2.0)
+    ep = eb[0]
+    em = eb[1]
     if has_grad_sums:
         _window_grads(th, q, lo, hi, kb, gb, grad_sums)
-        _exps5(th, q, a * q * q, lo, hi, eb)
+        _exps5(th, q, a * q * q, lo, hi, ep, em)
     for i in range(th.size):
         t = th[i]
         level_mean = st_l[i]
@@ -709,7 +727,7 @@ def _backward5_block(th, eb, st_l, st_v, st_m, gy, has_grad_y, grad_sums, has_gr
         v2 = G * q * st_m[i]
         if has_grad_sums:
             # _mpmf_covariances with the five levels unrolled, the same sums in the same order.
-            x0, x1, x2, x3, x4, k0, j0, n, w, s0, s1, s2, s3 = _cpmf5(t, q, lo, hi, eb[i], c1, d2, d3, d4)
+            x0, x1, x2, x3, x4, k0, j0, n, w, s0, s1, s2, s3 = _cpmf5(t, q, lo, hi, ep[i], em[i], d2, d3, d4)
             g0 = gb[0, i]
             g1 = gb[1, i]
             g2 = gb[2, i]
@@ -795,11 +813,11 @@ def backward5(theta, q, a, lo, hi, st_l, st_v, st_m, consts, grad_y, has_grad_y,
     n_all = theta.size
     per = (n_all + chunks - 1) // chunks
     A = a * q * q
-    qt, at, _, c1, d2, d3, d4 = _typed_scalars(theta, q, a)
+    qt, at, _, d2, d3, d4 = _typed_scalars(theta, q, a)
     partial = np.zeros((2, chunks))
     for c in prange(chunks):
         e = np.empty(5)
-        eb = np.empty(_BLOCK5, dtype=theta.dtype)
+        eb = np.empty((2, _BLOCK5), dtype=theta.dtype)
         bq = np.empty(_BLOCK5, dtype=theta.dtype)
         ba = np.empty(_BLOCK5, dtype=theta.dtype)
         kb = np.empty(_BLOCK5, dtype=np.int32)
@@ -819,7 +837,7 @@ def backward5(theta, q, a, lo, hi, st_l, st_v, st_m, consts, grad_y, has_grad_y,
                 bad = _backward5_block(theta[b0:b1], eb, st_l[b0:b1], st_v[b0:b1], st_m[b0:b1],
                                        grad_y[b0:b1] if has_grad_y else grad_y,
                                        has_grad_y, grad_sums, has_grad_sums, grad_theta[b0:b1], bq[:m], ba[:m],
-                                       qt, at, lo, hi, c1, d2, d3, d4, kb, gb)
+                                       qt, at, lo, hi, d2, d3, d4, kb, gb)
             if bad > 0:
                 for i in range(b0, b1):
                     t = theta[i]
@@ -930,9 +948,8 @@ def forward5_relu(theta, q, a, lo, hi, consts, uniforms, sample, want_sums, chun
     per = (n_all + chunks - 1) // chunks
     bpc = (per + _BLOCK5 - 1) // _BLOCK5
     A = a * q * q
-    qt, _, At, c1, d2, d3, d4 = _typed_scalars(theta, q, a)
-    x0z, x1z, x2z, x3z, x4z, k0z, _, nz, _, s0z, s1z, s2z, s3z = _cpmf5(_as(qt, 0.0), qt, lo, hi, _as(qt, 1.0),
-                                                                     c1, d2, d3, d4)
+    qt, _, At, d2, d3, d4 = _typed_scalars(theta, q, a)
+    x0z, x1z, x2z, x3z, x4z, k0z, _, nz, _, s0z, s1z, s2z, s3z = _zero_cpmf5(theta, qt, At, lo, hi, d2, d3, d4)
     Lz, _, _, inv_sz = _moments(nz, s0z, s1z, s2z, s3z)
     yz = qt * Lz
     t0 = x0z
@@ -942,7 +959,7 @@ def forward5_relu(theta, q, a, lo, hi, consts, uniforms, sample, want_sums, chun
     for c in prange(chunks):
         hist = np.zeros((4, size))
         e = np.empty(5)
-        eb = np.empty(_BLOCK5, dtype=theta.dtype)
+        eb = np.empty((2, _BLOCK5), dtype=theta.dtype)
         pb = np.empty((5, _BLOCK5), dtype=theta.dtype)
         kb = np.empty(_BLOCK5, dtype=np.int32)
         ub = np.empty(_BLOCK5)
@@ -988,8 +1005,8 @@ def forward5_relu(theta, q, a, lo, hi, consts, uniforms, sample, want_sums, chun
             p3 = src[3, o:o + cnt]
             p4 = src[4, o:o + cnt]
             bad = _forward5_block(tb, eb, uv, yv, st_l[b0:b0 + cnt], st_v[b0:b0 + cnt],
-                                  st_m[b0:b0 + cnt], p0, p1, p2, p3, p4, kb[:cnt], qt, At, lo, hi, c1, d2, d3,
-                                  d4, sample, want_sums)
+                                  st_m[b0:b0 + cnt], p0, p1, p2, p3, p4, kb[:cnt], qt, At, lo, hi, d2, d3, d4,
+                                  sample, want_sums)
             if bad > 0:
                 for j in range(cnt):
                     t = tb[j]
@@ -1053,10 +1070,10 @@ def backward5_relu(theta, q, a, lo, hi, st_l, st_v, st_m, consts, grad_y, has_gr
     per = (n_all + chunks - 1) // chunks
     bpc = (per + _BLOCK5 - 1) // _BLOCK5
     A = a * q * q
-    qt, at, _, c1, d2, d3, d4 = _typed_scalars(theta, q, a)
+    qt, at, At, d2, d3, d4 = _typed_scalars(theta, q, a)
     # The zero element: its stats as the 5-level loop computes and stores them (θ's type), its MPMF
     # covariances (float64, from `_cpmf`).
-    _, _, _, _, _, _, _, nz, _, s0z, s1z, s2z, s3z = _cpmf5(_as(qt, 0.0), qt, lo, hi, _as(qt, 1.0), c1, d2, d3, d4)
+    _, _, _, _, _, _, _, nz, _, s0z, s1z, s2z, s3z = _zero_cpmf5(theta, qt, At, lo, hi, d2, d3, d4)
     Lz, Vz, Mz, _ = _moments(nz, s0z, s1z, s2z, s3z)
     zst = np.empty(3, dtype=st_l.dtype)
     zst[0] = Lz
@@ -1081,7 +1098,7 @@ def backward5_relu(theta, q, a, lo, hi, st_l, st_v, st_m, consts, grad_y, has_gr
     partial = np.zeros((2, chunks))
     for c in prange(chunks):
         e = np.empty(5)
-        eb = np.empty(_BLOCK5, dtype=theta.dtype)
+        eb = np.empty((2, _BLOCK5), dtype=theta.dtype)
         bq = np.empty(_BLOCK5, dtype=theta.dtype)
         ba = np.empty(_BLOCK5, dtype=theta.dtype)
         kb = np.empty(_BLOCK5, dtype=np.int32)
@@ -1121,7 +1138,7 @@ def backward5_relu(theta, q, a, lo, hi, st_l, st_v, st_m, consts, grad_y, has_gr
             else:
                 bad = _backward5_block(th, eb, st_l[b0:b0 + cnt], st_v[b0:b0 + cnt], st_m[b0:b0 + cnt],
                                        gyv, has_grad_y, grad_sums, has_grad_sums, gtv, bq[:cnt],
-                                       ba[:cnt], qt, at, lo, hi, c1, d2, d3, d4, kb, gb)
+                                       ba[:cnt], qt, at, lo, hi, d2, d3, d4, kb, gb)
             if bad > 0:
                 for j in range(cnt):
                     t = th[j]

@@ -154,17 +154,19 @@ def effective_window(step: torch.Tensor, sharpness: torch.Tensor, lo: int, hi: i
 
     An explicit `window` is used as given (activations, Section VI-B-1). window=None means the
     full alphabet (weights, eq. 12); it is computed over the 2h+1 levels around the nearest one,
-    with h the smallest integer ≥ 1 for which every level left out has a logit at least
+    with h the smallest integer ≥ 2 for which every level left out has a logit at least
     _NEGLIGIBLE_LOGIT below the nearest level's (for |θ/q - n| ≤ 1/2 the first level left out,
     at h+1 from n, is at least αq²·h(h+1) below), so results equal the full alphabet's to the
-    precision of `dtype`, θ's (None: float64's). One host synchronisation (αq²) per call.
+    precision of `dtype`, θ's (None: float64's). Never fewer than 5 levels (h ≥ 2): a sharper CPMF
+    would need only 3, but the 5-level kernels are the fast ones and the two extra levels change
+    nothing. One host synchronisation (αq²) per call.
     """
     size = hi - lo + 1
     if window is not None:
         return (window, True) if window < size else (size, False)
     spread = float((sharpness.detach() * step.detach() ** 2).clamp_min(0))
     negligible = _negligible_logit(dtype)
-    h = 1
+    h = 2
     while 2 * h + 1 < size and spread * h * (h + 1) < negligible:
         h += 1
     k = 2 * h + 1
@@ -186,7 +188,7 @@ def _window_from_floats(step: torch.Tensor, sharpness: torch.Tensor, q: float, a
     spread = float(dt(a) * (qq * qq))
     spread = spread if not spread < 0.0 else 0.0
     negligible = _negligible_logit(theta_dtype)
-    h = 1
+    h = 2
     while 2 * h + 1 < size and spread * h * (h + 1) < negligible:
         h += 1
     k = 2 * h + 1
@@ -219,10 +221,10 @@ def _grad_scalar(value: float, like: torch.Tensor) -> torch.Tensor:
     return g if like.dim() == 0 else g.reshape(like.shape)
 
 
-def _five(kernels, q, a, k, windowed, dtype) -> bool:
-    """The branch-free kernels for windows of 5 levels apply (activations; weights at αq² ≥ 20/3) and
-    their products stay finite in `dtype`, the numpy dtype they compute in (A ≤ 80 in float32)."""
-    return windowed and k == 5 and a * q * q * (k - 1) <= kernels.FIVE_LEVEL_LIMITS[dtype]
+def _five(k, windowed) -> bool:
+    """The branch-free kernels for windows of 5 levels apply: every activation quantizer, and weights
+    from the sharpness where 5 levels hold all the CPMF (`effective_window`) upward."""
+    return windowed and k == 5
 
 
 def _numba_forward(t, q, a, lo, hi, k, windowed, u, sample, want_sums, relu, consts):
@@ -231,7 +233,7 @@ def _numba_forward(t, q, a, lo, hi, k, windowed, u, sample, want_sums, relu, con
     these calls, so the host-side glue is kept to numpy allocations and one kernel call)."""
     _kernels = _numba_kernels()
     y = np.empty_like(t)
-    if _five(_kernels, q, a, k, windowed, t.dtype):     # takes its exps itself: no E kept for the backward
+    if _five(k, windowed):     # takes its exps itself: no E kept for the backward
         # One allocation for the stats and, with the MPMF, the window's CPMF kept for the backward
         # ([5, elements] in θ's dtype, like the stats), so its MPMF gradient needs no exps and no CPMF of
         # its own. `relu`: the kernel quantizes relu(θ).
@@ -265,7 +267,7 @@ def _numba_backward(t, q, a, lo, hi, k, windowed, stats, gy, has_grad_y, gs, has
     `gy`: ∂/∂y as a flat numpy array of θ's dtype; `gs`: ∂/∂sums (float64); placeholders when absent."""
     _kernels = _numba_kernels()
     g_theta = np.empty_like(t)
-    if _five(_kernels, q, a, k, windowed, t.dtype):
+    if _five(k, windowed):
         chunks = _kernels.chunk_count(t.size)
         if relu:
             kept, nz_index, nz_counts, values = exps
