@@ -374,8 +374,12 @@ def _exp32(x):
     return p * _float32_from_bits((np.int32(k) + np.int32(127)) << np.int32(23))
 
 
-# The exps' arguments in `_neighbour_exps` are clamped to ± this (float64, float32): exp's normal range.
-_EXP_BOUND = {types.float64: 700.0, types.float32: 80.0}
+# The exps' arguments in `_exps5` are clamped to ± this (float64, float32). Every argument of a finite
+# element is ≤ 0, so the floor is what matters: each relative probability is at least e^-bound. In
+# float32 that is e^-50 (2e-22, far below float32's resolution next to the nearest level's 1), which
+# keeps every product of the forward and backward loops a normal number: subnormal operands and
+# results cost a quarter of the forward loop's time (measured on conv1's activations at A = 9).
+_EXP_BOUND = {types.float64: 700.0, types.float32: 50.0}
 
 
 def _exp_of(x):
@@ -402,52 +406,34 @@ def _exp_bound_impl(x):
 
 
 @njit(cache=True, inline="always", error_model="numpy")
-def _cpmf5(t, q, lo, hi, ep, em, d2, d3, d4):
-    """`_cpmf` for K = 5, windowed, for finite θ (clipped values too, see `_exps5`): (e0..e4, k0, j0,
-    n, w, s0, s1, s2, s3), k0 and j0 (nearest level's index) as floats, all in θ's float type (t, q,
-    ep, em and the constants share it). e_j = exp(A·o·(2w - o)), o = j - j0, picked by selects among
-    the nine products ep^o·d_o and em^|o|·d_|o| (ep, em from `_neighbour_exps`, d_o = e^(-A·o(o-1))):
-    every factor is at most 1 for |w| ≤ 1/2, so no product overflows however sharp the CPMF (the
-    former E^o·e^(-A·o²) overflowed float32 beyond A = 22); terms that underflow are negligible."""
-    one = _as(t, 1.0)
-    two = _as(t, 2.0)
-    three = _as(t, 3.0)
-    four = _as(t, 4.0)
+def _window5(t, q, lo, hi):
+    """(k0, j0, n, ratio) of one element for a 5-level window, in θ's float type: the window's first
+    level k0, the nearest level n, its index j0 = n - k0 in the window (as `_place`; NaN goes to lo)."""
     first = _as(t, lo + 2)
     last = _as(t, hi - 2)
     ratio = t / q
     r = np.rint(ratio)
-    n = r if r >= _as(t, lo) else _as(t, lo)          # NaN goes to lo, as in _place
+    n = r if r >= _as(t, lo) else _as(t, lo)
     n = n if n <= _as(t, hi) else _as(t, hi)
     c = r if r >= first else first
     c = c if c <= last else last
-    k0 = c - two
-    j0 = n - k0
+    k0 = c - _as(t, 2.0)
+    return k0, n - k0, n, ratio
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _cpmf5(t, q, lo, hi, x0, x1, x2, x3, x4):
+    """`_cpmf` for K = 5, windowed, from the window's relative probabilities x_j (`_exps5`): (x0..x4,
+    k0, j0, n, w, s0, s1, s2, s3), k0 and j0 (nearest level's index) as floats, all in θ's float type."""
+    one = _as(t, 1.0)
+    two = _as(t, 2.0)
+    k0, j0, n, ratio = _window5(t, q, lo, hi)
     w = ratio - n
-    ep2 = ep * ep
-    em2 = em * em
-    pp1 = ep
-    pp2 = ep2 * d2
-    pp3 = ep2 * ep * d3
-    pp4 = ep2 * ep2 * d4
-    pm1 = em
-    pm2 = em2 * d2
-    pm3 = em2 * em * d3
-    pm4 = em2 * em2 * d4
-    g1 = j0 >= one
-    g2 = j0 >= two
-    g3 = j0 >= three
-    g4 = j0 >= four
-    x0 = pm4 if g4 else (pm3 if g3 else (pm2 if g2 else (pm1 if g1 else one)))
-    x1 = pm3 if g4 else (pm2 if g3 else (pm1 if g2 else (one if g1 else pp1)))
-    x2 = pm2 if g4 else (pm1 if g3 else (one if g2 else (pp1 if g1 else pp2)))
-    x3 = pm1 if g4 else (one if g3 else (pp1 if g2 else (pp2 if g1 else pp3)))
-    x4 = one if g4 else (pp1 if g3 else (pp2 if g2 else (pp3 if g1 else pp4)))
     o0 = -j0
     o1 = one - j0
     o2 = two - j0
-    o3 = three - j0
-    o4 = four - j0
+    o3 = _as(t, 3.0) - j0
+    o4 = _as(t, 4.0) - j0
     # Sums in the order of _cpmf (j = 0 … 4).
     s0 = x0 + x1 + x2 + x3 + x4
     y0 = x0 * o0
@@ -462,52 +448,49 @@ def _cpmf5(t, q, lo, hi, ep, em, d2, d3, d4):
 
 
 @njit(cache=True, inline="always", error_model="numpy")
-def _neighbour_exps(w, A, bound):
-    """(e^(A(2w - 1)), e^(-A(2w + 1))): the CPMF of the levels just above and below the nearest one
-    relative to it (at most 1 for |w| ≤ 1/2, whatever A). 2w ∓ 1 is exact where it matters (Sterbenz,
-    |w| ≥ 1/4), so each argument has one rounding. Arguments are clamped to ±bound (exp's normal
-    range; NaN to -bound, its element is redone by `_cpmf`): only clipped values (|w| > 1/2) or terms
-    under e^-bound of the nearest level's are moved."""
-    one = _as(A, 1.0)
-    xp = A * (w + w - one)
-    xm = -(A * (w + w + one))
-    xp = xp if xp >= -bound else -bound
-    xp = xp if xp <= bound else bound
-    xm = xm if xm >= -bound else -bound
-    xm = xm if xm <= bound else bound
-    return _exp_of(xp), _exp_of(xm)
+def _level_exp(A, w2, o, bound):
+    """exp(A·o·(2w - o)) = P(level n + o) / P(nearest level n), its argument clamped to ±bound. For
+    |o| = 1, 2w ∓ 1 is exact where it matters (Sterbenz, |w| ≥ 1/4); for |o| ≥ 2 there is no
+    cancellation: one rounding or two per argument."""
+    x = A * (o * (w2 - o))
+    x = x if x >= -bound else -bound      # NaN too; its element is redone by _cpmf
+    x = x if x <= bound else bound
+    return _exp_of(x)
 
 
 @njit(cache=True, error_model="numpy")
-def _exps5(th, q, A, lo, hi, ep, em):
-    """(ep[i], em[i]) = `_neighbour_exps` of each element of one block, in a loop of their own (inside
-    the arithmetic loop the exps cost four times as much). Clipped values (|w| > 1/2, a quarter to a
-    third of ResNet-20's activations in the step benchmark) stay on the products: beyond the top level
-    only em is used, below the bottom one only ep, and those are ≤ 1. In θ's float type (q and A
-    share it)."""
+def _exps5(th, q, A, lo, hi, xb):
+    """xb[j, i] = exp(A·o·(2w - o)), o = j - j0, for the five levels of each element's window (the
+    nearest one's is exp(0) = 1 exactly), in a loop of their own (inside the arithmetic loop the exps
+    cost four times as much). Each level has its own exp rather than products of powers of one: no
+    product can overflow or go subnormal, whatever A (`_EXP_BOUND`). Clipped values (|w| > 1/2) are
+    covered too: their arguments are ≤ 0 as well. In θ's float type (q and A share it)."""
     inv_q = _as(A, 1.0) / q
     bound = _exp_bound(A)
-    flo = _as(A, lo)
-    fhi = _as(A, hi)
+    one = _as(A, 1.0)
+    two = _as(A, 2.0)
     for i in range(th.size):
         t = th[i]
-        n = np.rint(t / q)       # _place's nearest level, in θ's float type
-        n = n if n >= flo else flo
-        n = n if n <= fhi else fhi
+        _, j0, n, _ = _window5(t, q, lo, hi)
         # w = θ/q - n as (θ - n·q)/q, θ - n·q with one rounding: in float32 θ/q itself is off by up to
         # half an ulp of θ/q (1e-5 levels at level 200), which the exps would turn into 2e-4 relative.
-        ep[i], em[i] = _neighbour_exps(_fma(-n, q, t) * inv_q, A, bound)
+        w = _fma(-n, q, t) * inv_q
+        w2 = w + w
+        xb[0, i] = _level_exp(A, w2, -j0, bound)
+        xb[1, i] = _level_exp(A, w2, one - j0, bound)
+        xb[2, i] = _level_exp(A, w2, two - j0, bound)
+        xb[3, i] = _level_exp(A, w2, _as(A, 3.0) - j0, bound)
+        xb[4, i] = _level_exp(A, w2, _as(A, 4.0) - j0, bound)
 
 
 @njit(cache=True, error_model="numpy")
-def _zero_cpmf5(like, q, A, lo, hi, d2, d3, d4):
+def _zero_cpmf5(like, q, A, lo, hi):
     """`_cpmf5` of θ = 0 (like's float type) as the 5-level loops compute it, its exps from `_exps5`:
     the fused-ReLU kernels give their zeros exactly what an unfused zero gets."""
     z = np.zeros(1, dtype=like.dtype)
-    ep = np.empty(1, dtype=like.dtype)
-    em = np.empty(1, dtype=like.dtype)
-    _exps5(z, q, A, lo, hi, ep, em)
-    return _cpmf5(z[0], q, lo, hi, ep[0], em[0], d2, d3, d4)
+    xb = np.empty((5, 1), dtype=like.dtype)
+    _exps5(z, q, A, lo, hi, xb)
+    return _cpmf5(z[0], q, lo, hi, xb[0, 0], xb[1, 0], xb[2, 0], xb[3, 0], xb[4, 0])
 
 
 @njit(cache=True, error_model="numpy")
@@ -518,17 +501,15 @@ def _relu_mask(th, g):
 
 
 @njit(cache=True, error_model="numpy")
-def _forward5_block(th, eb, u, y, st_l, st_v, st_m, p0, p1, p2, p3, p4, kb, q, A, lo, hi, d2, d3, d4,
-                    sample, want_sums):
+def _forward5_block(th, eb, u, y, st_l, st_v, st_m, p0, p1, p2, p3, p4, kb, q, A, lo, hi, sample, want_sums):
     """The vectorised loop of `forward5` over one block (arrays sliced to it: indices from 0, so
     no negative-index wraparound keeps LLVM from vectorising); returns how many elements it left
     for `_cpmf` (|w| > 1/2 or NaN)."""
-    ep = eb[0]
-    em = eb[1]
-    _exps5(th, q, A, lo, hi, ep, em)
+    _exps5(th, q, A, lo, hi, eb)
     bad = 0
     for i in range(th.size):
-        x0, x1, x2, x3, x4, k0, j0, n, w, s0, s1, s2, s3 = _cpmf5(th[i], q, lo, hi, ep[i], em[i], d2, d3, d4)
+        x0, x1, x2, x3, x4, k0, j0, n, w, s0, s1, s2, s3 = _cpmf5(th[i], q, lo, hi, eb[0, i], eb[1, i], eb[2, i],
+                                                                  eb[3, i], eb[4, i])
         level_mean, var, m3, inv_s0 = _moments(n, s0, s1, s2, s3)
         st_l[i] = level_mean
         st_v[i] = var
@@ -606,29 +587,12 @@ def _hist5(hist, kb, p0, p1, p2, p3, p4):
         h[kk + np.uint64(4)] += p4[j]
 
 
-def _level_constant(like, value):
-    raise NotImplementedError("numba-only: exp(-A·o²) for the 5-level loops, in like's float type")
-
-
-@overload(_level_constant, inline="always")
-def _level_constant_impl(like, value):
-    """In float32 a constant under 1e-30 is taken as 0: the terms it scales are below 1e-30 of the
-    nearest level's (every other factor is at most 1), and a subnormal operand would only slow them."""
-    kind = like.dtype if isinstance(like, types.Array) else like
-    if kind == types.float32:
-        return lambda like, value: np.float32(value) * np.float32(value >= 1e-30)
-    return lambda like, value: np.float64(value)
-
-
 @njit(cache=True, inline="always", error_model="numpy")
 def _typed_scalars(theta, q, a):
-    """(q, α, A = αq², d_o = e^(-A·o(o-1)) for o = 2, 3, 4) in θ's float type: what the 5-level loops
-    compute with (`_cpmf5`); the exponentials taken in float64."""
+    """(q, α, A = αq²) in θ's float type: what the 5-level loops compute with."""
     qt = _as(theta, q)
     at = _as(theta, a)
-    A = a * q * q
-    return (qt, at, at * qt * qt, _level_constant(theta, np.exp(-2.0 * A)),
-            _level_constant(theta, np.exp(-6.0 * A)), _level_constant(theta, np.exp(-12.0 * A)))
+    return qt, at, at * qt * qt
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
@@ -642,13 +606,13 @@ def forward5(theta, q, a, lo, hi, consts, uniforms, sample, want_sums, chunks, y
     n_all = theta.size
     per = (n_all + chunks - 1) // chunks
     A = a * q * q
-    qt, _, At, d2, d3, d4 = _typed_scalars(theta, q, a)
+    qt, _, At = _typed_scalars(theta, q, a)
     for c in prange(chunks):
         # Four histograms taken in turn: consecutive elements often share bins (half are zeros), and
         # one histogram made every add wait for the previous one's store.
         hist = np.zeros((4, size))
         e = np.empty(5)
-        eb = np.empty((2, _BLOCK5), dtype=theta.dtype)
+        eb = np.empty((5, _BLOCK5), dtype=theta.dtype)
         pb = np.empty((5, _BLOCK5), dtype=theta.dtype)
         kb = np.empty(_BLOCK5, dtype=np.int32)
         stop = min(n_all, (c + 1) * per)
@@ -657,7 +621,7 @@ def forward5(theta, q, a, lo, hi, consts, uniforms, sample, want_sums, chunks, y
             m = b1 - b0
             bad = _forward5_block(theta[b0:b1], eb, uniforms[b0:b1] if sample else uniforms,
                                   y[b0:b1], st_l[b0:b1], st_v[b0:b1], st_m[b0:b1], pb[0, :m], pb[1, :m],
-                                  pb[2, :m], pb[3, :m], pb[4, :m], kb[:m], qt, At, lo, hi, d2, d3, d4,
+                                  pb[2, :m], pb[3, :m], pb[4, :m], kb[:m], qt, At, lo, hi,
                                   sample, want_sums)
             if bad > 0:
                 for i in range(b0, b1):
@@ -708,17 +672,15 @@ def _window_grads(th, q, lo, hi, kb, gb, grad_sums):
 
 @njit(cache=True, error_model="numpy")
 def _backward5_block(th, eb, st_l, st_v, st_m, gy, has_grad_y, grad_sums, has_grad_sums, gt, bq, ba, q, a, lo,
-                     hi, d2, d3, d4, kb, gb):
+                     hi, kb, gb):
     """The vectorised loop of `backward5` over one block (sliced arrays, as `_forward5_block`):
     fills gt and the per-element ∂/∂q, ∂/∂α terms bq, ba; returns the count left for `_cpmf`."""
     bad = 0
     one = _as(q, 1.0)
     two = _as(q, 2.0)
-    ep = eb[0]
-    em = eb[1]
     if has_grad_sums:
         _window_grads(th, q, lo, hi, kb, gb, grad_sums)
-        _exps5(th, q, a * q * q, lo, hi, ep, em)
+        _exps5(th, q, a * q * q, lo, hi, eb)
     for i in range(th.size):
         t = th[i]
         level_mean = st_l[i]
@@ -727,7 +689,8 @@ def _backward5_block(th, eb, st_l, st_v, st_m, gy, has_grad_y, grad_sums, has_gr
         v2 = G * q * st_m[i]
         if has_grad_sums:
             # _mpmf_covariances with the five levels unrolled, the same sums in the same order.
-            x0, x1, x2, x3, x4, k0, j0, n, w, s0, s1, s2, s3 = _cpmf5(t, q, lo, hi, ep[i], em[i], d2, d3, d4)
+            x0, x1, x2, x3, x4, k0, j0, n, w, s0, s1, s2, s3 = _cpmf5(t, q, lo, hi, eb[0, i], eb[1, i], eb[2, i],
+                                                                      eb[3, i], eb[4, i])
             g0 = gb[0, i]
             g1 = gb[1, i]
             g2 = gb[2, i]
@@ -735,7 +698,7 @@ def _backward5_block(th, eb, st_l, st_v, st_m, gy, has_grad_y, grad_sums, has_gr
             g4 = gb[4, i]
             inv_s0 = one / s0
             eg = (x0 * g0 + x1 * g1 + x2 * g2 + x3 * g3 + x4 * g4) * inv_s0
-            # level minus the mean (l0..l4: d2..d4 name the level constants here)
+            # each level minus the mean
             l0 = k0 - level_mean
             l1 = k0 + one - level_mean
             l2 = k0 + two - level_mean
@@ -813,11 +776,11 @@ def backward5(theta, q, a, lo, hi, st_l, st_v, st_m, consts, grad_y, has_grad_y,
     n_all = theta.size
     per = (n_all + chunks - 1) // chunks
     A = a * q * q
-    qt, at, _, d2, d3, d4 = _typed_scalars(theta, q, a)
+    qt, at, _ = _typed_scalars(theta, q, a)
     partial = np.zeros((2, chunks))
     for c in prange(chunks):
         e = np.empty(5)
-        eb = np.empty((2, _BLOCK5), dtype=theta.dtype)
+        eb = np.empty((5, _BLOCK5), dtype=theta.dtype)
         bq = np.empty(_BLOCK5, dtype=theta.dtype)
         ba = np.empty(_BLOCK5, dtype=theta.dtype)
         kb = np.empty(_BLOCK5, dtype=np.int32)
@@ -837,7 +800,7 @@ def backward5(theta, q, a, lo, hi, st_l, st_v, st_m, consts, grad_y, has_grad_y,
                 bad = _backward5_block(theta[b0:b1], eb, st_l[b0:b1], st_v[b0:b1], st_m[b0:b1],
                                        grad_y[b0:b1] if has_grad_y else grad_y,
                                        has_grad_y, grad_sums, has_grad_sums, grad_theta[b0:b1], bq[:m], ba[:m],
-                                       qt, at, lo, hi, d2, d3, d4, kb, gb)
+                                       qt, at, lo, hi, kb, gb)
             if bad > 0:
                 for i in range(b0, b1):
                     t = theta[i]
@@ -948,8 +911,8 @@ def forward5_relu(theta, q, a, lo, hi, consts, uniforms, sample, want_sums, chun
     per = (n_all + chunks - 1) // chunks
     bpc = (per + _BLOCK5 - 1) // _BLOCK5
     A = a * q * q
-    qt, _, At, d2, d3, d4 = _typed_scalars(theta, q, a)
-    x0z, x1z, x2z, x3z, x4z, k0z, _, nz, _, s0z, s1z, s2z, s3z = _zero_cpmf5(theta, qt, At, lo, hi, d2, d3, d4)
+    qt, _, At = _typed_scalars(theta, q, a)
+    x0z, x1z, x2z, x3z, x4z, k0z, _, nz, _, s0z, s1z, s2z, s3z = _zero_cpmf5(theta, qt, At, lo, hi)
     Lz, _, _, inv_sz = _moments(nz, s0z, s1z, s2z, s3z)
     yz = qt * Lz
     t0 = x0z
@@ -959,7 +922,7 @@ def forward5_relu(theta, q, a, lo, hi, consts, uniforms, sample, want_sums, chun
     for c in prange(chunks):
         hist = np.zeros((4, size))
         e = np.empty(5)
-        eb = np.empty((2, _BLOCK5), dtype=theta.dtype)
+        eb = np.empty((5, _BLOCK5), dtype=theta.dtype)
         pb = np.empty((5, _BLOCK5), dtype=theta.dtype)
         kb = np.empty(_BLOCK5, dtype=np.int32)
         ub = np.empty(_BLOCK5)
@@ -1005,7 +968,7 @@ def forward5_relu(theta, q, a, lo, hi, consts, uniforms, sample, want_sums, chun
             p3 = src[3, o:o + cnt]
             p4 = src[4, o:o + cnt]
             bad = _forward5_block(tb, eb, uv, yv, st_l[b0:b0 + cnt], st_v[b0:b0 + cnt],
-                                  st_m[b0:b0 + cnt], p0, p1, p2, p3, p4, kb[:cnt], qt, At, lo, hi, d2, d3, d4,
+                                  st_m[b0:b0 + cnt], p0, p1, p2, p3, p4, kb[:cnt], qt, At, lo, hi,
                                   sample, want_sums)
             if bad > 0:
                 for j in range(cnt):
@@ -1070,10 +1033,10 @@ def backward5_relu(theta, q, a, lo, hi, st_l, st_v, st_m, consts, grad_y, has_gr
     per = (n_all + chunks - 1) // chunks
     bpc = (per + _BLOCK5 - 1) // _BLOCK5
     A = a * q * q
-    qt, at, At, d2, d3, d4 = _typed_scalars(theta, q, a)
+    qt, at, At = _typed_scalars(theta, q, a)
     # The zero element: its stats as the 5-level loop computes and stores them (θ's type), its MPMF
     # covariances (float64, from `_cpmf`).
-    _, _, _, _, _, _, _, nz, _, s0z, s1z, s2z, s3z = _zero_cpmf5(theta, qt, At, lo, hi, d2, d3, d4)
+    _, _, _, _, _, _, _, nz, _, s0z, s1z, s2z, s3z = _zero_cpmf5(theta, qt, At, lo, hi)
     Lz, Vz, Mz, _ = _moments(nz, s0z, s1z, s2z, s3z)
     zst = np.empty(3, dtype=st_l.dtype)
     zst[0] = Lz
@@ -1098,7 +1061,7 @@ def backward5_relu(theta, q, a, lo, hi, st_l, st_v, st_m, consts, grad_y, has_gr
     partial = np.zeros((2, chunks))
     for c in prange(chunks):
         e = np.empty(5)
-        eb = np.empty((2, _BLOCK5), dtype=theta.dtype)
+        eb = np.empty((5, _BLOCK5), dtype=theta.dtype)
         bq = np.empty(_BLOCK5, dtype=theta.dtype)
         ba = np.empty(_BLOCK5, dtype=theta.dtype)
         kb = np.empty(_BLOCK5, dtype=np.int32)
@@ -1138,7 +1101,7 @@ def backward5_relu(theta, q, a, lo, hi, st_l, st_v, st_m, consts, grad_y, has_gr
             else:
                 bad = _backward5_block(th, eb, st_l[b0:b0 + cnt], st_v[b0:b0 + cnt], st_m[b0:b0 + cnt],
                                        gyv, has_grad_y, grad_sums, has_grad_sums, gtv, bq[:cnt],
-                                       ba[:cnt], qt, at, lo, hi, d2, d3, d4, kb, gb)
+                                       ba[:cnt], qt, at, lo, hi, kb, gb)
             if bad > 0:
                 for j in range(cnt):
                     t = th[j]
