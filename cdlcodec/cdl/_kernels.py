@@ -62,7 +62,7 @@ def _place(t, q, lo, hi, k, windowed):
 
 # Above this A·(K-1) (A = αq²) the products below could overflow: every exp is taken directly.
 _PRODUCT_LIMIT = 600.0
-# The 5-level loops have no such bound: their products are of factors ≤ 1 (`_cpmf5`).
+# The 5-level loops have no such bound: each level gets its own exp (`_exps5`).
 
 
 @njit(cache=True, parallel=True)
@@ -399,10 +399,11 @@ def _exp_bound(x):
 
 @overload(_exp_bound, inline="always")
 def _exp_bound_impl(x):
-    bound = _EXP_BOUND[types.float32 if x == types.float32 else types.float64]
     if x == types.float32:
-        return lambda x: np.float32(bound)
-    return lambda x: np.float64(bound)
+        bound32 = np.float32(_EXP_BOUND[types.float32])
+        return lambda x: bound32
+    bound64 = np.float64(_EXP_BOUND[types.float64])
+    return lambda x: bound64
 
 
 @njit(cache=True, inline="always", error_model="numpy")

@@ -164,7 +164,11 @@ def effective_window(step: torch.Tensor, sharpness: torch.Tensor, lo: int, hi: i
     size = hi - lo + 1
     if window is not None:
         return (window, True) if window < size else (size, False)
-    spread = float((sharpness.detach() * step.detach() ** 2).clamp_min(0))
+    return _window_for_spread(float((sharpness.detach() * step.detach() ** 2).clamp_min(0)), size, dtype)
+
+
+def _window_for_spread(spread: float, size: int, dtype) -> tuple[int, bool]:
+    """`effective_window` of a weight alphabet of `size` levels from αq² (`spread`) and θ's dtype."""
     negligible = _negligible_logit(dtype)
     h = 2
     while 2 * h + 1 < size and spread * h * (h + 1) < negligible:
@@ -186,13 +190,7 @@ def _window_from_floats(step: torch.Tensor, sharpness: torch.Tensor, q: float, a
     dt = np.float32 if dtype == torch.float32 else np.float64
     qq = dt(q)
     spread = float(dt(a) * (qq * qq))
-    spread = spread if not spread < 0.0 else 0.0
-    negligible = _negligible_logit(theta_dtype)
-    h = 2
-    while 2 * h + 1 < size and spread * h * (h + 1) < negligible:
-        h += 1
-    k = 2 * h + 1
-    return (k, True) if k < size else (size, False)
+    return _window_for_spread(spread if not spread < 0.0 else 0.0, size, theta_dtype)
 
 
 def _uniforms(theta: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -237,7 +235,7 @@ def _numba_forward(t, q, a, lo, hi, k, windowed, u, sample, want_sums, relu, con
         # One allocation for the stats and, with the MPMF, the window's CPMF kept for the backward
         # ([5, elements] in θ's dtype, like the stats), so its MPMF gradient needs no exps and no CPMF of
         # its own. `relu`: the kernel quantizes relu(θ).
-        rows = np.empty((8 if want_sums else 4, t.size), dtype=t.dtype)
+        rows = np.empty((8 if want_sums else 3, t.size), dtype=t.dtype)   # kept: rows[3:], empty without
         stats, kept = rows[:3], rows[3:]
         chunks = _kernels.chunk_count(t.size)
         if relu:
