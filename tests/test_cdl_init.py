@@ -182,3 +182,17 @@ def test_cdl_adam_equals_torch_adam(skip_some):
             assert torch.equal(sa["state"][k][name], sb["state"][k][name]), (k, name)
     CDLAdam(groups(copy.deepcopy(model))).load_state_dict(sa)
     torch.optim.Adam(groups(copy.deepcopy(twin))).load_state_dict(sb)
+    # A state loaded into an optimizer that has stepped replaces the vectors CDLAdam updated in place
+    # (`_flat_state`): both go on from the loaded values (moments zeroed here, so stale ones would show).
+    for k in sa["state"]:
+        sa["state"][k]["exp_avg"] = torch.zeros_like(sa["state"][k]["exp_avg"])
+    for opt in opts:
+        opt.load_state_dict(copy.deepcopy(sa))
+    for step in range(3):
+        for m in (model, twin):
+            for p in m.parameters():
+                p.grad = torch.full_like(p, 0.01 * (step + 1))
+        for opt in opts:
+            opt.step()
+        for a, b in zip(model.parameters(), twin.parameters()):
+            assert torch.equal(a, b)

@@ -58,7 +58,8 @@ class CDLAdam(torch.optim.Adam):
     step instead of a dozen per group. The values are Adam's bit for bit (the same float32
     operations elementwise; the bias corrections per parameter in Python floats, as Adam computes
     them), the state is Adam's (per parameter `step`, `exp_avg`, `exp_avg_sq`, so `state_dict`
-    loads into torch.optim.Adam and back), and every other group — or any option this vector form
+    loads into torch.optim.Adam and back; here they are 0-dim views of three vectors the update
+    runs on in place, see `_flat_state`), and every other group — or any option this vector form
     does not cover (amsgrad, weight decay, maximize, foreach/fused/capturable/differentiable, a
     tensor lr, other dtypes or devices) — goes through torch.optim.Adam itself."""
 
@@ -105,6 +106,29 @@ class CDLAdam(torch.optim.Adam):
         params = [g["params"][0] for g in groups]
         beta1, beta2 = groups[0]["betas"]
         eps = groups[0]["eps"]
+        steps, m, v = self._flat_state(params)
+        steps.add_(1)                       # every parameter's state["step"] (views of `steps`)
+        counts = steps.tolist()
+        grad = torch.stack([p.grad for p in params])
+        m.lerp_(grad, 1 - beta1)
+        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        neg_step = [-(g["lr"] / (1 - beta1 ** n)) for g, n in zip(groups, counts)]
+        bc2_sqrt = [(1 - beta2 ** n) ** 0.5 for n in counts]
+        denom = (v.sqrt() / torch.tensor(bc2_sqrt, dtype=v.dtype, device=v.device)).add_(eps)
+        # addcdiv_(exp_avg, denom, value=-step_size) computes self + (value · exp_avg) / denom
+        update = (torch.tensor(neg_step, dtype=m.dtype, device=m.device) * m) / denom
+        torch._foreach_add_(params, update.unbind())
+
+    def _flat_state(self, params) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(step, exp_avg, exp_avg_sq) of `params` as three vectors whose elements *are* the parameters'
+        Adam state (state[p]["exp_avg"] is a 0-dim view of the vector): the update runs in place on
+        them, with no stacking and copying back per step. Rebuilt (values copied) when the set of
+        parameters changes or a state tensor was replaced (load_state_dict, a fresh parameter)."""
+        key = tuple(map(id, params))
+        cached = getattr(self, "_flat_cache", None)
+        if cached is not None and cached[0] == key and all(
+                self.state[p].get("exp_avg") is view for p, view in zip(params, cached[2])):
+            return cached[1]
         states = []
         for p in params:
             state = self.state[p]
@@ -113,24 +137,9 @@ class CDLAdam(torch.optim.Adam):
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             states.append(state)
-        steps = [s["step"] for s in states]
-        torch._foreach_add_(steps, 1)
-        exp_avgs = [s["exp_avg"] for s in states]
-        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
-        grad = torch.stack([p.grad for p in params])
-        m = torch.stack(exp_avgs)
-        v = torch.stack(exp_avg_sqs)
-        value = torch.stack(params)
-        m.lerp_(grad, 1 - beta1)
-        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        neg_step, bc2_sqrt = [], []
-        for g, t in zip(groups, steps):
-            n = t.item()
-            neg_step.append(-(g["lr"] / (1 - beta1 ** n)))
-            bc2_sqrt.append((1 - beta2 ** n) ** 0.5)
-        denom = (v.sqrt() / torch.tensor(bc2_sqrt, dtype=v.dtype, device=v.device)).add_(eps)
-        # addcdiv_(exp_avg, denom, value=-step_size) computes self + (value · exp_avg) / denom
-        value = value + (torch.tensor(neg_step, dtype=m.dtype, device=m.device) * m) / denom
-        torch._foreach_copy_(exp_avgs, m.unbind())
-        torch._foreach_copy_(exp_avg_sqs, v.unbind())
-        torch._foreach_copy_(params, value.unbind())
+        flat = tuple(torch.stack([s[name] for s in states]) for name in ("step", "exp_avg", "exp_avg_sq"))
+        for i, state in enumerate(states):
+            for name, vector in zip(("step", "exp_avg", "exp_avg_sq"), flat):
+                state[name] = vector[i]
+        self._flat_cache = (key, flat, [s["exp_avg"] for s in states])
+        return flat
