@@ -337,3 +337,37 @@ def test_numba_five_level_backward_from_kept_cpmf_matches_recomputed(dtype, alph
     assert np.array_equal(np.isnan(a[0]), np.isnan(b[0]))
     for u, v in zip(a[1:], b[1:]):
         assert (np.isnan(u) and np.isnan(v)) or abs(u - v) <= rtol * abs(v) + 1e-300
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_numba_serial_twins_equal_parallel_kernels(relu, dtype):
+    """The 5-level kernels' serial twins (taken when numba runs one thread, or for one chunk) give the
+    parallel kernels' values, MPMF sums and gradients bit for bit: the same chunks in the same order.
+    A tensor of several chunks, with the entropy term (kept CPMFs) and Qp samples."""
+    numba = pytest.importorskip("numba")
+    from cdlcodec.cdl import _kernels
+    from cdlcodec.cdl.entropy import quantize_with_entropy_bits
+    g = torch.Generator().manual_seed(3)
+    n = 9 * 4096 + 123
+    assert _kernels.chunk_count(n) > 1
+    base = torch.randn(n, generator=g, dtype=torch.float64).to(dtype) * (0.4 if relu else 0.05)
+    step, sharp = torch.tensor(0.1, dtype=dtype), torch.tensor(900.0, dtype=dtype)
+    lo, hi, window = (0, 15, 5) if relu else (-8, 7, None)
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("numba has one thread here: the parallel kernels never run")
+    results = []
+    saved = numba.get_num_threads()
+    for threads in (1, numba.config.NUMBA_NUM_THREADS):
+        numba.set_num_threads(threads)
+        try:
+            theta, s, a = (t.clone().requires_grad_() for t in (base, step, sharp))
+            with kernel_path("numba"):
+                y, h = quantize_with_entropy_bits(theta, s, a, lo, hi, window, 100.0, sample=True,
+                                                  generator=torch.Generator().manual_seed(7), relu=relu)
+            (y * torch.linspace(-1, 1, n, dtype=dtype) + h).sum().backward()
+        finally:
+            numba.set_num_threads(saved)
+        results.append([y.detach(), h.detach(), theta.grad, s.grad, a.grad])
+    for u, v in zip(*results):
+        assert torch.equal(u, v)

@@ -12,6 +12,8 @@ only shapes training gradients, never coded bytes.
 """
 from __future__ import annotations
 
+import types as pytypes
+
 import numpy as np
 
 from ..optional import require
@@ -19,7 +21,7 @@ from ..optional import require
 # Plain Python would take hours per epoch here, so unlike the coders' kernels these need numba.
 require("numba", "CDL training")
 from llvmlite import ir  # noqa: E402
-from numba import njit, prange, types  # noqa: E402
+from numba import get_num_threads, njit, prange, types  # noqa: E402
 from numba.extending import intrinsic, overload  # noqa: E402
 
 
@@ -153,6 +155,27 @@ def entropy_bits_of_sums(sums, count, scale, min_p, factor):
     return scale * (-total / ln2)
 
 
+@njit(cache=True, error_model="numpy")
+def _sum_rows(partial):
+    """Σ of a [chunks, size] array's rows, row after row: the per-chunk partial sums in a fixed order.
+    (numpy's sum inside a parallel kernel becomes a parallel reduction, whose order, and so whose last
+    bits, would depend on numba's thread count.)"""
+    out = np.zeros(partial.shape[1])
+    for c in range(partial.shape[0]):
+        for j in range(partial.shape[1]):
+            out[j] += partial[c, j]
+    return out
+
+
+@njit(cache=True, error_model="numpy")
+def _sum_in_order(values):
+    """Σ values, first to last (as _sum_rows)."""
+    total = 0.0
+    for i in range(values.size):
+        total += values[i]
+    return total
+
+
 def chunk_count(n: int) -> int:
     return max(1, min(64, n // 4096))
 
@@ -223,7 +246,7 @@ def forward(theta, q, a, lo, hi, k, windowed, E, consts, uniforms, sample, want_
             if want_sums:
                 for j in range(k):
                     partial[c, k0 + j - lo] += e[j] * inv_s0
-    sums = partial.sum(axis=0)
+    sums = _sum_rows(partial)
     if want_sums:
         count = zeros.sum()
         for j in range(k):
@@ -277,7 +300,7 @@ def backward(theta, q, a, lo, hi, k, windowed, stats, E, consts, grad_y, has_gra
             ca += 2.0 * q * (t - mean) * b1 - q * q * b2
         partial[0, c] = cq
         partial[1, c] = ca
-    return partial[0].sum(), partial[1].sum()
+    return _sum_in_order(partial[0]), _sum_in_order(partial[1])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -647,7 +670,7 @@ def forward5(theta, q, a, lo, hi, consts, uniforms, sample, want_sums, chunks, y
                     _copy_row(pb[jj, :m], kept[jj, b0:b1])
         for j in range(size):
             partial[c, j] = (hist[0, j] + hist[1, j]) + (hist[2, j] + hist[3, j])
-    return partial.sum(axis=0)
+    return _sum_rows(partial)
 
 
 @njit(cache=True, error_model="numpy")
@@ -823,7 +846,7 @@ def backward5(theta, q, a, lo, hi, st_l, st_v, st_m, consts, grad_y, has_grad_y,
             ca += sa
         partial[0, c] = cq
         partial[1, c] = ca
-    return partial[0].sum(), partial[1].sum()
+    return _sum_in_order(partial[0]), _sum_in_order(partial[1])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1014,7 +1037,7 @@ def forward5_relu(theta, q, a, lo, hi, consts, uniforms, sample, want_sums, chun
         for j in range(size):
             partial[c, j] = (hist[0, j] + hist[1, j]) + (hist[2, j] + hist[3, j])
         zeros[c] = zc
-    sums = partial.sum(axis=0)
+    sums = _sum_rows(partial)
     if want_sums:
         count = zeros.sum()
         kz = int(k0z) - lo
@@ -1155,4 +1178,30 @@ def backward5_relu(theta, q, a, lo, hi, st_l, st_v, st_m, consts, grad_y, has_gr
             ca += sa
         partial[0, c] = cq
         partial[1, c] = ca
-    return partial[0].sum(), partial[1].sum()
+    return _sum_in_order(partial[0]), _sum_in_order(partial[1])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Serial twins of the 5-level kernels: the same code compiled without parallel=True (prange runs as
+# range: the same chunks, loops and sums, so the same results bit for bit), for calls that would run
+# on one thread anyway. Launching the parallel region costs ~4 µs a call even then (measured on
+# LeNet-5's small layers), and a training step makes ~20 calls.
+
+def _serial_twin(kernel):
+    f = kernel.py_func
+    twin = pytypes.FunctionType(f.__code__, f.__globals__, f.__name__ + "_serial", f.__defaults__, f.__closure__)
+    twin.__qualname__ = twin.__name__      # its own entry in numba's cache, apart from the parallel one
+    twin.__doc__ = f"`{f.__name__}` without parallel=True (see above)."
+    return njit(cache=True, error_model="numpy")(twin)
+
+
+forward5_serial = _serial_twin(forward5)
+forward5_relu_serial = _serial_twin(forward5_relu)
+backward5_serial = _serial_twin(backward5)
+backward5_relu_serial = _serial_twin(backward5_relu)
+
+
+def run_serial(chunks: int) -> bool:
+    """Whether a 5-level call over `chunks` chunks should take the serial twins: one chunk, or numba
+    set to one thread."""
+    return chunks == 1 or get_num_threads() == 1
