@@ -337,7 +337,8 @@ def _exp(x):
     """exp(x) for |x| ≤ 700 without a libm call (numba has no vectorised exp without SVML; a scalar
     exp per element cost more than the rest of the kernel): x = k·ln2 + r, |r| ≤ ln2/2, a degree-13
     Taylor polynomial for e^r (truncation < 1e-17 relative), times 2^k built from its bits. Within
-    2 ulp of libm's exp."""
+    2 ulp of libm's exp. Each step is one fused multiply-add (`_fma`): numba contracts nothing by
+    itself, and a multiply plus an add per step cost the exps a fifth more time (measured)."""
     k = np.rint(x * _LOG2E)
     r = _fma(-k, _LN2_LO, _fma(-k, _LN2_HI, x))
     p = 1.0 / 6227020800.0
