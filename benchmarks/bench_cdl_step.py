@@ -24,9 +24,11 @@ value); the benchmark's default up to the fifth pass on #17 was 1e-5.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import statistics
 import time
+import types
 
 import torch
 
@@ -44,36 +46,37 @@ def _label(mode, path, entropy):
     return mode if mode == "fp" else f"{mode}{'+H' if entropy else ''} [{path}]"
 
 
+def _modules(package):
+    """The modules a step uses, from `package` (cdlcodec, or another tree imported under another name:
+    bench_cdl_step_ab.py)."""
+    def imp(name):
+        return importlib.import_module(f"{package}.{name}")
+    return types.SimpleNamespace(convert=imp("cdl.convert"), optim=imp("cdl.optim"), train=imp("cdl.train"),
+                                 loss=imp("cdl.loss"), quantizer=imp("cdl.quantizer"), models=imp("models"))
+
+
 class Runner:
     """One model + optimizer + batch stream for one variant; `step()` is one training step."""
 
-    def __init__(self, arch, mode, path, entropy, x, y, batch_size, seed=0):
-        from cdlcodec.cdl.convert import (calibrate, convert, rescale_sharpness, set_entropy_tracking,
-                                          set_generator)
-        from cdlcodec.cdl.optim import cdl_param_groups
-        from cdlcodec.cdl.train import TrainConfig
-        from cdlcodec.models import build
-
-        cfg = TrainConfig(mode=mode)
+    def __init__(self, arch, mode, path, entropy, x, y, batch_size, seed=0, package="cdlcodec"):
+        self.lib = lib = _modules(package)
+        cfg = lib.train.TrainConfig(mode=mode)
         torch.manual_seed(seed)
-        self.model = build(arch)
+        self.model = lib.models.build(arch)
         self.mode, self.path = mode, path
         self.lam = self.gamma = ENTROPY if entropy else 0.0
         if mode != "fp":
-            convert(self.model, bits=cfg.bits, first_last_bits=cfg.first_last_bits, mode=mode)
-            with _kernel_path(path):
-                calibrate(self.model, x[:batch_size], step_init=cfg.step_init)
-            rescale_sharpness(self.model, cfg.sharpness_constant)
-            set_generator(self.model, torch.Generator().manual_seed(seed + 1))
-            set_entropy_tracking(self.model, self.gamma > 0, weights=self.lam > 0)
-        groups = cdl_param_groups(self.model, lr_w=cfg.lr, lr_q=cfg.lr_q, lr_s=cfg.lr_s,
-                                  lr_alpha=cfg.lr_alpha, lr_beta=cfg.lr_beta,
-                                  sharpness_reference=cfg.alpha0)
-        try:     # what train._fit uses (a tree from before CDLAdam: torch.optim.Adam, the same values)
-            from cdlcodec.cdl.optim import CDLAdam as adam
-        except ImportError:
-            adam = torch.optim.Adam
-        self.opt = adam(groups)
+            lib.convert.convert(self.model, bits=cfg.bits, first_last_bits=cfg.first_last_bits, mode=mode)
+            with _kernel_path(path, lib.quantizer):
+                lib.convert.calibrate(self.model, x[:batch_size], step_init=cfg.step_init)
+            lib.convert.rescale_sharpness(self.model, cfg.sharpness_constant)
+            lib.convert.set_generator(self.model, torch.Generator().manual_seed(seed + 1))
+            lib.convert.set_entropy_tracking(self.model, self.gamma > 0, weights=self.lam > 0)
+        groups = lib.optim.cdl_param_groups(self.model, lr_w=cfg.lr, lr_q=cfg.lr_q, lr_s=cfg.lr_s,
+                                            lr_alpha=cfg.lr_alpha, lr_beta=cfg.lr_beta,
+                                            sharpness_reference=cfg.alpha0)
+        # what train._fit uses (a tree from before CDLAdam: torch.optim.Adam, the same values)
+        self.opt = getattr(lib.optim, "CDLAdam", torch.optim.Adam)(groups)
         self.model.train()
         self.x, self.y, self.bs = x, y, batch_size
         self.order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
@@ -88,12 +91,11 @@ class Runner:
 
     def step(self) -> tuple[float, float]:
         """One training step; (wall seconds, process CPU seconds)."""
-        from cdlcodec.cdl.convert import project_parameters
-        from cdlcodec.cdl.loss import cdl_loss
         import torch.nn.functional as F
 
+        project_parameters, cdl_loss = self.lib.convert.project_parameters, self.lib.loss.cdl_loss
         xb, yb = self._batch()
-        with _kernel_path(self.path):
+        with _kernel_path(self.path, self.lib.quantizer):
             start, cpu_start = time.perf_counter(), time.process_time()
             logits = self.model(xb)
             if self.mode == "fp":
@@ -109,20 +111,19 @@ class Runner:
 
 
 class _kernel_path:
-    """Context manager: force the quantizer kernel path (None: leave the default)."""
+    """Context manager: force the quantizer kernel path (None: leave the default) of `quantizer`
+    (a tree's cdl.quantizer module)."""
 
-    def __init__(self, path):
-        self.path = path
+    def __init__(self, path, quantizer):
+        self.path, self.quantizer = path, quantizer
 
     def __enter__(self):
-        from cdlcodec.cdl import quantizer
-        self.saved = quantizer.get_kernel_path()
+        self.saved = self.quantizer.get_kernel_path()
         if self.path is not None:
-            quantizer.set_kernel_path(self.path)
+            self.quantizer.set_kernel_path(self.path)
 
     def __exit__(self, *exc):
-        from cdlcodec.cdl import quantizer
-        quantizer.set_kernel_path(self.saved)
+        self.quantizer.set_kernel_path(self.saved)
 
 
 def _convertible(arch) -> bool:
