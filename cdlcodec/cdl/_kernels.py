@@ -1202,7 +1202,11 @@ backward5_serial = _serial_twin(backward5)
 backward5_relu_serial = _serial_twin(backward5_relu)
 
 
-def run_serial(chunks: int) -> bool:
-    """Whether a 5-level call over `chunks` chunks should take the serial twins: one chunk, or numba
-    set to one thread."""
-    return chunks == 1 or get_num_threads() == 1
+_SERIAL = {forward5: forward5_serial, forward5_relu: forward5_relu_serial, backward5: backward5_serial,
+           backward5_relu: backward5_relu_serial}
+
+
+def for_chunks(kernel, chunks: int):
+    """`kernel` (a 5-level kernel) or its serial twin for a call over `chunks` chunks: the twin for one
+    chunk, or with numba set to one thread."""
+    return _SERIAL[kernel] if chunks == 1 or get_num_threads() == 1 else kernel

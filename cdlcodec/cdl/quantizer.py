@@ -238,18 +238,17 @@ def _numba_forward(t, q, a, lo, hi, k, windowed, u, sample, want_sums, relu, con
         rows = np.empty((8 if want_sums else 3, t.size), dtype=t.dtype)   # kept: rows[3:], empty without
         stats, kept = rows[:3], rows[3:]
         chunks = _kernels.chunk_count(t.size)
-        serial = _kernels.run_serial(chunks)
         if relu:
             # The ReLU's zeros are left out of the loops: stats and kept CPMFs are compacted per block,
             # with the non-zeros' offsets and counts kept for backward5_relu.
             nz_index = np.empty(t.size, dtype=np.int32)
             nz_counts = np.empty(_kernels.block_count(t.size, chunks), dtype=np.int64)
             values = np.empty_like(t)
-            kernel = _kernels.forward5_relu_serial if serial else _kernels.forward5_relu
+            kernel = _kernels.for_chunks(_kernels.forward5_relu, chunks)
             sums = kernel(t, q, a, lo, hi, consts, u, sample, want_sums, chunks, y, stats[0], stats[1], stats[2],
                           want_sums, kept, nz_index, nz_counts, values)
             return y, stats, sums if want_sums else None, (kept if want_sums else None, nz_index, nz_counts, values)
-        kernel = _kernels.forward5_serial if serial else _kernels.forward5
+        kernel = _kernels.for_chunks(_kernels.forward5, chunks)
         sums = kernel(t, q, a, lo, hi, consts, u, sample, want_sums, chunks, y, stats[0], stats[1], stats[2],
                       want_sums, kept)
         return y, stats, sums if want_sums else None, kept if want_sums else None
@@ -270,17 +269,16 @@ def _numba_backward(t, q, a, lo, hi, k, windowed, stats, gy, has_grad_y, gs, has
     g_theta = np.empty_like(t)
     if _five(k, windowed):
         chunks = _kernels.chunk_count(t.size)
-        serial = _kernels.run_serial(chunks)
         if relu:
             kept, nz_index, nz_counts, values = exps
             has_kept = kept is not None
-            kernel = _kernels.backward5_relu_serial if serial else _kernels.backward5_relu
+            kernel = _kernels.for_chunks(_kernels.backward5_relu, chunks)
             g_q, g_a = kernel(t, q, a, lo, hi, stats[0], stats[1], stats[2], consts, gy, has_grad_y, gs,
                               has_grad_sums, chunks, g_theta, has_kept,
                               kept if has_kept else np.zeros((5, 1), dtype=t.dtype), nz_index, nz_counts, values)
             return g_theta, g_q, g_a
         has_kept = exps is not None
-        kernel = _kernels.backward5_serial if serial else _kernels.backward5
+        kernel = _kernels.for_chunks(_kernels.backward5, chunks)
         g_q, g_a = kernel(t, q, a, lo, hi, stats[0], stats[1], stats[2], consts, gy, has_grad_y, gs,
                           has_grad_sums, chunks, g_theta, has_kept, exps if has_kept else np.zeros((5, 1), dtype=t.dtype))
         return g_theta, g_q, g_a
