@@ -1,5 +1,5 @@
 """The 5-level backward kernels' ∂/∂q, ∂/∂α sums (`_kernels._pair_sums`: eight interleaved partial sums in a
-fixed order) and the forward's kept-CPMF stores and MPMF scatter in loops of their own (`_copy_row`, `_hist5`)."""
+fixed order) and the forward's MPMF scatter in a loop of its own (`_hist5`)."""
 import math
 
 import numpy as np
@@ -32,7 +32,7 @@ def test_pair_sums_equal_the_exact_sums_and_their_own_order(n):
     assert _kernels._pair_sums(bq2, ba2, n) == (sq, sa)
 
 
-def test_hist5_and_copy_row():
+def test_hist5():
     rng = np.random.default_rng(3)
     m, size = 300, 16
     kb = rng.integers(0, size - 4, m)
@@ -44,6 +44,3 @@ def test_hist5_and_copy_row():
         for o in range(5):
             ref[j & 3, kb[j] + o] += p[o, j]
     assert np.array_equal(hist, ref)
-    dst = np.empty(m, np.float32)
-    _kernels._copy_row(p[2], dst)
-    assert np.array_equal(dst, p[2].astype(np.float32))

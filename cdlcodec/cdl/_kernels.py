@@ -315,6 +315,12 @@ def backward(theta, q, a, lo, hi, k, windowed, stats, E, consts, grad_y, has_gra
 # inside the arithmetic loop, hence `_window_grads`; an exp inside it, hence `_exps5`. Elements the
 # products do not cover (NaN, ±inf) are redone by `_cpmf` (float64) after each block;
 # MPMF sums are scattered in a scalar loop after it.
+# Nothing per element passes from forward to backward but θ: the backward recomputes each element's
+# CPMF and moments with the forward's own code (the same values bit for bit). Keeping them instead
+# (three moments, and with the MPMF the window's five probabilities: 32 bytes an element in float32,
+# written once and read once) made a training step slower: the exps cost less than that memory
+# traffic (R-CDL with the entropy terms, LeNet-5: 0.94-0.96 of the step with them kept, measured
+# in one process on the same model; without the entropy terms no difference).
 
 _BLOCK5 = 512
 
@@ -526,19 +532,17 @@ def _relu_mask(th, g):
 
 
 @njit(cache=True, error_model="numpy")
-def _forward5_block(th, eb, u, y, st_l, st_v, st_m, p0, p1, p2, p3, p4, kb, q, A, lo, hi, sample, want_sums):
+def _forward5_block(th, eb, u, y, p0, p1, p2, p3, p4, kb, q, A, lo, hi, sample, want_sums):
     """The vectorised loop of `forward5` over one block (arrays sliced to it: indices from 0, so
-    no negative-index wraparound keeps LLVM from vectorising); returns how many elements it left
-    for `_cpmf` (|w| > 1/2 or NaN)."""
+    no negative-index wraparound keeps LLVM from vectorising): y, and with `want_sums` the CPMFs
+    p_j and first levels kb the MPMF scatter reads (block-sized scratch); returns how many elements
+    it left for `_cpmf` (|w| > 1/2 or NaN)."""
     _exps5(th, q, A, lo, hi, eb)
     bad = 0
     for i in range(th.size):
         x0, x1, x2, x3, x4, k0, j0, n, w, s0, s1, s2, s3 = _cpmf5(th[i], q, lo, hi, eb[0, i], eb[1, i], eb[2, i],
                                                                   eb[3, i], eb[4, i])
-        level_mean, var, m3, inv_s0 = _moments(n, s0, s1, s2, s3)
-        st_l[i] = level_mean
-        st_v[i] = var
-        st_m[i] = m3
+        level_mean, _, _, inv_s0 = _moments(n, s0, s1, s2, s3)
         if sample:
             # _pick without branches: the first j whose cumulative sum reaches the target is the
             # number of partial sums (j < 4) below it, the sums being nondecreasing.
@@ -593,13 +597,6 @@ def _pair_sums(bq, ba, n):
 
 
 @njit(cache=True, error_model="numpy")
-def _copy_row(src, dst):
-    """dst[:] = src (converted to dst's dtype): one vectorised loop per row of the kept CPMFs."""
-    for i in range(dst.size):
-        dst[i] = src[i]
-
-
-@njit(cache=True, error_model="numpy")
 def _hist5(hist, kb, p0, p1, p2, p3, p4):
     """The MPMF scatter of one block: hist[j & 3][kb[j] + o] += p_o[j] (four histograms in turn)."""
     for j in range(kb.size):
@@ -621,11 +618,10 @@ def _typed_scalars(theta, q, a):
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def forward5(theta, q, a, lo, hi, consts, uniforms, sample, want_sums, chunks, y, st_l, st_v, st_m, keep, kept):
-    """`forward` for windowed K = 5 (consts from level_constants(q, a, 5)); stats in three rows.
-    With `want_sums` and `keep`, kept[j, i] = P(k0_i + j | θ_i) (shape [5, n], any float dtype) for
-    `backward5`, which then skips the exps and the CPMF of its MPMF gradient."""
-    keep = keep and want_sums
+def forward5(theta, q, a, lo, hi, consts, uniforms, sample, want_sums, chunks, y):
+    """`forward` for windowed K = 5 (consts from level_constants(q, a, 5)): y, and the MPMF sums
+    (with `want_sums`; zeros without). Nothing per element is kept for the backward: `backward5`
+    recomputes the CPMFs from θ (see the section's comment)."""
     size = hi - lo + 1
     partial = np.zeros((chunks, size))
     n_all = theta.size
@@ -644,9 +640,8 @@ def forward5(theta, q, a, lo, hi, consts, uniforms, sample, want_sums, chunks, y
         for b0 in range(c * per, stop, _BLOCK5):
             b1 = min(stop, b0 + _BLOCK5)
             m = b1 - b0
-            bad = _forward5_block(theta[b0:b1], eb, uniforms[b0:b1] if sample else uniforms,
-                                  y[b0:b1], st_l[b0:b1], st_v[b0:b1], st_m[b0:b1], pb[0, :m], pb[1, :m],
-                                  pb[2, :m], pb[3, :m], pb[4, :m], kb[:m], qt, At, lo, hi,
+            bad = _forward5_block(theta[b0:b1], eb, uniforms[b0:b1] if sample else uniforms, y[b0:b1],
+                                  pb[0, :m], pb[1, :m], pb[2, :m], pb[3, :m], pb[4, :m], kb[:m], qt, At, lo, hi,
                                   sample, want_sums)
             if bad > 0:
                 for i in range(b0, b1):
@@ -655,10 +650,7 @@ def forward5(theta, q, a, lo, hi, consts, uniforms, sample, want_sums, chunks, y
                     if abs(w) < np.inf:
                         continue
                     k0i, n, s0, s1, s2, s3 = _cpmf(t, q, A, lo, hi, 5, True, 1.0, consts, e)  # E unused
-                    level_mean, var, m3, inv_s0 = _moments(n, s0, s1, s2, s3)
-                    st_l[i] = level_mean
-                    st_v[i] = var
-                    st_m[i] = m3
+                    level_mean, _, _, inv_s0 = _moments(n, s0, s1, s2, s3)
                     y[i] = (k0i + _pick(e, 5, uniforms[i] * s0)) * q if sample else q * level_mean
                     if want_sums:
                         for jj in range(5):
@@ -666,9 +658,6 @@ def forward5(theta, q, a, lo, hi, consts, uniforms, sample, want_sums, chunks, y
                         kb[i - b0] = k0i - lo
             if want_sums:
                 _hist5(hist, kb[:m], pb[0, :m], pb[1, :m], pb[2, :m], pb[3, :m], pb[4, :m])
-            if keep:      # stores of their own, vectorised (inside the block's loop they kept it scalar)
-                for jj in range(5):
-                    _copy_row(pb[jj, :m], kept[jj, b0:b1])
         for j in range(size):
             partial[c, j] = (hist[0, j] + hist[1, j]) + (hist[2, j] + hist[3, j])
     return _sum_rows(partial)
@@ -696,47 +685,52 @@ def _window_grads(th, q, lo, hi, kb, gb, grad_sums):
 
 
 @njit(cache=True, error_model="numpy")
-def _backward5_block(th, eb, st_l, st_v, st_m, gy, has_grad_y, grad_sums, has_grad_sums, gt, bq, ba, q, a, lo,
-                     hi, kb, gb):
-    """The vectorised loop of `backward5` over one block (sliced arrays, as `_forward5_block`):
-    fills gt and the per-element ∂/∂q, ∂/∂α terms bq, ba; returns the count left for `_cpmf`."""
+def _backward5_block(th, eb, gy, has_grad_y, grad_sums, has_grad_sums, gt, bq, ba, q, a, lo, hi, kb, gb):
+    """The vectorised loop of `backward5` over one block (sliced arrays, as `_forward5_block`): the
+    CPMF and its moments recomputed from θ exactly as the forward computed them (the same `_exps5`,
+    `_cpmf5` and `_moments`), then gt and the per-element ∂/∂q, ∂/∂α terms bq, ba. The MPMF part
+    (`has_grad_sums`): Cov(g, l) = Σ_j p_j (g_j - E[g]) d_j and Cov(g, (l - L)²) likewise with d_j²,
+    p_j the CPMF, g_j the level's gradient, d_j the level minus the mean. Returns the count of
+    elements left for `_cpmf` (NaN, ±inf)."""
+    if has_grad_sums:
+        _window_grads(th, q, lo, hi, kb, gb, grad_sums)
+    _exps5(th, q, a * q * q, lo, hi, eb)
     bad = 0
     one = _as(q, 1.0)
     two = _as(q, 2.0)
-    if has_grad_sums:
-        _window_grads(th, q, lo, hi, kb, gb, grad_sums)
-        _exps5(th, q, a * q * q, lo, hi, eb)
     for i in range(th.size):
         t = th[i]
-        level_mean = st_l[i]
+        x0, x1, x2, x3, x4, k0, j0, n, w, s0, s1, s2, s3 = _cpmf5(t, q, lo, hi, eb[0, i], eb[1, i], eb[2, i],
+                                                                  eb[3, i], eb[4, i])
+        level_mean, var, m3, inv_s0 = _moments(n, s0, s1, s2, s3)
         G = gy[i] if has_grad_y else _as(q, 0.0)
-        v1 = G * q * st_v[i]
-        v2 = G * q * st_m[i]
+        v1 = G * q * var
+        v2 = G * q * m3
         if has_grad_sums:
-            # _mpmf_covariances with the five levels unrolled, the same sums in the same order.
-            x0, x1, x2, x3, x4, k0, j0, n, w, s0, s1, s2, s3 = _cpmf5(t, q, lo, hi, eb[0, i], eb[1, i], eb[2, i],
-                                                                      eb[3, i], eb[4, i])
+            p0 = x0 * inv_s0
+            p1 = x1 * inv_s0
+            p2 = x2 * inv_s0
+            p3 = x3 * inv_s0
+            p4 = x4 * inv_s0
             g0 = gb[0, i]
             g1 = gb[1, i]
             g2 = gb[2, i]
             g3 = gb[3, i]
             g4 = gb[4, i]
-            inv_s0 = one / s0
-            eg = (x0 * g0 + x1 * g1 + x2 * g2 + x3 * g3 + x4 * g4) * inv_s0
-            # each level minus the mean
-            l0 = k0 - level_mean
-            l1 = k0 + one - level_mean
-            l2 = k0 + two - level_mean
-            l3 = k0 + _as(q, 3.0) - level_mean
-            l4 = k0 + _as(q, 4.0) - level_mean
-            r0 = x0 * (g0 - eg)
-            r1 = x1 * (g1 - eg)
-            r2 = x2 * (g2 - eg)
-            r3 = x3 * (g3 - eg)
-            r4 = x4 * (g4 - eg)
-            v1 += (r0 * l0 + r1 * l1 + r2 * l2 + r3 * l3 + r4 * l4) * inv_s0
-            v2 += (r0 * l0 * l0 + r1 * l1 * l1 + r2 * l2 * l2 + r3 * l3 * l3 + r4 * l4 * l4) * inv_s0
-            bad += 0 if abs(w) < np.inf else 1     # NaN / inf: `_cpmf`
+            eg = p0 * g0 + p1 * g1 + p2 * g2 + p3 * g3 + p4 * g4
+            d0 = k0 - level_mean
+            d1 = d0 + one
+            d2 = d0 + two
+            d3 = d0 + _as(q, 3.0)
+            d4 = d0 + _as(q, 4.0)
+            r0 = p0 * (g0 - eg)
+            r1 = p1 * (g1 - eg)
+            r2 = p2 * (g2 - eg)
+            r3 = p3 * (g3 - eg)
+            r4 = p4 * (g4 - eg)
+            v1 += r0 * d0 + r1 * d1 + r2 * d2 + r3 * d3 + r4 * d4
+            v2 += r0 * d0 * d0 + r1 * d1 * d1 + r2 * d2 * d2 + r3 * d3 * d3 + r4 * d4 * d4
+        bad += 0 if abs(w) < np.inf else 1     # NaN / inf: `_cpmf`
         mean = q * level_mean
         gt[i] = two * a * q * v1
         bq[i] = G * level_mean + two * a * ((t - two * mean) * v1 - q * v2)
@@ -745,66 +739,36 @@ def _backward5_block(th, eb, st_l, st_v, st_m, gy, has_grad_y, grad_sums, has_gr
 
 
 @njit(cache=True, error_model="numpy")
-def _backward5_kept_block(th, p0, p1, p2, p3, p4, st_l, st_v, st_m, gy, has_grad_y, grad_sums, gt, bq, ba, q,
-                          a, lo, hi, kb, gb):
-    """`_backward5_block` with the MPMF gradient, from the forward's kept probabilities p_j (no exps,
-    no CPMF): Cov(g, l) = Σ_j p_j (g_j - E[g]) d_j and Cov(g, (l - L)²) likewise with d_j², d_j the
-    level minus the mean. Returns the count of non-finite θ, left for `_cpmf`."""
-    _window_grads(th, q, lo, hi, kb, gb, grad_sums)
-    bad = 0
-    one = _as(q, 1.0)
-    two = _as(q, 2.0)
-    flo = _as(q, lo)
-    for i in range(th.size):
-        t = th[i]
-        level_mean = st_l[i]
-        G = gy[i] if has_grad_y else _as(q, 0.0)
-        v1 = G * q * st_v[i]
-        v2 = G * q * st_m[i]
-        x0 = p0[i]
-        x1 = p1[i]
-        x2 = p2[i]
-        x3 = p3[i]
-        x4 = p4[i]
-        g0 = gb[0, i]
-        g1 = gb[1, i]
-        g2 = gb[2, i]
-        g3 = gb[3, i]
-        g4 = gb[4, i]
-        eg = x0 * g0 + x1 * g1 + x2 * g2 + x3 * g3 + x4 * g4
-        d0 = (_as(q, kb[i]) + flo) - level_mean
-        d1 = d0 + one
-        d2 = d0 + two
-        d3 = d0 + _as(q, 3.0)
-        d4 = d0 + _as(q, 4.0)
-        r0 = x0 * (g0 - eg)
-        r1 = x1 * (g1 - eg)
-        r2 = x2 * (g2 - eg)
-        r3 = x3 * (g3 - eg)
-        r4 = x4 * (g4 - eg)
-        v1 += r0 * d0 + r1 * d1 + r2 * d2 + r3 * d3 + r4 * d4
-        v2 += r0 * d0 * d0 + r1 * d1 * d1 + r2 * d2 * d2 + r3 * d3 * d3 + r4 * d4 * d4
-        bad += 0 if abs(t / q) < np.inf else 1
-        mean = q * level_mean
-        gt[i] = two * a * q * v1
-        bq[i] = G * level_mean + two * a * ((t - two * mean) * v1 - q * v2)
-        ba[i] = two * q * (t - mean) * v1 - q * q * v2
-    return bad
+def _backward5_general(t, G, q, a, lo, hi, consts, e, st, grad_sums, has_grad_sums):
+    """(∂/∂θ, ∂/∂q term, ∂/∂α term) of one element `_backward5_block` leaves (NaN, ±inf), from `_cpmf`
+    (float64) like the forward's fallback; its moments rounded to θ's type through `st` (a 3-array of
+    it), as the 5-level loops hold them."""
+    A = a * q * q
+    k0i, n, s0, s1, s2, s3 = _cpmf(t, q, A, lo, hi, 5, True, 1.0, consts, e)  # E unused
+    st[0], st[1], st[2], _ = _moments(n, s0, s1, s2, s3)
+    level_mean = float(st[0])
+    cv1 = 0.0
+    cv2 = 0.0
+    if has_grad_sums:
+        cv1, cv2 = _mpmf_covariances(e, 5, k0i, 1.0 / s0, level_mean, grad_sums, lo)
+    v1 = G * q * float(st[1]) + cv1
+    v2 = G * q * float(st[2]) + cv2
+    mean = q * level_mean
+    return (2.0 * a * q * v1, G * level_mean + 2.0 * a * ((t - 2.0 * mean) * v1 - q * v2),
+            2.0 * q * (t - mean) * v1 - q * q * v2)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def backward5(theta, q, a, lo, hi, st_l, st_v, st_m, consts, grad_y, has_grad_y, grad_sums,
-              has_grad_sums, chunks, grad_theta, has_kept, kept):
-    """`backward` for windowed K = 5; per chunk the same sums in the same order. With `has_kept`
-    the MPMF gradient reads the CPMFs forward5 kept (`kept`) instead of recomputing them."""
-    use_kept = has_kept and has_grad_sums
+def backward5(theta, q, a, lo, hi, consts, grad_y, has_grad_y, grad_sums, has_grad_sums, chunks, grad_theta):
+    """`backward` for windowed K = 5, from θ alone (the CPMFs recomputed, see the section's comment);
+    per chunk the same sums in the same order."""
     n_all = theta.size
     per = (n_all + chunks - 1) // chunks
-    A = a * q * q
     qt, at, _ = _typed_scalars(theta, q, a)
     partial = np.zeros((2, chunks))
     for c in prange(chunks):
         e = np.empty(5)
+        st = np.empty(3, dtype=theta.dtype)
         eb = np.empty((5, _BLOCK5), dtype=theta.dtype)
         bq = np.empty(_BLOCK5, dtype=theta.dtype)
         ba = np.empty(_BLOCK5, dtype=theta.dtype)
@@ -816,32 +780,17 @@ def backward5(theta, q, a, lo, hi, st_l, st_v, st_m, consts, grad_y, has_grad_y,
         for b0 in range(c * per, stop, _BLOCK5):
             b1 = min(stop, b0 + _BLOCK5)
             m = b1 - b0
-            if use_kept:
-                bad = _backward5_kept_block(theta[b0:b1], kept[0, b0:b1], kept[1, b0:b1], kept[2, b0:b1],
-                                            kept[3, b0:b1], kept[4, b0:b1], st_l[b0:b1], st_v[b0:b1],
-                                            st_m[b0:b1], grad_y[b0:b1] if has_grad_y else grad_y, has_grad_y,
-                                            grad_sums, grad_theta[b0:b1], bq[:m], ba[:m], qt, at, lo, hi, kb, gb)
-            else:
-                bad = _backward5_block(theta[b0:b1], eb, st_l[b0:b1], st_v[b0:b1], st_m[b0:b1],
-                                       grad_y[b0:b1] if has_grad_y else grad_y,
-                                       has_grad_y, grad_sums, has_grad_sums, grad_theta[b0:b1], bq[:m], ba[:m],
-                                       qt, at, lo, hi, kb, gb)
+            bad = _backward5_block(theta[b0:b1], eb, grad_y[b0:b1] if has_grad_y else grad_y, has_grad_y,
+                                   grad_sums, has_grad_sums, grad_theta[b0:b1], bq[:m], ba[:m], qt, at, lo, hi,
+                                   kb, gb)
             if bad > 0:
                 for i in range(b0, b1):
                     t = theta[i]
                     _, _, w = _place(t, q, lo, hi, 5, True)
                     if abs(w) < np.inf:
                         continue
-                    level_mean = st_l[i]
-                    G = grad_y[i] if has_grad_y else 0.0
-                    k0i, _, s0, _, _, _ = _cpmf(t, q, A, lo, hi, 5, True, 1.0, consts, e)  # E unused
-                    cv1, cv2 = _mpmf_covariances(e, 5, k0i, 1.0 / s0, level_mean, grad_sums, lo)
-                    v1 = G * q * st_v[i] + cv1
-                    v2 = G * q * st_m[i] + cv2
-                    mean = q * level_mean
-                    grad_theta[i] = 2.0 * a * q * v1
-                    bq[i - b0] = G * level_mean + 2.0 * a * ((t - 2.0 * mean) * v1 - q * v2)
-                    ba[i - b0] = 2.0 * q * (t - mean) * v1 - q * q * v2
+                    grad_theta[i], bq[i - b0], ba[i - b0] = _backward5_general(
+                        t, grad_y[i] if has_grad_y else 0.0, q, a, lo, hi, consts, e, st, grad_sums, has_grad_sums)
             sq, sa = _pair_sums(bq, ba, m)
             cq += sq
             ca += sa
@@ -853,18 +802,12 @@ def backward5(theta, q, a, lo, hi, st_l, st_v, st_m, consts, grad_y, has_grad_y,
 # ---------------------------------------------------------------------------------------------------
 # An activation quantizer after a ReLU, fused (QuantizeFunction's `relu`): the values quantized are
 # relu(θ), and every θ ≤ 0 gives the same CPMF (that of 0). Those elements, often most of a ReLU's
-# output, are left out of the vectorised loops: each block of `forward5` is compacted to its
-# non-zero elements (`_compact_relu`), whose stats and kept CPMFs are stored compacted at the front
-# of the block's range ([b0, b0 + count)) with their offsets in the block (`nz_index`) and the count
-# per block (`nz_counts`); a zero element's output is written directly, its MPMF share added once
-# per call. `backward5_relu` reads the same layout: ∂/∂θ is 0 at the zeros (the ReLU's gradient) and
-# their share of ∂/∂q and ∂/∂α, linear in the incoming gradient, is taken from its sum over them.
-
-
-def block_count(n: int, chunks: int) -> int:
-    """Blocks of _BLOCK5 the 5-level kernels split n elements in `chunks` into (nz_counts' length)."""
-    per = (n + chunks - 1) // chunks
-    return chunks * ((per + _BLOCK5 - 1) // _BLOCK5)
+# output, are left out of the vectorised loops: each block is compacted to its non-zero elements
+# (`_compact_relu`, into block-sized scratch with their offsets in the block); a zero element's
+# output is written directly, its MPMF share added once per call. `backward5_relu` compacts each
+# block again the same way (the same decision per block, from θ): ∂/∂θ is 0 at the zeros (the
+# ReLU's gradient) and their share of ∂/∂q and ∂/∂α, linear in the incoming gradient, is taken from
+# its sum over them.
 
 
 @njit(cache=True, error_model="numpy")
@@ -893,7 +836,7 @@ def _compact_relu(th, tb, ib):
 # The compacted non-zeros of a block go through the vectorised loops padded with zeros to a multiple of
 # this (at most the block's size): a loop's tail of fewer than one vector's worth of elements runs in
 # narrower vectors and scalars at several times the cost per element (measured: 170 elements 15 %
-# slower per element than 176). The padding's results are written inside the block's range and not read.
+# slower per element than 176). The padding's results go to block-sized scratch and are not read.
 _PAD5 = 16
 
 
@@ -934,21 +877,33 @@ def _zero_outputs(u, yv, sample, yz, t0, t1, t2, t3, k0z, s0z, q):
             yv[i] = yz
 
 
+@njit(cache=True, error_model="numpy")
+def _relu_block(th, tb, ib):
+    """(count, dense) of one block of a ReLU's input, and its values as the 5-level loop sees them in tb:
+    relu(θ) whole (dense, count = the block's size), or the non-zeros compacted with their offsets in ib
+    and zeros after them up to `_padded(count, size)`. forward5_relu and backward5_relu both call it:
+    the same decision and layout for every block."""
+    m = th.size
+    cnt = _count_nonzero_relu(th)
+    if cnt > _DENSE_SHARE * m:
+        _relu_values(th, tb[:m])
+        return m, True
+    if cnt > 0:
+        _compact_relu(th, tb[:m], ib[:m])
+        _zero_fill(tb[cnt:_padded(cnt, m)])     # the padding: zeros (finite; its results are not read)
+    return cnt, False
+
+
 @njit(cache=True, parallel=True, error_model="numpy")
-def forward5_relu(theta, q, a, lo, hi, consts, uniforms, sample, want_sums, chunks, y, st_l, st_v, st_m, keep,
-                  kept, nz_index, nz_counts, values):
+def forward5_relu(theta, q, a, lo, hi, consts, uniforms, sample, want_sums, chunks, y):
     """`forward5` of relu(θ) (θ the ReLU's input), the zeros left out of the vectorised loop (see above):
-    y as forward5's, bit for bit; st_* and kept compacted per block; MPMF sums equal to rounding (the
-    zeros' share added once). A block more than _DENSE_SHARE non-zero runs whole (relu(θ) through the
-    loop, zeros included: count = block size, no offsets). values[b0:b0 + count] keeps the block's
-    values as the loop saw them, for backward5_relu."""
-    keep = keep and want_sums
+    y as forward5's, bit for bit; MPMF sums equal to rounding (the zeros' share added once). A block
+    more than _DENSE_SHARE non-zero runs whole (relu(θ) through the loop, zeros included)."""
     size = hi - lo + 1
     partial = np.zeros((chunks, size))
     zeros = np.zeros(chunks, dtype=np.int64)
     n_all = theta.size
     per = (n_all + chunks - 1) // chunks
-    bpc = (per + _BLOCK5 - 1) // _BLOCK5
     A = a * q * q
     qt, _, At = _typed_scalars(theta, q, a)
     x0z, x1z, x2z, x3z, x4z, k0z, _, nz, _, s0z, s1z, s2z, s3z = _zero_cpmf5(theta, qt, At, lo, hi)
@@ -964,6 +919,8 @@ def forward5_relu(theta, q, a, lo, hi, consts, uniforms, sample, want_sums, chun
         eb = np.empty((5, _BLOCK5), dtype=theta.dtype)
         pb = np.empty((5, _BLOCK5), dtype=theta.dtype)
         kb = np.empty(_BLOCK5, dtype=np.int32)
+        tb = np.empty(_BLOCK5, dtype=theta.dtype)
+        ib = np.empty(_BLOCK5, dtype=np.int32)
         ub = np.empty(_BLOCK5)
         yb = np.empty(_BLOCK5, dtype=y.dtype)
         zc = 0
@@ -971,16 +928,7 @@ def forward5_relu(theta, q, a, lo, hi, consts, uniforms, sample, want_sums, chun
         for b0 in range(c * per, stop, _BLOCK5):
             b1 = min(stop, b0 + _BLOCK5)
             m = b1 - b0
-            cnt = _count_nonzero_relu(theta[b0:b1])
-            dense = cnt > _DENSE_SHARE * m
-            # The block's values as the loop sees them go straight to `values` (compacted at the front of
-            # its range, their offsets to nz_index), which backward5_relu reads.
-            if dense:
-                _relu_values(theta[b0:b1], values[b0:b1])
-                cnt = m
-            elif cnt > 0:
-                _compact_relu(theta[b0:b1], values[b0:b1], nz_index[b0:b1])
-            nz_counts[c * bpc + (b0 - c * per) // _BLOCK5] = cnt
+            cnt, dense = _relu_block(theta[b0:b1], tb, ib)
             zc += m - cnt
             if cnt == 0:
                 _zero_outputs(uniforms[b0:b1] if sample else uniforms, y[b0:b1], sample, yz, t0, t1, t2, t3, k0z,
@@ -994,45 +942,36 @@ def forward5_relu(theta, q, a, lo, hi, consts, uniforms, sample, want_sums, chun
                 _zero_outputs(uniforms[b0:b1] if sample else uniforms, y[b0:b1], sample, yz, t0, t1, t2, t3, k0z,
                               s0z, qt)
                 cp = _padded(cnt, m)
-                _zero_fill(values[b0 + cnt:b0 + cp])      # the padding: zeros (finite, not read back)
                 if sample:
                     for j in range(cnt):
-                        ub[j] = uniforms[b0 + nz_index[b0 + j]]
+                        ub[j] = uniforms[b0 + ib[j]]
                     for j in range(cnt, cp):
                         ub[j] = 0.5
                 yv = yb[:cp]
                 uv = ub[:cp]
-            tb = values[b0:b0 + cp]
-            # With `keep` the CPMF rows are written where backward5_relu reads them (θ's dtype, like pb).
-            src = kept if keep else pb
-            o = b0 if keep else 0
-            p0 = src[0, o:o + cp]
-            p1 = src[1, o:o + cp]
-            p2 = src[2, o:o + cp]
-            p3 = src[3, o:o + cp]
-            p4 = src[4, o:o + cp]
-            bad = _forward5_block(tb, eb, uv, yv, st_l[b0:b0 + cp], st_v[b0:b0 + cp],
-                                  st_m[b0:b0 + cp], p0, p1, p2, p3, p4, kb[:cp], qt, At, lo, hi,
-                                  sample, want_sums)
+            th = tb[:cp]
+            p0 = pb[0, :cp]
+            p1 = pb[1, :cp]
+            p2 = pb[2, :cp]
+            p3 = pb[3, :cp]
+            p4 = pb[4, :cp]
+            bad = _forward5_block(th, eb, uv, yv, p0, p1, p2, p3, p4, kb[:cp], qt, At, lo, hi, sample, want_sums)
             if bad > 0:
                 for j in range(cnt):
-                    t = tb[j]
+                    t = th[j]
                     _, _, w = _place(t, q, lo, hi, 5, True)
                     if abs(w) < np.inf:
                         continue
                     k0i, n, s0, s1, s2, s3 = _cpmf(t, q, A, lo, hi, 5, True, 1.0, consts, e)  # E unused
-                    level_mean, var, m3, inv_s0 = _moments(n, s0, s1, s2, s3)
-                    st_l[b0 + j] = level_mean
-                    st_v[b0 + j] = var
-                    st_m[b0 + j] = m3
+                    level_mean, _, _, inv_s0 = _moments(n, s0, s1, s2, s3)
                     yv[j] = (k0i + _pick(e, 5, uv[j] * s0)) * q if sample else q * level_mean
                     if want_sums:
                         for jj in range(5):
-                            src[jj, o + j] = e[jj] * inv_s0
+                            pb[jj, j] = e[jj] * inv_s0
                         kb[j] = k0i - lo
             if not dense:
                 for j in range(cnt):
-                    y[b0 + nz_index[b0 + j]] = yb[j]
+                    y[b0 + ib[j]] = yb[j]
             if want_sums:
                 _hist5(hist, kb[:cnt], p0[:cnt], p1[:cnt], p2[:cnt], p3[:cnt], p4[:cnt])
         for j in range(size):
@@ -1067,28 +1006,21 @@ def _zero_grad_sum(th, gy):
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def backward5_relu(theta, q, a, lo, hi, st_l, st_v, st_m, consts, grad_y, has_grad_y, grad_sums,
-                   has_grad_sums, chunks, grad_theta, has_kept, kept, nz_index, nz_counts, values):
-    """`backward5` for `forward5_relu` (θ the ReLU's input, stats and kept compacted as it left them):
-    ∂/∂θ equal to F.relu followed by backward5 (0 at the zeros); ∂/∂q, ∂/∂α equal to rounding (the
-    zeros' share from Σ grad_y over them)."""
-    use_kept = has_kept and has_grad_sums
+def backward5_relu(theta, q, a, lo, hi, consts, grad_y, has_grad_y, grad_sums, has_grad_sums, chunks, grad_theta):
+    """`backward5` for `forward5_relu` (θ the ReLU's input; each block compacted again as the forward
+    did): ∂/∂θ equal to F.relu followed by backward5 (0 at the zeros); ∂/∂q, ∂/∂α equal to rounding
+    (the zeros' share from Σ grad_y over them)."""
     n_all = theta.size
     per = (n_all + chunks - 1) // chunks
-    bpc = (per + _BLOCK5 - 1) // _BLOCK5
     A = a * q * q
     qt, at, At = _typed_scalars(theta, q, a)
-    # The zero element: its stats as the 5-level loop computes and stores them (θ's type), its MPMF
-    # covariances (float64, from `_cpmf`).
+    # The zero element: its stats as the 5-level loop computes them (θ's type), its MPMF covariances
+    # (float64, from `_cpmf`).
     _, _, _, _, _, _, _, nz, _, s0z, s1z, s2z, s3z = _zero_cpmf5(theta, qt, At, lo, hi)
     Lz, Vz, Mz, _ = _moments(nz, s0z, s1z, s2z, s3z)
-    zst = np.empty(3, dtype=st_l.dtype)
-    zst[0] = Lz
-    zst[1] = Vz
-    zst[2] = Mz
-    Lz = float(zst[0])
-    Vz = float(zst[1])
-    Mz = float(zst[2])
+    Lz = float(Lz)
+    Vz = float(Vz)
+    Mz = float(Mz)
     ez = np.empty(5)
     k0z, _, sz, _, _, _ = _cpmf(0.0, q, A, lo, hi, 5, True, 1.0, consts, ez)
     inv_sz = 1.0 / sz
@@ -1105,11 +1037,14 @@ def backward5_relu(theta, q, a, lo, hi, st_l, st_v, st_m, consts, grad_y, has_gr
     partial = np.zeros((2, chunks))
     for c in prange(chunks):
         e = np.empty(5)
+        st = np.empty(3, dtype=theta.dtype)
         eb = np.empty((5, _BLOCK5), dtype=theta.dtype)
         bq = np.empty(_BLOCK5, dtype=theta.dtype)
         ba = np.empty(_BLOCK5, dtype=theta.dtype)
         kb = np.empty(_BLOCK5, dtype=np.int32)
         gb = np.empty((5, _BLOCK5), dtype=theta.dtype)
+        tb = np.empty(_BLOCK5, dtype=theta.dtype)
+        ib = np.empty(_BLOCK5, dtype=np.int32)
         gyb = np.empty(_BLOCK5, dtype=grad_y.dtype)
         gtb = np.empty(_BLOCK5, dtype=grad_theta.dtype)
         cq = 0.0
@@ -1118,10 +1053,9 @@ def backward5_relu(theta, q, a, lo, hi, st_l, st_v, st_m, consts, grad_y, has_gr
         for b0 in range(c * per, stop, _BLOCK5):
             b1 = min(stop, b0 + _BLOCK5)
             m = b1 - b0
-            cnt = nz_counts[c * bpc + (b0 - c * per) // _BLOCK5]
-            dense = cnt == m
+            cnt, dense = _relu_block(theta[b0:b1], tb, ib)
             cp = cnt     # with forward5_relu's padding (`_padded`) in the compacted case
-            if dense:    # the whole block (forward5_relu ran it whole): no offsets, the ReLU's mask after
+            if dense:    # the whole block: no offsets, the ReLU's mask after
                 gyv = grad_y[b0:b1] if has_grad_y else grad_y
                 gtv = grad_theta[b0:b1]
             else:
@@ -1135,45 +1069,27 @@ def backward5_relu(theta, q, a, lo, hi, st_l, st_v, st_m, consts, grad_y, has_gr
                 cp = _padded(cnt, m)
                 if has_grad_y:
                     for j in range(cnt):
-                        gyb[j] = grad_y[b0 + nz_index[b0 + j]]
+                        gyb[j] = grad_y[b0 + ib[j]]
                     for j in range(cnt, cp):
                         gyb[j] = 0.0
                 gyv = gyb[:cp]
                 gtv = gtb[:cp]
-            th = values[b0:b0 + cp]
-            if use_kept:
-                bad = _backward5_kept_block(th, kept[0, b0:b0 + cp], kept[1, b0:b0 + cp],
-                                            kept[2, b0:b0 + cp], kept[3, b0:b0 + cp], kept[4, b0:b0 + cp],
-                                            st_l[b0:b0 + cp], st_v[b0:b0 + cp], st_m[b0:b0 + cp], gyv,
-                                            has_grad_y, grad_sums, gtv, bq[:cp], ba[:cp], qt, at, lo, hi, kb, gb)
-            else:
-                bad = _backward5_block(th, eb, st_l[b0:b0 + cp], st_v[b0:b0 + cp], st_m[b0:b0 + cp],
-                                       gyv, has_grad_y, grad_sums, has_grad_sums, gtv, bq[:cp],
-                                       ba[:cp], qt, at, lo, hi, kb, gb)
+            th = tb[:cp]
+            bad = _backward5_block(th, eb, gyv, has_grad_y, grad_sums, has_grad_sums, gtv, bq[:cp], ba[:cp], qt, at,
+                                   lo, hi, kb, gb)
             if bad > 0:
                 for j in range(cnt):
                     t = th[j]
                     _, _, w = _place(t, q, lo, hi, 5, True)
                     if abs(w) < np.inf:
                         continue
-                    level_mean = st_l[b0 + j]
-                    G = gyv[j] if has_grad_y else 0.0
-                    cv1 = 0.0
-                    cv2 = 0.0
-                    if has_grad_sums:
-                        k0i, _, s0, _, _, _ = _cpmf(t, q, A, lo, hi, 5, True, 1.0, consts, e)  # E unused
-                        cv1, cv2 = _mpmf_covariances(e, 5, k0i, 1.0 / s0, level_mean, grad_sums, lo)
-                    v1 = G * q * st_v[b0 + j] + cv1
-                    v2 = G * q * st_m[b0 + j] + cv2
-                    mean = q * level_mean
-                    gtv[j] = 2.0 * a * q * v1
-                    bq[j] = G * level_mean + 2.0 * a * ((t - 2.0 * mean) * v1 - q * v2)
-                    ba[j] = 2.0 * q * (t - mean) * v1 - q * q * v2
+                    gtv[j], bq[j], ba[j] = _backward5_general(t, gyv[j] if has_grad_y else 0.0, q, a, lo, hi, consts,
+                                                              e, st, grad_sums, has_grad_sums)
             if dense:
                 _relu_mask(theta[b0:b1], gtv)
             else:
                 for j in range(cnt):
-                    grad_theta[b0 + nz_index[b0 + j]] = gtb[j]
+                    grad_theta[b0 + ib[j]] = gtb[j]
             sq, sa = _pair_sums(bq, ba, cnt)
             cq += sq
             ca += sa

@@ -226,32 +226,18 @@ def _five(k, windowed) -> bool:
 
 
 def _numba_forward(t, q, a, lo, hi, k, windowed, u, sample, want_sums, relu, consts):
-    """The numba forward on θ's values `t` (a flat numpy array): (y, stats [3, n], MPMF sums or None,
-    what the backward reuses), all numpy arrays; no tensor operations (a training step makes ~20 of
-    these calls, so the host-side glue is kept to numpy allocations and one kernel call)."""
+    """The numba forward on θ's values `t` (a flat numpy array): (y, MPMF sums or None, what the backward
+    reuses), numpy arrays; no tensor operations (a training step makes ~20 of these calls, so the
+    host-side glue is kept to numpy allocations and one kernel call)."""
     _kernels = _numba_kernels()
     y = np.empty_like(t)
-    if _five(k, windowed):     # takes its exps itself: no E kept for the backward
-        # One allocation for the stats and, with the MPMF, the window's CPMF kept for the backward
-        # ([5, elements] in θ's dtype, like the stats), so its MPMF gradient needs no exps and no CPMF of
-        # its own. `relu`: the kernel quantizes relu(θ).
-        rows = np.empty((8 if want_sums else 3, t.size), dtype=t.dtype)   # kept: rows[3:], empty without
-        stats, kept = rows[:3], rows[3:]
+    if _five(k, windowed):
+        # Takes its exps itself and keeps nothing: backward5 recomputes the CPMFs from θ. `relu`: the
+        # kernel quantizes relu(θ), the ReLU's zeros left out of its loops.
         chunks = _kernels.chunk_count(t.size)
-        if relu:
-            # The ReLU's zeros are left out of the loops: stats and kept CPMFs are compacted per block,
-            # with the non-zeros' offsets and counts kept for backward5_relu.
-            nz_index = np.empty(t.size, dtype=np.int32)
-            nz_counts = np.empty(_kernels.block_count(t.size, chunks), dtype=np.int64)
-            values = np.empty_like(t)
-            kernel = _kernels.for_chunks(_kernels.forward5_relu, chunks)
-            sums = kernel(t, q, a, lo, hi, consts, u, sample, want_sums, chunks, y, stats[0], stats[1], stats[2],
-                          want_sums, kept, nz_index, nz_counts, values)
-            return y, stats, sums if want_sums else None, (kept if want_sums else None, nz_index, nz_counts, values)
-        kernel = _kernels.for_chunks(_kernels.forward5, chunks)
-        sums = kernel(t, q, a, lo, hi, consts, u, sample, want_sums, chunks, y, stats[0], stats[1], stats[2],
-                      want_sums, kept)
-        return y, stats, sums if want_sums else None, kept if want_sums else None
+        kernel = _kernels.for_chunks(_kernels.forward5_relu if relu else _kernels.forward5, chunks)
+        sums = kernel(t, q, a, lo, hi, consts, u, sample, want_sums, chunks, y)
+        return y, sums if want_sums else None, None
     if relu:
         t = torch.relu(torch.from_numpy(t)).numpy()
     stats = np.empty((3, t.size), dtype=t.dtype)
@@ -259,29 +245,21 @@ def _numba_forward(t, q, a, lo, hi, k, windowed, u, sample, want_sums, relu, con
     sums = _kernels.forward(t, q, a, lo, hi, k, windowed, E, consts, u, sample, want_sums,
                             _kernels.chunk_count(t.size), y, stats)
     # With the MPMF, E is kept for the backward (8 bytes per element), which would otherwise redo the exps.
-    return y, stats, sums if want_sums else None, E if want_sums else None
+    return y, sums if want_sums else None, (stats, E if want_sums else None)
 
 
-def _numba_backward(t, q, a, lo, hi, k, windowed, stats, gy, has_grad_y, gs, has_grad_sums, exps, relu, consts):
+def _numba_backward(t, q, a, lo, hi, k, windowed, saved, gy, has_grad_y, gs, has_grad_sums, relu, consts):
     """(∂/∂θ, ∂/∂q, ∂/∂α) from the numba kernels: a numpy array of θ's shape-less values and two floats.
-    `gy`: ∂/∂y as a flat numpy array of θ's dtype; `gs`: ∂/∂sums (float64); placeholders when absent."""
+    `saved`: what _numba_forward returned for the backward; `gy`: ∂/∂y as a flat numpy array of θ's
+    dtype; `gs`: ∂/∂sums (float64); placeholders when absent."""
     _kernels = _numba_kernels()
     g_theta = np.empty_like(t)
     if _five(k, windowed):
         chunks = _kernels.chunk_count(t.size)
-        if relu:
-            kept, nz_index, nz_counts, values = exps
-            has_kept = kept is not None
-            kernel = _kernels.for_chunks(_kernels.backward5_relu, chunks)
-            g_q, g_a = kernel(t, q, a, lo, hi, stats[0], stats[1], stats[2], consts, gy, has_grad_y, gs,
-                              has_grad_sums, chunks, g_theta, has_kept,
-                              kept if has_kept else np.zeros((5, 1), dtype=t.dtype), nz_index, nz_counts, values)
-            return g_theta, g_q, g_a
-        has_kept = exps is not None
-        kernel = _kernels.for_chunks(_kernels.backward5, chunks)
-        g_q, g_a = kernel(t, q, a, lo, hi, stats[0], stats[1], stats[2], consts, gy, has_grad_y, gs,
-                          has_grad_sums, chunks, g_theta, has_kept, exps if has_kept else np.zeros((5, 1), dtype=t.dtype))
+        kernel = _kernels.for_chunks(_kernels.backward5_relu if relu else _kernels.backward5, chunks)
+        g_q, g_a = kernel(t, q, a, lo, hi, consts, gy, has_grad_y, gs, has_grad_sums, chunks, g_theta)
         return g_theta, g_q, g_a
+    stats, exps = saved
     x = torch.relu(torch.from_numpy(t)).numpy() if relu else t
     if not has_grad_sums:
         E = np.zeros(1)
@@ -315,10 +293,11 @@ class QuantizeFunction(torch.autograd.Function):
     With `relu` the values quantized are relu(θ) (an activation quantizer after a ReLU, fused: θ is the
     ReLU's input, and ∂/∂θ is zero where relu(θ) <= 0, as torch's ReLU backward gives).
     Runs the numba kernels (cdl/_kernels.py) or the torch kernels (cdl/_torch_kernels.py), see
-    `set_kernel_path`; results are on theta's device and dtype. The forward keeps three numbers per
-    element (level mean, variance, third moment); with the MPMF also E = exp(2A·w) (general numba
-    kernels) or the 5-level window's CPMF (forward5, θ's dtype), so the MPMF gradient needs no exps
-    in the backward.
+    `set_kernel_path`; results are on theta's device and dtype. What the forward keeps for the
+    backward besides θ: the numba 5-level kernels nothing (backward5 recomputes each element's CPMF
+    from θ, cheaper than the memory traffic of keeping it); the general numba and the torch kernels
+    three numbers per element (level mean, variance, third moment), the general numba kernels with
+    the MPMF also E = exp(2A·w), so that their MPMF gradient needs no exps in the backward.
     """
 
     @staticmethod
@@ -384,10 +363,9 @@ def _forward_numba(ctx, theta, step, sharpness, lo, hi, window, uniforms, with_m
     consts = kernels.level_constants(qf, af, k)
     t = _flat_values(theta)
     u = uniforms.cpu().numpy() if uniforms is not None else _NO_UNIFORMS
-    y, stats, sums, reuse = _numba_forward(t, qf, af, lo, hi, k, windowed, u, uniforms is not None, with_mpmf, relu,
-                                           consts)
+    y, sums, saved = _numba_forward(t, qf, af, lo, hi, k, windowed, u, uniforms is not None, with_mpmf, relu, consts)
     ctx.save_for_backward(theta, step, sharpness)
-    ctx.numba = (qf, af, consts, stats, reuse)
+    ctx.numba = (qf, af, consts, saved)
     ctx.config = (lo, hi, k, windowed, True, relu)
     y = torch.from_numpy(y.reshape(theta.shape))
     if entropy_scale is not None:
@@ -404,7 +382,7 @@ def _backward_numba(ctx, grad_y, grad_sums):
     """QuantizeFunction.backward on the numba kernels (see _forward_numba)."""
     theta, step, sharpness = ctx.saved_tensors
     lo, hi, k, windowed, _, relu = ctx.config
-    qf, af, consts, stats, reuse = ctx.numba
+    qf, af, consts, saved = ctx.numba
     t = _flat_values(theta)
     if grad_y is None:
         gy = np.zeros(1, t.dtype)
@@ -417,8 +395,8 @@ def _backward_numba(ctx, grad_y, grad_sums):
         gs = ctx.entropy * float(grad_sums)
     else:
         gs = _flat_values(grad_sums.to(torch.float64))
-    g_theta, g_q, g_a = _numba_backward(t, qf, af, lo, hi, k, windowed, stats, gy, grad_y is not None, gs,
-                                        grad_sums is not None, reuse, relu, consts)
+    g_theta, g_q, g_a = _numba_backward(t, qf, af, lo, hi, k, windowed, saved, gy, grad_y is not None, gs,
+                                        grad_sums is not None, relu, consts)
     return (torch.from_numpy(g_theta.reshape(theta.shape)),
             _grad_scalar(g_q, step) if ctx.needs_input_grad[1] else None,
             _grad_scalar(g_a, sharpness) if ctx.needs_input_grad[2] else None,
