@@ -27,6 +27,13 @@ ACTIVATION_WINDOW = 5      # Section VI-B-1: the CPMF of an activation is kept o
 MIN_POSITIVE = 1e-8
 
 
+def set_plain_attribute(module: nn.Module, name: str, value) -> None:
+    """module.<name> = value for an attribute that is no parameter, buffer or submodule (a tensor of
+    the last forward, a count): where nn.Module.__setattr__ would put it, without its checks, which cost
+    a few µs and run several times per quantizer per training step."""
+    object.__setattr__(module, name, value)
+
+
 def _check_mode(mode: str) -> str:
     if mode not in MODES:
         raise ValueError(f"CDL mode must be one of {MODES}, not {mode!r}")
@@ -89,9 +96,10 @@ class _WeightQuantized:
         if not self.training:
             return hard_quantize(self.weight, self.q, lo, hi)
         if self.track_entropy:
-            w, self.last_entropy_bits = quantize_with_entropy_bits(
+            w, bits = quantize_with_entropy_bits(
                 self.weight, self.q, self.alpha, lo, hi, None, self.weight.numel(), sample=self.mode == "cdl",
                 generator=self.generator)
+            set_plain_attribute(self, "last_entropy_bits", bits)
             return w
         if self.mode == "rcdl":
             return soft_quantize(self.weight, self.q, self.alpha, lo, hi)
@@ -183,7 +191,9 @@ class ActivationQuantizer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() > 0:
-            self.numel_per_sample = int(x[0].numel()) if x.dim() > 1 else 1
+            per_sample = x.shape[1:].numel()      # 1 for a 1-d input
+            if per_sample != self.numel_per_sample:
+                set_plain_attribute(self, "numel_per_sample", per_sample)
         lo, hi = self.bounds
         if self._calibrating or not self.training:
             x = F.relu(x)
@@ -196,9 +206,10 @@ class ActivationQuantizer(nn.Module):
         # F.relu followed by the quantizer, without a pass and a tensor of its own).
         if self.track_entropy:
             # One pass over the CPMFs gives both the quantized values and the MPMF (eq. 28).
-            y, self.last_entropy_bits = quantize_with_entropy_bits(
+            y, bits = quantize_with_entropy_bits(
                 x, self.s, self.beta, lo, hi, self.window, self.numel_per_sample, sample=self.mode == "cdl",
                 generator=self.generator, relu=True)
+            set_plain_attribute(self, "last_entropy_bits", bits)
             return y
         if self.mode == "rcdl":
             return soft_quantize(x, self.s, self.beta, lo, hi, self.window, relu=True)

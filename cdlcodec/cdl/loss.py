@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .convert import activation_quantizers, weight_quantizers
+from .layers import set_plain_attribute
 
 
 @dataclass
@@ -35,7 +36,8 @@ def weight_entropy_bits(model: nn.Module) -> tuple[torch.Tensor, int]:
 
 
 def _take_tracked(layer: nn.Module) -> torch.Tensor:
-    bits, layer.last_entropy_bits = layer.last_entropy_bits, None
+    bits = layer.last_entropy_bits
+    set_plain_attribute(layer, "last_entropy_bits", None)
     return bits if bits is not None else layer.weight_entropy_bits()
 
 
