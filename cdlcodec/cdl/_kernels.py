@@ -879,19 +879,30 @@ def _zero_outputs(u, yv, sample, yz, t0, t1, t2, t3, k0z, s0z, q):
 
 @njit(cache=True, error_model="numpy")
 def _relu_block(th, tb, ib):
-    """(count, dense) of one block of a ReLU's input, and its values as the 5-level loop sees them in tb:
-    relu(θ) whole (dense, count = the block's size), or the non-zeros compacted with their offsets in ib
-    and zeros after them up to `_padded(count, size)`. forward5_relu and backward5_relu both call it:
-    the same decision and layout for every block."""
+    """(count, padded count, dense) of one block of a ReLU's input, and its values as the 5-level loop
+    sees them in tb[:padded count]: relu(θ) whole (dense, both counts = the block's size), or the
+    non-zeros compacted with their offsets in ib and zeros after them up to `_padded(count, size)`.
+    forward5_relu and backward5_relu both call it: the same decision and layout for every block."""
     m = th.size
     cnt = _count_nonzero_relu(th)
     if cnt > _DENSE_SHARE * m:
         _relu_values(th, tb[:m])
-        return m, True
+        return m, m, True
+    cp = _padded(cnt, m)
     if cnt > 0:
         _compact_relu(th, tb[:m], ib[:m])
-        _zero_fill(tb[cnt:_padded(cnt, m)])     # the padding: zeros (finite; its results are not read)
-    return cnt, False
+        _zero_fill(tb[cnt:cp])     # the padding: zeros (finite; its results are not read)
+    return cnt, cp, False
+
+
+@njit(cache=True, error_model="numpy")
+def _gather_padded(dst, src, b0, ib, cnt, cp, pad):
+    """dst[j] = src[b0 + ib[j]] for the block's cnt compacted elements, then `pad` up to cp: a per-element
+    input of the compacted loop (Qp's uniforms, the incoming gradient) in `_relu_block`'s layout."""
+    for j in range(cnt):
+        dst[j] = src[b0 + ib[j]]
+    for j in range(cnt, cp):
+        dst[j] = pad
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
@@ -928,25 +939,20 @@ def forward5_relu(theta, q, a, lo, hi, consts, uniforms, sample, want_sums, chun
         for b0 in range(c * per, stop, _BLOCK5):
             b1 = min(stop, b0 + _BLOCK5)
             m = b1 - b0
-            cnt, dense = _relu_block(theta[b0:b1], tb, ib)
+            cnt, cp, dense = _relu_block(theta[b0:b1], tb, ib)
             zc += m - cnt
             if cnt == 0:
                 _zero_outputs(uniforms[b0:b1] if sample else uniforms, y[b0:b1], sample, yz, t0, t1, t2, t3, k0z,
                               s0z, qt)
                 continue
-            cp = cnt
             if dense:
                 yv = y[b0:b1]
                 uv = uniforms[b0:b1] if sample else uniforms
             else:
                 _zero_outputs(uniforms[b0:b1] if sample else uniforms, y[b0:b1], sample, yz, t0, t1, t2, t3, k0z,
                               s0z, qt)
-                cp = _padded(cnt, m)
                 if sample:
-                    for j in range(cnt):
-                        ub[j] = uniforms[b0 + ib[j]]
-                    for j in range(cnt, cp):
-                        ub[j] = 0.5
+                    _gather_padded(ub, uniforms, b0, ib, cnt, cp, 0.5)
                 yv = yb[:cp]
                 uv = ub[:cp]
             th = tb[:cp]
@@ -1053,8 +1059,7 @@ def backward5_relu(theta, q, a, lo, hi, consts, grad_y, has_grad_y, grad_sums, h
         for b0 in range(c * per, stop, _BLOCK5):
             b1 = min(stop, b0 + _BLOCK5)
             m = b1 - b0
-            cnt, dense = _relu_block(theta[b0:b1], tb, ib)
-            cp = cnt     # with forward5_relu's padding (`_padded`) in the compacted case
+            cnt, cp, dense = _relu_block(theta[b0:b1], tb, ib)
             if dense:    # the whole block: no offsets, the ReLU's mask after
                 gyv = grad_y[b0:b1] if has_grad_y else grad_y
                 gtv = grad_theta[b0:b1]
@@ -1066,12 +1071,8 @@ def backward5_relu(theta, q, a, lo, hi, consts, grad_y, has_grad_y, grad_sums, h
                 ca += gz * aa1 + nzc * aa0
                 if cnt == 0:
                     continue
-                cp = _padded(cnt, m)
                 if has_grad_y:
-                    for j in range(cnt):
-                        gyb[j] = grad_y[b0 + ib[j]]
-                    for j in range(cnt, cp):
-                        gyb[j] = 0.0
+                    _gather_padded(gyb, grad_y, b0, ib, cnt, cp, 0.0)
                 gyv = gyb[:cp]
                 gtv = gtb[:cp]
             th = tb[:cp]
